@@ -1,0 +1,58 @@
+# slot: the two commands a newcomer needs are `make run` and `make test`.
+# Everything uses Debian's packages and Debian's /usr/bin/python3.
+
+PY       := /usr/bin/python3
+BUILD    := build
+ASAN     := build-asan
+DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libmd-dev \
+            zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
+            python3-pytest file tar procps
+
+.PHONY: all deps build asan run test test-fast bench fuzz format clean
+
+all: build
+
+# Installs only what is missing; needs root (or sudo) the first time.
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) >/dev/null
+
+build: deps $(BUILD)/build.ninja
+	meson compile -C $(BUILD)
+
+$(ASAN)/build.ninja:
+	meson setup $(ASAN) -Db_sanitize=address,undefined -Db_lundef=false -Dstatic_agent=false \
+	    -Dbuildtype=debug >/dev/null
+
+asan: deps $(ASAN)/build.ninja
+	meson compile -C $(ASAN)
+
+run: build
+	@$(PY) tests/demo.py --build $(BUILD)
+
+test: build asan
+	$(PY) tests/run_all.py --build $(BUILD) --asan $(ASAN)
+
+test-fast: build
+	$(PY) tests/run_all.py --build $(BUILD) --no-asan --no-fuzz
+
+bench: build
+	tests/bench/run.sh
+
+fuzz: deps
+	tests/fuzz/run.sh
+
+format:
+	clang-format -i agent/*.c agent/*.h agent/ops/*.c proto/*.c proto/*.h controller/agentctl/*.c tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+
+clean:
+	rm -rf $(BUILD) $(ASAN)

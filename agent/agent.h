@@ -1,0 +1,291 @@
+/* slot-agent internals shared between modules: the one per-process context,
+ * slots, connections, requests, the op table's handler contract, and the
+ * helpers handlers use to read validated arguments and pack replies. */
+#ifndef SLOT_AGENT_H
+#define SLOT_AGENT_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "slotproto.h"
+
+#define AGENT_VERSION "0.1.0"
+
+struct conn;
+struct exec;
+struct req;
+
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void agent_log_set_level(int lvl);
+#define log_debug(...) agent_log(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) agent_log(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) agent_log(LOG_WARN, __VA_ARGS__)
+#define log_error(...) agent_log(LOG_ERROR, __VA_ARGS__)
+
+/* Latency histogram: log-linear buckets over microseconds, enough for p50/p99
+ * without keeping samples. */
+#define HIST_BUCKETS 256
+struct hist {
+    uint64_t count;
+    uint64_t sum_us;
+    uint32_t bucket[HIST_BUCKETS];
+};
+void hist_add(struct hist *h, uint64_t us);
+uint64_t hist_quantile(const struct hist *h, double q);
+
+struct op_stats {
+    uint64_t calls;
+    uint64_t errors;
+    struct hist lat;
+};
+
+struct slot {
+    unsigned index;
+    int ws_fd;  /* workspace directory, O_RDONLY|O_DIRECTORY */
+    int tmp_fd; /* private tmp directory */
+    char *ws_path;
+    char *tmp_path;
+    /* Requests bound to this slot run one at a time in arrival order. */
+    struct req *q_head, *q_tail;
+    unsigned q_len;
+    struct req *active;
+    unsigned running; /* live commands (foreground and detached) */
+    bool resetting;
+    bool advancing;
+    struct req *reset_waiters; /* reset requests waiting for processes to die */
+    bool leased;
+    char *trajectory_id;
+    char *holder;
+    double leased_at; /* ev_now */
+    uint64_t generation;
+    uint64_t execs;
+    uint64_t resets;
+};
+
+struct agent_opts {
+    unsigned nslots;
+    const char *data_dir;
+    const char *token_file;
+    uint32_t max_frame;
+    uint64_t max_output;
+    bool insecure;
+    bool stdio;
+    int log_level;
+};
+
+/* The one per-process context. */
+struct agent {
+    struct ev_loop *loop;
+    struct agent_opts opt;
+    char *data_dir;
+    struct slot *slots;
+    unsigned nslots;
+    char token[512];
+    size_t token_len; /* 0: no auth required */
+    const char *shell; /* /bin/bash, else /bin/sh */
+    struct conn *conns;
+    unsigned nconns;
+    struct listener *listeners;
+    struct exec *finished; /* retained results, newest first */
+    struct exec *finished_tail;
+    unsigned nfinished;
+    uint64_t next_exec_id;
+    uint64_t instance; /* random per start, lets clients spot a restart */
+    double started;
+    bool stopping;
+    /* counters for `stats` */
+    uint64_t requests, errors, conns_total, conns_dropped;
+    uint64_t execs_started, execs_finished, execs_timed_out, execs_cancelled;
+    struct hist exec_lat;
+    struct op_stats *op_stats; /* one per op table entry */
+    ev_child child_w;
+    ev_signal sig_term, sig_int;
+    ev_timer sweep_w;
+    ev_timer stop_w;
+    double stop_at;
+    struct sp_writer null_writer; /* sink for answers to vanished connections */
+    int devnull_fd;
+    char *child_stack;
+    struct exec *running;  /* commands still running */
+    uint64_t retained_bytes; /* output kept by finished execs */
+};
+
+/* ---- requests and the op table ---------------------------------------- */
+
+enum arg_type { ARG_UINT, ARG_INT, ARG_BOOL, ARG_STR, ARG_BIN, ARG_MAP, ARG_ARRAY };
+
+struct arg_spec {
+    const char *key;
+    enum arg_type type;
+    bool required;
+    uint64_t max; /* uint: max value; str/bin: max length; 0 = no limit */
+};
+
+enum {
+    OP_DONE = 0,    /* handler replied (req_reply_*) */
+    OP_PENDING = 1, /* handler will finish the request later */
+};
+
+typedef int (*op_fn)(struct req *rq, struct sp_err *err);
+
+enum op_flags {
+    OPF_SLOT = 1 << 0,   /* takes `slot`, queued on that slot */
+    OPF_NOAUTH = 1 << 1, /* allowed before a successful hello */
+    OPF_NOW = 1 << 2,    /* with OPF_SLOT: validated but not queued (reset) */
+};
+
+struct op_def {
+    const char *name;
+    op_fn fn;
+    unsigned flags;
+    const struct arg_spec *args; /* terminated by {NULL} */
+};
+
+struct req {
+    struct agent *ag;
+    struct conn *conn; /* NULL once the connection is gone */
+    const struct op_def *op;
+    unsigned op_index;
+    uint64_t id;
+    int slot; /* -1 when the op is not bound to a slot */
+    char *frame;
+    msgpack_unpacked msg;
+    const msgpack_object *args; /* map, or NULL */
+    double t0;
+    struct req *slot_next;
+    struct req *conn_prev, *conn_next;
+    struct exec *exec; /* exec / exec_attach waiting on a command */
+    struct req *exec_next;
+    bool replied;
+    uint64_t aux; /* op-private scratch (reset: processes killed) */
+    bool stream;       /* sends stdout/stderr events */
+    uint64_t out_off;  /* next stdout offset this request has seen */
+    uint64_t err_off;
+    msgpack_packer pk;
+};
+
+/* Arguments, already type-checked against the op's arg_spec. */
+const msgpack_object *req_arg(const struct req *rq, const char *key);
+uint64_t arg_uint(const struct req *rq, const char *key, uint64_t def);
+int64_t arg_int(const struct req *rq, const char *key, int64_t def);
+bool arg_bool(const struct req *rq, const char *key, bool def);
+/* NULL when absent; *n set to the length. Strings are not NUL-terminated. */
+const char *arg_str(const struct req *rq, const char *key, size_t *n);
+const char *arg_bin(const struct req *rq, const char *key, size_t *n);
+struct slot *req_slot(const struct req *rq);
+
+/* Reply: req_reply_begin packs the success envelope head and returns a
+ * packer; the handler packs exactly one value (the result map) and calls
+ * req_reply_end. Safe when the connection is gone (output is discarded). */
+msgpack_packer *req_reply_begin(struct req *rq);
+void req_reply_end(struct req *rq);
+/* Stream event {"id","event":name, ...nfields pairs the caller packs}. */
+msgpack_packer *req_event_begin(struct req *rq, const char *event, uint32_t nfields);
+void req_event_end(struct req *rq);
+/* Finish a pending request: with err == NULL the handler has replied;
+ * otherwise an error response is sent. Frees rq and advances its slot. */
+void req_finish(struct req *rq, const struct sp_err *err);
+
+/* ---- handlers --------------------------------------------------------- */
+
+int op_hello(struct req *rq, struct sp_err *err);
+int op_health(struct req *rq, struct sp_err *err);
+int op_stats(struct req *rq, struct sp_err *err);
+int op_slots(struct req *rq, struct sp_err *err);
+int op_lease(struct req *rq, struct sp_err *err);
+int op_unlease(struct req *rq, struct sp_err *err);
+int op_reset(struct req *rq, struct sp_err *err);
+int op_exec(struct req *rq, struct sp_err *err);
+int op_exec_attach(struct req *rq, struct sp_err *err);
+int op_cancel(struct req *rq, struct sp_err *err);
+int op_read_file(struct req *rq, struct sp_err *err);
+int op_write_file(struct req *rq, struct sp_err *err);
+int op_stat(struct req *rq, struct sp_err *err);
+int op_list(struct req *rq, struct sp_err *err);
+int op_archive(struct req *rq, struct sp_err *err);
+
+extern const struct op_def op_table[];
+extern const unsigned op_count;
+
+/* ---- paths (path.c): confinement beneath a slot's workspace ------------ */
+
+/* Reject NUL bytes (bad_request), absolute paths (path_escape), and empty
+ * paths where a name is needed. Copies into out (NUL-terminated). "" and "."
+ * name the root itself when allow_root. */
+int path_check(const char *path, size_t len, bool allow_root, char *out, size_t outcap,
+               struct sp_err *err);
+/* open(2) of a checked path beneath root_fd; nothing resolves outside it
+ * (openat2 RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS, or a component walk that
+ * refuses every symlink on kernels without openat2). Returns fd or -1. */
+int path_open(int root_fd, const char *path, int flags, mode_t mode, struct sp_err *err);
+/* Open the directory that will hold path's last component, creating missing
+ * directories (0755) when mkdirs; copies that component into base. */
+int path_open_parent(int root_fd, const char *path, bool mkdirs, char *base, size_t basecap,
+                     struct sp_err *err);
+/* Remove everything inside dirfd, never following symlinks, fixing
+ * permissions a command may have removed. */
+int path_empty_dir(int dirfd, struct sp_err *err);
+
+/* ---- processes (exec.c, child.c) -------------------------------------- */
+
+/* op_slots.c: a reset waiting for the slot's processes to die completes. */
+void reset_complete(struct agent *ag, struct slot *s);
+
+/* Kill every process of the slot (all its commands and their leftovers);
+ * returns how many were signalled. */
+unsigned exec_kill_slot(struct agent *ag, struct slot *s);
+/* Kill all commands (shutdown). */
+void exec_kill_all(struct agent *ag);
+void exec_on_child_exit(struct agent *ag, pid_t pid, int status);
+void exec_conn_gone(struct agent *ag, struct conn *c);
+/* Kill processes re-parented to the agent that belong to no live command. */
+unsigned proc_sweep_strays(struct agent *ag);
+/* SIGKILL pid and all its descendants (walks /proc children lists). */
+unsigned proc_kill_tree(pid_t pid);
+bool exec_is_main_pid(struct agent *ag, pid_t pid);
+void exec_gc(struct agent *ag);
+/* At exit: free every command record and the requests waiting on them. */
+void exec_free_all(struct agent *ag);
+
+/* ---- slots (slots.c) -------------------------------------------------- */
+
+int slots_init(struct agent *ag, struct sp_err *err);
+void slots_free(struct agent *ag);
+/* Queue rq on its slot and start it when the slot is idle. */
+void slot_submit(struct agent *ag, struct req *rq);
+/* The active request of s is finished: start the next. */
+void slot_advance(struct agent *ag, struct slot *s);
+/* Fail every queued (not active) request of s with err. */
+void slot_fail_queued(struct agent *ag, struct slot *s, const struct sp_err *err);
+void slot_drop_conn(struct agent *ag, struct conn *c);
+
+/* dispatch.c */
+void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t len);
+void req_run(struct req *rq);
+void req_free(struct req *rq);
+int op_index(const char *name);
+double agent_now(struct agent *ag);
+/* Monotonic seconds, not the loop's cached time: for latencies. */
+double agent_now_precise(struct agent *ag);
+
+/* conn.c */
+bool conn_authed(const struct conn *c);
+void conn_set_authed(struct conn *c, bool ok);
+struct sp_writer *conn_writer(struct conn *c);
+void conn_frame_done(struct conn *c);
+void conn_req_add(struct conn *c, struct req *rq);
+void conn_req_del(struct conn *c, struct req *rq);
+int listeners_open(struct agent *ag, const char *const *specs, unsigned n, struct sp_err *err);
+void listeners_close(struct agent *ag);
+int conn_open_stdio(struct agent *ag, struct sp_err *err);
+void conns_close_all(struct agent *ag);
+bool conns_idle(struct agent *ag);
+
+/* main.c: begin an orderly shutdown (stop accepting, kill commands, answer
+ * what is pending, exit 0). */
+void agent_shutdown(struct agent *ag, const char *why);
+
+#endif

@@ -1,0 +1,25 @@
+/* Spawning one command (child.c). */
+#ifndef SLOT_CHILD_H
+#define SLOT_CHILD_H
+
+#include <sys/types.h>
+
+#define CHILD_STACK_SIZE (64 * 1024)
+
+struct spawn {
+    char *stack; /* CHILD_STACK_SIZE bytes from child_stack_alloc */
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    int stdin_fd, stdout_fd, stderr_fd;
+    int cwd_fd; /* -1: stay */
+    /* Set by the child when execve failed (the child then exits 127). */
+    volatile int child_errno;
+};
+
+/* Returns the pid, or -1 with sp->child_errno. A pid with child_errno != 0
+ * means execve failed; the child has already exited with 127. */
+pid_t child_spawn(struct spawn *sp);
+char *child_stack_alloc(void);
+
+#endif

@@ -1,0 +1,518 @@
+/* Listeners (TCP, Unix) and connections (sockets and stdio): non-blocking
+ * reads into the frame reader, answers through a capped writer, in-flight
+ * limits with back-pressure, and orderly close. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+#define MAX_INFLIGHT 4096
+#define MAX_CONNS 4096
+
+struct listener {
+    struct agent *ag;
+    ev_io w;
+    int fd;
+    bool tcp;
+    char *unix_path;
+    char name[160];
+    struct listener *next;
+};
+
+struct conn {
+    struct agent *ag;
+    int rfd, wfd;
+    ev_io rw, ww;
+    struct sp_reader rd;
+    struct sp_writer wr;
+    bool authed;
+    bool tcp;
+    bool is_stdio;
+    bool eof;          /* peer finished sending */
+    bool close_after;  /* close once output is flushed */
+    bool dead;
+    bool in_read;      /* inside the read callback: defer frees */
+    unsigned inflight;
+    struct req *reqs;
+    struct conn *prev, *next;
+    char name[96];
+};
+
+static void conn_close(struct conn *c, const char *why);
+
+bool conn_authed(const struct conn *c)
+{
+    return c->authed;
+}
+
+void conn_set_authed(struct conn *c, bool ok)
+{
+    c->authed = ok;
+}
+
+struct sp_writer *conn_writer(struct conn *c)
+{
+    return &c->wr;
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0 && !(fl & O_NONBLOCK))
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void conn_update_read(struct conn *c)
+{
+    bool want = !c->dead && !c->eof && !c->close_after && c->inflight < MAX_INFLIGHT;
+    if (want && !ev_is_active(&c->rw))
+        ev_io_start(c->ag->loop, &c->rw);
+    else if (!want && ev_is_active(&c->rw))
+        ev_io_stop(c->ag->loop, &c->rw);
+}
+
+/* Closing rules once the peer has stopped sending: keep the connection until
+ * every in-flight request is answered and flushed (a client may half-close),
+ * then close; under --stdio that ends the agent. */
+static void conn_check_done(struct conn *c)
+{
+    if (c->dead)
+        return;
+    size_t pending = sp_writer_pending(&c->wr);
+    if (c->close_after && pending == 0) {
+        conn_close(c, "closed after error");
+        return;
+    }
+    if (c->eof && c->inflight == 0 && pending == 0)
+        conn_close(c, "peer closed");
+}
+
+static void conn_flush(struct conn *c)
+{
+    if (c->dead)
+        return;
+    ssize_t left = sp_writer_flush(&c->wr, c->wfd);
+    if (left < 0) {
+        char why[96];
+        snprintf(why, sizeof why, "write failed: %s", strerror(errno));
+        conn_close(c, why);
+        return;
+    }
+    if (left > 0 && !ev_is_active(&c->ww))
+        ev_io_start(c->ag->loop, &c->ww);
+    else if (left == 0 && ev_is_active(&c->ww))
+        ev_io_stop(c->ag->loop, &c->ww);
+    if (left == 0)
+        conn_check_done(c);
+}
+
+void conn_frame_done(struct conn *c)
+{
+    if (c->dead)
+        return;
+    if (c->wr.overflow) {
+        log_warn("%s: dropped: client does not read its answers (%zu bytes queued)", c->name,
+                 sp_writer_pending(&c->wr));
+        c->ag->conns_dropped++;
+        conn_close(c, "output buffer over its cap");
+        return;
+    }
+    /* Writing at once costs one syscall per answer and keeps latency minimal;
+     * a full socket falls back to the write watcher. */
+    if (!ev_is_active(&c->ww))
+        conn_flush(c);
+}
+
+void conn_req_add(struct conn *c, struct req *rq)
+{
+    rq->conn_prev = NULL;
+    rq->conn_next = c->reqs;
+    if (c->reqs)
+        c->reqs->conn_prev = rq;
+    c->reqs = rq;
+    c->inflight++;
+    if (c->inflight >= MAX_INFLIGHT)
+        conn_update_read(c);
+}
+
+void conn_req_del(struct conn *c, struct req *rq)
+{
+    if (rq->conn_prev)
+        rq->conn_prev->conn_next = rq->conn_next;
+    else
+        c->reqs = rq->conn_next;
+    if (rq->conn_next)
+        rq->conn_next->conn_prev = rq->conn_prev;
+    rq->conn = NULL;
+    c->inflight--;
+    if (c->inflight == MAX_INFLIGHT / 2)
+        conn_update_read(c);
+    if (c->inflight == 0 && c->eof && !c->in_read)
+        conn_check_done(c);
+}
+
+static void conn_free(struct conn *c)
+{
+    sp_reader_free(&c->rd);
+    sp_writer_free(&c->wr);
+    free(c);
+}
+
+static void conn_close(struct conn *c, const char *why)
+{
+    if (c->dead)
+        return;
+    struct agent *ag = c->ag;
+    c->dead = true;
+    log_debug("%s: closing: %s", c->name, why);
+    ev_io_stop(ag->loop, &c->rw);
+    ev_io_stop(ag->loop, &c->ww);
+    /* Requests still queued on slots are dropped (nobody to answer); running
+     * commands keep running and can be attached again. */
+    slot_drop_conn(ag, c);
+    exec_conn_gone(ag, c);
+    while (c->reqs) {
+        struct req *rq = c->reqs;
+        c->reqs = rq->conn_next;
+        rq->conn = NULL;
+        rq->conn_prev = rq->conn_next = NULL;
+    }
+    c->inflight = 0;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        ag->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    ag->nconns--;
+    if (c->is_stdio) {
+        /* stdout is the stream: leave fd 1 open but useless rather than let a
+         * later open() reuse it. */
+        log_info("stdio stream closed: shutting down");
+        if (!ag->stopping)
+            agent_shutdown(ag, "stdin closed");
+    } else {
+        close(c->rfd);
+    }
+    if (!c->in_read)
+        conn_free(c);
+}
+
+static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct conn *c = w->data;
+    struct agent *ag = c->ag;
+    c->in_read = true;
+    /* Bounded work per wake-up so one busy client cannot starve the others. */
+    for (int round = 0; round < 16 && !c->dead && !c->eof && !c->close_after; round++) {
+        ssize_t n = sp_reader_fill(&c->rd, c->rfd);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (errno == EINTR)
+                continue;
+            char why[96];
+            snprintf(why, sizeof why, "read failed: %s", strerror(errno));
+            conn_close(c, why);
+            break;
+        }
+        if (n == 0) {
+            c->eof = true;
+            if (sp_reader_pending(&c->rd) > 0)
+                log_debug("%s: %zu bytes of an incomplete frame at EOF", c->name,
+                          sp_reader_pending(&c->rd));
+        }
+        const char *data;
+        uint32_t len;
+        struct sp_err err;
+        int r;
+        while (!c->dead && !c->close_after && (r = sp_reader_next(&c->rd, &data, &len, &err)) != 0) {
+            if (r < 0) {
+                log_warn("%s: %s", c->name, err.msg);
+                msgpack_packer pk;
+                sp_writer_begin_frame(&c->wr);
+                sp_writer_packer(&c->wr, &pk);
+                sp_pack_error(&pk, 0, &err);
+                sp_writer_end_frame(&c->wr, &err);
+                ag->errors++;
+                c->close_after = true;
+                break;
+            }
+            dispatch_frame(ag, c, data, len);
+            if (c->inflight >= MAX_INFLIGHT)
+                break;
+        }
+        if (c->inflight >= MAX_INFLIGHT)
+            break;
+        if (n == 0)
+            break;
+    }
+    c->in_read = false;
+    if (c->dead) {
+        conn_free(c);
+        return;
+    }
+    conn_update_read(c);
+    if (c->close_after)
+        conn_flush(c);
+    else
+        conn_check_done(c);
+}
+
+static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    conn_flush(w->data);
+}
+
+static struct conn *conn_new(struct agent *ag, int rfd, int wfd, const char *name)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->ag = ag;
+    c->rfd = rfd;
+    c->wfd = wfd;
+    sp_reader_init(&c->rd, ag->opt.max_frame);
+    /* Room for two maximal frames, so one large answer can queue behind
+     * another; beyond that the client is not reading. */
+    sp_writer_init(&c->wr, (size_t)ag->opt.max_frame * 2);
+    snprintf(c->name, sizeof c->name, "%s", name);
+    ev_io_init(&c->rw, conn_read_cb, rfd, EV_READ);
+    ev_io_init(&c->ww, conn_write_cb, wfd, EV_WRITE);
+    c->rw.data = c->ww.data = c;
+    c->authed = ag->token_len == 0;
+    c->next = ag->conns;
+    if (ag->conns)
+        ag->conns->prev = c;
+    ag->conns = c;
+    ag->nconns++;
+    ag->conns_total++;
+    ev_io_start(ag->loop, &c->rw);
+    return c;
+}
+
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct listener *l = w->data;
+    struct agent *ag = l->ag;
+    for (int i = 0; i < 64; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                errno != ECONNABORTED)
+                log_warn("%s: accept: %s", l->name, strerror(errno));
+            return;
+        }
+        if (ag->nconns >= MAX_CONNS || ag->stopping) {
+            log_warn("%s: refusing connection: %s", l->name,
+                     ag->stopping ? "shutting down" : "too many connections");
+            close(fd);
+            continue;
+        }
+        if (l->tcp) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        char name[96];
+        snprintf(name, sizeof name, "conn %llu (%s)", (unsigned long long)ag->conns_total + 1,
+                 l->name);
+        struct conn *c = conn_new(ag, fd, fd, name);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->tcp = l->tcp;
+        log_debug("%s: accepted", c->name);
+    }
+}
+
+int conn_open_stdio(struct agent *ag, struct sp_err *err)
+{
+    set_nonblock(0);
+    set_nonblock(1);
+    struct conn *c = conn_new(ag, 0, 1, "stdio");
+    if (!c)
+        return sp_errf(err, SP_INTERNAL, "out of memory");
+    c->is_stdio = true;
+    return 0;
+}
+
+static int listen_unix(struct listener *l, const char *path, struct sp_err *err)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sa.sun_path)
+        return sp_errf(err, SP_BAD_REQUEST, "unix socket path too long (max %zu): %s",
+                       sizeof sa.sun_path - 1, path);
+    strcpy(sa.sun_path, path);
+    struct stat st;
+    /* A stale socket from a previous run is replaced; anything else is not
+     * ours to delete. */
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode))
+            return sp_errf(err, SP_EXISTS, "%s exists and is not a socket", path);
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe >= 0 && connect(probe, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            close(probe);
+            return sp_errf(err, SP_EXISTS, "another agent is listening on %s", path);
+        }
+        if (probe >= 0)
+            close(probe);
+        unlink(path);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return sp_err_errno(err, errno, "socket");
+    mode_t old = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    umask(old);
+    if (rc < 0 || listen(fd, 512) < 0) {
+        int e = errno;
+        close(fd);
+        return sp_errf(err, SP_INTERNAL, "listen on unix:%s: %s", path, strerror(e));
+    }
+    l->fd = fd;
+    l->unix_path = strdup(path);
+    snprintf(l->name, sizeof l->name, "unix:%s", path);
+    return 0;
+}
+
+static int listen_tcp(struct listener *l, const char *hostport, struct sp_err *err)
+{
+    char host[256];
+    const char *colon = strrchr(hostport, ':');
+    if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof host)
+        return sp_errf(err, SP_BAD_REQUEST, "tcp listener must be tcp:HOST:PORT, got tcp:%s",
+                       hostport);
+    memcpy(host, hostport, (size_t)(colon - hostport));
+    host[colon - hostport] = 0;
+    if (host[0] == '[' && host[strlen(host) - 1] == ']') {
+        memmove(host, host + 1, strlen(host));
+        host[strlen(host) - 1] = 0;
+    }
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    int gai = getaddrinfo(host, colon + 1, &hints, &res);
+    if (gai != 0)
+        return sp_errf(err, SP_BAD_REQUEST, "tcp:%s: %s", hostport, gai_strerror(gai));
+    int fd = -1, e = 0;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 512) == 0)
+            break;
+        e = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+        return sp_errf(err, SP_INTERNAL, "listen on tcp:%s: %s", hostport, strerror(e));
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char hbuf[NI_MAXHOST], pbuf[NI_MAXSERV];
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
+        getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof hbuf, pbuf, sizeof pbuf,
+                    NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+        snprintf(l->name, sizeof l->name, "tcp:%s:%s", hbuf, pbuf);
+    else
+        snprintf(l->name, sizeof l->name, "tcp:%s", hostport);
+    l->fd = fd;
+    l->tcp = true;
+    return 0;
+}
+
+int listeners_open(struct agent *ag, const char *const *specs, unsigned n, struct sp_err *err)
+{
+    for (unsigned i = 0; i < n; i++) {
+        struct listener *l = calloc(1, sizeof *l);
+        if (!l)
+            return sp_errf(err, SP_INTERNAL, "out of memory");
+        l->ag = ag;
+        l->fd = -1;
+        int rc;
+        if (strncmp(specs[i], "unix:", 5) == 0)
+            rc = listen_unix(l, specs[i] + 5, err);
+        else if (strncmp(specs[i], "tcp:", 4) == 0)
+            rc = listen_tcp(l, specs[i] + 4, err);
+        else
+            rc = sp_errf(err, SP_BAD_REQUEST,
+                         "listener must be unix:PATH or tcp:HOST:PORT, got '%s'", specs[i]);
+        if (rc < 0) {
+            free(l);
+            return -1;
+        }
+        if (l->tcp && ag->token_len == 0 && !ag->opt.insecure) {
+            close(l->fd);
+            free(l);
+            return sp_errf(err, SP_UNAUTHORIZED,
+                           "%s: a TCP listener needs --token-file (or --insecure to accept "
+                           "anyone who can reach the port)",
+                           specs[i]);
+        }
+        ev_io_init(&l->w, accept_cb, l->fd, EV_READ);
+        l->w.data = l;
+        ev_io_start(ag->loop, &l->w);
+        l->next = ag->listeners;
+        ag->listeners = l;
+        log_info("listening on %s%s", l->name,
+                 l->tcp && ag->token_len == 0 ? " (insecure: no token)" : "");
+    }
+    return 0;
+}
+
+void listeners_close(struct agent *ag)
+{
+    while (ag->listeners) {
+        struct listener *l = ag->listeners;
+        ag->listeners = l->next;
+        ev_io_stop(ag->loop, &l->w);
+        close(l->fd);
+        if (l->unix_path) {
+            unlink(l->unix_path);
+            free(l->unix_path);
+        }
+        free(l);
+    }
+}
+
+void conns_close_all(struct agent *ag)
+{
+    while (ag->conns) {
+        struct conn *c = ag->conns;
+        sp_writer_flush(&c->wr, c->wfd);
+        bool stdio = c->is_stdio;
+        c->is_stdio = false; /* no shutdown recursion; fds 0/1 stay open */
+        if (stdio)
+            c->rfd = -1;
+        conn_close(c, "agent shutting down");
+    }
+}
+
+/* Everything answered and written? Used to finish shutdown early. */
+bool conns_idle(struct agent *ag)
+{
+    for (struct conn *c = ag->conns; c; c = c->next)
+        if (c->inflight || sp_writer_pending(&c->wr))
+            return false;
+    return true;
+}

@@ -1,0 +1,512 @@
+/* The op table and the single place every request passes through: decoding,
+ * authentication, argument validation against each op's schema, per-slot
+ * queueing, reply helpers, and per-op counters and latency for `stats`. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "agent.h"
+
+#define MAX_TIMEOUT_MS 86400000u
+
+static const struct arg_spec args_none[] = {{NULL}};
+static const struct arg_spec args_hello[] = {
+    {"token", ARG_STR, false, 4096},
+    {"client", ARG_STR, false, 256},
+    {NULL},
+};
+static const struct arg_spec args_slots[] = {{"slot", ARG_UINT, false, 0}, {NULL}};
+static const struct arg_spec args_slot[] = {{"slot", ARG_UINT, true, 0}, {NULL}};
+static const struct arg_spec args_lease[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"trajectory_id", ARG_STR, true, 256},
+    {"holder", ARG_STR, false, 256},
+    {NULL},
+};
+static const struct arg_spec args_unlease[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"trajectory_id", ARG_STR, false, 256},
+    {NULL},
+};
+static const struct arg_spec args_exec[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"cmd", ARG_STR, false, 1u << 20},
+    {"argv", ARG_ARRAY, false, 4096},
+    {"env", ARG_MAP, false, 1024},
+    {"stdin", ARG_BIN, false, 0},
+    {"cwd", ARG_STR, false, 4095},
+    {"timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"idle_timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"max_output", ARG_UINT, false, 0},
+    {"stream", ARG_BOOL, false, 0},
+    {"detach", ARG_BOOL, false, 0},
+    {"network", ARG_BOOL, false, 0},
+    {"isolation", ARG_STR, false, 32},
+    {NULL},
+};
+static const struct arg_spec args_exec_attach[] = {
+    {"exec_id", ARG_UINT, true, 0},
+    {"offset", ARG_UINT, false, 0},
+    {"stderr_offset", ARG_UINT, false, 0},
+    {NULL},
+};
+static const struct arg_spec args_cancel[] = {
+    {"exec_id", ARG_UINT, false, 0},
+    {"slot", ARG_UINT, false, 0},
+    {NULL},
+};
+static const struct arg_spec args_read_file[] = {
+    {"slot", ARG_UINT, true, 0},       {"path", ARG_STR, true, 4095},
+    {"offset", ARG_UINT, false, 0},    {"length", ARG_UINT, false, 0},
+    {"sha256", ARG_BOOL, false, 0},    {NULL},
+};
+static const struct arg_spec args_write_file[] = {
+    {"slot", ARG_UINT, true, 0},      {"path", ARG_STR, true, 4095},
+    {"data", ARG_BIN, true, 0},       {"mode", ARG_UINT, false, 07777},
+    {"mkdirs", ARG_BOOL, false, 0},   {"append", ARG_BOOL, false, 0},
+    {NULL},
+};
+static const struct arg_spec args_stat[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"path", ARG_STR, true, 4095},
+    {NULL},
+};
+static const struct arg_spec args_list[] = {
+    {"slot", ARG_UINT, true, 0},         {"path", ARG_STR, false, 4095},
+    {"recursive", ARG_BOOL, false, 0},   {"max_entries", ARG_UINT, false, 1000000},
+    {NULL},
+};
+static const struct arg_spec args_archive[] = {
+    {"slot", ARG_UINT, true, 0},         {"path", ARG_STR, false, 4095},
+    {"format", ARG_STR, false, 16},      {"max_bytes", ARG_UINT, false, 0},
+    {"max_entries", ARG_UINT, false, 0}, {NULL},
+};
+
+const struct op_def op_table[] = {
+    {"hello", op_hello, OPF_NOAUTH, args_hello},
+    {"health", op_health, 0, args_none},
+    {"stats", op_stats, 0, args_none},
+    {"slots", op_slots, 0, args_slots},
+    {"lease", op_lease, OPF_SLOT, args_lease},
+    {"unlease", op_unlease, OPF_SLOT, args_unlease},
+    {"exec", op_exec, OPF_SLOT, args_exec},
+    {"exec_attach", op_exec_attach, 0, args_exec_attach},
+    {"cancel", op_cancel, 0, args_cancel},
+    {"read_file", op_read_file, OPF_SLOT, args_read_file},
+    {"write_file", op_write_file, OPF_SLOT, args_write_file},
+    {"stat", op_stat, OPF_SLOT, args_stat},
+    {"list", op_list, OPF_SLOT, args_list},
+    {"archive", op_archive, OPF_SLOT, args_archive},
+    {"reset", op_reset, OPF_SLOT | OPF_NOW, args_slot},
+};
+const unsigned op_count = sizeof op_table / sizeof op_table[0];
+
+int op_index(const char *name)
+{
+    for (unsigned i = 0; i < op_count; i++)
+        if (strcmp(op_table[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+double agent_now(struct agent *ag)
+{
+    return ev_now(ag->loop);
+}
+
+double agent_now_precise(struct agent *ag)
+{
+    (void)ag;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- histogram ---------------------------------------------------------
+ * Buckets: values below 64 us exactly, then 32 sub-buckets per power of two,
+ * so every quantile is within ~3%. */
+
+static unsigned hist_bucket(uint64_t us)
+{
+    if (us < 64)
+        return (unsigned)us;
+    unsigned lg = 63u - (unsigned)__builtin_clzll(us); /* >= 6 */
+    unsigned sub = (unsigned)((us >> (lg - 5)) & 31u);
+    unsigned b = 64 + (lg - 6) * 32 + sub;
+    return b < HIST_BUCKETS ? b : HIST_BUCKETS - 1;
+}
+
+static uint64_t hist_value(unsigned b)
+{
+    if (b < 64)
+        return b;
+    unsigned lg = (b - 64) / 32 + 6, sub = (b - 64) % 32;
+    return ((uint64_t)(32 + sub) << (lg - 5)) + ((uint64_t)1 << (lg - 5)) / 2;
+}
+
+void hist_add(struct hist *h, uint64_t us)
+{
+    h->count++;
+    h->sum_us += us;
+    h->bucket[hist_bucket(us)]++;
+}
+
+uint64_t hist_quantile(const struct hist *h, double q)
+{
+    if (h->count == 0)
+        return 0;
+    uint64_t want = (uint64_t)(q * (double)h->count);
+    if (want >= h->count)
+        want = h->count - 1;
+    uint64_t seen = 0;
+    for (unsigned b = 0; b < HIST_BUCKETS; b++) {
+        seen += h->bucket[b];
+        if (seen > want)
+            return hist_value(b);
+    }
+    return hist_value(HIST_BUCKETS - 1);
+}
+
+/* ---- arguments ---------------------------------------------------------- */
+
+const msgpack_object *req_arg(const struct req *rq, const char *key)
+{
+    if (!rq->args)
+        return NULL;
+    const msgpack_object *o = sp_map_get(rq->args, key);
+    return (o && o->type != MSGPACK_OBJECT_NIL) ? o : NULL;
+}
+
+uint64_t arg_uint(const struct req *rq, const char *key, uint64_t def)
+{
+    const msgpack_object *o = req_arg(rq, key);
+    return o ? o->via.u64 : def;
+}
+
+int64_t arg_int(const struct req *rq, const char *key, int64_t def)
+{
+    const msgpack_object *o = req_arg(rq, key);
+    if (!o)
+        return def;
+    return o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? (int64_t)o->via.u64 : o->via.i64;
+}
+
+bool arg_bool(const struct req *rq, const char *key, bool def)
+{
+    const msgpack_object *o = req_arg(rq, key);
+    return o ? o->via.boolean : def;
+}
+
+const char *arg_str(const struct req *rq, const char *key, size_t *n)
+{
+    const msgpack_object *o = req_arg(rq, key);
+    if (!o) {
+        *n = 0;
+        return NULL;
+    }
+    *n = o->via.str.size;
+    return o->via.str.ptr;
+}
+
+const char *arg_bin(const struct req *rq, const char *key, size_t *n)
+{
+    const msgpack_object *o = req_arg(rq, key);
+    if (!o) {
+        *n = 0;
+        return NULL;
+    }
+    if (o->type == MSGPACK_OBJECT_BIN) {
+        *n = o->via.bin.size;
+        return o->via.bin.ptr;
+    }
+    *n = o->via.str.size;
+    return o->via.str.ptr;
+}
+
+struct slot *req_slot(const struct req *rq)
+{
+    return rq->slot >= 0 ? &rq->ag->slots[rq->slot] : NULL;
+}
+
+static const char *arg_type_name(enum arg_type t)
+{
+    switch (t) {
+    case ARG_UINT: return "unsigned integer";
+    case ARG_INT: return "integer";
+    case ARG_BOOL: return "bool";
+    case ARG_STR: return "str";
+    case ARG_BIN: return "bin";
+    case ARG_MAP: return "map";
+    case ARG_ARRAY: return "array";
+    }
+    return "?";
+}
+
+static bool arg_type_ok(enum arg_type t, const msgpack_object *o)
+{
+    switch (t) {
+    case ARG_UINT: return o->type == MSGPACK_OBJECT_POSITIVE_INTEGER;
+    case ARG_INT:
+        return o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ||
+               o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER;
+    case ARG_BOOL: return o->type == MSGPACK_OBJECT_BOOLEAN;
+    case ARG_STR: return o->type == MSGPACK_OBJECT_STR;
+    case ARG_BIN: return o->type == MSGPACK_OBJECT_BIN || o->type == MSGPACK_OBJECT_STR;
+    case ARG_MAP: return o->type == MSGPACK_OBJECT_MAP;
+    case ARG_ARRAY: return o->type == MSGPACK_OBJECT_ARRAY;
+    }
+    return false;
+}
+
+static uint64_t arg_len(const msgpack_object *o)
+{
+    switch (o->type) {
+    case MSGPACK_OBJECT_STR: return o->via.str.size;
+    case MSGPACK_OBJECT_BIN: return o->via.bin.size;
+    case MSGPACK_OBJECT_ARRAY: return o->via.array.size;
+    case MSGPACK_OBJECT_MAP: return o->via.map.size;
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: return o->via.u64;
+    default: return 0;
+    }
+}
+
+/* Schema check once, here, so handlers never re-validate types. */
+static int validate_args(const struct op_def *op, const msgpack_object *args, struct sp_err *err)
+{
+    if (args) {
+        for (uint32_t i = 0; i < args->via.map.size; i++) {
+            const msgpack_object *k = &args->via.map.ptr[i].key;
+            const msgpack_object *v = &args->via.map.ptr[i].val;
+            if (k->type != MSGPACK_OBJECT_STR)
+                return sp_errf(err, SP_BAD_REQUEST, "%s: argument keys must be strings", op->name);
+            const struct arg_spec *sp = op->args;
+            for (; sp->key; sp++)
+                if (sp_str_eq(k->via.str.ptr, k->via.str.size, sp->key))
+                    break;
+            if (!sp->key)
+                return sp_errf(err, SP_BAD_REQUEST, "%s: unknown argument '%.*s'", op->name,
+                               (int)(k->via.str.size > 64 ? 64 : k->via.str.size),
+                               k->via.str.ptr);
+            if (v->type == MSGPACK_OBJECT_NIL)
+                continue;
+            if (!arg_type_ok(sp->type, v))
+                return sp_errf(err, SP_BAD_REQUEST, "args.%s: expected %s, got %s", sp->key,
+                               arg_type_name(sp->type), sp_type_name(v));
+            if (sp->max && arg_len(v) > sp->max)
+                return sp_errf(err, SP_BAD_REQUEST, "args.%s: %s over the limit of %llu",
+                               sp->key, sp->type == ARG_UINT ? "value" : "length",
+                               (unsigned long long)sp->max);
+        }
+    }
+    for (const struct arg_spec *sp = op->args; sp->key; sp++) {
+        if (!sp->required)
+            continue;
+        const msgpack_object *v = args ? sp_map_get(args, sp->key) : NULL;
+        if (!v || v->type == MSGPACK_OBJECT_NIL)
+            return sp_errf(err, SP_BAD_REQUEST, "%s: missing required argument '%s'", op->name,
+                           sp->key);
+    }
+    return 0;
+}
+
+/* ---- replies ---------------------------------------------------------- */
+
+static struct sp_writer *req_writer(struct req *rq)
+{
+    /* Answers for a vanished connection go to a scratch writer that is emptied
+     * after every frame. */
+    return rq->conn ? conn_writer(rq->conn) : &rq->ag->null_writer;
+}
+
+msgpack_packer *req_reply_begin(struct req *rq)
+{
+    struct sp_writer *w = req_writer(rq);
+    sp_writer_begin_frame(w);
+    sp_writer_packer(w, &rq->pk);
+    sp_pack_ok_head(&rq->pk, rq->id);
+    return &rq->pk;
+}
+
+static void req_frame_end(struct req *rq)
+{
+    struct sp_writer *w = req_writer(rq);
+    struct sp_err e;
+    int rc = sp_writer_end_frame(w, &e);
+    if (!rq->conn) {
+        w->off = w->len = 0;
+        w->overflow = false;
+        return;
+    }
+    if (rc < 0)
+        log_warn("dropping connection: %s", e.msg);
+    conn_frame_done(rq->conn);
+}
+
+void req_reply_end(struct req *rq)
+{
+    req_frame_end(rq);
+    rq->replied = true;
+}
+
+msgpack_packer *req_event_begin(struct req *rq, const char *event, uint32_t nfields)
+{
+    struct sp_writer *w = req_writer(rq);
+    sp_writer_begin_frame(w);
+    sp_writer_packer(w, &rq->pk);
+    sp_pack_event_head(&rq->pk, rq->id, event, nfields);
+    return &rq->pk;
+}
+
+void req_event_end(struct req *rq)
+{
+    req_frame_end(rq);
+}
+
+static void reply_error(struct agent *ag, struct conn *c, uint64_t id, const struct sp_err *err)
+{
+    struct sp_writer *w = c ? conn_writer(c) : &ag->null_writer;
+    msgpack_packer pk;
+    sp_writer_begin_frame(w);
+    sp_writer_packer(w, &pk);
+    sp_pack_error(&pk, id, err);
+    struct sp_err e;
+    int rc = sp_writer_end_frame(w, &e);
+    if (!c) {
+        w->off = w->len = 0;
+        w->overflow = false;
+        return;
+    }
+    if (rc < 0)
+        log_warn("dropping connection: %s", e.msg);
+    conn_frame_done(c);
+}
+
+/* ---- request lifecycle ------------------------------------------------ */
+
+void req_free(struct req *rq)
+{
+    if (rq->frame) {
+        msgpack_unpacked_destroy(&rq->msg);
+        free(rq->frame);
+    }
+    free(rq);
+}
+
+void req_finish(struct req *rq, const struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    if (err) {
+        reply_error(ag, rq->conn, rq->id, err);
+    } else if (!rq->replied) {
+        struct sp_err e;
+        sp_errf(&e, SP_INTERNAL, "%s: handler finished without a reply", rq->op->name);
+        reply_error(ag, rq->conn, rq->id, &e);
+        err = &e;
+    }
+    struct op_stats *st = &ag->op_stats[rq->op_index];
+    st->calls++;
+    if (err) {
+        st->errors++;
+        ag->errors++;
+    }
+    double dt = agent_now_precise(ag) - rq->t0;
+    hist_add(&st->lat, dt > 0 ? (uint64_t)(dt * 1e6) : 0);
+    if (rq->conn)
+        conn_req_del(rq->conn, rq);
+    struct slot *s = req_slot(rq);
+    bool was_active = s && s->active == rq;
+    req_free(rq);
+    if (was_active)
+        slot_advance(ag, s);
+}
+
+void req_run(struct req *rq)
+{
+    struct sp_err err;
+    int rc = rq->op->fn(rq, &err);
+    if (rc == OP_PENDING)
+        return;
+    req_finish(rq, rc < 0 ? &err : NULL);
+}
+
+void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t len)
+{
+    struct sp_err err;
+    struct sp_request sr = {0};
+    ag->requests++;
+    struct req *rq = calloc(1, sizeof *rq);
+    if (!rq) {
+        sp_errf(&err, SP_INTERNAL, "out of memory");
+        goto fail;
+    }
+    rq->ag = ag;
+    rq->slot = -1;
+    rq->t0 = agent_now_precise(ag);
+    if (len == 0) {
+        sp_errf(&err, SP_BAD_REQUEST, "empty frame");
+        goto fail;
+    }
+    /* The request owns a copy: str/bin objects point into it and it may wait
+     * in a slot queue after the reader's buffer has moved on. */
+    rq->frame = malloc(len);
+    if (!rq->frame) {
+        sp_errf(&err, SP_INTERNAL, "out of memory for a %u-byte frame", len);
+        goto fail;
+    }
+    memcpy(rq->frame, data, len);
+    msgpack_unpacked_init(&rq->msg);
+    if (sp_unpack(rq->frame, len, &rq->msg, &err) < 0)
+        goto fail;
+    if (sp_parse_request(&rq->msg.data, &sr, &err) < 0)
+        goto fail;
+    rq->id = sr.id;
+    rq->args = sr.args;
+    const struct op_def *op = NULL;
+    for (unsigned i = 0; i < op_count; i++) {
+        if (sp_str_eq(sr.op, sr.op_len, op_table[i].name)) {
+            op = &op_table[i];
+            rq->op_index = i;
+            break;
+        }
+    }
+    if (!op) {
+        sp_errf(&err, SP_UNKNOWN_OP, "unknown op '%.*s'", (int)(sr.op_len > 64 ? 64 : sr.op_len),
+                sr.op);
+        goto fail;
+    }
+    rq->op = op;
+    if (ag->token_len && !conn_authed(c) && !(op->flags & OPF_NOAUTH)) {
+        sp_errf(&err, SP_UNAUTHORIZED, "%s: send hello with the agent's token first", op->name);
+        goto fail_counted;
+    }
+    if (validate_args(op, rq->args, &err) < 0)
+        goto fail_counted;
+    if (op->flags & OPF_SLOT) {
+        uint64_t slot = arg_uint(rq, "slot", 0);
+        if (slot >= ag->nslots) {
+            sp_errf(&err, SP_UNKNOWN_SLOT, "slot %llu does not exist (slots 0..%u)",
+                    (unsigned long long)slot, ag->nslots - 1);
+            goto fail_counted;
+        }
+        rq->slot = (int)slot;
+    }
+    rq->conn = c;
+    conn_req_add(c, rq);
+    if ((op->flags & OPF_SLOT) && !(op->flags & OPF_NOW))
+        slot_submit(ag, rq);
+    else
+        req_run(rq);
+    return;
+
+fail_counted:
+    ag->op_stats[rq->op_index].calls++;
+    ag->op_stats[rq->op_index].errors++;
+fail:
+    ag->errors++;
+    log_debug("request %llu refused: %s: %s", (unsigned long long)sr.id, sp_code_name(err.code),
+              err.msg);
+    reply_error(ag, c, sr.id, &err);
+    if (rq)
+        req_free(rq);
+}

@@ -1,0 +1,65 @@
+/* Commands (exec.c): their processes, bounded output, waiters and results. */
+#ifndef SLOT_EXEC_H
+#define SLOT_EXEC_H
+
+#include "agent.h"
+
+/* Head + tail of one output stream: the first head_cap bytes, then a ring of
+ * the last ring_cap bytes; everything between is only counted. */
+struct outbuf {
+    char *head;
+    size_t head_len, head_cap, head_alloc;
+    char *ring;
+    size_t ring_cap;
+    uint64_t total;
+};
+
+struct exec {
+    struct agent *ag;
+    struct exec *next, *prev; /* in ag->running or ag->finished */
+    uint64_t id;
+    struct slot *slot;
+    pid_t pid;
+    int fds[2]; /* stdout, stderr read ends; -1 once at EOF */
+    ev_io io[2];
+    int in_fd;
+    ev_io in_w;
+    char *in_buf;
+    size_t in_len, in_off;
+    struct outbuf ob[2];
+    ev_timer timer; /* wall-clock timeout */
+    ev_timer idle;  /* idle timeout */
+    ev_timer drain; /* bound on waiting for EOF after the main process ended */
+    double t_start, t_end;
+    double last_output;
+    double idle_s;
+    bool exited, finished, timed_out, idle_timed_out, cancelled, detached, network;
+    int status;
+    double finished_at;
+    struct req *owner;  /* the exec request, until answered */
+    struct req *attach; /* exec_attach requests, via exec_next */
+};
+
+struct exec_params {
+    const char *path;
+    char **argv;
+    char **envp;
+    int cwd_fd;
+    const char *stdin_data;
+    size_t stdin_len;
+    uint64_t timeout_ms, idle_timeout_ms, max_output;
+    bool detach, network;
+};
+
+struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
+                        const struct exec_params *p, struct sp_err *err);
+struct exec *exec_find(struct agent *ag, uint64_t id);
+/* Kill a running command; reason flags are set by the caller. */
+unsigned exec_kill(struct exec *e);
+/* Pack the result map; output bytes only when with_output. */
+void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output);
+/* Send retained output from the request's offsets as events, then live. */
+void exec_replay(struct exec *e, struct req *rq);
+void exec_add_attach(struct exec *e, struct req *rq);
+
+#endif

@@ -1,0 +1,347 @@
+/* slot-agent: command line, the per-process context, signals, and the one
+ * libev loop that runs everything. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "child.h"
+#include "exec.h"
+
+#define SHUTDOWN_SECONDS 5.0
+
+static const char usage[] =
+    "usage: slot-agent [options]\n"
+    "\n"
+    "Hosts many slot workspaces and runs commands and file operations in them,\n"
+    "answering msgpack requests (see proto/PROTOCOL.md).\n"
+    "\n"
+    "  --listen tcp:HOST:PORT   listen on TCP (needs --token-file or --insecure); repeatable\n"
+    "  --listen unix:PATH       listen on a Unix socket (mode 0600); repeatable\n"
+    "  --stdio                  serve one client on stdin/stdout; exit when stdin closes\n"
+    "  --slots N                number of slots (default 10)\n"
+    "  --data-dir DIR           workspaces live in DIR/slots/N (default $NOMAD_ALLOC_DIR/data,\n"
+    "                           else /data if writable, else ./slot-data)\n"
+    "  --token-file FILE        require hello with this token on every connection\n"
+    "  --insecure               allow TCP listeners without a token\n"
+    "  --max-frame BYTES        largest frame accepted or sent (default 64M)\n"
+    "  --max-output BYTES       output kept per stream of a command (default 1M)\n"
+    "  --log-level LEVEL        debug|info|warn|error (default info)\n"
+    "  --version, --help\n";
+
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || s[0] == '-')
+        return -1;
+    unsigned shift = 0;
+    switch (*end) {
+    case 0: break;
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    default: return -1;
+    }
+    if (*end == 'i' || *end == 'B')
+        end++;
+    if (*end || (shift && v > (~0ull >> shift)))
+        return -1;
+    *out = v << shift;
+    return 0;
+}
+
+static int read_token(struct agent *ag, const char *path, struct sp_err *err)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sp_errf(err, SP_NOT_FOUND, "token file %s: %s", path, strerror(errno));
+    ssize_t n = read(fd, ag->token, sizeof ag->token);
+    int e = errno;
+    close(fd);
+    if (n < 0)
+        return sp_errf(err, SP_INTERNAL, "token file %s: %s", path, strerror(e));
+    if ((size_t)n == sizeof ag->token)
+        return sp_errf(err, SP_TOO_LARGE, "token file %s: token over %zu bytes", path,
+                       sizeof ag->token - 1);
+    while (n > 0 && (ag->token[n - 1] == '\n' || ag->token[n - 1] == '\r' ||
+                     ag->token[n - 1] == ' ' || ag->token[n - 1] == '\t'))
+        n--;
+    if (n == 0)
+        return sp_errf(err, SP_BAD_REQUEST, "token file %s is empty", path);
+    ag->token_len = (size_t)n;
+    return 0;
+}
+
+static char *default_data_dir(void)
+{
+    const char *alloc = getenv("NOMAD_ALLOC_DIR");
+    char buf[4096];
+    if (alloc && *alloc) {
+        snprintf(buf, sizeof buf, "%s/data", alloc);
+        return strdup(buf);
+    }
+    if (access("/data", W_OK) == 0)
+        return strdup("/data");
+    return strdup("./slot-data");
+}
+
+/* A relative data dir is made absolute once, so workspace paths handed to
+ * commands (HOME, cwd) do not depend on the agent's cwd. */
+static char *absolute_dir(const char *dir)
+{
+    if (dir[0] == '/')
+        return strdup(dir);
+    char cwd[4096], buf[8192];
+    if (!getcwd(cwd, sizeof cwd))
+        return NULL;
+    snprintf(buf, sizeof buf, "%s/%s", cwd, dir);
+    return strdup(buf);
+}
+
+static void shutdown_check_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct agent *ag = w->data;
+    bool done = !ag->running && conns_idle(ag);
+    if (done || ev_now(loop) - ag->stop_at > SHUTDOWN_SECONDS) {
+        if (!done)
+            log_warn("shutdown: giving up waiting after %.0f s", SHUTDOWN_SECONDS);
+        ev_break(loop, EVBREAK_ALL);
+    }
+}
+
+void agent_shutdown(struct agent *ag, const char *why)
+{
+    if (ag->stopping)
+        return;
+    ag->stopping = true;
+    ag->stop_at = ev_now(ag->loop);
+    log_info("shutting down: %s", why);
+    listeners_close(ag);
+    struct sp_err err;
+    sp_errf(&err, SP_CANCELLED, "agent shutting down");
+    for (unsigned i = 0; i < ag->nslots; i++)
+        slot_fail_queued(ag, &ag->slots[i], &err);
+    exec_kill_all(ag);
+    ev_timer_init(&ag->stop_w, shutdown_check_cb, 0.0, 0.02);
+    ag->stop_w.data = ag;
+    ev_timer_start(ag->loop, &ag->stop_w);
+}
+
+static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    agent_shutdown(ag, w->signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    if (!WIFEXITED(w->rstatus) && !WIFSIGNALED(w->rstatus))
+        return; /* stopped or continued: we stop processes before killing them */
+    exec_on_child_exit(w->data, w->rpid, w->rstatus);
+}
+
+static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    exec_gc(ag);
+    proc_sweep_strays(ag);
+}
+
+/* A closed 0/1/2 would let pipe() hand out those numbers and confuse the
+ * child's dup2 sequence. */
+static void ensure_std_fds(void)
+{
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0)
+            open("/dev/null", O_RDWR);
+}
+
+int main(int argc, char **argv)
+{
+    enum { OPT_LISTEN = 256, OPT_STDIO, OPT_SLOTS, OPT_DATA, OPT_TOKEN, OPT_INSECURE,
+           OPT_MAXFRAME, OPT_MAXOUT, OPT_LOG, OPT_VERSION, OPT_HELP };
+    static const struct option longopts[] = {
+        {"listen", required_argument, NULL, OPT_LISTEN},
+        {"stdio", no_argument, NULL, OPT_STDIO},
+        {"slots", required_argument, NULL, OPT_SLOTS},
+        {"data-dir", required_argument, NULL, OPT_DATA},
+        {"token-file", required_argument, NULL, OPT_TOKEN},
+        {"insecure", no_argument, NULL, OPT_INSECURE},
+        {"max-frame", required_argument, NULL, OPT_MAXFRAME},
+        {"max-output", required_argument, NULL, OPT_MAXOUT},
+        {"log-level", required_argument, NULL, OPT_LOG},
+        {"version", no_argument, NULL, OPT_VERSION},
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    struct agent agent_ctx;
+    struct agent *ag = &agent_ctx;
+    memset(ag, 0, sizeof *ag);
+    ag->opt.nslots = 10;
+    ag->opt.max_frame = SP_DEFAULT_MAX_FRAME;
+    ag->opt.max_output = 1u << 20;
+    ag->opt.log_level = LOG_INFO;
+    const char *listens[32];
+    unsigned nlisten = 0;
+    int c;
+    uint64_t v;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_LISTEN:
+            if (nlisten == sizeof listens / sizeof listens[0]) {
+                fprintf(stderr, "slot-agent: too many --listen\n");
+                return 2;
+            }
+            listens[nlisten++] = optarg;
+            break;
+        case OPT_STDIO: ag->opt.stdio = true; break;
+        case OPT_SLOTS:
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > 4096) {
+                fprintf(stderr, "slot-agent: --slots must be 1..4096\n");
+                return 2;
+            }
+            ag->opt.nslots = (unsigned)v;
+            break;
+        case OPT_DATA: ag->opt.data_dir = optarg; break;
+        case OPT_TOKEN: ag->opt.token_file = optarg; break;
+        case OPT_INSECURE: ag->opt.insecure = true; break;
+        case OPT_MAXFRAME:
+            if (parse_size(optarg, &v) < 0 || v < 4096 || v > (1u << 30)) {
+                fprintf(stderr, "slot-agent: --max-frame must be 4K..1G\n");
+                return 2;
+            }
+            ag->opt.max_frame = (uint32_t)v;
+            break;
+        case OPT_MAXOUT:
+            if (parse_size(optarg, &v) < 0) {
+                fprintf(stderr, "slot-agent: bad --max-output\n");
+                return 2;
+            }
+            ag->opt.max_output = v;
+            break;
+        case OPT_LOG:
+            if (!strcmp(optarg, "debug")) ag->opt.log_level = LOG_DEBUG;
+            else if (!strcmp(optarg, "info")) ag->opt.log_level = LOG_INFO;
+            else if (!strcmp(optarg, "warn")) ag->opt.log_level = LOG_WARN;
+            else if (!strcmp(optarg, "error")) ag->opt.log_level = LOG_ERROR;
+            else {
+                fprintf(stderr, "slot-agent: --log-level must be debug|info|warn|error\n");
+                return 2;
+            }
+            break;
+        case OPT_VERSION: printf("slot-agent %s (protocol %d)\n", AGENT_VERSION, SP_PROTOCOL_VERSION); return 0;
+        case OPT_HELP: fputs(usage, stdout); return 0;
+        default: fputs(usage, stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "slot-agent: unexpected argument '%s'\n%s", argv[optind], usage);
+        return 2;
+    }
+    if (!nlisten && !ag->opt.stdio) {
+        fprintf(stderr, "slot-agent: nothing to serve: give --listen and/or --stdio\n%s", usage);
+        return 2;
+    }
+    /* Output kept per stream must fit in an answer with both streams. */
+    if (ag->opt.max_output > ag->opt.max_frame / 4)
+        ag->opt.max_output = ag->opt.max_frame / 4;
+    agent_log_set_level(ag->opt.log_level);
+    ensure_std_fds();
+
+    struct sp_err err;
+    int rc = 1;
+    char *dd = ag->opt.data_dir ? strdup(ag->opt.data_dir) : default_data_dir();
+    ag->data_dir = dd ? absolute_dir(dd) : NULL;
+    free(dd);
+    if (!ag->data_dir) {
+        fprintf(stderr, "slot-agent: cannot resolve the data dir\n");
+        return 1;
+    }
+    if (ag->opt.token_file && read_token(ag, ag->opt.token_file, &err) < 0) {
+        log_error("%s", err.msg);
+        return 1;
+    }
+    ag->shell = access("/bin/bash", X_OK) == 0 ? "/bin/bash" : "/bin/sh";
+    if (getrandom(&ag->instance, sizeof ag->instance, 0) != sizeof ag->instance)
+        ag->instance = (uint64_t)getpid() ^ ((uint64_t)time(NULL) << 20);
+    ag->next_exec_id = 1;
+    ag->op_stats = calloc(op_count, sizeof *ag->op_stats);
+    ag->child_stack = child_stack_alloc();
+    ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    sp_writer_init(&ag->null_writer, 0);
+    if (!ag->op_stats || !ag->child_stack || ag->devnull_fd < 0) {
+        log_error("start-up: out of resources");
+        return 1;
+    }
+    /* Leftovers of commands (double forks, setsid daemons) come back to us,
+     * not to init, so they can be found and killed. */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        log_warn("cannot become a child subreaper: %s", strerror(errno));
+    signal(SIGPIPE, SIG_IGN);
+
+    ag->loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_NOENV);
+    if (!ag->loop) {
+        log_error("cannot initialise the event loop");
+        return 1;
+    }
+    ag->started = ev_now(ag->loop);
+    if (slots_init(ag, &err) < 0) {
+        log_error("%s", err.msg);
+        goto out;
+    }
+    if (listeners_open(ag, listens, nlisten, &err) < 0) {
+        log_error("%s", err.msg);
+        goto out;
+    }
+    if (ag->opt.stdio && conn_open_stdio(ag, &err) < 0) {
+        log_error("%s", err.msg);
+        goto out;
+    }
+    ev_child_init(&ag->child_w, child_cb, 0, 0);
+    ag->child_w.data = ag;
+    ev_child_start(ag->loop, &ag->child_w);
+    ev_signal_init(&ag->sig_term, signal_cb, SIGTERM);
+    ev_signal_init(&ag->sig_int, signal_cb, SIGINT);
+    ag->sig_term.data = ag->sig_int.data = ag;
+    ev_signal_start(ag->loop, &ag->sig_term);
+    ev_signal_start(ag->loop, &ag->sig_int);
+    ev_timer_init(&ag->sweep_w, sweep_cb, 1.0, 1.0);
+    ag->sweep_w.data = ag;
+    ev_timer_start(ag->loop, &ag->sweep_w);
+    log_info("slot-agent %s: %u slots in %s%s", AGENT_VERSION, ag->nslots, ag->data_dir,
+             ag->token_len ? ", token required" : "");
+
+    ev_run(ag->loop, 0);
+    rc = 0;
+out:
+    exec_kill_all(ag);
+    conns_close_all(ag);
+    listeners_close(ag);
+    exec_free_all(ag);
+    slots_free(ag);
+    sp_writer_free(&ag->null_writer);
+    free(ag->op_stats);
+    free(ag->data_dir);
+    if (ag->devnull_fd >= 0)
+        close(ag->devnull_fd);
+    log_info("exit %d", rc);
+    return rc;
+}

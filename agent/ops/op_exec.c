@@ -1,0 +1,304 @@
+/* Ops exec, exec_attach and cancel: turn validated arguments into a command
+ * (argv, clean environment, cwd, stdin), and wire requests to commands. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "exec.h"
+
+#define DEFAULT_TIMEOUT_MS 600000u
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/* A bump arena for one spawn's argv and envp: freed right after clone
+ * returns (CLONE_VFORK means the child has exec'd by then). */
+struct arena {
+    char *buf;
+    size_t len, cap;
+};
+
+static char *arena_strndup(struct arena *a, const char *s, size_t n)
+{
+    if (a->len + n + 1 > a->cap)
+        return NULL;
+    char *p = a->buf + a->len;
+    memcpy(p, s, n);
+    p[n] = 0;
+    a->len += n + 1;
+    return p;
+}
+
+static char *arena_printf(struct arena *a, const char *fmt, const char *k, const char *v)
+{
+    int n = snprintf(a->buf + a->len, a->cap - a->len, fmt, k, v);
+    if (n < 0 || a->len + (size_t)n + 1 > a->cap)
+        return NULL;
+    char *p = a->buf + a->len;
+    a->len += (size_t)n + 1;
+    return p;
+}
+
+static bool has_nul(const char *s, size_t n)
+{
+    return memchr(s, 0, n) != NULL;
+}
+
+/* Search PATH for name like execvp, but in the agent before spawning, so a
+ * missing program is a clear not_found instead of exit 127. */
+static int resolve_program(const char *name, const char *path_env, int cwd_fd, char *out,
+                           size_t outcap, struct sp_err *err)
+{
+    if (strchr(name, '/')) {
+        if (faccessat(name[0] == '/' ? AT_FDCWD : cwd_fd, name, X_OK, 0) < 0)
+            return sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", name, strerror(errno));
+        if ((size_t)snprintf(out, outcap, "%s", name) >= outcap)
+            return sp_errf(err, SP_BAD_REQUEST, "program path too long");
+        return 0;
+    }
+    const char *p = path_env;
+    while (*p) {
+        const char *colon = strchr(p, ':');
+        size_t dl = colon ? (size_t)(colon - p) : strlen(p);
+        if (dl > 0 && p[0] == '/' &&
+            (size_t)snprintf(out, outcap, "%.*s/%s", (int)dl, p, name) < outcap &&
+            access(out, X_OK) == 0)
+            return 0;
+        if (!colon)
+            break;
+        p = colon + 1;
+    }
+    return sp_errf(err, SP_NOT_FOUND, "%s: command not found in PATH", name);
+}
+
+int op_exec(struct req *rq, struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    struct slot *s = req_slot(rq);
+    const msgpack_object *argv_o = req_arg(rq, "argv");
+    const msgpack_object *env_o = req_arg(rq, "env");
+    size_t cmd_len, cwd_len, iso_len, stdin_len;
+    const char *cmd = arg_str(rq, "cmd", &cmd_len);
+    const char *cwd = arg_str(rq, "cwd", &cwd_len);
+    const char *iso = arg_str(rq, "isolation", &iso_len);
+    const char *stdin_data = arg_bin(rq, "stdin", &stdin_len);
+    int cwd_fd = -1, rc = -1;
+    struct arena a = {0};
+
+    if (!!cmd == !!argv_o)
+        return sp_errf(err, SP_BAD_REQUEST, "exec: give exactly one of 'cmd' or 'argv'");
+    if (cmd && has_nul(cmd, cmd_len))
+        return sp_errf(err, SP_BAD_REQUEST, "args.cmd: contains a NUL byte");
+    if (argv_o && argv_o->via.array.size == 0)
+        return sp_errf(err, SP_BAD_REQUEST, "args.argv: must not be empty");
+    if (iso && !sp_str_eq(iso, iso_len, "best_effort") && !sp_str_eq(iso, iso_len, "required"))
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "args.isolation: expected \"best_effort\" or \"required\"");
+    if (iso && sp_str_eq(iso, iso_len, "required"))
+        return sp_errf(err, SP_ISOLATION_UNAVAILABLE,
+                       "isolation required but missing here: seccomp, landlock");
+
+    /* The arena holds every string of argv and envp: the request's strings
+     * plus the fixed variables. */
+    size_t need = 1024 + cmd_len + strlen(s->ws_path) * 2 + strlen(s->tmp_path);
+    uint32_t nargv = argv_o ? argv_o->via.array.size : 3;
+    uint32_t nenv = env_o ? env_o->via.map.size : 0;
+    if (argv_o)
+        for (uint32_t i = 0; i < nargv; i++) {
+            const msgpack_object *v = &argv_o->via.array.ptr[i];
+            if (v->type != MSGPACK_OBJECT_STR)
+                return sp_errf(err, SP_BAD_REQUEST, "args.argv[%u]: expected str, got %s", i,
+                               sp_type_name(v));
+            if (has_nul(v->via.str.ptr, v->via.str.size))
+                return sp_errf(err, SP_BAD_REQUEST, "args.argv[%u]: contains a NUL byte", i);
+            need += v->via.str.size + 1;
+        }
+    for (uint32_t i = 0; i < nenv; i++) {
+        const msgpack_object *k = &env_o->via.map.ptr[i].key, *v = &env_o->via.map.ptr[i].val;
+        if (k->type != MSGPACK_OBJECT_STR || v->type != MSGPACK_OBJECT_STR)
+            return sp_errf(err, SP_BAD_REQUEST, "args.env: keys and values must be str");
+        if (k->via.str.size == 0 || memchr(k->via.str.ptr, '=', k->via.str.size) ||
+            has_nul(k->via.str.ptr, k->via.str.size) || has_nul(v->via.str.ptr, v->via.str.size))
+            return sp_errf(err, SP_BAD_REQUEST,
+                           "args.env: names must be non-empty without '=' or NUL, values "
+                           "without NUL");
+        need += k->via.str.size + v->via.str.size + 2;
+    }
+    size_t nptr = (nargv + 1) + (nenv + 8 + 1);
+    a.cap = need + 64;
+    a.buf = malloc(a.cap + nptr * sizeof(char *));
+    if (!a.buf)
+        return sp_errf(err, SP_INTERNAL, "out of memory");
+    char **argv = (char **)(a.buf + a.cap);
+    char **envp = argv + nargv + 1;
+
+    if (cwd) {
+        char rel[4096];
+        if (path_check(cwd, cwd_len, true, rel, sizeof rel, err) < 0)
+            goto out;
+        cwd_fd = path_open(s->ws_fd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0, err);
+        if (cwd_fd < 0)
+            goto out;
+    }
+
+    /* Clean environment; the request's variables override the defaults. */
+    unsigned ne = 0;
+    char slot_idx[16];
+    snprintf(slot_idx, sizeof slot_idx, "%u", s->index);
+    const char *defaults[][2] = {
+        {"PATH", DEFAULT_PATH}, {"HOME", s->ws_path},      {"TMPDIR", s->tmp_path},
+        {"LANG", "C.UTF-8"},    {"TERM", "dumb"},          {"SLOT_INDEX", slot_idx},
+        {"SLOT_WORKSPACE", s->ws_path},
+    };
+    const char *path_env = DEFAULT_PATH;
+    for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
+        bool overridden = false;
+        for (uint32_t j = 0; j < nenv; j++)
+            if (sp_str_eq(env_o->via.map.ptr[j].key.via.str.ptr,
+                          env_o->via.map.ptr[j].key.via.str.size, defaults[i][0]))
+                overridden = true;
+        if (!overridden && !(envp[ne++] = arena_printf(&a, "%s=%s", defaults[i][0], defaults[i][1])))
+            goto oom;
+    }
+    for (uint32_t j = 0; j < nenv; j++) {
+        const msgpack_object *k = &env_o->via.map.ptr[j].key, *v = &env_o->via.map.ptr[j].val;
+        char *kv = arena_strndup(&a, k->via.str.ptr, k->via.str.size + 1 + v->via.str.size);
+        if (!kv)
+            goto oom;
+        kv[k->via.str.size] = '=';
+        memcpy(kv + k->via.str.size + 1, v->via.str.ptr, v->via.str.size);
+        kv[k->via.str.size + 1 + v->via.str.size] = 0;
+        envp[ne++] = kv;
+        if (sp_str_eq(k->via.str.ptr, k->via.str.size, "PATH"))
+            path_env = kv + 5;
+    }
+    envp[ne] = NULL;
+
+    char prog[4096];
+    if (cmd) {
+        snprintf(prog, sizeof prog, "%s", ag->shell);
+        argv[0] = (char *)ag->shell;
+        argv[1] = (char *)"-c";
+        if (!(argv[2] = arena_strndup(&a, cmd, cmd_len)))
+            goto oom;
+        argv[3] = NULL;
+    } else {
+        for (uint32_t i = 0; i < nargv; i++)
+            if (!(argv[i] = arena_strndup(&a, argv_o->via.array.ptr[i].via.str.ptr,
+                                          argv_o->via.array.ptr[i].via.str.size)))
+                goto oom;
+        argv[nargv] = NULL;
+        if (argv[0][0] == 0) {
+            sp_errf(err, SP_BAD_REQUEST, "args.argv[0]: empty program name");
+            goto out;
+        }
+        if (resolve_program(argv[0], path_env, cwd_fd >= 0 ? cwd_fd : s->ws_fd, prog,
+                            sizeof prog, err) < 0)
+            goto out;
+    }
+
+    uint64_t timeout_ms = arg_uint(rq, "timeout_ms", 0);
+    uint64_t max_output = arg_uint(rq, "max_output", ag->opt.max_output);
+    if (max_output > ag->opt.max_output)
+        max_output = ag->opt.max_output;
+    struct exec_params p = {
+        .path = prog,
+        .argv = argv,
+        .envp = envp,
+        .cwd_fd = cwd_fd >= 0 ? cwd_fd : s->ws_fd,
+        .stdin_data = stdin_data,
+        .stdin_len = stdin_len,
+        .timeout_ms = timeout_ms ? timeout_ms : DEFAULT_TIMEOUT_MS,
+        .idle_timeout_ms = arg_uint(rq, "idle_timeout_ms", 0),
+        .max_output = max_output,
+        .detach = arg_bool(rq, "detach", false),
+        .network = arg_bool(rq, "network", true),
+    };
+    rq->stream = arg_bool(rq, "stream", false) && !p.detach;
+    struct exec *e = exec_start(ag, s, rq, &p, err);
+    if (!e)
+        goto out;
+    if (p.detach) {
+        msgpack_packer *pk = req_reply_begin(rq);
+        msgpack_pack_map(pk, 3);
+        sp_pack_kv_uint(pk, "exec_id", e->id);
+        sp_pack_kv_int(pk, "pid", e->pid);
+        sp_pack_kv_bool(pk, "detached", true);
+        req_reply_end(rq);
+        rc = OP_DONE;
+        goto out;
+    }
+    if (rq->stream) {
+        msgpack_packer *pk = req_event_begin(rq, "started", 2);
+        sp_pack_kv_uint(pk, "exec_id", e->id);
+        sp_pack_kv_int(pk, "pid", e->pid);
+        req_event_end(rq);
+    }
+    rc = OP_PENDING;
+    goto out;
+oom:
+    sp_errf(err, SP_INTERNAL, "out of memory building the command");
+out:
+    if (cwd_fd >= 0)
+        close(cwd_fd);
+    free(a.buf);
+    return rc;
+}
+
+int op_exec_attach(struct req *rq, struct sp_err *err)
+{
+    uint64_t id = arg_uint(rq, "exec_id", 0);
+    struct exec *e = exec_find(rq->ag, id);
+    if (!e)
+        return sp_errf(err, SP_NOT_FOUND, "exec %llu is unknown or its result has expired",
+                       (unsigned long long)id);
+    rq->stream = true;
+    rq->out_off = arg_uint(rq, "offset", 0);
+    rq->err_off = arg_uint(rq, "stderr_offset", 0);
+    exec_replay(e, rq);
+    if (e->finished) {
+        exec_pack_result(req_reply_begin(rq), e, false);
+        req_reply_end(rq);
+        return OP_DONE;
+    }
+    exec_add_attach(e, rq);
+    return OP_PENDING;
+}
+
+int op_cancel(struct req *rq, struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    const msgpack_object *id_o = req_arg(rq, "exec_id");
+    const msgpack_object *slot_o = req_arg(rq, "slot");
+    if (!!id_o == !!slot_o)
+        return sp_errf(err, SP_BAD_REQUEST, "cancel: give exactly one of 'exec_id' or 'slot'");
+    unsigned n = 0;
+    if (id_o) {
+        struct exec *e = exec_find(ag, id_o->via.u64);
+        if (!e)
+            return sp_errf(err, SP_NOT_FOUND, "exec %llu is unknown or its result has expired",
+                           (unsigned long long)id_o->via.u64);
+        if (!e->exited) {
+            e->cancelled = true;
+            exec_kill(e);
+            n = 1;
+        }
+    } else {
+        if (slot_o->via.u64 >= ag->nslots)
+            return sp_errf(err, SP_UNKNOWN_SLOT, "slot %llu does not exist (slots 0..%u)",
+                           (unsigned long long)slot_o->via.u64, ag->nslots - 1);
+        for (struct exec *e = ag->running; e; e = e->next) {
+            if (e->slot->index != slot_o->via.u64 || e->exited)
+                continue;
+            e->cancelled = true;
+            exec_kill(e);
+            n++;
+        }
+    }
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 1);
+    sp_pack_kv_uint(pk, "cancelled", n);
+    req_reply_end(rq);
+    return OP_DONE;
+}

@@ -1,0 +1,335 @@
+/* Ops about the agent and its slots: hello (version, auth), health, stats,
+ * slots, lease, unlease and reset. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "exec.h"
+
+#define DEFAULT_TIMEOUT_MS 600000u
+#define MAX_TIMEOUT_MS 86400000u
+
+/* Time to compare depends only on the lengths, never on where bytes differ. */
+static bool token_equal(const char *a, size_t an, const char *b, size_t bn)
+{
+    unsigned char diff = an != bn;
+    size_t n = an < bn ? an : bn;
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+static uint64_t ms_since(struct agent *ag, double t)
+{
+    double d = agent_now(ag) - t;
+    return d > 0 ? (uint64_t)(d * 1000.0) : 0;
+}
+
+int op_hello(struct req *rq, struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    size_t tn;
+    const char *tok = arg_str(rq, "token", &tn);
+    if (ag->token_len) {
+        if (tok && token_equal(tok, tn, ag->token, ag->token_len)) {
+            conn_set_authed(rq->conn, true);
+        } else if (tok) {
+            log_warn("hello with a wrong token");
+            return sp_errf(err, SP_UNAUTHORIZED, "wrong token");
+        }
+    }
+    bool authed = rq->conn ? conn_authed(rq->conn) : false;
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 9);
+    sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
+    sp_pack_kv_str(pk, "agent", "slot-agent");
+    sp_pack_kv_str(pk, "version", AGENT_VERSION);
+    sp_pack_kv_uint(pk, "instance", ag->instance);
+    sp_pack_kv_uint(pk, "slots", ag->nslots);
+    sp_pack_kv_bool(pk, "authenticated", authed);
+    sp_pack_kv_bool(pk, "auth_required", ag->token_len > 0);
+    sp_pack_cstr(pk, "isolation");
+    static const char *const rungs[] = {"uid",    "namespaces", "landlock",   "seccomp",
+                                        "rlimits", "cgroup",    "containment"};
+    msgpack_pack_map(pk, 7);
+    for (size_t i = 0; i < 7; i++)
+        sp_pack_kv_bool(pk, rungs[i], strcmp(rungs[i], "containment") == 0);
+    sp_pack_cstr(pk, "limits");
+    msgpack_pack_map(pk, 6);
+    sp_pack_kv_uint(pk, "max_frame", ag->opt.max_frame);
+    sp_pack_kv_uint(pk, "max_output", ag->opt.max_output);
+    sp_pack_kv_uint(pk, "max_queue", 1024);
+    sp_pack_kv_uint(pk, "max_inflight", 4096);
+    sp_pack_kv_uint(pk, "max_timeout_ms", MAX_TIMEOUT_MS);
+    sp_pack_kv_uint(pk, "default_timeout_ms", DEFAULT_TIMEOUT_MS);
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+static unsigned busy_slots(struct agent *ag)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < ag->nslots; i++)
+        if (ag->slots[i].active || ag->slots[i].running || ag->slots[i].resetting)
+            n++;
+    return n;
+}
+
+static unsigned running_execs(struct agent *ag)
+{
+    unsigned n = 0;
+    for (struct exec *e = ag->running; e; e = e->next)
+        n++;
+    return n;
+}
+
+int op_health(struct req *rq, struct sp_err *err)
+{
+    (void)err;
+    struct agent *ag = rq->ag;
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 6);
+    sp_pack_kv_bool(pk, "ok", true);
+    sp_pack_kv_uint(pk, "uptime_ms", ms_since(ag, ag->started));
+    sp_pack_kv_uint(pk, "slots", ag->nslots);
+    sp_pack_kv_uint(pk, "busy_slots", busy_slots(ag));
+    sp_pack_kv_uint(pk, "running_execs", running_execs(ag));
+    sp_pack_kv_uint(pk, "connections", ag->nconns);
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+static uint64_t rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "re");
+    unsigned long size = 0, res = 0;
+    if (f) {
+        if (fscanf(f, "%lu %lu", &size, &res) != 2)
+            res = 0;
+        fclose(f);
+    }
+    return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+static uint64_t tv_ms(struct timeval tv)
+{
+    return (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
+}
+
+int op_stats(struct req *rq, struct sp_err *err)
+{
+    (void)err;
+    struct agent *ag = rq->ag;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 11);
+    sp_pack_kv_uint(pk, "uptime_ms", ms_since(ag, ag->started));
+    sp_pack_kv_uint(pk, "requests", ag->requests);
+    sp_pack_kv_uint(pk, "errors", ag->errors);
+    sp_pack_kv_uint(pk, "connections", ag->nconns);
+    sp_pack_kv_uint(pk, "connections_total", ag->conns_total);
+    sp_pack_kv_uint(pk, "connections_dropped", ag->conns_dropped);
+    sp_pack_kv_uint(pk, "rss_bytes", rss_bytes());
+    sp_pack_kv_uint(pk, "cpu_user_ms", tv_ms(ru.ru_utime));
+    sp_pack_kv_uint(pk, "cpu_sys_ms", tv_ms(ru.ru_stime));
+    sp_pack_cstr(pk, "exec");
+    msgpack_pack_map(pk, 9);
+    sp_pack_kv_uint(pk, "started", ag->execs_started);
+    sp_pack_kv_uint(pk, "finished", ag->execs_finished);
+    sp_pack_kv_uint(pk, "running", running_execs(ag));
+    sp_pack_kv_uint(pk, "timed_out", ag->execs_timed_out);
+    sp_pack_kv_uint(pk, "cancelled", ag->execs_cancelled);
+    sp_pack_kv_uint(pk, "p50_us", hist_quantile(&ag->exec_lat, 0.50));
+    sp_pack_kv_uint(pk, "p90_us", hist_quantile(&ag->exec_lat, 0.90));
+    sp_pack_kv_uint(pk, "p99_us", hist_quantile(&ag->exec_lat, 0.99));
+    sp_pack_kv_uint(pk, "max_us", hist_quantile(&ag->exec_lat, 1.0));
+    sp_pack_cstr(pk, "ops");
+    msgpack_pack_map(pk, op_count);
+    for (unsigned i = 0; i < op_count; i++) {
+        const struct op_stats *st = &ag->op_stats[i];
+        sp_pack_cstr(pk, op_table[i].name);
+        msgpack_pack_map(pk, 4);
+        sp_pack_kv_uint(pk, "calls", st->calls);
+        sp_pack_kv_uint(pk, "errors", st->errors);
+        sp_pack_kv_uint(pk, "p50_us", hist_quantile(&st->lat, 0.50));
+        sp_pack_kv_uint(pk, "p99_us", hist_quantile(&st->lat, 0.99));
+    }
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
+{
+    msgpack_pack_map(pk, 11);
+    sp_pack_kv_uint(pk, "slot", s->index);
+    sp_pack_kv_str(pk, "state",
+                   s->resetting ? "resetting" : (s->active || s->running) ? "busy" : "idle");
+    sp_pack_kv_bool(pk, "leased", s->leased);
+    if (s->leased) {
+        sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);
+        if (s->holder)
+            sp_pack_kv_str(pk, "holder", s->holder);
+        else
+            sp_pack_kv_nil(pk, "holder");
+        sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
+    } else {
+        sp_pack_kv_nil(pk, "trajectory_id");
+        sp_pack_kv_nil(pk, "holder");
+        sp_pack_kv_nil(pk, "leased_at");
+    }
+    sp_pack_kv_uint(pk, "generation", s->generation);
+    sp_pack_kv_uint(pk, "queued", s->q_len);
+    sp_pack_cstr(pk, "running");
+    unsigned n = 0;
+    for (struct exec *e = ag->running; e; e = e->next)
+        n += e->slot == s;
+    msgpack_pack_array(pk, n);
+    for (struct exec *e = ag->running; e; e = e->next)
+        if (e->slot == s)
+            msgpack_pack_uint64(pk, e->id);
+    sp_pack_kv_uint(pk, "execs", s->execs);
+    sp_pack_kv_str(pk, "workspace", s->ws_path);
+}
+
+int op_slots(struct req *rq, struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    const msgpack_object *one = req_arg(rq, "slot");
+    if (one && one->via.u64 >= ag->nslots)
+        return sp_errf(err, SP_UNKNOWN_SLOT, "slot %llu does not exist (slots 0..%u)",
+                       (unsigned long long)one->via.u64, ag->nslots - 1);
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 1);
+    sp_pack_cstr(pk, "slots");
+    if (one) {
+        msgpack_pack_array(pk, 1);
+        pack_slot(pk, ag, &ag->slots[one->via.u64]);
+    } else {
+        msgpack_pack_array(pk, ag->nslots);
+        for (unsigned i = 0; i < ag->nslots; i++)
+            pack_slot(pk, ag, &ag->slots[i]);
+    }
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+static char *dup_str(const char *s, size_t n)
+{
+    char *p = malloc(n + 1);
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = 0;
+    }
+    return p;
+}
+
+int op_lease(struct req *rq, struct sp_err *err)
+{
+    struct slot *s = req_slot(rq);
+    size_t tn, hn;
+    const char *tid = arg_str(rq, "trajectory_id", &tn);
+    const char *holder = arg_str(rq, "holder", &hn);
+    if (tn == 0 || memchr(tid, 0, tn))
+        return sp_errf(err, SP_BAD_REQUEST, "args.trajectory_id: must be non-empty, without NUL");
+    if (holder && memchr(holder, 0, hn))
+        return sp_errf(err, SP_BAD_REQUEST, "args.holder: contains a NUL byte");
+    if (s->leased) {
+        if (strlen(s->trajectory_id) != tn || memcmp(s->trajectory_id, tid, tn) != 0)
+            return sp_errf(err, SP_SLOT_BUSY, "slot %u is leased by trajectory '%s'", s->index,
+                           s->trajectory_id);
+    } else {
+        char *t = dup_str(tid, tn), *h = holder ? dup_str(holder, hn) : NULL;
+        if (!t || (holder && !h)) {
+            free(t);
+            free(h);
+            return sp_errf(err, SP_INTERNAL, "out of memory");
+        }
+        s->trajectory_id = t;
+        s->holder = h;
+        s->leased = true;
+        s->leased_at = agent_now(rq->ag);
+        s->generation++;
+    }
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 4);
+    sp_pack_kv_uint(pk, "slot", s->index);
+    sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);
+    sp_pack_kv_uint(pk, "generation", s->generation);
+    sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+int op_unlease(struct req *rq, struct sp_err *err)
+{
+    struct slot *s = req_slot(rq);
+    size_t tn;
+    const char *tid = arg_str(rq, "trajectory_id", &tn);
+    if (!s->leased)
+        return sp_errf(err, SP_NOT_LEASED, "slot %u is not leased", s->index);
+    if (tid && (strlen(s->trajectory_id) != tn || memcmp(s->trajectory_id, tid, tn) != 0))
+        return sp_errf(err, SP_NOT_LEASED, "slot %u is leased by another trajectory", s->index);
+    free(s->trajectory_id);
+    free(s->holder);
+    s->trajectory_id = s->holder = NULL;
+    s->leased = false;
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 1);
+    sp_pack_kv_uint(pk, "slot", s->index);
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+/* Wipe and answer once nothing of the slot runs any more, so no dying
+ * process can write into the freshly emptied workspace. */
+void reset_complete(struct agent *ag, struct slot *s)
+{
+    struct req *waiters = s->reset_waiters;
+    s->reset_waiters = NULL;
+    proc_sweep_strays(ag);
+    struct sp_err err;
+    int rc = path_empty_dir(s->ws_fd, &err);
+    if (rc == 0)
+        rc = path_empty_dir(s->tmp_fd, &err);
+    s->resetting = false;
+    s->resets++;
+    while (waiters) {
+        struct req *rq = waiters;
+        waiters = rq->slot_next;
+        rq->slot_next = NULL;
+        if (rc < 0) {
+            req_finish(rq, &err);
+            continue;
+        }
+        msgpack_packer *pk = req_reply_begin(rq);
+        msgpack_pack_map(pk, 2);
+        sp_pack_kv_uint(pk, "slot", s->index);
+        sp_pack_kv_uint(pk, "killed", rq->aux);
+        req_reply_end(rq);
+        req_finish(rq, NULL);
+    }
+    if (!s->active)
+        slot_advance(ag, s);
+}
+
+int op_reset(struct req *rq, struct sp_err *err)
+{
+    (void)err;
+    struct agent *ag = rq->ag;
+    struct slot *s = req_slot(rq);
+    s->resetting = true;
+    unsigned killed = exec_kill_slot(ag, s);
+    rq->aux = killed;
+    rq->slot_next = s->reset_waiters;
+    s->reset_waiters = rq;
+    struct sp_err cancelled;
+    sp_errf(&cancelled, SP_CANCELLED, "slot %u was reset", s->index);
+    slot_fail_queued(ag, s, &cancelled);
+    if (s->running == 0)
+        reset_complete(ag, s);
+    return OP_PENDING;
+}

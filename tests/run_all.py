@@ -1,0 +1,128 @@
+#!/usr/bin/python3
+"""Run every test suite and print one closing line: `N passed, N failed`.
+
+Suites: the static-link check, the C unit tests (release and sanitizer
+builds), the pytest integration suite against the release agent and again
+against the ASan/UBSan agent, and a short fixed-length fuzz run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = "/usr/bin/python3"
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+        self.skipped = 0
+        self.lines: list[str] = []
+
+    def add(self, suite: str, p: int, f: int, s: int = 0) -> None:
+        self.passed += p
+        self.failed += f
+        self.skipped += s
+        self.lines.append(f"  {suite:<34} {p:5d} passed {f:4d} failed {s:4d} skipped")
+
+
+def banner(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def static_check(t: Tally, build: Path) -> None:
+    banner("slot-agent is statically linked")
+    agent = build / "slot-agent"
+    out = subprocess.run(["file", "-L", str(agent)], capture_output=True, text=True).stdout
+    print(out.strip())
+    ok = "statically linked" in out or "static-pie linked" in out
+    if ok:
+        print(f"size: {agent.stat().st_size} bytes")
+    t.add("static link", int(ok), int(not ok))
+
+
+def cmocka(t: Tally, name: str, binary: Path) -> None:
+    banner(f"unit: {name}")
+    if not binary.exists():
+        print(f"missing {binary}")
+        t.add(name, 0, 1)
+        return
+    env = dict(os.environ, CMOCKA_MESSAGE_OUTPUT="stdout")
+    r = subprocess.run([str(binary)], capture_output=True, text=True, env=env, timeout=600)
+    sys.stdout.write(r.stdout[-6000:])
+    sys.stdout.write(r.stderr[-3000:])
+    passed = sum(int(m) for m in re.findall(r"\[  PASSED  \] (\d+) test", r.stdout))
+    failed = sum(int(m) for m in re.findall(r"\[  FAILED  \] (\d+) test", r.stdout))
+    if r.returncode != 0 and failed == 0:
+        failed = 1  # crashed or aborted: count it
+    t.add(name, passed, failed)
+
+
+def pytest(t: Tally, name: str, build: Path, extra_env: dict[str, str]) -> None:
+    banner(f"pytest: {name}")
+    with tempfile.TemporaryDirectory() as d:
+        xml = Path(d) / "junit.xml"
+        env = dict(os.environ, SLOT_BUILD_DIR=str(build), **extra_env)
+        r = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml",
+                            str(xml), "tests/integration"], cwd=ROOT, env=env, timeout=3000)
+        if not xml.exists():
+            t.add(name, 0, 1)
+            return
+        root = ET.parse(xml).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root)
+        tests = sum(int(s.get("tests", 0)) for s in suites)
+        fails = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+        skips = sum(int(s.get("skipped", 0)) for s in suites)
+        if r.returncode not in (0, 1) and fails == 0:
+            fails = 1
+        t.add(name, tests - fails - skips, fails, skips)
+
+
+def fuzz(t: Tally, runs: int) -> None:
+    banner(f"fuzz: frame reader and request decoder, {runs} runs")
+    r = subprocess.run(["bash", "tests/fuzz/run.sh", str(runs)], cwd=ROOT, timeout=1200)
+    t.add("fuzz (libFuzzer, ASan+UBSan)", int(r.returncode == 0), int(r.returncode != 0))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--asan", default="build-asan")
+    ap.add_argument("--no-asan", action="store_true")
+    ap.add_argument("--no-fuzz", action="store_true")
+    ap.add_argument("--fuzz-runs", type=int, default=100000)
+    a = ap.parse_args()
+    build = (ROOT / a.build).resolve()
+    asan = (ROOT / a.asan).resolve()
+    t = Tally()
+    static_check(t, build)
+    cmocka(t, "unit (release)", build / "test-proto")
+    pytest(t, "integration (release agent)", build, {})
+    if not a.no_asan:
+        cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
+        pytest(t, "integration (ASan+UBSan agent)", asan, {
+            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
+            "SLOT_SANITIZED": "1",
+        })
+    if not a.no_fuzz:
+        fuzz(t, a.fuzz_runs)
+    banner("summary")
+    print("\n".join(t.lines))
+    line = f"{t.passed} passed, {t.failed} failed"
+    if t.skipped:
+        line += f", {t.skipped} skipped"
+    print(line, flush=True)
+    return 0 if t.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
