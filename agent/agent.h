@@ -27,7 +27,7 @@ void agent_log_set_level(int lvl);
 
 /* Latency histogram: log-linear buckets over microseconds, enough for p50/p99
  * without keeping samples. */
-#define HIST_BUCKETS 256
+#define HIST_BUCKETS 1024
 struct hist {
     uint64_t count;
     uint64_t sum_us;
@@ -94,6 +94,7 @@ struct agent {
     unsigned nfinished;
     uint64_t next_exec_id;
     uint64_t instance; /* random per start, lets clients spot a restart */
+    pid_t pid;
     double started;
     bool stopping;
     /* counters for `stats` */

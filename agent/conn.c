@@ -329,7 +329,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         }
         char name[96];
-        snprintf(name, sizeof name, "conn %llu (%s)", (unsigned long long)ag->conns_total + 1,
+        snprintf(name, sizeof name, "conn %llu (%.60s)", (unsigned long long)ag->conns_total + 1,
                  l->name);
         struct conn *c = conn_new(ag, fd, fd, name);
         if (!c) {
@@ -433,7 +433,7 @@ static int listen_tcp(struct listener *l, const char *hostport, struct sp_err *e
     if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
         getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof hbuf, pbuf, sizeof pbuf,
                     NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-        snprintf(l->name, sizeof l->name, "tcp:%s:%s", hbuf, pbuf);
+        snprintf(l->name, sizeof l->name, "tcp:%.100s:%.10s", hbuf, pbuf);
     else
         snprintf(l->name, sizeof l->name, "tcp:%s", hostport);
     l->fd = fd;

@@ -167,7 +167,7 @@ static void send_live(struct exec *e, int k, uint64_t offset, const char *p, siz
             if (!rq->stream)
                 continue;
             uint64_t *off = k == 0 ? &rq->out_off : &rq->err_off;
-            if (*off > offset + n)
+            if (*off >= offset + n)
                 continue;
             uint64_t skip = *off > offset ? *off - offset : 0;
             send_chunk(rq, k, offset + skip, p + skip, n - (size_t)skip);
@@ -181,8 +181,9 @@ void exec_replay(struct exec *e, struct req *rq)
     for (int k = 0; k < 2; k++) {
         const struct outbuf *ob = &e->ob[k];
         uint64_t *off = k == 0 ? &rq->out_off : &rq->err_off;
-        if (*off > ob->total)
-            *off = ob->total;
+        /* An offset beyond what exists skips output still to come. */
+        if (*off >= ob->total)
+            continue;
         if (*off < ob->head_len) {
             send_chunk(rq, k, *off, ob->head + *off, ob->head_len - (size_t)*off);
             *off = ob->head_len;
@@ -197,8 +198,6 @@ void exec_replay(struct exec *e, struct req *rq)
             send_chunk(rq, k, *off, buf, n);
             *off += n;
         }
-        if (*off > ob->total)
-            *off = ob->total;
     }
 }
 

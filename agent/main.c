@@ -283,6 +283,7 @@ int main(int argc, char **argv)
     if (getrandom(&ag->instance, sizeof ag->instance, 0) != sizeof ag->instance)
         ag->instance = (uint64_t)getpid() ^ ((uint64_t)time(NULL) << 20);
     ag->next_exec_id = 1;
+    ag->pid = getpid();
     ag->op_stats = calloc(op_count, sizeof *ag->op_stats);
     ag->child_stack = child_stack_alloc();
     ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);

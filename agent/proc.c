@@ -22,9 +22,6 @@ struct pidvec {
 
 static int pidvec_push(struct pidvec *pv, pid_t p)
 {
-    for (size_t i = 0; i < pv->n; i++)
-        if (pv->v[i] == p)
-            return 0;
     if (pv->n == pv->cap) {
         size_t cap = pv->cap ? pv->cap * 2 : 64;
         pid_t *v = realloc(pv->v, cap * sizeof *v);
@@ -35,6 +32,39 @@ static int pidvec_push(struct pidvec *pv, pid_t p)
     }
     pv->v[pv->n++] = p;
     return 0;
+}
+
+/* Parse one children file ("pid pid ... "). */
+static void read_children_file(const char *path, struct pidvec *out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char buf[4096];
+    size_t have = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = 0;
+        char *p = buf;
+        for (;;) {
+            while (*p == ' ' || *p == '\n')
+                p++;
+            char *end = p;
+            while (*end >= '0' && *end <= '9')
+                end++;
+            if (end == p || (!*end && have == sizeof buf - 1))
+                break; /* done, or a number cut at the buffer's end */
+            pidvec_push(out, (pid_t)strtol(p, NULL, 10));
+            p = end;
+        }
+        size_t rest = strlen(p);
+        memmove(buf, p, rest);
+        have = rest;
+    }
+    close(fd);
 }
 
 /* Append the children of every thread of pid. */
@@ -49,40 +79,9 @@ static void read_children(pid_t pid, struct pidvec *out)
     while ((de = readdir(d))) {
         if (de->d_name[0] < '0' || de->d_name[0] > '9')
             continue;
-        char cpath[96];
+        char cpath[320];
         snprintf(cpath, sizeof cpath, "/proc/%d/task/%s/children", (int)pid, de->d_name);
-        int fd = open(cpath, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            continue;
-        char buf[4096];
-        size_t have = 0;
-        for (;;) {
-            ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
-            if (n <= 0)
-                break;
-            have += (size_t)n;
-            buf[have] = 0;
-            /* Parse complete numbers; keep a trailing partial one. */
-            char *p = buf, *end;
-            for (;;) {
-                while (*p == ' ' || *p == '\n')
-                    p++;
-                if (!*p)
-                    break;
-                long v = strtol(p, &end, 10);
-                if (!*end && have == sizeof buf - 1)
-                    break; /* maybe cut: re-read with the rest */
-                if (end == p)
-                    break;
-                if (v > 0)
-                    pidvec_push(out, (pid_t)v);
-                p = end;
-            }
-            size_t rest = strlen(p);
-            memmove(buf, p, rest);
-            have = rest;
-        }
-        close(fd);
+        read_children_file(cpath, out);
     }
     closedir(d);
 }
@@ -117,7 +116,10 @@ unsigned proc_sweep_strays(struct agent *ag)
     /* Killing a stray re-parents its children to us: repeat, bounded. */
     for (int round = 0; round < 16; round++) {
         struct pidvec kids = {0};
-        read_children(getpid(), &kids);
+        /* The agent has one thread, so its children are all in one file. */
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)ag->pid);
+        read_children_file(path, &kids);
         unsigned n = 0;
         for (size_t i = 0; i < kids.n; i++) {
             if (exec_is_main_pid(ag, kids.v[i]))
