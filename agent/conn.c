@@ -3,7 +3,7 @@
  * limits with back-pressure, and orderly close. */
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -391,6 +391,8 @@ static int listen_unix(struct listener *l, const char *path, struct sp_err *err)
     return 0;
 }
 
+/* Numeric addresses only (plus "localhost" and "*"): a static agent must not
+ * need glibc's NSS modules at run time, which name lookups would load. */
 static int listen_tcp(struct listener *l, const char *hostport, struct sp_err *err)
 {
     char host[256];
@@ -400,42 +402,64 @@ static int listen_tcp(struct listener *l, const char *hostport, struct sp_err *e
                        hostport);
     memcpy(host, hostport, (size_t)(colon - hostport));
     host[colon - hostport] = 0;
-    if (host[0] == '[' && host[strlen(host) - 1] == ']') {
-        memmove(host, host + 1, strlen(host));
-        host[strlen(host) - 1] = 0;
+    size_t hl = strlen(host);
+    if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = 0;
     }
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res = NULL;
-    int gai = getaddrinfo(host, colon + 1, &hints, &res);
-    if (gai != 0)
-        return sp_errf(err, SP_BAD_REQUEST, "tcp:%s: %s", hostport, gai_strerror(gai));
-    int fd = -1, e = 0;
-    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            e = errno;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 512) == 0)
-            break;
-        e = errno;
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0)
-        return sp_errf(err, SP_INTERNAL, "listen on tcp:%s: %s", hostport, strerror(e));
+    char *end;
+    unsigned long port = strtoul(colon + 1, &end, 10);
+    if (*end || end == colon + 1 || port > 65535)
+        return sp_errf(err, SP_BAD_REQUEST, "tcp:%s: bad port", hostport);
     struct sockaddr_storage ss;
-    socklen_t sl = sizeof ss;
-    char hbuf[NI_MAXHOST], pbuf[NI_MAXSERV];
-    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
-        getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof hbuf, pbuf, sizeof pbuf,
-                    NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-        snprintf(l->name, sizeof l->name, "tcp:%.100s:%.10s", hbuf, pbuf);
-    else
-        snprintf(l->name, sizeof l->name, "tcp:%s", hostport);
+    memset(&ss, 0, sizeof ss);
+    socklen_t sl;
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+    if (!strcmp(host, "localhost"))
+        snprintf(host, sizeof host, "127.0.0.1");
+    if (!strcmp(host, "*") || !strcmp(host, "0.0.0.0")) {
+        s4->sin_family = AF_INET;
+        s4->sin_addr.s_addr = htonl(INADDR_ANY);
+        s4->sin_port = htons((uint16_t)port);
+        sl = sizeof *s4;
+    } else if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        sl = sizeof *s4;
+    } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        sl = sizeof *s6;
+    } else {
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "tcp:%s: host must be a numeric IPv4/IPv6 address, localhost or *",
+                       hostport);
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return sp_err_errno(err, errno, "socket");
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&ss, sl) < 0 || listen(fd, 512) < 0) {
+        int e = errno;
+        close(fd);
+        return sp_errf(err, SP_INTERNAL, "listen on tcp:%s: %s", hostport, strerror(e));
+    }
+    sl = sizeof ss;
+    char abuf[INET6_ADDRSTRLEN] = "?";
+    unsigned bound = (unsigned)port;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET) {
+            inet_ntop(AF_INET, &s4->sin_addr, abuf, sizeof abuf);
+            bound = ntohs(s4->sin_port);
+        } else {
+            inet_ntop(AF_INET6, &s6->sin6_addr, abuf, sizeof abuf);
+            bound = ntohs(s6->sin6_port);
+        }
+    }
+    snprintf(l->name, sizeof l->name, ss.ss_family == AF_INET6 ? "tcp:[%s]:%u" : "tcp:%s:%u",
+             abuf, bound);
     l->fd = fd;
     l->tcp = true;
     return 0;
