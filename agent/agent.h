@@ -218,6 +218,8 @@ extern const unsigned op_count;
  * name the root itself when allow_root. */
 int path_check(const char *path, size_t len, bool allow_root, char *out, size_t outcap,
                struct sp_err *err);
+/* Does a checked path name the workspace itself ("", ".", "./.")? */
+bool path_is_root(const char *path);
 /* open(2) of a checked path beneath root_fd; nothing resolves outside it
  * (openat2 RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS, or a component walk that
  * refuses every symlink on kernels without openat2). Returns fd or -1. */

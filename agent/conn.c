@@ -41,6 +41,8 @@ struct conn {
     bool close_after;  /* close once output is flushed */
     bool dead;
     bool in_read;      /* inside the read callback: defer frees */
+    bool lingering;    /* error sent, write side shut: discard input, then close */
+    ev_timer linger_w;
     unsigned inflight;
     struct req *reqs;
     struct conn *prev, *next;
@@ -73,7 +75,8 @@ static void set_nonblock(int fd)
 
 static void conn_update_read(struct conn *c)
 {
-    bool want = !c->dead && !c->eof && !c->close_after && c->inflight < MAX_INFLIGHT;
+    bool want = !c->dead && !c->eof &&
+                (c->lingering || (!c->close_after && c->inflight < MAX_INFLIGHT));
     if (want && !ev_is_active(&c->rw))
         ev_io_start(c->ag->loop, &c->rw);
     else if (!want && ev_is_active(&c->rw))
@@ -88,8 +91,18 @@ static void conn_check_done(struct conn *c)
     if (c->dead)
         return;
     size_t pending = sp_writer_pending(&c->wr);
-    if (c->close_after && pending == 0) {
-        conn_close(c, "closed after error");
+    if (c->close_after && pending == 0 && !c->lingering) {
+        if (c->is_stdio) {
+            conn_close(c, "closed after error");
+            return;
+        }
+        /* Closing with unread input would reset the connection and could
+         * destroy the error answer in flight: shut our side, drain theirs for
+         * a bounded time, then close. */
+        shutdown(c->wfd, SHUT_WR);
+        c->lingering = true;
+        ev_timer_start(c->ag->loop, &c->linger_w);
+        conn_update_read(c);
         return;
     }
     if (c->eof && c->inflight == 0 && pending == 0)
@@ -176,6 +189,7 @@ static void conn_close(struct conn *c, const char *why)
     log_debug("%s: closing: %s", c->name, why);
     ev_io_stop(ag->loop, &c->rw);
     ev_io_stop(ag->loop, &c->ww);
+    ev_timer_stop(ag->loop, &c->linger_w);
     /* Requests still queued on slots are dropped (nobody to answer); running
      * commands keep running and can be attached again. */
     slot_drop_conn(ag, c);
@@ -213,6 +227,19 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)revents;
     struct conn *c = w->data;
     struct agent *ag = c->ag;
+    if (c->lingering) {
+        char sink[65536];
+        for (int i = 0; i < 64; i++) {
+            ssize_t n = read(c->rfd, sink, sizeof sink);
+            if (n > 0)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return;
+            conn_close(c, "closed after error");
+            return;
+        }
+        return;
+    }
     c->in_read = true;
     /* Bounded work per wake-up so one busy client cannot starve the others. */
     for (int round = 0; round < 16 && !c->dead && !c->eof && !c->close_after; round++) {
@@ -270,6 +297,13 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         conn_check_done(c);
 }
 
+static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    conn_close(w->data, "closed after error (linger timeout)");
+}
+
 static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
@@ -293,6 +327,8 @@ static struct conn *conn_new(struct agent *ag, int rfd, int wfd, const char *nam
     ev_io_init(&c->rw, conn_read_cb, rfd, EV_READ);
     ev_io_init(&c->ww, conn_write_cb, wfd, EV_WRITE);
     c->rw.data = c->ww.data = c;
+    ev_timer_init(&c->linger_w, linger_cb, 2.0, 0.0);
+    c->linger_w.data = c;
     c->authed = ag->token_len == 0;
     c->next = ag->conns;
     if (ag->conns)

@@ -17,6 +17,18 @@
 #define PATH_MAX_LEN 4095
 #define WALK_MAX_DEPTH 256
 
+bool path_is_root(const char *path)
+{
+    /* Nothing but "." components (".." is not the root). */
+    for (const char *c = path; *c;) {
+        size_t cl = strcspn(c, "/");
+        if (cl != 0 && !(cl == 1 && c[0] == '.'))
+            return false;
+        c += cl + (c[cl] == '/');
+    }
+    return true;
+}
+
 int path_check(const char *path, size_t len, bool allow_root, char *out, size_t outcap,
                struct sp_err *err)
 {
@@ -30,7 +42,7 @@ int path_check(const char *path, size_t len, bool allow_root, char *out, size_t 
                        (int)(len > 200 ? 200 : len), path);
     memcpy(out, path, len);
     out[len] = 0;
-    bool root = len == 0 || strspn(out, "./") == len;
+    bool root = path_is_root(out);
     if (root && !allow_root)
         return sp_errf(err, SP_BAD_REQUEST, "path names the workspace itself, not a file");
     if (len == 0) {

@@ -232,7 +232,7 @@ int op_stat(struct req *rq, struct sp_err *err)
     struct stat st;
     char target[4096];
     ssize_t tn = -1;
-    bool root = strspn(path, "./") == strlen(path);
+    bool root = path_is_root(path);
     if (root) {
         if (fstat(s->ws_fd, &st) < 0)
             return sp_err_errno(err, errno, path);

@@ -1,0 +1,59 @@
+"""Process inspection helpers for containment tests (reads /proc directly)."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def pids_with_arg(marker: str) -> list[int]:
+    """Pids whose argv contains `marker` as a whole argument."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in args:
+            found.append(int(d))
+    return found
+
+
+def wait_gone(marker: str, timeout: float = 5.0) -> list[int]:
+    """Wait until no process carries `marker`; returns the survivors (empty on success)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids_with_arg(marker) if not is_zombie(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def wait_present(marker: str, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = pids_with_arg(marker)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
