@@ -71,6 +71,8 @@ ssize_t sp_reader_fill(struct sp_reader *r, int fd)
 
 int sp_reader_feed(struct sp_reader *r, const void *data, size_t n)
 {
+    if (n == 0)
+        return 0;
     if (reader_reserve(r, n) < 0)
         return -1;
     memcpy(r->buf + r->len, data, n);
@@ -151,6 +153,8 @@ static int writer_cb(void *data, const char *buf, size_t len)
     struct sp_writer *w = data;
     if (w->overflow)
         return -1;
+    if (len == 0)
+        return 0;
     if (writer_reserve(w, len) < 0) {
         w->overflow = true;
         return -1;

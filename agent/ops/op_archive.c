@@ -70,7 +70,8 @@ static int add_dir_contents(struct walk *w, int fd, const char *prefix, int dept
     }
     closedir(d);
     if (rc == 0) {
-        qsort(names, n, sizeof *names, cmp_str);
+        if (n)
+            qsort(names, n, sizeof *names, cmp_str);
         for (size_t i = 0; i < n && rc == 0; i++) {
             char member[8192];
             if ((size_t)snprintf(member, sizeof member, "%s%s", prefix, names[i]) >=

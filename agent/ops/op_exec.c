@@ -126,7 +126,8 @@ int op_exec(struct req *rq, struct sp_err *err)
         need += k->via.str.size + v->via.str.size + 2;
     }
     size_t nptr = (nargv + 1) + (nenv + 8 + 1);
-    a.cap = need + 64;
+    /* argv/envp pointer arrays follow the strings: keep them aligned. */
+    a.cap = (need + 64 + sizeof(char *) - 1) & ~(sizeof(char *) - 1);
     a.buf = malloc(a.cap + nptr * sizeof(char *));
     if (!a.buf)
         return sp_errf(err, SP_INTERNAL, "out of memory");

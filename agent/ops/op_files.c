@@ -404,7 +404,8 @@ int op_list(struct req *rq, struct sp_err *err)
                       rq->ag->opt.max_frame - RESULT_SLACK, err);
     close(fd);
     if (rc == 0) {
-        qsort(es.v, es.n, sizeof *es.v, cmp_entry);
+        if (es.n)
+            qsort(es.v, es.n, sizeof *es.v, cmp_entry);
         msgpack_packer *pk = req_reply_begin(rq);
         msgpack_pack_map(pk, 2);
         sp_pack_cstr(pk, "entries");
