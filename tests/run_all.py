@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--asan", default="build-asan")
     ap.add_argument("--no-asan", action="store_true")
     ap.add_argument("--no-fuzz", action="store_true")
-    ap.add_argument("--fuzz-runs", type=int, default=100000)
+    ap.add_argument("--fuzz-runs", type=int, default=500000)
     a = ap.parse_args()
     build = (ROOT / a.build).resolve()
     asan = (ROOT / a.asan).resolve()
