@@ -17,7 +17,7 @@
 
 #define RETAIN_MAX 1024
 #define RETAIN_SECONDS 600.0
-#define RETAIN_BYTES (256ull << 20)
+#define RETAIN_BYTES (64ull << 20)
 #define DRAIN_SECONDS 2.0
 #define READ_CHUNK 65536
 
@@ -178,6 +178,8 @@ static void send_live(struct exec *e, int k, uint64_t offset, const char *p, siz
 
 void exec_replay(struct exec *e, struct req *rq)
 {
+    if (e->output_released)
+        return;
     for (int k = 0; k < 2; k++) {
         const struct outbuf *ob = &e->ob[k];
         uint64_t *off = k == 0 ? &rq->out_off : &rq->err_off;
@@ -227,7 +229,7 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
     sp_pack_kv_int(pk, "signal", sig);
     for (int k = 0; k < 2; k++) {
         sp_pack_cstr(pk, stream_names[k]);
-        if (with_output)
+        if (with_output && !e->output_released)
             pack_output(pk, &e->ob[k]);
         else
             msgpack_pack_bin(pk, 0);
@@ -585,9 +587,21 @@ static void exec_finish(struct exec *e)
     e->owner = NULL;
     if (owner) {
         owner->exec = NULL;
+        bool delivered = owner->conn != NULL;
         exec_pack_result(req_reply_begin(owner), e, !owner->stream);
         req_reply_end(owner);
         req_finish(owner, NULL);
+        /* Its requester has the output; keeping it for a possible attach
+         * would hold up to 2 x max_output per retained result. Results
+         * nobody received (detached, connection lost) keep theirs. */
+        if (delivered) {
+            ag->retained_bytes -= outbuf_mem(&e->ob[0]) + outbuf_mem(&e->ob[1]);
+            for (int k = 0; k < 2; k++) {
+                outbuf_free(&e->ob[k]);
+                e->ob[k].head_len = e->ob[k].head_alloc = 0;
+            }
+            e->output_released = true;
+        }
     }
     if (s->resetting && s->running == 0)
         reset_complete(ag, s);

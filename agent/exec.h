@@ -34,6 +34,7 @@ struct exec {
     double last_output;
     double idle_s;
     bool exited, finished, timed_out, idle_timed_out, cancelled, detached, network;
+    bool output_released; /* delivered to its requester: only the result is kept */
     int status;
     double finished_at;
     struct req *owner;  /* the exec request, until answered */
