@@ -59,8 +59,9 @@ def cmocka(t: Tally, name: str, binary: Path) -> None:
     r = subprocess.run([str(binary)], capture_output=True, text=True, env=env, timeout=600)
     sys.stdout.write(r.stdout[-6000:])
     sys.stdout.write(r.stderr[-3000:])
-    passed = sum(int(m) for m in re.findall(r"\[  PASSED  \] (\d+) test", r.stdout))
-    failed = sum(int(m) for m in re.findall(r"\[  FAILED  \] (\d+) test", r.stdout))
+    out = r.stdout + r.stderr  # cmocka prints its summary on stderr
+    passed = sum(int(m) for m in re.findall(r"\[  PASSED  \] (\d+) test", out))
+    failed = sum(int(m) for m in re.findall(r"\[  FAILED  \] (\d+) test", out))
     if r.returncode != 0 and failed == 0:
         failed = 1  # crashed or aborted: count it
     t.add(name, passed, failed)
