@@ -84,7 +84,7 @@ struct agent {
     struct slot *slots;
     unsigned nslots;
     char token[512];
-    size_t token_len; /* 0: no auth required */
+    size_t token_len;  /* 0: no auth required */
     const char *shell; /* /bin/bash, else /bin/sh */
     struct conn *conns;
     unsigned nconns;
@@ -110,7 +110,7 @@ struct agent {
     struct sp_writer null_writer; /* sink for answers to vanished connections */
     int devnull_fd;
     char *child_stack;
-    struct exec *running;  /* commands still running */
+    struct exec *running;    /* commands still running */
     uint64_t retained_bytes; /* output kept by finished execs */
 };
 
@@ -161,9 +161,9 @@ struct req {
     struct exec *exec; /* exec / exec_attach waiting on a command */
     struct req *exec_next;
     bool replied;
-    uint64_t aux; /* op-private scratch (reset: processes killed) */
-    bool stream;       /* sends stdout/stderr events */
-    uint64_t out_off;  /* next stdout offset this request has seen */
+    uint64_t aux;     /* op-private scratch (reset: processes killed) */
+    bool stream;      /* sends stdout/stderr events */
+    uint64_t out_off; /* next stdout offset this request has seen */
     uint64_t err_off;
     msgpack_packer pk;
 };

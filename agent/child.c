@@ -32,7 +32,8 @@ static int child_main(void *arg)
     /* Handlers of the agent must never run here: the memory is shared. The
      * parent blocked every signal before clone; reset dispositions, then
      * unblock. Ignored signals (SIGPIPE) would survive execve otherwise. */
-    static const int sigs[] = {SIGPIPE, SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+    static const int sigs[] = {SIGPIPE, SIGCHLD, SIGTERM, SIGINT,
+                               SIGHUP,  SIGQUIT, SIGUSR1, SIGUSR2};
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
@@ -71,7 +72,8 @@ pid_t child_spawn(struct spawn *sp)
     sp->child_errno = 0;
     /* CLONE_VFORK: we resume once the child has exec'd or exited, so one
      * stack serves every spawn. */
-    pid_t pid = clone(child_main, sp->stack + CHILD_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD, sp);
+    pid_t pid =
+        clone(child_main, sp->stack + CHILD_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD, sp);
     int e = errno;
     sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {

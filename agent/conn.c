@@ -37,11 +37,11 @@ struct conn {
     bool authed;
     bool tcp;
     bool is_stdio;
-    bool eof;          /* peer finished sending */
-    bool close_after;  /* close once output is flushed */
+    bool eof;         /* peer finished sending */
+    bool close_after; /* close once output is flushed */
     bool dead;
-    bool in_read;      /* inside the read callback: defer frees */
-    bool lingering;    /* error sent, write side shut: discard input, then close */
+    bool in_read;   /* inside the read callback: defer frees */
+    bool lingering; /* error sent, write side shut: discard input, then close */
     ev_timer linger_w;
     unsigned inflight;
     struct req *reqs;
@@ -75,8 +75,8 @@ static void set_nonblock(int fd)
 
 static void conn_update_read(struct conn *c)
 {
-    bool want = !c->dead && !c->eof &&
-                (c->lingering || (!c->close_after && c->inflight < MAX_INFLIGHT));
+    bool want =
+        !c->dead && !c->eof && (c->lingering || (!c->close_after && c->inflight < MAX_INFLIGHT));
     if (want && !ev_is_active(&c->rw))
         ev_io_start(c->ag->loop, &c->rw);
     else if (!want && ev_is_active(&c->rw))
@@ -264,7 +264,8 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         uint32_t len;
         struct sp_err err;
         int r;
-        while (!c->dead && !c->close_after && (r = sp_reader_next(&c->rd, &data, &len, &err)) != 0) {
+        while (!c->dead && !c->close_after &&
+               (r = sp_reader_next(&c->rd, &data, &len, &err)) != 0) {
             if (r < 0) {
                 log_warn("%s: %s", c->name, err.msg);
                 msgpack_packer pk;
@@ -349,8 +350,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
     for (int i = 0; i < 64; i++) {
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                errno != ECONNABORTED)
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
                 log_warn("%s: accept: %s", l->name, strerror(errno));
             return;
         }
@@ -494,8 +494,8 @@ static int listen_tcp(struct listener *l, const char *hostport, struct sp_err *e
             bound = ntohs(s6->sin6_port);
         }
     }
-    snprintf(l->name, sizeof l->name, ss.ss_family == AF_INET6 ? "tcp:[%s]:%u" : "tcp:%s:%u",
-             abuf, bound);
+    snprintf(l->name, sizeof l->name, ss.ss_family == AF_INET6 ? "tcp:[%s]:%u" : "tcp:%s:%u", abuf,
+             bound);
     l->fd = fd;
     l->tcp = true;
     return 0;

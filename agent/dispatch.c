@@ -57,14 +57,16 @@ static const struct arg_spec args_cancel[] = {
     {NULL},
 };
 static const struct arg_spec args_read_file[] = {
-    {"slot", ARG_UINT, true, 0},       {"path", ARG_STR, true, 4095},
-    {"offset", ARG_UINT, false, 0},    {"length", ARG_UINT, false, 0},
-    {"sha256", ARG_BOOL, false, 0},    {NULL},
+    {"slot", ARG_UINT, true, 0},    {"path", ARG_STR, true, 4095},  {"offset", ARG_UINT, false, 0},
+    {"length", ARG_UINT, false, 0}, {"sha256", ARG_BOOL, false, 0}, {NULL},
 };
 static const struct arg_spec args_write_file[] = {
-    {"slot", ARG_UINT, true, 0},      {"path", ARG_STR, true, 4095},
-    {"data", ARG_BIN, true, 0},       {"mode", ARG_UINT, false, 07777},
-    {"mkdirs", ARG_BOOL, false, 0},   {"append", ARG_BOOL, false, 0},
+    {"slot", ARG_UINT, true, 0},
+    {"path", ARG_STR, true, 4095},
+    {"data", ARG_BIN, true, 0},
+    {"mode", ARG_UINT, false, 07777},
+    {"mkdirs", ARG_BOOL, false, 0},
+    {"append", ARG_BOOL, false, 0},
     {NULL},
 };
 static const struct arg_spec args_stat[] = {
@@ -73,8 +75,10 @@ static const struct arg_spec args_stat[] = {
     {NULL},
 };
 static const struct arg_spec args_list[] = {
-    {"slot", ARG_UINT, true, 0},         {"path", ARG_STR, false, 4095},
-    {"recursive", ARG_BOOL, false, 0},   {"max_entries", ARG_UINT, false, 1000000},
+    {"slot", ARG_UINT, true, 0},
+    {"path", ARG_STR, false, 4095},
+    {"recursive", ARG_BOOL, false, 0},
+    {"max_entries", ARG_UINT, false, 1000000},
     {NULL},
 };
 static const struct arg_spec args_archive[] = {
@@ -286,16 +290,15 @@ static int validate_args(const struct op_def *op, const msgpack_object *args, st
                     break;
             if (!sp->key)
                 return sp_errf(err, SP_BAD_REQUEST, "%s: unknown argument '%.*s'", op->name,
-                               (int)(k->via.str.size > 64 ? 64 : k->via.str.size),
-                               k->via.str.ptr);
+                               (int)(k->via.str.size > 64 ? 64 : k->via.str.size), k->via.str.ptr);
             if (v->type == MSGPACK_OBJECT_NIL)
                 continue;
             if (!arg_type_ok(sp->type, v))
                 return sp_errf(err, SP_BAD_REQUEST, "args.%s: expected %s, got %s", sp->key,
                                arg_type_name(sp->type), sp_type_name(v));
             if (sp->max && arg_len(v) > sp->max)
-                return sp_errf(err, SP_BAD_REQUEST, "args.%s: %s over the limit of %llu",
-                               sp->key, sp->type == ARG_UINT ? "value" : "length",
+                return sp_errf(err, SP_BAD_REQUEST, "args.%s: %s over the limit of %llu", sp->key,
+                               sp->type == ARG_UINT ? "value" : "length",
                                (unsigned long long)sp->max);
         }
     }

@@ -460,8 +460,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         free(e->in_buf);
         free(e);
         if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
-            return sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", p->path, strerror(ce)),
-                   NULL;
+            return sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
         return sp_errf(err, SP_INTERNAL, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
     }
     e->id = ag->next_exec_id++;
@@ -540,9 +539,8 @@ static void retain_evict(struct agent *ag, struct exec *e)
 void exec_gc(struct agent *ag)
 {
     double now = ev_now(ag->loop);
-    while (ag->finished_tail &&
-           (ag->nfinished > RETAIN_MAX || ag->retained_bytes > RETAIN_BYTES ||
-            now - ag->finished_tail->finished_at > RETAIN_SECONDS))
+    while (ag->finished_tail && (ag->nfinished > RETAIN_MAX || ag->retained_bytes > RETAIN_BYTES ||
+                                 now - ag->finished_tail->finished_at > RETAIN_SECONDS))
         retain_evict(ag, ag->finished_tail);
 }
 

@@ -48,9 +48,21 @@ static int parse_size(const char *s, uint64_t *out)
     unsigned shift = 0;
     switch (*end) {
     case 0: break;
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
+    case 'k':
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30;
+        end++;
+        break;
     default: return -1;
     }
     if (*end == 'i' || *end == 'B')
@@ -176,8 +188,19 @@ static void ensure_std_fds(void)
 
 int main(int argc, char **argv)
 {
-    enum { OPT_LISTEN = 256, OPT_STDIO, OPT_SLOTS, OPT_DATA, OPT_TOKEN, OPT_INSECURE,
-           OPT_MAXFRAME, OPT_MAXOUT, OPT_LOG, OPT_VERSION, OPT_HELP };
+    enum {
+        OPT_LISTEN = 256,
+        OPT_STDIO,
+        OPT_SLOTS,
+        OPT_DATA,
+        OPT_TOKEN,
+        OPT_INSECURE,
+        OPT_MAXFRAME,
+        OPT_MAXOUT,
+        OPT_LOG,
+        OPT_VERSION,
+        OPT_HELP
+    };
     static const struct option longopts[] = {
         {"listen", required_argument, NULL, OPT_LISTEN},
         {"stdio", no_argument, NULL, OPT_STDIO},
@@ -238,16 +261,22 @@ int main(int argc, char **argv)
             ag->opt.max_output = v;
             break;
         case OPT_LOG:
-            if (!strcmp(optarg, "debug")) ag->opt.log_level = LOG_DEBUG;
-            else if (!strcmp(optarg, "info")) ag->opt.log_level = LOG_INFO;
-            else if (!strcmp(optarg, "warn")) ag->opt.log_level = LOG_WARN;
-            else if (!strcmp(optarg, "error")) ag->opt.log_level = LOG_ERROR;
+            if (!strcmp(optarg, "debug"))
+                ag->opt.log_level = LOG_DEBUG;
+            else if (!strcmp(optarg, "info"))
+                ag->opt.log_level = LOG_INFO;
+            else if (!strcmp(optarg, "warn"))
+                ag->opt.log_level = LOG_WARN;
+            else if (!strcmp(optarg, "error"))
+                ag->opt.log_level = LOG_ERROR;
             else {
                 fprintf(stderr, "slot-agent: --log-level must be debug|info|warn|error\n");
                 return 2;
             }
             break;
-        case OPT_VERSION: printf("slot-agent %s (protocol %d)\n", AGENT_VERSION, SP_PROTOCOL_VERSION); return 0;
+        case OPT_VERSION:
+            printf("slot-agent %s (protocol %d)\n", AGENT_VERSION, SP_PROTOCOL_VERSION);
+            return 0;
         case OPT_HELP: fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return 2;
         }

@@ -37,8 +37,9 @@ int path_check(const char *path, size_t len, bool allow_root, char *out, size_t 
     if (len > PATH_MAX_LEN || len + 1 > outcap)
         return sp_errf(err, SP_BAD_REQUEST, "path longer than %d bytes", PATH_MAX_LEN);
     if (len > 0 && path[0] == '/')
-        return sp_errf(err, SP_PATH_ESCAPE, "absolute path '%.*s': paths are relative to the "
-                                            "workspace",
+        return sp_errf(err, SP_PATH_ESCAPE,
+                       "absolute path '%.*s': paths are relative to the "
+                       "workspace",
                        (int)(len > 200 ? 200 : len), path);
     memcpy(out, path, len);
     out[len] = 0;
@@ -55,19 +56,14 @@ int path_check(const char *path, size_t len, bool allow_root, char *out, size_t 
 static int map_errno(struct sp_err *err, int e, const char *path)
 {
     switch (e) {
-    case EXDEV:
-        return sp_errf(err, SP_PATH_ESCAPE, "%s: resolves outside the workspace", path);
+    case EXDEV: return sp_errf(err, SP_PATH_ESCAPE, "%s: resolves outside the workspace", path);
     case ELOOP:
         return sp_errf(err, SP_PATH_ESCAPE, "%s: symlink loop or symlink leaving the workspace",
                        path);
-    case ENOENT:
-        return sp_errf(err, SP_NOT_FOUND, "%s: no such file or directory", path);
-    case ENOTDIR:
-        return sp_errf(err, SP_NOT_FOUND, "%s: a component is not a directory", path);
-    case EISDIR:
-        return sp_errf(err, SP_BAD_REQUEST, "%s: is a directory", path);
-    default:
-        return sp_err_errno(err, e, path);
+    case ENOENT: return sp_errf(err, SP_NOT_FOUND, "%s: no such file or directory", path);
+    case ENOTDIR: return sp_errf(err, SP_NOT_FOUND, "%s: a component is not a directory", path);
+    case EISDIR: return sp_errf(err, SP_BAD_REQUEST, "%s: is a directory", path);
+    default: return sp_err_errno(err, e, path);
     }
 }
 
@@ -274,8 +270,7 @@ int path_empty_dir(int dir_fd, struct sp_err *err)
             break;
         }
         if (depth + 1 >= WALK_MAX_DEPTH) {
-            rc = sp_errf(err, SP_TOO_LARGE, "directory tree deeper than %d levels",
-                         WALK_MAX_DEPTH);
+            rc = sp_errf(err, SP_TOO_LARGE, "directory tree deeper than %d levels", WALK_MAX_DEPTH);
             break;
         }
         /* A command may have removed read, write or search permission. */

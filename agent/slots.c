@@ -102,8 +102,8 @@ void slot_submit(struct agent *ag, struct req *rq)
     struct slot *s = req_slot(rq);
     if (s->q_len >= MAX_QUEUE) {
         struct sp_err err;
-        sp_errf(&err, SP_SLOT_BUSY, "slot %u has %u requests queued (limit %u)", s->index,
-                s->q_len, MAX_QUEUE);
+        sp_errf(&err, SP_SLOT_BUSY, "slot %u has %u requests queued (limit %u)", s->index, s->q_len,
+                MAX_QUEUE);
         req_finish(rq, &err);
         return;
     }

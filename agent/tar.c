@@ -105,8 +105,8 @@ static int pax_record(char *dst, size_t cap, const char *key, const char *val, s
     return 0;
 }
 
-static void fill_header(char *h, const char *name, const struct stat *st, char type,
-                        uint64_t size, const char *link)
+static void fill_header(char *h, const char *name, const struct stat *st, char type, uint64_t size,
+                        const char *link)
 {
     memset(h, 0, BLOCK);
     snprintf(h, 100, "%s", name);
@@ -128,8 +128,8 @@ static void fill_header(char *h, const char *name, const struct stat *st, char t
     h[155] = ' ';
 }
 
-int tar_add(struct tar_out *t, const char *name, const struct stat *st, const char *target,
-            int fd, struct sp_err *err)
+int tar_add(struct tar_out *t, const char *name, const struct stat *st, const char *target, int fd,
+            struct sp_err *err)
 {
     char type;
     uint64_t size = 0;

@@ -53,12 +53,21 @@ int sp_err_errno(struct sp_err *e, int errnum, const char *what)
 {
     enum sp_code c;
     switch (errnum) {
-    case ENOENT: case ENOTDIR: c = SP_NOT_FOUND; break;
-    case EEXIST: case ENOTEMPTY: c = SP_EXISTS; break;
-    case EXDEV: case ELOOP: c = SP_PATH_ESCAPE; break;
-    case EFBIG: case ENOSPC: case EDQUOT: case ENAMETOOLONG: case E2BIG: c = SP_TOO_LARGE; break;
-    case EISDIR: case EINVAL: c = SP_BAD_REQUEST; break;
-    case EACCES: case EPERM: c = SP_BAD_REQUEST; break;
+    case ENOENT:
+    case ENOTDIR: c = SP_NOT_FOUND; break;
+    case EEXIST:
+    case ENOTEMPTY: c = SP_EXISTS; break;
+    case EXDEV:
+    case ELOOP: c = SP_PATH_ESCAPE; break;
+    case EFBIG:
+    case ENOSPC:
+    case EDQUOT:
+    case ENAMETOOLONG:
+    case E2BIG: c = SP_TOO_LARGE; break;
+    case EISDIR:
+    case EINVAL: c = SP_BAD_REQUEST; break;
+    case EACCES:
+    case EPERM: c = SP_BAD_REQUEST; break;
     case ETIMEDOUT: c = SP_TIMEOUT; break;
     default: c = SP_INTERNAL; break;
     }

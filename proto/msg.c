@@ -44,24 +44,43 @@ int sp_msgpack_check(const char *data, size_t len, unsigned max_depth, struct sp
             skip = b & 0x1f;
         } else {
             switch (b) {
-            case 0xc4: case 0xd9: lenbytes = 1; break;
-            case 0xc5: case 0xda: lenbytes = 2; break;
-            case 0xc6: case 0xdb: lenbytes = 4; break;
-            case 0xc7: lenbytes = 1; skip = 1; break;
-            case 0xc8: lenbytes = 2; skip = 1; break;
-            case 0xc9: lenbytes = 4; skip = 1; break;
+            case 0xc4:
+            case 0xd9: lenbytes = 1; break;
+            case 0xc5:
+            case 0xda: lenbytes = 2; break;
+            case 0xc6:
+            case 0xdb: lenbytes = 4; break;
+            case 0xc7:
+                lenbytes = 1;
+                skip = 1;
+                break;
+            case 0xc8:
+                lenbytes = 2;
+                skip = 1;
+                break;
+            case 0xc9:
+                lenbytes = 4;
+                skip = 1;
+                break;
             case 0xca: skip = 4; break;
             case 0xcb: skip = 8; break;
-            case 0xcc: case 0xd0: skip = 1; break;
-            case 0xcd: case 0xd1: skip = 2; break;
-            case 0xce: case 0xd2: skip = 4; break;
-            case 0xcf: case 0xd3: skip = 8; break;
+            case 0xcc:
+            case 0xd0: skip = 1; break;
+            case 0xcd:
+            case 0xd1: skip = 2; break;
+            case 0xce:
+            case 0xd2: skip = 4; break;
+            case 0xcf:
+            case 0xd3: skip = 8; break;
             case 0xd4: skip = 2; break;
             case 0xd5: skip = 3; break;
             case 0xd6: skip = 5; break;
             case 0xd7: skip = 9; break;
             case 0xd8: skip = 17; break;
-            case 0xdc: case 0xdd: case 0xde: case 0xdf: {
+            case 0xdc:
+            case 0xdd:
+            case 0xde:
+            case 0xdf: {
                 unsigned nb = (b == 0xdc || b == 0xde) ? 2 : 4;
                 if (len - pos < nb)
                     return sp_errf(err, SP_BAD_REQUEST, "msgpack: truncated at byte %zu", pos);
@@ -175,15 +194,14 @@ int sp_parse_request(const msgpack_object *root, struct sp_request *req, struct 
     const msgpack_object *args = sp_map_get(root, "args");
     if (args && args->type != MSGPACK_OBJECT_NIL) {
         if (args->type != MSGPACK_OBJECT_MAP)
-            return sp_errf(err, SP_BAD_REQUEST, "args must be a map, got %s",
-                           sp_type_name(args));
+            return sp_errf(err, SP_BAD_REQUEST, "args must be a map, got %s", sp_type_name(args));
         req->args = args;
     }
     return 0;
 }
 
-static int get(const msgpack_object *map, const char *key, bool required,
-               const msgpack_object **v, struct sp_err *err)
+static int get(const msgpack_object *map, const char *key, bool required, const msgpack_object **v,
+               struct sp_err *err)
 {
     const msgpack_object *o = sp_map_get(map, key);
     if (!o || o->type == MSGPACK_OBJECT_NIL) {
@@ -200,8 +218,8 @@ static int wrong(const char *key, const char *want, const msgpack_object *o, str
     return sp_errf(err, SP_BAD_REQUEST, "%s: expected %s, got %s", key, want, sp_type_name(o));
 }
 
-int sp_get_str(const msgpack_object *map, const char *key, bool required, const char **s,
-               size_t *n, struct sp_err *err)
+int sp_get_str(const msgpack_object *map, const char *key, bool required, const char **s, size_t *n,
+               struct sp_err *err)
 {
     const msgpack_object *o = NULL;
     int r = get(map, key, required, &o, err);
@@ -214,8 +232,8 @@ int sp_get_str(const msgpack_object *map, const char *key, bool required, const 
     return 1;
 }
 
-int sp_get_bin(const msgpack_object *map, const char *key, bool required, const char **p,
-               size_t *n, struct sp_err *err)
+int sp_get_bin(const msgpack_object *map, const char *key, bool required, const char **p, size_t *n,
+               struct sp_err *err)
 {
     const msgpack_object *o = NULL;
     int r = get(map, key, required, &o, err);
@@ -278,8 +296,8 @@ int sp_get_bool(const msgpack_object *map, const char *key, bool required, bool 
     return 1;
 }
 
-int sp_get_map(const msgpack_object *map, const char *key, bool required,
-               const msgpack_object **v, struct sp_err *err)
+int sp_get_map(const msgpack_object *map, const char *key, bool required, const msgpack_object **v,
+               struct sp_err *err)
 {
     const msgpack_object *o = NULL;
     int r = get(map, key, required, &o, err);

@@ -150,19 +150,19 @@ int sp_parse_request(const msgpack_object *root, struct sp_request *req, struct 
  * right type, 0 when absent (or nil) and !required, -1 with err
  * (bad_request naming the key and the expected and actual types). */
 const msgpack_object *sp_map_get(const msgpack_object *map, const char *key);
-int sp_get_str(const msgpack_object *map, const char *key, bool required, const char **s,
-               size_t *n, struct sp_err *err);
+int sp_get_str(const msgpack_object *map, const char *key, bool required, const char **s, size_t *n,
+               struct sp_err *err);
 /* Bytes: accepts bin, and str for convenience of hand-written clients. */
-int sp_get_bin(const msgpack_object *map, const char *key, bool required, const char **p,
-               size_t *n, struct sp_err *err);
+int sp_get_bin(const msgpack_object *map, const char *key, bool required, const char **p, size_t *n,
+               struct sp_err *err);
 int sp_get_uint(const msgpack_object *map, const char *key, bool required, uint64_t *v,
                 struct sp_err *err);
 int sp_get_int(const msgpack_object *map, const char *key, bool required, int64_t *v,
                struct sp_err *err);
 int sp_get_bool(const msgpack_object *map, const char *key, bool required, bool *v,
                 struct sp_err *err);
-int sp_get_map(const msgpack_object *map, const char *key, bool required,
-               const msgpack_object **v, struct sp_err *err);
+int sp_get_map(const msgpack_object *map, const char *key, bool required, const msgpack_object **v,
+               struct sp_err *err);
 int sp_get_array(const msgpack_object *map, const char *key, bool required,
                  const msgpack_object **v, struct sp_err *err);
 /* "positive integer", "str", ... for messages. */

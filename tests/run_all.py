@@ -49,6 +49,18 @@ def static_check(t: Tally, build: Path) -> None:
     t.add("static link", int(ok), int(not ok))
 
 
+def format_check(t: Tally) -> None:
+    banner("clang-format")
+    files = sorted(str(p.relative_to(ROOT)) for pat in ("agent/**/*.[ch]", "proto/*.[ch]",
+                                                        "controller/**/*.[ch]", "tests/**/*.c")
+                   for p in ROOT.glob(pat))
+    r = subprocess.run(["clang-format", "--dry-run", "--Werror", *files], cwd=ROOT,
+                       capture_output=True, text=True)
+    sys.stdout.write(r.stderr[-3000:])
+    print(f"{len(files)} files {'clean' if r.returncode == 0 else 'need clang-format -i'}")
+    t.add("clang-format", int(r.returncode == 0), int(r.returncode != 0))
+
+
 def cmocka(t: Tally, name: str, binary: Path) -> None:
     banner(f"unit: {name}")
     if not binary.exists():
@@ -105,6 +117,7 @@ def main() -> int:
     asan = (ROOT / a.asan).resolve()
     t = Tally()
     static_check(t, build)
+    format_check(t)
     cmocka(t, "unit (release)", build / "test-proto")
     pytest(t, "integration (release agent)", build, {})
     if not a.no_asan:

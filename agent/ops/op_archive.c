@@ -26,8 +26,8 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member,
-                     int depth, struct sp_err *err);
+static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member, int depth,
+                     struct sp_err *err);
 
 static int add_dir_contents(struct walk *w, int fd, const char *prefix, int depth,
                             struct sp_err *err)
@@ -88,8 +88,8 @@ static int add_dir_contents(struct walk *w, int fd, const char *prefix, int dept
     return rc;
 }
 
-static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member,
-                     int depth, struct sp_err *err)
+static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member, int depth,
+                     struct sp_err *err)
 {
     struct stat st;
     if (fstatat(dirfd_, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
@@ -108,8 +108,8 @@ static int add_entry(struct walk *w, int dirfd_, const char *name, const char *m
         return tar_add(w->t, member, &st, target, -1, err);
     }
     int fd = openat(dirfd_, name,
-                    (S_ISDIR(st.st_mode) ? O_DIRECTORY : 0) | O_RDONLY | O_NOFOLLOW |
-                        O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+                    (S_ISDIR(st.st_mode) ? O_DIRECTORY : 0) | O_RDONLY | O_NOFOLLOW | O_NONBLOCK |
+                        O_NOCTTY | O_CLOEXEC);
     if (fd < 0)
         return errno == ENOENT ? 0 : sp_err_errno(err, errno, member);
     struct stat st2;

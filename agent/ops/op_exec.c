@@ -148,8 +148,12 @@ int op_exec(struct req *rq, struct sp_err *err)
     char slot_idx[16];
     snprintf(slot_idx, sizeof slot_idx, "%u", s->index);
     const char *defaults[][2] = {
-        {"PATH", DEFAULT_PATH}, {"HOME", s->ws_path},      {"TMPDIR", s->tmp_path},
-        {"LANG", "C.UTF-8"},    {"TERM", "dumb"},          {"SLOT_INDEX", slot_idx},
+        {"PATH", DEFAULT_PATH},
+        {"HOME", s->ws_path},
+        {"TMPDIR", s->tmp_path},
+        {"LANG", "C.UTF-8"},
+        {"TERM", "dumb"},
+        {"SLOT_INDEX", slot_idx},
         {"SLOT_WORKSPACE", s->ws_path},
     };
     const char *path_env = DEFAULT_PATH;
@@ -159,7 +163,8 @@ int op_exec(struct req *rq, struct sp_err *err)
             if (sp_str_eq(env_o->via.map.ptr[j].key.via.str.ptr,
                           env_o->via.map.ptr[j].key.via.str.size, defaults[i][0]))
                 overridden = true;
-        if (!overridden && !(envp[ne++] = arena_printf(&a, "%s=%s", defaults[i][0], defaults[i][1])))
+        if (!overridden &&
+            !(envp[ne++] = arena_printf(&a, "%s=%s", defaults[i][0], defaults[i][1])))
             goto oom;
     }
     for (uint32_t j = 0; j < nenv; j++) {
@@ -194,8 +199,8 @@ int op_exec(struct req *rq, struct sp_err *err)
             sp_errf(err, SP_BAD_REQUEST, "args.argv[0]: empty program name");
             goto out;
         }
-        if (resolve_program(argv[0], path_env, cwd_fd >= 0 ? cwd_fd : s->ws_fd, prog,
-                            sizeof prog, err) < 0)
+        if (resolve_program(argv[0], path_env, cwd_fd >= 0 ? cwd_fd : s->ws_fd, prog, sizeof prog,
+                            err) < 0)
             goto out;
     }
 

@@ -30,8 +30,8 @@ static const char *type_name(mode_t m)
     return "other";
 }
 
-static int checked_path(struct req *rq, const char *key, bool allow_root, char *out,
-                        size_t outcap, struct sp_err *err)
+static int checked_path(struct req *rq, const char *key, bool allow_root, char *out, size_t outcap,
+                        struct sp_err *err)
 {
     size_t n;
     const char *p = arg_str(rq, key, &n);
@@ -145,8 +145,8 @@ int op_write_file(struct req *rq, struct sp_err *err)
     const char *data = arg_bin(rq, "data", &n);
     mode_t mode = (mode_t)arg_uint(rq, "mode", 0644);
     bool append = arg_bool(rq, "append", false);
-    int dfd = path_open_parent(s->ws_fd, path, arg_bool(rq, "mkdirs", false), base, sizeof base,
-                               err);
+    int dfd =
+        path_open_parent(s->ws_fd, path, arg_bool(rq, "mkdirs", false), base, sizeof base, err);
     if (dfd < 0)
         return -1;
     int rc = -1, fd = -1;

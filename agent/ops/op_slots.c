@@ -52,8 +52,8 @@ int op_hello(struct req *rq, struct sp_err *err)
     sp_pack_kv_bool(pk, "authenticated", authed);
     sp_pack_kv_bool(pk, "auth_required", ag->token_len > 0);
     sp_pack_cstr(pk, "isolation");
-    static const char *const rungs[] = {"uid",    "namespaces", "landlock",   "seccomp",
-                                        "rlimits", "cgroup",    "containment"};
+    static const char *const rungs[] = {"uid",     "namespaces", "landlock",   "seccomp",
+                                        "rlimits", "cgroup",     "containment"};
     msgpack_pack_map(pk, 7);
     for (size_t i = 0; i < 7; i++)
         sp_pack_kv_bool(pk, rungs[i], strcmp(rungs[i], "containment") == 0);
@@ -167,7 +167,9 @@ static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
     msgpack_pack_map(pk, 11);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "state",
-                   s->resetting ? "resetting" : (s->active || s->running) ? "busy" : "idle");
+                   s->resetting                ? "resetting"
+                   : (s->active || s->running) ? "busy"
+                                               : "idle");
     sp_pack_kv_bool(pk, "leased", s->leased);
     if (s->leased) {
         sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);

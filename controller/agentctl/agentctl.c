@@ -131,8 +131,8 @@ static void connect_agent(struct ctl *c)
         }
         freeaddrinfo(res);
         if (fd < 0)
-            die(1, "no agent at %s (%s): start one with: slot-agent --listen %s --token-file F",
-                a, strerror(errno), a);
+            die(1, "no agent at %s (%s): start one with: slot-agent --listen %s --token-file F", a,
+                strerror(errno), a);
     } else {
         die(2, "agent address must be unix:PATH or tcp:HOST:PORT, got '%s'", a);
     }
@@ -523,8 +523,8 @@ static void cmd_slots(struct ctl *c)
         if (run && run->type == MSGPACK_OBJECT_ARRAY && run->via.array.size) {
             int off = 0;
             for (uint32_t j = 0; j < run->via.array.size && off < 48; j++)
-                off += snprintf(running + off, sizeof running - (size_t)off, "%s%llu",
-                                j ? "," : "", (unsigned long long)run->via.array.ptr[j].via.u64);
+                off += snprintf(running + off, sizeof running - (size_t)off, "%s%llu", j ? "," : "",
+                                (unsigned long long)run->via.array.ptr[j].via.u64);
         }
         printf("%-5llu %-10.*s %-24.*s %6llu %-12s %6llu\n", (unsigned long long)get_u(s, "slot"),
                sn, st, tn > 24 ? 24 : tn, tid, (unsigned long long)get_u(s, "queued"), running,
@@ -607,7 +607,8 @@ static int cmd_exec(struct ctl *c, int argc, char **argv)
         int fd = strcmp(stdin_file, "-") == 0 ? 0 : open(stdin_file, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
             die(1, "%s: %s", stdin_file, strerror(errno));
-        stdin_buf = read_fd_all(fd, c->max_frame ? c->max_frame - 65536 : SP_DEFAULT_MAX_FRAME, &stdin_len);
+        stdin_buf =
+            read_fd_all(fd, c->max_frame ? c->max_frame - 65536 : SP_DEFAULT_MAX_FRAME, &stdin_len);
         if (fd)
             close(fd);
     }
@@ -828,9 +829,12 @@ int main(int argc, char **argv)
     c->agent = getenv("SLOT_AGENT");
     c->token_file = getenv("SLOT_TOKEN_FILE");
     static const struct option opts[] = {
-        {"agent", required_argument, NULL, 'a'}, {"agent-cmd", required_argument, NULL, 'c'},
-        {"token-file", required_argument, NULL, 't'}, {"json", no_argument, NULL, 'j'},
-        {"timeout", required_argument, NULL, 'T'}, {"help", no_argument, NULL, 'h'},
+        {"agent", required_argument, NULL, 'a'},
+        {"agent-cmd", required_argument, NULL, 'c'},
+        {"token-file", required_argument, NULL, 't'},
+        {"json", no_argument, NULL, 'j'},
+        {"timeout", required_argument, NULL, 'T'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     int o;
@@ -841,7 +845,11 @@ int main(int argc, char **argv)
         case 'c': c->agent_cmd = optarg; break;
         case 't': c->token_file = optarg; break;
         case 'j': c->json = true; break;
-        case 'T': c->timeout_s = atof(optarg); if (c->timeout_s <= 0) die(2, "bad --timeout"); break;
+        case 'T':
+            c->timeout_s = atof(optarg);
+            if (c->timeout_s <= 0)
+                die(2, "bad --timeout");
+            break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return 2;
         }
@@ -858,9 +866,9 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *cmd = argv[0];
-    static const char *const known[] = {"hello", "health", "stats", "slots", "exec", "cat",
-                                        "put", "ls", "stat", "archive", "reset", "lease",
-                                        "unlease", "cancel"};
+    static const char *const known[] = {"hello", "health", "stats",   "slots", "exec",
+                                        "cat",   "put",    "ls",      "stat",  "archive",
+                                        "reset", "lease",  "unlease", "cancel"};
     bool ok = false;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         ok |= strcmp(cmd, known[i]) == 0;
@@ -874,10 +882,10 @@ int main(int argc, char **argv)
     int rc = 0;
     /* Usage errors first, before connecting. */
     if ((!strcmp(cmd, "cat") || !strcmp(cmd, "put") || !strcmp(cmd, "stat") ||
-         !strcmp(cmd, "lease")) && argc != 3)
+         !strcmp(cmd, "lease")) &&
+        argc != 3)
         die(2, "usage: agentctl %s SLOT %s", cmd, !strcmp(cmd, "lease") ? "TRAJECTORY" : "PATH");
-    if ((!strcmp(cmd, "reset") || !strcmp(cmd, "unlease") || !strcmp(cmd, "cancel")) &&
-        argc != 2)
+    if ((!strcmp(cmd, "reset") || !strcmp(cmd, "unlease") || !strcmp(cmd, "cancel")) && argc != 2)
         die(2, "usage: agentctl %s %s", cmd, !strcmp(cmd, "cancel") ? "EXEC_ID" : "SLOT");
     if ((!strcmp(cmd, "ls") || !strcmp(cmd, "archive")) && argc < 2)
         die(2, "usage: agentctl %s SLOT [PATH]", cmd);

@@ -199,8 +199,14 @@ static void run_floor(struct bench *b, const char *workload, const char *cmd, in
     double el = now() - t0, cpu = self_cpu() - cpu0;
     if (record) {
         struct result *r = &b->res[b->nres++];
-        *r = (struct result){workload, "floor", conc, ops / el, pct(lat, ops, 0.5) * 1e3,
-                             pct(lat, ops, 0.99) * 1e3, cpu / ops * 1e3, errors};
+        *r = (struct result){workload,
+                             "floor",
+                             conc,
+                             ops / el,
+                             pct(lat, ops, 0.5) * 1e3,
+                             pct(lat, ops, 0.99) * 1e3,
+                             cpu / ops * 1e3,
+                             errors};
     }
     free(lat);
 }
@@ -326,8 +332,14 @@ static int run_agent(struct bench *b, const char *workload, const char *cmd, int
     double el = now() - t0, cpu = proc_cpu(b->agent) - cpu0;
     if (record) {
         struct result *r = &b->res[b->nres++];
-        *r = (struct result){workload, "agent", conc, done / el, pct(lat, done, 0.5) * 1e3,
-                             pct(lat, done, 0.99) * 1e3, cpu / done * 1e3, errors};
+        *r = (struct result){workload,
+                             "agent",
+                             conc,
+                             done / el,
+                             pct(lat, done, 0.5) * 1e3,
+                             pct(lat, done, 0.99) * 1e3,
+                             cpu / done * 1e3,
+                             errors};
     }
     for (int i = 0; i < conc; i++) {
         close(cs[i].fd);
@@ -347,8 +359,8 @@ static int start_agent(struct bench *b)
     char listen[160], data[128];
     snprintf(listen, sizeof listen, "unix:%s", b->sock);
     snprintf(data, sizeof data, "%s/data", b->dir);
-    char *argv[] = {(char *)b->agent_bin, "--listen", listen, "--slots", "32", "--data-dir",
-                    data, "--log-level", "warn", NULL};
+    char *argv[] = {(char *)b->agent_bin, "--listen", listen,        "--slots", "32",
+                    "--data-dir",         data,       "--log-level", "warn",    NULL};
     if (posix_spawn(&b->agent, b->agent_bin, NULL, NULL, argv, environ) != 0)
         return -1;
     for (int i = 0; i < 1000; i++) {
@@ -385,8 +397,7 @@ static void stop_agent(struct bench *b)
 static const struct result *find(const struct bench *b, const char *w, const char *side, int c)
 {
     for (int i = 0; i < b->nres; i++)
-        if (!strcmp(b->res[i].workload, w) && !strcmp(b->res[i].side, side) &&
-            b->res[i].conc == c)
+        if (!strcmp(b->res[i].workload, w) && !strcmp(b->res[i].side, side) && b->res[i].conc == c)
             return &b->res[i];
     return NULL;
 }
@@ -407,15 +418,14 @@ static void report(const struct bench *b)
                b->rss_peak_kb);
         return;
     }
-    printf("%-8s %-6s %5s %10s %9s %9s %12s %7s\n", "workload", "side", "conc", "ops/s",
-           "p50 ms", "p99 ms", "cpu ms/op", "errors");
+    printf("%-8s %-6s %5s %10s %9s %9s %12s %7s\n", "workload", "side", "conc", "ops/s", "p50 ms",
+           "p99 ms", "cpu ms/op", "errors");
     for (int i = 0; i < b->nres; i++) {
         const struct result *r = &b->res[i];
         printf("%-8s %-6s %5d %10.0f %9.3f %9.3f %12.4f %7u\n", r->workload, r->side, r->conc,
                r->ops_s, r->p50_ms, r->p99_ms, r->cpu_ms, r->errors);
     }
-    printf("\nagent RSS: idle %ld KiB, peak under load %ld KiB\n", b->rss_idle_kb,
-           b->rss_peak_kb);
+    printf("\nagent RSS: idle %ld KiB, peak under load %ld KiB\n", b->rss_idle_kb, b->rss_peak_kb);
     printf("(floor cpu = the bench's own CPU per posix_spawn; agent cpu = the agent process "
            "only, children excluded, from /proc clock ticks)\n\n");
     const struct result *f1 = find(b, "true", "floor", 1), *a1 = find(b, "true", "agent", 1);
@@ -471,8 +481,7 @@ int main(int argc, char **argv)
         stop_agent(&b);
         return 1;
     }
-    static const char *const work[][2] = {{"true", "true"},
-                                          {"64KiB", "head -c 65536 /dev/zero"}};
+    static const char *const work[][2] = {{"true", "true"}, {"64KiB", "head -c 65536 /dev/zero"}};
     int rc = 0;
     usleep(200000);
     b.rss_idle_kb = proc_rss_kb(b.agent);
@@ -482,7 +491,8 @@ int main(int argc, char **argv)
         for (int l = 0; l < b.nlevels && rc == 0; l++) {
             int c = b.levels[l];
             run_floor(&b, work[w][0], work[w][1], c, b.ops, true);
-            rc = run_agent(&b, work[w][0], work[w][1], c, b.ops, true, c == 32 || c == b.levels[b.nlevels - 1]);
+            rc = run_agent(&b, work[w][0], work[w][1], c, b.ops, true,
+                           c == 32 || c == b.levels[b.nlevels - 1]);
         }
         if (w == 0 && rc == 0) {
             /* idle again after the first workload, for the record */

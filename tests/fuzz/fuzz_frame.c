@@ -10,8 +10,8 @@
 
 static void poke_args(const msgpack_object *args)
 {
-    static const char *const keys[] = {"slot", "cmd", "argv", "env", "stdin", "path",
-                                       "data", "offset", "token", "timeout_ms"};
+    static const char *const keys[] = {"slot", "cmd",  "argv",   "env",   "stdin",
+                                       "path", "data", "offset", "token", "timeout_ms"};
     struct sp_err err;
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         const char *s;

@@ -377,11 +377,22 @@ static void accessors_name_the_key(void **state)
 static void codes_round_trip(void **state)
 {
     (void)state;
-    static const char *const names[] = {
-        "bad_request", "unknown_op",   "unauthorized", "unknown_slot", "slot_busy",
-        "not_leased",  "path_escape",  "not_found",    "exists",       "too_large",
-        "timeout",     "cancelled",    "isolation_unavailable", "agent_lost", "no_capacity",
-        "internal"};
+    static const char *const names[] = {"bad_request",
+                                        "unknown_op",
+                                        "unauthorized",
+                                        "unknown_slot",
+                                        "slot_busy",
+                                        "not_leased",
+                                        "path_escape",
+                                        "not_found",
+                                        "exists",
+                                        "too_large",
+                                        "timeout",
+                                        "cancelled",
+                                        "isolation_unavailable",
+                                        "agent_lost",
+                                        "no_capacity",
+                                        "internal"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         int c = sp_code_from_name(names[i], strlen(names[i]));
         assert_true(c > 0);
@@ -451,7 +462,8 @@ static bool json_matches(const json_t *j, const msgpack_object *o)
         return false;
     const char *key;
     json_t *val;
-    json_object_foreach((json_t *)j, key, val) {
+    json_object_foreach((json_t *)j, key, val)
+    {
         const msgpack_object *mv = sp_map_get(o, key);
         if (!mv || !json_matches(val, mv))
             return false;
@@ -468,7 +480,8 @@ static void vectors(void **state)
     assert_true(json_array_size(all) >= 25);
     size_t i;
     json_t *v;
-    json_array_foreach(all, i, v) {
+    json_array_foreach(all, i, v)
+    {
         const char *name = json_string_value(json_object_get(v, "name"));
         const json_t *expect = json_object_get(v, "expect");
         const char *kind = json_string_value(json_object_get(expect, "kind"));
