@@ -29,6 +29,7 @@ struct ctl {
     const char *token_file;
     bool json;
     double timeout_s;
+    double wait_s; /* keep trying to connect this long (agent still starting) */
     int rfd, wfd;
     pid_t child;
     struct sp_reader rd;
@@ -41,7 +42,7 @@ struct ctl {
 
 static const char usage[] =
     "usage: agentctl [--agent unix:PATH|tcp:HOST:PORT | --agent-cmd 'COMMAND']\n"
-    "                [--token-file F] [--json] [--timeout SEC] COMMAND [ARGS]\n"
+    "                [--token-file F] [--json] [--timeout SEC] [--wait SEC] COMMAND [ARGS]\n"
     "\n"
     "commands:\n"
     "  hello | health | stats | slots\n"
@@ -55,6 +56,7 @@ static const char usage[] =
     "  reset SLOT               kill the slot's processes and empty its workspace\n"
     "  lease SLOT TRAJECTORY | unlease SLOT | cancel EXEC_ID\n"
     "\n"
+    "--wait SEC keeps retrying a Unix socket that does not exist yet (agent starting).\n"
     "The agent address also comes from $SLOT_AGENT, the token file from $SLOT_TOKEN_FILE.\n";
 
 static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
@@ -107,10 +109,19 @@ static void connect_agent(struct ctl *c)
         if (strlen(a + 5) >= sizeof sa.sun_path)
             die(2, "unix socket path too long: %s", a + 5);
         strcpy(sa.sun_path, a + 5);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
-            die(1, "no agent at %s (%s): start one with: slot-agent --listen %s", a,
-                strerror(errno), a);
+        double deadline = now_s() + c->wait_s;
+        for (;;) {
+            fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+                break;
+            int e = errno;
+            if (fd >= 0)
+                close(fd);
+            if ((e != ENOENT && e != ECONNREFUSED) || now_s() >= deadline)
+                die(1, "no agent at %s (%s): start one with: slot-agent --listen %s", a,
+                    strerror(e), a);
+            usleep(20000);
+        }
     } else if (strncmp(a, "tcp:", 4) == 0) {
         char host[256];
         const char *colon = strrchr(a + 4, ':');
@@ -834,6 +845,7 @@ int main(int argc, char **argv)
         {"token-file", required_argument, NULL, 't'},
         {"json", no_argument, NULL, 'j'},
         {"timeout", required_argument, NULL, 'T'},
+        {"wait", required_argument, NULL, 'W'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -850,6 +862,7 @@ int main(int argc, char **argv)
             if (c->timeout_s <= 0)
                 die(2, "bad --timeout");
             break;
+        case 'W': c->wait_s = atof(optarg); break;
         case 'h': fputs(usage, stdout); return 0;
         default: fputs(usage, stderr); return 2;
         }

@@ -21,7 +21,9 @@ def test_agent_as_pid1_reaps_orphans(tmpdir_short) -> None:
     assert unshare, "util-linux unshare is required"
     sock = tmpdir_short / "a.sock"
     log = open(tmpdir_short / "log", "wb")
-    p = subprocess.Popen([unshare, "--pid", "--fork", "--mount-proc", str(AGENT_BIN),
+    # --kill-child: if unshare is killed (cleanup), the agent goes with it.
+    p = subprocess.Popen([unshare, "--pid", "--fork", "--mount-proc", "--kill-child",
+                          str(AGENT_BIN),
                           "--listen", f"unix:{sock}", "--data-dir", str(tmpdir_short / "d"),
                           "--slots", "2"], stdout=log, stderr=subprocess.STDOUT)
     try:
