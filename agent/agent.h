@@ -224,6 +224,8 @@ bool path_is_root(const char *path);
  * (openat2 RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS, or a component walk that
  * refuses every symlink on kernels without openat2). Returns fd or -1. */
 int path_open(int root_fd, const char *path, int flags, mode_t mode, struct sp_err *err);
+/* Use only the component walk (tests of the pre-openat2 fallback). */
+void path_force_fallback(bool on);
 /* Open the directory that will hold path's last component, creating missing
  * directories (0755) when mkdirs; copies that component into base. */
 int path_open_parent(int root_fd, const char *path, bool mkdirs, char *base, size_t basecap,

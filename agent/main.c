@@ -293,6 +293,8 @@ int main(int argc, char **argv)
     if (ag->opt.max_output > ag->opt.max_frame / 4)
         ag->opt.max_output = ag->opt.max_frame / 4;
     agent_log_set_level(ag->opt.log_level);
+    if (getenv("SLOT_AGENT_NO_OPENAT2"))
+        path_force_fallback(true);
     ensure_std_fds();
 
     struct sp_err err;

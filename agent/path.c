@@ -79,20 +79,11 @@ static int walk_open(int root_fd, const char *path, int flags, mode_t mode, stru
     int depth = 0;
     int cur = root_fd;
     int result = -1;
-    char *save = NULL;
-    char *comp = strtok_r(buf, "/", &save);
-    while (comp) {
-        char *next = strtok_r(NULL, "/", &save);
-        if (strcmp(comp, ".") == 0) {
-            comp = next;
-            if (!comp) {
-                result = openat(cur, ".", flags | O_CLOEXEC, mode);
-                if (result < 0)
-                    map_errno(err, errno, path);
-                goto out;
-            }
+    char *save = NULL, *next;
+    for (char *comp = strtok_r(buf, "/", &save); comp; comp = next) {
+        next = strtok_r(NULL, "/", &save);
+        if (strcmp(comp, ".") == 0)
             continue;
-        }
         if (strcmp(comp, "..") == 0) {
             if (depth == 0) {
                 sp_errf(err, SP_PATH_ESCAPE, "%s: '..' leaves the workspace", path);
@@ -100,19 +91,26 @@ static int walk_open(int root_fd, const char *path, int flags, mode_t mode, stru
             }
             close(cur);
             cur = stack[--depth];
-            comp = next;
-            if (!comp) {
-                result = openat(cur, ".", flags | O_CLOEXEC, mode);
-                if (result < 0)
-                    map_errno(err, errno, path);
-                goto out;
-            }
             continue;
         }
         if (!next) {
             result = openat(cur, comp, flags | O_NOFOLLOW | O_CLOEXEC, mode);
+            struct stat st;
+            int e = errno;
+            /* A final symlink: ELOOP, or ENOTDIR with O_DIRECTORY, or an fd
+             * of the link itself with O_PATH. All are refusals here. */
+            bool link =
+                (result < 0 && e == ENOTDIR && fstatat(cur, comp, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                 S_ISLNK(st.st_mode)) ||
+                (result >= 0 && (flags & O_PATH) && fstat(result, &st) == 0 && S_ISLNK(st.st_mode));
+            if (link) {
+                if (result >= 0)
+                    close(result);
+                result = -1;
+                e = ELOOP;
+            }
             if (result < 0)
-                map_errno(err, errno == ELOOP ? ELOOP : errno, path);
+                map_errno(err, e, path);
             goto out;
         }
         if (depth == WALK_MAX_DEPTH) {
@@ -121,12 +119,17 @@ static int walk_open(int root_fd, const char *path, int flags, mode_t mode, stru
         }
         int fd = openat(cur, comp, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) {
-            map_errno(err, errno == ENOTDIR ? ELOOP : errno, path);
+            int e = errno;
+            struct stat st;
+            /* O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR too. */
+            if (e == ENOTDIR && fstatat(cur, comp, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                S_ISLNK(st.st_mode))
+                e = ELOOP;
+            map_errno(err, e, path);
             goto out;
         }
         stack[depth++] = cur;
         cur = fd;
-        comp = next;
     }
     result = openat(cur, ".", flags | O_CLOEXEC, mode);
     if (result < 0)
@@ -142,8 +145,19 @@ out:
     return result;
 }
 
+/* Set once at start-up (before the loop) from SLOT_AGENT_NO_OPENAT2, so the
+ * fallback walk can be exercised on kernels that have openat2. */
+static bool force_walk;
+
+void path_force_fallback(bool on)
+{
+    force_walk = on;
+}
+
 int path_open(int root_fd, const char *path, int flags, mode_t mode, struct sp_err *err)
 {
+    if (force_walk)
+        return walk_open(root_fd, path, flags, mode, err);
     struct open_how how = {
         .flags = (uint64_t)(flags | O_CLOEXEC),
         .mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0,

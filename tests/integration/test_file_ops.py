@@ -168,3 +168,26 @@ def test_archive_limits(client: Client) -> None:
     assert client.error_code("archive", {"slot": 0, "max_bytes": 5000}) == "too_large"
     assert client.error_code("archive", {"slot": 0, "format": "zip"}) == "bad_request"
     assert client.call("archive", {"slot": 0})["entries"] == 11
+
+
+def test_fallback_walk_without_openat2(agent_factory, monkeypatch) -> None:
+    """The component walk used on kernels without openat2: same answers for
+    escapes, and stricter (refuses symlinks that stay inside too)."""
+    monkeypatch.setenv("SLOT_AGENT_NO_OPENAT2", "1")
+    a = agent_factory()
+    c = a.client()
+    w = ws(c)
+    (w / "d").mkdir()
+    (w / "d" / "f").write_bytes(b"ok")
+    (w / "out").symlink_to("/etc")
+    (w / "in").symlink_to("d")
+    (w / "file").write_bytes(b"x")
+    assert c.call("read_file", {"slot": 0, "path": "d/../d/./f"})["data"] == b"ok"
+    for p in ("../x", "d/../../x", "out/passwd", "in/f", "out"):
+        assert c.error_code("read_file", {"slot": 0, "path": p}) == "path_escape", p
+    assert c.error_code("read_file", {"slot": 0, "path": "file/x"}) == "not_found"
+    assert c.error_code("read_file", {"slot": 0, "path": "nope/x"}) == "not_found"
+    c.call("write_file", {"slot": 0, "path": "n/e/w", "data": b"1", "mkdirs": True})
+    assert (w / "n" / "e" / "w").read_bytes() == b"1"
+    assert c.call("list", {"slot": 0, "path": "d"})["entries"][0]["path"] == "f"
+    assert c.error_code("list", {"slot": 0, "path": "out"}) == "path_escape"
