@@ -219,3 +219,22 @@ def test_bad_listen_specs(tmpdir_short, spec: str) -> None:
     r = subprocess.run([str(AGENT_BIN), "--listen", spec, "--insecure", "--data-dir",
                         str(tmpdir_short / "d")], capture_output=True, text=True, timeout=10)
     assert r.returncode != 0
+
+
+def test_slow_reader_is_dropped_at_the_output_cap(agent_factory) -> None:
+    # cap = 2 x max_frame = 2 MiB here; the hog asks for 8 MiB and reads nothing
+    a = agent_factory(extra=["--max-frame", "1048576"])
+    hog = raw_socket(a)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for i in range(8):
+        hog.sendall(pack_frame({"id": i + 1, "op": "exec",
+                                "args": {"slot": i % 4, "cmd": "head -c 1000000 /dev/urandom",
+                                         "stream": True}}))
+    c = a.client()
+    deadline = time.monotonic() + 20
+    while c.call("stats")["connections_dropped"] < 1:
+        assert time.monotonic() < deadline, "slow reader was never dropped"
+        time.sleep(0.05)
+    assert "does not read its answers" in a.log()
+    assert c.call("exec", {"slot": 0, "cmd": "echo fine"})["stdout"] == b"fine\n"
+    hog.close()
