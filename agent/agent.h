@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "isolate/isolate.h"
 #include "slotproto.h"
 
 #define AGENT_VERSION "0.1.0"
@@ -63,6 +64,7 @@ struct slot {
     uint64_t generation;
     uint64_t execs;
     uint64_t resets;
+    int ll_fd[2]; /* Landlock rulesets [network allowed, denied], built on first use */
 };
 
 struct agent_opts {
@@ -74,6 +76,7 @@ struct agent_opts {
     bool insecure;
     bool stdio;
     int log_level;
+    bool isolation_required; /* default for requests that do not say */
 };
 
 /* The one per-process context. */
@@ -112,6 +115,7 @@ struct agent {
     char *child_stack;
     struct exec *running;    /* commands still running */
     uint64_t retained_bytes; /* output kept by finished execs */
+    struct isolation iso;
 };
 
 /* ---- requests and the op table ---------------------------------------- */

@@ -50,6 +50,11 @@ static int child_main(void *arg)
         goto fail;
     if (sp->cwd_fd >= 0 && fchdir(sp->cwd_fd) < 0)
         goto fail;
+    /* Before closing fds: the Landlock ruleset is one of them. */
+    if (sp->iso && isolate_child(sp->iso) < 0) {
+        errno = sp->iso->failed_errno;
+        goto fail;
+    }
     child_close_from(3);
     sigset_t none;
     sigemptyset(&none);

@@ -4,6 +4,8 @@
 
 #include <sys/types.h>
 
+#include "isolate/isolate.h"
+
 #define CHILD_STACK_SIZE (64 * 1024)
 
 struct spawn {
@@ -12,7 +14,8 @@ struct spawn {
     char *const *argv;
     char *const *envp;
     int stdin_fd, stdout_fd, stderr_fd;
-    int cwd_fd; /* -1: stay */
+    int cwd_fd;            /* -1: stay */
+    struct iso_child *iso; /* isolation to apply, or NULL */
     /* Set by the child when execve failed (the child then exits 127). */
     volatile int child_errno;
 };

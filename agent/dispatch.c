@@ -43,6 +43,7 @@ static const struct arg_spec args_exec[] = {
     {"detach", ARG_BOOL, false, 0},
     {"network", ARG_BOOL, false, 0},
     {"isolation", ARG_STR, false, 32},
+    {"rlimits", ARG_MAP, false, 8},
     {NULL},
 };
 static const struct arg_spec args_exec_attach[] = {

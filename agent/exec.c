@@ -247,8 +247,10 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
     double ms = (end - e->t_start) * 1000.0;
     sp_pack_kv_uint(pk, "duration_ms", ms > 0 ? (uint64_t)ms : 0);
     sp_pack_cstr(pk, "isolation");
-    msgpack_pack_array(pk, 1);
-    sp_pack_cstr(pk, "containment");
+    msgpack_pack_array(pk, (uint32_t)__builtin_popcount(e->iso_applied));
+    for (int r = 0; r < RUNG_COUNT; r++)
+        if (e->iso_applied & (1u << r))
+            sp_pack_cstr(pk, rung_names[r]);
     sp_pack_kv_bool(pk, "network", e->network);
 }
 
@@ -435,6 +437,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         .stdout_fd = out[1],
         .stderr_fd = errp[1],
         .cwd_fd = p->cwd_fd,
+        .iso = p->iso,
     };
     e->t_start = agent_now_precise(ag);
     pid_t pid = child_spawn(&sp);
@@ -451,14 +454,20 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         in[0] = -1;
     }
     if (sp.child_errno) {
-        /* execve failed; the child exited 127 and will be reaped as a stray. */
+        /* execve or isolation failed; the child exited 127 and is reaped as a
+         * stray. */
         int ce = sp.child_errno;
+        int rung = p->iso ? p->iso->failed_rung : -1;
         close(out[0]);
         close(errp[0]);
         if (in[1] >= 0)
             close(in[1]);
         free(e->in_buf);
         free(e);
+        if (rung >= 0)
+            return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "isolation required: %s failed: %s",
+                           rung_names[rung], strerror(ce)),
+                   NULL;
         if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
             return sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
         return sp_errf(err, SP_INTERNAL, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
@@ -466,6 +475,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     e->id = ag->next_exec_id++;
     e->detached = p->detach;
     e->network = p->network;
+    e->iso_applied = p->iso ? p->iso->applied : (1u << RUNG_CONTAINMENT);
     e->owner = p->detach ? NULL : owner;
     if (e->owner)
         owner->exec = e;

@@ -35,6 +35,7 @@ struct exec {
     double idle_s;
     bool exited, finished, timed_out, idle_timed_out, cancelled, detached, network;
     bool output_released; /* delivered to its requester: only the result is kept */
+    unsigned iso_applied; /* rungs the child applied */
     int status;
     double finished_at;
     struct req *owner;  /* the exec request, until answered */
@@ -50,6 +51,7 @@ struct exec_params {
     size_t stdin_len;
     uint64_t timeout_ms, idle_timeout_ms, max_output;
     bool detach, network;
+    struct iso_child *iso;
 };
 
 struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,

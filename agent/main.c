@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -36,6 +37,11 @@ static const char usage[] =
     "  --max-frame BYTES        largest frame accepted or sent (default 64M)\n"
     "  --max-output BYTES       output kept per stream of a command (default 1M)\n"
     "  --log-level LEVEL        debug|info|warn|error (default info)\n"
+    "  --isolation MODE         best_effort (default) or required: default for requests\n"
+    "  --without RUNG           never apply a rung (landlock, seccomp, rlimits); repeatable\n"
+    "  --rlimit NAME=VALUE      per-command maximum and default: cpu (s), as, fsize (bytes),\n"
+    "                           nproc, nofile; VALUE may be 'unlimited'; repeatable\n"
+    "  --probe [--json]         print which isolation rungs work here and exit\n"
     "  --version, --help\n";
 
 static int parse_size(const char *s, uint64_t *out)
@@ -189,6 +195,13 @@ static void ensure_std_fds(void)
 int main(int argc, char **argv)
 {
     enum {
+        OPT_ISOLATION = 300,
+        OPT_WITHOUT,
+        OPT_RLIMIT,
+        OPT_PROBE,
+        OPT_JSON,
+    };
+    enum {
         OPT_LISTEN = 256,
         OPT_STDIO,
         OPT_SLOTS,
@@ -213,6 +226,11 @@ int main(int argc, char **argv)
         {"log-level", required_argument, NULL, OPT_LOG},
         {"version", no_argument, NULL, OPT_VERSION},
         {"help", no_argument, NULL, OPT_HELP},
+        {"isolation", required_argument, NULL, OPT_ISOLATION},
+        {"without", required_argument, NULL, OPT_WITHOUT},
+        {"rlimit", required_argument, NULL, OPT_RLIMIT},
+        {"probe", no_argument, NULL, OPT_PROBE},
+        {"json", no_argument, NULL, OPT_JSON},
         {NULL, 0, NULL, 0},
     };
     struct agent agent_ctx;
@@ -224,6 +242,9 @@ int main(int argc, char **argv)
     ag->opt.log_level = LOG_INFO;
     const char *listens[32];
     unsigned nlisten = 0;
+    bool probe = false, json = false;
+    struct sp_err perr;
+    rlimit_defaults(&ag->iso);
     int c;
     uint64_t v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -278,12 +299,44 @@ int main(int argc, char **argv)
             printf("slot-agent %s (protocol %d)\n", AGENT_VERSION, SP_PROTOCOL_VERSION);
             return 0;
         case OPT_HELP: fputs(usage, stdout); return 0;
+        case OPT_ISOLATION:
+            if (strcmp(optarg, "required") && strcmp(optarg, "best_effort")) {
+                fprintf(stderr, "slot-agent: --isolation must be required or best_effort\n");
+                return 2;
+            }
+            ag->opt.isolation_required = !strcmp(optarg, "required");
+            break;
+        case OPT_WITHOUT: {
+            int r = 0;
+            while (r < RUNG_COUNT && strcmp(rung_names[r], optarg) != 0)
+                r++;
+            if (r == RUNG_COUNT || r == RUNG_CONTAINMENT) {
+                fprintf(stderr, "slot-agent: --without takes landlock, seccomp or rlimits\n");
+                return 2;
+            }
+            ag->iso.disabled |= 1u << r;
+            break;
+        }
+        case OPT_RLIMIT:
+            if (rlimit_parse(&ag->iso, optarg, &perr) < 0) {
+                fprintf(stderr, "slot-agent: %s\n", perr.msg);
+                return 2;
+            }
+            break;
+        case OPT_PROBE: probe = true; break;
+        case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
         }
     }
     if (optind < argc) {
         fprintf(stderr, "slot-agent: unexpected argument '%s'\n%s", argv[optind], usage);
         return 2;
+    }
+    if (probe) {
+        isolate_init(&ag->iso, &perr);
+        isolate_report(&ag->iso, json);
+        isolate_free(&ag->iso);
+        return 0;
     }
     if (!nlisten && !ag->opt.stdio) {
         fprintf(stderr, "slot-agent: nothing to serve: give --listen and/or --stdio\n%s", usage);
@@ -311,6 +364,17 @@ int main(int argc, char **argv)
         return 1;
     }
     ag->shell = access("/bin/bash", X_OK) == 0 ? "/bin/bash" : "/bin/sh";
+    /* Landlock rulesets and many connections need descriptors; the hard
+     * limit is ours to use. */
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+        nofile.rlim_cur = nofile.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &nofile);
+    }
+    isolate_init(&ag->iso, &perr);
+    for (int r = 0; r < RUNG_COUNT; r++)
+        if (!(ag->iso.available & (1u << r)))
+            log_info("isolation: %s unavailable: %s", rung_names[r], ag->iso.why[r]);
     if (getrandom(&ag->instance, sizeof ag->instance, 0) != sizeof ag->instance)
         ag->instance = (uint64_t)getpid() ^ ((uint64_t)time(NULL) << 20);
     ag->next_exec_id = 1;
@@ -370,6 +434,7 @@ out:
     exec_free_all(ag);
     slots_free(ag);
     sp_writer_free(&ag->null_writer);
+    isolate_free(&ag->iso);
     free(ag->op_stats);
     free(ag->data_dir);
     if (ag->devnull_fd >= 0)

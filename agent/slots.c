@@ -52,6 +52,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         struct slot *s = &ag->slots[i];
         s->index = i;
         s->ws_fd = s->tmp_fd = -1;
+        s->ll_fd[0] = s->ll_fd[1] = -1;
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];
@@ -84,6 +85,9 @@ void slots_free(struct agent *ag)
             s->q_head = rq->slot_next;
             req_free(rq);
         }
+        for (int k = 0; k < 2; k++)
+            if (s->ll_fd[k] >= 0)
+                close(s->ll_fd[k]);
         if (s->ws_fd >= 0)
             close(s->ws_fd);
         if (s->tmp_fd >= 0)

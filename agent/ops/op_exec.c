@@ -72,6 +72,67 @@ static int resolve_program(const char *name, const char *path_env, int cwd_fd, c
     return sp_errf(err, SP_NOT_FOUND, "%s: command not found in PATH", name);
 }
 
+/* Which rungs this command gets, with what: fails closed when isolation is
+ * required and a required rung is missing. */
+static int prepare_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
+                             struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    struct isolation *iso = &ag->iso;
+    unsigned have = iso->available;
+    if ((have & (1u << RUNG_LANDLOCK)) && s->ll_fd[!network] < 0) {
+        struct sp_err lerr;
+        s->ll_fd[!network] =
+            landlock_ruleset(iso->landlock_abi, s->ws_path, s->tmp_path, network, &lerr);
+        if (s->ll_fd[!network] < 0) {
+            log_warn("slot %u: %s", s->index, lerr.msg);
+            if (ic->required)
+                return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "%s", lerr.msg);
+        }
+    }
+    if (s->ll_fd[!network] < 0)
+        have &= ~(1u << RUNG_LANDLOCK);
+    unsigned missing = RUNGS_REQUIRED & ~have;
+    if (ic->required && missing) {
+        char names[128] = "";
+        for (int r = 0; r < RUNG_COUNT; r++)
+            if (missing & (1u << r))
+                snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s (%s)",
+                         names[0] ? ", " : "", rung_names[r], iso->why[r]);
+        return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "isolation required, missing: %s", names);
+    }
+    ic->want = have;
+    ic->landlock_fd = s->ll_fd[!network];
+    ic->seccomp = (have & (1u << RUNG_SECCOMP)) ? &iso->seccomp[!network] : NULL;
+    const msgpack_object *lim = req_arg(rq, "rlimits");
+    for (int i = 0; i < LIM_COUNT; i++) {
+        rlim_t v = iso->lim_max[i];
+        const msgpack_object *o = lim ? sp_map_get(lim, lim_names[i]) : NULL;
+        if (o) {
+            if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+                return sp_errf(err, SP_BAD_REQUEST, "args.rlimits.%s: expected unsigned integer",
+                               lim_names[i]);
+            if (v != RLIM_INFINITY && o->via.u64 > v)
+                return sp_errf(err, SP_BAD_REQUEST,
+                               "args.rlimits.%s: %llu is over the agent's maximum %llu",
+                               lim_names[i], (unsigned long long)o->via.u64, (unsigned long long)v);
+            v = (rlim_t)o->via.u64;
+        }
+        ic->lim[i].rlim_cur = ic->lim[i].rlim_max = v;
+    }
+    if (lim)
+        for (uint32_t i = 0; i < lim->via.map.size; i++) {
+            const msgpack_object *k = &lim->via.map.ptr[i].key;
+            bool known = false;
+            for (int j = 0; j < LIM_COUNT && k->type == MSGPACK_OBJECT_STR; j++)
+                known |= sp_str_eq(k->via.str.ptr, k->via.str.size, lim_names[j]);
+            if (!known)
+                return sp_errf(err, SP_BAD_REQUEST,
+                               "args.rlimits: unknown limit (cpu, as, nproc, fsize, nofile)");
+        }
+    return 0;
+}
+
 int op_exec(struct req *rq, struct sp_err *err)
 {
     struct agent *ag = rq->ag;
@@ -95,9 +156,11 @@ int op_exec(struct req *rq, struct sp_err *err)
     if (iso && !sp_str_eq(iso, iso_len, "best_effort") && !sp_str_eq(iso, iso_len, "required"))
         return sp_errf(err, SP_BAD_REQUEST,
                        "args.isolation: expected \"best_effort\" or \"required\"");
-    if (iso && sp_str_eq(iso, iso_len, "required"))
-        return sp_errf(err, SP_ISOLATION_UNAVAILABLE,
-                       "isolation required but missing here: seccomp, landlock");
+    bool required = iso ? sp_str_eq(iso, iso_len, "required") : ag->opt.isolation_required;
+    bool network = arg_bool(rq, "network", true);
+    struct iso_child ic = {.required = required, .landlock_fd = -1, .failed_rung = -1};
+    if (prepare_isolation(rq, s, network, &ic, err) < 0)
+        return -1;
 
     /* The arena holds every string of argv and envp: the request's strings
      * plus the fixed variables. */
@@ -219,7 +282,8 @@ int op_exec(struct req *rq, struct sp_err *err)
         .idle_timeout_ms = arg_uint(rq, "idle_timeout_ms", 0),
         .max_output = max_output,
         .detach = arg_bool(rq, "detach", false),
-        .network = arg_bool(rq, "network", true),
+        .network = network,
+        .iso = &ic,
     };
     rq->stream = arg_bool(rq, "stream", false) && !p.detach;
     struct exec *e = exec_start(ag, s, rq, &p, err);

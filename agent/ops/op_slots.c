@@ -43,7 +43,7 @@ int op_hello(struct req *rq, struct sp_err *err)
     }
     bool authed = rq->conn ? conn_authed(rq->conn) : false;
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 9);
+    msgpack_pack_map(pk, 10);
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
     sp_pack_kv_str(pk, "agent", "slot-agent");
     sp_pack_kv_str(pk, "version", AGENT_VERSION);
@@ -52,11 +52,28 @@ int op_hello(struct req *rq, struct sp_err *err)
     sp_pack_kv_bool(pk, "authenticated", authed);
     sp_pack_kv_bool(pk, "auth_required", ag->token_len > 0);
     sp_pack_cstr(pk, "isolation");
-    static const char *const rungs[] = {"uid",     "namespaces", "landlock",   "seccomp",
-                                        "rlimits", "cgroup",     "containment"};
-    msgpack_pack_map(pk, 7);
-    for (size_t i = 0; i < 7; i++)
-        sp_pack_kv_bool(pk, rungs[i], strcmp(rungs[i], "containment") == 0);
+    msgpack_pack_map(pk, RUNG_COUNT);
+    for (int r = 0; r < RUNG_COUNT; r++)
+        sp_pack_kv_bool(pk, rung_names[r], (ag->iso.available & (1u << r)) != 0);
+    sp_pack_cstr(pk, "isolation_detail");
+    msgpack_pack_map(pk, 5);
+    sp_pack_kv_bool(pk, "root", ag->iso.root);
+    sp_pack_kv_uint(pk, "landlock_abi", ag->iso.landlock_abi > 0 ? ag->iso.landlock_abi : 0);
+    sp_pack_kv_str(pk, "default", ag->opt.isolation_required ? "required" : "best_effort");
+    sp_pack_cstr(pk, "unavailable");
+    msgpack_pack_map(pk, (uint32_t)(RUNG_COUNT - __builtin_popcount(ag->iso.available)));
+    for (int r = 0; r < RUNG_COUNT; r++)
+        if (!(ag->iso.available & (1u << r)))
+            sp_pack_kv_str(pk, rung_names[r], ag->iso.why[r]);
+    sp_pack_cstr(pk, "rlimits");
+    msgpack_pack_map(pk, LIM_COUNT);
+    for (int i = 0; i < LIM_COUNT; i++) {
+        sp_pack_cstr(pk, lim_names[i]);
+        if (ag->iso.lim_max[i] == RLIM_INFINITY)
+            msgpack_pack_nil(pk);
+        else
+            msgpack_pack_uint64(pk, ag->iso.lim_max[i]);
+    }
     sp_pack_cstr(pk, "limits");
     msgpack_pack_map(pk, 6);
     sp_pack_kv_uint(pk, "max_frame", ag->opt.max_frame);

@@ -91,7 +91,8 @@ def test_exec_cmd_and_argv(client: Client) -> None:
     r = client.call("exec", {"slot": 0, "cmd": "echo out; echo err >&2; exit 3"})
     assert (r["stdout"], r["stderr"], r["exit_code"], r["signal"]) == (b"out\n", b"err\n", 3, 0)
     assert r["timed_out"] is False and r["cancelled"] is False
-    assert r["isolation"] == ["containment"]
+    hello = client.call("hello")["isolation"]
+    assert set(r["isolation"]) == {k for k, v in hello.items() if v}
     r = client.call("exec", {"slot": 0, "argv": ["printf", "%s|", "a b", "$HOME"]})
     assert r["stdout"] == b"a b|$HOME|"  # no shell: nothing expanded
     assert client.error_code("exec", {"slot": 0, "argv": ["no-such-program-xyz"]}) == "not_found"
@@ -177,10 +178,22 @@ def test_unknown_op_slot_and_argument_errors(client: Client) -> None:
     assert r["error"]["code"] == "bad_request"
 
 
-def test_isolation_required_fails_closed(client: Client) -> None:
-    marker = "/tmp/slot-required-ran"
-    r = client.call_raw("exec", {"slot": 0, "cmd": f"touch {marker}", "isolation": "required"})
+def test_isolation_required_fails_closed(agent_factory, tmpdir_short) -> None:
+    marker = tmpdir_short / "required-ran"
+    a = agent_factory(extra=["--without", "landlock"])
+    c = a.client()
+    hello = c.call("hello")
+    assert hello["isolation"]["landlock"] is False
+    assert "--without" in hello["isolation_detail"]["unavailable"]["landlock"]
+    r = c.call_raw("exec", {"slot": 0, "cmd": f"touch {marker}", "isolation": "required"})
     assert r["error"]["code"] == "isolation_unavailable"
-    assert "seccomp" in r["error"]["message"] and "landlock" in r["error"]["message"]
-    import os
-    assert not os.path.exists(marker)
+    assert "landlock" in r["error"]["message"]
+    assert not marker.exists()
+    # best effort runs with what exists, and says so
+    r = c.call("exec", {"slot": 0, "cmd": "true"})
+    assert "landlock" not in r["isolation"] and "containment" in r["isolation"]
+    # the agent-wide default
+    b = agent_factory(extra=["--without", "seccomp", "--isolation", "required"])
+    r = b.client().call_raw("exec", {"slot": 0, "cmd": f"touch {marker}"})
+    assert r["error"]["code"] == "isolation_unavailable" and "seccomp" in r["error"]["message"]
+    assert not marker.exists()

@@ -1,0 +1,131 @@
+/* The ladder as one sequence: probe at start-up, prepare shared programs, and
+ * in the child apply rlimits, no_new_privs, Landlock and seccomp in that
+ * order (seccomp last, so the filter never blocks the setup itself). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "isolate.h"
+
+const char *const rung_names[RUNG_COUNT] = {"uid",     "namespaces", "landlock",   "seccomp",
+                                            "rlimits", "cgroup",     "containment"};
+
+static void unavailable(struct isolation *iso, enum rung r, const char *why)
+{
+    iso->available &= ~(1u << r);
+    snprintf(iso->why[r], sizeof iso->why[r], "%.90s", why);
+}
+
+int isolate_init(struct isolation *iso, struct sp_err *err)
+{
+    (void)err;
+    iso->root = geteuid() == 0;
+    iso->available = (1u << RUNG_CONTAINMENT) | (1u << RUNG_RLIMITS);
+    unavailable(iso, RUNG_UID, "not implemented yet");
+    unavailable(iso, RUNG_NAMESPACES, "not implemented yet");
+    unavailable(iso, RUNG_CGROUP, "not implemented yet");
+    /* Keep the configured maxima within what this process may grant. */
+    static const int res[LIM_COUNT] = {RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
+                                       RLIMIT_NOFILE};
+    for (int i = 0; i < LIM_COUNT; i++) {
+        struct rlimit rl;
+        if (getrlimit(res[i], &rl) == 0 && rl.rlim_max != RLIM_INFINITY &&
+            (iso->lim_max[i] == RLIM_INFINITY || iso->lim_max[i] > rl.rlim_max))
+            iso->lim_max[i] = rl.rlim_max;
+    }
+    iso->landlock_abi = landlock_probe();
+    if (iso->landlock_abi > 0) {
+        iso->available |= 1u << RUNG_LANDLOCK;
+    } else {
+        char why[96];
+        snprintf(why, sizeof why, "landlock_create_ruleset: %s",
+                 errno == ENOSYS ? "not in this kernel" : strerror(errno));
+        unavailable(iso, RUNG_LANDLOCK, why);
+    }
+    struct sp_err e;
+    if (seccomp_build(&iso->seccomp[0], false, &e) == 0 &&
+        seccomp_build(&iso->seccomp[1], true, &e) == 0 && prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0) {
+        iso->available |= 1u << RUNG_SECCOMP;
+    } else {
+        unavailable(iso, RUNG_SECCOMP, e.msg);
+    }
+    iso->available &= ~iso->disabled;
+    for (int r = 0; r < RUNG_COUNT; r++)
+        if (iso->disabled & (1u << r))
+            snprintf(iso->why[r], sizeof iso->why[r], "disabled by --without");
+    return 0;
+}
+
+void isolate_free(struct isolation *iso)
+{
+    for (int i = 0; i < 2; i++) {
+        free(iso->seccomp[i].filter);
+        iso->seccomp[i].filter = NULL;
+    }
+}
+
+void isolate_report(const struct isolation *iso, bool json)
+{
+    if (json) {
+        printf("{\"root\": %s, \"landlock_abi\": %d, \"rungs\": {", iso->root ? "true" : "false",
+               iso->landlock_abi > 0 ? iso->landlock_abi : 0);
+        for (int r = 0; r < RUNG_COUNT; r++)
+            printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
+                   (iso->available & (1u << r)) ? "true" : "false",
+                   (iso->available & (1u << r)) ? "" : iso->why[r]);
+        printf("}}\n");
+        return;
+    }
+    printf("running as %s; Landlock ABI %d\n", iso->root ? "root" : "an unprivileged user",
+           iso->landlock_abi > 0 ? iso->landlock_abi : 0);
+    for (int r = 0; r < RUNG_COUNT; r++) {
+        if (iso->available & (1u << r))
+            printf("  %-12s yes\n", rung_names[r]);
+        else
+            printf("  %-12s no   (%s)\n", rung_names[r], iso->why[r]);
+    }
+}
+
+/* Runs in the child (shared memory, raw system calls only). */
+int isolate_child(struct iso_child *ic)
+{
+    ic->applied = 0;
+    ic->failed_rung = -1;
+    if (ic->want & (1u << RUNG_RLIMITS)) {
+        if (rlimit_apply(ic->lim) == 0)
+            ic->applied |= 1u << RUNG_RLIMITS;
+        else if (ic->required)
+            goto fail_rlimits;
+    }
+    /* Needed by Landlock and seccomp without privileges; also keeps setuid
+     * binaries from gaining any. */
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    if ((ic->want & (1u << RUNG_LANDLOCK)) && ic->landlock_fd >= 0) {
+        if (landlock_apply(ic->landlock_fd) == 0) {
+            ic->applied |= 1u << RUNG_LANDLOCK;
+        } else if (ic->required) {
+            ic->failed_rung = RUNG_LANDLOCK;
+            ic->failed_errno = errno;
+            return -1;
+        }
+    }
+    if ((ic->want & (1u << RUNG_SECCOMP)) && ic->seccomp) {
+        if (seccomp_apply(ic->seccomp) == 0) {
+            ic->applied |= 1u << RUNG_SECCOMP;
+        } else if (ic->required) {
+            ic->failed_rung = RUNG_SECCOMP;
+            ic->failed_errno = errno;
+            return -1;
+        }
+    }
+    ic->applied |= ic->want & (1u << RUNG_CONTAINMENT);
+    return 0;
+fail_rlimits:
+    ic->failed_rung = RUNG_RLIMITS;
+    ic->failed_errno = errno;
+    return -1;
+}

@@ -1,0 +1,84 @@
+/* The isolation ladder (the files of agent/isolate): what the host allows (probed once at
+ * start-up), what is prepared once (seccomp programs, Landlock rulesets), and
+ * the sequence a child runs before execve. One file per mechanism. */
+#ifndef SLOT_ISOLATE_H
+#define SLOT_ISOLATE_H
+
+#include <linux/filter.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/resource.h>
+
+#include "slotproto.h"
+
+enum rung {
+    RUNG_UID,
+    RUNG_NAMESPACES,
+    RUNG_LANDLOCK,
+    RUNG_SECCOMP,
+    RUNG_RLIMITS,
+    RUNG_CGROUP,
+    RUNG_CONTAINMENT,
+    RUNG_COUNT
+};
+
+extern const char *const rung_names[RUNG_COUNT];
+
+/* Rungs that isolation "required" cannot do without. */
+#define RUNGS_REQUIRED ((1u << RUNG_LANDLOCK) | (1u << RUNG_SECCOMP) | (1u << RUNG_CONTAINMENT))
+
+enum { LIM_CPU, LIM_AS, LIM_NPROC, LIM_FSIZE, LIM_NOFILE, LIM_COUNT };
+extern const char *const lim_names[LIM_COUNT];
+
+struct isolation {
+    unsigned available;       /* bit per rung */
+    unsigned disabled;        /* turned off by --without */
+    char why[RUNG_COUNT][96]; /* why a rung is unavailable */
+    bool root;
+    int landlock_abi;
+    struct sock_fprog seccomp[2]; /* [0] network allowed, [1] network denied */
+    rlim_t lim_max[LIM_COUNT];    /* agent maxima (and defaults); RLIM_INFINITY = none */
+};
+
+/* What one child applies; filled by the parent, `applied` and `failed` by the
+ * child (the memory is shared until execve). */
+struct iso_child {
+    unsigned want;   /* rungs to apply */
+    bool required;   /* a failing rung aborts the spawn */
+    int landlock_fd; /* ruleset for this slot and network setting, or -1 */
+    const struct sock_fprog *seccomp;
+    struct rlimit lim[LIM_COUNT];
+    unsigned applied;
+    int failed_rung; /* -1, or the rung whose setup failed */
+    int failed_errno;
+};
+
+struct agent;
+struct slot;
+
+/* Probe the host and prepare what is shared by every child. */
+int isolate_init(struct isolation *iso, struct sp_err *err);
+void isolate_free(struct isolation *iso);
+/* Human (or JSON) report of the probe, for --probe. */
+void isolate_report(const struct isolation *iso, bool json);
+/* In the child, before execve: the documented order. 0, or -1 with
+ * ic->failed_rung/failed_errno when a wanted rung failed and ic->required. */
+int isolate_child(struct iso_child *ic);
+
+/* rlimit.c */
+int rlimit_parse(struct isolation *iso, const char *spec, struct sp_err *err);
+void rlimit_defaults(struct isolation *iso);
+int rlimit_apply(const struct rlimit *lim);
+
+/* landlock.c */
+int landlock_probe(void); /* ABI version, or -1 with errno */
+/* A ruleset: read anywhere, write to ws/tmp and a few devices; TCP denied
+ * when !network (ABI >= 4); signals and abstract sockets scoped (ABI >= 6). */
+int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, struct sp_err *err);
+int landlock_apply(int ruleset_fd);
+
+/* seccomp.c */
+int seccomp_build(struct sock_fprog *prog, bool deny_network, struct sp_err *err);
+int seccomp_apply(const struct sock_fprog *prog);
+
+#endif
