@@ -25,7 +25,7 @@ extern char **environ;
 #define MAX_CONC 64
 
 struct result {
-    const char *workload, *side;
+    const char *workload, *side, *variant;
     int conc;
     double ops_s, p50_ms, p99_ms, cpu_ms;
     unsigned errors;
@@ -40,7 +40,11 @@ struct bench {
     char dir[64];
     char sock[100];
     pid_t agent;
-    struct result res[64];
+    const char *variant;  /* label of the agent's isolation setting */
+    const char *extra[8]; /* extra agent arguments for this variant */
+    int nextra;
+    bool rungs; /* also measure each rung alone */
+    struct result res[128];
     int nres;
     long rss_idle_kb, rss_peak_kb;
 };
@@ -201,6 +205,7 @@ static void run_floor(struct bench *b, const char *workload, const char *cmd, in
         struct result *r = &b->res[b->nres++];
         *r = (struct result){workload,
                              "floor",
+                             "-",
                              conc,
                              ops / el,
                              pct(lat, ops, 0.5) * 1e3,
@@ -334,6 +339,7 @@ static int run_agent(struct bench *b, const char *workload, const char *cmd, int
         struct result *r = &b->res[b->nres++];
         *r = (struct result){workload,
                              "agent",
+                             b->variant,
                              conc,
                              done / el,
                              pct(lat, done, 0.5) * 1e3,
@@ -394,10 +400,12 @@ static void stop_agent(struct bench *b)
         fprintf(stderr, "bench: could not remove %s\n", b->dir);
 }
 
-static const struct result *find(const struct bench *b, const char *w, const char *side, int c)
+static const struct result *find(const struct bench *b, const char *w, const char *side,
+                                 const char *variant, int c)
 {
     for (int i = 0; i < b->nres; i++)
-        if (!strcmp(b->res[i].workload, w) && !strcmp(b->res[i].side, side) && b->res[i].conc == c)
+        if (!strcmp(b->res[i].workload, w) && !strcmp(b->res[i].side, side) &&
+            (!variant || !strcmp(b->res[i].variant, variant)) && b->res[i].conc == c)
             return &b->res[i];
     return NULL;
 }
@@ -408,43 +416,78 @@ static void report(const struct bench *b)
         printf("{\"results\": [");
         for (int i = 0; i < b->nres; i++) {
             const struct result *r = &b->res[i];
-            printf("%s\n {\"workload\": \"%s\", \"side\": \"%s\", \"concurrency\": %d, "
-                   "\"ops_per_s\": %.1f, \"p50_ms\": %.4f, \"p99_ms\": %.4f, "
-                   "\"cpu_ms_per_op\": %.4f, \"errors\": %u}",
-                   i ? "," : "", r->workload, r->side, r->conc, r->ops_s, r->p50_ms, r->p99_ms,
-                   r->cpu_ms, r->errors);
+            printf("%s\n {\"workload\": \"%s\", \"side\": \"%s\", \"isolation\": \"%s\", "
+                   "\"concurrency\": %d, \"ops_per_s\": %.1f, \"p50_ms\": %.4f, "
+                   "\"p99_ms\": %.4f, \"cpu_ms_per_op\": %.4f, \"errors\": %u}",
+                   i ? "," : "", r->workload, r->side, r->variant, r->conc, r->ops_s, r->p50_ms,
+                   r->p99_ms, r->cpu_ms, r->errors);
         }
         printf("],\n \"agent_rss_idle_kb\": %ld, \"agent_rss_peak_kb\": %ld}\n", b->rss_idle_kb,
                b->rss_peak_kb);
         return;
     }
-    printf("%-8s %-6s %5s %10s %9s %9s %12s %7s\n", "workload", "side", "conc", "ops/s", "p50 ms",
-           "p99 ms", "cpu ms/op", "errors");
+    printf("%-8s %-6s %-10s %5s %10s %9s %9s %12s %7s\n", "workload", "side", "isolation", "conc",
+           "ops/s", "p50 ms", "p99 ms", "cpu ms/op", "errors");
     for (int i = 0; i < b->nres; i++) {
         const struct result *r = &b->res[i];
-        printf("%-8s %-6s %5d %10.0f %9.3f %9.3f %12.4f %7u\n", r->workload, r->side, r->conc,
-               r->ops_s, r->p50_ms, r->p99_ms, r->cpu_ms, r->errors);
+        printf("%-8s %-6s %-10s %5d %10.0f %9.3f %9.3f %12.4f %7u\n", r->workload, r->side,
+               r->variant, r->conc, r->ops_s, r->p50_ms, r->p99_ms, r->cpu_ms, r->errors);
     }
     printf("\nagent RSS: idle %ld KiB, peak under load %ld KiB\n", b->rss_idle_kb, b->rss_peak_kb);
     printf("(floor cpu = the bench's own CPU per posix_spawn; agent cpu = the agent process "
            "only, children excluded, from /proc clock ticks)\n\n");
-    const struct result *f1 = find(b, "true", "floor", 1), *a1 = find(b, "true", "agent", 1);
-    const struct result *f32 = find(b, "true", "floor", 32), *a32 = find(b, "true", "agent", 32);
-    printf("targets (true):\n");
+    const struct result *f1 = find(b, "true", "floor", NULL, 1);
+    const struct result *f32 = find(b, "true", "floor", NULL, 32);
+    const struct result *a1 = find(b, "true", "agent", "off", 1);
+    const struct result *a32 = find(b, "true", "agent", "off", 32);
+    const struct result *i1 = find(b, "true", "agent", "all", 1);
+    const struct result *i32 = find(b, "true", "agent", "all", 32);
+    printf("targets (true; core targets with isolation off):\n");
     if (f1 && a1)
-        printf("  p50 at c=1 within 0.25 ms of floor: %+.3f ms  %s\n", a1->p50_ms - f1->p50_ms,
+        printf("  p50 at c=1 within 0.25 ms of floor:   %+.3f ms  %s\n", a1->p50_ms - f1->p50_ms,
                a1->p50_ms - f1->p50_ms <= 0.25 ? "ok" : "MISS");
     if (f32 && a32)
-        printf("  ops/s at c=32 >= 90%% of floor:      %.0f%%      %s\n",
+        printf("  ops/s at c=32 >= 90%% of floor:        %.0f%%      %s\n",
                100.0 * a32->ops_s / f32->ops_s, a32->ops_s >= 0.9 * f32->ops_s ? "ok" : "MISS");
     if (f1 && a1)
-        printf("  agent cpu/exec <= floor cpu + 0.05:  %.4f vs %.4f ms  %s\n", a1->cpu_ms,
+        printf("  agent cpu/exec <= floor cpu + 0.05:    %.4f vs %.4f ms  %s\n", a1->cpu_ms,
                f1->cpu_ms + 0.05, a1->cpu_ms <= f1->cpu_ms + 0.05 ? "ok" : "MISS");
-    printf("  RSS idle < 4 MiB:                   %ld KiB  %s\n", b->rss_idle_kb,
+    printf("  RSS idle < 4 MiB:                     %ld KiB  %s\n", b->rss_idle_kb,
            b->rss_idle_kb < 4096 ? "ok" : "MISS");
-    printf("  RSS at c=32 < 16 MiB:               %ld KiB  %s\n", b->rss_peak_kb,
+    printf("  RSS at c=32 < 16 MiB:                 %ld KiB  %s\n", b->rss_peak_kb,
            b->rss_peak_kb < 16384 ? "ok" : "MISS");
+    if (a1 && i1)
+        printf("  full ladder p50 cost at c=1 < 0.3 ms:  %+.3f ms  %s\n", i1->p50_ms - a1->p50_ms,
+               i1->p50_ms - a1->p50_ms < 0.3 ? "ok" : "MISS");
+    if (i32)
+        printf("  isolated ops/s at c=32 >= 1250 (5x bwrap's ~250): %.0f  %s\n", i32->ops_s,
+               i32->ops_s >= 1250 ? "ok" : "MISS");
+    if (b->rungs && a1) {
+        printf("\nper rung (true, c=1, p50 and agent cpu added to isolation off):\n");
+        static const char *const v[] = {"rlimits", "landlock", "seccomp", "all"};
+        for (size_t i = 0; i < 4; i++) {
+            const struct result *r = find(b, "true", "agent", v[i], 1);
+            if (r)
+                printf("  %-9s %+.3f ms p50  %+.4f ms cpu\n", v[i], r->p50_ms - a1->p50_ms,
+                       r->cpu_ms - a1->cpu_ms);
+        }
+    }
 }
+
+/* One agent per isolation variant; "off" and "all" run every workload and
+ * level, single rungs only `true` at c=1. */
+struct variant {
+    const char *name;
+    const char *args[6];
+};
+
+static const struct variant variants[] = {
+    {"off", {"--without", "landlock", "--without", "seccomp", "--without", "rlimits"}},
+    {"all", {NULL}},
+    {"rlimits", {"--without", "landlock", "--without", "seccomp"}},
+    {"landlock", {"--without", "seccomp", "--without", "rlimits"}},
+    {"seccomp", {"--without", "landlock", "--without", "rlimits"}},
+};
 
 int main(int argc, char **argv)
 {
@@ -460,9 +503,11 @@ int main(int argc, char **argv)
                 b.levels[b.nlevels++] = atoi(t);
         } else if (!strcmp(argv[i], "--json")) {
             b.json = true;
+        } else if (!strcmp(argv[i], "--rungs")) {
+            b.rungs = true;
         } else {
             fprintf(stderr, "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] "
-                            "[--json]\n");
+                            "[--rungs] [--json]\n");
             return 2;
         }
     }
@@ -476,33 +521,45 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    if (start_agent(&b) < 0) {
-        fprintf(stderr, "bench: cannot start %s\n", b.agent_bin);
-        stop_agent(&b);
-        return 1;
-    }
     static const char *const work[][2] = {{"true", "true"}, {"64KiB", "head -c 65536 /dev/zero"}};
     int rc = 0;
-    usleep(200000);
-    b.rss_idle_kb = proc_rss_kb(b.agent);
-    for (size_t w = 0; w < 2 && rc == 0; w++) {
-        run_floor(&b, work[w][0], work[w][1], 4, 200, false); /* warm-up */
-        rc = run_agent(&b, work[w][0], work[w][1], 4, 200, false, false);
-        for (int l = 0; l < b.nlevels && rc == 0; l++) {
-            int c = b.levels[l];
-            run_floor(&b, work[w][0], work[w][1], c, b.ops, true);
-            rc = run_agent(&b, work[w][0], work[w][1], c, b.ops, true,
-                           c == 32 || c == b.levels[b.nlevels - 1]);
+    size_t nvar = b.rungs ? sizeof variants / sizeof variants[0] : 2;
+    for (size_t v = 0; v < nvar && rc == 0; v++) {
+        b.variant = variants[v].name;
+        b.nextra = 0;
+        for (int i = 0; i < 6 && variants[v].args[i]; i++)
+            b.extra[b.nextra++] = variants[v].args[i];
+        if (start_agent(&b) < 0) {
+            fprintf(stderr, "bench: cannot start %s\n", b.agent_bin);
+            stop_agent(&b);
+            return 1;
         }
-        if (w == 0 && rc == 0) {
-            /* idle again after the first workload, for the record */
+        usleep(200000);
+        if (v == 0)
+            b.rss_idle_kb = proc_rss_kb(b.agent);
+        bool full = v < 2;
+        for (size_t w = 0; w < (full ? 2u : 1u) && rc == 0; w++) {
+            if (v == 0)
+                run_floor(&b, work[w][0], work[w][1], 4, 200, false); /* warm-up */
+            rc = run_agent(&b, work[w][0], work[w][1], 4, 200, false, false);
+            for (int l = 0; l < b.nlevels && rc == 0; l++) {
+                int c = b.levels[l];
+                if (!full && c != 1)
+                    continue;
+                if (v == 0)
+                    run_floor(&b, work[w][0], work[w][1], c, b.ops, true);
+                rc = run_agent(&b, work[w][0], work[w][1], c, b.ops, true,
+                               c == b.levels[b.nlevels - 1]);
+            }
+        }
+        if (v == 0 && rc == 0) {
             usleep(200000);
             long kb = proc_rss_kb(b.agent);
             if (kb > b.rss_idle_kb)
                 b.rss_idle_kb = kb;
         }
+        stop_agent(&b);
     }
-    stop_agent(&b);
     if (rc == 0)
         report(&b);
     return rc == 0 ? 0 : 1;
