@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -372,6 +373,8 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &nofile);
     }
     isolate_init(&ag->iso, &perr);
+    /* libseccomp's compiler leaves freed heap behind; give it back. */
+    malloc_trim(0);
     for (int r = 0; r < RUNG_COUNT; r++)
         if (!(ag->iso.available & (1u << r)))
             log_info("isolation: %s unavailable: %s", rung_names[r], ag->iso.why[r]);
