@@ -63,6 +63,8 @@ def main() -> int:
         ctl_run("cat 0 src/fib.py")
         print("\n# file operations cannot leave the workspace:")
         ctl_run("cat 0 ../../../../etc/passwd", expect=1)
+        print("\n# commands can write only to their workspace (Landlock), where the host allows it:")
+        ctl_run("exec 0 -- 'echo x > /etc/slot-demo-was-here'", expect=1)
         print("\n# a command that outlives its timeout, with a background child; both are killed:")
         ctl_run("exec 2 --timeout-ms 500 -- 'sleep 1000 & sleep 30'", expect=124)
         ctl_run("exec 2 -- 'pgrep -f \"sleep 100[0]\" || echo no sleep left'")
