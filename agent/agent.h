@@ -282,6 +282,7 @@ double agent_now_precise(struct agent *ag);
 
 /* conn.c */
 bool conn_authed(const struct conn *c);
+bool conn_peer_reading(const struct conn *c);
 void conn_set_authed(struct conn *c, bool ok);
 struct sp_writer *conn_writer(struct conn *c);
 void conn_frame_done(struct conn *c);

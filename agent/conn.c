@@ -51,6 +51,13 @@ struct conn {
 
 static void conn_close(struct conn *c, const char *why);
 
+/* Can the peer still be reading? A peer that finished sending may have
+ * gone away entirely: what is written to it may never arrive. */
+bool conn_peer_reading(const struct conn *c)
+{
+    return !c->eof && !c->dead && !c->close_after && !c->lingering;
+}
+
 bool conn_authed(const struct conn *c)
 {
     return c->authed;
@@ -413,11 +420,21 @@ static int listen_unix(struct listener *l, const char *path, struct sp_err *err)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return sp_err_errno(err, errno, "socket");
+    /* Bind under a temporary name and rename once listening, so a client
+     * that sees the path never gets ECONNREFUSED from a half-made socket. */
+    struct sockaddr_un tmp = {.sun_family = AF_UNIX};
+    int tl = snprintf(tmp.sun_path, sizeof tmp.sun_path, "%s.%d~", path, (int)getpid());
+    bool staged = tl > 0 && (size_t)tl < sizeof tmp.sun_path;
+    if (!staged)
+        tmp = sa;
+    unlink(tmp.sun_path);
     mode_t old = umask(0177);
-    int rc = bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    int rc = bind(fd, (struct sockaddr *)&tmp, sizeof tmp);
     umask(old);
-    if (rc < 0 || listen(fd, 512) < 0) {
+    if (rc < 0 || listen(fd, 512) < 0 || (staged && rename(tmp.sun_path, path) < 0)) {
         int e = errno;
+        if (rc == 0)
+            unlink(tmp.sun_path);
         close(fd);
         return sp_errf(err, SP_INTERNAL, "listen on unix:%s: %s", path, strerror(e));
     }

@@ -595,13 +595,14 @@ static void exec_finish(struct exec *e)
     e->owner = NULL;
     if (owner) {
         owner->exec = NULL;
-        bool delivered = owner->conn != NULL;
+        bool delivered = owner->conn && conn_peer_reading(owner->conn);
         exec_pack_result(req_reply_begin(owner), e, !owner->stream);
         req_reply_end(owner);
         req_finish(owner, NULL);
         /* Its requester has the output; keeping it for a possible attach
          * would hold up to 2 x max_output per retained result. Results
-         * nobody received (detached, connection lost) keep theirs. */
+         * nobody received (detached, connection lost or half-closed, so
+         * possibly gone) keep theirs. */
         if (delivered) {
             ag->retained_bytes -= outbuf_mem(&e->ob[0]) + outbuf_mem(&e->ob[1]);
             for (int k = 0; k < 2; k++) {

@@ -14,10 +14,14 @@ static uint64_t be(const unsigned char *p, unsigned n)
     return v;
 }
 
+/* An explicit stack of "values still to read" per open container instead of
+ * recursion, so hostile nesting costs no C stack. Depth is clamped to
+ * SP_MAX_DEPTH, which is also msgpack-c's own unpacker stack size: anything
+ * accepted here is guaranteed to unpack. */
 int sp_msgpack_check(const char *data, size_t len, unsigned max_depth, struct sp_err *err)
 {
     const unsigned char *p = (const unsigned char *)data;
-    uint64_t remaining[SP_MAX_DEPTH + 2];
+    uint64_t remaining[SP_MAX_DEPTH + 1];
     if (max_depth > SP_MAX_DEPTH)
         max_depth = SP_MAX_DEPTH;
     int d = 0;
@@ -34,12 +38,15 @@ int sp_msgpack_check(const char *data, size_t len, unsigned max_depth, struct sp
         unsigned char b = p[pos++];
         uint64_t skip = 0, children = 0;
         unsigned lenbytes = 0;
+        bool is_container = false;
         if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
             /* single byte */
         } else if (b >= 0x80 && b <= 0x8f) {
             children = 2 * (uint64_t)(b & 0x0f);
+            is_container = true;
         } else if (b >= 0x90 && b <= 0x9f) {
             children = b & 0x0f;
+            is_container = true;
         } else if (b >= 0xa0 && b <= 0xbf) {
             skip = b & 0x1f;
         } else {
@@ -88,6 +95,7 @@ int sp_msgpack_check(const char *data, size_t len, unsigned max_depth, struct sp
                 if (b >= 0xde)
                     children *= 2;
                 pos += nb;
+                is_container = true;
                 break;
             }
             default:
@@ -106,16 +114,22 @@ int sp_msgpack_check(const char *data, size_t len, unsigned max_depth, struct sp
                            "msgpack: value at byte %zu claims %llu bytes, %zu remain", pos,
                            (unsigned long long)skip, len - pos);
         pos += (size_t)skip;
-        if (children) {
-            if ((unsigned)d + 1 >= max_depth)
+        if (is_container) {
+            /* The container read at stack index d is at nesting level d + 1;
+             * empty ones count too, as in every other implementation's
+             * notion of depth. */
+            if ((unsigned)d + 1 > max_depth)
                 return sp_errf(err, SP_BAD_REQUEST, "msgpack: nested deeper than %u levels",
                                max_depth);
+            /* Every element takes at least one byte (a map pair two, counted
+             * as two children), so a count beyond the bytes left is a lie. */
             if (children > len - pos)
                 return sp_errf(err, SP_BAD_REQUEST,
                                "msgpack: container at byte %zu claims %llu elements, %zu bytes "
                                "remain",
                                pos, (unsigned long long)children, len - pos);
-            remaining[++d] = children;
+            if (children)
+                remaining[++d] = children;
         }
     }
     if (pos != len)
@@ -136,10 +150,18 @@ int sp_unpack(const char *data, size_t len, msgpack_unpacked *out, struct sp_err
     return 0;
 }
 
+/* Empty str/bin objects may carry a NULL pointer; callers get a valid one so
+ * that memcpy(dst, p, 0) and friends stay defined. */
+static const char *nonnull(const char *p)
+{
+    return p ? p : "";
+}
+
 bool sp_str_eq(const char *s, size_t n, const char *key)
 {
     size_t kn = strlen(key);
-    return n == kn && memcmp(s, key, n) == 0;
+    /* msgpack-c leaves ptr NULL for empty str/bin: memcmp must not see it. */
+    return n == kn && (n == 0 || memcmp(s, key, n) == 0);
 }
 
 const msgpack_object *sp_map_get(const msgpack_object *map, const char *key)
@@ -189,7 +211,7 @@ int sp_parse_request(const msgpack_object *root, struct sp_request *req, struct 
         return sp_errf(err, SP_BAD_REQUEST, "request has no 'op'");
     if (op->type != MSGPACK_OBJECT_STR)
         return sp_errf(err, SP_BAD_REQUEST, "op must be a str, got %s", sp_type_name(op));
-    req->op = op->via.str.ptr;
+    req->op = nonnull(op->via.str.ptr);
     req->op_len = op->via.str.size;
     const msgpack_object *args = sp_map_get(root, "args");
     if (args && args->type != MSGPACK_OBJECT_NIL) {
@@ -227,7 +249,7 @@ int sp_get_str(const msgpack_object *map, const char *key, bool required, const 
         return r;
     if (o->type != MSGPACK_OBJECT_STR)
         return wrong(key, "str", o, err);
-    *s = o->via.str.ptr;
+    *s = nonnull(o->via.str.ptr);
     *n = o->via.str.size;
     return 1;
 }
@@ -240,10 +262,10 @@ int sp_get_bin(const msgpack_object *map, const char *key, bool required, const 
     if (r <= 0)
         return r;
     if (o->type == MSGPACK_OBJECT_BIN) {
-        *p = o->via.bin.ptr;
+        *p = nonnull(o->via.bin.ptr);
         *n = o->via.bin.size;
     } else if (o->type == MSGPACK_OBJECT_STR) {
-        *p = o->via.str.ptr;
+        *p = nonnull(o->via.str.ptr);
         *n = o->via.str.size;
     } else {
         return wrong(key, "bin", o, err);
@@ -324,10 +346,13 @@ int sp_get_array(const msgpack_object *map, const char *key, bool required,
 
 /* ---- packing ---- */
 
+/* Bodies are skipped when empty: callers may pass NULL with 0, and some
+ * msgpack-c write callbacks would hand that NULL to memcpy. */
 void sp_pack_strn(msgpack_packer *pk, const char *s, size_t n)
 {
     msgpack_pack_str(pk, n);
-    msgpack_pack_str_body(pk, s, n);
+    if (n)
+        msgpack_pack_str_body(pk, s, n);
 }
 
 void sp_pack_cstr(msgpack_packer *pk, const char *s)
@@ -338,7 +363,8 @@ void sp_pack_cstr(msgpack_packer *pk, const char *s)
 void sp_pack_binn(msgpack_packer *pk, const void *p, size_t n)
 {
     msgpack_pack_bin(pk, n);
-    msgpack_pack_bin_body(pk, p, n);
+    if (n)
+        msgpack_pack_bin_body(pk, p, n);
 }
 
 void sp_pack_kv_str(msgpack_packer *pk, const char *key, const char *val)

@@ -1,10 +1,9 @@
-/* Op archive: a tar or tar.gz of a file or directory tree of the workspace,
- * in sorted order, symlinks stored as links and never followed. */
-#include <dirent.h>
+/* op_archive.c: the archive op, a tar or tar.gz of one file, symlink or
+ * directory tree of the workspace, in sorted order, symlinks stored as
+ * links and never followed, built in memory under max_bytes (tar.c). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,188 +11,193 @@
 #include "agent.h"
 #include "tar.h"
 
-#define RESULT_SLACK (64u << 10)
-#define MAX_DEPTH 128
+#define PATH_BUF 4096
+#define NAME_BUF 256
+#define ENTRIES_DEFAULT 100000
 
-struct walk {
+struct arc {
     struct tar_out *t;
+    int top; /* the directory being archived */
     uint64_t max_entries;
-    unsigned seen;
+    uint64_t seen;
 };
 
-static int cmp_str(const void *a, const void *b)
+static int count_entry(struct arc *a, struct sp_err *err)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
+    if (++a->seen > a->max_entries)
+        return sp_errf(err, SP_TOO_LARGE, "more than max_entries (%llu) entries to archive",
+                       (unsigned long long)a->max_entries);
+    return 0;
 }
 
-static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member, int depth,
-                     struct sp_err *err);
-
-static int add_dir_contents(struct walk *w, int fd, const char *prefix, int depth,
-                            struct sp_err *err)
+/* The target of the symlink rel beneath top. 1: it is gone or no longer a
+ * link (changed since the walk saw it), skip it. */
+static int read_link_beneath(int top, const char *rel, char *target, size_t cap, struct sp_err *err)
 {
-    if (depth > MAX_DEPTH)
-        return sp_errf(err, SP_TOO_LARGE, "directory tree deeper than %d levels", MAX_DEPTH);
-    int dfd = dup(fd);
-    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
-    if (!d) {
-        if (dfd >= 0)
-            close(dfd);
-        return sp_err_errno(err, errno, prefix);
+    char base[NAME_BUF];
+    int dfd = path_open_parent(top, rel, false, base, sizeof base, err);
+    if (dfd < 0)
+        return err->code == SP_NOT_FOUND || err->code == SP_PATH_ESCAPE ? 1 : -1;
+    ssize_t n = readlinkat(dfd, base, target, cap - 1);
+    int e = errno;
+    close(dfd);
+    if (n < 0)
+        return e == ENOENT || e == EINVAL ? 1 : sp_err_errno(err, e, rel);
+    target[n] = 0;
+    return 0;
+}
+
+static int arc_visit(void *ctx, const struct tree_ent *e, struct sp_err *err)
+{
+    struct arc *a = ctx;
+    mode_t m = e->st->st_mode;
+    if (!S_ISREG(m) && !S_ISDIR(m) && !S_ISLNK(m))
+        return 0; /* sockets, fifos, devices */
+    if (count_entry(a, err) < 0)
+        return -1;
+    char member[PATH_BUF + 8];
+    snprintf(member, sizeof member, "./%s%s", e->rel, S_ISDIR(m) ? "/" : "");
+    if (S_ISDIR(m))
+        return tar_add(a->t, member, e->st, NULL, -1, err);
+    if (S_ISLNK(m)) {
+        char target[PATH_BUF];
+        int r = read_link_beneath(a->top, e->rel, target, sizeof target, err);
+        return r != 0 ? (r < 0 ? -1 : 0) : tar_add(a->t, member, e->st, target, -1, err);
     }
-    char **names = NULL;
-    size_t n = 0, cap = 0;
+    /* O_NOFOLLOW: a file swapped for a symlink since the walk saw it is
+     * refused (and skipped), never read through. */
+    int fd = path_open(a->top, e->rel, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY, 0, err);
+    if (fd < 0)
+        return err->code == SP_NOT_FOUND || err->code == SP_PATH_ESCAPE ? 0 : -1;
+    struct stat st;
     int rc = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
-            continue;
-        if (n == cap) {
-            cap = cap ? cap * 2 : 64;
-            char **nv = realloc(names, cap * sizeof *nv);
-            if (!nv) {
-                rc = sp_errf(err, SP_INTERNAL, "out of memory");
-                break;
-            }
-            names = nv;
-        }
-        if (!(names[n] = strdup(de->d_name))) {
-            rc = sp_errf(err, SP_INTERNAL, "out of memory");
-            break;
-        }
-        n++;
-        if (w->seen + n > w->max_entries + 1) {
-            rc = sp_errf(err, SP_TOO_LARGE, "more than max_entries (%llu) entries",
-                         (unsigned long long)w->max_entries);
-            break;
-        }
-    }
-    closedir(d);
-    if (rc == 0) {
-        if (n)
-            qsort(names, n, sizeof *names, cmp_str);
-        for (size_t i = 0; i < n && rc == 0; i++) {
-            char member[8192];
-            if ((size_t)snprintf(member, sizeof member, "%s%s", prefix, names[i]) >=
-                sizeof member) {
-                rc = sp_errf(err, SP_BAD_REQUEST, "path too long to archive");
-                break;
-            }
-            rc = add_entry(w, fd, names[i], member, depth, err);
-        }
-    }
-    for (size_t i = 0; i < n; i++)
-        free(names[i]);
-    free(names);
+    if (fstat(fd, &st) < 0)
+        rc = sp_err_errno(err, errno, e->rel);
+    else if (S_ISREG(st.st_mode))
+        rc = tar_add(a->t, member, &st, NULL, fd, err);
+    close(fd);
     return rc;
 }
 
-static int add_entry(struct walk *w, int dirfd_, const char *name, const char *member, int depth,
-                     struct sp_err *err)
+/* A directory: "./" and then everything beneath it. Takes dir_fd. */
+static int archive_dir(struct arc *a, int dir_fd, struct sp_err *err)
 {
     struct stat st;
-    if (fstatat(dirfd_, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
-        return errno == ENOENT ? 0 : sp_err_errno(err, errno, member);
-    if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode) && !S_ISLNK(st.st_mode))
-        return 0;
-    if (++w->seen > w->max_entries)
-        return sp_errf(err, SP_TOO_LARGE, "more than max_entries (%llu) entries",
-                       (unsigned long long)w->max_entries);
-    if (S_ISLNK(st.st_mode)) {
-        char target[4096];
-        ssize_t tn = readlinkat(dirfd_, name, target, sizeof target - 1);
-        if (tn < 0)
-            return sp_err_errno(err, errno, member);
-        target[tn] = 0;
-        return tar_add(w->t, member, &st, target, -1, err);
+    int rc = -1;
+    if (fstat(dir_fd, &st) < 0) {
+        sp_err_errno(err, errno, "directory");
+        goto out;
     }
-    int fd = openat(dirfd_, name,
-                    (S_ISDIR(st.st_mode) ? O_DIRECTORY : 0) | O_RDONLY | O_NOFOLLOW | O_NONBLOCK |
-                        O_NOCTTY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT ? 0 : sp_err_errno(err, errno, member);
-    struct stat st2;
-    int rc;
-    if (fstat(fd, &st2) < 0 || (st2.st_mode & S_IFMT) != (st.st_mode & S_IFMT)) {
-        rc = 0; /* replaced while we looked: skip it */
-    } else if (S_ISDIR(st2.st_mode)) {
-        char dirname[8200];
-        snprintf(dirname, sizeof dirname, "%s/", member);
-        rc = tar_add(w->t, dirname, &st2, NULL, -1, err);
-        if (rc == 0)
-            rc = add_dir_contents(w, fd, dirname, depth + 1, err);
+    a->top = dir_fd;
+    if (count_entry(a, err) < 0 || tar_add(a->t, "./", &st, NULL, -1, err) < 0)
+        goto out;
+    rc = tree_walk(dir_fd, true, false, arc_visit, a, err) < 0 ? -1 : 0;
+out:
+    close(dir_fd);
+    return rc;
+}
+
+/* Does the last component of path say "." or ".."? */
+static bool ends_in_dots(const char *path)
+{
+    size_t len = strlen(path);
+    while (len > 1 && path[len - 1] == '/')
+        len--;
+    size_t i = len;
+    while (i > 0 && path[i - 1] != '/')
+        i--;
+    return (len - i == 1 && path[i] == '.') ||
+           (len - i == 2 && path[i] == '.' && path[i + 1] == '.');
+}
+
+/* What path names, looked at without following a final symlink: a tree, a
+ * single file under its base name, or a single link. */
+static int archive_path(struct arc *a, int ws_fd, const char *path, struct sp_err *err)
+{
+    if (path_is_root(path) || ends_in_dots(path)) {
+        int fd = path_open(ws_fd, path, O_RDONLY | O_DIRECTORY, 0, err);
+        return fd < 0 ? -1 : archive_dir(a, fd, err);
+    }
+    char base[NAME_BUF];
+    int dfd = path_open_parent(ws_fd, path, false, base, sizeof base, err);
+    if (dfd < 0)
+        return -1;
+    int rc = -1;
+    struct stat st;
+    if (fstatat(dfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+        if (errno == ENOENT)
+            sp_errf(err, SP_NOT_FOUND, "%s: no such file or directory", path);
+        else
+            sp_err_errno(err, errno, path);
+        goto out;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        int fd = openat(dfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            sp_err_errno(err, errno, path);
+        else
+            rc = archive_dir(a, fd, err);
+    } else if (S_ISLNK(st.st_mode)) {
+        char target[PATH_BUF];
+        ssize_t n = readlinkat(dfd, base, target, sizeof target - 1);
+        if (n < 0) {
+            sp_err_errno(err, errno, path);
+        } else {
+            target[n] = 0;
+            if (count_entry(a, err) == 0)
+                rc = tar_add(a->t, base, &st, target, -1, err);
+        }
+    } else if (S_ISREG(st.st_mode)) {
+        int fd = openat(dfd, base, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) < 0) {
+            sp_err_errno(err, errno, path);
+        } else if (!S_ISREG(st.st_mode)) {
+            sp_errf(err, SP_BAD_REQUEST, "%s: changed while archiving", path);
+        } else if (count_entry(a, err) == 0) {
+            rc = tar_add(a->t, base, &st, NULL, fd, err);
+        }
+        if (fd >= 0)
+            close(fd);
     } else {
-        rc = tar_add(w->t, member, &st2, NULL, fd, err);
+        sp_errf(err, SP_BAD_REQUEST, "%s: not a file, directory or symlink", path);
     }
-    close(fd);
+out:
+    close(dfd);
     return rc;
 }
 
 int op_archive(struct req *rq, struct sp_err *err)
 {
     struct slot *s = req_slot(rq);
-    size_t n, fn;
-    const char *p = arg_str(rq, "path", &n);
+    size_t fn = 0;
     const char *fmt = arg_str(rq, "format", &fn);
-    bool gzip = true;
-    if (fmt && sp_str_eq(fmt, fn, "tar"))
+    bool gzip;
+    if (!fmt || sp_str_eq(fmt, fn, "tar.gz"))
+        gzip = true;
+    else if (sp_str_eq(fmt, fn, "tar"))
         gzip = false;
-    else if (fmt && !sp_str_eq(fmt, fn, "tar.gz"))
+    else
         return sp_errf(err, SP_BAD_REQUEST, "args.format: expected \"tar\" or \"tar.gz\"");
-    char path[4096];
+    char path[PATH_BUF];
+    size_t n = 0;
+    const char *p = arg_str(rq, "path", &n);
     if (path_check(p ? p : ".", p ? n : 1, true, path, sizeof path, err) < 0)
         return -1;
-    uint64_t limit = rq->ag->opt.max_frame - RESULT_SLACK;
-    uint64_t max_bytes = arg_uint(rq, "max_bytes", limit);
-    if (max_bytes > limit || max_bytes == 0)
-        max_bytes = limit;
+    /* The answer must fit in one frame with its envelope. 0 means the
+     * default, as an archive can never be empty. */
+    uint64_t mf = rq->ag->opt.max_frame, slack = 64u << 10;
+    uint64_t budget = mf > 2 * slack ? mf - slack : mf / 2;
+    uint64_t max_bytes = arg_uint(rq, "max_bytes", 0);
+    if (max_bytes == 0 || max_bytes > budget)
+        max_bytes = budget;
+    struct arc a = {.max_entries = arg_uint(rq, "max_entries", 0)};
+    if (a.max_entries == 0)
+        a.max_entries = ENTRIES_DEFAULT;
     struct tar_out t;
-    if (tar_begin(&t, gzip, max_bytes, err) < 0) {
-        tar_free(&t);
-        return -1;
-    }
-    struct walk w = {.t = &t, .max_entries = arg_uint(rq, "max_entries", 100000)};
-    int rc = -1;
-    int fd = path_open(s->ws_fd, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY, 0, err);
-    if (fd < 0 && err->code == SP_PATH_ESCAPE) {
-        /* O_NOFOLLOW on a final symlink reports ELOOP: archive the link itself. */
-        char base[256];
-        int dfd = path_open_parent(s->ws_fd, path, false, base, sizeof base, err);
-        if (dfd >= 0) {
-            struct stat st;
-            if (fstatat(dfd, base, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode)) {
-                rc = add_entry(&w, dfd, base, base, 0, err);
-                close(dfd);
-                goto finish;
-            }
-            close(dfd);
-        }
-        sp_errf(err, SP_PATH_ESCAPE, "%s: resolves outside the workspace", path);
-        goto out;
-    }
-    if (fd < 0)
-        goto out;
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        sp_err_errno(err, errno, path);
-        close(fd);
-        goto out;
-    }
-    if (S_ISDIR(st.st_mode)) {
-        rc = tar_add(&t, "./", &st, NULL, -1, err);
-        w.seen = 1;
-        if (rc == 0)
-            rc = add_dir_contents(&w, fd, "./", 1, err);
-    } else if (S_ISREG(st.st_mode)) {
-        const char *base = strrchr(path, '/');
-        base = base ? base + 1 : path;
-        w.seen = 1;
-        rc = tar_add(&t, base, &st, NULL, fd, err);
-    } else {
-        rc = sp_errf(err, SP_BAD_REQUEST, "%s: not a file or directory", path);
-    }
-    close(fd);
-finish:
+    a.t = &t;
+    int rc = tar_begin(&t, gzip, max_bytes, err);
+    if (rc == 0)
+        rc = archive_path(&a, s->ws_fd, path, err);
     if (rc == 0)
         rc = tar_finish(&t, err);
     if (rc == 0) {
@@ -205,8 +209,9 @@ finish:
         sp_pack_kv_uint(pk, "bytes", t.len);
         req_reply_end(rq);
         rc = OP_DONE;
+    } else {
+        rc = -1;
     }
-out:
     tar_free(&t);
     return rc;
 }

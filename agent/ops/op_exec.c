@@ -269,8 +269,11 @@ int op_exec(struct req *rq, struct sp_err *err)
 
     uint64_t timeout_ms = arg_uint(rq, "timeout_ms", 0);
     uint64_t max_output = arg_uint(rq, "max_output", ag->opt.max_output);
-    if (max_output > ag->opt.max_output)
-        max_output = ag->opt.max_output;
+    if (max_output > ag->opt.max_output) {
+        sp_errf(err, SP_BAD_REQUEST, "args.max_output: %llu is above the agent's maximum %llu",
+                (unsigned long long)max_output, (unsigned long long)ag->opt.max_output);
+        goto out;
+    }
     struct exec_params p = {
         .path = prog,
         .argv = argv,

@@ -1,7 +1,9 @@
 /* agentctl: inspect and drive one slot-agent from the command line, over a
- * Unix socket, TCP, or the stdio of a command (--agent-cmd). Blocking I/O
- * with poll() and a deadline on every wait; tables for people, --json for
- * scripts; the exit status of `exec` is the command's. */
+ * Unix socket, TCP, or the stdio of a command (--agent-cmd). Owns the CLI
+ * (argument parsing, human and JSON output) and a small blocking client:
+ * non-blocking fds driven by poll() with a deadline on every wait. The exit
+ * status of `exec` is the command's; agent errors print "agentctl: CODE:
+ * message" and exit 1; usage errors exit 2. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -20,27 +23,90 @@
 
 #include "slotproto.h"
 
-#define DEFAULT_TIMEOUT_S 30
+#define DEFAULT_TIMEOUT_S 30.0
 #define READ_RANGE (8u << 20)
+/* Room for the envelope around a bin payload: the agent limits read_file
+ * data and archives to max_frame - 64 KiB, and we keep put under the same. */
+#define FRAME_SLACK (64u << 10)
+#define DEFAULT_EXEC_TIMEOUT_MS 600000u
+#define CHILD_GRACE_S 3.0
+#define CANCEL_GRACE_S 10.0
+#define TOKEN_MAX 511
 
+#define EXIT_ERROR 1
+#define EXIT_USAGE 2
+#define EXIT_TIMED_OUT 124
+#define EXIT_INTERRUPTED 130
+
+enum cmd_kind {
+    CMD_HELLO,
+    CMD_HEALTH,
+    CMD_STATS,
+    CMD_SLOTS,
+    CMD_EXEC,
+    CMD_CAT,
+    CMD_PUT,
+    CMD_LS,
+    CMD_STAT,
+    CMD_ARCHIVE,
+    CMD_RESET,
+    CMD_LEASE,
+    CMD_UNLEASE,
+    CMD_CANCEL,
+};
+
+/* What the command line asked for, fully validated before connecting. */
+struct cmd {
+    enum cmd_kind kind;
+    const char *name;
+    uint64_t slot;
+    uint64_t exec_id;
+    const char *path;
+    const char *trajectory;
+    const char *format;
+    bool recursive;
+    /* exec */
+    uint64_t timeout_ms;
+    const char *cwd;
+    const char *stdin_file;
+    const char **env; /* K=V strings, nenv of them */
+    int nenv;
+    char **words;
+    int nwords;
+};
+
+struct ctl_err {
+    char code[32]; /* contract code, or "" for a local failure without one */
+    char msg[1024];
+};
+
+/* The one context: options, connection and the last error. */
 struct ctl {
     const char *agent;
     const char *agent_cmd;
     const char *token_file;
     bool json;
     double timeout_s;
-    double wait_s; /* keep trying to connect this long (agent still starting) */
+    double wait_s; /* keep retrying the connection this long (agent starting) */
+
     int rfd, wfd;
     pid_t child;
+    int sigfd; /* signalfd while an exec is waited for, else -1 */
+    int signo; /* signal that interrupted the last wait */
+    bool interrupted;
+    bool eof;
     struct sp_reader rd;
     struct sp_writer wr;
     uint64_t next_id;
     uint64_t max_frame;
-    msgpack_unpacked msg;
-    char *frame; /* copy backing msg */
+    uint64_t default_timeout_ms;
+    bool have_msg;
+    msgpack_unpacked msg; /* last frame; points into rd's buffer */
+
+    struct ctl_err err;
 };
 
-static const char usage[] =
+static const char usage_text[] =
     "usage: agentctl [--agent unix:PATH|tcp:HOST:PORT | --agent-cmd 'COMMAND']\n"
     "                [--token-file F] [--json] [--timeout SEC] [--wait SEC] COMMAND [ARGS]\n"
     "\n"
@@ -52,23 +118,47 @@ static const char usage[] =
     "  put SLOT PATH < FILE     write stdin to a file of the slot (parents created)\n"
     "  ls SLOT [PATH] [-R]      list a directory\n"
     "  stat SLOT PATH\n"
-    "  archive SLOT PATH [--format tar|tar.gz] > FILE\n"
+    "  archive SLOT [PATH] [--format tar|tar.gz] > FILE\n"
     "  reset SLOT               kill the slot's processes and empty its workspace\n"
     "  lease SLOT TRAJECTORY | unlease SLOT | cancel EXEC_ID\n"
     "\n"
-    "--wait SEC keeps retrying a Unix socket that does not exist yet (agent starting).\n"
-    "The agent address also comes from $SLOT_AGENT, the token file from $SLOT_TOKEN_FILE.\n";
+    "options:\n"
+    "  --agent ADDR       agent address (default: $SLOT_AGENT)\n"
+    "  --agent-cmd CMD    run CMD with /bin/sh -c; its stdin/stdout are the protocol stream\n"
+    "                     (e.g. 'slot-agent --stdio --data-dir /tmp/x')\n"
+    "  --token-file F     send the token in F with hello (default: $SLOT_TOKEN_FILE)\n"
+    "  --json             print results as JSON\n"
+    "  --timeout SEC      limit for each request other than exec (default 30)\n"
+    "  --wait SEC         keep retrying while the agent is not listening yet\n"
+    "\n"
+    "exit status: exec returns the command's (124 on timeout); 1 on errors; 2 on usage errors.\n"
+    "Ctrl-C during exec cancels the command; a second one gives up waiting.\n";
 
-static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
-static void die(int code, const char *fmt, ...)
+/* ---- errors and time ------------------------------------------------------ */
+
+static int fail(struct ctl *c, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(struct ctl *c, const char *code, const char *fmt, ...)
 {
     va_list ap;
+    snprintf(c->err.code, sizeof c->err.code, "%s", code);
     va_start(ap, fmt);
-    fputs("agentctl: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(c->err.msg, sizeof c->err.msg, fmt, ap);
     va_end(ap);
-    exit(code);
+    return -1;
+}
+
+static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("agentctl: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\n\n", stderr);
+    fputs(usage_text, stderr);
+    exit(EXIT_USAGE);
 }
 
 static double now_s(void)
@@ -78,209 +168,441 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* ---- connection --------------------------------------------------------- */
-
-static void connect_agent(struct ctl *c)
+static int ms_until(double deadline)
 {
-    if (c->agent_cmd) {
-        int in[2], out[2];
-        if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0)
-            die(1, "pipe: %s", strerror(errno));
-        pid_t pid = fork();
-        if (pid < 0)
-            die(1, "fork: %s", strerror(errno));
-        if (pid == 0) {
-            dup2(in[0], 0);
-            dup2(out[1], 1);
-            execl("/bin/sh", "sh", "-c", c->agent_cmd, (char *)NULL);
-            _exit(127);
-        }
+    double left = (deadline - now_s()) * 1000.0;
+    if (left <= 0)
+        return 0;
+    return left > 1e9 ? 1000000000 : (int)left + 1;
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/* ---- connection ------------------------------------------------------------ */
+
+static int spawn_agent_cmd(struct ctl *c)
+{
+    int in[2], out[2];
+    if (pipe2(in, O_CLOEXEC) < 0)
+        return fail(c, "", "pipe: %s", strerror(errno));
+    if (pipe2(out, O_CLOEXEC) < 0) {
         close(in[0]);
-        close(out[1]);
-        c->child = pid;
-        c->wfd = in[1];
-        c->rfd = out[0];
-        return;
+        close(in[1]);
+        return fail(c, "", "pipe: %s", strerror(errno));
     }
-    const char *a = c->agent;
-    int fd = -1;
-    if (strncmp(a, "unix:", 5) == 0) {
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        if (strlen(a + 5) >= sizeof sa.sun_path)
-            die(2, "unix socket path too long: %s", a + 5);
-        strcpy(sa.sun_path, a + 5);
-        double deadline = now_s() + c->wait_s;
-        for (;;) {
-            fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
-                break;
-            int e = errno;
-            if (fd >= 0)
-                close(fd);
-            if ((e != ENOENT && e != ECONNREFUSED) || now_s() >= deadline)
-                die(1, "no agent at %s (%s): start one with: slot-agent --listen %s", a,
-                    strerror(e), a);
-            usleep(20000);
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(in[0]);
+        close(in[1]);
+        close(out[0]);
+        close(out[1]);
+        return fail(c, "", "fork: %s", strerror(e));
+    }
+    if (pid == 0) {
+        /* Ignored signals stay ignored across execve; the agent wants SIGPIPE back. */
+        signal(SIGPIPE, SIG_DFL);
+        if (dup2(in[0], 0) < 0 || dup2(out[1], 1) < 0)
+            _exit(127);
+        execl("/bin/sh", "sh", "-c", c->agent_cmd, (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    c->child = pid;
+    c->wfd = in[1];
+    c->rfd = out[0];
+    set_nonblock(c->wfd);
+    set_nonblock(c->rfd);
+    return 0;
+}
+
+static int no_agent(struct ctl *c, const char *addr, int e)
+{
+    if (e == ENOENT || e == ECONNREFUSED)
+        return fail(c, "", "no agent at %s (%s): start one with: slot-agent --listen %s%s", addr,
+                    strerror(e), addr, strncmp(addr, "tcp:", 4) == 0 ? " --token-file F" : "");
+    return fail(c, "", "cannot connect to %s: %s", addr, strerror(e));
+}
+
+/* connect(2) with a deadline: non-blocking connect, then poll for writability. */
+static int connect_deadline(int fd, const struct sockaddr *sa, socklen_t len, double deadline)
+{
+    set_nonblock(fd);
+    if (connect(fd, sa, len) == 0)
+        return 0;
+    if (errno != EINPROGRESS && errno != EAGAIN)
+        return -1;
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    for (;;) {
+        int r = poll(&p, 1, ms_until(deadline));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
         }
-    } else if (strncmp(a, "tcp:", 4) == 0) {
-        char host[256];
-        const char *colon = strrchr(a + 4, ':');
-        if (!colon || (size_t)(colon - (a + 4)) >= sizeof host)
-            die(2, "bad address %s: want tcp:HOST:PORT", a);
-        memcpy(host, a + 4, (size_t)(colon - (a + 4)));
-        host[colon - (a + 4)] = 0;
+        break;
+    }
+    int soerr = 0;
+    socklen_t sl = sizeof soerr;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
+        return -1;
+    if (soerr) {
+        errno = soerr;
+        return -1;
+    }
+    return 0;
+}
+
+static int connect_unix(struct ctl *c, const char *addr, double deadline)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    const char *path = addr + 5;
+    if (!*path || strlen(path) >= sizeof sa.sun_path)
+        return fail(c, "", "bad unix socket path in %s (empty or over %zu bytes)", addr,
+                    sizeof sa.sun_path - 1);
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    double retry_until = now_s() + c->wait_s;
+    for (;;) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            return fail(c, "", "socket: %s", strerror(errno));
+        if (connect_deadline(fd, (struct sockaddr *)&sa, sizeof sa, deadline) == 0)
+            return fd;
+        int e = errno;
+        close(fd);
+        if ((e != ENOENT && e != ECONNREFUSED) || now_s() >= retry_until)
+            return no_agent(c, addr, e);
+        usleep(20000);
+    }
+}
+
+static int connect_tcp(struct ctl *c, const char *addr, double deadline)
+{
+    char host[256];
+    const char *hp = addr + 4;
+    const char *colon = strrchr(hp, ':');
+    if (!colon || colon == hp || !colon[1] || (size_t)(colon - hp) >= sizeof host)
+        return fail(c, "", "bad address '%s': want tcp:HOST:PORT", addr);
+    size_t hn = (size_t)(colon - hp);
+    memcpy(host, hp, hn);
+    host[hn] = 0;
+    char *h = host;
+    if (hn >= 2 && host[0] == '[' && host[hn - 1] == ']') { /* tcp:[::1]:PORT */
+        host[hn - 1] = 0;
+        h = host + 1;
+    }
+    double retry_until = now_s() + c->wait_s;
+    for (;;) {
         struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
-        int g = getaddrinfo(host, colon + 1, &hints, &res);
+        int g = getaddrinfo(h, colon + 1, &hints, &res);
         if (g)
-            die(1, "%s: %s", a, gai_strerror(g));
+            return fail(c, "", "%s: %s", addr, gai_strerror(g));
+        int fd = -1, e = ECONNREFUSED;
         for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
             fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
-            if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+            if (fd < 0) {
+                e = errno;
+                continue;
+            }
+            if (connect_deadline(fd, ai->ai_addr, ai->ai_addrlen, deadline) < 0) {
+                e = errno;
                 close(fd);
                 fd = -1;
             }
         }
         freeaddrinfo(res);
-        if (fd < 0)
-            die(1, "no agent at %s (%s): start one with: slot-agent --listen %s --token-file F", a,
-                strerror(errno), a);
-    } else {
-        die(2, "agent address must be unix:PATH or tcp:HOST:PORT, got '%s'", a);
+        if (fd >= 0)
+            return fd;
+        if (e != ECONNREFUSED || now_s() >= retry_until)
+            return no_agent(c, addr, e);
+        usleep(20000);
     }
+}
+
+static int connect_agent(struct ctl *c)
+{
+    if (c->agent_cmd)
+        return spawn_agent_cmd(c);
+    const char *a = c->agent;
+    double deadline = now_s() + c->timeout_s + c->wait_s;
+    int fd;
+    if (strncmp(a, "unix:", 5) == 0)
+        fd = connect_unix(c, a, deadline);
+    else if (strncmp(a, "tcp:", 4) == 0)
+        fd = connect_tcp(c, a, deadline);
+    else
+        return fail(c, "", "agent address must be unix:PATH or tcp:HOST:PORT, got '%s'", a);
+    if (fd < 0)
+        return -1;
     c->rfd = c->wfd = fd;
+    return 0;
+}
+
+/* Reap the --agent-cmd child, waiting at most `grace` seconds. Returns its
+ * wait status, or -1 if it is still running. */
+static int reap_child(struct ctl *c, double grace)
+{
+    double until = now_s() + grace;
+    for (;;) {
+        int st;
+        pid_t r = waitpid(c->child, &st, WNOHANG);
+        if (r == c->child) {
+            c->child = 0;
+            return st;
+        }
+        if (r < 0 && errno == ECHILD) {
+            c->child = 0;
+            return 0;
+        }
+        if (now_s() >= until)
+            return -1;
+        usleep(10000);
+    }
 }
 
 static void disconnect(struct ctl *c)
 {
-    if (c->child > 0) {
+    if (c->have_msg) {
+        msgpack_unpacked_destroy(&c->msg);
+        c->have_msg = false;
+    }
+    if (c->wfd >= 0 && c->wfd != c->rfd)
         close(c->wfd);
-        /* Give the agent a moment to finish and exit on EOF, then insist. */
-        for (int i = 0; i < 200; i++) {
-            if (waitpid(c->child, NULL, WNOHANG) == c->child)
-                return;
-            usleep(10000);
+    if (c->child > 0) {
+        /* The agent exits on EOF once its answers are out; insist if it hangs. */
+        if (reap_child(c, CHILD_GRACE_S) < 0) {
+            kill(c->child, SIGTERM);
+            if (reap_child(c, 1.0) < 0) {
+                kill(c->child, SIGKILL);
+                waitpid(c->child, NULL, 0);
+                c->child = 0;
+            }
         }
-        kill(c->child, SIGKILL);
-        waitpid(c->child, NULL, 0);
-    } else if (c->rfd >= 0) {
+    }
+    if (c->rfd >= 0)
         close(c->rfd);
+    c->rfd = c->wfd = -1;
+}
+
+/* Read what is there into the frame reader; notes EOF. */
+static int fill(struct ctl *c)
+{
+    for (;;) {
+        ssize_t n = sp_reader_fill(&c->rd, c->rfd);
+        if (n > 0)
+            return 0;
+        if (n == 0) {
+            c->eof = true;
+            return 0;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        if (errno == ECONNRESET) {
+            c->eof = true;
+            return 0;
+        }
+        return fail(c, sp_code_name(SP_AGENT_LOST), "reading from the agent: %s", strerror(errno));
     }
 }
 
-static uint64_t send_request_packed(struct ctl *c, const char *op, const struct sp_writer *args)
+static int read_signal(struct ctl *c)
 {
-    /* args: an already packed map (or NULL). */
+    struct signalfd_siginfo si;
+    if (read(c->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+        c->signo = (int)si.ssi_signo;
+        c->interrupted = true;
+        return 1;
+    }
+    return 0;
+}
+
+/* Send the queued frame. Reads meanwhile, so an agent answering early (a
+ * refused frame) is heard instead of deadlocking on full buffers. */
+static int send_queued(struct ctl *c, double deadline)
+{
+    while (sp_writer_pending(&c->wr)) {
+        ssize_t left = sp_writer_flush(&c->wr, c->wfd);
+        if (left == 0)
+            break;
+        if (left < 0) {
+            int e = errno;
+            if (e == EPIPE || e == ECONNRESET) {
+                /* The agent is gone or refused us: what it said, if
+                 * anything, is read by the wait for the answer. */
+                sp_writer_free(&c->wr);
+                sp_writer_init(&c->wr, 0);
+                c->eof = c->eof || e == ECONNRESET;
+                return 0;
+            }
+            return fail(c, sp_code_name(SP_AGENT_LOST), "sending to the agent: %s",
+                        strerror(errno));
+        }
+        /* A signal stays queued in the signalfd until the answer is awaited. */
+        struct pollfd p[2] = {{.fd = c->wfd, .events = POLLOUT},
+                              {.fd = c->eof ? -1 : c->rfd, .events = POLLIN}};
+        int r = poll(p, 2, ms_until(deadline));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(c, "", "poll: %s", strerror(errno));
+        if (r == 0)
+            return fail(c, sp_code_name(SP_TIMEOUT), "timed out sending to the agent");
+        if (p[1].revents && fill(c) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void release_msg(struct ctl *c)
+{
+    if (c->have_msg) {
+        msgpack_unpacked_destroy(&c->msg);
+        c->have_msg = false;
+    }
+}
+
+/* Frame a request whose args map (if any) was packed into `args`. Returns
+ * its id, 0 on failure. The previous frame is released: reading while
+ * sending may move the reader's buffer under it. */
+static uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args)
+{
+    release_msg(c);
     uint64_t id = ++c->next_id;
     msgpack_packer pk;
+    struct sp_err err;
     sp_writer_begin_frame(&c->wr);
     sp_writer_packer(&c->wr, &pk);
     sp_pack_request_head(&pk, id, op, args != NULL);
-    struct sp_err err;
-    if (args && sp_writer_append(&c->wr, args->buf + args->off, args->len - args->off, &err) < 0)
-        die(1, "%s", err.msg);
-    if (sp_writer_end_frame(&c->wr, &err) < 0)
-        die(1, "%s", err.msg);
-    double deadline = now_s() + c->timeout_s;
-    while (sp_writer_pending(&c->wr)) {
-        ssize_t left = sp_writer_flush(&c->wr, c->wfd);
-        if (left < 0)
-            die(1, "agent connection lost while sending: %s", strerror(errno));
-        if (left == 0)
-            break;
-        struct pollfd p = {.fd = c->wfd, .events = POLLOUT};
-        int ms = (int)((deadline - now_s()) * 1000);
-        if (ms <= 0 || poll(&p, 1, ms) == 0)
-            die(1, "timed out sending to the agent");
+    if (args && sp_writer_append(&c->wr, args->buf + args->off, args->len - args->off, &err) < 0) {
+        fail(c, sp_code_name(err.code), "%s", err.msg);
+        return 0;
     }
+    if (sp_writer_end_frame(&c->wr, &err) < 0) {
+        fail(c, sp_code_name(err.code), "%s", err.msg);
+        return 0;
+    }
+    if (send_queued(c, now_s() + c->timeout_s) < 0)
+        return 0;
     return id;
 }
 
-/* Next frame within the deadline; the object stays valid until the next call. */
-static const msgpack_object *recv_frame(struct ctl *c, double deadline)
+/* Next frame into c->msg. 1 = frame, 0 = interrupted by a signal (c->signo),
+ * -1 = error. The frame stays valid until the next receive or send. */
+static int recv_frame(struct ctl *c, double deadline)
 {
-    if (c->frame) {
-        msgpack_unpacked_destroy(&c->msg);
-        free(c->frame);
-        c->frame = NULL;
-    }
+    release_msg(c);
     for (;;) {
         const char *data;
         uint32_t len;
         struct sp_err err;
         int r = sp_reader_next(&c->rd, &data, &len, &err);
         if (r < 0)
-            die(1, "%s", err.msg);
+            return fail(c, sp_code_name(err.code), "answer from the agent: %s", err.msg);
         if (r > 0) {
-            c->frame = malloc(len ? len : 1);
-            if (!c->frame)
-                die(1, "out of memory");
-            memcpy(c->frame, data, len);
             msgpack_unpacked_init(&c->msg);
-            if (sp_unpack(c->frame, len, &c->msg, &err) < 0)
-                die(1, "bad frame from agent: %s", err.msg);
-            return &c->msg.data;
+            c->have_msg = true;
+            if (sp_unpack(data, len, &c->msg, &err) < 0)
+                return fail(c, sp_code_name(SP_INTERNAL), "bad frame from the agent: %s", err.msg);
+            if (c->msg.data.type != MSGPACK_OBJECT_MAP)
+                return fail(c, sp_code_name(SP_INTERNAL), "frame from the agent is not a map");
+            return 1;
         }
-        struct pollfd p = {.fd = c->rfd, .events = POLLIN};
-        int ms = (int)((deadline - now_s()) * 1000);
+        if (c->eof) {
+            if (c->child > 0) {
+                int st = reap_child(c, 0.5);
+                if (st >= 0 && WIFEXITED(st) && WEXITSTATUS(st))
+                    return fail(c, sp_code_name(SP_AGENT_LOST),
+                                "the agent command exited with status %d: %s", WEXITSTATUS(st),
+                                c->agent_cmd);
+                if (st >= 0 && WIFSIGNALED(st))
+                    return fail(c, sp_code_name(SP_AGENT_LOST),
+                                "the agent command was killed by signal %d", WTERMSIG(st));
+            }
+            return fail(c, sp_code_name(SP_AGENT_LOST), "the agent closed the connection");
+        }
+        struct pollfd p[2] = {{.fd = c->rfd, .events = POLLIN}, {.fd = c->sigfd, .events = POLLIN}};
+        int ms = ms_until(deadline);
         if (ms <= 0)
-            die(1, "timed out waiting for the agent (%.0f s)", c->timeout_s);
-        int pr = poll(&p, 1, ms);
+            return fail(c, sp_code_name(SP_TIMEOUT), "no answer from the agent in time");
+        int pr = poll(p, 2, ms);
         if (pr < 0 && errno == EINTR)
             continue;
-        if (pr == 0)
-            continue;
-        ssize_t n = sp_reader_fill(&c->rd, c->rfd);
-        if (n == 0)
-            die(1, "the agent closed the connection");
-        if (n < 0 && errno != EINTR && errno != EAGAIN)
-            die(1, "reading from the agent: %s", strerror(errno));
+        if (pr < 0)
+            return fail(c, "", "poll: %s", strerror(errno));
+        if (p[1].revents && read_signal(c))
+            return 0;
+        if (p[0].revents && fill(c) < 0)
+            return -1;
     }
 }
 
-/* Wait for the final answer to id; events go to on_event. Returns the result
- * map, or exits with the error (code 1). */
-typedef void (*event_fn)(struct ctl *c, const msgpack_object *ev, void *ud);
+enum frame_kind { FRAME_OTHER, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR };
 
-static const msgpack_object *wait_answer(struct ctl *c, uint64_t id, double timeout_s,
-                                         event_fn on_event, void *ud)
+/* Sort the current frame for request id; FRAME_ERROR fills c->err. Id 0 is
+ * the agent's answer to a frame it could not read, so it is ours too. */
+static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object **result)
 {
-    double deadline = now_s() + timeout_s;
+    const msgpack_object *m = &c->msg.data;
+    const msgpack_object *o = sp_map_get(m, "id");
+    uint64_t rid = o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+    if (rid != id && rid != 0)
+        return FRAME_OTHER;
+    if (sp_map_get(m, "event"))
+        return rid == id ? FRAME_EVENT : FRAME_OTHER;
+    const msgpack_object *ok = sp_map_get(m, "ok");
+    if (ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean) {
+        const msgpack_object *r = sp_map_get(m, "result");
+        if (!r || r->type != MSGPACK_OBJECT_MAP) {
+            fail(c, sp_code_name(SP_INTERNAL), "answer from the agent without a result map");
+            return FRAME_ERROR;
+        }
+        *result = r;
+        return FRAME_RESULT;
+    }
+    const msgpack_object *e = sp_map_get(m, "error");
+    const char *code = "internal", *msg = "(no message)";
+    size_t cn = 8, mn = 12;
+    struct sp_err err;
+    if (e && e->type == MSGPACK_OBJECT_MAP) {
+        sp_get_str(e, "code", false, &code, &cn, &err);
+        sp_get_str(e, "message", false, &msg, &mn, &err);
+    }
+    fail(c, "", "%.*s", (int)mn, msg);
+    snprintf(c->err.code, sizeof c->err.code, "%.*s", (int)cn, code);
+    return FRAME_ERROR;
+}
+
+/* Final result of a request without events; NULL with c->err set. */
+static const msgpack_object *wait_result(struct ctl *c, uint64_t id)
+{
+    double deadline = now_s() + c->timeout_s;
     for (;;) {
-        const msgpack_object *m = recv_frame(c, deadline);
-        uint64_t rid = 0;
-        const msgpack_object *o = sp_map_get(m, "id");
-        if (o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
-            rid = o->via.u64;
-        if (rid != id && rid != 0)
-            continue;
-        if (sp_map_get(m, "event")) {
-            if (on_event)
-                on_event(c, m, ud);
-            continue;
+        int r = recv_frame(c, deadline);
+        if (r < 0)
+            return NULL;
+        if (r == 0)
+            continue; /* no signalfd outside exec: cannot happen */
+        const msgpack_object *res = NULL;
+        switch (classify(c, id, &res)) {
+        case FRAME_RESULT: return res;
+        case FRAME_ERROR: return NULL;
+        default: break;
         }
-        const msgpack_object *ok = sp_map_get(m, "ok");
-        if (ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean) {
-            const msgpack_object *r = sp_map_get(m, "result");
-            if (!r)
-                die(1, "answer without result");
-            return r;
-        }
-        const msgpack_object *e = sp_map_get(m, "error");
-        const char *code = "internal", *msg = "";
-        size_t cn = 8, mn = 0;
-        struct sp_err err;
-        if (e) {
-            sp_get_str(e, "code", false, &code, &cn, &err);
-            sp_get_str(e, "message", false, &msg, &mn, &err);
-        }
-        if (c->child > 0)
-            close(c->wfd);
-        fprintf(stderr, "agentctl: %.*s: %.*s\n", (int)cn, code, (int)mn, msg);
-        exit(1);
     }
 }
 
-/* Tiny argument-map builder: pack into a scratch writer. */
+/* Argument maps are packed into a scratch writer, then copied into the frame. */
 struct args {
     struct sp_writer w;
     msgpack_packer pk;
@@ -295,34 +617,81 @@ static void args_begin(struct args *a, uint32_t n)
 
 static const msgpack_object *call(struct ctl *c, const char *op, struct args *a)
 {
-    uint64_t id = send_request_packed(c, op, a ? &a->w : NULL);
+    uint64_t id = send_request(c, op, a ? &a->w : NULL);
     if (a)
         sp_writer_free(&a->w);
-    return wait_answer(c, id, c->timeout_s, NULL, NULL);
+    return id ? wait_result(c, id) : NULL;
 }
 
-/* ---- output ------------------------------------------------------------ */
+/* ---- JSON and human output -------------------------------------------------- */
 
-static bool utf8_ok(const unsigned char *s, size_t n)
+/* Length of the well-formed UTF-8 sequence at s (no overlongs, surrogates or
+ * code points past U+10FFFF), 0 if there is none. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
 {
+    unsigned char b = s[0];
+    if (b < 0x80)
+        return 1;
+    size_t k;
+    uint32_t cp, min;
+    if (b >= 0xc2 && b <= 0xdf) {
+        k = 2;
+        cp = b & 0x1fu;
+        min = 0x80;
+    } else if ((b & 0xf0) == 0xe0) {
+        k = 3;
+        cp = b & 0x0fu;
+        min = 0x800;
+    } else if (b >= 0xf0 && b <= 0xf4) {
+        k = 4;
+        cp = b & 0x07u;
+        min = 0x10000;
+    } else {
+        return 0;
+    }
+    if (k > n)
+        return 0;
+    for (size_t i = 1; i < k; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = cp << 6 | (s[i] & 0x3fu);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return 0;
+    return k;
+}
+
+static bool utf8_valid(const char *p, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)p;
     for (size_t i = 0; i < n;) {
-        unsigned char b = s[i];
-        size_t k = b < 0x80 ? 0 : (b >> 5) == 6 ? 1 : (b >> 4) == 14 ? 2 : (b >> 3) == 30 ? 3 : 9;
-        if (k == 9 || i + k >= n + (k ? 0 : 1))
-            return k == 0;
-        for (size_t j = 1; j <= k; j++)
-            if ((s[i + j] & 0xc0) != 0x80)
-                return false;
-        i += k + 1;
+        size_t k = utf8_seq(s + i, n - i);
+        if (!k)
+            return false;
+        i += k;
     }
     return true;
 }
 
-static void json_str(FILE *f, const char *s, size_t n)
+/* A JSON string; bytes that are not UTF-8 become U+FFFD so the output
+ * always parses. */
+static void json_str(FILE *f, const char *p, size_t n)
 {
+    const unsigned char *s = (const unsigned char *)p;
     fputc('"', f);
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq(s + i, n - i);
+        if (!k) {
+            fputs("\\ufffd", f);
+            i++;
+            continue;
+        }
+        if (k > 1) {
+            fwrite(s + i, 1, k, f);
+            i += k;
+            continue;
+        }
+        unsigned char ch = s[i++];
         switch (ch) {
         case '"': fputs("\\\"", f); break;
         case '\\': fputs("\\\\", f); break;
@@ -330,7 +699,7 @@ static void json_str(FILE *f, const char *s, size_t n)
         case '\r': fputs("\\r", f); break;
         case '\t': fputs("\\t", f); break;
         default:
-            if (ch < 0x20)
+            if (ch < 0x20 || ch == 0x7f)
                 fprintf(f, "\\u%04x", ch);
             else
                 fputc(ch, f);
@@ -339,19 +708,27 @@ static void json_str(FILE *f, const char *s, size_t n)
     fputc('"', f);
 }
 
-static void json_b64(FILE *f, const unsigned char *p, size_t n)
+static void json_base64(FILE *f, const unsigned char *p, size_t n)
 {
     static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     fputs("{\"base64\": \"", f);
     for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned)p[i] << 16 | (i + 1 < n ? (unsigned)p[i + 1] << 8 : 0) |
+        uint32_t v = (uint32_t)p[i] << 16 | (i + 1 < n ? (uint32_t)p[i + 1] << 8 : 0) |
                      (i + 2 < n ? p[i + 2] : 0);
-        fputc(tbl[v >> 18 & 63], f);
-        fputc(tbl[v >> 12 & 63], f);
-        fputc(i + 1 < n ? tbl[v >> 6 & 63] : '=', f);
-        fputc(i + 2 < n ? tbl[v & 63] : '=', f);
+        char q[4] = {tbl[v >> 18 & 63], tbl[v >> 12 & 63], i + 1 < n ? tbl[v >> 6 & 63] : '=',
+                     i + 2 < n ? tbl[v & 63] : '='};
+        fwrite(q, 1, 4, f);
     }
     fputs("\"}", f);
+}
+
+/* bin: a string when it is text, else {"base64": ...}. */
+static void json_bytes(FILE *f, const char *p, size_t n)
+{
+    if (utf8_valid(p, n))
+        json_str(f, p, n);
+    else
+        json_base64(f, (const unsigned char *)p, n);
 }
 
 static void json_obj(FILE *f, const msgpack_object *o, int indent)
@@ -362,14 +739,15 @@ static void json_obj(FILE *f, const msgpack_object *o, int indent)
     case MSGPACK_OBJECT_POSITIVE_INTEGER: fprintf(f, "%llu", (unsigned long long)o->via.u64); break;
     case MSGPACK_OBJECT_NEGATIVE_INTEGER: fprintf(f, "%lld", (long long)o->via.i64); break;
     case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64: fprintf(f, "%.17g", o->via.f64); break;
-    case MSGPACK_OBJECT_STR: json_str(f, o->via.str.ptr, o->via.str.size); break;
-    case MSGPACK_OBJECT_BIN:
-        if (utf8_ok((const unsigned char *)o->via.bin.ptr, o->via.bin.size))
-            json_str(f, o->via.bin.ptr, o->via.bin.size);
+    case MSGPACK_OBJECT_FLOAT64:
+        /* JSON has no NaN or infinity. */
+        if (o->via.f64 == o->via.f64 && o->via.f64 - o->via.f64 == 0)
+            fprintf(f, "%.17g", o->via.f64);
         else
-            json_b64(f, (const unsigned char *)o->via.bin.ptr, o->via.bin.size);
+            fputs("null", f);
         break;
+    case MSGPACK_OBJECT_STR: json_str(f, o->via.str.ptr, o->via.str.size); break;
+    case MSGPACK_OBJECT_BIN: json_bytes(f, o->via.bin.ptr, o->via.bin.size); break;
     case MSGPACK_OBJECT_ARRAY:
         fputc('[', f);
         for (uint32_t i = 0; i < o->via.array.size; i++) {
@@ -383,10 +761,12 @@ static void json_obj(FILE *f, const msgpack_object *o, int indent)
     case MSGPACK_OBJECT_MAP:
         fputc('{', f);
         for (uint32_t i = 0; i < o->via.map.size; i++) {
-            fprintf(f, "%s\n%*s", i ? "," : "", indent + 2, "");
             const msgpack_object *k = &o->via.map.ptr[i].key;
+            fprintf(f, "%s\n%*s", i ? "," : "", indent + 2, "");
             if (k->type == MSGPACK_OBJECT_STR)
                 json_str(f, k->via.str.ptr, k->via.str.size);
+            else if (k->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+                fprintf(f, "\"%llu\"", (unsigned long long)k->via.u64);
             else
                 fputs("\"?\"", f);
             fputs(": ", f);
@@ -406,21 +786,64 @@ static void print_json(const msgpack_object *o)
     fputc('\n', stdout);
 }
 
-/* key: value lines, nested maps indented. */
+static bool is_scalar(const msgpack_object *o)
+{
+    return o->type != MSGPACK_OBJECT_MAP && o->type != MSGPACK_OBJECT_ARRAY;
+}
+
+/* A value for people: strings bare, nil as "-", bytes counted. */
+static void human_scalar(const msgpack_object *o)
+{
+    switch (o->type) {
+    case MSGPACK_OBJECT_NIL: fputs("-", stdout); break;
+    case MSGPACK_OBJECT_STR: fwrite(o->via.str.ptr, 1, o->via.str.size, stdout); break;
+    case MSGPACK_OBJECT_BIN: printf("<%u bytes>", o->via.bin.size); break;
+    default: json_obj(stdout, o, 0); break;
+    }
+}
+
+/* key: value lines; nested maps indented below their key; arrays of scalars
+ * on one line. */
 static void print_kv(const msgpack_object *m, int indent)
 {
     for (uint32_t i = 0; i < m->via.map.size; i++) {
         const msgpack_object *k = &m->via.map.ptr[i].key, *v = &m->via.map.ptr[i].val;
-        printf("%*s%.*s:", indent, "", (int)k->via.str.size, k->via.str.ptr);
-        if (v->type == MSGPACK_OBJECT_MAP) {
+        printf("%*s", indent, "");
+        human_scalar(k);
+        fputc(':', stdout);
+        if (v->type == MSGPACK_OBJECT_MAP && v->via.map.size) {
             fputc('\n', stdout);
             print_kv(v, indent + 2);
             continue;
         }
         fputc(' ', stdout);
-        json_obj(stdout, v, indent);
+        if (v->type == MSGPACK_OBJECT_MAP) {
+            fputs("-", stdout);
+        } else if (v->type == MSGPACK_OBJECT_ARRAY) {
+            if (v->via.array.size == 0)
+                fputs("-", stdout);
+            for (uint32_t j = 0; j < v->via.array.size; j++) {
+                const msgpack_object *e = &v->via.array.ptr[j];
+                if (j)
+                    fputs(", ", stdout);
+                if (is_scalar(e))
+                    human_scalar(e);
+                else
+                    json_obj(stdout, e, indent);
+            }
+        } else {
+            human_scalar(v);
+        }
         fputc('\n', stdout);
     }
+}
+
+static void print_result(struct ctl *c, const msgpack_object *r)
+{
+    if (c->json)
+        print_json(r);
+    else
+        print_kv(r, 0);
 }
 
 static uint64_t get_u(const msgpack_object *m, const char *k)
@@ -435,6 +858,7 @@ static bool get_b(const msgpack_object *m, const char *k)
     return o && o->type == MSGPACK_OBJECT_BOOLEAN && o->via.boolean;
 }
 
+/* A str field as (pointer, int length) for "%.*s"; "-" when absent or nil. */
 static const char *get_s(const msgpack_object *m, const char *k, int *n)
 {
     const msgpack_object *o = sp_map_get(m, k);
@@ -446,399 +870,798 @@ static const char *get_s(const msgpack_object *m, const char *k, int *n)
     return o->via.str.ptr;
 }
 
-static void write_all_fd(int fd, const char *p, size_t n)
+static int write_all(struct ctl *c, int fd, const char *p, size_t n)
 {
     while (n) {
         ssize_t w = write(fd, p, n);
         if (w < 0 && errno == EINTR)
             continue;
         if (w < 0)
-            die(1, "write: %s", strerror(errno));
+            return fail(c, "", "writing to %s: %s", fd == 1 ? "stdout" : "stderr", strerror(errno));
         p += w;
         n -= (size_t)w;
     }
+    return 0;
 }
 
-/* ---- commands ----------------------------------------------------------- */
+/* ---- hello ---------------------------------------------------------------- */
 
-static uint64_t parse_slot(const char *s)
+static int read_token(struct ctl *c, char *tok, size_t cap, size_t *len)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || end == s || s[0] == '-')
-        die(2, "'%s' is not a slot number", s);
-    return v;
-}
-
-static void hello(struct ctl *c, bool print)
-{
-    char tok[512];
-    size_t tn = 0;
-    if (c->token_file) {
-        int fd = open(c->token_file, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            die(1, "token file %s: %s", c->token_file, strerror(errno));
-        ssize_t n = read(fd, tok, sizeof tok - 1);
-        close(fd);
-        if (n <= 0)
-            die(1, "token file %s is empty", c->token_file);
-        tn = (size_t)n;
-        while (tn && (tok[tn - 1] == '\n' || tok[tn - 1] == '\r' || tok[tn - 1] == ' '))
-            tn--;
+    int fd = open(c->token_file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(c, "", "token file %s: %s", c->token_file, strerror(errno));
+    size_t n = 0;
+    for (;;) {
+        ssize_t r = read(fd, tok + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            int e = errno;
+            close(fd);
+            return fail(c, "", "token file %s: %s", c->token_file, strerror(e));
+        }
+        if (r == 0)
+            break;
+        n += (size_t)r;
+        if (n == cap)
+            break;
     }
+    close(fd);
+    if (n == cap)
+        return fail(c, "", "token file %s: token over %d bytes", c->token_file, TOKEN_MAX);
+    /* Same trimming as the agent, so a trailing newline does not matter. */
+    while (n &&
+           (tok[n - 1] == '\n' || tok[n - 1] == '\r' || tok[n - 1] == ' ' || tok[n - 1] == '\t'))
+        n--;
+    if (!n)
+        return fail(c, "", "token file %s is empty", c->token_file);
+    *len = n;
+    return 0;
+}
+
+/* Every session starts with hello: it authenticates and tells the limits. */
+static int hello(struct ctl *c, const struct cmd *cmd)
+{
+    char tok[TOKEN_MAX + 1];
+    size_t tn = 0;
+    if (c->token_file && read_token(c, tok, sizeof tok, &tn) < 0)
+        return -1;
     struct args a;
     args_begin(&a, tn ? 2 : 1);
     sp_pack_kv_str(&a.pk, "client", "agentctl");
     if (tn)
         sp_pack_kv_strn(&a.pk, "token", tok, tn);
-    memset(tok, 0, sizeof tok);
-    const msgpack_object *r = call(c, "hello", &a);
+    explicit_bzero(tok, sizeof tok);
+    uint64_t id = send_request(c, "hello", &a.w);
+    /* Scrub the token from every buffer that held it. */
+    explicit_bzero(a.w.buf, a.w.cap);
+    sp_writer_free(&a.w);
+    explicit_bzero(c->wr.buf, c->wr.cap);
+    if (!id)
+        return -1;
+    const msgpack_object *r = wait_result(c, id);
+    if (!r) {
+        if (!strcmp(c->err.code, "unauthorized") && strlen(c->err.msg) < 900)
+            strcat(c->err.msg, " (check --token-file / $SLOT_TOKEN_FILE)");
+        return -1;
+    }
     const msgpack_object *lim = sp_map_get(r, "limits");
-    if (lim)
+    if (lim && lim->type == MSGPACK_OBJECT_MAP) {
         c->max_frame = get_u(lim, "max_frame");
-    if (!print)
-        return;
-    if (c->json)
-        print_json(r);
-    else
-        print_kv(r, 0);
+        c->default_timeout_ms = get_u(lim, "default_timeout_ms");
+        /* Answers up to the agent's own limit must be readable. */
+        if (c->max_frame > c->rd.max_frame && c->max_frame <= UINT32_MAX)
+            c->rd.max_frame = (uint32_t)c->max_frame;
+    }
+    if (!c->max_frame)
+        c->max_frame = SP_DEFAULT_MAX_FRAME;
+    if (cmd->kind == CMD_HELLO) {
+        print_result(c, r);
+        return 0;
+    }
+    if (get_b(r, "auth_required") && !get_b(r, "authenticated"))
+        return fail(c, sp_code_name(SP_UNAUTHORIZED),
+                    "the agent requires a token: give --token-file F or set SLOT_TOKEN_FILE");
+    return 0;
 }
 
-static void cmd_simple(struct ctl *c, const char *op)
+/* ---- commands --------------------------------------------------------------- */
+
+static int cmd_simple(struct ctl *c, const char *op)
 {
     const msgpack_object *r = call(c, op, NULL);
-    if (c->json)
-        print_json(r);
-    else
-        print_kv(r, 0);
+    if (!r)
+        return -1;
+    print_result(c, r);
+    return 0;
 }
 
-static void cmd_slots(struct ctl *c)
+static int cmd_slots(struct ctl *c)
 {
     const msgpack_object *r = call(c, "slots", NULL);
+    if (!r)
+        return -1;
     if (c->json) {
         print_json(r);
-        return;
+        return 0;
     }
     const msgpack_object *arr = sp_map_get(r, "slots");
-    printf("%-5s %-10s %-24s %6s %-12s %6s\n", "SLOT", "STATE", "LEASE", "QUEUED", "RUNNING",
-           "EXECS");
-    for (uint32_t i = 0; arr && i < arr->via.array.size; i++) {
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
+        return fail(c, sp_code_name(SP_INTERNAL), "slots answer without a slots array");
+    uint32_t n = arr->via.array.size;
+    char(*running)[64] = calloc(n ? n : 1, sizeof *running);
+    if (!running)
+        return fail(c, "", "out of memory");
+    /* Two passes: widths first, so columns line up whatever the data. */
+    int w_state = 5, w_lease = 5, w_run = 7;
+    for (uint32_t i = 0; i < n; i++) {
+        const msgpack_object *s = &arr->via.array.ptr[i];
+        int sn, tn;
+        get_s(s, "state", &sn);
+        get_s(s, "trajectory_id", &tn);
+        const msgpack_object *run = sp_map_get(s, "running");
+        size_t off = 0;
+        for (uint32_t j = 0; run && run->type == MSGPACK_OBJECT_ARRAY && j < run->via.array.size;
+             j++) {
+            if (off + 24 >= sizeof running[i]) {
+                snprintf(running[i] + off, sizeof running[i] - off, ",...");
+                break;
+            }
+            off +=
+                (size_t)snprintf(running[i] + off, sizeof running[i] - off, "%s%llu", j ? "," : "",
+                                 (unsigned long long)run->via.array.ptr[j].via.u64);
+        }
+        if (!off)
+            strcpy(running[i], "-");
+        w_state = sn > w_state ? sn : w_state;
+        w_lease = tn > w_lease ? (tn > 40 ? 40 : tn) : w_lease;
+        w_run = (int)strlen(running[i]) > w_run ? (int)strlen(running[i]) : w_run;
+    }
+    printf("%-4s  %-*s  %-*s  %6s  %-*s  %5s\n", "SLOT", w_state, "STATE", w_lease, "LEASE",
+           "QUEUED", w_run, "RUNNING", "EXECS");
+    for (uint32_t i = 0; i < n; i++) {
         const msgpack_object *s = &arr->via.array.ptr[i];
         int sn, tn;
         const char *st = get_s(s, "state", &sn);
         const char *tid = get_s(s, "trajectory_id", &tn);
-        const msgpack_object *run = sp_map_get(s, "running");
-        char running[64] = "-";
-        if (run && run->type == MSGPACK_OBJECT_ARRAY && run->via.array.size) {
-            int off = 0;
-            for (uint32_t j = 0; j < run->via.array.size && off < 48; j++)
-                off += snprintf(running + off, sizeof running - (size_t)off, "%s%llu", j ? "," : "",
-                                (unsigned long long)run->via.array.ptr[j].via.u64);
-        }
-        printf("%-5llu %-10.*s %-24.*s %6llu %-12s %6llu\n", (unsigned long long)get_u(s, "slot"),
-               sn, st, tn > 24 ? 24 : tn, tid, (unsigned long long)get_u(s, "queued"), running,
+        printf("%-4llu  %-*.*s  %-*.*s  %6llu  %-*s  %5llu\n", (unsigned long long)get_u(s, "slot"),
+               w_state, sn, st, w_lease, tn > 40 ? 40 : tn, tid,
+               (unsigned long long)get_u(s, "queued"), w_run, running[i],
                (unsigned long long)get_u(s, "execs"));
     }
+    free(running);
+    return 0;
 }
 
-struct exec_state {
-    bool json;
-};
-
-static void exec_event(struct ctl *c, const msgpack_object *ev, void *ud)
-{
-    (void)c;
-    (void)ud;
-    const msgpack_object *name = sp_map_get(ev, "event");
-    const msgpack_object *data = sp_map_get(ev, "data");
-    if (!name || name->type != MSGPACK_OBJECT_STR || !data || data->type != MSGPACK_OBJECT_BIN)
-        return;
-    int fd = sp_str_eq(name->via.str.ptr, name->via.str.size, "stderr") ? 2 : 1;
-    write_all_fd(fd, data->via.bin.ptr, data->via.bin.size);
-}
-
-static char *read_fd_all(int fd, size_t limit, size_t *len)
+/* Read fd to EOF, refusing more than limit bytes. */
+static char *read_all(struct ctl *c, int fd, const char *what, size_t limit, size_t *len)
 {
     size_t cap = 65536, n = 0;
     char *buf = malloc(cap);
-    if (!buf)
-        die(1, "out of memory");
+    if (!buf) {
+        fail(c, "", "out of memory");
+        return NULL;
+    }
     for (;;) {
         if (n == cap) {
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                fail(c, "", "out of memory");
+                return NULL;
+            }
+            buf = nb;
             cap *= 2;
-            if (!(buf = realloc(buf, cap)))
-                die(1, "out of memory");
         }
         ssize_t r = read(fd, buf + n, cap - n);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0)
-            die(1, "read: %s", strerror(errno));
+        if (r < 0) {
+            fail(c, "", "reading %s: %s", what, strerror(errno));
+            free(buf);
+            return NULL;
+        }
         if (r == 0)
             break;
         n += (size_t)r;
-        if (n > limit)
-            die(1, "input larger than the agent's frame limit (%zu bytes)", limit);
+        if (n > limit) {
+            fail(c, sp_code_name(SP_TOO_LARGE),
+                 "%s is over %zu bytes, the most one request to this agent can carry", what, limit);
+            free(buf);
+            return NULL;
+        }
     }
     *len = n;
     return buf;
 }
 
-static int cmd_exec(struct ctl *c, int argc, char **argv)
+static size_t payload_limit(const struct ctl *c)
 {
-    /* exec SLOT [opts] -- CMD... */
-    if (argc < 2)
-        die(2, "exec needs SLOT and a command after --");
-    uint64_t slot = parse_slot(argv[1]);
-    uint64_t timeout_ms = 0;
-    const char *cwd = NULL, *stdin_file = NULL;
-    const char *envs[256];
-    int nenv = 0, i = 2;
-    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
-        if (!strcmp(argv[i], "--timeout-ms") && i + 1 < argc)
-            timeout_ms = parse_slot(argv[++i]);
-        else if (!strcmp(argv[i], "--cwd") && i + 1 < argc)
-            cwd = argv[++i];
-        else if (!strcmp(argv[i], "--stdin-file") && i + 1 < argc)
-            stdin_file = argv[++i];
-        else if (!strcmp(argv[i], "-e") && i + 1 < argc && nenv < 256)
-            envs[nenv++] = argv[++i];
-        else
-            die(2, "exec: unknown option '%s' (the command goes after --)", argv[i]);
-    }
-    if (i >= argc || i + 1 >= argc)
-        die(2, "exec: give the command after --");
-    char **cmd = argv + i + 1;
-    int ncmd = argc - i - 1;
+    return c->max_frame > 2 * FRAME_SLACK ? (size_t)c->max_frame - FRAME_SLACK : FRAME_SLACK;
+}
+
+static int pack_exec_args(struct ctl *c, const struct cmd *cmd, struct args *a)
+{
     char *stdin_buf = NULL;
     size_t stdin_len = 0;
-    if (stdin_file) {
-        int fd = strcmp(stdin_file, "-") == 0 ? 0 : open(stdin_file, O_RDONLY | O_CLOEXEC);
+    if (cmd->stdin_file) {
+        bool is_std = !strcmp(cmd->stdin_file, "-");
+        int fd = is_std ? 0 : open(cmd->stdin_file, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
-            die(1, "%s: %s", stdin_file, strerror(errno));
+            return fail(c, "", "%s: %s", cmd->stdin_file, strerror(errno));
         stdin_buf =
-            read_fd_all(fd, c->max_frame ? c->max_frame - 65536 : SP_DEFAULT_MAX_FRAME, &stdin_len);
-        if (fd)
+            read_all(c, fd, is_std ? "stdin" : cmd->stdin_file, payload_limit(c), &stdin_len);
+        if (!is_std)
             close(fd);
+        if (!stdin_buf)
+            return -1;
     }
-    struct args a;
-    args_begin(&a, 3 + (timeout_ms > 0) + (cwd != NULL) + (nenv > 0) + (stdin_buf != NULL));
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    if (ncmd == 1) {
-        sp_pack_kv_str(&a.pk, "cmd", cmd[0]);
+    args_begin(a, 3 + (cmd->timeout_ms > 0) + (cmd->cwd != NULL) + (cmd->nenv > 0) +
+                      (stdin_buf != NULL));
+    sp_pack_kv_uint(&a->pk, "slot", cmd->slot);
+    if (cmd->nwords == 1) {
+        sp_pack_kv_str(&a->pk, "cmd", cmd->words[0]);
     } else {
-        sp_pack_cstr(&a.pk, "argv");
-        msgpack_pack_array(&a.pk, (uint32_t)ncmd);
-        for (int j = 0; j < ncmd; j++)
-            sp_pack_cstr(&a.pk, cmd[j]);
+        sp_pack_cstr(&a->pk, "argv");
+        msgpack_pack_array(&a->pk, (uint32_t)cmd->nwords);
+        for (int j = 0; j < cmd->nwords; j++)
+            sp_pack_cstr(&a->pk, cmd->words[j]);
     }
-    sp_pack_kv_bool(&a.pk, "stream", !c->json);
-    if (timeout_ms)
-        sp_pack_kv_uint(&a.pk, "timeout_ms", timeout_ms);
-    if (cwd)
-        sp_pack_kv_str(&a.pk, "cwd", cwd);
-    if (nenv) {
-        sp_pack_cstr(&a.pk, "env");
-        msgpack_pack_map(&a.pk, (uint32_t)nenv);
-        for (int j = 0; j < nenv; j++) {
-            const char *eq = strchr(envs[j], '=');
-            if (!eq)
-                die(2, "-e wants K=V, got '%s'", envs[j]);
-            sp_pack_strn(&a.pk, envs[j], (size_t)(eq - envs[j]));
-            sp_pack_cstr(&a.pk, eq + 1);
+    /* --json wants the result with its output: the agent collects it (and
+     * bounds it with head + tail) instead of us. */
+    sp_pack_kv_bool(&a->pk, "stream", !c->json);
+    if (cmd->timeout_ms)
+        sp_pack_kv_uint(&a->pk, "timeout_ms", cmd->timeout_ms);
+    if (cmd->cwd)
+        sp_pack_kv_str(&a->pk, "cwd", cmd->cwd);
+    if (cmd->nenv) {
+        sp_pack_cstr(&a->pk, "env");
+        msgpack_pack_map(&a->pk, (uint32_t)cmd->nenv);
+        for (int j = 0; j < cmd->nenv; j++) {
+            const char *eq = strchr(cmd->env[j], '=');
+            sp_pack_strn(&a->pk, cmd->env[j], (size_t)(eq - cmd->env[j]));
+            sp_pack_cstr(&a->pk, eq + 1);
         }
     }
     if (stdin_buf)
-        sp_pack_kv_bin(&a.pk, "stdin", stdin_buf, stdin_len);
+        sp_pack_kv_bin(&a->pk, "stdin", stdin_buf, stdin_len);
     free(stdin_buf);
-    uint64_t id = send_request_packed(c, "exec", &a.w);
-    sp_writer_free(&a.w);
-    /* The command's own timeout bounds the wait (default 10 min), plus room. */
-    double wait_s = (timeout_ms ? (double)timeout_ms / 1000.0 : 600.0) + c->timeout_s;
-    const msgpack_object *r = wait_answer(c, id, wait_s, exec_event, NULL);
-    if (c->json) {
-        print_json(r);
-    }
-    int code = (int)get_u(r, "exit_code");
-    const msgpack_object *ec = sp_map_get(r, "exit_code");
-    if (ec && ec->type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
-        code = 1;
-    if (get_b(r, "timed_out") || get_b(r, "idle_timed_out")) {
-        fprintf(stderr, "agentctl: command timed out after %llu ms\n",
-                (unsigned long long)get_u(r, "duration_ms"));
-        return 124;
-    }
-    if (get_b(r, "cancelled"))
-        fprintf(stderr, "agentctl: command was cancelled\n");
-    return code > 255 ? 255 : code;
+    return 0;
 }
 
-static void cmd_cat(struct ctl *c, uint64_t slot, const char *path)
+/* While an exec runs, SIGINT/SIGTERM/SIGHUP arrive through a signalfd, so the
+ * first one can cancel the command on the agent instead of orphaning it. */
+static void catch_signals(struct ctl *c, sigset_t *old)
 {
-    uint64_t offset = 0;
-    for (;;) {
-        struct args a;
-        args_begin(&a, 4);
-        sp_pack_kv_uint(&a.pk, "slot", slot);
-        sp_pack_kv_str(&a.pk, "path", path);
-        sp_pack_kv_uint(&a.pk, "offset", offset);
-        sp_pack_kv_uint(&a.pk, "length", READ_RANGE);
-        const msgpack_object *r = call(c, "read_file", &a);
-        const msgpack_object *d = sp_map_get(r, "data");
-        size_t n = d && d->type == MSGPACK_OBJECT_BIN ? d->via.bin.size : 0;
-        if (c->json) {
-            print_json(r);
-        } else if (n) {
-            write_all_fd(1, d->via.bin.ptr, n);
-        }
-        offset += n;
-        if (get_b(r, "eof") || n == 0 || c->json)
-            break;
-    }
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(SIG_BLOCK, &set, old);
+    c->sigfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 
-static void cmd_put(struct ctl *c, uint64_t slot, const char *path)
+static void release_signals(struct ctl *c, const sigset_t *old)
 {
-    size_t n;
-    char *data = read_fd_all(0, c->max_frame ? c->max_frame - 65536 : SP_DEFAULT_MAX_FRAME, &n);
-    struct args a;
-    args_begin(&a, 4);
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    sp_pack_kv_str(&a.pk, "path", path);
-    sp_pack_kv_bin(&a.pk, "data", data, n);
-    sp_pack_kv_bool(&a.pk, "mkdirs", true);
-    free(data);
-    const msgpack_object *r = call(c, "write_file", &a);
-    if (c->json) {
-        print_json(r);
-        return;
-    }
-    int pn;
-    const char *p = get_s(r, "path", &pn);
-    printf("wrote %.*s (%llu bytes)\n", pn, p, (unsigned long long)get_u(r, "size"));
+    if (c->sigfd >= 0)
+        close(c->sigfd);
+    c->sigfd = -1;
+    sigprocmask(SIG_SETMASK, old, NULL);
 }
 
-static void mode_str(char out[11], const char *type, uint64_t mode)
-{
-    out[0] = type[0] == 'd' ? 'd' : type[0] == 's' ? 'l' : type[0] == 'f' ? '-' : '?';
-    const char *rwx = "rwxrwxrwx";
-    for (int i = 0; i < 9; i++)
-        out[i + 1] = (mode & (1u << (8 - i))) ? rwx[i] : '-';
-    out[10] = 0;
-}
-
-static void print_entry(const msgpack_object *e)
-{
-    int tn, pn;
-    const char *type = get_s(e, "type", &tn);
-    const char *path = get_s(e, "path", &pn);
-    char mode[11];
-    char ttype[16];
-    snprintf(ttype, sizeof ttype, "%.*s", tn, type);
-    mode_str(mode, ttype, get_u(e, "mode"));
-    time_t t = (time_t)(get_u(e, "mtime") / 1000);
-    struct tm tm;
-    char when[32];
-    localtime_r(&t, &tm);
-    strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
-    printf("%s %10llu %s %.*s", mode, (unsigned long long)get_u(e, "size"), when, pn, path);
-    int xn;
-    const char *target = get_s(e, "target", &xn);
-    if (sp_map_get(e, "target"))
-        printf(" -> %.*s", xn, target);
-    fputc('\n', stdout);
-}
-
-static void cmd_ls(struct ctl *c, uint64_t slot, const char *path, bool recursive)
-{
-    struct args a;
-    args_begin(&a, 3);
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    sp_pack_kv_str(&a.pk, "path", path);
-    sp_pack_kv_bool(&a.pk, "recursive", recursive);
-    const msgpack_object *r = call(c, "list", &a);
-    if (c->json) {
-        print_json(r);
-        return;
-    }
-    const msgpack_object *arr = sp_map_get(r, "entries");
-    for (uint32_t i = 0; arr && i < arr->via.array.size; i++)
-        print_entry(&arr->via.array.ptr[i]);
-    if (get_b(r, "truncated"))
-        fprintf(stderr, "agentctl: listing truncated\n");
-}
-
-static void cmd_stat(struct ctl *c, uint64_t slot, const char *path)
-{
-    struct args a;
-    args_begin(&a, 2);
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    sp_pack_kv_str(&a.pk, "path", path);
-    const msgpack_object *r = call(c, "stat", &a);
-    if (c->json)
-        print_json(r);
-    else
-        print_entry(r);
-}
-
-static void cmd_archive(struct ctl *c, uint64_t slot, const char *path, const char *format)
-{
-    if (!c->json && isatty(1))
-        die(1, "refusing to write an archive to a terminal: redirect stdout to a file");
-    struct args a;
-    args_begin(&a, 3);
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    sp_pack_kv_str(&a.pk, "path", path);
-    sp_pack_kv_str(&a.pk, "format", format);
-    const msgpack_object *r = call(c, "archive", &a);
-    if (c->json) {
-        print_json(r);
-        return;
-    }
-    const msgpack_object *d = sp_map_get(r, "data");
-    if (d && d->type == MSGPACK_OBJECT_BIN)
-        write_all_fd(1, d->via.bin.ptr, d->via.bin.size);
-    if (isatty(2))
-        fprintf(stderr, "archived %llu entries, %llu bytes (%s)\n",
-                (unsigned long long)get_u(r, "entries"), (unsigned long long)get_u(r, "bytes"),
-                format);
-}
-
-static void cmd_slot_op(struct ctl *c, const char *op, uint64_t slot, const char *key,
-                        const char *val)
-{
-    struct args a;
-    args_begin(&a, val ? 2 : 1);
-    sp_pack_kv_uint(&a.pk, "slot", slot);
-    if (val)
-        sp_pack_kv_str(&a.pk, key, val);
-    const msgpack_object *r = call(c, op, &a);
-    if (c->json)
-        print_json(r);
-    else
-        print_kv(r, 0);
-}
-
-static void cmd_cancel(struct ctl *c, uint64_t exec_id)
+static int send_cancel(struct ctl *c, uint64_t exec_id)
 {
     struct args a;
     args_begin(&a, 1);
     sp_pack_kv_uint(&a.pk, "exec_id", exec_id);
-    const msgpack_object *r = call(c, "cancel", &a);
+    uint64_t id = send_request(c, "cancel", &a.w);
+    sp_writer_free(&a.w);
+    return id ? 0 : -1;
+}
+
+/* Wait for the exec's answer, writing streamed output as it comes. Returns
+ * the result (NULL with c->err set). */
+static const msgpack_object *exec_wait(struct ctl *c, uint64_t id, double budget_s)
+{
+    double deadline = now_s() + budget_s;
+    uint64_t exec_id = 0;
+    bool cancelling = false;
+    for (;;) {
+        int r = recv_frame(c, deadline);
+        if (r < 0)
+            return NULL;
+        if (r == 0) {
+            if (cancelling || !exec_id) {
+                fail(c, "", "interrupted (signal %d)%s", c->signo,
+                     exec_id ? "" : "; the command may still run on the agent");
+                return NULL;
+            }
+            fprintf(stderr, "agentctl: cancelling exec %llu (again to stop waiting)\n",
+                    (unsigned long long)exec_id);
+            if (send_cancel(c, exec_id) < 0)
+                return NULL;
+            cancelling = true;
+            if (deadline > now_s() + CANCEL_GRACE_S)
+                deadline = now_s() + CANCEL_GRACE_S;
+            continue;
+        }
+        const msgpack_object *res = NULL;
+        switch (classify(c, id, &res)) {
+        case FRAME_RESULT: return res;
+        case FRAME_ERROR: return NULL;
+        case FRAME_OTHER: continue; /* e.g. the answer to our cancel */
+        case FRAME_EVENT: break;
+        }
+        const msgpack_object *ev = &c->msg.data;
+        const msgpack_object *name = sp_map_get(ev, "event");
+        if (!name || name->type != MSGPACK_OBJECT_STR)
+            continue;
+        if (sp_str_eq(name->via.str.ptr, name->via.str.size, "started")) {
+            exec_id = get_u(ev, "exec_id");
+            /* Time spent queued behind the slot's earlier work does not
+             * count against the command's own timeout. */
+            deadline = now_s() + budget_s;
+            continue;
+        }
+        const msgpack_object *data = sp_map_get(ev, "data");
+        if (!data || (data->type != MSGPACK_OBJECT_BIN && data->type != MSGPACK_OBJECT_STR))
+            continue;
+        int fd = sp_str_eq(name->via.str.ptr, name->via.str.size, "stderr") ? 2 : 1;
+        if (write_all(c, fd, data->via.bin.ptr, data->via.bin.size) < 0)
+            return NULL;
+    }
+}
+
+static int cmd_exec(struct ctl *c, const struct cmd *cmd, int *status)
+{
+    struct args a;
+    if (pack_exec_args(c, cmd, &a) < 0)
+        return -1;
+    sigset_t old;
+    catch_signals(c, &old);
+    uint64_t id = send_request(c, "exec", &a.w);
+    sp_writer_free(&a.w);
+    uint64_t tmo = cmd->timeout_ms         ? cmd->timeout_ms
+                   : c->default_timeout_ms ? c->default_timeout_ms
+                                           : DEFAULT_EXEC_TIMEOUT_MS;
+    const msgpack_object *r = id ? exec_wait(c, id, (double)tmo / 1000.0 + c->timeout_s) : NULL;
+    release_signals(c, &old);
+    if (!r)
+        return -1;
     if (c->json)
         print_json(r);
-    else
-        print_kv(r, 0);
+    fflush(stdout);
+    const msgpack_object *ec = sp_map_get(r, "exit_code");
+    int code = ec && ec->type == MSGPACK_OBJECT_POSITIVE_INTEGER
+                   ? (int)(ec->via.u64 > 255 ? 255 : ec->via.u64)
+                   : 1;
+    if (get_b(r, "timed_out") || get_b(r, "idle_timed_out")) {
+        fprintf(stderr, "agentctl: exec %llu %stimed out after %llu ms\n",
+                (unsigned long long)get_u(r, "exec_id"), get_b(r, "idle_timed_out") ? "idle " : "",
+                (unsigned long long)get_u(r, "duration_ms"));
+        code = EXIT_TIMED_OUT;
+    } else if (get_b(r, "cancelled")) {
+        fprintf(stderr, "agentctl: exec %llu was cancelled\n",
+                (unsigned long long)get_u(r, "exec_id"));
+    }
+    *status = code;
+    return 0;
+}
+
+static int cmd_cat(struct ctl *c, const struct cmd *cmd)
+{
+    size_t range = payload_limit(c) < READ_RANGE ? payload_limit(c) : READ_RANGE;
+    uint64_t offset = 0;
+    char *all = NULL; /* --json collects the file to print it as one value */
+    size_t all_len = 0;
+    uint64_t size = 0, mode = 0, mtime = 0;
+    for (;;) {
+        struct args a;
+        args_begin(&a, 4);
+        sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+        sp_pack_kv_str(&a.pk, "path", cmd->path);
+        sp_pack_kv_uint(&a.pk, "offset", offset);
+        sp_pack_kv_uint(&a.pk, "length", range);
+        const msgpack_object *r = call(c, "read_file", &a);
+        if (!r) {
+            free(all);
+            return -1;
+        }
+        const msgpack_object *d = sp_map_get(r, "data");
+        size_t n = d && d->type == MSGPACK_OBJECT_BIN ? d->via.bin.size : 0;
+        size = get_u(r, "size"), mode = get_u(r, "mode"), mtime = get_u(r, "mtime");
+        if (c->json && n) {
+            char *nb = realloc(all, all_len + n);
+            if (!nb) {
+                free(all);
+                return fail(c, "", "out of memory");
+            }
+            all = nb;
+            memcpy(all + all_len, d->via.bin.ptr, n);
+            all_len += n;
+        } else if (n && write_all(c, 1, d->via.bin.ptr, n) < 0) {
+            return -1;
+        }
+        offset += n;
+        if (get_b(r, "eof") || n == 0)
+            break;
+    }
+    if (c->json) {
+        fputs("{\n  \"path\": ", stdout);
+        json_str(stdout, cmd->path, strlen(cmd->path));
+        printf(",\n  \"size\": %llu,\n  \"mode\": %llu,\n  \"mtime\": %llu,\n  \"data\": ",
+               (unsigned long long)size, (unsigned long long)mode, (unsigned long long)mtime);
+        json_bytes(stdout, all ? all : "", all_len);
+        fputs("\n}\n", stdout);
+        free(all);
+    }
+    return 0;
+}
+
+static int cmd_put(struct ctl *c, const struct cmd *cmd)
+{
+    size_t n;
+    char *data = read_all(c, 0, "stdin", payload_limit(c), &n);
+    if (!data)
+        return -1;
+    struct args a;
+    args_begin(&a, 4);
+    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    sp_pack_kv_str(&a.pk, "path", cmd->path);
+    sp_pack_kv_bin(&a.pk, "data", data, n);
+    sp_pack_kv_bool(&a.pk, "mkdirs", true);
+    free(data);
+    const msgpack_object *r = call(c, "write_file", &a);
+    if (!r)
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    int pn, hn;
+    const char *p = get_s(r, "path", &pn);
+    const char *h = get_s(r, "sha256", &hn);
+    printf("wrote %.*s (%llu bytes, sha256 %.*s)\n", pn, p, (unsigned long long)get_u(r, "size"),
+           hn, h);
+    return 0;
+}
+
+static void mode_str(char out[11], const char *type, int tn, uint64_t mode)
+{
+    char t = '?';
+    if (sp_str_eq(type, (size_t)tn, "dir"))
+        t = 'd';
+    else if (sp_str_eq(type, (size_t)tn, "file"))
+        t = '-';
+    else if (sp_str_eq(type, (size_t)tn, "symlink"))
+        t = 'l';
+    out[0] = t;
+    static const char rwx[] = "rwxrwxrwx";
+    for (int i = 0; i < 9; i++)
+        out[i + 1] = (mode & (1u << (8 - i))) ? rwx[i] : '-';
+    /* setuid, setgid and sticky show in the execute columns, as ls does. */
+    if (mode & 04000)
+        out[3] = out[3] == 'x' ? 's' : 'S';
+    if (mode & 02000)
+        out[6] = out[6] == 'x' ? 's' : 'S';
+    if (mode & 01000)
+        out[9] = out[9] == 'x' ? 't' : 'T';
+    out[10] = 0;
+}
+
+static void fmt_mtime(char *out, size_t cap, uint64_t ms)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    localtime_r(&t, &tm);
+    strftime(out, cap, "%Y-%m-%d %H:%M", &tm);
+}
+
+static void print_entry(const msgpack_object *e, int size_width)
+{
+    int tn, pn;
+    const char *type = get_s(e, "type", &tn);
+    const char *path = get_s(e, "path", &pn);
+    char mode[11], when[32];
+    mode_str(mode, type, tn, get_u(e, "mode"));
+    fmt_mtime(when, sizeof when, get_u(e, "mtime"));
+    printf("%s %*llu %s %.*s", mode, size_width, (unsigned long long)get_u(e, "size"), when, pn,
+           path);
+    if (sp_map_get(e, "target")) {
+        int xn;
+        const char *target = get_s(e, "target", &xn);
+        printf(" -> %.*s", xn, target);
+    }
+    fputc('\n', stdout);
+}
+
+static int cmd_ls(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 3);
+    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    sp_pack_kv_str(&a.pk, "path", cmd->path);
+    sp_pack_kv_bool(&a.pk, "recursive", cmd->recursive);
+    const msgpack_object *r = call(c, "list", &a);
+    if (!r)
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    const msgpack_object *arr = sp_map_get(r, "entries");
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
+        return fail(c, sp_code_name(SP_INTERNAL), "list answer without entries");
+    int w = 1;
+    for (uint32_t i = 0; i < arr->via.array.size; i++) {
+        int d =
+            snprintf(NULL, 0, "%llu", (unsigned long long)get_u(&arr->via.array.ptr[i], "size"));
+        w = d > w ? d : w;
+    }
+    for (uint32_t i = 0; i < arr->via.array.size; i++)
+        print_entry(&arr->via.array.ptr[i], w);
+    if (get_b(r, "truncated"))
+        fprintf(stderr, "agentctl: listing truncated at %u entries\n", arr->via.array.size);
+    return 0;
+}
+
+static int cmd_stat(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 2);
+    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    sp_pack_kv_str(&a.pk, "path", cmd->path);
+    const msgpack_object *r = call(c, "stat", &a);
+    if (!r)
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    int pn, tn;
+    const char *path = get_s(r, "path", &pn);
+    const char *type = get_s(r, "type", &tn);
+    char mode[11], when[32];
+    uint64_t m = get_u(r, "mode");
+    mode_str(mode, type, tn, m);
+    fmt_mtime(when, sizeof when, get_u(r, "mtime"));
+    printf("path: %.*s\ntype: %.*s\nsize: %llu\nmode: %04llo (%s)\nmtime: %s\n", pn, path, tn, type,
+           (unsigned long long)get_u(r, "size"), (unsigned long long)m, mode, when);
+    if (sp_map_get(r, "target")) {
+        int xn;
+        const char *target = get_s(r, "target", &xn);
+        printf("target: %.*s\n", xn, target);
+    }
+    return 0;
+}
+
+static int cmd_archive(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 3);
+    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    sp_pack_kv_str(&a.pk, "path", cmd->path);
+    sp_pack_kv_str(&a.pk, "format", cmd->format);
+    const msgpack_object *r = call(c, "archive", &a);
+    if (!r)
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    const msgpack_object *d = sp_map_get(r, "data");
+    if (!d || d->type != MSGPACK_OBJECT_BIN)
+        return fail(c, sp_code_name(SP_INTERNAL), "archive answer without data");
+    if (write_all(c, 1, d->via.bin.ptr, d->via.bin.size) < 0)
+        return -1;
+    if (isatty(2))
+        fprintf(stderr, "archived %llu entries, %llu bytes (%s)\n",
+                (unsigned long long)get_u(r, "entries"), (unsigned long long)get_u(r, "bytes"),
+                cmd->format);
+    return 0;
+}
+
+static int cmd_slot_op(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, cmd->trajectory ? 2 : 1);
+    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    if (cmd->trajectory)
+        sp_pack_kv_str(&a.pk, "trajectory_id", cmd->trajectory);
+    const msgpack_object *r = call(c, cmd->name, &a);
+    if (!r)
+        return -1;
+    print_result(c, r);
+    return 0;
+}
+
+static int cmd_cancel(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 1);
+    sp_pack_kv_uint(&a.pk, "exec_id", cmd->exec_id);
+    const msgpack_object *r = call(c, "cancel", &a);
+    if (!r)
+        return -1;
+    print_result(c, r);
+    return 0;
+}
+
+/* ---- command line ------------------------------------------------------------ */
+
+static uint64_t parse_uint(const char *s, const char *what)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (s[0] < '0' || s[0] > '9' || errno || *end)
+        usage_error("%s must be a non-negative integer, got '%s'", what, s);
+    return v;
+}
+
+static double parse_seconds(const char *s, const char *opt)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !(v >= 0) || v > 1e7)
+        usage_error("%s wants seconds, got '%s'", opt, s);
+    return v;
+}
+
+static void parse_exec(struct cmd *cmd, int argc, char **argv)
+{
+    int i = 2;
+    cmd->env = calloc((size_t)argc, sizeof *cmd->env);
+    if (!cmd->env)
+        usage_error("out of memory");
+    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        const char *o = argv[i];
+        bool has_val = i + 1 < argc;
+        if (!strcmp(o, "--timeout-ms") && has_val) {
+            cmd->timeout_ms = parse_uint(argv[++i], "--timeout-ms");
+        } else if (!strcmp(o, "--cwd") && has_val) {
+            cmd->cwd = argv[++i];
+        } else if (!strcmp(o, "--stdin-file") && has_val) {
+            cmd->stdin_file = argv[++i];
+        } else if (!strcmp(o, "-e") && has_val) {
+            const char *kv = argv[++i];
+            if (!strchr(kv, '=') || kv[0] == '=')
+                usage_error("-e wants K=V, got '%s'", kv);
+            cmd->env[cmd->nenv++] = kv;
+        } else if (!strcmp(o, "--timeout-ms") || !strcmp(o, "--cwd") ||
+                   !strcmp(o, "--stdin-file") || !strcmp(o, "-e")) {
+            usage_error("exec: %s needs a value", o);
+        } else {
+            usage_error("exec: unknown option '%s' (the command goes after --)", o);
+        }
+    }
+    if (i + 1 >= argc)
+        usage_error("exec: give the command after --");
+    cmd->words = argv + i + 1;
+    cmd->nwords = argc - i - 1;
+}
+
+static void parse_command(struct cmd *cmd, int argc, char **argv)
+{
+    static const struct {
+        const char *name;
+        enum cmd_kind kind;
+        int min, max; /* positional words after the command, -1 = any */
+        const char *usage;
+    } table[] = {
+        {"hello", CMD_HELLO, 0, 0, "hello"},
+        {"health", CMD_HEALTH, 0, 0, "health"},
+        {"stats", CMD_STATS, 0, 0, "stats"},
+        {"slots", CMD_SLOTS, 0, 0, "slots"},
+        {"exec", CMD_EXEC, 1, -1, "exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... -- CMD..."},
+        {"cat", CMD_CAT, 2, 2, "cat SLOT PATH"},
+        {"put", CMD_PUT, 2, 2, "put SLOT PATH < FILE"},
+        {"ls", CMD_LS, 1, 3, "ls SLOT [PATH] [-R]"},
+        {"stat", CMD_STAT, 2, 2, "stat SLOT PATH"},
+        {"archive", CMD_ARCHIVE, 1, 4, "archive SLOT [PATH] [--format tar|tar.gz]"},
+        {"reset", CMD_RESET, 1, 1, "reset SLOT"},
+        {"lease", CMD_LEASE, 2, 2, "lease SLOT TRAJECTORY"},
+        {"unlease", CMD_UNLEASE, 1, 1, "unlease SLOT"},
+        {"cancel", CMD_CANCEL, 1, 1, "cancel EXEC_ID"},
+    };
+    size_t t = 0, nt = sizeof table / sizeof table[0];
+    while (t < nt && strcmp(argv[0], table[t].name) != 0)
+        t++;
+    if (t == nt)
+        usage_error("unknown command '%s'", argv[0]);
+    int nargs = argc - 1;
+    if (nargs < table[t].min || (table[t].max >= 0 && nargs > table[t].max))
+        usage_error("usage: agentctl %s", table[t].usage);
+    cmd->kind = table[t].kind;
+    cmd->name = table[t].name;
+    cmd->path = ".";
+    cmd->format = "tar.gz";
+    switch (cmd->kind) {
+    case CMD_EXEC:
+        cmd->slot = parse_uint(argv[1], "SLOT");
+        parse_exec(cmd, argc, argv);
+        break;
+    case CMD_CAT:
+    case CMD_PUT:
+    case CMD_STAT:
+        cmd->slot = parse_uint(argv[1], "SLOT");
+        cmd->path = argv[2];
+        break;
+    case CMD_LS: {
+        cmd->slot = parse_uint(argv[1], "SLOT");
+        bool have_path = false;
+        for (int i = 2; i < argc; i++) {
+            if (!strcmp(argv[i], "-R"))
+                cmd->recursive = true;
+            else if (argv[i][0] == '-' || have_path)
+                usage_error("usage: agentctl %s", table[t].usage);
+            else
+                cmd->path = argv[i], have_path = true;
+        }
+        break;
+    }
+    case CMD_ARCHIVE: {
+        cmd->slot = parse_uint(argv[1], "SLOT");
+        bool have_path = false;
+        for (int i = 2; i < argc; i++) {
+            if (!strcmp(argv[i], "--format") && i + 1 < argc)
+                cmd->format = argv[++i];
+            else if (argv[i][0] == '-' || have_path)
+                usage_error("usage: agentctl %s", table[t].usage);
+            else
+                cmd->path = argv[i], have_path = true;
+        }
+        if (strcmp(cmd->format, "tar") != 0 && strcmp(cmd->format, "tar.gz") != 0)
+            usage_error("archive: --format is tar or tar.gz, got '%s'", cmd->format);
+        break;
+    }
+    case CMD_RESET:
+    case CMD_UNLEASE: cmd->slot = parse_uint(argv[1], "SLOT"); break;
+    case CMD_LEASE:
+        cmd->slot = parse_uint(argv[1], "SLOT");
+        cmd->trajectory = argv[2];
+        break;
+    case CMD_CANCEL: cmd->exec_id = parse_uint(argv[1], "EXEC_ID"); break;
+    default: break;
+    }
+}
+
+static int run(struct ctl *c, const struct cmd *cmd, int *status)
+{
+    if (connect_agent(c) < 0 || hello(c, cmd) < 0)
+        return -1;
+    switch (cmd->kind) {
+    case CMD_HELLO: return 0;
+    case CMD_HEALTH:
+    case CMD_STATS: return cmd_simple(c, cmd->name);
+    case CMD_SLOTS: return cmd_slots(c);
+    case CMD_EXEC: return cmd_exec(c, cmd, status);
+    case CMD_CAT: return cmd_cat(c, cmd);
+    case CMD_PUT: return cmd_put(c, cmd);
+    case CMD_LS: return cmd_ls(c, cmd);
+    case CMD_STAT: return cmd_stat(c, cmd);
+    case CMD_ARCHIVE: return cmd_archive(c, cmd);
+    case CMD_RESET:
+    case CMD_LEASE:
+    case CMD_UNLEASE: return cmd_slot_op(c, cmd);
+    case CMD_CANCEL: return cmd_cancel(c, cmd);
+    }
+    return 0;
 }
 
 int main(int argc, char **argv)
 {
-    struct ctl ctl = {.rfd = -1, .wfd = -1, .timeout_s = DEFAULT_TIMEOUT_S};
+    struct ctl ctl = {.rfd = -1, .wfd = -1, .sigfd = -1, .timeout_s = DEFAULT_TIMEOUT_S};
     struct ctl *c = &ctl;
     c->agent = getenv("SLOT_AGENT");
     c->token_file = getenv("SLOT_TOKEN_FILE");
+    if (c->agent && !*c->agent)
+        c->agent = NULL;
+    if (c->token_file && !*c->token_file)
+        c->token_file = NULL;
     static const struct option opts[] = {
         {"agent", required_argument, NULL, 'a'},
         {"agent-cmd", required_argument, NULL, 'c'},
@@ -850,108 +1673,59 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     int o;
-    /* "+": stop at the first command word, so command options stay its own. */
-    while ((o = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
+    opterr = 0;
+    /* "+": stop at the first command word, so the command's options stay its own. */
+    while ((o = getopt_long(argc, argv, "+:h", opts, NULL)) != -1) {
         switch (o) {
         case 'a': c->agent = optarg; break;
         case 'c': c->agent_cmd = optarg; break;
         case 't': c->token_file = optarg; break;
         case 'j': c->json = true; break;
         case 'T':
-            c->timeout_s = atof(optarg);
+            c->timeout_s = parse_seconds(optarg, "--timeout");
             if (c->timeout_s <= 0)
-                die(2, "bad --timeout");
+                usage_error("--timeout must be positive");
             break;
-        case 'W': c->wait_s = atof(optarg); break;
-        case 'h': fputs(usage, stdout); return 0;
-        default: fputs(usage, stderr); return 2;
+        case 'W': c->wait_s = parse_seconds(optarg, "--wait"); break;
+        case 'h': fputs(usage_text, stdout); return 0;
+        case ':': usage_error("%s needs a value", argv[optind - 1]);
+        default: usage_error("unknown option '%s'", argv[optind - 1]);
         }
     }
     argc -= optind;
     argv += optind;
-    if (argc < 1) {
-        fputs(usage, stderr);
-        return 2;
+    if (argc < 1)
+        usage_error("no command given");
+    struct cmd cmd = {0};
+    parse_command(&cmd, argc, argv);
+    if (!c->agent && !c->agent_cmd)
+        usage_error("no agent: give --agent unix:PATH|tcp:HOST:PORT or --agent-cmd, or set "
+                    "SLOT_AGENT");
+    if (c->agent && c->agent_cmd && c->agent != getenv("SLOT_AGENT"))
+        usage_error("give --agent or --agent-cmd, not both");
+    if (cmd.kind == CMD_ARCHIVE && !c->json && isatty(1)) {
+        fprintf(stderr, "agentctl: refusing to write an archive to a terminal: redirect stdout "
+                        "to a file\n");
+        return EXIT_ERROR;
     }
-    if (!c->agent && !c->agent_cmd) {
-        fprintf(stderr, "agentctl: no agent: give --agent unix:PATH|tcp:HOST:PORT, --agent-cmd, "
-                        "or set SLOT_AGENT\n");
-        return 2;
-    }
-    const char *cmd = argv[0];
-    static const char *const known[] = {"hello", "health", "stats",   "slots", "exec",
-                                        "cat",   "put",    "ls",      "stat",  "archive",
-                                        "reset", "lease",  "unlease", "cancel"};
-    bool ok = false;
-    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
-        ok |= strcmp(cmd, known[i]) == 0;
-    if (!ok) {
-        fprintf(stderr, "agentctl: unknown command '%s'\n%s", cmd, usage);
-        return 2;
-    }
+
     signal(SIGPIPE, SIG_IGN);
     sp_reader_init(&c->rd, SP_DEFAULT_MAX_FRAME);
     sp_writer_init(&c->wr, 0);
-    int rc = 0;
-    /* Usage errors first, before connecting. */
-    if ((!strcmp(cmd, "cat") || !strcmp(cmd, "put") || !strcmp(cmd, "stat") ||
-         !strcmp(cmd, "lease")) &&
-        argc != 3)
-        die(2, "usage: agentctl %s SLOT %s", cmd, !strcmp(cmd, "lease") ? "TRAJECTORY" : "PATH");
-    if ((!strcmp(cmd, "reset") || !strcmp(cmd, "unlease") || !strcmp(cmd, "cancel")) && argc != 2)
-        die(2, "usage: agentctl %s %s", cmd, !strcmp(cmd, "cancel") ? "EXEC_ID" : "SLOT");
-    if ((!strcmp(cmd, "ls") || !strcmp(cmd, "archive")) && argc < 2)
-        die(2, "usage: agentctl %s SLOT [PATH]", cmd);
-    connect_agent(c);
-    hello(c, !strcmp(cmd, "hello"));
-    if (!strcmp(cmd, "hello")) {
-    } else if (!strcmp(cmd, "health") || !strcmp(cmd, "stats")) {
-        cmd_simple(c, cmd);
-    } else if (!strcmp(cmd, "slots")) {
-        cmd_slots(c);
-    } else if (!strcmp(cmd, "exec")) {
-        rc = cmd_exec(c, argc, argv);
-    } else if (!strcmp(cmd, "cat")) {
-        cmd_cat(c, parse_slot(argv[1]), argv[2]);
-    } else if (!strcmp(cmd, "put")) {
-        cmd_put(c, parse_slot(argv[1]), argv[2]);
-    } else if (!strcmp(cmd, "ls")) {
-        const char *path = ".";
-        bool rec = false;
-        for (int i = 2; i < argc; i++) {
-            if (!strcmp(argv[i], "-R"))
-                rec = true;
-            else
-                path = argv[i];
-        }
-        cmd_ls(c, parse_slot(argv[1]), path, rec);
-    } else if (!strcmp(cmd, "stat")) {
-        cmd_stat(c, parse_slot(argv[1]), argv[2]);
-    } else if (!strcmp(cmd, "archive")) {
-        const char *path = ".", *format = "tar.gz";
-        for (int i = 2; i < argc; i++) {
-            if (!strcmp(argv[i], "--format") && i + 1 < argc)
-                format = argv[++i];
-            else
-                path = argv[i];
-        }
-        cmd_archive(c, parse_slot(argv[1]), path, format);
-    } else if (!strcmp(cmd, "reset")) {
-        cmd_slot_op(c, "reset", parse_slot(argv[1]), NULL, NULL);
-    } else if (!strcmp(cmd, "lease")) {
-        cmd_slot_op(c, "lease", parse_slot(argv[1]), "trajectory_id", argv[2]);
-    } else if (!strcmp(cmd, "unlease")) {
-        cmd_slot_op(c, "unlease", parse_slot(argv[1]), NULL, NULL);
-    } else if (!strcmp(cmd, "cancel")) {
-        cmd_cancel(c, parse_slot(argv[1]));
-    }
-    fflush(stdout);
-    if (c->frame) {
-        msgpack_unpacked_destroy(&c->msg);
-        free(c->frame);
-    }
+    int status = 0;
+    int rc = run(c, &cmd, &status);
+    if (fflush(stdout) != 0 && rc == 0)
+        rc = fail(c, "", "writing to stdout: %s", strerror(errno));
     disconnect(c);
     sp_reader_free(&c->rd);
     sp_writer_free(&c->wr);
-    return rc;
+    free(cmd.env);
+    if (rc < 0) {
+        if (c->err.code[0])
+            fprintf(stderr, "agentctl: %s: %s\n", c->err.code, c->err.msg);
+        else
+            fprintf(stderr, "agentctl: %s\n", c->err.msg);
+        return c->interrupted ? EXIT_INTERRUPTED : EXIT_ERROR;
+    }
+    return status;
 }

@@ -1,12 +1,25 @@
-/* bench-agent-exec: exec throughput, latency, agent CPU and RSS, against the
- * floor of spawning the same command directly (posix_spawn + pipes +
- * waitpid) in the same run. Prints figures; asserts nothing. */
+/* bench-agent-exec: throughput, latency, CPU and memory of slot-agent's
+ * `exec`, against the floor of spawning the same command directly from this
+ * process (posix_spawn of /bin/bash -c CMD, stdout/stderr to drained pipes,
+ * waitpid), both measured in the same run at the same concurrency.
+ *
+ * The bench starts its own agent in a fresh temp dir (Unix socket, 32 slots)
+ * and removes it afterwards, also on failure paths and on SIGINT/SIGTERM.
+ * Every answer is validated (ok, exit_code 0, the expected stdout size);
+ * failures are counted and the first few printed. Figures and target
+ * comparisons are printed ("ok"/"MISS"); timings are never asserted: the
+ * exit status is 0 unless the setup fails (agent cannot be started or
+ * reached, dies, or stops answering). See tests/bench/README.md. */
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,32 +35,94 @@
 
 extern char **environ;
 
-#define MAX_CONC 64
+#define MAX_LEVELS 8
+#define MAX_CONC 256
+#define MAX_RESULTS 96
+#define WARMUP_OPS 200
+#define WARMUP_CONC 8
+#define START_TIMEOUT_S 5.0
+#define STOP_TIMEOUT_S 5.0
+#define STALL_TIMEOUT_S 30.0
+#define RSS_SAMPLE_S 0.002
+#define ERRORS_SHOWN 10
+#define NSLOTS 32
+
+struct workload {
+    const char *name;
+    const char *cmd;
+    size_t stdout_bytes; /* expected on stdout */
+};
+
+static const struct workload workloads[] = {
+    {"true", "true", 0},
+    {"64KiB", "head -c 65536 /dev/zero", 65536},
+};
+#define NWORKLOADS (sizeof workloads / sizeof workloads[0])
+
+/* Agent isolation settings. The first is the agent with its defaults (every
+ * rung the host supports); the others only run with --rungs. A variant that
+ * is not `full` runs only the first workload at concurrency 1. */
+struct variant {
+    const char *name;
+    const char *args[7];
+    bool full;
+};
+
+static const struct variant variants[] = {
+    {"default", {NULL}, true},
+    {"off", {"--without", "landlock", "--without", "seccomp", "--without", "rlimits", NULL}, true},
+    {"rlimits", {"--without", "landlock", "--without", "seccomp", NULL}, false},
+    {"landlock", {"--without", "seccomp", "--without", "rlimits", NULL}, false},
+    {"seccomp", {"--without", "landlock", "--without", "rlimits", NULL}, false},
+};
+#define NVARIANTS (sizeof variants / sizeof variants[0])
 
 struct result {
-    const char *workload, *side, *variant;
+    const char *workload;
+    const char *side; /* "floor" or "agent" */
+    const char *variant;
     int conc;
-    double ops_s, p50_ms, p99_ms, cpu_ms;
+    int ops;
     unsigned errors;
+    double secs, ops_s, p50_ms, p99_ms, max_ms;
+    double cpu_s; /* floor: this process; agent: the agent process */
+};
+
+struct agent {
+    pid_t pid;
+    char dir[PATH_MAX];
+    char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
 };
 
 struct bench {
     const char *agent_bin;
     int ops;
-    int levels[8];
+    int levels[MAX_LEVELS];
     int nlevels;
+    int top_level; /* highest concurrency: RSS is sampled there */
     bool json;
-    char dir[64];
-    char sock[100];
-    pid_t agent;
-    const char *variant;  /* label of the agent's isolation setting */
-    const char *extra[8]; /* extra agent arguments for this variant */
-    int nextra;
-    bool rungs; /* also measure each rung alone */
-    struct result res[128];
+    bool rungs;
+    long clk_tck;
+    char **child_env;
+    posix_spawnattr_t attr;
+    struct agent ag;
+    const char *variant;
+    bool sample_rss;
+    double last_rss_sample;
+    long rss_idle_kb, rss_after_kb, rss_peak_kb, rss_hwm_kb;
+    unsigned errors_shown;
+    unsigned long errors_total;
+    struct result res[MAX_RESULTS];
     int nres;
-    long rss_idle_kb, rss_peak_kb;
 };
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
 
 static double now(void)
 {
@@ -56,175 +131,281 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static int cmp_d(const void *a, const void *b)
+static void sleep_s(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
+static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
+    return (x > y) - (x < y);
 }
 
-static double pct(double *v, int n, double q)
+/* Nearest-rank percentile of a sorted array. */
+static double percentile(const double *sorted, int n, double q)
 {
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    int i = (int)(q * n);
-    return v[i >= n ? n - 1 : i];
+    if (n <= 0)
+        return 0;
+    int k = (int)ceil(q * n) - 1;
+    if (k < 0)
+        k = 0;
+    if (k >= n)
+        k = n - 1;
+    return sorted[k];
 }
 
-static double self_cpu(void)
+static double self_cpu_s(void)
 {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6 +
-           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
 }
 
-static double proc_cpu(pid_t pid)
+/* utime + stime of pid in clock ticks (fields 14 and 15 of /proc/PID/stat),
+ * -1 when unreadable. */
+static long long proc_cpu_ticks(pid_t pid)
 {
-    char path[64], buf[1024];
+    char path[64], buf[2048];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
     buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    unsigned long ut = 0, st = 0;
-    /* fields after ")": state ppid pgrp session tty tpgid flags minflt cminflt majflt
-     * cmajflt utime stime */
-    if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
-        return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-    return 0;
+    /* comm may hold spaces and parentheses: fields restart after the last ')'. */
+    const char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    unsigned long long ut, st;
+    /* field 3 (state) .. 13 (cmajflt), then 14 utime, 15 stime */
+    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (long long)(ut + st);
 }
 
-static long proc_rss_kb(pid_t pid)
+/* A "Key:   N kB" line of /proc/PID/status, in KiB; -1 when unreadable. */
+static long proc_status_kb(pid_t pid, const char *key)
 {
     char path[64], line[256];
     snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    long kb = 0;
+    FILE *f = fopen(path, "re");
     if (!f)
-        return 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld", &kb) == 1)
+        return -1;
+    long kb = -1;
+    size_t kl = strlen(key);
+    while (fgets(line, sizeof line, f)) {
+        if (!strncmp(line, key, kl) && line[kl] == ':') {
+            kb = strtol(line + kl + 1, NULL, 10);
             break;
+        }
+    }
     fclose(f);
     return kb;
 }
 
-/* ---- floor: spawn directly ------------------------------------------- */
+static void sample_rss(struct bench *b, bool force)
+{
+    if (!b->sample_rss)
+        return;
+    double t = now();
+    if (!force && t - b->last_rss_sample < RSS_SAMPLE_S)
+        return;
+    b->last_rss_sample = t;
+    long kb = proc_status_kb(b->ag.pid, "VmRSS");
+    if (kb > b->rss_peak_kb)
+        b->rss_peak_kb = kb;
+}
 
-struct child {
+static void note_error(struct bench *b, const char *side, const char *workload, int conc,
+                       const char *why)
+{
+    b->errors_total++;
+    if (b->errors_shown++ < ERRORS_SHOWN)
+        fprintf(stderr, "bench: %s %s c=%d: %s\n", side, workload, conc, why);
+    else if (b->errors_shown == ERRORS_SHOWN + 1)
+        fprintf(stderr, "bench: (further errors only counted)\n");
+}
+
+static struct result *add_result(struct bench *b, const char *workload, const char *side, int conc,
+                                 double *lat, int n, double secs, double cpu_s, unsigned errors)
+{
+    if (b->nres >= MAX_RESULTS)
+        return NULL;
+    struct result *r = &b->res[b->nres++];
+    qsort(lat, (size_t)n, sizeof *lat, cmp_double);
+    *r = (struct result){
+        .workload = workload,
+        .side = side,
+        .variant = strcmp(side, "floor") ? b->variant : "-",
+        .conc = conc,
+        .ops = n,
+        .errors = errors,
+        .secs = secs,
+        .ops_s = secs > 0 ? n / secs : 0,
+        .p50_ms = percentile(lat, n, 0.50) * 1e3,
+        .p99_ms = percentile(lat, n, 0.99) * 1e3,
+        .max_ms = n ? lat[n - 1] * 1e3 : 0,
+        .cpu_s = cpu_s,
+    };
+    return r;
+}
+
+/* ---- floor: this process spawns the command itself --------------------- */
+
+struct fchild {
     pid_t pid;
-    int fd[2];
+    int fd[2]; /* stdout, stderr read ends; -1 at EOF */
+    size_t out_bytes;
     double t0;
     bool busy;
 };
 
-static int spawn_one(const char *cmd, struct child *ch)
+static int floor_spawn(struct bench *b, const char *cmd, struct fchild *ch)
 {
     int out[2], err[2];
-    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0)
+    ch->t0 = now();
+    if (pipe2(out, O_CLOEXEC) < 0)
         return -1;
+    if (pipe2(err, O_CLOEXEC) < 0) {
+        close(out[0]);
+        close(out[1]);
+        return -1;
+    }
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
     posix_spawn_file_actions_adddup2(&fa, err[1], 2);
     char *argv[] = {"/bin/bash", "-c", (char *)cmd, NULL};
-    ch->t0 = now();
-    int rc = posix_spawn(&ch->pid, "/bin/bash", &fa, NULL, argv, environ);
+    int rc = posix_spawn(&ch->pid, "/bin/bash", &fa, &b->attr, argv, b->child_env);
     posix_spawn_file_actions_destroy(&fa);
     close(out[1]);
     close(err[1]);
     if (rc != 0) {
         close(out[0]);
         close(err[0]);
+        errno = rc;
         return -1;
     }
-    ch->fd[0] = out[0];
-    ch->fd[1] = err[0];
+    /* only our ends are non-blocking; the child's stay blocking */
     fcntl(out[0], F_SETFL, O_NONBLOCK);
     fcntl(err[0], F_SETFL, O_NONBLOCK);
+    ch->fd[0] = out[0];
+    ch->fd[1] = err[0];
+    ch->out_bytes = 0;
     ch->busy = true;
     return 0;
 }
 
-static void run_floor(struct bench *b, const char *workload, const char *cmd, int conc, int ops,
-                      bool record)
+/* Runs ops commands keeping conc in flight; records a result when record.
+ * 0, or -1 when interrupted or nothing can be spawned. */
+static int run_floor(struct bench *b, const struct workload *w, int conc, int ops, bool record)
 {
-    struct child ch[MAX_CONC];
-    memset(ch, 0, sizeof ch);
+    struct fchild *ch = calloc((size_t)conc, sizeof *ch);
     double *lat = calloc((size_t)ops, sizeof *lat);
-    int started = 0, done = 0;
+    struct pollfd *pfd = calloc((size_t)conc * 2, sizeof *pfd);
+    int *owner = calloc((size_t)conc * 2, sizeof *owner);
+    static char sink[1 << 16];
+    char why[160];
+    int started = 0, done = 0, rc = 0;
     unsigned errors = 0;
-    double cpu0 = self_cpu(), t0 = now();
-    char sink[65536];
+    if (!ch || !lat || !pfd || !owner) {
+        rc = -1;
+        goto out;
+    }
+    double cpu0 = self_cpu_s(), t0 = now();
     while (done < ops) {
-        for (int i = 0; i < conc && started < ops; i++)
-            if (!ch[i].busy) {
-                if (spawn_one(cmd, &ch[i]) < 0)
-                    errors++;
-                started++;
+        if (g_stop) {
+            rc = -1;
+            break;
+        }
+        for (int i = 0; i < conc && started < ops; i++) {
+            if (ch[i].busy)
+                continue;
+            if (floor_spawn(b, w->cmd, &ch[i]) < 0) {
+                fprintf(stderr, "bench: posix_spawn /bin/bash: %s\n", strerror(errno));
+                rc = -1;
+                goto drain;
             }
-        struct pollfd p[2 * MAX_CONC];
-        int np = 0, owner[2 * MAX_CONC];
+            started++;
+        }
+        int np = 0;
         for (int i = 0; i < conc; i++)
             for (int k = 0; k < 2; k++)
                 if (ch[i].busy && ch[i].fd[k] >= 0) {
-                    p[np].fd = ch[i].fd[k];
-                    p[np].events = POLLIN;
+                    pfd[np] = (struct pollfd){.fd = ch[i].fd[k], .events = POLLIN};
                     owner[np++] = i * 2 + k;
                 }
-        if (np == 0)
-            continue;
-        poll(p, (nfds_t)np, 1000);
+        if (poll(pfd, (nfds_t)np, 1000) < 0 && errno != EINTR) {
+            rc = -1;
+            break;
+        }
         for (int j = 0; j < np; j++) {
-            if (!p[j].revents)
+            if (!pfd[j].revents)
                 continue;
-            struct child *c = &ch[owner[j] / 2];
+            struct fchild *c = &ch[owner[j] / 2];
             int k = owner[j] % 2;
             ssize_t n;
             while ((n = read(c->fd[k], sink, sizeof sink)) > 0)
-                ;
-            if (n == 0) {
+                if (k == 0)
+                    c->out_bytes += (size_t)n;
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
                 close(c->fd[k]);
                 c->fd[k] = -1;
             }
-            if (c->fd[0] < 0 && c->fd[1] < 0) {
-                int st;
-                waitpid(c->pid, &st, 0);
-                if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-                    errors++;
-                lat[done++] = now() - c->t0;
-                c->busy = false;
+            if (c->fd[0] >= 0 || c->fd[1] >= 0)
+                continue;
+            /* both streams at EOF: the command is exiting; reap it */
+            int st = 0;
+            while (waitpid(c->pid, &st, 0) < 0 && errno == EINTR)
+                ;
+            lat[done++] = now() - c->t0;
+            c->busy = false;
+            if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || c->out_bytes != w->stdout_bytes) {
+                errors++;
+                snprintf(why, sizeof why, "status 0x%x, %zu bytes on stdout (want %zu)", st,
+                         c->out_bytes, w->stdout_bytes);
+                if (record)
+                    note_error(b, "floor", w->name, conc, why);
             }
         }
     }
-    double el = now() - t0, cpu = self_cpu() - cpu0;
-    if (record) {
-        struct result *r = &b->res[b->nres++];
-        *r = (struct result){workload,
-                             "floor",
-                             "-",
-                             conc,
-                             ops / el,
-                             pct(lat, ops, 0.5) * 1e3,
-                             pct(lat, ops, 0.99) * 1e3,
-                             cpu / ops * 1e3,
-                             errors};
+    if (rc == 0 && record)
+        add_result(b, w->name, "floor", conc, lat, done, now() - t0, self_cpu_s() - cpu0, errors);
+drain:
+    for (int i = 0; i < conc; i++) {
+        if (!ch[i].busy)
+            continue;
+        for (int k = 0; k < 2; k++)
+            if (ch[i].fd[k] >= 0)
+                close(ch[i].fd[k]);
+        kill(ch[i].pid, SIGKILL);
+        waitpid(ch[i].pid, NULL, 0);
     }
+out:
+    free(ch);
     free(lat);
+    free(pfd);
+    free(owner);
+    return rc;
 }
 
-/* ---- agent ------------------------------------------------------------ */
+/* ---- agent: exec requests over Unix sockets --------------------------- */
 
-struct conn {
+struct aconn {
     int fd;
+    int slot;
     struct sp_reader rd;
     struct sp_writer wr;
+    uint64_t id;
     double t0;
     bool busy;
-    uint64_t id;
 };
 
 static int connect_unix(const char *path)
@@ -232,15 +413,31 @@ static int connect_unix(const char *path)
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-        if (fd >= 0)
-            close(fd);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
         return -1;
     }
     return fd;
 }
 
-static void send_exec(struct conn *c, int slot, const char *cmd)
+/* After a connection failure: say so when the agent itself is gone. */
+static void explain_agent_loss(struct bench *b)
+{
+    int st = 0;
+    if (b->ag.pid > 0 && waitpid(b->ag.pid, &st, WNOHANG) == b->ag.pid) {
+        if (WIFSIGNALED(st))
+            fprintf(stderr, "bench: the agent died of signal %d\n", WTERMSIG(st));
+        else
+            fprintf(stderr, "bench: the agent exited with status %d\n", WEXITSTATUS(st));
+        b->ag.pid = 0;
+    }
+}
+
+static int queue_exec(struct aconn *c, const char *cmd)
 {
     msgpack_packer pk;
     struct sp_err err;
@@ -248,319 +445,741 @@ static void send_exec(struct conn *c, int slot, const char *cmd)
     sp_writer_packer(&c->wr, &pk);
     sp_pack_request_head(&pk, ++c->id, "exec", true);
     msgpack_pack_map(&pk, 2);
-    sp_pack_kv_uint(&pk, "slot", (uint64_t)slot);
+    sp_pack_kv_uint(&pk, "slot", (uint64_t)c->slot);
     sp_pack_kv_str(&pk, "cmd", cmd);
-    sp_writer_end_frame(&c->wr, &err);
+    if (sp_writer_end_frame(&c->wr, &err) < 0)
+        return -1;
     c->t0 = now();
-    while (sp_writer_pending(&c->wr))
-        if (sp_writer_flush(&c->wr, c->fd) < 0)
-            break;
     c->busy = true;
+    return sp_writer_flush(&c->wr, c->fd) < 0 ? -1 : 0;
 }
 
-/* 1 when the response is ok with exit_code 0. */
-static int check_response(const char *data, uint32_t len)
+static const char *str_or(const msgpack_object *map, const char *key, char *buf, size_t cap)
+{
+    const char *s;
+    size_t n;
+    struct sp_err err;
+    if (map && sp_get_str(map, key, true, &s, &n, &err) == 1) {
+        snprintf(buf, cap, "%.*s", (int)(n < cap ? n : cap - 1), s);
+        return buf;
+    }
+    return "?";
+}
+
+/* Classify one frame: 1 the final answer and good, 0 the final answer and
+ * bad (why says how), 2 a stream event (not final). */
+static int check_answer(const char *data, uint32_t len, uint64_t want_id, size_t want_stdout,
+                        char *why, size_t whylen)
 {
     msgpack_unpacked u;
-    msgpack_unpacked_init(&u);
     struct sp_err err;
-    int good = 0;
-    if (sp_unpack(data, len, &u, &err) == 0) {
-        const msgpack_object *ok = sp_map_get(&u.data, "ok");
-        const msgpack_object *res = sp_map_get(&u.data, "result");
-        const msgpack_object *code = res ? sp_map_get(res, "exit_code") : NULL;
-        good = ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean && code &&
-               code->type == MSGPACK_OBJECT_POSITIVE_INTEGER && code->via.u64 == 0;
-        if (!good && getenv("BENCH_VERBOSE"))
-            fprintf(stderr, "bad response (%u bytes)\n", len);
+    int rc = 0;
+    msgpack_unpacked_init(&u);
+    if (sp_unpack(data, len, &u, &err) < 0 || u.data.type != MSGPACK_OBJECT_MAP) {
+        snprintf(why, whylen, "undecodable answer (%u bytes)", len);
+        goto out;
     }
+    const msgpack_object *root = &u.data;
+    if (sp_map_get(root, "event")) {
+        rc = 2;
+        goto out;
+    }
+    uint64_t id = 0;
+    bool ok = false;
+    if (sp_get_uint(root, "id", true, &id, &err) < 0 ||
+        sp_get_bool(root, "ok", true, &ok, &err) < 0) {
+        snprintf(why, whylen, "malformed answer: %s", err.msg);
+        goto out;
+    }
+    if (id != want_id) {
+        snprintf(why, whylen, "answer id %llu, expected %llu", (unsigned long long)id,
+                 (unsigned long long)want_id);
+        goto out;
+    }
+    if (!ok) {
+        const msgpack_object *e = NULL;
+        char code[64], msg[200];
+        sp_get_map(root, "error", false, &e, &err);
+        snprintf(why, whylen, "error %s: %s", str_or(e, "code", code, sizeof code),
+                 str_or(e, "message", msg, sizeof msg));
+        goto out;
+    }
+    const msgpack_object *res = NULL;
+    int64_t exit_code = -1;
+    uint64_t out_bytes = 0;
+    const char *out_data = NULL;
+    size_t out_len = 0;
+    bool timed_out = false;
+    if (sp_get_map(root, "result", true, &res, &err) < 0 ||
+        sp_get_int(res, "exit_code", true, &exit_code, &err) < 0 ||
+        sp_get_uint(res, "stdout_bytes", true, &out_bytes, &err) < 0 ||
+        sp_get_bin(res, "stdout", true, &out_data, &out_len, &err) < 0 ||
+        sp_get_bool(res, "timed_out", false, &timed_out, &err) < 0) {
+        snprintf(why, whylen, "malformed result: %s", err.msg);
+        goto out;
+    }
+    if (exit_code != 0 || timed_out || out_bytes != want_stdout || out_len != want_stdout) {
+        snprintf(why, whylen, "exit_code %lld%s, stdout_bytes %llu, stdout %zu bytes (want %zu)",
+                 (long long)exit_code, timed_out ? " (timed out)" : "",
+                 (unsigned long long)out_bytes, out_len, want_stdout);
+        goto out;
+    }
+    rc = 1;
+out:
     msgpack_unpacked_destroy(&u);
-    return good;
+    return rc;
 }
 
-static int run_agent(struct bench *b, const char *workload, const char *cmd, int conc, int ops,
-                     bool record, bool sample_rss)
+static int run_agent(struct bench *b, const struct workload *w, int conc, int ops, bool record)
 {
-    struct conn cs[MAX_CONC];
-    memset(cs, 0, sizeof cs);
-    for (int i = 0; i < conc; i++) {
-        cs[i].fd = connect_unix(b->sock);
-        if (cs[i].fd < 0) {
-            fprintf(stderr, "bench: cannot connect to the agent: %s\n", strerror(errno));
-            return -1;
-        }
-        sp_reader_init(&cs[i].rd, SP_DEFAULT_MAX_FRAME);
-        sp_writer_init(&cs[i].wr, 0);
-    }
+    struct aconn *cs = calloc((size_t)conc, sizeof *cs);
     double *lat = calloc((size_t)ops, sizeof *lat);
-    int started = 0, done = 0;
+    struct pollfd *pfd = calloc((size_t)conc, sizeof *pfd);
+    char why[400];
+    int started = 0, done = 0, rc = 0, nconn = 0;
     unsigned errors = 0;
-    double cpu0 = proc_cpu(b->agent), t0 = now();
+    if (!cs || !lat || !pfd) {
+        rc = -1;
+        goto out;
+    }
+    for (; nconn < conc; nconn++) {
+        struct aconn *c = &cs[nconn];
+        c->fd = connect_unix(b->ag.sock);
+        if (c->fd < 0) {
+            fprintf(stderr, "bench: connect %s: %s\n", b->ag.sock, strerror(errno));
+            explain_agent_loss(b);
+            rc = -1;
+            goto out;
+        }
+        fcntl(c->fd, F_SETFL, O_NONBLOCK);
+        c->slot = nconn % NSLOTS;
+        sp_reader_init(&c->rd, SP_DEFAULT_MAX_FRAME);
+        sp_writer_init(&c->wr, 0);
+    }
+    long long ticks0 = proc_cpu_ticks(b->ag.pid);
+    double t0 = now(), progress = t0;
     while (done < ops) {
-        for (int i = 0; i < conc && started < ops; i++)
-            if (!cs[i].busy) {
-                send_exec(&cs[i], i % 32, cmd);
-                started++;
-            }
-        struct pollfd p[MAX_CONC];
-        for (int i = 0; i < conc; i++)
-            p[i] = (struct pollfd){.fd = cs[i].fd, .events = POLLIN};
-        if (poll(p, (nfds_t)conc, 10000) <= 0) {
-            fprintf(stderr, "bench: no answer from the agent for 10 s\n");
-            errors += (unsigned)(started - done);
+        if (g_stop) {
+            rc = -1;
             break;
         }
-        for (int i = 0; i < conc; i++) {
-            if (!p[i].revents)
+        for (int i = 0; i < conc && started < ops; i++) {
+            if (cs[i].busy)
                 continue;
-            ssize_t n = sp_reader_fill(&cs[i].rd, cs[i].fd);
-            if (n == 0) {
-                fprintf(stderr, "bench: agent closed the connection\n");
-                return -1;
+            if (queue_exec(&cs[i], w->cmd) < 0) {
+                fprintf(stderr, "bench: sending to the agent: %s\n", strerror(errno));
+                rc = -1;
+                goto out;
+            }
+            started++;
+        }
+        for (int i = 0; i < conc; i++)
+            pfd[i] = (struct pollfd){
+                .fd = cs[i].fd,
+                .events = (short)(POLLIN | (sp_writer_pending(&cs[i].wr) ? POLLOUT : 0)),
+            };
+        int n = poll(pfd, (nfds_t)conc, 1000);
+        if (n < 0 && errno != EINTR) {
+            rc = -1;
+            break;
+        }
+        if (now() - progress > STALL_TIMEOUT_S) {
+            fprintf(stderr, "bench: no answer from the agent for %.0f s (%d of %d outstanding)\n",
+                    STALL_TIMEOUT_S, started - done, conc);
+            rc = -1;
+            break;
+        }
+        for (int i = 0; i < conc && n > 0; i++) {
+            struct aconn *c = &cs[i];
+            if (!pfd[i].revents)
+                continue;
+            if ((pfd[i].revents & POLLOUT) && sp_writer_flush(&c->wr, c->fd) < 0) {
+                fprintf(stderr, "bench: sending to the agent: %s\n", strerror(errno));
+                rc = -1;
+                goto out;
+            }
+            if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t got = sp_reader_fill(&c->rd, c->fd);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+                fprintf(stderr, "bench: the agent closed connection %d (%s) with %s outstanding\n",
+                        i, got == 0 ? "EOF" : strerror(errno), c->busy ? "a request" : "nothing");
+                sleep_s(0.05);
+                explain_agent_loss(b);
+                rc = -1;
+                goto out;
             }
             const char *data;
             uint32_t len;
             struct sp_err err;
-            while (sp_reader_next(&cs[i].rd, &data, &len, &err) == 1) {
-                if (!check_response(data, len))
+            int r;
+            while ((r = sp_reader_next(&c->rd, &data, &len, &err)) == 1) {
+                int v = check_answer(data, len, c->id, w->stdout_bytes, why, sizeof why);
+                if (v == 2)
+                    continue;
+                if (!c->busy) {
+                    if (record)
+                        note_error(b, "agent", w->name, conc, "unsolicited answer");
+                    continue;
+                }
+                lat[done++] = now() - c->t0;
+                c->busy = false;
+                progress = now();
+                if (v == 0) {
                     errors++;
-                lat[done++] = now() - cs[i].t0;
-                cs[i].busy = false;
-                if (sample_rss && done % 50 == 0) {
-                    long kb = proc_rss_kb(b->agent);
-                    if (kb > b->rss_peak_kb)
-                        b->rss_peak_kb = kb;
+                    if (record) {
+                        char where[sizeof why + 32];
+                        snprintf(where, sizeof where, "slot %d: %s", c->slot, why);
+                        note_error(b, "agent", w->name, conc, where);
+                    }
                 }
             }
+            if (r < 0) {
+                fprintf(stderr, "bench: bad frame from the agent: %s\n", err.msg);
+                rc = -1;
+                goto out;
+            }
         }
+        sample_rss(b, false);
     }
-    double el = now() - t0, cpu = proc_cpu(b->agent) - cpu0;
-    if (record) {
-        struct result *r = &b->res[b->nres++];
-        *r = (struct result){workload,
-                             "agent",
-                             b->variant,
-                             conc,
-                             done / el,
-                             pct(lat, done, 0.5) * 1e3,
-                             pct(lat, done, 0.99) * 1e3,
-                             cpu / done * 1e3,
-                             errors};
+    if (rc == 0 && record) {
+        double secs = now() - t0;
+        long long ticks1 = proc_cpu_ticks(b->ag.pid);
+        double cpu =
+            ticks0 >= 0 && ticks1 >= ticks0 ? (double)(ticks1 - ticks0) / (double)b->clk_tck : NAN;
+        sample_rss(b, true);
+        add_result(b, w->name, "agent", conc, lat, done, secs, cpu, errors);
     }
-    for (int i = 0; i < conc; i++) {
+out:
+    for (int i = 0; i < nconn; i++) {
         close(cs[i].fd);
         sp_reader_free(&cs[i].rd);
         sp_writer_free(&cs[i].wr);
     }
+    free(cs);
     free(lat);
+    free(pfd);
+    return rc;
+}
+
+/* ---- the agent process -------------------------------------------------- */
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 && errno != ENOENT)
+        fprintf(stderr, "bench: cannot remove %s: %s\n", path, strerror(errno));
     return 0;
 }
 
-static int start_agent(struct bench *b)
+static void remove_tree(const char *dir)
 {
-    snprintf(b->dir, sizeof b->dir, "/tmp/slot-bench-XXXXXX");
-    if (!mkdtemp(b->dir))
-        return -1;
-    snprintf(b->sock, sizeof b->sock, "%.80s/a.sock", b->dir);
-    char listen[160], data[128];
-    snprintf(listen, sizeof listen, "unix:%s", b->sock);
-    snprintf(data, sizeof data, "%s/data", b->dir);
-    char *argv[] = {(char *)b->agent_bin, "--listen", listen,        "--slots", "32",
-                    "--data-dir",         data,       "--log-level", "warn",    NULL};
-    if (posix_spawn(&b->agent, b->agent_bin, NULL, NULL, argv, environ) != 0)
-        return -1;
-    for (int i = 0; i < 1000; i++) {
-        struct stat st;
-        if (stat(b->sock, &st) == 0)
-            return 0;
-        usleep(10000);
-    }
-    return -1;
+    if (dir[0])
+        nftw(dir, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+}
+
+/* Waits up to timeout for pid to exit; 1 when reaped (status in *st). */
+static int reap_within(pid_t pid, double timeout, int *st)
+{
+    double end = now() + timeout;
+    do {
+        pid_t r = waitpid(pid, st, WNOHANG);
+        if (r == pid || (r < 0 && errno == ECHILD))
+            return 1;
+        sleep_s(0.005);
+    } while (now() < end);
+    return 0;
 }
 
 static void stop_agent(struct bench *b)
 {
-    if (b->agent > 0) {
-        kill(b->agent, SIGTERM);
-        for (int i = 0; i < 500; i++) {
-            if (waitpid(b->agent, NULL, WNOHANG) == b->agent) {
-                b->agent = 0;
-                break;
-            }
-            usleep(10000);
+    struct agent *ag = &b->ag;
+    if (ag->pid > 0) {
+        int st = 0;
+        kill(ag->pid, SIGTERM);
+        if (!reap_within(ag->pid, STOP_TIMEOUT_S, &st)) {
+            fprintf(stderr, "bench: agent %d ignored SIGTERM for %.0f s; SIGKILL\n", (int)ag->pid,
+                    STOP_TIMEOUT_S);
+            kill(ag->pid, SIGKILL);
+            waitpid(ag->pid, &st, 0);
+        } else if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0) &&
+                   !(WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM)) {
+            fprintf(stderr, "bench: agent exited with status 0x%x after SIGTERM\n", st);
         }
-        if (b->agent > 0) {
-            kill(b->agent, SIGKILL);
-            waitpid(b->agent, NULL, 0);
-        }
+        ag->pid = 0;
     }
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", b->dir);
-    if (b->dir[0] && system(cmd) != 0)
-        fprintf(stderr, "bench: could not remove %s\n", b->dir);
+    remove_tree(ag->dir);
+    ag->dir[0] = 0;
 }
 
-static const struct result *find(const struct bench *b, const char *w, const char *side,
-                                 const char *variant, int c)
+static int start_agent(struct bench *b, const struct variant *v)
 {
-    for (int i = 0; i < b->nres; i++)
-        if (!strcmp(b->res[i].workload, w) && !strcmp(b->res[i].side, side) &&
-            (!variant || !strcmp(b->res[i].variant, variant)) && b->res[i].conc == c)
-            return &b->res[i];
+    struct agent *ag = &b->ag;
+    const char *tmp = getenv("TMPDIR");
+    if (!tmp || !*tmp)
+        tmp = "/tmp";
+    if (snprintf(ag->dir, sizeof ag->dir, "%s/slot-bench-XXXXXX", tmp) >= (int)sizeof ag->dir ||
+        !mkdtemp(ag->dir)) {
+        fprintf(stderr, "bench: cannot create a temp dir in %s: %s\n", tmp, strerror(errno));
+        ag->dir[0] = 0;
+        return -1;
+    }
+    if (snprintf(ag->sock, sizeof ag->sock, "%s/a.sock", ag->dir) >= (int)sizeof ag->sock) {
+        fprintf(stderr, "bench: socket path under %s is too long; set TMPDIR\n", ag->dir);
+        return -1;
+    }
+    char listen[sizeof ag->sock + 8], data[PATH_MAX + 8];
+    snprintf(listen, sizeof listen, "unix:%s", ag->sock);
+    snprintf(data, sizeof data, "%s/data", ag->dir);
+    char *argv[24];
+    int n = 0;
+    argv[n++] = (char *)b->agent_bin;
+    argv[n++] = "--listen";
+    argv[n++] = listen;
+    argv[n++] = "--slots";
+    argv[n++] = "32";
+    argv[n++] = "--data-dir";
+    argv[n++] = data;
+    argv[n++] = "--log-level";
+    argv[n++] = "warn";
+    for (int i = 0; v->args[i]; i++)
+        argv[n++] = (char *)v->args[i];
+    argv[n] = NULL;
+    posix_spawnattr_t attr;
+    sigset_t def;
+    posix_spawnattr_init(&attr);
+    sigemptyset(&def);
+    sigaddset(&def, SIGPIPE);
+    posix_spawnattr_setsigdefault(&attr, &def);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGDEF);
+    int rc = posix_spawn(&ag->pid, b->agent_bin, NULL, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0) {
+        fprintf(stderr, "bench: cannot run %s: %s\n", b->agent_bin, strerror(rc));
+        ag->pid = 0;
+        return -1;
+    }
+    double end = now() + START_TIMEOUT_S;
+    while (!g_stop && now() < end) {
+        int st;
+        if (waitpid(ag->pid, &st, WNOHANG) == ag->pid) {
+            fprintf(stderr, "bench: the agent exited during start-up (status 0x%x)\n", st);
+            ag->pid = 0;
+            return -1;
+        }
+        int fd = connect_unix(ag->sock);
+        if (fd >= 0) {
+            close(fd);
+            return 0;
+        }
+        sleep_s(0.01);
+    }
+    fprintf(stderr, "bench: the agent did not listen on %s within %.0f s\n", ag->sock,
+            START_TIMEOUT_S);
+    return -1;
+}
+
+/* ---- report ------------------------------------------------------------- */
+
+static const struct result *find(const struct bench *b, const char *workload, const char *side,
+                                 const char *variant, int conc)
+{
+    for (int i = 0; i < b->nres; i++) {
+        const struct result *r = &b->res[i];
+        if (!strcmp(r->workload, workload) && !strcmp(r->side, side) && r->conc == conc &&
+            (!variant || !strcmp(r->variant, variant)))
+            return r;
+    }
     return NULL;
 }
 
-static void report(const struct bench *b)
+static double cpu_ms_per_op(const struct result *r)
 {
-    if (b->json) {
-        printf("{\"results\": [");
-        for (int i = 0; i < b->nres; i++) {
-            const struct result *r = &b->res[i];
-            printf("%s\n {\"workload\": \"%s\", \"side\": \"%s\", \"isolation\": \"%s\", "
-                   "\"concurrency\": %d, \"ops_per_s\": %.1f, \"p50_ms\": %.4f, "
-                   "\"p99_ms\": %.4f, \"cpu_ms_per_op\": %.4f, \"errors\": %u}",
-                   i ? "," : "", r->workload, r->side, r->variant, r->conc, r->ops_s, r->p50_ms,
-                   r->p99_ms, r->cpu_ms, r->errors);
-        }
-        printf("],\n \"agent_rss_idle_kb\": %ld, \"agent_rss_peak_kb\": %ld}\n", b->rss_idle_kb,
-               b->rss_peak_kb);
-        return;
-    }
-    printf("%-8s %-6s %-10s %5s %10s %9s %9s %12s %7s\n", "workload", "side", "isolation", "conc",
-           "ops/s", "p50 ms", "p99 ms", "cpu ms/op", "errors");
+    return r->ops ? r->cpu_s / r->ops * 1e3 : NAN;
+}
+
+/* CPU per op over every level of one workload and side: more clock ticks,
+ * less quantisation than any single level. */
+static double cpu_ms_all_levels(const struct bench *b, const char *workload, const char *side,
+                                const char *variant)
+{
+    double cpu = 0;
+    long ops = 0;
     for (int i = 0; i < b->nres; i++) {
         const struct result *r = &b->res[i];
-        printf("%-8s %-6s %-10s %5d %10.0f %9.3f %9.3f %12.4f %7u\n", r->workload, r->side,
-               r->variant, r->conc, r->ops_s, r->p50_ms, r->p99_ms, r->cpu_ms, r->errors);
-    }
-    printf("\nagent RSS: idle %ld KiB, peak under load %ld KiB\n", b->rss_idle_kb, b->rss_peak_kb);
-    printf("(floor cpu = the bench's own CPU per posix_spawn; agent cpu = the agent process "
-           "only, children excluded, from /proc clock ticks)\n\n");
-    const struct result *f1 = find(b, "true", "floor", NULL, 1);
-    const struct result *f32 = find(b, "true", "floor", NULL, 32);
-    const struct result *a1 = find(b, "true", "agent", "off", 1);
-    const struct result *a32 = find(b, "true", "agent", "off", 32);
-    const struct result *i1 = find(b, "true", "agent", "all", 1);
-    const struct result *i32 = find(b, "true", "agent", "all", 32);
-    printf("targets (true; core targets with isolation off):\n");
-    if (f1 && a1)
-        printf("  p50 at c=1 within 0.25 ms of floor:   %+.3f ms  %s\n", a1->p50_ms - f1->p50_ms,
-               a1->p50_ms - f1->p50_ms <= 0.25 ? "ok" : "MISS");
-    if (f32 && a32)
-        printf("  ops/s at c=32 >= 90%% of floor:        %.0f%%      %s\n",
-               100.0 * a32->ops_s / f32->ops_s, a32->ops_s >= 0.9 * f32->ops_s ? "ok" : "MISS");
-    if (f1 && a1)
-        printf("  agent cpu/exec <= floor cpu + 0.05:    %.4f vs %.4f ms  %s\n", a1->cpu_ms,
-               f1->cpu_ms + 0.05, a1->cpu_ms <= f1->cpu_ms + 0.05 ? "ok" : "MISS");
-    printf("  RSS idle < 4 MiB:                     %ld KiB  %s\n", b->rss_idle_kb,
-           b->rss_idle_kb < 4096 ? "ok" : "MISS");
-    printf("  RSS at c=32 < 16 MiB:                 %ld KiB  %s\n", b->rss_peak_kb,
-           b->rss_peak_kb < 16384 ? "ok" : "MISS");
-    if (a1 && i1)
-        printf("  full ladder p50 cost at c=1 < 0.3 ms:  %+.3f ms  %s\n", i1->p50_ms - a1->p50_ms,
-               i1->p50_ms - a1->p50_ms < 0.3 ? "ok" : "MISS");
-    if (i32)
-        printf("  isolated ops/s at c=32 >= 1250 (5x bwrap's ~250): %.0f  %s\n", i32->ops_s,
-               i32->ops_s >= 1250 ? "ok" : "MISS");
-    if (b->rungs && a1) {
-        printf("\nper rung (true, c=1, p50 and agent cpu added to isolation off):\n");
-        static const char *const v[] = {"rlimits", "landlock", "seccomp", "all"};
-        for (size_t i = 0; i < 4; i++) {
-            const struct result *r = find(b, "true", "agent", v[i], 1);
-            if (r)
-                printf("  %-9s %+.3f ms p50  %+.4f ms cpu\n", v[i], r->p50_ms - a1->p50_ms,
-                       r->cpu_ms - a1->cpu_ms);
+        if (!strcmp(r->workload, workload) && !strcmp(r->side, side) &&
+            (!variant || !strcmp(r->variant, variant))) {
+            cpu += r->cpu_s;
+            ops += r->ops;
         }
+    }
+    return ops ? cpu / (double)ops * 1e3 : NAN;
+}
+
+struct target {
+    char name[96];
+    const char *workload;
+    double value, limit;
+    const char *unit;
+    bool ok;
+    bool have;
+};
+
+#define MAX_TARGETS 16
+
+static int collect_targets(const struct bench *b, struct target *t)
+{
+    int n = 0;
+    int hi = b->top_level;
+    for (size_t wi = 0; wi < NWORKLOADS; wi++) {
+        const char *w = workloads[wi].name;
+        const struct result *f1 = find(b, w, "floor", NULL, 1);
+        const struct result *a1 = find(b, w, "agent", "default", 1);
+        const struct result *f32 = find(b, w, "floor", NULL, 32);
+        const struct result *a32 = find(b, w, "agent", "default", 32);
+        t[n] = (struct target){.workload = w, .unit = "ms", .have = f1 && a1};
+        snprintf(t[n].name, sizeof t[n].name, "p50 at c=1 - floor p50 <= 0.25 ms");
+        if (t[n].have) {
+            t[n].value = a1->p50_ms - f1->p50_ms;
+            t[n].limit = 0.25;
+            t[n].ok = t[n].value <= t[n].limit;
+        }
+        n++;
+        t[n] = (struct target){.workload = w, .unit = "ops/s", .have = f32 && a32};
+        snprintf(t[n].name, sizeof t[n].name, "ops/s at c=32 >= 90%% of floor");
+        if (t[n].have) {
+            t[n].value = a32->ops_s;
+            t[n].limit = 0.9 * f32->ops_s;
+            t[n].ok = t[n].value >= t[n].limit;
+        }
+        n++;
+        double fc = cpu_ms_all_levels(b, w, "floor", NULL);
+        double ac = cpu_ms_all_levels(b, w, "agent", "default");
+        t[n] = (struct target){.workload = w, .unit = "ms", .have = !isnan(fc) && !isnan(ac)};
+        snprintf(t[n].name, sizeof t[n].name, "agent cpu/exec <= floor cpu/spawn + 0.05 ms");
+        if (t[n].have) {
+            t[n].value = ac;
+            t[n].limit = fc + 0.05;
+            t[n].ok = ac <= t[n].limit;
+        }
+        n++;
+    }
+    t[n] = (struct target){.workload = "-", .unit = "KiB", .have = b->rss_idle_kb >= 0};
+    snprintf(t[n].name, sizeof t[n].name, "agent RSS idle < 4 MiB");
+    t[n].value = (double)b->rss_idle_kb;
+    t[n].limit = 4096;
+    t[n].ok = t[n].value < t[n].limit;
+    n++;
+    t[n] = (struct target){.workload = "-", .unit = "KiB", .have = hi == 32 && b->rss_peak_kb >= 0};
+    snprintf(t[n].name, sizeof t[n].name, "agent RSS peak at c=32 < 16 MiB");
+    t[n].value = (double)b->rss_peak_kb;
+    t[n].limit = 16384;
+    t[n].ok = t[n].value < t[n].limit;
+    n++;
+    return n;
+}
+
+static void json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
+static void json_num(double v, int prec)
+{
+    if (isnan(v) || isinf(v))
+        printf("null");
+    else
+        printf("%.*f", prec, v);
+}
+
+static void report_json(const struct bench *b, const struct target *t, int nt)
+{
+    printf("{\"agent\": ");
+    json_str(b->agent_bin);
+    printf(", \"ops_per_level\": %d, \"warmup_ops\": %d, \"levels\": [", b->ops, WARMUP_OPS);
+    for (int i = 0; i < b->nlevels; i++)
+        printf("%s%d", i ? ", " : "", b->levels[i]);
+    printf("], \"clk_tck\": %ld,\n \"results\": [", b->clk_tck);
+    for (int i = 0; i < b->nres; i++) {
+        const struct result *r = &b->res[i];
+        printf("%s\n  {\"workload\": \"%s\", \"side\": \"%s\", \"isolation\": \"%s\", "
+               "\"concurrency\": %d, \"ops\": %d, \"errors\": %u, \"seconds\": ",
+               i ? "," : "", r->workload, r->side, r->variant, r->conc, r->ops, r->errors);
+        json_num(r->secs, 4);
+        printf(", \"ops_per_s\": ");
+        json_num(r->ops_s, 1);
+        printf(", \"p50_ms\": ");
+        json_num(r->p50_ms, 4);
+        printf(", \"p99_ms\": ");
+        json_num(r->p99_ms, 4);
+        printf(", \"max_ms\": ");
+        json_num(r->max_ms, 4);
+        printf(", \"cpu_ms_per_op\": ");
+        json_num(cpu_ms_per_op(r), 4);
+        printf("}");
+    }
+    printf("],\n \"cpu_ms_per_op_all_levels\": {");
+    for (size_t wi = 0; wi < NWORKLOADS; wi++) {
+        printf("%s\"%s\": {\"floor\": ", wi ? ", " : "", workloads[wi].name);
+        json_num(cpu_ms_all_levels(b, workloads[wi].name, "floor", NULL), 4);
+        printf(", \"agent\": ");
+        json_num(cpu_ms_all_levels(b, workloads[wi].name, "agent", "default"), 4);
+        printf("}");
+    }
+    printf("},\n \"agent_rss_kb\": {\"idle\": %ld, \"idle_after\": %ld, \"peak_sampled\": %ld, "
+           "\"peak_sampled_at_concurrency\": %d, \"hwm\": %ld},\n",
+           b->rss_idle_kb, b->rss_after_kb, b->rss_peak_kb, b->top_level, b->rss_hwm_kb);
+    printf(" \"errors\": %lu,\n \"targets\": [", b->errors_total);
+    for (int i = 0; i < nt; i++) {
+        printf("%s\n  {\"name\": ", i ? "," : "");
+        json_str(t[i].name);
+        printf(", \"workload\": \"%s\", \"unit\": \"%s\", \"value\": ", t[i].workload, t[i].unit);
+        if (t[i].have)
+            json_num(t[i].value, 4);
+        else
+            printf("null");
+        printf(", \"limit\": ");
+        if (t[i].have)
+            json_num(t[i].limit, 4);
+        else
+            printf("null");
+        printf(", \"ok\": %s}", !t[i].have ? "null" : t[i].ok ? "true" : "false");
+    }
+    printf("]}\n");
+}
+
+static void report_text(const struct bench *b, const struct target *t, int nt)
+{
+    printf("bench-agent-exec: %s, %d ops per level after %d warm-up ops, /bin/bash -c CMD\n\n",
+           b->agent_bin, b->ops, WARMUP_OPS);
+    printf("%-8s %-5s %-9s %4s %9s %8s %8s %8s %10s %6s\n", "workload", "side", "isolation", "conc",
+           "ops/s", "p50 ms", "p99 ms", "max ms", "cpu ms/op", "errors");
+    for (int i = 0; i < b->nres; i++) {
+        const struct result *r = &b->res[i];
+        printf("%-8s %-5s %-9s %4d %9.0f %8.3f %8.3f %8.3f %10.4f %6u\n", r->workload, r->side,
+               r->variant, r->conc, r->ops_s, r->p50_ms, r->p99_ms, r->max_ms, cpu_ms_per_op(r),
+               r->errors);
+    }
+    printf("\ncpu ms/op: floor = this bench's own CPU per spawn (getrusage, children excluded);\n"
+           "agent = the agent process's utime+stime per exec (/proc, children excluded,\n"
+           "%ld ticks/s, so +-%.3f ms/op at %d ops).\n",
+           b->clk_tck, 1e3 / (double)b->clk_tck / b->ops, b->ops);
+    printf("agent RSS: idle %ld KiB before the run (%ld KiB after), peak sampled at c=%d "
+           "%ld KiB, VmHWM %ld KiB\n",
+           b->rss_idle_kb, b->rss_after_kb, b->top_level, b->rss_peak_kb, b->rss_hwm_kb);
+    printf("errors: %lu\n\n", b->errors_total);
+    printf("targets (informational; the exit status does not depend on them):\n");
+    for (int i = 0; i < nt; i++) {
+        printf("  %-6s %-44s ", t[i].workload, t[i].name);
+        if (!t[i].have) {
+            printf("n/a (level not measured)\n");
+            continue;
+        }
+        if (!strcmp(t[i].unit, "ops/s"))
+            printf("%8.0f vs %8.0f ops/s (%3.0f%%)  ", t[i].value, t[i].limit / 0.9,
+                   100.0 * t[i].value / (t[i].limit / 0.9));
+        else if (!strcmp(t[i].unit, "KiB"))
+            printf("%8.0f KiB %20s  ", t[i].value, "");
+        else if (strstr(t[i].name, "cpu"))
+            printf("%8.4f vs <= %6.4f ms %9s  ", t[i].value, t[i].limit, "");
+        else
+            printf("%+8.3f ms %21s  ", t[i].value, "");
+        printf("%s\n", t[i].ok ? "ok" : "MISS");
+    }
+    if (!b->rungs)
+        return;
+    const struct result *off = find(b, "true", "agent", "off", 1);
+    if (!off)
+        return;
+    printf("\nisolation cost (true, c=1, against isolation off):\n");
+    for (size_t v = 0; v < NVARIANTS; v++) {
+        if (!strcmp(variants[v].name, "off"))
+            continue;
+        const struct result *r = find(b, "true", "agent", variants[v].name, 1);
+        if (r)
+            printf("  %-9s p50 %+.3f ms, cpu %+.4f ms/exec\n", variants[v].name,
+                   r->p50_ms - off->p50_ms, cpu_ms_per_op(r) - cpu_ms_per_op(off));
     }
 }
 
-/* One agent per isolation variant; "off" and "all" run every workload and
- * level, single rungs only `true` at c=1. */
-struct variant {
-    const char *name;
-    const char *args[6];
-};
+/* ---- main ---------------------------------------------------------------- */
 
-static const struct variant variants[] = {
-    {"off", {"--without", "landlock", "--without", "seccomp", "--without", "rlimits"}},
-    {"all", {NULL}},
-    {"rlimits", {"--without", "landlock", "--without", "seccomp"}},
-    {"landlock", {"--without", "seccomp", "--without", "rlimits"}},
-    {"seccomp", {"--without", "landlock", "--without", "rlimits"}},
-};
+static void usage(void)
+{
+    fprintf(stderr,
+            "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] [--json] [--rungs]\n"
+            "  --ops N       measured requests per level and side (default 2000)\n"
+            "  --levels L    comma-separated concurrency levels, 1..%d (default 1,8,32)\n"
+            "  --json        print one JSON object instead of the table\n"
+            "  --rungs       also measure the agent with isolation off and one rung at a time\n",
+            MAX_CONC);
+}
+
+static int parse_levels(struct bench *b, const char *arg)
+{
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", arg);
+    b->nlevels = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *end;
+        long v = strtol(tok, &end, 10);
+        if (*end || v < 1 || v > MAX_CONC || b->nlevels == MAX_LEVELS)
+            return -1;
+        b->levels[b->nlevels++] = (int)v;
+    }
+    return b->nlevels ? 0 : -1;
+}
+
+/* The environment the agent gives commands, so that both sides run bash
+ * the same way (locale, PATH lookup). */
+static char **make_child_env(const char *home)
+{
+    static char path[] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    static char h[PATH_MAX + 8], tmp[PATH_MAX + 8], ws[PATH_MAX + 16];
+    static char lang[] = "LANG=C.UTF-8", term[] = "TERM=dumb", idx[] = "SLOT_INDEX=0";
+    static char *env[8];
+    snprintf(h, sizeof h, "HOME=%s", home);
+    snprintf(tmp, sizeof tmp, "TMPDIR=%s", home);
+    snprintf(ws, sizeof ws, "SLOT_WORKSPACE=%s", home);
+    char *list[] = {path, h, tmp, lang, term, idx, ws, NULL};
+    memcpy(env, list, sizeof list);
+    return env;
+}
+
+/* Runs one agent variant: start, measure, stop. -1 on a setup failure. */
+static int run_variant(struct bench *b, const struct variant *v, bool with_floor)
+{
+    b->variant = v->name;
+    if (start_agent(b, v) < 0) {
+        stop_agent(b);
+        return -1;
+    }
+    bool main_variant = !strcmp(v->name, "default");
+    if (main_variant) {
+        sleep_s(0.2); /* let start-up allocations settle */
+        b->rss_idle_kb = proc_status_kb(b->ag.pid, "VmRSS");
+    }
+    b->child_env = make_child_env(b->ag.dir);
+    int rc = 0;
+    size_t nw = v->full ? NWORKLOADS : 1;
+    for (size_t wi = 0; wi < nw && rc == 0; wi++) {
+        const struct workload *w = &workloads[wi];
+        if (with_floor)
+            rc = run_floor(b, w, WARMUP_CONC, WARMUP_OPS, false);
+        if (rc == 0)
+            rc = run_agent(b, w, WARMUP_CONC, WARMUP_OPS, false);
+        for (int l = 0; l < b->nlevels && rc == 0; l++) {
+            int c = b->levels[l];
+            if (!v->full && c != 1)
+                continue;
+            if (with_floor)
+                rc = run_floor(b, w, c, b->ops, true);
+            b->sample_rss = main_variant && c == b->top_level;
+            if (rc == 0)
+                rc = run_agent(b, w, c, b->ops, true);
+            b->sample_rss = false;
+        }
+    }
+    if (rc == 0 && main_variant) {
+        sleep_s(0.2);
+        b->rss_after_kb = proc_status_kb(b->ag.pid, "VmRSS");
+        b->rss_hwm_kb = proc_status_kb(b->ag.pid, "VmHWM");
+    }
+    stop_agent(b);
+    return rc;
+}
 
 int main(int argc, char **argv)
 {
     struct bench b = {.ops = 2000, .levels = {1, 8, 32}, .nlevels = 3};
+    b.rss_idle_kb = b.rss_after_kb = b.rss_peak_kb = b.rss_hwm_kb = -1;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--agent") && i + 1 < argc) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--agent") && i + 1 < argc) {
             b.agent_bin = argv[++i];
-        } else if (!strcmp(argv[i], "--ops") && i + 1 < argc) {
-            b.ops = atoi(argv[++i]);
-        } else if (!strcmp(argv[i], "--levels") && i + 1 < argc) {
-            b.nlevels = 0;
-            for (char *t = strtok(argv[++i], ","); t && b.nlevels < 8; t = strtok(NULL, ","))
-                b.levels[b.nlevels++] = atoi(t);
-        } else if (!strcmp(argv[i], "--json")) {
+        } else if (!strcmp(a, "--ops") && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v < 10 || v > 10000000) {
+                fprintf(stderr, "bench: --ops must be 10..10000000\n");
+                return 2;
+            }
+            b.ops = (int)v;
+        } else if (!strcmp(a, "--levels") && i + 1 < argc) {
+            if (parse_levels(&b, argv[++i]) < 0) {
+                fprintf(stderr, "bench: --levels wants up to %d values in 1..%d\n", MAX_LEVELS,
+                        MAX_CONC);
+                return 2;
+            }
+        } else if (!strcmp(a, "--json")) {
             b.json = true;
-        } else if (!strcmp(argv[i], "--rungs")) {
+        } else if (!strcmp(a, "--rungs")) {
             b.rungs = true;
+        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage();
+            return 0;
         } else {
-            fprintf(stderr, "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] "
-                            "[--rungs] [--json]\n");
+            usage();
             return 2;
         }
     }
-    for (int i = 0; i < b.nlevels; i++)
-        if (b.levels[i] < 1 || b.levels[i] > MAX_CONC) {
-            fprintf(stderr, "bench: concurrency must be 1..%d\n", MAX_CONC);
-            return 2;
-        }
-    if (!b.agent_bin || b.ops < 10) {
-        fprintf(stderr, "bench: --agent PATH is required (and --ops >= 10)\n");
+    if (!b.agent_bin) {
+        usage();
         return 2;
     }
+    for (int i = 0; i < b.nlevels; i++)
+        if (b.levels[i] > b.top_level)
+            b.top_level = b.levels[i];
+    b.clk_tck = sysconf(_SC_CLK_TCK);
+    if (b.clk_tck <= 0)
+        b.clk_tck = 100;
+
+    struct sigaction sa = {.sa_handler = on_signal}; /* no SA_RESTART: poll returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
-    static const char *const work[][2] = {{"true", "true"}, {"64KiB", "head -c 65536 /dev/zero"}};
+
+    /* Floor children: default SIGPIPE and their own session, like the
+     * agent's commands. */
+    sigset_t def;
+    short flags = POSIX_SPAWN_SETSIGDEF;
+#ifdef POSIX_SPAWN_SETSID
+    flags |= POSIX_SPAWN_SETSID;
+#endif
+    sigemptyset(&def);
+    sigaddset(&def, SIGPIPE);
+    posix_spawnattr_init(&b.attr);
+    posix_spawnattr_setsigdefault(&b.attr, &def);
+    posix_spawnattr_setflags(&b.attr, flags);
+
     int rc = 0;
-    size_t nvar = b.rungs ? sizeof variants / sizeof variants[0] : 2;
-    for (size_t v = 0; v < nvar && rc == 0; v++) {
-        b.variant = variants[v].name;
-        b.nextra = 0;
-        for (int i = 0; i < 6 && variants[v].args[i]; i++)
-            b.extra[b.nextra++] = variants[v].args[i];
-        if (start_agent(&b) < 0) {
-            fprintf(stderr, "bench: cannot start %s\n", b.agent_bin);
-            stop_agent(&b);
-            return 1;
-        }
-        usleep(200000);
-        if (v == 0)
-            b.rss_idle_kb = proc_rss_kb(b.agent);
-        bool full = v < 2;
-        for (size_t w = 0; w < (full ? 2u : 1u) && rc == 0; w++) {
-            if (v == 0)
-                run_floor(&b, work[w][0], work[w][1], 4, 200, false); /* warm-up */
-            rc = run_agent(&b, work[w][0], work[w][1], 4, 200, false, false);
-            for (int l = 0; l < b.nlevels && rc == 0; l++) {
-                int c = b.levels[l];
-                if (!full && c != 1)
-                    continue;
-                if (v == 0)
-                    run_floor(&b, work[w][0], work[w][1], c, b.ops, true);
-                rc = run_agent(&b, work[w][0], work[w][1], c, b.ops, true,
-                               c == b.levels[b.nlevels - 1]);
-            }
-        }
-        if (v == 0 && rc == 0) {
-            usleep(200000);
-            long kb = proc_rss_kb(b.agent);
-            if (kb > b.rss_idle_kb)
-                b.rss_idle_kb = kb;
-        }
-        stop_agent(&b);
+    size_t nv = b.rungs ? NVARIANTS : 1;
+    for (size_t v = 0; v < nv && rc == 0; v++)
+        rc = run_variant(&b, &variants[v], v == 0);
+    posix_spawnattr_destroy(&b.attr);
+    if (rc < 0) {
+        fprintf(stderr, "bench: %s; no figures\n", g_stop ? "interrupted" : "setup failed");
+        return 1;
     }
-    if (rc == 0)
-        report(&b);
-    return rc == 0 ? 0 : 1;
+    struct target t[MAX_TARGETS];
+    int nt = collect_targets(&b, t);
+    if (b.json)
+        report_json(&b, t, nt);
+    else
+        report_text(&b, t, nt);
+    return 0;
 }

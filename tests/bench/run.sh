@@ -1,8 +1,14 @@
 #!/bin/bash
-# Build if needed and run the exec benchmark; extra arguments go to it
-# (e.g. --ops 5000, --levels 1,8,32, --json).
+# Build if needed, then run the exec benchmark against the freshly built
+# agent. Extra arguments go to bench-agent-exec, e.g.:
+#   tests/bench/run.sh --ops 5000 --levels 1,8,32 --json
+#   tests/bench/run.sh --rungs        (also isolation off / one rung at a time)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-[ -f "$root/build/build.ninja" ] || meson setup "$root/build" >/dev/null
-meson compile -C "$root/build" >/dev/null
-exec "$root/build/bench-agent-exec" --agent "$root/build/slot-agent" "$@"
+build="$root/build"
+if [ ! -f "$build/build.ninja" ]; then
+    meson setup "$build" "$root" >/dev/null
+fi
+# only what the bench needs, so unrelated targets cannot stop it
+meson compile -C "$build" slot-agent bench-agent-exec >/dev/null
+exec "$build/bench-agent-exec" --agent "$build/slot-agent" "$@"
