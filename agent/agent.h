@@ -64,7 +64,11 @@ struct slot {
     uint64_t generation;
     uint64_t execs;
     uint64_t resets;
-    int ll_fd[2]; /* Landlock rulesets [network allowed, denied], built on first use */
+    int ll_fd[2];        /* Landlock rulesets [network allowed, denied], built on first use */
+    unsigned uid;        /* the slot's user, when the uid rung is on */
+    struct nsbox box[2]; /* namespaces [network allowed, denied], started on first use */
+    pid_t *kept;         /* keep_background leftovers */
+    unsigned nkept, kept_cap;
 };
 
 struct agent_opts {
@@ -140,6 +144,7 @@ enum op_flags {
     OPF_SLOT = 1 << 0,   /* takes `slot`, queued on that slot */
     OPF_NOAUTH = 1 << 1, /* allowed before a successful hello */
     OPF_NOW = 1 << 2,    /* with OPF_SLOT: validated but not queued (reset) */
+    OPF_FSUSER = 1 << 3, /* file operation: runs with the slot user's fsuid */
 };
 
 struct op_def {
@@ -250,10 +255,27 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s);
 void exec_kill_all(struct agent *ag);
 void exec_on_child_exit(struct agent *ag, pid_t pid, int status);
 void exec_conn_gone(struct agent *ag, struct conn *c);
+/* A box holder (namespaces.c) of some slot exited: forget it. */
+bool slots_box_exited(struct agent *ag, pid_t pid);
+bool slots_is_box_holder(struct agent *ag, pid_t pid);
+/* Kill every process of the slot's boxes; the next command starts new ones. */
+void slots_box_stop(struct slot *s);
+/* Kill the leftovers adopted by the slot's boxes (their PID 1's children). */
+unsigned slots_box_sweep(struct agent *ag, struct slot *s);
 /* Kill processes re-parented to the agent that belong to no live command. */
 unsigned proc_sweep_strays(struct agent *ag);
 /* SIGKILL pid and all its descendants (walks /proc children lists). */
 unsigned proc_kill_tree(pid_t pid);
+/* SIGKILL the descendants of pid, not pid itself, sparing kept ones. */
+unsigned proc_kill_children(struct agent *ag, pid_t pid);
+/* pid's children (malloc'd array in *out). */
+size_t proc_children(pid_t pid, pid_t **out);
+/* keep_background: leftovers of a command that may outlive it, until the
+ * slot is reset. */
+bool slots_is_kept(struct agent *ag, pid_t pid);
+void slots_keep_leftovers(struct agent *ag, struct slot *s);
+void slots_forget_kept(struct agent *ag, pid_t pid);
+unsigned slots_kill_kept(struct slot *s);
 bool exec_is_main_pid(struct agent *ag, pid_t pid);
 void exec_gc(struct agent *ag);
 /* At exit: free every command record and the requests waiting on them. */

@@ -77,8 +77,8 @@ pid_t child_spawn(struct spawn *sp)
     sp->child_errno = 0;
     /* CLONE_VFORK: we resume once the child has exec'd or exited, so one
      * stack serves every spawn. */
-    pid_t pid =
-        clone(child_main, sp->stack + CHILD_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD, sp);
+    pid_t pid = clone(child_main, sp->stack + CHILD_STACK_SIZE,
+                      CLONE_VM | CLONE_VFORK | SIGCHLD | sp->clone_flags, sp);
     int e = errno;
     sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {

@@ -16,6 +16,7 @@ struct spawn {
     int stdin_fd, stdout_fd, stderr_fd;
     int cwd_fd;            /* -1: stay */
     struct iso_child *iso; /* isolation to apply, or NULL */
+    int clone_flags;       /* extra clone flags (CLONE_PARENT from a box holder) */
     /* Set by the child when execve failed (the child then exits 127). */
     volatile int child_errno;
 };

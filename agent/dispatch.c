@@ -44,6 +44,7 @@ static const struct arg_spec args_exec[] = {
     {"network", ARG_BOOL, false, 0},
     {"isolation", ARG_STR, false, 32},
     {"rlimits", ARG_MAP, false, 8},
+    {"keep_background", ARG_BOOL, false, 0},
     {NULL},
 };
 static const struct arg_spec args_exec_attach[] = {
@@ -98,11 +99,11 @@ const struct op_def op_table[] = {
     {"exec", op_exec, OPF_SLOT, args_exec},
     {"exec_attach", op_exec_attach, 0, args_exec_attach},
     {"cancel", op_cancel, 0, args_cancel},
-    {"read_file", op_read_file, OPF_SLOT, args_read_file},
-    {"write_file", op_write_file, OPF_SLOT, args_write_file},
-    {"stat", op_stat, OPF_SLOT, args_stat},
-    {"list", op_list, OPF_SLOT, args_list},
-    {"archive", op_archive, OPF_SLOT, args_archive},
+    {"read_file", op_read_file, OPF_SLOT | OPF_FSUSER, args_read_file},
+    {"write_file", op_write_file, OPF_SLOT | OPF_FSUSER, args_write_file},
+    {"stat", op_stat, OPF_SLOT | OPF_FSUSER, args_stat},
+    {"list", op_list, OPF_SLOT | OPF_FSUSER, args_list},
+    {"archive", op_archive, OPF_SLOT | OPF_FSUSER, args_archive},
     {"reset", op_reset, OPF_SLOT | OPF_NOW, args_slot},
 };
 const unsigned op_count = sizeof op_table / sizeof op_table[0];
@@ -428,7 +429,15 @@ void req_finish(struct req *rq, const struct sp_err *err)
 void req_run(struct req *rq)
 {
     struct sp_err err;
+    struct slot *s = req_slot(rq);
+    /* File operations act as the slot's user: what they create belongs to
+     * it, and they can reach nothing its commands could not. */
+    bool as_user = s && (rq->op->flags & OPF_FSUSER) && (rq->ag->iso.available & (1u << RUNG_UID));
+    if (as_user)
+        uid_fs_enter(s->uid);
     int rc = rq->op->fn(rq, &err);
+    if (as_user)
+        uid_fs_leave();
     if (rc == OP_PENDING)
         return;
     req_finish(rq, rc < 0 ? &err : NULL);

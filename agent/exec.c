@@ -440,7 +440,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         .iso = p->iso,
     };
     e->t_start = agent_now_precise(ag);
-    pid_t pid = child_spawn(&sp);
+    pid_t pid = p->box ? ns_box_spawn(p->box, &sp) : child_spawn(&sp);
     if (pid < 0) {
         sp_errf(err, SP_INTERNAL, "clone: %s", strerror(sp.child_errno));
         goto fail;
@@ -475,6 +475,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     e->id = ag->next_exec_id++;
     e->detached = p->detach;
     e->network = p->network;
+    e->keep_background = p->keep_background;
     e->iso_applied = p->iso ? p->iso->applied : (1u << RUNG_CONTAINMENT);
     e->owner = p->detach ? NULL : owner;
     if (e->owner)
@@ -622,16 +623,25 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
     struct exec *e = ag->running;
     while (e && (e->pid != pid || e->exited))
         e = e->next;
-    if (!e)
-        return; /* a leftover or an orphan adopted as PID 1: reaped, nothing more */
+    if (!e) {
+        /* a box holder, a leftover, or an orphan adopted as PID 1 */
+        if (!slots_box_exited(ag, pid))
+            slots_forget_kept(ag, pid);
+        return;
+    }
     e->exited = true;
     e->status = status;
     e->t_end = agent_now_precise(ag);
     ev_timer_stop(ag->loop, &e->timer);
     ev_timer_stop(ag->loop, &e->idle);
     /* Leftovers: the group it led, and everything re-parented to us. */
-    kill(-pid, SIGKILL);
-    proc_sweep_strays(ag);
+    if (e->keep_background) {
+        slots_keep_leftovers(ag, e->slot);
+    } else {
+        kill(-pid, SIGKILL);
+        proc_sweep_strays(ag);
+        slots_box_sweep(ag, e->slot);
+    }
     if (e->fds[0] >= 0 || e->fds[1] >= 0) {
         ev_timer_set(&e->drain, DRAIN_SECONDS, 0.0);
         ev_timer_start(ag->loop, &e->drain);
@@ -668,6 +678,10 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s)
         n += exec_kill(e);
     }
     n += proc_sweep_strays(ag);
+    n += slots_kill_kept(s);
+    n += slots_box_sweep(ag, s);
+    /* Whatever hides in the slot's namespaces dies with them. */
+    slots_box_stop(s);
     return n;
 }
 
@@ -678,6 +692,10 @@ void exec_kill_all(struct agent *ag)
             continue;
         e->cancelled = true;
         exec_kill(e);
+    }
+    for (unsigned i = 0; i < ag->nslots; i++) {
+        slots_kill_kept(&ag->slots[i]);
+        slots_box_stop(&ag->slots[i]);
     }
     proc_sweep_strays(ag);
 }

@@ -34,6 +34,7 @@ struct exec {
     double last_output;
     double idle_s;
     bool exited, finished, timed_out, idle_timed_out, cancelled, detached, network;
+    bool keep_background; /* leftovers live on until the slot's reset */
     bool output_released; /* delivered to its requester: only the result is kept */
     unsigned iso_applied; /* rungs the child applied */
     int status;
@@ -50,8 +51,9 @@ struct exec_params {
     const char *stdin_data;
     size_t stdin_len;
     uint64_t timeout_ms, idle_timeout_ms, max_output;
-    bool detach, network;
+    bool detach, network, keep_background;
     struct iso_child *iso;
+    struct nsbox *box; /* spawn through this slot box, or NULL */
 };
 
 struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,

@@ -39,7 +39,10 @@ static const char usage[] =
     "  --max-output BYTES       output kept per stream of a command (default 1M)\n"
     "  --log-level LEVEL        debug|info|warn|error (default info)\n"
     "  --isolation MODE         best_effort (default) or required: default for requests\n"
-    "  --without RUNG           never apply a rung (landlock, seccomp, rlimits); repeatable\n"
+    "  --without RUNG           never apply a rung (uid, namespaces, landlock, seccomp,\n"
+    "                           rlimits); repeatable\n"
+    "  --slot-uid-base N        slot i runs as uid/gid N+i when the agent may change ids\n"
+    "                           (default 20000)\n"
     "  --rlimit NAME=VALUE      per-command maximum and default: cpu (s), as, fsize (bytes),\n"
     "                           nproc, nofile; VALUE may be 'unlimited'; repeatable\n"
     "  --probe [--json]         print which isolation rungs work here and exit\n"
@@ -201,6 +204,7 @@ int main(int argc, char **argv)
         OPT_RLIMIT,
         OPT_PROBE,
         OPT_JSON,
+        OPT_UIDBASE,
     };
     enum {
         OPT_LISTEN = 256,
@@ -232,6 +236,7 @@ int main(int argc, char **argv)
         {"rlimit", required_argument, NULL, OPT_RLIMIT},
         {"probe", no_argument, NULL, OPT_PROBE},
         {"json", no_argument, NULL, OPT_JSON},
+        {"slot-uid-base", required_argument, NULL, OPT_UIDBASE},
         {NULL, 0, NULL, 0},
     };
     struct agent agent_ctx;
@@ -246,6 +251,7 @@ int main(int argc, char **argv)
     bool probe = false, json = false;
     struct sp_err perr;
     rlimit_defaults(&ag->iso);
+    ag->iso.uid_base = 20000;
     int c;
     uint64_t v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -311,8 +317,9 @@ int main(int argc, char **argv)
             int r = 0;
             while (r < RUNG_COUNT && strcmp(rung_names[r], optarg) != 0)
                 r++;
-            if (r == RUNG_COUNT || r == RUNG_CONTAINMENT) {
-                fprintf(stderr, "slot-agent: --without takes landlock, seccomp or rlimits\n");
+            if (r == RUNG_COUNT || r == RUNG_CONTAINMENT || r == RUNG_CGROUP) {
+                fprintf(stderr, "slot-agent: --without takes uid, namespaces, landlock, seccomp "
+                                "or rlimits\n");
                 return 2;
             }
             ag->iso.disabled |= 1u << r;
@@ -324,6 +331,13 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case OPT_UIDBASE:
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > 0xfff00000u) {
+                fprintf(stderr, "slot-agent: --slot-uid-base must be 1..4293918720\n");
+                return 2;
+            }
+            ag->iso.uid_base = (unsigned)v;
+            break;
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -334,7 +348,7 @@ int main(int argc, char **argv)
         return 2;
     }
     if (probe) {
-        isolate_init(&ag->iso, &perr);
+        isolate_init(&ag->iso, ag->opt.nslots, &perr);
         isolate_report(&ag->iso, json);
         isolate_free(&ag->iso);
         return 0;
@@ -372,7 +386,7 @@ int main(int argc, char **argv)
         nofile.rlim_cur = nofile.rlim_max;
         setrlimit(RLIMIT_NOFILE, &nofile);
     }
-    isolate_init(&ag->iso, &perr);
+    isolate_init(&ag->iso, ag->opt.nslots, &perr);
     /* libseccomp's compiler leaves freed heap behind; give it back. */
     malloc_trim(0);
     for (int r = 0; r < RUNG_COUNT; r++)

@@ -110,6 +110,26 @@ unsigned proc_kill_tree(pid_t root)
     return n;
 }
 
+unsigned proc_kill_children(struct agent *ag, pid_t pid)
+{
+    struct pidvec kids = {0};
+    read_children(pid, &kids);
+    unsigned n = 0;
+    for (size_t i = 0; i < kids.n; i++)
+        if (!slots_is_kept(ag, kids.v[i]))
+            n += proc_kill_tree(kids.v[i]);
+    free(kids.v);
+    return n;
+}
+
+size_t proc_children(pid_t pid, pid_t **out)
+{
+    struct pidvec kids = {0};
+    read_children(pid, &kids);
+    *out = kids.v;
+    return kids.n;
+}
+
 unsigned proc_sweep_strays(struct agent *ag)
 {
     unsigned total = 0;
@@ -122,7 +142,8 @@ unsigned proc_sweep_strays(struct agent *ag)
         read_children_file(path, &kids);
         unsigned n = 0;
         for (size_t i = 0; i < kids.n; i++) {
-            if (exec_is_main_pid(ag, kids.v[i]))
+            if (exec_is_main_pid(ag, kids.v[i]) || slots_is_box_holder(ag, kids.v[i]) ||
+                slots_is_kept(ag, kids.v[i]))
                 continue;
             /* A stray that already exited is only a zombie: reap it here
              * (nobody waits for its status) instead of "killing" it again. */

@@ -42,6 +42,8 @@ static int open_dir(const char *path, struct sp_err *err)
     return fd;
 }
 
+static void slots_own(struct agent *ag);
+
 int slots_init(struct agent *ag, struct sp_err *err)
 {
     ag->nslots = ag->opt.nslots;
@@ -53,6 +55,8 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->index = i;
         s->ws_fd = s->tmp_fd = -1;
         s->ll_fd[0] = s->ll_fd[1] = -1;
+        s->box[0].sock = s->box[1].sock = -1;
+        s->uid = ag->iso.uid_base + i;
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];
@@ -68,7 +72,136 @@ int slots_init(struct agent *ag, struct sp_err *err)
         if ((s->tmp_fd = open_dir(s->tmp_path, err)) < 0)
             return -1;
     }
+    if (ag->iso.available & (1u << RUNG_UID))
+        slots_own(ag);
     return 0;
+}
+
+/* With a user per slot, each slot owns its workspace and tmp (0700); the
+ * directories above must let slot users pass. */
+static void slots_own(struct agent *ag)
+{
+    struct isolation *iso = &ag->iso;
+    char why[96], dir[4096];
+    snprintf(dir, sizeof dir, "%s/slots", ag->data_dir);
+    chmod(dir, 0755);
+    for (unsigned i = 0; i < ag->nslots; i++) {
+        snprintf(dir, sizeof dir, "%s/slots/%u", ag->data_dir, i);
+        chmod(dir, 0755);
+    }
+    if (uid_check_path(dir, why, sizeof why) < 0) {
+        iso->available &= ~(1u << RUNG_UID);
+        snprintf(iso->why[RUNG_UID], sizeof iso->why[RUNG_UID], "%s", why);
+        log_warn("isolation: uid unavailable: %s", why);
+        return;
+    }
+    for (unsigned i = 0; i < ag->nslots; i++) {
+        struct slot *s = &ag->slots[i];
+        if (uid_own_dir(s->ws_fd, s->uid) < 0 || uid_own_dir(s->tmp_fd, s->uid) < 0) {
+            iso->available &= ~(1u << RUNG_UID);
+            snprintf(iso->why[RUNG_UID], sizeof iso->why[RUNG_UID], "chown %s: %s", s->ws_path,
+                     strerror(errno));
+            log_warn("isolation: uid unavailable: %s", iso->why[RUNG_UID]);
+            return;
+        }
+    }
+}
+
+bool slots_is_box_holder(struct agent *ag, pid_t pid)
+{
+    for (unsigned i = 0; i < ag->nslots; i++)
+        for (int k = 0; k < 2; k++)
+            if (ag->slots[i].box[k].pid == pid)
+                return true;
+    return false;
+}
+
+bool slots_box_exited(struct agent *ag, pid_t pid)
+{
+    for (unsigned i = 0; i < ag->nslots; i++)
+        for (int k = 0; k < 2; k++)
+            if (ag->slots[i].box[k].pid == pid) {
+                log_warn("slot %u: namespace holder %d exited", i, (int)pid);
+                ns_box_stop(&ag->slots[i].box[k]);
+                return true;
+            }
+    return false;
+}
+
+void slots_box_stop(struct slot *s)
+{
+    for (int k = 0; k < 2; k++)
+        ns_box_stop(&s->box[k]);
+}
+
+unsigned slots_box_sweep(struct agent *ag, struct slot *s)
+{
+    unsigned n = 0;
+    for (int k = 0; k < 2; k++)
+        if (s->box[k].pid > 0)
+            n += proc_kill_children(ag, s->box[k].init_pid);
+    return n;
+}
+
+bool slots_is_kept(struct agent *ag, pid_t pid)
+{
+    for (unsigned i = 0; i < ag->nslots; i++)
+        for (unsigned j = 0; j < ag->slots[i].nkept; j++)
+            if (ag->slots[i].kept[j] == pid)
+                return true;
+    return false;
+}
+
+static void keep(struct slot *s, pid_t pid)
+{
+    if (s->nkept == s->kept_cap) {
+        unsigned cap = s->kept_cap ? s->kept_cap * 2 : 8;
+        pid_t *v = realloc(s->kept, cap * sizeof *v);
+        if (!v)
+            return; /* not kept: swept like any leftover */
+        s->kept = v;
+        s->kept_cap = cap;
+    }
+    s->kept[s->nkept++] = pid;
+}
+
+/* Called when a keep_background command has ended: the processes it left
+ * have just been re-parented to the agent, or to its box's PID 1. */
+void slots_keep_leftovers(struct agent *ag, struct slot *s)
+{
+    pid_t parents[3] = {ag->pid, s->box[0].init_pid, s->box[1].init_pid};
+    for (int k = 0; k < 3; k++) {
+        if (parents[k] <= 0)
+            continue;
+        pid_t *kids;
+        size_t n = proc_children(parents[k], &kids);
+        for (size_t i = 0; i < n; i++)
+            if (!exec_is_main_pid(ag, kids[i]) && !slots_is_box_holder(ag, kids[i]) &&
+                !slots_is_kept(ag, kids[i]))
+                keep(s, kids[i]);
+        free(kids);
+    }
+}
+
+void slots_forget_kept(struct agent *ag, pid_t pid)
+{
+    for (unsigned i = 0; i < ag->nslots; i++) {
+        struct slot *s = &ag->slots[i];
+        for (unsigned j = 0; j < s->nkept; j++)
+            if (s->kept[j] == pid) {
+                s->kept[j] = s->kept[--s->nkept];
+                return;
+            }
+    }
+}
+
+unsigned slots_kill_kept(struct slot *s)
+{
+    unsigned n = 0;
+    for (unsigned j = 0; j < s->nkept; j++)
+        n += proc_kill_tree(s->kept[j]);
+    s->nkept = 0;
+    return n;
 }
 
 void slots_free(struct agent *ag)
@@ -85,9 +218,12 @@ void slots_free(struct agent *ag)
             s->q_head = rq->slot_next;
             req_free(rq);
         }
-        for (int k = 0; k < 2; k++)
+        for (int k = 0; k < 2; k++) {
             if (s->ll_fd[k] >= 0)
                 close(s->ll_fd[k]);
+            ns_box_stop(&s->box[k]);
+        }
+        free(s->kept);
         if (s->ws_fd >= 0)
             close(s->ws_fd);
         if (s->tmp_fd >= 0)

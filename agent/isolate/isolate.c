@@ -1,10 +1,13 @@
 /* The ladder as one sequence: probe at start-up, prepare shared programs, and
- * in the child apply rlimits, no_new_privs, Landlock and seccomp in that
- * order (seccomp last, so the filter never blocks the setup itself). */
+ * in the child apply rlimits, the slot user, no_new_privs, Landlock and
+ * seccomp in that order (seccomp last, so the filter never blocks the setup
+ * itself). Namespaces are entered before the child exists: the slot's box
+ * holder forks it inside them. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -20,13 +23,22 @@ static void unavailable(struct isolation *iso, enum rung r, const char *why)
     snprintf(iso->why[r], sizeof iso->why[r], "%.90s", why);
 }
 
-int isolate_init(struct isolation *iso, struct sp_err *err)
+int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
 {
     (void)err;
+    char why[96];
     iso->root = geteuid() == 0;
     iso->available = (1u << RUNG_CONTAINMENT) | (1u << RUNG_RLIMITS);
-    unavailable(iso, RUNG_UID, "not implemented yet");
-    unavailable(iso, RUNG_NAMESPACES, "not implemented yet");
+    if (uid_probe(iso, nslots, why, sizeof why) == 0)
+        iso->available |= 1u << RUNG_UID;
+    else
+        unavailable(iso, RUNG_UID, why);
+    if (!(iso->disabled & (1u << RUNG_NAMESPACES))) {
+        if (ns_probe(iso, why, sizeof why) == 0)
+            iso->available |= 1u << RUNG_NAMESPACES;
+        else
+            unavailable(iso, RUNG_NAMESPACES, why);
+    }
     unavailable(iso, RUNG_CGROUP, "not implemented yet");
     /* Keep the configured maxima within what this process may grant. */
     static const int res[LIM_COUNT] = {RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
@@ -41,7 +53,6 @@ int isolate_init(struct isolation *iso, struct sp_err *err)
     if (iso->landlock_abi > 0) {
         iso->available |= 1u << RUNG_LANDLOCK;
     } else {
-        char why[96];
         snprintf(why, sizeof why, "landlock_create_ruleset: %s",
                  errno == ENOSYS ? "not in this kernel" : strerror(errno));
         unavailable(iso, RUNG_LANDLOCK, why);
@@ -71,8 +82,11 @@ void isolate_free(struct isolation *iso)
 void isolate_report(const struct isolation *iso, bool json)
 {
     if (json) {
-        printf("{\"root\": %s, \"landlock_abi\": %d, \"rungs\": {", iso->root ? "true" : "false",
-               iso->landlock_abi > 0 ? iso->landlock_abi : 0);
+        printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, "
+               "\"namespaces\": {\"user\": %s, \"net\": %s, \"proc\": %s}, \"rungs\": {",
+               iso->root ? "true" : "false", iso->landlock_abi > 0 ? iso->landlock_abi : 0,
+               iso->uid_base, (iso->ns_flags & CLONE_NEWUSER) ? "true" : "false",
+               iso->ns_net ? "true" : "false", iso->ns_proc ? "true" : "false");
         for (int r = 0; r < RUNG_COUNT; r++)
             printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
                    (iso->available & (1u << r)) ? "true" : "false",
@@ -83,7 +97,13 @@ void isolate_report(const struct isolation *iso, bool json)
     printf("running as %s; Landlock ABI %d\n", iso->root ? "root" : "an unprivileged user",
            iso->landlock_abi > 0 ? iso->landlock_abi : 0);
     for (int r = 0; r < RUNG_COUNT; r++) {
-        if (iso->available & (1u << r))
+        if ((iso->available & (1u << r)) && r == RUNG_UID)
+            printf("  %-12s yes  (slot N runs as uid/gid %u+N)\n", rung_names[r], iso->uid_base);
+        else if ((iso->available & (1u << r)) && r == RUNG_NAMESPACES)
+            printf("  %-12s yes  (mount, pid, ipc%s%s; %s /proc)\n", rung_names[r],
+                   (iso->ns_flags & CLONE_NEWUSER) ? ", user" : "",
+                   iso->ns_net ? ", net for network=false" : "", iso->ns_proc ? "own" : "host's");
+        else if (iso->available & (1u << r))
             printf("  %-12s yes\n", rung_names[r]);
         else
             printf("  %-12s no   (%s)\n", rung_names[r], iso->why[r]);
@@ -100,6 +120,16 @@ int isolate_child(struct iso_child *ic)
             ic->applied |= 1u << RUNG_RLIMITS;
         else if (ic->required)
             goto fail_rlimits;
+    }
+    if (ic->want & (1u << RUNG_UID)) {
+        if (uid_apply(ic->uid) == 0) {
+            ic->applied |= 1u << RUNG_UID;
+        } else {
+            /* Never run as the agent's user when a slot user was wanted. */
+            ic->failed_rung = RUNG_UID;
+            ic->failed_errno = errno;
+            return -1;
+        }
     }
     /* Needed by Landlock and seccomp without privileges; also keeps setuid
      * binaries from gaining any. */

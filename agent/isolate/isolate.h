@@ -38,6 +38,10 @@ struct isolation {
     int landlock_abi;
     struct sock_fprog seccomp[2]; /* [0] network allowed, [1] network denied */
     rlim_t lim_max[LIM_COUNT];    /* agent maxima (and defaults); RLIM_INFINITY = none */
+    unsigned uid_base;            /* slot i runs as uid/gid uid_base + i (rung 1) */
+    int ns_flags;                 /* CLONE_NEW* a slot box gets (rung 2), network aside */
+    bool ns_proc;                 /* a box can mount its own /proc */
+    bool ns_net;                  /* network=false commands get an empty network namespace */
 };
 
 /* What one child applies; filled by the parent, `applied` and `failed` by the
@@ -47,6 +51,8 @@ struct iso_child {
     bool required;   /* a failing rung aborts the spawn */
     int landlock_fd; /* ruleset for this slot and network setting, or -1 */
     const struct sock_fprog *seccomp;
+    int seccomp_index; /* which of isolation.seccomp, or -1 (sent to a box) */
+    unsigned uid;      /* slot user, with want & RUNG_UID */
     struct rlimit lim[LIM_COUNT];
     unsigned applied;
     int failed_rung; /* -1, or the rung whose setup failed */
@@ -57,13 +63,40 @@ struct agent;
 struct slot;
 
 /* Probe the host and prepare what is shared by every child. */
-int isolate_init(struct isolation *iso, struct sp_err *err);
+int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err);
 void isolate_free(struct isolation *iso);
 /* Human (or JSON) report of the probe, for --probe. */
 void isolate_report(const struct isolation *iso, bool json);
 /* In the child, before execve: the documented order. 0, or -1 with
  * ic->failed_rung/failed_errno when a wanted rung failed and ic->required. */
 int isolate_child(struct iso_child *ic);
+
+/* uid.c */
+int uid_probe(struct isolation *iso, unsigned nslots, char *why, size_t whycap);
+int uid_check_path(const char *dir, char *why, size_t whycap);
+int uid_own_dir(int dirfd, unsigned uid);
+/* File operations done by the agent for a slot run with the slot's fsuid. */
+void uid_fs_enter(unsigned uid);
+void uid_fs_leave(void);
+int uid_apply(unsigned uid);
+
+/* namespaces.c: a box is one slot's set of namespaces (user when not root,
+ * mount with a private /tmp, PID, IPC, and network for network=false), held
+ * by a holder process that forks every command of that slot into them as a
+ * child of the agent (CLONE_PARENT), so the agent reaps them as usual. */
+struct nsbox {
+    pid_t pid;      /* holder, a child of the agent; 0 when none */
+    pid_t init_pid; /* PID 1 of the box (agent's view), adopts leftovers */
+    int sock;
+};
+int ns_probe(struct isolation *iso, char *why, size_t whycap);
+int ns_box_start(const struct isolation *iso, const char *tmp_path, bool network, struct nsbox *box,
+                 struct sp_err *err);
+/* Like child_spawn, through the box's holder. */
+struct spawn;
+pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp);
+/* Kill the holder and with it every process in the box. */
+void ns_box_stop(struct nsbox *box);
 
 /* rlimit.c */
 int rlimit_parse(struct isolation *iso, const char *spec, struct sp_err *err);

@@ -92,6 +92,18 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
     }
     if (s->ll_fd[!network] < 0)
         have &= ~(1u << RUNG_LANDLOCK);
+    if ((have & (1u << RUNG_NAMESPACES)) && s->box[!network].pid <= 0) {
+        struct sp_err berr;
+        /* A data dir under /tmp would vanish beneath the private /tmp: then
+         * /tmp stays shared and only TMPDIR is private. */
+        bool under_tmp = strncmp(ag->data_dir, "/tmp/", 5) == 0;
+        if (ns_box_start(iso, under_tmp ? NULL : s->tmp_path, network, &s->box[!network], &berr) <
+            0) {
+            log_warn("slot %u: %s", s->index, berr.msg);
+            have &= ~(1u << RUNG_NAMESPACES);
+        }
+    }
+    ic->uid = s->uid;
     unsigned missing = RUNGS_REQUIRED & ~have;
     if (ic->required && missing) {
         char names[128] = "";
@@ -104,6 +116,7 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
     ic->want = have;
     ic->landlock_fd = s->ll_fd[!network];
     ic->seccomp = (have & (1u << RUNG_SECCOMP)) ? &iso->seccomp[!network] : NULL;
+    ic->seccomp_index = !network;
     const msgpack_object *lim = req_arg(rq, "rlimits");
     for (int i = 0; i < LIM_COUNT; i++) {
         rlim_t v = iso->lim_max[i];
@@ -286,7 +299,9 @@ int op_exec(struct req *rq, struct sp_err *err)
         .max_output = max_output,
         .detach = arg_bool(rq, "detach", false),
         .network = network,
+        .keep_background = arg_bool(rq, "keep_background", false),
         .iso = &ic,
+        .box = (ic.want & (1u << RUNG_NAMESPACES)) ? &s->box[!network] : NULL,
     };
     rq->stream = arg_bool(rq, "stream", false) && !p.detach;
     struct exec *e = exec_start(ag, s, rq, &p, err);

@@ -1,0 +1,486 @@
+/* Rung 2: namespaces, created once per slot (a "box"), not per command.
+ *
+ * A holder process forked from the agent unshares a mount, PID and IPC
+ * namespace (plus a user namespace when the agent is not root, and a network
+ * namespace for the box that runs network=false commands), makes every mount
+ * private, binds the slot's tmp directory over /tmp, and forks the box's
+ * PID 1, which mounts a /proc of its own and reaps whatever is re-parented to
+ * it. The holder then serves spawn requests from the agent over a Unix
+ * socket: argv, environment, rlimits and the rest of the ladder in one
+ * message, the command's standard streams, cwd and Landlock ruleset as
+ * SCM_RIGHTS. It starts each command with clone(CLONE_PARENT), so the
+ * command is in the box's namespaces but is the agent's own child: the agent
+ * waits for it, times it out and kills its tree exactly as without a box.
+ * Killing the holder kills PID 1 and with it everything in the box.
+ *
+ * The request is synchronous: the agent reaps children only from its event
+ * loop, so it learns the pid before it can see the exit. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../child.h"
+#include "isolate.h"
+
+#define BOX_TIMEOUT_MS 5000
+#define BOX_MAX_PAYLOAD (8u << 20)
+#define BOX_MAX_FDS 5
+
+struct box_ready {
+    int32_t ok;
+    int32_t init_pid;
+    int32_t proc;
+    char why[120];
+};
+
+struct box_req {
+    uint32_t len; /* payload: path, argv strings, envp strings, each NUL-ended */
+    uint32_t argc, envc;
+    uint32_t want;
+    int32_t required;
+    int32_t seccomp_index;
+    uint32_t uid;
+    int32_t has_cwd, has_ll;
+    struct rlimit lim[LIM_COUNT];
+};
+
+struct box_rep {
+    int32_t pid;
+    int32_t child_errno;
+    int32_t failed_rung;
+    int32_t failed_errno;
+    uint32_t applied;
+};
+
+static int write_str(const char *path, const char *s)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, s, strlen(s));
+    int e = errno;
+    close(fd);
+    errno = e;
+    return n == (ssize_t)strlen(s) ? 0 : -1;
+}
+
+/* Enter fresh namespaces and set them up; in a child of the agent. */
+static int box_enter(int flags, const char *tmp_path, char *why, size_t cap)
+{
+    uid_t uid = geteuid();
+    gid_t gid = getegid();
+    if (unshare(flags) < 0) {
+        snprintf(why, cap, "unshare: %s", strerror(errno));
+        return -1;
+    }
+    if (flags & CLONE_NEWUSER) {
+        /* The agent's own ids map to themselves: files keep their owners. */
+        char m[64];
+        if (write_str("/proc/self/setgroups", "deny") < 0 && errno != ENOENT) {
+            snprintf(why, cap, "setgroups deny: %s", strerror(errno));
+            return -1;
+        }
+        snprintf(m, sizeof m, "%u %u 1\n", (unsigned)uid, (unsigned)uid);
+        if (write_str("/proc/self/uid_map", m) < 0) {
+            snprintf(why, cap, "uid_map: %s", strerror(errno));
+            return -1;
+        }
+        snprintf(m, sizeof m, "%u %u 1\n", (unsigned)gid, (unsigned)gid);
+        if (write_str("/proc/self/gid_map", m) < 0) {
+            snprintf(why, cap, "gid_map: %s", strerror(errno));
+            return -1;
+        }
+    }
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) {
+        snprintf(why, cap, "making mounts private: %s", strerror(errno));
+        return -1;
+    }
+    if (tmp_path && mount(tmp_path, "/tmp", NULL, MS_BIND | MS_REC, NULL) < 0) {
+        snprintf(why, cap, "binding the slot's tmp on /tmp: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+static bool mount_proc(void)
+{
+    return mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0;
+}
+
+int ns_probe(struct isolation *iso, char *why, size_t whycap)
+{
+    int base = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (iso->root ? 0 : CLONE_NEWUSER);
+    int tries[2] = {base | CLONE_NEWNET, base};
+    for (int t = 0; t < 2; t++) {
+        int pp[2];
+        if (pipe2(pp, O_CLOEXEC) < 0) {
+            snprintf(why, whycap, "pipe: %s", strerror(errno));
+            return -1;
+        }
+        pid_t pid = fork();
+        if (pid == 0) {
+            char msg[128] = "";
+            if (box_enter(tries[t], NULL, msg + 1, sizeof msg - 1) < 0) {
+                msg[0] = 'E';
+                (void)!write(pp[1], msg, strlen(msg));
+                _exit(1);
+            }
+            pid_t one = fork();
+            if (one == 0)
+                _exit(mount_proc() ? 0 : 1);
+            int st = 0;
+            waitpid(one, &st, 0);
+            msg[0] = WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 'P' : 'p';
+            (void)!write(pp[1], msg, 1);
+            _exit(0);
+        }
+        close(pp[1]);
+        char msg[128] = "";
+        ssize_t n = pid < 0 ? -1 : read(pp[0], msg, sizeof msg - 1);
+        close(pp[0]);
+        if (pid > 0)
+            waitpid(pid, NULL, 0);
+        if (n > 0 && (msg[0] == 'P' || msg[0] == 'p')) {
+            iso->ns_flags = base;
+            iso->ns_net = t == 0;
+            iso->ns_proc = msg[0] == 'P';
+            return 0;
+        }
+        if (t == 1 || n <= 0) {
+            snprintf(why, whycap, "%s", n > 1 ? msg + 1 : "probe child failed");
+            return -1;
+        }
+    }
+    return -1;
+}
+
+/* ---- the holder --------------------------------------------------------- */
+
+static ssize_t recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds)
+{
+    char cbuf[CMSG_SPACE(sizeof(int) * BOX_MAX_FDS)];
+    struct iovec iov = {buf, len};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    ssize_t n;
+    do
+        n = recvmsg(sock, &mh, MSG_WAITALL | MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    *nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k && *nfds < BOX_MAX_FDS; i++)
+                memcpy(&fds[(*nfds)++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+    return n;
+}
+
+static int read_full(int fd, char *p, size_t n)
+{
+    while (n) {
+        ssize_t k = read(fd, p, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int write_full(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* PID 1 of the box: reap whatever ends up here, until the holder dies. */
+static void __attribute__((noreturn)) box_init(bool want_proc, int report_fd)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    char ok = want_proc && mount_proc() ? 1 : 0;
+    (void)!write(report_fd, &ok, 1);
+    syscall(SYS_close_range, 0u, ~0u, 0);
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    for (;;) {
+        struct timespec ts = {1, 0};
+        sigtimedwait(&chld, NULL, &ts);
+        while (waitpid(-1, NULL, WNOHANG) > 0)
+            ;
+    }
+}
+
+static void serve(const struct isolation *iso, int sock, pid_t init)
+{
+    char *stack = child_stack_alloc();
+    if (!stack)
+        return;
+    for (;;) {
+        struct pollfd pfd = {sock, POLLIN, 0};
+        int r = poll(&pfd, 1, 1000);
+        if (waitpid(init, NULL, WNOHANG) == init)
+            return; /* the box is gone */
+        if (r <= 0)
+            continue;
+        struct box_req rq;
+        int fds[BOX_MAX_FDS], nfds;
+        ssize_t n = recv_with_fds(sock, &rq, sizeof rq, fds, &nfds);
+        if (n != (ssize_t)sizeof rq || rq.len > BOX_MAX_PAYLOAD ||
+            nfds != 3 + !!rq.has_cwd + !!rq.has_ll)
+            return; /* the agent went away, or spoke nonsense */
+        char *buf = malloc(rq.len + 1);
+        char **vec = calloc((size_t)rq.argc + rq.envc + 2, sizeof *vec);
+        if (!buf || !vec || read_full(sock, buf, rq.len) < 0)
+            return;
+        buf[rq.len] = 0;
+        /* path, then argc strings, then envc strings. */
+        char *p = buf, *end = buf + rq.len;
+        const char *path = p;
+        p += strlen(p) + 1;
+        uint32_t nstr = rq.argc + rq.envc;
+        for (uint32_t i = 0; i < nstr; i++) {
+            if (p >= end)
+                return;
+            vec[i < rq.argc ? i : i + 1] = p;
+            p += strlen(p) + 1;
+        }
+        struct iso_child ic = {
+            .want = rq.want,
+            .required = rq.required,
+            .landlock_fd = rq.has_ll ? fds[3 + !!rq.has_cwd] : -1,
+            .seccomp = rq.seccomp_index >= 0 && rq.seccomp_index < 2
+                           ? &iso->seccomp[rq.seccomp_index]
+                           : NULL,
+            .seccomp_index = rq.seccomp_index,
+            .uid = rq.uid,
+            .failed_rung = -1,
+        };
+        memcpy(ic.lim, rq.lim, sizeof ic.lim);
+        struct spawn sp = {
+            .stack = stack,
+            .path = path,
+            .argv = vec,
+            .envp = vec + rq.argc + 1,
+            .stdin_fd = fds[0],
+            .stdout_fd = fds[1],
+            .stderr_fd = fds[2],
+            .cwd_fd = rq.has_cwd ? fds[3] : -1,
+            .iso = &ic,
+            .clone_flags = CLONE_PARENT,
+        };
+        struct box_rep rep = {0};
+        rep.pid = child_spawn(&sp);
+        rep.child_errno = sp.child_errno;
+        rep.failed_rung = ic.failed_rung;
+        rep.failed_errno = ic.failed_errno;
+        rep.applied = ic.applied;
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+        free(buf);
+        free(vec);
+        if (write_full(sock, (const char *)&rep, sizeof rep) < 0)
+            return;
+    }
+}
+
+static void __attribute__((noreturn))
+holder_main(const struct isolation *iso, int sock, const char *tmp_path, bool network, pid_t agent)
+{
+    /* A copy of the agent: drop its signal handlers and every descriptor
+     * but the socket (listeners, connections, the stdio stream). */
+    for (int sig = 1; sig < NSIG; sig++)
+        signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (getppid() != agent)
+        _exit(1);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (sock != 3) {
+        dup3(sock, 3, O_CLOEXEC);
+        sock = 3;
+    }
+    int null = open("/dev/null", O_RDWR);
+    dup2(null, 0);
+    dup2(null, 1);
+    syscall(SYS_close_range, 4u, ~0u, 0);
+    struct box_ready rd = {0};
+    int flags = iso->ns_flags | (!network && iso->ns_net ? CLONE_NEWNET : 0);
+    if (box_enter(flags, tmp_path, rd.why, sizeof rd.why) < 0) {
+        (void)!write(sock, &rd, sizeof rd);
+        _exit(1);
+    }
+    int pp[2];
+    if (pipe2(pp, O_CLOEXEC) < 0)
+        _exit(1);
+    pid_t init = fork();
+    if (init == 0)
+        box_init(iso->ns_proc, pp[1]);
+    close(pp[1]);
+    char proc = 0;
+    if (init < 0 || read(pp[0], &proc, 1) != 1) {
+        snprintf(rd.why, sizeof rd.why, "starting the box's PID 1 failed");
+        (void)!write(sock, &rd, sizeof rd);
+        _exit(1);
+    }
+    close(pp[0]);
+    rd.ok = 1;
+    rd.init_pid = init;
+    rd.proc = proc;
+    if (write_full(sock, (const char *)&rd, sizeof rd) == 0)
+        serve(iso, sock, init);
+    kill(init, SIGKILL);
+    _exit(0);
+}
+
+/* ---- the agent's side --------------------------------------------------- */
+
+int ns_box_start(const struct isolation *iso, const char *tmp_path, bool network, struct nsbox *box,
+                 struct sp_err *err)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return sp_errf(err, SP_INTERNAL, "socketpair: %s", strerror(errno));
+    pid_t agent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return sp_errf(err, SP_INTERNAL, "fork: %s", strerror(errno));
+    }
+    if (pid == 0) {
+        close(sv[0]);
+        holder_main(iso, sv[1], tmp_path, network, agent);
+    }
+    close(sv[1]);
+    struct timeval tv = {BOX_TIMEOUT_MS / 1000, 0};
+    setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(sv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct box_ready rd;
+    memset(&rd, 0, sizeof rd);
+    if (read_full(sv[0], (char *)&rd, sizeof rd) < 0 || !rd.ok) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        close(sv[0]);
+        rd.why[sizeof rd.why - 1] = 0;
+        return sp_errf(err, SP_INTERNAL, "namespaces: %s",
+                       rd.why[0] ? rd.why : "the holder did not start");
+    }
+    box->pid = pid;
+    box->init_pid = rd.init_pid;
+    box->sock = sv[0];
+    return 0;
+}
+
+void ns_box_stop(struct nsbox *box)
+{
+    if (box->pid <= 0)
+        return;
+    kill(box->init_pid, SIGKILL);
+    kill(box->pid, SIGKILL);
+    close(box->sock);
+    box->pid = box->init_pid = 0;
+    box->sock = -1;
+}
+
+pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
+{
+    struct iso_child *ic = sp->iso;
+    size_t len = strlen(sp->path) + 1;
+    uint32_t argc = 0, envc = 0;
+    for (; sp->argv[argc]; argc++)
+        len += strlen(sp->argv[argc]) + 1;
+    for (; sp->envp[envc]; envc++)
+        len += strlen(sp->envp[envc]) + 1;
+    if (len > BOX_MAX_PAYLOAD) {
+        sp->child_errno = E2BIG;
+        return -1;
+    }
+    char *buf = malloc(len), *p = buf;
+    if (!buf) {
+        sp->child_errno = ENOMEM;
+        return -1;
+    }
+    size_t k = strlen(sp->path) + 1;
+    memcpy(p, sp->path, k);
+    p += k;
+    for (uint32_t i = 0; i < argc; i++, p += k)
+        memcpy(p, sp->argv[i], k = strlen(sp->argv[i]) + 1);
+    for (uint32_t i = 0; i < envc; i++, p += k)
+        memcpy(p, sp->envp[i], k = strlen(sp->envp[i]) + 1);
+    struct box_req rq = {
+        .len = (uint32_t)len,
+        .argc = argc,
+        .envc = envc,
+        .want = ic->want,
+        .required = ic->required,
+        .seccomp_index = ic->seccomp ? ic->seccomp_index : -1,
+        .uid = ic->uid,
+        .has_cwd = sp->cwd_fd >= 0,
+        .has_ll = ic->landlock_fd >= 0,
+    };
+    memcpy(rq.lim, ic->lim, sizeof rq.lim);
+    int fds[BOX_MAX_FDS] = {sp->stdin_fd, sp->stdout_fd, sp->stderr_fd};
+    int nfds = 3;
+    if (sp->cwd_fd >= 0)
+        fds[nfds++] = sp->cwd_fd;
+    if (ic->landlock_fd >= 0)
+        fds[nfds++] = ic->landlock_fd;
+    char cbuf[CMSG_SPACE(sizeof fds)];
+    memset(cbuf, 0, sizeof cbuf);
+    struct iovec iov = {&rq, sizeof rq};
+    struct msghdr mh = {.msg_iov = &iov,
+                        .msg_iovlen = 1,
+                        .msg_control = cbuf,
+                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    struct box_rep rep;
+    ssize_t n;
+    do
+        n = sendmsg(box->sock, &mh, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    int ok = n == (ssize_t)sizeof rq && write_full(box->sock, buf, len) == 0 &&
+             read_full(box->sock, (char *)&rep, sizeof rep) == 0;
+    free(buf);
+    if (!ok) {
+        /* A holder that does not answer is not trusted again. */
+        ns_box_stop(box);
+        sp->child_errno = EIO;
+        return -1;
+    }
+    ic->applied = rep.applied | (1u << RUNG_NAMESPACES);
+    ic->failed_rung = rep.failed_rung;
+    ic->failed_errno = rep.failed_errno;
+    sp->child_errno = rep.child_errno;
+    return rep.pid;
+}
