@@ -50,6 +50,8 @@ static int child_main(void *arg)
         goto fail;
     if (sp->cwd_fd >= 0 && fchdir(sp->cwd_fd) < 0)
         goto fail;
+    if (sp->cwd_path && chdir(sp->cwd_path) < 0)
+        goto fail;
     /* Before closing fds: the Landlock ruleset is one of them. */
     if (sp->iso && isolate_child(sp->iso) < 0) {
         errno = sp->iso->failed_errno;

@@ -437,6 +437,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         .stdout_fd = out[1],
         .stderr_fd = errp[1],
         .cwd_fd = p->cwd_fd,
+        .cwd_path = p->box ? p->cwd_path : NULL,
         .iso = p->iso,
     };
     e->t_start = agent_now_precise(ag);

@@ -48,6 +48,7 @@ struct exec_params {
     char **argv;
     char **envp;
     int cwd_fd;
+    const char *cwd_path; /* the same directory by name, for a box */
     const char *stdin_data;
     size_t stdin_len;
     uint64_t timeout_ms, idle_timeout_ms, max_output;

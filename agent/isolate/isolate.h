@@ -90,8 +90,9 @@ struct nsbox {
     int sock;
 };
 int ns_probe(struct isolation *iso, char *why, size_t whycap);
-int ns_box_start(const struct isolation *iso, const char *tmp_path, bool network, struct nsbox *box,
-                 struct sp_err *err);
+/* tmp_path (or NULL) is bound on /tmp; every sibling of slot_dir is hidden. */
+int ns_box_start(const struct isolation *iso, const char *tmp_path, const char *slot_dir,
+                 bool network, struct nsbox *box, struct sp_err *err);
 /* Like child_spawn, through the box's holder. */
 struct spawn;
 pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp);

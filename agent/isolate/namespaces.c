@@ -26,6 +26,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -46,7 +47,7 @@ struct box_ready {
 };
 
 struct box_req {
-    uint32_t len; /* payload: path, argv strings, envp strings, each NUL-ended */
+    uint32_t len; /* payload: path, cwd path, argv strings, envp strings, NUL-ended */
     uint32_t argc, envc;
     uint32_t want;
     int32_t required;
@@ -76,8 +77,36 @@ static int write_str(const char *path, const char *s)
     return n == (ssize_t)strlen(s) ? 0 : -1;
 }
 
+/* Hide every other slot: a tmpfs over DATA/slots with only this slot's
+ * directory bound back into it. */
+static int hide_other_slots(const char *slot_dir, char *why, size_t cap)
+{
+    char slots[4096], self[64], target[4200];
+    snprintf(slots, sizeof slots, "%s", slot_dir);
+    char *name = strrchr(slots, '/');
+    if (!name || name == slots)
+        return 0;
+    *name++ = 0;
+    int keep = open(slot_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (keep < 0) {
+        snprintf(why, cap, "open %.60s: %s", slot_dir, strerror(errno));
+        return -1;
+    }
+    snprintf(self, sizeof self, "/proc/self/fd/%d", keep);
+    snprintf(target, sizeof target, "%s/%s", slots, name);
+    int rc = -1;
+    if (mount("slots", slots, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") < 0)
+        snprintf(why, cap, "tmpfs over %.60s: %s", slots, strerror(errno));
+    else if (mkdir(target, 0755) < 0 || mount(self, target, NULL, MS_BIND | MS_REC, NULL) < 0)
+        snprintf(why, cap, "binding %.60s back: %s", target, strerror(errno));
+    else
+        rc = 0;
+    close(keep);
+    return rc;
+}
+
 /* Enter fresh namespaces and set them up; in a child of the agent. */
-static int box_enter(int flags, const char *tmp_path, char *why, size_t cap)
+static int box_enter(int flags, const char *tmp_path, const char *slot_dir, char *why, size_t cap)
 {
     uid_t uid = geteuid();
     gid_t gid = getegid();
@@ -107,6 +136,8 @@ static int box_enter(int flags, const char *tmp_path, char *why, size_t cap)
         snprintf(why, cap, "making mounts private: %s", strerror(errno));
         return -1;
     }
+    if (slot_dir && hide_other_slots(slot_dir, why, cap) < 0)
+        return -1;
     if (tmp_path && mount(tmp_path, "/tmp", NULL, MS_BIND | MS_REC, NULL) < 0) {
         snprintf(why, cap, "binding the slot's tmp on /tmp: %s", strerror(errno));
         return -1;
@@ -132,7 +163,7 @@ int ns_probe(struct isolation *iso, char *why, size_t whycap)
         pid_t pid = fork();
         if (pid == 0) {
             char msg[128] = "";
-            if (box_enter(tries[t], NULL, msg + 1, sizeof msg - 1) < 0) {
+            if (box_enter(tries[t], NULL, NULL, msg + 1, sizeof msg - 1) < 0) {
                 msg[0] = 'E';
                 (void)!write(pp[1], msg, strlen(msg));
                 _exit(1);
@@ -262,6 +293,8 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
         char *p = buf, *end = buf + rq.len;
         const char *path = p;
         p += strlen(p) + 1;
+        const char *cwd_path = p < end ? p : "";
+        p += strlen(cwd_path) + 1;
         uint32_t nstr = rq.argc + rq.envc;
         for (uint32_t i = 0; i < nstr; i++) {
             if (p >= end)
@@ -290,6 +323,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
             .stdout_fd = fds[1],
             .stderr_fd = fds[2],
             .cwd_fd = rq.has_cwd ? fds[3] : -1,
+            .cwd_path = cwd_path[0] ? cwd_path : NULL,
             .iso = &ic,
             .clone_flags = CLONE_PARENT,
         };
@@ -309,7 +343,8 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
 }
 
 static void __attribute__((noreturn))
-holder_main(const struct isolation *iso, int sock, const char *tmp_path, bool network, pid_t agent)
+holder_main(const struct isolation *iso, int sock, const char *tmp_path, const char *slot_dir,
+            bool network, pid_t agent)
 {
     /* A copy of the agent: drop its signal handlers and every descriptor
      * but the socket (listeners, connections, the stdio stream). */
@@ -332,7 +367,7 @@ holder_main(const struct isolation *iso, int sock, const char *tmp_path, bool ne
     syscall(SYS_close_range, 4u, ~0u, 0);
     struct box_ready rd = {0};
     int flags = iso->ns_flags | (!network && iso->ns_net ? CLONE_NEWNET : 0);
-    if (box_enter(flags, tmp_path, rd.why, sizeof rd.why) < 0) {
+    if (box_enter(flags, tmp_path, slot_dir, rd.why, sizeof rd.why) < 0) {
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
@@ -361,8 +396,8 @@ holder_main(const struct isolation *iso, int sock, const char *tmp_path, bool ne
 
 /* ---- the agent's side --------------------------------------------------- */
 
-int ns_box_start(const struct isolation *iso, const char *tmp_path, bool network, struct nsbox *box,
-                 struct sp_err *err)
+int ns_box_start(const struct isolation *iso, const char *tmp_path, const char *slot_dir,
+                 bool network, struct nsbox *box, struct sp_err *err)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
@@ -376,7 +411,7 @@ int ns_box_start(const struct isolation *iso, const char *tmp_path, bool network
     }
     if (pid == 0) {
         close(sv[0]);
-        holder_main(iso, sv[1], tmp_path, network, agent);
+        holder_main(iso, sv[1], tmp_path, slot_dir, network, agent);
     }
     close(sv[1]);
     struct timeval tv = {BOX_TIMEOUT_MS / 1000, 0};
@@ -412,7 +447,8 @@ void ns_box_stop(struct nsbox *box)
 pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
 {
     struct iso_child *ic = sp->iso;
-    size_t len = strlen(sp->path) + 1;
+    const char *cwd_path = sp->cwd_path ? sp->cwd_path : "";
+    size_t len = strlen(sp->path) + 1 + strlen(cwd_path) + 1;
     uint32_t argc = 0, envc = 0;
     for (; sp->argv[argc]; argc++)
         len += strlen(sp->argv[argc]) + 1;
@@ -429,6 +465,9 @@ pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
     }
     size_t k = strlen(sp->path) + 1;
     memcpy(p, sp->path, k);
+    p += k;
+    k = strlen(cwd_path) + 1;
+    memcpy(p, cwd_path, k);
     p += k;
     for (uint32_t i = 0; i < argc; i++, p += k)
         memcpy(p, sp->argv[i], k = strlen(sp->argv[i]) + 1);

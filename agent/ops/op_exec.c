@@ -97,8 +97,10 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
         /* A data dir under /tmp would vanish beneath the private /tmp: then
          * /tmp stays shared and only TMPDIR is private. */
         bool under_tmp = strncmp(ag->data_dir, "/tmp/", 5) == 0;
-        if (ns_box_start(iso, under_tmp ? NULL : s->tmp_path, network, &s->box[!network], &berr) <
-            0) {
+        char slot_dir[4200];
+        snprintf(slot_dir, sizeof slot_dir, "%s/slots/%u", ag->data_dir, s->index);
+        if (ns_box_start(iso, under_tmp ? NULL : s->tmp_path, slot_dir, network, &s->box[!network],
+                         &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
             have &= ~(1u << RUNG_NAMESPACES);
         }
@@ -210,10 +212,13 @@ int op_exec(struct req *rq, struct sp_err *err)
     char **argv = (char **)(a.buf + a.cap);
     char **envp = argv + nargv + 1;
 
+    char cwd_path[8200];
+    snprintf(cwd_path, sizeof cwd_path, "%s", s->ws_path);
     if (cwd) {
         char rel[4096];
         if (path_check(cwd, cwd_len, true, rel, sizeof rel, err) < 0)
             goto out;
+        snprintf(cwd_path, sizeof cwd_path, "%s/%s", s->ws_path, rel);
         cwd_fd = path_open(s->ws_fd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0, err);
         if (cwd_fd < 0)
             goto out;
@@ -292,6 +297,7 @@ int op_exec(struct req *rq, struct sp_err *err)
         .argv = argv,
         .envp = envp,
         .cwd_fd = cwd_fd >= 0 ? cwd_fd : s->ws_fd,
+        .cwd_path = cwd_path,
         .stdin_data = stdin_data,
         .stdin_len = stdin_len,
         .timeout_ms = timeout_ms ? timeout_ms : DEFAULT_TIMEOUT_MS,
