@@ -79,13 +79,14 @@ def cmocka(t: Tally, name: str, binary: Path) -> None:
     t.add(name, passed, failed)
 
 
-def pytest(t: Tally, name: str, build: Path, extra_env: dict[str, str]) -> None:
+def pytest(t: Tally, name: str, build: Path, extra_env: dict[str, str],
+           path: str = "tests/integration") -> None:
     banner(f"pytest: {name}")
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d) / "junit.xml"
         env = dict(os.environ, SLOT_BUILD_DIR=str(build), **extra_env)
         r = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml",
-                            str(xml), "tests/integration"], cwd=ROOT, env=env, timeout=3000)
+                            str(xml), path], cwd=ROOT, env=env, timeout=3000)
         if not xml.exists():
             t.add(name, 0, 1)
             return
@@ -120,6 +121,7 @@ def main() -> int:
     format_check(t)
     cmocka(t, "unit (release)", build / "test-proto")
     pytest(t, "integration (release agent)", build, {})
+    pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         pytest(t, "integration (ASan+UBSan agent)", asan, {

@@ -356,7 +356,6 @@ holder_main(const struct isolation *iso, int sock, const char *tmp_path, const c
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != agent)
         _exit(1);
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     if (sock != 3) {
         dup3(sock, 3, O_CLOEXEC);
         sock = 3;
@@ -371,6 +370,9 @@ holder_main(const struct isolation *iso, int sock, const char *tmp_path, const c
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
+    /* Not before: /proc/self of a non-dumpable process is root's, and the
+     * id maps above are written there. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     int pp[2];
     if (pipe2(pp, O_CLOEXEC) < 0)
         _exit(1);

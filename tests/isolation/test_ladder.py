@@ -1,0 +1,78 @@
+"""The rungs themselves, per condition: slot users own their workspaces,
+boxes give each slot its own PID 1, /tmp and hidden siblings, and
+keep_background leaves a command's background processes alive until reset."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+from conftest import Cond
+
+
+def run(cd: Cond, cmd: str, slot: int = 0, **kw) -> dict:
+    return cd.client.call("exec", {"slot": slot, "cmd": cmd, **kw}, timeout=60)
+
+
+def test_probe_matches_the_condition(cond: Cond) -> None:
+    rungs = cond.rungs
+    assert rungs["landlock"] and rungs["seccomp"] and rungs["rlimits"] and rungs["containment"]
+    if cond.name == "root":
+        assert rungs["uid"] and rungs["namespaces"]
+    elif cond.name == "user":
+        assert not rungs["uid"] and rungs["namespaces"]
+    else:  # Docker's default profile refuses unshare; root in it may change ids
+        assert rungs["uid"] and not rungs["namespaces"]
+
+
+def test_slot_users_own_their_workspace(cond: Cond) -> None:
+    r = run(cond, "id -u; id -g; ls -ldn . | cut -c1-10", slot=3)
+    uid, gid, mode = r["stdout"].decode().split()
+    if cond.rungs["uid"]:
+        assert (uid, gid, mode) == ("20003", "20003", "drwx------")
+        cond.client.call("write_file", {"slot": 3, "path": "made-by-agent", "data": b"x"})
+        r = run(cond, "ls -ln made-by-agent | awk '{print $3, $4}'", slot=3)
+        assert r["stdout"] == b"20003 20003\n"
+    else:
+        assert uid != "0"
+
+
+def test_box_has_its_own_pid_1_and_tmp(cond: Cond) -> None:
+    r = run(cond, "echo $$; touch /tmp/mine-0", slot=0)
+    if not cond.rungs["namespaces"]:
+        assert int(r["stdout"]) > 1
+        return
+    assert int(r["stdout"]) < 100  # a fresh PID namespace
+    r = run(cond, "ls /tmp", slot=1)
+    assert b"mine-0" not in r["stdout"]
+    r = run(cond, "ls $SLOT_WORKSPACE/../..", slot=1)
+    assert r["stdout"].split() == [b"1"]  # siblings hidden
+
+
+def alive(cond: Cond, mark: str) -> bool:
+    if cond.name == "docker":  # no boxes there: the slot sees every process
+        ps = run(cond, "ps -e -o args 2>/dev/null || ps", slot=2)["stdout"]
+        return f"sleep {mark}".encode() in ps
+    # from the host, which sees into every box
+    return subprocess.run(["pgrep", "-f", f"^sleep {mark}$"],
+                          capture_output=True).returncode == 0
+
+
+def test_keep_background(cond: Cond) -> None:
+    mark = f"3{int(time.time() * 1000) % 100000:05d}"
+    r = run(cond, f"sleep {mark} & echo started", keep_background=True)
+    assert r["exit_code"] == 0
+    time.sleep(1.5)  # past the agent's periodic sweep
+    assert alive(cond, mark)
+    # a later command's end does not take it
+    run(cond, "true")
+    assert alive(cond, mark)
+    # reset does
+    cond.client.call("reset", {"slot": 0}, timeout=30)
+    deadline = time.monotonic() + 5
+    while alive(cond, mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(cond, mark)
+    # without keep_background the same command leaves nothing
+    run(cond, f"sleep {mark} & echo started")
+    time.sleep(0.3)
+    assert not alive(cond, mark)
