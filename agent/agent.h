@@ -67,6 +67,7 @@ struct slot {
     int ll_fd[2];        /* Landlock rulesets [network allowed, denied], built on first use */
     unsigned uid;        /* the slot's user, when the uid rung is on */
     struct nsbox box[2]; /* namespaces [network allowed, denied], started on first use */
+    int cg_fd[2];        /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
     pid_t *kept;         /* keep_background leftovers */
     unsigned nkept, kept_cap;
 };

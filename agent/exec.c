@@ -680,6 +680,7 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s)
     }
     n += proc_sweep_strays(ag);
     n += slots_kill_kept(s);
+    n += cgroup_slot_kill(&ag->iso, s->index);
     n += slots_box_sweep(ag, s);
     /* Whatever hides in the slot's namespaces dies with them. */
     slots_box_stop(s);

@@ -40,11 +40,18 @@ static const char usage[] =
     "  --log-level LEVEL        debug|info|warn|error (default info)\n"
     "  --isolation MODE         best_effort (default) or required: default for requests\n"
     "  --without RUNG           never apply a rung (uid, namespaces, landlock, seccomp,\n"
-    "                           rlimits); repeatable\n"
+    "                           rlimits, cgroup); repeatable\n"
     "  --slot-uid-base N        slot i runs as uid/gid N+i when the agent may change ids\n"
     "                           (default 20000)\n"
     "  --rlimit NAME=VALUE      per-command maximum and default: cpu (s), as, fsize (bytes),\n"
     "                           nproc, nofile; VALUE may be 'unlimited'; repeatable\n"
+    "  --slot-memory BYTES      memory of each slot as a whole, with the cgroup rung\n"
+    "                           (default unlimited)\n"
+    "  --slot-pids N            processes of each slot as a whole (default 4096)\n"
+    "  --seccomp-deny CALLS     also deny these system calls (comma-separated); repeatable\n"
+    "  --config FILE            read options from FILE first: one 'name value' per line\n"
+    "                           (any long option without its dashes; # comments);\n"
+    "                           the command line overrides it\n"
     "  --probe [--json]         print which isolation rungs work here and exit\n"
     "  --version, --help\n";
 
@@ -103,6 +110,143 @@ static int read_token(struct agent *ag, const char *path, struct sp_err *err)
         return sp_errf(err, SP_BAD_REQUEST, "token file %s is empty", path);
     ag->token_len = (size_t)n;
     return 0;
+}
+
+enum {
+    OPT_ISOLATION = 300,
+    OPT_WITHOUT,
+    OPT_RLIMIT,
+    OPT_PROBE,
+    OPT_JSON,
+    OPT_UIDBASE,
+    OPT_SECCOMP_DENY,
+    OPT_SLOT_MEMORY,
+    OPT_SLOT_PIDS,
+    OPT_CONFIG,
+};
+enum {
+    OPT_LISTEN = 256,
+    OPT_STDIO,
+    OPT_SLOTS,
+    OPT_DATA,
+    OPT_TOKEN,
+    OPT_INSECURE,
+    OPT_MAXFRAME,
+    OPT_MAXOUT,
+    OPT_LOG,
+    OPT_VERSION,
+    OPT_HELP
+};
+static const struct option longopts[] = {
+    {"listen", required_argument, NULL, OPT_LISTEN},
+    {"stdio", no_argument, NULL, OPT_STDIO},
+    {"slots", required_argument, NULL, OPT_SLOTS},
+    {"data-dir", required_argument, NULL, OPT_DATA},
+    {"token-file", required_argument, NULL, OPT_TOKEN},
+    {"insecure", no_argument, NULL, OPT_INSECURE},
+    {"max-frame", required_argument, NULL, OPT_MAXFRAME},
+    {"max-output", required_argument, NULL, OPT_MAXOUT},
+    {"log-level", required_argument, NULL, OPT_LOG},
+    {"version", no_argument, NULL, OPT_VERSION},
+    {"help", no_argument, NULL, OPT_HELP},
+    {"isolation", required_argument, NULL, OPT_ISOLATION},
+    {"without", required_argument, NULL, OPT_WITHOUT},
+    {"rlimit", required_argument, NULL, OPT_RLIMIT},
+    {"probe", no_argument, NULL, OPT_PROBE},
+    {"json", no_argument, NULL, OPT_JSON},
+    {"slot-uid-base", required_argument, NULL, OPT_UIDBASE},
+    {"seccomp-deny", required_argument, NULL, OPT_SECCOMP_DENY},
+    {"slot-memory", required_argument, NULL, OPT_SLOT_MEMORY},
+    {"slot-pids", required_argument, NULL, OPT_SLOT_PIDS},
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {NULL, 0, NULL, 0},
+};
+
+/* --config FILE: its lines become options placed before the command line's,
+ * so the command line wins for single-valued options. */
+static int config_load(const char *path, int argc, char **argv, int *out_argc, char ***out_argv,
+                       char ***owned)
+{
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        fprintf(stderr, "slot-agent: config %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    size_t cap = (size_t)argc + 64, n = 0, nown = 0;
+    char **av = calloc(cap + 1, sizeof *av), **own = calloc(cap + 1, sizeof *own);
+    char line[4096];
+    int lineno = 0, rc = -1;
+    if (!av || !own)
+        goto out;
+    av[n++] = argv[0];
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        char *p = line, *end = line + strlen(line);
+        while (end > p && (end[-1] == '\n' || end[-1] == '\r' || end[-1] == ' ' || end[-1] == '\t'))
+            *--end = 0;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (!*p || *p == '#')
+            continue;
+        char *key = p;
+        while (*p && *p != ' ' && *p != '\t' && *p != '=')
+            p++;
+        char *val = p;
+        if (*p) {
+            *p++ = 0;
+            while (*p == ' ' || *p == '\t' || *p == '=')
+                p++;
+            val = p;
+        }
+        const struct option *o = longopts;
+        while (o->name && strcmp(o->name, key) != 0)
+            o++;
+        if (!o->name || !strcmp(key, "config") || !strcmp(key, "probe") || !strcmp(key, "json") ||
+            !strcmp(key, "help") || !strcmp(key, "version")) {
+            fprintf(stderr, "slot-agent: %s:%d: unknown key '%s'\n", path, lineno, key);
+            goto out;
+        }
+        if ((o->has_arg == required_argument) != (*val != 0)) {
+            fprintf(stderr, "slot-agent: %s:%d: '%s' %s\n", path, lineno, key,
+                    *val ? "takes no value" : "needs a value");
+            goto out;
+        }
+        if (n + (size_t)argc >= cap) {
+            fprintf(stderr, "slot-agent: %s:%d: too many options\n", path, lineno);
+            goto out;
+        }
+        size_t len = strlen(key) + strlen(val) + 4;
+        char *opt = malloc(len);
+        if (!opt)
+            goto out;
+        snprintf(opt, len, *val ? "--%s=%s" : "--%s", key, val);
+        av[n++] = own[nown++] = opt;
+    }
+    for (int i = 1; i < argc; i++)
+        av[n++] = argv[i];
+    av[n] = NULL;
+    *out_argc = (int)n;
+    *out_argv = av;
+    *owned = own;
+    av = own = NULL;
+    rc = 0;
+out:
+    fclose(f);
+    if (own)
+        for (size_t i = 0; i < nown; i++)
+            free(own[i]);
+    free(own);
+    free(av);
+    return rc;
+}
+
+static void config_free(char **av, char **owned)
+{
+    if (owned)
+        for (size_t i = 0; owned[i]; i++)
+            free(owned[i]);
+    free(owned);
+    free(av);
 }
 
 static char *default_data_dir(void)
@@ -196,49 +340,8 @@ static void ensure_std_fds(void)
             open("/dev/null", O_RDWR);
 }
 
-int main(int argc, char **argv)
+static int agent_main(int argc, char **argv)
 {
-    enum {
-        OPT_ISOLATION = 300,
-        OPT_WITHOUT,
-        OPT_RLIMIT,
-        OPT_PROBE,
-        OPT_JSON,
-        OPT_UIDBASE,
-    };
-    enum {
-        OPT_LISTEN = 256,
-        OPT_STDIO,
-        OPT_SLOTS,
-        OPT_DATA,
-        OPT_TOKEN,
-        OPT_INSECURE,
-        OPT_MAXFRAME,
-        OPT_MAXOUT,
-        OPT_LOG,
-        OPT_VERSION,
-        OPT_HELP
-    };
-    static const struct option longopts[] = {
-        {"listen", required_argument, NULL, OPT_LISTEN},
-        {"stdio", no_argument, NULL, OPT_STDIO},
-        {"slots", required_argument, NULL, OPT_SLOTS},
-        {"data-dir", required_argument, NULL, OPT_DATA},
-        {"token-file", required_argument, NULL, OPT_TOKEN},
-        {"insecure", no_argument, NULL, OPT_INSECURE},
-        {"max-frame", required_argument, NULL, OPT_MAXFRAME},
-        {"max-output", required_argument, NULL, OPT_MAXOUT},
-        {"log-level", required_argument, NULL, OPT_LOG},
-        {"version", no_argument, NULL, OPT_VERSION},
-        {"help", no_argument, NULL, OPT_HELP},
-        {"isolation", required_argument, NULL, OPT_ISOLATION},
-        {"without", required_argument, NULL, OPT_WITHOUT},
-        {"rlimit", required_argument, NULL, OPT_RLIMIT},
-        {"probe", no_argument, NULL, OPT_PROBE},
-        {"json", no_argument, NULL, OPT_JSON},
-        {"slot-uid-base", required_argument, NULL, OPT_UIDBASE},
-        {NULL, 0, NULL, 0},
-    };
     struct agent agent_ctx;
     struct agent *ag = &agent_ctx;
     memset(ag, 0, sizeof *ag);
@@ -252,6 +355,7 @@ int main(int argc, char **argv)
     struct sp_err perr;
     rlimit_defaults(&ag->iso);
     ag->iso.uid_base = 20000;
+    ag->iso.cg_pids = 4096;
     int c;
     uint64_t v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -317,9 +421,9 @@ int main(int argc, char **argv)
             int r = 0;
             while (r < RUNG_COUNT && strcmp(rung_names[r], optarg) != 0)
                 r++;
-            if (r == RUNG_COUNT || r == RUNG_CONTAINMENT || r == RUNG_CGROUP) {
-                fprintf(stderr, "slot-agent: --without takes uid, namespaces, landlock, seccomp "
-                                "or rlimits\n");
+            if (r == RUNG_COUNT || r == RUNG_CONTAINMENT) {
+                fprintf(stderr, "slot-agent: --without takes uid, namespaces, landlock, seccomp, "
+                                "rlimits or cgroup\n");
                 return 2;
             }
             ag->iso.disabled |= 1u << r;
@@ -338,6 +442,35 @@ int main(int argc, char **argv)
             }
             ag->iso.uid_base = (unsigned)v;
             break;
+        case OPT_SECCOMP_DENY: {
+            char *list = strdup(optarg), *save = NULL;
+            for (char *t = list ? strtok_r(list, ", ", &save) : NULL; t;
+                 t = strtok_r(NULL, ", ", &save)) {
+                if (seccomp_check_name(t, &perr) < 0) {
+                    fprintf(stderr, "slot-agent: --seccomp-deny: %s\n", perr.msg);
+                    free(list);
+                    return 2;
+                }
+                if (ag->iso.nseccomp_deny == sizeof ag->iso.seccomp_deny / sizeof(char *)) {
+                    fprintf(stderr, "slot-agent: --seccomp-deny: too many calls\n");
+                    free(list);
+                    return 2;
+                }
+                ag->iso.seccomp_deny[ag->iso.nseccomp_deny++] = strdup(t);
+            }
+            free(list);
+            break;
+        }
+        case OPT_SLOT_MEMORY:
+        case OPT_SLOT_PIDS:
+            if (parse_size(optarg, &v) < 0) {
+                fprintf(stderr, "slot-agent: bad --%s\n",
+                        c == OPT_SLOT_MEMORY ? "slot-memory" : "slot-pids");
+                return 2;
+            }
+            *(c == OPT_SLOT_MEMORY ? &ag->iso.cg_memory : &ag->iso.cg_pids) = v;
+            break;
+        case OPT_CONFIG: break; /* read before the others */
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -350,6 +483,7 @@ int main(int argc, char **argv)
     if (probe) {
         isolate_init(&ag->iso, ag->opt.nslots, &perr);
         isolate_report(&ag->iso, json);
+        cgroup_cleanup(&ag->iso, 0);
         isolate_free(&ag->iso);
         return 0;
     }
@@ -450,6 +584,7 @@ out:
     listeners_close(ag);
     exec_free_all(ag);
     slots_free(ag);
+    cgroup_cleanup(&ag->iso, ag->nslots);
     sp_writer_free(&ag->null_writer);
     isolate_free(&ag->iso);
     free(ag->op_stats);
@@ -457,5 +592,32 @@ out:
     if (ag->devnull_fd >= 0)
         close(ag->devnull_fd);
     log_info("exit %d", rc);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    const char *cfg = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *c = NULL;
+        if (!strcmp(argv[i], "--config") && i + 1 < argc)
+            c = argv[++i];
+        else if (!strncmp(argv[i], "--config=", 9))
+            c = argv[i] + 9;
+        if (c && cfg) {
+            fprintf(stderr, "slot-agent: --config given twice\n");
+            return 2;
+        }
+        if (c)
+            cfg = c;
+    }
+    char **cfg_argv = NULL, **cfg_owned = NULL;
+    if (cfg) {
+        if (config_load(cfg, argc, argv, &argc, &cfg_argv, &cfg_owned) < 0)
+            return 2;
+        argv = cfg_argv;
+    }
+    int rc = agent_main(argc, argv);
+    config_free(cfg_argv, cfg_owned);
     return rc;
 }

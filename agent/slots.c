@@ -56,6 +56,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->ws_fd = s->tmp_fd = -1;
         s->ll_fd[0] = s->ll_fd[1] = -1;
         s->box[0].sock = s->box[1].sock = -1;
+        s->cg_fd[0] = s->cg_fd[1] = -1;
         s->uid = ag->iso.uid_base + i;
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
@@ -74,6 +75,14 @@ int slots_init(struct agent *ag, struct sp_err *err)
     }
     if (ag->iso.available & (1u << RUNG_UID))
         slots_own(ag);
+    for (unsigned i = 0; i < ag->nslots && (ag->iso.available & (1u << RUNG_CGROUP)); i++) {
+        struct sp_err cerr;
+        if (cgroup_slot_init(&ag->iso, i, ag->slots[i].cg_fd, &cerr) < 0) {
+            ag->iso.available &= ~(1u << RUNG_CGROUP);
+            snprintf(ag->iso.why[RUNG_CGROUP], sizeof ag->iso.why[RUNG_CGROUP], "%.90s", cerr.msg);
+            log_warn("isolation: cgroup unavailable: %s", cerr.msg);
+        }
+    }
     return 0;
 }
 
@@ -222,6 +231,8 @@ void slots_free(struct agent *ag)
             if (s->ll_fd[k] >= 0)
                 close(s->ll_fd[k]);
             ns_box_stop(&s->box[k]);
+            if (s->cg_fd[k] >= 0)
+                close(s->cg_fd[k]);
         }
         free(s->kept);
         if (s->ws_fd >= 0)

@@ -39,7 +39,12 @@ int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
         else
             unavailable(iso, RUNG_NAMESPACES, why);
     }
-    unavailable(iso, RUNG_CGROUP, "not implemented yet");
+    if (iso->disabled & (1u << RUNG_CGROUP))
+        unavailable(iso, RUNG_CGROUP, "disabled");
+    else if (cgroup_probe(iso, why, sizeof why) == 0)
+        iso->available |= 1u << RUNG_CGROUP;
+    else
+        unavailable(iso, RUNG_CGROUP, why);
     /* Keep the configured maxima within what this process may grant. */
     static const int res[LIM_COUNT] = {RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
                                        RLIMIT_NOFILE};
@@ -58,8 +63,9 @@ int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
         unavailable(iso, RUNG_LANDLOCK, why);
     }
     struct sp_err e;
-    if (seccomp_build(&iso->seccomp[0], false, &e) == 0 &&
-        seccomp_build(&iso->seccomp[1], true, &e) == 0 && prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0) {
+    if (seccomp_build(&iso->seccomp[0], false, iso->seccomp_deny, iso->nseccomp_deny, &e) == 0 &&
+        seccomp_build(&iso->seccomp[1], true, iso->seccomp_deny, iso->nseccomp_deny, &e) == 0 &&
+        prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0) {
         iso->available |= 1u << RUNG_SECCOMP;
     } else {
         unavailable(iso, RUNG_SECCOMP, e.msg);
@@ -73,6 +79,9 @@ int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
 
 void isolate_free(struct isolation *iso)
 {
+    for (unsigned i = 0; i < iso->nseccomp_deny; i++)
+        free(iso->seccomp_deny[i]);
+    iso->nseccomp_deny = 0;
     for (int i = 0; i < 2; i++) {
         free(iso->seccomp[i].filter);
         iso->seccomp[i].filter = NULL;
@@ -82,10 +91,10 @@ void isolate_free(struct isolation *iso)
 void isolate_report(const struct isolation *iso, bool json)
 {
     if (json) {
-        printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, "
+        printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, \"cgroup\": %d, "
                "\"namespaces\": {\"user\": %s, \"net\": %s, \"proc\": %s}, \"rungs\": {",
                iso->root ? "true" : "false", iso->landlock_abi > 0 ? iso->landlock_abi : 0,
-               iso->uid_base, (iso->ns_flags & CLONE_NEWUSER) ? "true" : "false",
+               iso->uid_base, iso->cg_version, (iso->ns_flags & CLONE_NEWUSER) ? "true" : "false",
                iso->ns_net ? "true" : "false", iso->ns_proc ? "true" : "false");
         for (int r = 0; r < RUNG_COUNT; r++)
             printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
@@ -103,6 +112,10 @@ void isolate_report(const struct isolation *iso, bool json)
             printf("  %-12s yes  (mount, pid, ipc%s%s; %s /proc)\n", rung_names[r],
                    (iso->ns_flags & CLONE_NEWUSER) ? ", user" : "",
                    iso->ns_net ? ", net for network=false" : "", iso->ns_proc ? "own" : "host's");
+        else if ((iso->available & (1u << r)) && r == RUNG_CGROUP)
+            printf("  %-12s yes  (v%d, per slot: memory %llu bytes, pids %llu; 0 = unlimited)\n",
+                   rung_names[r], iso->cg_version, (unsigned long long)iso->cg_memory,
+                   (unsigned long long)iso->cg_pids);
         else if (iso->available & (1u << r))
             printf("  %-12s yes\n", rung_names[r]);
         else
@@ -115,6 +128,16 @@ int isolate_child(struct iso_child *ic)
 {
     ic->applied = 0;
     ic->failed_rung = -1;
+    /* First, while still privileged enough to move into the group. */
+    if ((ic->want & (1u << RUNG_CGROUP)) && ic->cg_fd[0] >= 0) {
+        if (cgroup_join(ic->cg_fd) == 0) {
+            ic->applied |= 1u << RUNG_CGROUP;
+        } else if (ic->required) {
+            ic->failed_rung = RUNG_CGROUP;
+            ic->failed_errno = errno;
+            return -1;
+        }
+    }
     if (ic->want & (1u << RUNG_RLIMITS)) {
         if (rlimit_apply(ic->lim) == 0)
             ic->applied |= 1u << RUNG_RLIMITS;

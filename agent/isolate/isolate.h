@@ -42,6 +42,14 @@ struct isolation {
     int ns_flags;                 /* CLONE_NEW* a slot box gets (rung 2), network aside */
     bool ns_proc;                 /* a box can mount its own /proc */
     bool ns_net;                  /* network=false commands get an empty network namespace */
+    int cg_version;               /* 0: no cgroup rung; 1 or 2 */
+    char cg_base[2][1200];        /* per-agent group ([0] v2, or v1 memory; [1] v1 pids) */
+    char cg_parent[1100];         /* v2: the agent's original cgroup */
+    bool cg_enabled_parent;       /* v2: we enabled the controllers there */
+    uint64_t cg_memory;           /* per-slot memory limit, 0 = none */
+    uint64_t cg_pids;             /* per-slot process limit, 0 = none */
+    char *seccomp_deny[64];       /* --seccomp-deny additions */
+    unsigned nseccomp_deny;
 };
 
 /* What one child applies; filled by the parent, `applied` and `failed` by the
@@ -53,6 +61,7 @@ struct iso_child {
     const struct sock_fprog *seccomp;
     int seccomp_index; /* which of isolation.seccomp, or -1 (sent to a box) */
     unsigned uid;      /* slot user, with want & RUNG_UID */
+    int cg_fd[2];      /* cgroup.procs of the slot's cgroup(s), or -1 */
     struct rlimit lim[LIM_COUNT];
     unsigned applied;
     int failed_rung; /* -1, or the rung whose setup failed */
@@ -99,6 +108,13 @@ pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp);
 /* Kill the holder and with it every process in the box. */
 void ns_box_stop(struct nsbox *box);
 
+/* cgroup.c */
+int cgroup_probe(struct isolation *iso, char *why, size_t cap);
+int cgroup_slot_init(const struct isolation *iso, unsigned index, int fds[2], struct sp_err *err);
+int cgroup_join(const int fds[2]);
+unsigned cgroup_slot_kill(const struct isolation *iso, unsigned index);
+void cgroup_cleanup(struct isolation *iso, unsigned nslots);
+
 /* rlimit.c */
 int rlimit_parse(struct isolation *iso, const char *spec, struct sp_err *err);
 void rlimit_defaults(struct isolation *iso);
@@ -112,7 +128,10 @@ int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, str
 int landlock_apply(int ruleset_fd);
 
 /* seccomp.c */
-int seccomp_build(struct sock_fprog *prog, bool deny_network, struct sp_err *err);
+/* extra: system calls the agent's configuration also denies. */
+int seccomp_build(struct sock_fprog *prog, bool deny_network, char *const *extra, unsigned nextra,
+                  struct sp_err *err);
+int seccomp_check_name(const char *name, struct sp_err *err);
 int seccomp_apply(const struct sock_fprog *prog);
 
 #endif

@@ -37,7 +37,7 @@
 
 #define BOX_TIMEOUT_MS 5000
 #define BOX_MAX_PAYLOAD (8u << 20)
-#define BOX_MAX_FDS 5
+#define BOX_MAX_FDS 7
 
 struct box_ready {
     int32_t ok;
@@ -53,7 +53,7 @@ struct box_req {
     int32_t required;
     int32_t seccomp_index;
     uint32_t uid;
-    int32_t has_cwd, has_ll;
+    int32_t has_cwd, has_ll, ncg;
     struct rlimit lim[LIM_COUNT];
 };
 
@@ -281,8 +281,8 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
         struct box_req rq;
         int fds[BOX_MAX_FDS], nfds;
         ssize_t n = recv_with_fds(sock, &rq, sizeof rq, fds, &nfds);
-        if (n != (ssize_t)sizeof rq || rq.len > BOX_MAX_PAYLOAD ||
-            nfds != 3 + !!rq.has_cwd + !!rq.has_ll)
+        if (n != (ssize_t)sizeof rq || rq.len > BOX_MAX_PAYLOAD || rq.ncg < 0 || rq.ncg > 2 ||
+            nfds != 3 + !!rq.has_cwd + !!rq.has_ll + rq.ncg)
             return; /* the agent went away, or spoke nonsense */
         char *buf = malloc(rq.len + 1);
         char **vec = calloc((size_t)rq.argc + rq.envc + 2, sizeof *vec);
@@ -311,8 +311,11 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
                            : NULL,
             .seccomp_index = rq.seccomp_index,
             .uid = rq.uid,
+            .cg_fd = {-1, -1},
             .failed_rung = -1,
         };
+        for (int k = 0; k < rq.ncg; k++)
+            ic.cg_fd[k] = fds[3 + !!rq.has_cwd + !!rq.has_ll + k];
         memcpy(ic.lim, rq.lim, sizeof ic.lim);
         struct spawn sp = {
             .stack = stack,
@@ -485,6 +488,7 @@ pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
         .uid = ic->uid,
         .has_cwd = sp->cwd_fd >= 0,
         .has_ll = ic->landlock_fd >= 0,
+        .ncg = (ic->cg_fd[0] >= 0) + (ic->cg_fd[1] >= 0),
     };
     memcpy(rq.lim, ic->lim, sizeof rq.lim);
     int fds[BOX_MAX_FDS] = {sp->stdin_fd, sp->stdout_fd, sp->stderr_fd};
@@ -493,6 +497,9 @@ pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
         fds[nfds++] = sp->cwd_fd;
     if (ic->landlock_fd >= 0)
         fds[nfds++] = ic->landlock_fd;
+    for (int j = 0; j < 2; j++)
+        if (ic->cg_fd[j] >= 0)
+            fds[nfds++] = ic->cg_fd[j];
     char cbuf[CMSG_SPACE(sizeof fds)];
     memset(cbuf, 0, sizeof cbuf);
     struct iovec iov = {&rq, sizeof rq};

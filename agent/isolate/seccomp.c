@@ -85,7 +85,15 @@ static const char *const denied[] = {
     "name_to_handle_at",
 };
 
-int seccomp_build(struct sock_fprog *prog, bool deny_network, struct sp_err *err)
+int seccomp_check_name(const char *name, struct sp_err *err)
+{
+    if (seccomp_syscall_resolve_name(name) == __NR_SCMP_ERROR)
+        return sp_errf(err, SP_BAD_REQUEST, "unknown system call '%s'", name);
+    return 0;
+}
+
+int seccomp_build(struct sock_fprog *prog, bool deny_network, char *const *extra, unsigned nextra,
+                  struct sp_err *err)
 {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
     int memfd = -1, rc = -1;
@@ -100,6 +108,14 @@ int seccomp_build(struct sock_fprog *prog, bool deny_network, struct sp_err *err
             continue; /* not on this architecture */
         if (seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0) < 0) {
             sp_errf(err, SP_ISOLATION_UNAVAILABLE, "seccomp rule for %s", denied[i]);
+            goto out;
+        }
+    }
+    /* Additions from the agent's configuration (checked at start-up). */
+    for (unsigned i = 0; i < nextra; i++) {
+        int nr = seccomp_syscall_resolve_name(extra[i]);
+        if (nr == __NR_SCMP_ERROR || seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0) < 0) {
+            sp_errf(err, SP_ISOLATION_UNAVAILABLE, "seccomp rule for %s", extra[i]);
             goto out;
         }
     }

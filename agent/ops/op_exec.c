@@ -106,6 +106,10 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
         }
     }
     ic->uid = s->uid;
+    ic->cg_fd[0] = s->cg_fd[0];
+    ic->cg_fd[1] = s->cg_fd[1];
+    if (s->cg_fd[0] < 0)
+        have &= ~(1u << RUNG_CGROUP);
     unsigned missing = RUNGS_REQUIRED & ~have;
     if (ic->required && missing) {
         char names[128] = "";

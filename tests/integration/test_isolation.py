@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from conftest import AGENT_BIN
 from slotwire import Client
 
 PY = "/usr/bin/python3"
@@ -191,3 +193,29 @@ def test_probe_command(tmpdir_short) -> None:
     human = subprocess.run([str(AGENT_BIN), "--probe"], capture_output=True, text=True,
                            timeout=10, check=True).stdout
     assert "landlock" in human and "seccomp" in human
+
+
+def test_config_file_adds_seccomp_denials(agent_factory, tmpdir_short) -> None:
+    cfg = tmpdir_short / "agent.conf"
+    cfg.write_text("# extra denials for this fleet\nseccomp-deny = uname, getcwd\n"
+                   "rlimit nproc=300\n")
+    a = agent_factory(extra=["--config", str(cfg)])
+    c = a.client()
+    r = c.call("exec", {"slot": 0, "argv": ["/bin/uname"]})
+    assert r["exit_code"] != 0 and b"Operation not permitted" in r["stderr"]
+    r = c.call("exec", {"slot": 0, "cmd": "ulimit -u"})
+    assert r["stdout"] == b"300\n"
+    # the agent itself is not filtered
+    assert c.call("hello")["isolation"]["seccomp"] is True
+
+
+def test_config_file_errors_name_the_line(tmpdir_short) -> None:
+    cfg = tmpdir_short / "bad.conf"
+    cfg.write_text("slots 2\n\nno-such-option 1\n")
+    r = subprocess.run([str(AGENT_BIN), "--config", str(cfg), "--stdio"], capture_output=True,
+                       text=True, timeout=10)
+    assert r.returncode == 2 and f"{cfg}:3: unknown key 'no-such-option'" in r.stderr
+    cfg.write_text("seccomp-deny not_a_syscall\n")
+    r = subprocess.run([str(AGENT_BIN), "--config", str(cfg), "--stdio"], capture_output=True,
+                       text=True, timeout=10)
+    assert r.returncode == 2 and "unknown system call 'not_a_syscall'" in r.stderr

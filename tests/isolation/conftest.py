@@ -25,7 +25,7 @@ from slotwire import Client  # noqa: E402
 BUILD = Path(os.environ.get("SLOT_BUILD_DIR", ROOT / "build"))
 IMAGE = "slot-isolation-test:latest"
 NOBODY = 65534
-AGENT_ARGS = ["--slots", "4", "--log-level", "info"]
+AGENT_ARGS = ["--slots", "4", "--log-level", "info", "--slot-memory", "256M", "--slot-pids", "300"]
 
 # (attempt, condition) -> the rung that blocked it
 RESULTS: dict[tuple[str, str], str] = {}

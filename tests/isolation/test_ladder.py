@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import Cond
 
@@ -76,3 +77,35 @@ def test_keep_background(cond: Cond) -> None:
     run(cond, f"sleep {mark} & echo started")
     time.sleep(0.3)
     assert not alive(cond, mark)
+
+
+def test_cgroup_bounds_the_slot_as_a_whole(cond: Cond) -> None:
+    if cond.name != "root":
+        # the unprivileged agent has no cgroup of its own to write; Docker
+        # mounts the cgroup tree read-only
+        assert not cond.rungs["cgroup"]
+        return
+    assert cond.rungs["cgroup"]
+    # 400 MiB in a slot capped at 256 MiB, with no per-process limit
+    r = cond.client.call("exec", {"slot": 1, "argv": [cond.escape, "alloc", str(400 << 20)],
+                                  "rlimits": {"as": 1 << 40}}, timeout=60)
+    assert "cgroup" in r["isolation"]
+    assert r["signal"] == 9, r  # the kernel's OOM killer, inside the slot only
+    # 300 processes for the slot as a whole: a fork bomb with no per-command
+    # limit is stopped by the group, and the other slots do not notice
+    groups = [g for g in Path("/sys/fs/cgroup/pids").rglob(f"slot-agent-{cond.agent_pid}/slot-1")]
+    assert len(groups) == 1, groups
+    g = groups[0]
+    assert (g / "pids.max").read_text().strip() == "300"
+    rid = cond.client.send("exec", {"slot": 1, "cmd": "b(){ b | b & }; b; sleep 3",
+                                    "timeout_ms": 3000})
+    peak = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        peak = max(peak, int((g / "pids.current").read_text()))
+        assert run(cond, "echo fine", slot=2)["stdout"] == b"fine\n"
+    cond.client.wait(rid, timeout=60)
+    assert 0 < peak <= 300
+    assert int((g / "pids.events").read_text().split()[1]) > 0  # forks refused
+    cond.client.call("reset", {"slot": 1}, timeout=30)
+    assert int((g / "pids.current").read_text()) == 0
