@@ -96,12 +96,22 @@ int uid_apply(unsigned uid);
 struct nsbox {
     pid_t pid;      /* holder, a child of the agent; 0 when none */
     pid_t init_pid; /* PID 1 of the box (agent's view), adopts leftovers */
+    bool in_cgroup; /* the holder joined the slot's cgroup */
     int sock;
 };
 int ns_probe(struct isolation *iso, char *why, size_t whycap);
-/* tmp_path (or NULL) is bound on /tmp; every sibling of slot_dir is hidden. */
-int ns_box_start(const struct isolation *iso, const char *tmp_path, const char *slot_dir,
-                 bool network, struct nsbox *box, struct sp_err *err);
+struct box_conf {
+    const char *tmp_path; /* bound on /tmp, or NULL */
+    const char *slot_dir; /* every sibling of it is hidden */
+    bool network;         /* false: an empty network namespace too */
+    unsigned uid;         /* the slot user (0: none), named in /etc/passwd */
+    unsigned index;
+    const char *home;
+    const int *cg_fd; /* the slot's cgroup.procs: the holder joins it once, so
+                         every command it forks starts inside (or NULL) */
+};
+int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
+                 struct sp_err *err);
 /* Like child_spawn, through the box's holder. */
 struct spawn;
 pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp);

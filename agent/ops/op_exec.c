@@ -99,8 +99,16 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
         bool under_tmp = strncmp(ag->data_dir, "/tmp/", 5) == 0;
         char slot_dir[4200];
         snprintf(slot_dir, sizeof slot_dir, "%s/slots/%u", ag->data_dir, s->index);
-        if (ns_box_start(iso, under_tmp ? NULL : s->tmp_path, slot_dir, network, &s->box[!network],
-                         &berr) < 0) {
+        struct box_conf bc = {
+            .tmp_path = under_tmp ? NULL : s->tmp_path,
+            .slot_dir = slot_dir,
+            .network = network,
+            .uid = (have & (1u << RUNG_UID)) ? s->uid : 0,
+            .index = s->index,
+            .home = s->ws_path,
+            .cg_fd = (have & (1u << RUNG_CGROUP)) ? s->cg_fd : NULL,
+        };
+        if (ns_box_start(iso, &bc, &s->box[!network], &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
             have &= ~(1u << RUNG_NAMESPACES);
         }

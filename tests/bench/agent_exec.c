@@ -64,17 +64,24 @@ static const struct workload workloads[] = {
  * is not `full` runs only the first workload at concurrency 1. */
 struct variant {
     const char *name;
-    const char *args[7];
+    const char *args[16];
     bool full;
 };
 
+#define W(r) "--without", r
 static const struct variant variants[] = {
     {"default", {NULL}, true},
-    {"off", {"--without", "landlock", "--without", "seccomp", "--without", "rlimits", NULL}, true},
-    {"rlimits", {"--without", "landlock", "--without", "seccomp", NULL}, false},
-    {"landlock", {"--without", "seccomp", "--without", "rlimits", NULL}, false},
-    {"seccomp", {"--without", "landlock", "--without", "rlimits", NULL}, false},
+    {"off",
+     {W("uid"), W("namespaces"), W("landlock"), W("seccomp"), W("rlimits"), W("cgroup"), NULL},
+     true},
+    {"uid", {W("namespaces"), W("landlock"), W("seccomp"), W("rlimits"), W("cgroup"), NULL}, false},
+    {"namespaces", {W("uid"), W("landlock"), W("seccomp"), W("rlimits"), W("cgroup"), NULL}, false},
+    {"landlock", {W("uid"), W("namespaces"), W("seccomp"), W("rlimits"), W("cgroup"), NULL}, false},
+    {"seccomp", {W("uid"), W("namespaces"), W("landlock"), W("rlimits"), W("cgroup"), NULL}, false},
+    {"rlimits", {W("uid"), W("namespaces"), W("landlock"), W("seccomp"), W("cgroup"), NULL}, false},
+    {"cgroup", {W("uid"), W("namespaces"), W("landlock"), W("seccomp"), W("rlimits"), NULL}, false},
 };
+#undef W
 #define NVARIANTS (sizeof variants / sizeof variants[0])
 
 struct result {
@@ -102,6 +109,8 @@ struct bench {
     int top_level; /* highest concurrency: RSS is sampled there */
     bool json;
     bool rungs;
+    bool bwrap;             /* also the floor wrapped in bubblewrap, as sandbox servers do */
+    const char *floor_side; /* "floor", or "bwrap" while that runs */
     long clk_tck;
     char **child_env;
     posix_spawnattr_t attr;
@@ -283,7 +292,28 @@ static int floor_spawn(struct bench *b, const char *cmd, struct fchild *ch)
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
     posix_spawn_file_actions_adddup2(&fa, err[1], 2);
     char *argv[] = {"/bin/bash", "-c", (char *)cmd, NULL};
-    int rc = posix_spawn(&ch->pid, "/bin/bash", &fa, &b->attr, argv, b->child_env);
+    /* What a server that wraps every command in bubblewrap runs: fresh
+     * namespaces (user, mount, PID, network, IPC, UTS, cgroup) per command. */
+    char *bw[] = {"bwrap",
+                  "--ro-bind",
+                  "/",
+                  "/",
+                  "--dev",
+                  "/dev",
+                  "--proc",
+                  "/proc",
+                  "--tmpfs",
+                  "/tmp",
+                  "--unshare-all",
+                  "--die-with-parent",
+                  "--new-session",
+                  "/bin/bash",
+                  "-c",
+                  (char *)cmd,
+                  NULL};
+    bool wrap = !strcmp(b->floor_side, "bwrap");
+    int rc = wrap ? posix_spawnp(&ch->pid, "bwrap", &fa, &b->attr, bw, b->child_env)
+                  : posix_spawn(&ch->pid, "/bin/bash", &fa, &b->attr, argv, b->child_env);
     posix_spawn_file_actions_destroy(&fa);
     close(out[1]);
     close(err[1]);
@@ -372,12 +402,13 @@ static int run_floor(struct bench *b, const struct workload *w, int conc, int op
                 snprintf(why, sizeof why, "status 0x%x, %zu bytes on stdout (want %zu)", st,
                          c->out_bytes, w->stdout_bytes);
                 if (record)
-                    note_error(b, "floor", w->name, conc, why);
+                    note_error(b, b->floor_side, w->name, conc, why);
             }
         }
     }
     if (rc == 0 && record)
-        add_result(b, w->name, "floor", conc, lat, done, now() - t0, self_cpu_s() - cpu0, errors);
+        add_result(b, w->name, b->floor_side, conc, lat, done, now() - t0, self_cpu_s() - cpu0,
+                   errors);
 drain:
     for (int i = 0; i < conc; i++) {
         if (!ch[i].busy)
@@ -716,15 +747,19 @@ static void stop_agent(struct bench *b)
 static int start_agent(struct bench *b, const struct variant *v)
 {
     struct agent *ag = &b->ag;
+    /* Not /tmp: a data dir there keeps /tmp shared inside the slot boxes,
+     * and the full ladder (private /tmp) is what is measured. */
     const char *tmp = getenv("TMPDIR");
     if (!tmp || !*tmp)
-        tmp = "/tmp";
+        tmp = "/var/tmp";
     if (snprintf(ag->dir, sizeof ag->dir, "%s/slot-bench-XXXXXX", tmp) >= (int)sizeof ag->dir ||
         !mkdtemp(ag->dir)) {
         fprintf(stderr, "bench: cannot create a temp dir in %s: %s\n", tmp, strerror(errno));
         ag->dir[0] = 0;
         return -1;
     }
+    /* Slot users must be able to walk down to their workspaces. */
+    chmod(ag->dir, 0755);
     if (snprintf(ag->sock, sizeof ag->sock, "%s/a.sock", ag->dir) >= (int)sizeof ag->sock) {
         fprintf(stderr, "bench: socket path under %s is too long; set TMPDIR\n", ag->dir);
         return -1;
@@ -997,6 +1032,12 @@ static void report_text(const struct bench *b, const struct target *t, int nt)
             printf("%+8.3f ms %21s  ", t[i].value, "");
         printf("%s\n", t[i].ok ? "ok" : "MISS");
     }
+    const struct result *bw = find(b, "true", "bwrap", NULL, b->top_level);
+    const struct result *ag = find(b, "true", "agent", "default", b->top_level);
+    if (bw && ag)
+        printf("\nbubblewrap per command (true, c=%d): %.0f ops/s; the agent with its full "
+               "ladder: %.0f ops/s = %.1fx\n",
+               b->top_level, bw->ops_s, ag->ops_s, ag->ops_s / bw->ops_s);
     if (!b->rungs)
         return;
     const struct result *off = find(b, "true", "agent", "off", 1);
@@ -1018,11 +1059,13 @@ static void report_text(const struct bench *b, const struct target *t, int nt)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] [--json] [--rungs]\n"
+            "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] [--json] [--rungs] "
+            "[--bwrap]\n"
             "  --ops N       measured requests per level and side (default 2000)\n"
             "  --levels L    comma-separated concurrency levels, 1..%d (default 1,8,32)\n"
             "  --json        print one JSON object instead of the table\n"
-            "  --rungs       also measure the agent with isolation off and one rung at a time\n",
+            "  --rungs       also measure the agent with isolation off and one rung at a time\n"
+            "  --bwrap       also measure the floor with every command wrapped in bubblewrap\n",
             MAX_CONC);
 }
 
@@ -1103,7 +1146,7 @@ static int run_variant(struct bench *b, const struct variant *v, bool with_floor
 
 int main(int argc, char **argv)
 {
-    struct bench b = {.ops = 2000, .levels = {1, 8, 32}, .nlevels = 3};
+    struct bench b = {.ops = 2000, .levels = {1, 8, 32}, .nlevels = 3, .floor_side = "floor"};
     b.rss_idle_kb = b.rss_after_kb = b.rss_peak_kb = b.rss_hwm_kb = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -1127,6 +1170,8 @@ int main(int argc, char **argv)
             b.json = true;
         } else if (!strcmp(a, "--rungs")) {
             b.rungs = true;
+        } else if (!strcmp(a, "--bwrap")) {
+            b.bwrap = true;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage();
             return 0;
@@ -1170,6 +1215,13 @@ int main(int argc, char **argv)
     size_t nv = b.rungs ? NVARIANTS : 1;
     for (size_t v = 0; v < nv && rc == 0; v++)
         rc = run_variant(&b, &variants[v], v == 0);
+    if (rc == 0 && b.bwrap) {
+        b.floor_side = "bwrap";
+        rc = run_floor(&b, &workloads[0], WARMUP_CONC, WARMUP_OPS / 4, false);
+        for (int l = 0; l < b.nlevels && rc == 0; l++)
+            rc = run_floor(&b, &workloads[0], b.levels[l], b.ops / 4, true);
+        b.floor_side = "floor";
+    }
     posix_spawnattr_destroy(&b.attr);
     if (rc < 0) {
         fprintf(stderr, "bench: %s; no figures\n", g_stop ? "interrupted" : "setup failed");
