@@ -67,6 +67,7 @@ struct slot {
     int ll_fd[2];        /* Landlock rulesets [network allowed, denied], built on first use */
     unsigned uid;        /* the slot's user, when the uid rung is on */
     struct nsbox box[2]; /* namespaces [network allowed, denied], started on first use */
+    ev_io box_w[2];      /* their holders' answers */
     int cg_fd[2];        /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
     pid_t *kept;         /* keep_background leftovers */
     unsigned nkept, kept_cap;
@@ -121,6 +122,12 @@ struct agent {
     struct exec *running;    /* commands still running */
     uint64_t retained_bytes; /* output kept by finished execs */
     struct isolation iso;
+    unsigned spawning; /* commands sent to box holders, pid not yet known */
+    struct {
+        pid_t pid;
+        int status;
+    } early[64]; /* exits reaped while spawns were pending */
+    unsigned nearly;
 };
 
 /* ---- requests and the op table ---------------------------------------- */
@@ -260,7 +267,13 @@ void exec_conn_gone(struct agent *ag, struct conn *c);
 bool slots_box_exited(struct agent *ag, pid_t pid);
 bool slots_is_box_holder(struct agent *ag, pid_t pid);
 /* Kill every process of the slot's boxes; the next command starts new ones. */
-void slots_box_stop(struct slot *s);
+void slots_box_stop(struct agent *ag, struct slot *s);
+/* Watch a freshly started box's holder for its answers. */
+void slots_box_watch(struct agent *ag, struct slot *s, int k);
+/* exec.c: the holder of box k of s has answered (or is gone). */
+void exec_box_readable(struct agent *ag, struct slot *s, int k);
+/* exec.c: fail every command still waiting for that holder. */
+void exec_box_gone(struct agent *ag, struct nsbox *box);
 /* Kill the leftovers adopted by the slot's boxes (their PID 1's children). */
 unsigned slots_box_sweep(struct agent *ag, struct slot *s);
 /* Kill processes re-parented to the agent that belong to no live command. */

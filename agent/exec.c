@@ -441,8 +441,18 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         .iso = p->iso,
     };
     e->t_start = agent_now_precise(ag);
-    pid_t pid = p->box ? ns_box_spawn(p->box, &sp) : child_spawn(&sp);
-    if (pid < 0) {
+    pid_t pid = 0;
+    if (p->box) {
+        if (ns_box_send(p->box, &sp) < 0) {
+            sp_errf(err, SP_INTERNAL, "namespaces: the slot's holder is gone: %s",
+                    strerror(sp.child_errno));
+            goto fail;
+        }
+        e->spawning = true;
+        e->box = p->box;
+        e->iso_want = p->iso->want;
+        ag->spawning++;
+    } else if ((pid = child_spawn(&sp)) < 0) {
         sp_errf(err, SP_INTERNAL, "clone: %s", strerror(sp.child_errno));
         goto fail;
     }
@@ -481,6 +491,8 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     e->owner = p->detach ? NULL : owner;
     if (e->owner)
         owner->exec = e;
+    if (e->spawning && (p->detach || owner->stream))
+        e->announce = owner;
     outbuf_init(&e->ob[0], p->max_output);
     outbuf_init(&e->ob[1], p->max_output);
     e->last_output = ev_now(ag->loop);
@@ -529,6 +541,120 @@ fail:
     free(e->in_buf);
     free(e);
     return NULL;
+}
+
+/* ---- commands started by a box holder ------------------------------------ */
+
+/* The command never started: undo exec_start and fail its request. */
+static void exec_abort(struct exec *e, const struct sp_err *err)
+{
+    struct agent *ag = e->ag;
+    struct slot *s = e->slot;
+    if (e->spawning) {
+        e->spawning = false;
+        ag->spawning--;
+    }
+    list_del(&ag->running, e);
+    s->running--;
+    s->execs--;
+    ag->execs_started--;
+    ev_timer_stop(ag->loop, &e->timer);
+    ev_timer_stop(ag->loop, &e->idle);
+    ev_timer_stop(ag->loop, &e->drain);
+    close_stream(e, 0);
+    close_stream(e, 1);
+    close_stdin(e);
+    while (e->attach) {
+        struct req *rq = e->attach;
+        e->attach = rq->exec_next;
+        rq->exec = NULL;
+        req_finish(rq, err);
+    }
+    struct req *rq = e->announce ? e->announce : e->owner;
+    e->announce = e->owner = NULL;
+    if (rq) {
+        rq->exec = NULL;
+        req_finish(rq, err);
+    }
+    outbuf_free(&e->ob[0]);
+    outbuf_free(&e->ob[1]);
+    free(e);
+    if (s->resetting && s->running == 0)
+        reset_complete(ag, s);
+}
+
+static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box)
+{
+    struct exec *best = NULL;
+    for (struct exec *e = ag->running; e; e = e->next)
+        if (e->spawning && e->box == box && (!best || e->id < best->id))
+            best = e;
+    return best;
+}
+
+void exec_box_gone(struct agent *ag, struct nsbox *box)
+{
+    struct sp_err err;
+    sp_errf(&err, SP_CANCELLED,
+            "the slot's namespace holder went away before the command "
+            "started (slot reset or agent stopping)");
+    struct exec *e;
+    while ((e = oldest_spawning(ag, box)))
+        exec_abort(e, &err);
+    if (!ag->spawning)
+        ag->nearly = 0;
+}
+
+void exec_box_readable(struct agent *ag, struct slot *s, int k)
+{
+    struct nsbox *box = &s->box[k];
+    struct box_result r;
+    if (ns_box_recv(box, &r) < 0) {
+        log_warn("slot %u: namespace holder stopped answering", s->index);
+        slots_box_stop(ag, s);
+        return;
+    }
+    struct exec *e = oldest_spawning(ag, box);
+    if (!e)
+        return; /* its command was aborted meanwhile */
+    e->spawning = false;
+    ag->spawning--;
+    if (r.pid < 0 || r.child_errno) {
+        struct sp_err err;
+        int ce = r.child_errno ? r.child_errno : EIO;
+        if (r.failed_rung >= 0)
+            sp_errf(&err, SP_ISOLATION_UNAVAILABLE, "isolation required: %s failed: %s",
+                    rung_names[r.failed_rung], strerror(ce));
+        else if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
+            sp_errf(&err, SP_NOT_FOUND, "cannot execute: %s", strerror(ce));
+        else
+            sp_errf(&err, SP_INTERNAL, "cannot execute: %s", strerror(ce));
+        exec_abort(e, &err);
+    } else {
+        e->pid = r.pid;
+        e->iso_applied = r.applied & (e->iso_want | (1u << RUNG_NAMESPACES));
+        log_debug("exec %llu: slot %u pid %d (box)", (unsigned long long)e->id, s->index,
+                  (int)r.pid);
+        struct req *rq = e->announce;
+        e->announce = NULL;
+        if (rq && exec_announce(rq, e) == OP_DONE)
+            req_finish(rq, NULL);
+        int status = 0;
+        bool exited = false;
+        for (unsigned i = 0; i < ag->nearly; i++)
+            if (ag->early[i].pid == r.pid) {
+                status = ag->early[i].status;
+                ag->early[i] = ag->early[--ag->nearly];
+                exited = true;
+                break;
+            }
+        if (exited)
+            exec_on_child_exit(ag, r.pid, status);
+        else if (e->timed_out || e->idle_timed_out || e->cancelled)
+            exec_kill(e); /* asked for while it was starting */
+    }
+    if (!ag->spawning)
+        ag->nearly = 0;
 }
 
 static void retain_evict(struct agent *ag, struct exec *e)
@@ -624,6 +750,16 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
     struct exec *e = ag->running;
     while (e && (e->pid != pid || e->exited))
         e = e->next;
+    if (!e && ag->spawning) {
+        /* Perhaps a command a box holder started whose pid the holder has
+         * not told yet: keep its status for a while. */
+        if (ag->nearly == sizeof ag->early / sizeof ag->early[0])
+            memmove(ag->early, ag->early + 1, sizeof ag->early - sizeof ag->early[0]);
+        else
+            ag->nearly++;
+        ag->early[ag->nearly - 1].pid = pid;
+        ag->early[ag->nearly - 1].status = status;
+    }
     if (!e) {
         /* a box holder, a leftover, or an orphan adopted as PID 1 */
         if (!slots_box_exited(ag, pid))
@@ -683,7 +819,7 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s)
     n += cgroup_slot_kill(&ag->iso, s->index);
     n += slots_box_sweep(ag, s);
     /* Whatever hides in the slot's namespaces dies with them. */
-    slots_box_stop(s);
+    slots_box_stop(ag, s);
     return n;
 }
 
@@ -697,7 +833,7 @@ void exec_kill_all(struct agent *ag)
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
         slots_kill_kept(&ag->slots[i]);
-        slots_box_stop(&ag->slots[i]);
+        slots_box_stop(ag, &ag->slots[i]);
     }
     proc_sweep_strays(ag);
 }
@@ -735,6 +871,8 @@ void exec_free_all(struct agent *ag)
             e->attach = rq->exec_next;
             req_free(rq);
         }
+        if (e->announce && e->announce != e->owner)
+            req_free(e->announce);
         if (e->owner) {
             struct slot *s = e->slot;
             if (s->active == e->owner)

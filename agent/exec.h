@@ -35,6 +35,10 @@ struct exec {
     double idle_s;
     bool exited, finished, timed_out, idle_timed_out, cancelled, detached, network;
     bool keep_background; /* leftovers live on until the slot's reset */
+    bool spawning;        /* sent to a box holder; pid not known yet */
+    struct nsbox *box;    /* that holder */
+    unsigned iso_want;    /* rungs asked for (the box's answer says which applied) */
+    struct req *announce; /* detach or stream request told once the pid is known */
     bool output_released; /* delivered to its requester: only the result is kept */
     unsigned iso_applied; /* rungs the child applied */
     int status;
@@ -67,5 +71,8 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
 /* Send retained output from the request's offsets as events, then live. */
 void exec_replay(struct exec *e, struct req *rq);
 void exec_add_attach(struct exec *e, struct req *rq);
+/* op_exec.c: tell the request the command started (detach reply, stream
+ * "started" event). OP_DONE when the request is answered. */
+int exec_announce(struct req *rq, struct exec *e);
 
 #endif

@@ -549,6 +549,7 @@ static int agent_main(int argc, char **argv)
         log_error("cannot initialise the event loop");
         return 1;
     }
+    ev_set_userdata(ag->loop, ag);
     ag->started = ev_now(ag->loop);
     if (slots_init(ag, &err) < 0) {
         log_error("%s", err.msg);

@@ -132,6 +132,10 @@ size_t proc_children(pid_t pid, pid_t **out)
 
 unsigned proc_sweep_strays(struct agent *ag)
 {
+    /* A command a box holder just started is our child before we know its
+     * pid: sweep later. */
+    if (ag->spawning)
+        return 0;
     unsigned total = 0;
     /* Killing a stray re-parents its children to us: repeat, bounded. */
     for (int round = 0; round < 16; round++) {

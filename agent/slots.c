@@ -125,22 +125,46 @@ bool slots_is_box_holder(struct agent *ag, pid_t pid)
     return false;
 }
 
+static void box_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)revents;
+    struct agent *ag = ev_userdata(loop);
+    struct slot *s = w->data;
+    exec_box_readable(ag, s, w == &s->box_w[0] ? 0 : 1);
+}
+
+void slots_box_watch(struct agent *ag, struct slot *s, int k)
+{
+    ev_io_init(&s->box_w[k], box_cb, s->box[k].sock, EV_READ);
+    s->box_w[k].data = s;
+    ev_io_start(ag->loop, &s->box_w[k]);
+}
+
+static void box_stop(struct agent *ag, struct slot *s, int k)
+{
+    if (s->box[k].pid <= 0)
+        return;
+    ev_io_stop(ag->loop, &s->box_w[k]);
+    ns_box_stop(&s->box[k]);
+    exec_box_gone(ag, &s->box[k]);
+}
+
 bool slots_box_exited(struct agent *ag, pid_t pid)
 {
     for (unsigned i = 0; i < ag->nslots; i++)
         for (int k = 0; k < 2; k++)
             if (ag->slots[i].box[k].pid == pid) {
                 log_warn("slot %u: namespace holder %d exited", i, (int)pid);
-                ns_box_stop(&ag->slots[i].box[k]);
+                box_stop(ag, &ag->slots[i], k);
                 return true;
             }
     return false;
 }
 
-void slots_box_stop(struct slot *s)
+void slots_box_stop(struct agent *ag, struct slot *s)
 {
     for (int k = 0; k < 2; k++)
-        ns_box_stop(&s->box[k]);
+        box_stop(ag, s, k);
 }
 
 unsigned slots_box_sweep(struct agent *ag, struct slot *s)
@@ -230,6 +254,8 @@ void slots_free(struct agent *ag)
         for (int k = 0; k < 2; k++) {
             if (s->ll_fd[k] >= 0)
                 close(s->ll_fd[k]);
+            if (s->box[k].pid > 0 && ag->loop)
+                ev_io_stop(ag->loop, &s->box_w[k]);
             ns_box_stop(&s->box[k]);
             if (s->cg_fd[k] >= 0)
                 close(s->cg_fd[k]);

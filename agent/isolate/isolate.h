@@ -112,9 +112,18 @@ struct box_conf {
 };
 int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
                  struct sp_err *err);
-/* Like child_spawn, through the box's holder. */
+/* Starting a command through the box's holder is asynchronous: send the
+ * request (the spawn's fds travel with it and may be closed after), then
+ * read the outcome when the socket is readable. Requests are answered in
+ * order. -1: the holder is gone (the box is stopped). */
+struct box_result {
+    pid_t pid; /* the agent's child, or -1 */
+    int child_errno, failed_rung, failed_errno;
+    unsigned applied;
+};
 struct spawn;
-pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp);
+int ns_box_send(struct nsbox *box, struct spawn *sp);
+int ns_box_recv(struct nsbox *box, struct box_result *r);
 /* Kill the holder and with it every process in the box. */
 void ns_box_stop(struct nsbox *box);
 

@@ -13,8 +13,8 @@
  * waits for it, times it out and kills its tree exactly as without a box.
  * Killing the holder kills PID 1 and with it everything in the box.
  *
- * The request is synchronous: the agent reaps children only from its event
- * loop, so it learns the pid before it can see the exit. */
+ * The agent does not wait for the answer: it reads it from its event loop,
+ * and an exit reaped before the answer named the pid is kept until then. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -412,6 +412,10 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != agent)
         _exit(1);
+    /* Its own session: with scheduler autogroups, the agent's session would
+     * otherwise share one CPU share among the agent and every holder while
+     * each command (a session leader) gets a whole one. */
+    setsid();
     /* Before the descriptors go: children inherit the cgroup of the task
      * that forks them, which spares every command a migration (slow on
      * cgroup v1). */
@@ -510,7 +514,7 @@ void ns_box_stop(struct nsbox *box)
     box->sock = -1;
 }
 
-pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
+int ns_box_send(struct nsbox *box, struct spawn *sp)
 {
     struct iso_child *ic = sp->iso;
     const char *cwd_path = sp->cwd_path ? sp->cwd_path : "";
@@ -573,25 +577,32 @@ pid_t ns_box_spawn(struct nsbox *box, struct spawn *sp)
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
     memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-    struct box_rep rep;
     ssize_t n;
     do
         n = sendmsg(box->sock, &mh, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    int ok = n == (ssize_t)sizeof rq && write_full(box->sock, buf, len) == 0 &&
-             read_full(box->sock, (char *)&rep, sizeof rep) == 0;
+    int ok = n == (ssize_t)sizeof rq && write_full(box->sock, buf, len) == 0;
     free(buf);
     if (!ok) {
-        /* A holder that does not answer is not trusted again. */
+        /* A holder that does not take requests is not trusted again. */
         ns_box_stop(box);
         sp->child_errno = EIO;
         return -1;
     }
-    ic->applied = rep.applied | (1u << RUNG_NAMESPACES);
-    if (box->in_cgroup && (ic->want & (1u << RUNG_CGROUP)))
-        ic->applied |= 1u << RUNG_CGROUP;
-    ic->failed_rung = rep.failed_rung;
-    ic->failed_errno = rep.failed_errno;
-    sp->child_errno = rep.child_errno;
-    return rep.pid;
+    return 0;
+}
+
+int ns_box_recv(struct nsbox *box, struct box_result *r)
+{
+    struct box_rep rep;
+    if (box->pid <= 0 || read_full(box->sock, (char *)&rep, sizeof rep) < 0)
+        return -1;
+    r->pid = rep.pid;
+    r->child_errno = rep.child_errno;
+    r->failed_rung = rep.failed_rung;
+    r->failed_errno = rep.failed_errno;
+    r->applied = rep.applied | (1u << RUNG_NAMESPACES);
+    if (box->in_cgroup)
+        r->applied |= 1u << RUNG_CGROUP;
+    return 0;
 }

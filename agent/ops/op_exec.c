@@ -111,6 +111,8 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
         if (ns_box_start(iso, &bc, &s->box[!network], &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
             have &= ~(1u << RUNG_NAMESPACES);
+        } else {
+            slots_box_watch(ag, s, !network);
         }
     }
     ic->uid = s->uid;
@@ -325,23 +327,8 @@ int op_exec(struct req *rq, struct sp_err *err)
     struct exec *e = exec_start(ag, s, rq, &p, err);
     if (!e)
         goto out;
-    if (p.detach) {
-        msgpack_packer *pk = req_reply_begin(rq);
-        msgpack_pack_map(pk, 3);
-        sp_pack_kv_uint(pk, "exec_id", e->id);
-        sp_pack_kv_int(pk, "pid", e->pid);
-        sp_pack_kv_bool(pk, "detached", true);
-        req_reply_end(rq);
-        rc = OP_DONE;
-        goto out;
-    }
-    if (rq->stream) {
-        msgpack_packer *pk = req_event_begin(rq, "started", 2);
-        sp_pack_kv_uint(pk, "exec_id", e->id);
-        sp_pack_kv_int(pk, "pid", e->pid);
-        req_event_end(rq);
-    }
-    rc = OP_PENDING;
+    /* Through a box, the pid comes later: announced from the holder's answer. */
+    rc = e->spawning ? OP_PENDING : exec_announce(rq, e);
     goto out;
 oom:
     sp_errf(err, SP_INTERNAL, "out of memory building the command");
@@ -350,6 +337,26 @@ out:
         close(cwd_fd);
     free(a.buf);
     return rc;
+}
+
+int exec_announce(struct req *rq, struct exec *e)
+{
+    if (e->detached) {
+        msgpack_packer *pk = req_reply_begin(rq);
+        msgpack_pack_map(pk, 3);
+        sp_pack_kv_uint(pk, "exec_id", e->id);
+        sp_pack_kv_int(pk, "pid", e->pid);
+        sp_pack_kv_bool(pk, "detached", true);
+        req_reply_end(rq);
+        return OP_DONE;
+    }
+    if (rq->stream) {
+        msgpack_packer *pk = req_event_begin(rq, "started", 2);
+        sp_pack_kv_uint(pk, "exec_id", e->id);
+        sp_pack_kv_int(pk, "pid", e->pid);
+        req_event_end(rq);
+    }
+    return OP_PENDING;
 }
 
 int op_exec_attach(struct req *rq, struct sp_err *err)

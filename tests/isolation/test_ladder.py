@@ -113,3 +113,28 @@ def test_cgroup_bounds_the_slot_as_a_whole(cond: Cond) -> None:
     while int((g / "pids.current").read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert int((g / "pids.current").read_text()) == 0
+
+
+def test_many_commands_through_boxes(cond: Cond) -> None:
+    """Pipelined commands on every slot: each answer matches its command,
+    whether the holder's answer or the exit reaches the agent first."""
+    c = cond.client
+    ids = {}
+    for i in range(200):
+        rid = c.send("exec", {"slot": i % 4, "cmd": f"exit {i % 7}"})
+        ids[rid] = i % 7
+    for rid, code in ids.items():
+        resp = c.wait(rid, timeout=60)[0]
+        assert resp["result"]["exit_code"] == code, resp
+    d = c.call("exec", {"slot": 0, "cmd": "sleep 30", "detach": True})
+    assert d["pid"] > 0 and d["detached"] is True
+    resp, events = c.call_stream("exec", {"slot": 1, "cmd": "echo hi", "stream": True})
+    started = [e for e in events if e.get("event") == "started"]
+    assert len(started) == 1 and started[0]["pid"] > 0
+    assert resp["result"]["exit_code"] == 0
+    # cancelled right after it was asked for: killed once it has started
+    rid = c.send("exec", {"slot": 2, "cmd": "sleep 30"})
+    c.call("cancel", {"slot": 2})
+    r = c.wait(rid, timeout=30)[0]["result"]
+    assert r["exit_code"] != 0 or r["cancelled"]
+    assert c.call("cancel", {"exec_id": d["exec_id"]})["cancelled"] == 1
