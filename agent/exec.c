@@ -510,6 +510,8 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         e->in_w.data = e;
         ev_io_start(ag->loop, &e->in_w);
     }
+    /* Timeouts count from now, not from the loop's cached time. */
+    ev_now_update(ag->loop);
     ev_timer_init(&e->timer, timer_cb, (double)p->timeout_ms / 1000.0, 0.0);
     e->timer.data = e;
     ev_timer_start(ag->loop, &e->timer);

@@ -24,7 +24,12 @@ def main() -> int:
     a = ap.parse_args()
     build = (ROOT / a.build).resolve()
     agent_bin, ctl = build / "slot-agent", build / "agentctl"
-    tmp = Path(tempfile.mkdtemp(prefix="slot-demo-"))
+    # Not under /tmp (each slot gets a private /tmp), and searchable by the
+    # slot users the agent runs commands as when it is root.
+    tmp = Path(tempfile.mkdtemp(prefix="slot-demo-", dir="/var/tmp"))
+    tmp.chmod(0o755)
+    print(f"$ {agent_bin} --probe")
+    subprocess.run([str(agent_bin), "--probe"])
     sock = tmp / "agent.sock"
     log = open(tmp / "agent.log", "wb")
     cmd = [str(agent_bin), "--listen", f"unix:{sock}", "--slots", "4", "--data-dir",
@@ -55,7 +60,7 @@ def main() -> int:
             return r.returncode
 
         ctl_run("hello")
-        ctl_run("exec 0 -- 'echo hello from slot $SLOT_INDEX in $PWD; uname -sr'")
+        ctl_run("exec 0 -- 'echo hello from slot $SLOT_INDEX in $PWD as $(whoami); uname -sr'")
         ctl_run("put 0 src/fib.py", stdin=b"a, b = 0, 1\nfor _ in range(30):\n    a, b = b, a + b\nprint('fib(30) =', a)\n")
         ctl_run("exec 0 -- 'python3 src/fib.py 2>/dev/null || awk \"BEGIN{a=0;b=1;for(i=0;i<30;i++){t=a+b;a=b;b=t};print \\\"fib(30) =\\\", a}\"'")
         ctl_run("exec 1 -- 'seq 1 5 | paste -sd+ | bc 2>/dev/null || echo $((1+2+3+4+5))'")
@@ -65,9 +70,13 @@ def main() -> int:
         ctl_run("cat 0 ../../../../etc/passwd", expect=1)
         print("\n# commands can write only to their workspace (Landlock), where the host allows it:")
         ctl_run("exec 0 -- 'echo x > /etc/slot-demo-was-here'", expect=1)
+        print("\n# and see neither other slots' files nor their processes (where namespaces work):")
+        ctl_run("exec 1 -- 'ls $SLOT_WORKSPACE/../..; ps -e | wc -l'")
         print("\n# a command that outlives its timeout, with a background child; both are killed:")
         ctl_run("exec 2 --timeout-ms 500 -- 'sleep 1000 & sleep 30'", expect=124)
-        ctl_run("exec 2 -- 'pgrep -f \"sleep 100[0]\" || echo no sleep left'")
+        print("\n$ pgrep -f 'sleep 1000'   # on the host")
+        left = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True)
+        print(left.stdout.strip() or "no sleep left")
         ctl_run("archive 0 . --format tar.gz", shell_suffix=" > ws.tar.gz")
         print("\n$ tar -tzf ws.tar.gz")
         subprocess.run(["tar", "-tzf", str(tmp / "ws.tar.gz")])

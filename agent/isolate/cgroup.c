@@ -319,8 +319,11 @@ unsigned cgroup_slot_kill(const struct isolation *iso, unsigned index)
         slot_dir(iso, 1, index, dir, sizeof dir);
         snprintf(file, sizeof file, "%s/cgroup.procs", dir);
         for (int round = 0; round < 8; round++) {
+            /* A killed process stays listed until it is reaped: count the
+             * first round only. */
             unsigned k = kill_listed(file);
-            n += k;
+            if (round == 0)
+                n = k;
             if (!k)
                 break;
         }

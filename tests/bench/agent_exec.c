@@ -251,7 +251,7 @@ static struct result *add_result(struct bench *b, const char *workload, const ch
     *r = (struct result){
         .workload = workload,
         .side = side,
-        .variant = strcmp(side, "floor") ? b->variant : "-",
+        .variant = !strcmp(side, "agent") ? b->variant : "-",
         .conc = conc,
         .ops = n,
         .errors = errors,
