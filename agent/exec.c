@@ -399,6 +399,7 @@ static void drain_cb(struct ev_loop *loop, ev_timer *w, int revents)
     log_warn("exec %llu: output still open %.0f s after exit; closing", (unsigned long long)e->id,
              DRAIN_SECONDS);
     proc_sweep_strays(e->ag);
+    slots_box_sweep(e->ag, e->slot);
     close_stream(e, 0);
     close_stream(e, 1);
     maybe_finish(e);

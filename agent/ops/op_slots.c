@@ -1,6 +1,7 @@
 /* Ops about the agent and its slots: hello (version, auth), health, stats,
  * slots, lease, unlease and reset. */
 #include <errno.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,8 +57,17 @@ int op_hello(struct req *rq, struct sp_err *err)
     for (int r = 0; r < RUNG_COUNT; r++)
         sp_pack_kv_bool(pk, rung_names[r], (ag->iso.available & (1u << r)) != 0);
     sp_pack_cstr(pk, "isolation_detail");
-    msgpack_pack_map(pk, 5);
+    msgpack_pack_map(pk, 10);
     sp_pack_kv_bool(pk, "root", ag->iso.root);
+    sp_pack_kv_uint(pk, "slot_uid_base", ag->iso.uid_base);
+    sp_pack_kv_bool(pk, "user_namespace", (ag->iso.ns_flags & CLONE_NEWUSER) != 0);
+    sp_pack_kv_bool(pk, "network_namespace", ag->iso.ns_net);
+    sp_pack_kv_uint(pk, "cgroup_version", (uint64_t)ag->iso.cg_version);
+    sp_pack_cstr(pk, "slot_memory");
+    if (ag->iso.cg_memory)
+        msgpack_pack_uint64(pk, ag->iso.cg_memory);
+    else
+        msgpack_pack_nil(pk);
     sp_pack_kv_uint(pk, "landlock_abi", ag->iso.landlock_abi > 0 ? ag->iso.landlock_abi : 0);
     sp_pack_kv_str(pk, "default", ag->opt.isolation_required ? "required" : "best_effort");
     sp_pack_cstr(pk, "unavailable");

@@ -17,10 +17,15 @@ def run(cd: Cond, cmd: str, slot: int = 0, **kw) -> dict:
 def test_probe_matches_the_condition(cond: Cond) -> None:
     rungs = cond.rungs
     assert rungs["landlock"] and rungs["seccomp"] and rungs["rlimits"] and rungs["containment"]
+    detail = cond.client.call("hello")["isolation_detail"]
+    assert detail["slot_uid_base"] == 20000
     if cond.name == "root":
         assert rungs["uid"] and rungs["namespaces"]
+        assert detail["cgroup_version"] in (1, 2) and detail["slot_memory"] == 256 << 20
+        assert detail["network_namespace"] and not detail["user_namespace"]
     elif cond.name == "user":
         assert not rungs["uid"] and rungs["namespaces"]
+        assert detail["user_namespace"] and detail["cgroup_version"] == 0
     else:  # Docker's default profile refuses unshare; root in it may change ids
         assert rungs["uid"] and not rungs["namespaces"]
 
