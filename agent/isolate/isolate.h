@@ -109,6 +109,8 @@ struct box_conf {
     const char *home;
     const int *cg_fd; /* the slot's cgroup.procs: the holder joins it once, so
                          every command it forks starts inside (or NULL) */
+    char *secret;     /* the agent's token: wiped from the holder's copy of memory */
+    size_t secret_len;
 };
 int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
                  struct sp_err *err);

@@ -412,6 +412,9 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != agent)
         _exit(1);
+    /* The holder is a copy of the agent: it has no use for the token. */
+    if (bc->secret)
+        explicit_bzero(bc->secret, bc->secret_len);
     /* Its own session: with scheduler autogroups, the agent's session would
      * otherwise share one CPU share among the agent and every holder while
      * each command (a session leader) gets a whole one. */

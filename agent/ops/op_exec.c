@@ -107,6 +107,8 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
             .index = s->index,
             .home = s->ws_path,
             .cg_fd = (have & (1u << RUNG_CGROUP)) ? s->cg_fd : NULL,
+            .secret = ag->token,
+            .secret_len = sizeof ag->token,
         };
         if (ns_box_start(iso, &bc, &s->box[!network], &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
