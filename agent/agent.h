@@ -235,6 +235,9 @@ extern const unsigned op_count;
  * name the root itself when allow_root. */
 int path_check(const char *path, size_t len, bool allow_root, char *out, size_t outcap,
                struct sp_err *err);
+/* Does the last component of path say "." or ".."? Such paths name
+ * directories with no parent+name form: they are opened, not lstat'ed. */
+bool path_ends_in_dots(const char *path);
 /* Does a checked path name the workspace itself ("", ".", "./.")? */
 bool path_is_root(const char *path);
 /* open(2) of a checked path beneath root_fd; nothing resolves outside it

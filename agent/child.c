@@ -48,9 +48,7 @@ static int child_main(void *arg)
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (dup2(sp->stdin_fd, 0) < 0 || dup2(sp->stdout_fd, 1) < 0 || dup2(sp->stderr_fd, 2) < 0)
         goto fail;
-    if (sp->cwd_fd >= 0 && fchdir(sp->cwd_fd) < 0)
-        goto fail;
-    if (sp->cwd_path && chdir(sp->cwd_path) < 0)
+    if (sp->cwd_path ? chdir(sp->cwd_path) < 0 : sp->cwd_fd >= 0 && fchdir(sp->cwd_fd) < 0)
         goto fail;
     /* Before closing fds: the Landlock ruleset is one of them. */
     if (sp->iso && isolate_child(sp->iso) < 0) {

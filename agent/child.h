@@ -15,7 +15,7 @@ struct spawn {
     char *const *envp;
     int stdin_fd, stdout_fd, stderr_fd;
     int cwd_fd;            /* -1: stay */
-    const char *cwd_path;  /* then chdir here by name (inside a box, where the agent's
+    const char *cwd_path;  /* instead, chdir here by name (inside a box, where the agent's
                               fd would leave the command in the agent's mount tree) */
     struct iso_child *iso; /* isolation to apply, or NULL */
     int clone_flags;       /* extra clone flags (CLONE_PARENT from a box holder) */

@@ -405,6 +405,18 @@ static void drain_cb(struct ev_loop *loop, ev_timer *w, int revents)
     maybe_finish(e);
 }
 
+/* Why a child did not get to execve: a required rung, or execve itself. */
+static void spawn_error(struct sp_err *err, int ce, int rung, const char *path)
+{
+    if (rung >= 0)
+        sp_errf(err, SP_ISOLATION_UNAVAILABLE, "isolation required: %s failed: %s",
+                rung_names[rung], strerror(ce));
+    else if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
+        sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", path, strerror(ce));
+    else
+        sp_errf(err, SP_INTERNAL, "cannot execute %s: %s", path, strerror(ce));
+}
+
 struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
                         const struct exec_params *p, struct sp_err *err)
 {
@@ -476,13 +488,8 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
             close(in[1]);
         free(e->in_buf);
         free(e);
-        if (rung >= 0)
-            return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "isolation required: %s failed: %s",
-                           rung_names[rung], strerror(ce)),
-                   NULL;
-        if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
-            return sp_errf(err, SP_NOT_FOUND, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
-        return sp_errf(err, SP_INTERNAL, "cannot execute %s: %s", p->path, strerror(ce)), NULL;
+        spawn_error(err, ce, rung, p->path);
+        return NULL;
     }
     e->id = ag->next_exec_id++;
     e->detached = p->detach;
@@ -624,14 +631,7 @@ void exec_box_readable(struct agent *ag, struct slot *s, int k)
     ag->spawning--;
     if (r.pid < 0 || r.child_errno) {
         struct sp_err err;
-        int ce = r.child_errno ? r.child_errno : EIO;
-        if (r.failed_rung >= 0)
-            sp_errf(&err, SP_ISOLATION_UNAVAILABLE, "isolation required: %s failed: %s",
-                    rung_names[r.failed_rung], strerror(ce));
-        else if (ce == ENOENT || ce == EACCES || ce == ENOTDIR || ce == ENOEXEC)
-            sp_errf(&err, SP_NOT_FOUND, "cannot execute: %s", strerror(ce));
-        else
-            sp_errf(&err, SP_INTERNAL, "cannot execute: %s", strerror(ce));
+        spawn_error(&err, r.child_errno ? r.child_errno : EIO, r.failed_rung, "the command");
         exec_abort(e, &err);
     } else {
         e->pid = r.pid;

@@ -200,10 +200,9 @@ int path_open(int root_fd, const char *path, int flags, mode_t mode, struct sp_e
     }
 }
 
-/* Split path into its directory ("." when none) and last component, which
- * must be a real name (not "." or ".."). */
-static int split_last(const char *path, char *dir, size_t dircap, char *base, size_t basecap,
-                      struct sp_err *err)
+/* The last component of path is path[*start, *end), trailing slashes
+ * aside. */
+static void last_component(const char *path, size_t *end, size_t *start)
 {
     size_t len = strlen(path);
     while (len > 1 && path[len - 1] == '/')
@@ -211,9 +210,28 @@ static int split_last(const char *path, char *dir, size_t dircap, char *base, si
     size_t i = len;
     while (i > 0 && path[i - 1] != '/')
         i--;
-    size_t bl = len - i;
-    if (bl == 0 || (bl == 1 && path[i] == '.') || (bl == 2 && path[i] == '.' && path[i + 1] == '.'))
+    *end = len;
+    *start = i;
+}
+
+bool path_ends_in_dots(const char *path)
+{
+    size_t len, i;
+    last_component(path, &len, &i);
+    return (len - i == 1 && path[i] == '.') ||
+           (len - i == 2 && path[i] == '.' && path[i + 1] == '.');
+}
+
+/* Split path into its directory ("." when none) and last component, which
+ * must be a real name (not "." or ".."). */
+static int split_last(const char *path, char *dir, size_t dircap, char *base, size_t basecap,
+                      struct sp_err *err)
+{
+    size_t len, i;
+    last_component(path, &len, &i);
+    if (len == i || path_ends_in_dots(path))
         return sp_errf(err, SP_BAD_REQUEST, "%s: must end in a file name", path);
+    size_t bl = len - i;
     if (bl >= basecap)
         return sp_errf(err, SP_BAD_REQUEST, "%s: file name longer than %zu bytes", path,
                        basecap - 1);

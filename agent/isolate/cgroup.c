@@ -20,35 +20,11 @@
 #include <sys/statfs.h>
 #include <unistd.h>
 
+#include "../fdio.h"
 #include "isolate.h"
 
 #define CGROUP2_MAGIC 0x63677270
 #define CGROUP1_MAGIC 0x27e0eb
-
-static int write_file(const char *path, const char *s)
-{
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = write(fd, s, strlen(s));
-    int e = errno;
-    close(fd);
-    errno = e;
-    return n == (ssize_t)strlen(s) ? 0 : -1;
-}
-
-static int read_file(const char *path, char *buf, size_t cap)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, cap - 1);
-    close(fd);
-    if (n < 0)
-        return -1;
-    buf[n] = 0;
-    return 0;
-}
 
 /* The agent's cgroup path in the hierarchy named `ctrl` ("" for v2). */
 static int own_path(const char *ctrl, char *out, size_t cap)
@@ -136,7 +112,7 @@ static int probe_v2(struct isolation *iso, const char *mnt, char *why, size_t ca
     }
     snprintf(x, sizeof x, "%s%s", mnt, rel);
     snprintf(path, sizeof path, "%s/cgroup.controllers", x);
-    if (read_file(path, buf, sizeof buf) < 0 || !has_words(buf, "memory", "pids")) {
+    if (file_read_str(path, buf, sizeof buf) < 0 || !has_words(buf, "memory", "pids")) {
         snprintf(why, cap, "cgroup v2: memory and pids controllers not delegated to %.40s",
                  rel[0] ? rel : "/");
         return -1;
@@ -152,20 +128,21 @@ static int probe_v2(struct isolation *iso, const char *mnt, char *why, size_t ca
     snprintf(sub, sizeof sub, "%s/cgroup.subtree_control", x);
     char sub2[1300];
     snprintf(sub2, sizeof sub2, "%s/cgroup.subtree_control", iso->cg_base[0]);
-    if (mkdir(iso->cg_base[0], 0755) < 0 || mkdir(path, 0755) < 0 || write_file(procs, pid) < 0) {
+    if (mkdir(iso->cg_base[0], 0755) < 0 || mkdir(path, 0755) < 0 ||
+        file_write_str(procs, pid) < 0) {
         snprintf(why, cap, "cgroup v2: cannot create %.40s/slot-agent-*: %s", rel[0] ? rel : "",
                  strerror(errno));
         goto undo;
     }
-    if (read_file(sub, buf, sizeof buf) == 0 && !has_words(buf, "memory", "pids")) {
-        if (write_file(sub, "+memory +pids") < 0) {
+    if (file_read_str(sub, buf, sizeof buf) == 0 && !has_words(buf, "memory", "pids")) {
+        if (file_write_str(sub, "+memory +pids") < 0) {
             snprintf(why, cap, "cgroup v2: enabling memory, pids in %.40s: %s (other processes?)",
                      rel[0] ? rel : "/", strerror(errno));
             goto undo;
         }
         iso->cg_enabled_parent = true;
     }
-    if (write_file(sub2, "+memory +pids") < 0) {
+    if (file_write_str(sub2, "+memory +pids") < 0) {
         snprintf(why, cap, "cgroup v2: enabling controllers: %s", strerror(errno));
         goto undo;
     }
@@ -175,7 +152,7 @@ static int probe_v2(struct isolation *iso, const char *mnt, char *why, size_t ca
 undo : {
     char back[1300];
     snprintf(back, sizeof back, "%s/cgroup.procs", x);
-    write_file(back, pid);
+    file_write_str(back, pid);
     rmdir(path);
     rmdir(iso->cg_base[0]);
     iso->cg_base[0][0] = 0;
@@ -226,7 +203,7 @@ int cgroup_probe(struct isolation *iso, char *why, size_t cap)
         return probe_v2(iso, "/sys/fs/cgroup", why, cap);
     /* Hybrid hosts: v2 only if it holds the controllers, else v1. */
     if (statfs("/sys/fs/cgroup/unified", &sf) == 0 && sf.f_type == CGROUP2_MAGIC &&
-        read_file("/sys/fs/cgroup/unified/cgroup.controllers", buf, sizeof buf) == 0 &&
+        file_read_str("/sys/fs/cgroup/unified/cgroup.controllers", buf, sizeof buf) == 0 &&
         has_words(buf, "memory", "pids"))
         return probe_v2(iso, "/sys/fs/cgroup/unified", why, cap);
     return probe_v1(iso, why, cap);
@@ -251,18 +228,18 @@ int cgroup_slot_init(const struct isolation *iso, unsigned index, int fds[2], st
             snprintf(file, sizeof file, "%s/%s", dir,
                      iso->cg_version == 2 ? "memory.max" : "memory.limit_in_bytes");
             snprintf(val, sizeof val, "%llu", (unsigned long long)iso->cg_memory);
-            if (write_file(file, val) < 0)
+            if (file_write_str(file, val) < 0)
                 goto fail;
             if (iso->cg_version == 2) {
                 /* A slot that swaps is a slot that hangs: keep it in RAM. */
                 snprintf(file, sizeof file, "%s/memory.swap.max", dir);
-                write_file(file, "0");
+                file_write_str(file, "0");
             }
         }
         if (pids && iso->cg_pids) {
             snprintf(file, sizeof file, "%s/pids.max", dir);
             snprintf(val, sizeof val, "%llu", (unsigned long long)iso->cg_pids);
-            if (write_file(file, val) < 0)
+            if (file_write_str(file, val) < 0)
                 goto fail;
         }
         snprintf(file, sizeof file, "%s/cgroup.procs", dir);
@@ -293,7 +270,7 @@ int cgroup_join(const int fds[2])
 static unsigned kill_listed(const char *procs)
 {
     char buf[65536];
-    if (read_file(procs, buf, sizeof buf) < 0)
+    if (file_read_str(procs, buf, sizeof buf) < 0)
         return 0;
     unsigned n = 0;
     for (char *save = NULL, *t = strtok_r(buf, "\n", &save); t; t = strtok_r(NULL, "\n", &save))
@@ -308,7 +285,7 @@ unsigned cgroup_slot_kill(const struct isolation *iso, unsigned index)
     if (iso->cg_version == 2) {
         slot_dir(iso, 0, index, dir, sizeof dir);
         snprintf(file, sizeof file, "%s/cgroup.kill", dir);
-        if (write_file(file, "1") == 0)
+        if (file_write_str(file, "1") == 0)
             return 1;
         snprintf(file, sizeof file, "%s/cgroup.procs", dir);
         return kill_listed(file); /* kernels before 5.14 */
@@ -351,13 +328,13 @@ void cgroup_cleanup(struct isolation *iso, unsigned nslots)
         char file[1400], pid[32];
         snprintf(pid, sizeof pid, "%d", (int)getpid());
         snprintf(file, sizeof file, "%s/cgroup.subtree_control", iso->cg_base[0]);
-        write_file(file, "-memory -pids");
+        file_write_str(file, "-memory -pids");
         if (iso->cg_enabled_parent) {
             snprintf(file, sizeof file, "%s/cgroup.subtree_control", iso->cg_parent);
-            write_file(file, "-memory -pids");
+            file_write_str(file, "-memory -pids");
         }
         snprintf(file, sizeof file, "%s/cgroup.procs", iso->cg_parent);
-        write_file(file, pid);
+        file_write_str(file, pid);
         snprintf(file, sizeof file, "%s/agent", iso->cg_base[0]);
         rmdir(file);
     }

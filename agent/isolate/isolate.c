@@ -123,62 +123,49 @@ void isolate_report(const struct isolation *iso, bool json)
     }
 }
 
+/* One rung's outcome in the child: applied, or, when the spawn may not go
+ * on without it, the failure that stops it. */
+static int step(struct iso_child *ic, enum rung r, int rc, bool must)
+{
+    if (rc == 0) {
+        ic->applied |= 1u << r;
+        return 0;
+    }
+    if (!must)
+        return 0;
+    ic->failed_rung = r;
+    ic->failed_errno = errno;
+    return -1;
+}
+
+static bool wants(const struct iso_child *ic, enum rung r)
+{
+    return (ic->want & (1u << r)) != 0;
+}
+
 /* Runs in the child (shared memory, raw system calls only). */
 int isolate_child(struct iso_child *ic)
 {
     ic->applied = 0;
     ic->failed_rung = -1;
     /* First, while still privileged enough to move into the group. */
-    if ((ic->want & (1u << RUNG_CGROUP)) && ic->cg_fd[0] >= 0) {
-        if (cgroup_join(ic->cg_fd) == 0) {
-            ic->applied |= 1u << RUNG_CGROUP;
-        } else if (ic->required) {
-            ic->failed_rung = RUNG_CGROUP;
-            ic->failed_errno = errno;
-            return -1;
-        }
-    }
-    if (ic->want & (1u << RUNG_RLIMITS)) {
-        if (rlimit_apply(ic->lim) == 0)
-            ic->applied |= 1u << RUNG_RLIMITS;
-        else if (ic->required)
-            goto fail_rlimits;
-    }
-    if (ic->want & (1u << RUNG_UID)) {
-        if (uid_apply(ic->uid) == 0) {
-            ic->applied |= 1u << RUNG_UID;
-        } else {
-            /* Never run as the agent's user when a slot user was wanted. */
-            ic->failed_rung = RUNG_UID;
-            ic->failed_errno = errno;
-            return -1;
-        }
-    }
+    if (wants(ic, RUNG_CGROUP) && ic->cg_fd[0] >= 0 &&
+        step(ic, RUNG_CGROUP, cgroup_join(ic->cg_fd), ic->required) < 0)
+        return -1;
+    if (wants(ic, RUNG_RLIMITS) && step(ic, RUNG_RLIMITS, rlimit_apply(ic->lim), ic->required) < 0)
+        return -1;
+    /* Never run as the agent's user when a slot user was wanted. */
+    if (wants(ic, RUNG_UID) && step(ic, RUNG_UID, uid_apply(ic->uid), true) < 0)
+        return -1;
     /* Needed by Landlock and seccomp without privileges; also keeps setuid
      * binaries from gaining any. */
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-    if ((ic->want & (1u << RUNG_LANDLOCK)) && ic->landlock_fd >= 0) {
-        if (landlock_apply(ic->landlock_fd) == 0) {
-            ic->applied |= 1u << RUNG_LANDLOCK;
-        } else if (ic->required) {
-            ic->failed_rung = RUNG_LANDLOCK;
-            ic->failed_errno = errno;
-            return -1;
-        }
-    }
-    if ((ic->want & (1u << RUNG_SECCOMP)) && ic->seccomp) {
-        if (seccomp_apply(ic->seccomp) == 0) {
-            ic->applied |= 1u << RUNG_SECCOMP;
-        } else if (ic->required) {
-            ic->failed_rung = RUNG_SECCOMP;
-            ic->failed_errno = errno;
-            return -1;
-        }
-    }
+    if (wants(ic, RUNG_LANDLOCK) && ic->landlock_fd >= 0 &&
+        step(ic, RUNG_LANDLOCK, landlock_apply(ic->landlock_fd), ic->required) < 0)
+        return -1;
+    if (wants(ic, RUNG_SECCOMP) && ic->seccomp &&
+        step(ic, RUNG_SECCOMP, seccomp_apply(ic->seccomp), ic->required) < 0)
+        return -1;
     ic->applied |= ic->want & (1u << RUNG_CONTAINMENT);
     return 0;
-fail_rlimits:
-    ic->failed_rung = RUNG_RLIMITS;
-    ic->failed_errno = errno;
-    return -1;
 }

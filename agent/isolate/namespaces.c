@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "../child.h"
+#include "../fdio.h"
 #include "isolate.h"
 
 #define BOX_TIMEOUT_MS 5000
@@ -65,20 +66,6 @@ struct box_rep {
     int32_t failed_errno;
     uint32_t applied;
 };
-
-static int write_full(int fd, const char *p, size_t n);
-
-static int write_str(const char *path, const char *s)
-{
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = write(fd, s, strlen(s));
-    int e = errno;
-    close(fd);
-    errno = e;
-    return n == (ssize_t)strlen(s) ? 0 : -1;
-}
 
 /* Hide every other slot: a tmpfs over DATA/slots with only this slot's
  * directory bound back into it. */
@@ -120,17 +107,17 @@ static int box_enter(int flags, const char *tmp_path, const char *slot_dir, char
     if (flags & CLONE_NEWUSER) {
         /* The agent's own ids map to themselves: files keep their owners. */
         char m[64];
-        if (write_str("/proc/self/setgroups", "deny") < 0 && errno != ENOENT) {
+        if (file_write_str("/proc/self/setgroups", "deny") < 0 && errno != ENOENT) {
             snprintf(why, cap, "setgroups deny: %s", strerror(errno));
             return -1;
         }
         snprintf(m, sizeof m, "%u %u 1\n", (unsigned)uid, (unsigned)uid);
-        if (write_str("/proc/self/uid_map", m) < 0) {
+        if (file_write_str("/proc/self/uid_map", m) < 0) {
             snprintf(why, cap, "uid_map: %s", strerror(errno));
             return -1;
         }
         snprintf(m, sizeof m, "%u %u 1\n", (unsigned)gid, (unsigned)gid);
-        if (write_str("/proc/self/gid_map", m) < 0) {
+        if (file_write_str("/proc/self/gid_map", m) < 0) {
             snprintf(why, cap, "gid_map: %s", strerror(errno));
             return -1;
         }
@@ -168,12 +155,12 @@ static int copy_with_line(const char *src, const char *dst, const char *line)
     int rc = 0;
     char last = '\n';
     while ((n = read(in, buf, sizeof buf)) > 0) {
-        if (write_full(out, buf, (size_t)n) < 0)
+        if (fd_write_all(out, buf, (size_t)n) < 0)
             rc = -1;
         last = buf[n - 1];
     }
-    if (n < 0 || (last != '\n' && write_full(out, "\n", 1) < 0) ||
-        write_full(out, line, strlen(line)) < 0)
+    if (n < 0 || (last != '\n' && fd_write_all(out, "\n", 1) < 0) ||
+        fd_write_all(out, line, strlen(line)) < 0)
         rc = -1;
     close(in);
     if (close(out) < 0 || rc < 0 || rename(tmp, dst) < 0) {
@@ -273,34 +260,6 @@ static ssize_t recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfd
     return n;
 }
 
-static int read_full(int fd, char *p, size_t n)
-{
-    while (n) {
-        ssize_t k = read(fd, p, n);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            return -1;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-static int write_full(int fd, const char *p, size_t n)
-{
-    while (n) {
-        ssize_t k = write(fd, p, n);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            return -1;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
 /* PID 1 of the box: reap whatever ends up here, until the holder dies. */
 static void __attribute__((noreturn)) box_init(bool want_proc, int report_fd)
 {
@@ -340,7 +299,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
             return; /* the agent went away, or spoke nonsense */
         char *buf = malloc(rq.len + 1);
         char **vec = calloc((size_t)rq.argc + rq.envc + 2, sizeof *vec);
-        if (!buf || !vec || read_full(sock, buf, rq.len) < 0)
+        if (!buf || !vec || fd_read_all(sock, buf, rq.len) < 0)
             return;
         buf[rq.len] = 0;
         /* path, then argc strings, then envc strings. */
@@ -394,7 +353,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
             close(fds[i]);
         free(buf);
         free(vec);
-        if (write_full(sock, (const char *)&rep, sizeof rep) < 0)
+        if (fd_write_all(sock, &rep, sizeof rep) < 0)
             return;
     }
 }
@@ -460,7 +419,7 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     rd.ok = 1;
     rd.init_pid = init;
     rd.proc = proc;
-    if (write_full(sock, (const char *)&rd, sizeof rd) == 0)
+    if (fd_write_all(sock, &rd, sizeof rd) == 0)
         serve(iso, sock, init);
     kill(init, SIGKILL);
     _exit(0);
@@ -491,7 +450,7 @@ int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct 
     setsockopt(sv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     struct box_ready rd;
     memset(&rd, 0, sizeof rd);
-    if (read_full(sv[0], (char *)&rd, sizeof rd) < 0 || !rd.ok) {
+    if (fd_read_all(sv[0], &rd, sizeof rd) < 0 || !rd.ok) {
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
         close(sv[0]);
@@ -554,14 +513,14 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         .required = ic->required,
         .seccomp_index = ic->seccomp ? ic->seccomp_index : -1,
         .uid = ic->uid,
-        .has_cwd = sp->cwd_fd >= 0,
+        .has_cwd = sp->cwd_fd >= 0 && !sp->cwd_path, /* the path is what counts in a box */
         .has_ll = ic->landlock_fd >= 0,
         .ncg = box->in_cgroup ? 0 : (ic->cg_fd[0] >= 0) + (ic->cg_fd[1] >= 0),
     };
     memcpy(rq.lim, ic->lim, sizeof rq.lim);
     int fds[BOX_MAX_FDS] = {sp->stdin_fd, sp->stdout_fd, sp->stderr_fd};
     int nfds = 3;
-    if (sp->cwd_fd >= 0)
+    if (rq.has_cwd)
         fds[nfds++] = sp->cwd_fd;
     if (ic->landlock_fd >= 0)
         fds[nfds++] = ic->landlock_fd;
@@ -584,7 +543,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
     do
         n = sendmsg(box->sock, &mh, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    int ok = n == (ssize_t)sizeof rq && write_full(box->sock, buf, len) == 0;
+    int ok = n == (ssize_t)sizeof rq && fd_write_all(box->sock, buf, len) == 0;
     free(buf);
     if (!ok) {
         /* A holder that does not take requests is not trusted again. */
@@ -598,7 +557,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
 int ns_box_recv(struct nsbox *box, struct box_result *r)
 {
     struct box_rep rep;
-    if (box->pid <= 0 || read_full(box->sock, (char *)&rep, sizeof rep) < 0)
+    if (box->pid <= 0 || fd_read_all(box->sock, &rep, sizeof rep) < 0)
         return -1;
     r->pid = rep.pid;
     r->child_errno = rep.child_errno;

@@ -97,24 +97,11 @@ out:
     return rc;
 }
 
-/* Does the last component of path say "." or ".."? */
-static bool ends_in_dots(const char *path)
-{
-    size_t len = strlen(path);
-    while (len > 1 && path[len - 1] == '/')
-        len--;
-    size_t i = len;
-    while (i > 0 && path[i - 1] != '/')
-        i--;
-    return (len - i == 1 && path[i] == '.') ||
-           (len - i == 2 && path[i] == '.' && path[i + 1] == '.');
-}
-
 /* What path names, looked at without following a final symlink: a tree, a
  * single file under its base name, or a single link. */
 static int archive_path(struct arc *a, int ws_fd, const char *path, struct sp_err *err)
 {
-    if (path_is_root(path) || ends_in_dots(path)) {
+    if (path_is_root(path) || path_ends_in_dots(path)) {
         int fd = path_open(ws_fd, path, O_RDONLY | O_DIRECTORY, 0, err);
         return fd < 0 ? -1 : archive_dir(a, fd, err);
     }

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "fdio.h"
 #include "tar.h"
 
 #define PATH_BUF 4096
@@ -147,20 +148,6 @@ out:
 
 /* ---- write_file ------------------------------------------------------- */
 
-static int write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Create ".<base>.slot-tmp-XXXXXX" exclusively in dfd; name receives it. */
 static int make_temp(int dfd, const char *base, char *name, size_t cap, struct sp_err *err)
 {
@@ -198,7 +185,7 @@ static int write_replace(int dfd, const char *base, const char *path, const char
     if (fd < 0)
         return -1;
     int rc = -1;
-    if (write_all(fd, data, n) < 0 || fchmod(fd, mode) < 0 || fstat(fd, st) < 0) {
+    if (fd_write_all(fd, data, n) < 0 || fchmod(fd, mode) < 0 || fstat(fd, st) < 0) {
         sp_err_errno(err, errno, path);
         goto out;
     }
@@ -252,7 +239,7 @@ static int write_append(int ws_fd, const char *path, const char *data, size_t n,
         goto out;
     }
     /* The umask had its say at creation; the caller's mode is exact. */
-    if ((created && fchmod(fd, mode) < 0) || write_all(fd, data, n) < 0 || fstat(fd, st) < 0) {
+    if ((created && fchmod(fd, mode) < 0) || fd_write_all(fd, data, n) < 0 || fstat(fd, st) < 0) {
         sp_err_errno(err, errno, path);
         goto out;
     }
@@ -301,20 +288,6 @@ out:
 
 /* ---- stat ------------------------------------------------------------- */
 
-/* Does the last component of path say "." or ".."? Those name directories
- * that have no parent+name form, so they are opened rather than lstat'ed. */
-static bool ends_in_dots(const char *path)
-{
-    size_t len = strlen(path);
-    while (len > 1 && path[len - 1] == '/')
-        len--;
-    size_t i = len;
-    while (i > 0 && path[i - 1] != '/')
-        i--;
-    return (len - i == 1 && path[i] == '.') ||
-           (len - i == 2 && path[i] == '.' && path[i + 1] == '.');
-}
-
 int op_stat(struct req *rq, struct sp_err *err)
 {
     struct slot *s = req_slot(rq);
@@ -323,7 +296,7 @@ int op_stat(struct req *rq, struct sp_err *err)
         return -1;
     struct stat st;
     ssize_t tn = -1;
-    if (path_is_root(path) || ends_in_dots(path)) {
+    if (path_is_root(path) || path_ends_in_dots(path)) {
         int fd = path_open(s->ws_fd, path, O_PATH | O_DIRECTORY, 0, err);
         if (fd < 0)
             return -1;

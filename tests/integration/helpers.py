@@ -18,6 +18,8 @@ import msgpack
 import pytest
 
 from conftest import AGENT_BIN, Agent
+from helpers_proc import children, descendants, is_zombie, proc_state, wait_gone  # noqa: F401
+from helpers_proc import pids_with_arg as _pids_any
 from slotwire import Client
 
 T = TypeVar("T")
@@ -52,70 +54,11 @@ def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0
 
 def pids_with_arg(word: str) -> list[int]:
     """Pids (not zombies) whose argv holds `word` as a whole argument."""
-    found: list[int] = []
-    needle = word.encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in args and not is_zombie(int(d)):
-            found.append(int(d))
-    return found
+    return [p for p in _pids_any(word) if not is_zombie(p)]
 
 
 def wait_present(word: str, timeout: float = 10.0) -> list[int]:
     return wait_until(lambda: pids_with_arg(word), timeout, 0.01, f"a process with {word!r}")
-
-
-def wait_gone(word: str, timeout: float = 5.0) -> list[int]:
-    """Survivors carrying `word` once the wait ends (empty list on success)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = pids_with_arg(word)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def is_zombie(pid: int) -> bool:
-    return proc_state(pid) == "Z"
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = children(pid)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children(p)
-    return out
 
 
 def kill_marked(word: str) -> None:

@@ -40,20 +40,38 @@ def wait_present(marker: str, timeout: float = 5.0) -> list[int]:
         time.sleep(0.01)
 
 
-def is_zombie(pid: int) -> bool:
+def proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def is_zombie(pid: int) -> bool:
+    return proc_state(pid) == "Z"
 
 
 def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
-        for t in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
             with open(f"/proc/{pid}/task/{t}/children") as f:
                 out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
+        except OSError:
+            pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
     return out
