@@ -1,0 +1,524 @@
+/* Agents as the controller sees them: one framed stream per agent, the
+ * requests in flight on it (matched by id), the hello/slots handshake that
+ * makes an agent ready, and what happens when the stream or the process goes
+ * away (every request in flight fails with agent_lost, its leases vanish). */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctl.h"
+
+#define AGENT_WRITE_LIMIT (256u << 20)
+
+const char *agent_state_name(enum agent_state s)
+{
+    static const char *const n[] = {"starting", "ready", "draining", "stopping"};
+    return n[s];
+}
+
+static uint32_t hash_str(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h % CTL_AGENT_BUCKETS;
+}
+
+struct agent *agent_find(struct ctl *c, const char *id, size_t n)
+{
+    for (struct agent *a = c->agent_hash[hash_str(id, n)]; a; a = a->hnext)
+        if (strlen(a->id) == n && !memcmp(a->id, id, n))
+            return a;
+    return NULL;
+}
+
+struct agent *agent_new(struct ctl *c, struct profile *p, const char *id)
+{
+    struct agent *ag = calloc(1, sizeof *ag);
+    if (!ag)
+        abort();
+    ag->ctl = c;
+    ag->prof = p;
+    snprintf(ag->id, sizeof ag->id, "%s", id);
+    ag->fd = -1;
+    ag->err_fd = -1;
+    ag->state = AG_STARTING;
+    ag->started_at = ev_now(c->loop);
+    ag->idle_since = ag->started_at;
+    sp_reader_init(&ag->rd, SP_DEFAULT_MAX_FRAME);
+    sp_writer_init(&ag->wr, AGENT_WRITE_LIMIT);
+    ev_init(&ag->timer, NULL);
+    ev_init(&ag->cw, NULL);
+    ev_init(&ag->eio, NULL);
+    ev_init(&ag->rio, NULL);
+    ev_init(&ag->wio, NULL);
+    uint32_t h = hash_str(ag->id, strlen(ag->id));
+    ag->hnext = c->agent_hash[h];
+    c->agent_hash[h] = ag;
+    TAILQ_INSERT_TAIL(&p->agents, ag, link);
+    return ag;
+}
+
+void agent_free(struct ctl *c, struct agent *ag)
+{
+    struct agent **pp = &c->agent_hash[hash_str(ag->id, strlen(ag->id))];
+    while (*pp && *pp != ag)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = ag->hnext;
+    TAILQ_REMOVE(&ag->prof->agents, ag, link);
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    ev_io_stop(c->loop, &ag->eio);
+    ev_timer_stop(c->loop, &ag->timer);
+    ev_child_stop(c->loop, &ag->cw);
+    if (ag->fd >= 0)
+        close(ag->fd);
+    if (ag->err_fd >= 0)
+        close(ag->err_fd);
+    sp_reader_free(&ag->rd);
+    sp_writer_free(&ag->wr);
+    for (uint32_t i = 0; i < ag->nslots; i++)
+        free(ag->slots[i].workspace);
+    free(ag->slots);
+    free(ag->data_dir);
+    free(ag);
+}
+
+void agent_stderr_append(struct agent *ag, const char *p, size_t n)
+{
+    if (n >= CTL_STDERR_TAIL) {
+        p += n - (CTL_STDERR_TAIL - 1);
+        n = CTL_STDERR_TAIL - 1;
+    }
+    if (ag->errlen + n >= CTL_STDERR_TAIL) {
+        size_t drop = ag->errlen + n - (CTL_STDERR_TAIL - 1);
+        memmove(ag->errtail, ag->errtail + drop, ag->errlen - drop);
+        ag->errlen -= drop;
+    }
+    memcpy(ag->errtail + ag->errlen, p, n);
+    ag->errlen += n;
+    ag->errtail[ag->errlen] = 0;
+}
+
+void agent_stderr_tail(const struct agent *ag, char *out, size_t cap, int lines)
+{
+    /* Walk back over the last `lines` non-empty lines. */
+    size_t end = ag->errlen, start = end;
+    int seen = 0;
+    while (start > 0 && seen < lines) {
+        size_t e = start;
+        while (e > 0 && ag->errtail[e - 1] == '\n')
+            e--;
+        size_t s = e;
+        while (s > 0 && ag->errtail[s - 1] != '\n')
+            s--;
+        if (s == e)
+            break;
+        start = s;
+        seen++;
+    }
+    size_t o = 0;
+    for (size_t i = start; i < end && o + 3 < cap; i++) {
+        if (ag->errtail[i] == '\n') {
+            if (i + 1 < end && o + 3 < cap) {
+                out[o++] = ';';
+                out[o++] = ' ';
+            }
+        } else
+            out[o++] = ag->errtail[i];
+    }
+    out[o] = 0;
+}
+
+/* ---- requests ------------------------------------------------------------ */
+
+struct preq *agent_req_new(struct agent *ag, struct slot *s, preq_cb cb)
+{
+    struct preq *r = calloc(1, sizeof *r);
+    if (!r)
+        abort();
+    r->ag = ag;
+    r->slot = s;
+    r->cb = cb;
+    r->aid = ++ag->next_id;
+    ev_init(&r->timer, NULL);
+    return r;
+}
+
+void agent_send_begin(struct agent *ag, struct preq *r, const char *op, msgpack_packer *pk)
+{
+    sp_writer_packer(&ag->wr, pk);
+    sp_writer_begin_frame(&ag->wr);
+    sp_pack_request_head(pk, r->aid, op, true);
+}
+
+static void agent_flush(struct ctl *c, struct agent *ag)
+{
+    if (ag->fd < 0 || !ag->connected)
+        return;
+    ssize_t left = sp_writer_flush(&ag->wr, ag->fd);
+    if (left < 0) {
+        char why[128];
+        snprintf(why, sizeof why, "write to agent failed: %s", strerror(errno));
+        agent_lost(c, ag, why);
+        return;
+    }
+    if (left > 0)
+        ev_io_start(c->loop, &ag->wio);
+    else
+        ev_io_stop(c->loop, &ag->wio);
+}
+
+void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
+{
+    struct sp_err e;
+    if (sp_writer_end_frame(&ag->wr, &e) < 0) {
+        /* The agent is not reading: treat it as lost rather than buffer more. */
+        struct preq_bucket *b = &ag->pending[r->aid & 63];
+        r->hnext = b->head;
+        b->head = r;
+        ag->npending++;
+        agent_lost(c, ag, "agent stopped reading (output queue full)");
+        return;
+    }
+    struct preq_bucket *b = &ag->pending[r->aid & 63];
+    r->hnext = b->head;
+    b->head = r;
+    ag->npending++;
+    ag->requests++;
+    r->sent_at = ev_now(c->loop);
+    if (r->slot) {
+        if (r->slot->inflight++ == 0)
+            ag->executing++;
+        r->slot->last_used = r->sent_at;
+    }
+    /* Flush from the loop's next turn would batch better, but a direct write
+     * keeps the added latency at one syscall. */
+    if (!ev_is_active(&ag->wio))
+        agent_flush(c, ag);
+}
+
+static struct preq *pending_take(struct agent *ag, uint64_t id, bool remove)
+{
+    struct preq **pp = &ag->pending[id & 63].head;
+    while (*pp && (*pp)->aid != id)
+        pp = &(*pp)->hnext;
+    struct preq *r = *pp;
+    if (r && remove) {
+        *pp = r->hnext;
+        ag->npending--;
+        if (r->slot && --r->slot->inflight == 0)
+            ag->executing--;
+    }
+    return r;
+}
+
+void preq_free(struct ctl *c, struct preq *r)
+{
+    ev_timer_stop(c->loop, &r->timer);
+    if (r->conn)
+        TAILQ_REMOVE(&r->conn->reqs, r, clink);
+    free(r->ctx);
+    free(r);
+}
+
+static void handle_frame(struct ctl *c, struct agent *ag, const char *data, uint32_t len)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    struct sp_err e;
+    if (sp_unpack(data, len, &u, &e) < 0 || u.data.type != MSGPACK_OBJECT_MAP) {
+        log_warn("agent %s: malformed frame: %s", ag->id, e.msg);
+        msgpack_unpacked_destroy(&u);
+        return;
+    }
+    const msgpack_object *root = &u.data;
+    uint64_t id = 0;
+    if (sp_get_uint(root, "id", true, &id, &e) < 0) {
+        log_warn("agent %s: frame without id", ag->id);
+        msgpack_unpacked_destroy(&u);
+        return;
+    }
+    bool is_event = sp_map_get(root, "event") != NULL;
+    struct preq *r = pending_take(ag, id, !is_event);
+    if (!r) {
+        if (id != 0)
+            log_debug("agent %s: answer to unknown request %llu", ag->id, (unsigned long long)id);
+        else {
+            const msgpack_object *er = sp_map_get(root, "error");
+            const char *m = NULL;
+            size_t ml = 0;
+            if (er)
+                sp_get_str(er, "message", false, &m, &ml, &e);
+            log_warn("agent %s: error without request: %.*s", ag->id, (int)ml, m ? m : "");
+        }
+    } else if (is_event) {
+        if (r->on_event)
+            r->on_event(c, r, root, NULL);
+    } else {
+        if (ag->npending == 0)
+            ag->idle_since = ev_now(c->loop);
+        r->cb(c, r, root, NULL);
+    }
+    msgpack_unpacked_destroy(&u);
+}
+
+static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    for (int rounds = 0; rounds < 16; rounds++) {
+        ssize_t n = sp_reader_fill(&ag->rd, ag->fd);
+        if (n == 0) {
+            agent_lost(c, ag, "the agent closed its stream");
+            return;
+        }
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (errno == EINTR)
+                continue;
+            char why[128];
+            snprintf(why, sizeof why, "read from agent failed: %s", strerror(errno));
+            agent_lost(c, ag, why);
+            return;
+        }
+        const char *data;
+        uint32_t len;
+        struct sp_err e;
+        int got;
+        /* A callback may lose the agent (its struct lives on until the
+         * backend frees it from a later loop turn; fd < 0 says so). */
+        while ((got = sp_reader_next(&ag->rd, &data, &len, &e)) == 1) {
+            handle_frame(c, ag, data, len);
+            if (ag->fd < 0)
+                return;
+        }
+        if (got < 0) {
+            agent_lost(c, ag, e.msg);
+            return;
+        }
+        if ((size_t)n < 65536)
+            break;
+    }
+}
+
+static void agent_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    agent_flush(ag->ctl, ag);
+}
+
+/* ---- handshake ----------------------------------------------------------- */
+
+static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
+{
+    struct agent *ag = r->ag;
+    preq_free(c, r);
+    if (!resp) {
+        (void)err;
+        return; /* agent_lost already ran */
+    }
+    const msgpack_object *res = sp_map_get(resp, "result"), *arr = NULL;
+    struct sp_err e;
+    if (!res || sp_get_array(res, "slots", true, &arr, &e) < 0) {
+        agent_stop(c, ag, "agent answered 'slots' without slots");
+        return;
+    }
+    for (uint32_t i = 0; i < arr->via.array.size; i++) {
+        const msgpack_object *m = &arr->via.array.ptr[i];
+        uint64_t idx = 0, gen = 0, at = 0;
+        bool leased = false;
+        const char *ws = NULL, *traj = NULL, *holder = NULL;
+        size_t wsl = 0, tl = 0, hl = 0;
+        if (m->type != MSGPACK_OBJECT_MAP || sp_get_uint(m, "slot", true, &idx, &e) < 0 ||
+            idx >= ag->nslots)
+            continue;
+        sp_get_uint(m, "generation", false, &gen, &e);
+        sp_get_bool(m, "leased", false, &leased, &e);
+        sp_get_str(m, "workspace", false, &ws, &wsl, &e);
+        sp_get_str(m, "trajectory_id", false, &traj, &tl, &e);
+        sp_get_str(m, "holder", false, &holder, &hl, &e);
+        sp_get_uint(m, "leased_at", false, &at, &e);
+        struct slot *s = &ag->slots[idx];
+        free(s->workspace);
+        s->workspace = ws ? strndup(ws, wsl) : NULL;
+        s->generation = gen;
+        if (!leased)
+            slot_set(s, SL_FREE);
+        else if (holder && sp_str_eq(holder, hl, c->name) && tl <= CTL_TRAJ_MAX) {
+            /* Ours, from before a controller restart: keep it. */
+            slot_set(s, SL_LEASED);
+            memcpy(s->traj, traj, tl);
+            s->traj[tl] = 0;
+            s->leased_at_ms = at;
+            s->last_used = ev_now(c->loop);
+            log_info("agent %s: slot %llu: lease of '%s' (generation %llu) rebuilt", ag->id,
+                     (unsigned long long)idx, s->traj, (unsigned long long)gen);
+        } else {
+            slot_set(s, SL_FOREIGN);
+            log_warn("agent %s: slot %llu is leased by '%.*s', not this controller; left alone",
+                     ag->id, (unsigned long long)idx, (int)hl, holder ? holder : "");
+        }
+    }
+    ev_timer_stop(c->loop, &ag->timer);
+    ag->state = AG_READY;
+    ag->idle_since = ev_now(c->loop);
+    log_info("agent %s ready: %u slots, %u leases, at %s", ag->id, ag->nslots, ag->leased,
+             ag->address);
+    sched_agent_ready(c, ag);
+}
+
+static void on_hello(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
+{
+    struct agent *ag = r->ag;
+    preq_free(c, r);
+    if (!resp) {
+        (void)err;
+        return;
+    }
+    const msgpack_object *res = sp_map_get(resp, "result");
+    uint64_t nslots = 0;
+    struct sp_err e;
+    if (!res || sp_get_uint(res, "slots", true, &nslots, &e) < 0 || nslots == 0 || nslots > 65536) {
+        const msgpack_object *er = sp_map_get(resp, "error");
+        const char *m = "no slot count";
+        size_t ml = strlen(m);
+        if (er)
+            sp_get_str(er, "message", false, &m, &ml, &e);
+        char why[300];
+        snprintf(why, sizeof why, "agent refused hello: %.*s", (int)ml, m);
+        sched_agent_failed(c, ag->prof, why);
+        agent_stop(c, ag, why);
+        return;
+    }
+    sp_get_uint(res, "instance", false, &ag->instance, &e);
+    ag->nslots = (uint32_t)nslots;
+    ag->slots = calloc(ag->nslots, sizeof *ag->slots);
+    if (!ag->slots)
+        abort();
+    for (uint32_t i = 0; i < ag->nslots; i++) {
+        ag->slots[i].ag = ag;
+        ag->slots[i].index = i;
+        ag->slots[i].state = SL_FOREIGN; /* until `slots` says otherwise */
+    }
+    struct preq *q = agent_req_new(ag, NULL, on_slots);
+    msgpack_packer pk;
+    agent_send_begin(ag, q, "slots", &pk);
+    msgpack_pack_map(&pk, 0);
+    agent_send_end(c, ag, q);
+}
+
+static void start_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    char why[700], tail[512];
+    agent_stderr_tail(ag, tail, sizeof tail, 3);
+    snprintf(why, sizeof why, "agent %s not ready after %.0f s%s%s", ag->id,
+             (double)ag->prof->start_timeout_ms / 1000, *tail ? "; stderr: " : "", tail);
+    sched_agent_failed(ag->ctl, ag->prof, why);
+    agent_stop(ag->ctl, ag, why);
+}
+
+void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
+{
+    ag->fd = fd;
+    ag->connected = true;
+    ev_io_init(&ag->rio, agent_read_cb, fd, EV_READ);
+    ev_io_init(&ag->wio, agent_write_cb, fd, EV_WRITE);
+    ag->rio.data = ag->wio.data = ag;
+    ev_io_start(c->loop, &ag->rio);
+    if (ag->state == AG_STARTING) {
+        ev_timer_stop(c->loop, &ag->timer);
+        ev_timer_init(&ag->timer, start_deadline_cb, (double)ag->prof->start_timeout_ms / 1000, 0);
+        ag->timer.data = ag;
+        ev_timer_start(c->loop, &ag->timer);
+    }
+    struct preq *r = agent_req_new(ag, NULL, on_hello);
+    msgpack_packer pk;
+    agent_send_begin(ag, r, "hello", &pk);
+    msgpack_pack_map(&pk, 1);
+    sp_pack_kv_str(&pk, "client", c->name);
+    agent_send_end(c, ag, r);
+}
+
+/* ---- loss and stop ------------------------------------------------------- */
+
+static void fail_pending(struct ctl *c, struct agent *ag, const char *why)
+{
+    struct sp_err e;
+    char tail[400];
+    agent_stderr_tail(ag, tail, sizeof tail, 2);
+    sp_errf(&e, SP_AGENT_LOST, "agent %s lost: %s%s%s", ag->id, why, *tail ? "; stderr: " : "",
+            tail);
+    for (int b = 0; b < 64; b++) {
+        struct preq *r;
+        while ((r = ag->pending[b].head)) {
+            ag->pending[b].head = r->hnext;
+            ag->npending--;
+            if (r->slot && --r->slot->inflight == 0)
+                ag->executing--;
+            r->cb(c, r, NULL, &e);
+        }
+    }
+}
+
+void agent_lost(struct ctl *c, struct agent *ag, const char *why)
+{
+    bool expected = ag->state == AG_STOPPING;
+    if (!expected) {
+        log_warn("agent %s lost: %s", ag->id, why);
+        if (ag->state == AG_STARTING)
+            sched_agent_failed(c, ag->prof, why);
+        else
+            snprintf(ag->prof->last_error, sizeof ag->prof->last_error, "agent %s lost: %s", ag->id,
+                     why);
+    }
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    if (ag->fd >= 0) {
+        close(ag->fd);
+        ag->fd = -1;
+    }
+    ag->connected = false;
+    fail_pending(c, ag, why);
+    for (uint32_t i = 0; i < ag->nslots; i++)
+        sched_slot_lost(c, &ag->slots[i]);
+    if (ag->state != AG_STOPPING) {
+        ag->state = AG_STOPPING;
+        ag->prof->be->stop_agent(c, ag);
+    }
+    sched_kick(c, ag->prof);
+}
+
+void agent_stop(struct ctl *c, struct agent *ag, const char *why)
+{
+    if (ag->state == AG_STOPPING)
+        return;
+    log_info("stopping agent %s: %s", ag->id, why);
+    ag->state = AG_STOPPING;
+    ev_timer_stop(c->loop, &ag->timer);
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    if (ag->fd >= 0) {
+        close(ag->fd);
+        ag->fd = -1;
+    }
+    ag->connected = false;
+    fail_pending(c, ag, why);
+    for (uint32_t i = 0; i < ag->nslots; i++)
+        sched_slot_lost(c, &ag->slots[i]);
+    ag->prof->be->stop_agent(c, ag);
+}

@@ -1,0 +1,520 @@
+/* The local backend: agents as processes on this machine. In stdio mode
+ * each agent is a child whose stdin/stdout is one end of a socketpair (it
+ * exits when the controller goes). In socket mode each agent is a detached
+ * daemon on STATE/agents/ID.sock that outlives the controller; a restarted
+ * controller finds the sockets again (list_agents) and reattaches. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ctl.h"
+
+#define STOP_GRACE_S 5.0
+#define CONNECT_RETRY_S 0.02
+
+static const char *agent_bin(struct ctl *c, struct agent *ag)
+{
+    return ag->prof->local_agent ? ag->prof->local_agent : c->agent_bin;
+}
+
+static char *path_in_state(struct ctl *c, const char *id, const char *ext)
+{
+    char *p = NULL;
+    if (asprintf(&p, "%s/agents/%s%s", c->state_dir, id, ext) < 0)
+        abort();
+    return p;
+}
+
+static char *data_base(struct ctl *c, struct profile *p)
+{
+    char *d = NULL;
+    if (p->workspace_base)
+        d = strdup(p->workspace_base);
+    else if (asprintf(&d, "%s/data", c->state_dir) < 0)
+        abort();
+    return d;
+}
+
+/* argv for the agent; strings owned by the returned array (NULL-ended). */
+static char **build_argv(struct ctl *c, struct agent *ag, const char *listen)
+{
+    struct profile *p = ag->prof;
+    size_t n = 16 + p->local_args.n;
+    char **v = calloc(n, sizeof *v);
+    size_t i = 0;
+    v[i++] = strdup(agent_bin(c, ag));
+    if (listen) {
+        v[i++] = strdup("--listen");
+        v[i++] = strdup(listen);
+    } else
+        v[i++] = strdup("--stdio");
+    v[i++] = strdup("--slots");
+    if (asprintf(&v[i++], "%u", p->slots_per_agent) < 0)
+        abort();
+    v[i++] = strdup("--data-dir");
+    v[i++] = strdup(ag->data_dir);
+    if (*p->isolation) {
+        v[i++] = strdup("--isolation");
+        v[i++] = strdup(p->isolation);
+    }
+    if (p->memory) {
+        v[i++] = strdup("--slot-memory");
+        if (asprintf(&v[i++], "%" PRIu64, p->memory / p->slots_per_agent) < 0)
+            abort();
+    }
+    for (size_t k = 0; k < p->local_args.n; k++)
+        v[i++] = strdup(p->local_args.v[k]);
+    v[i] = NULL;
+    return v;
+}
+
+static void free_argv(char **v)
+{
+    for (size_t i = 0; v && v[i]; i++)
+        free(v[i]);
+    free(v);
+}
+
+static void child_exec(char **argv)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    execv(argv[0], argv);
+    dprintf(2, "slot-controller: cannot run %s: %s\n", argv[0], strerror(errno));
+    _exit(127);
+}
+
+static void free_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    if (ag->data_dir)
+        remove_tree_async(c, ag->data_dir);
+    log_debug("agent %s gone", ag->id);
+    struct profile *p = ag->prof;
+    agent_free(c, ag);
+    sched_kick(c, p);
+}
+
+static void free_later(struct ctl *c, struct agent *ag)
+{
+    ev_timer_stop(c->loop, &ag->timer);
+    ev_timer_init(&ag->timer, free_later_cb, 0, 0);
+    ag->timer.data = ag;
+    ev_timer_start(c->loop, &ag->timer);
+}
+
+/* ---- stdio mode ---------------------------------------------------------- */
+
+static void stderr_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)revents;
+    struct agent *ag = w->data;
+    char buf[4096];
+    ssize_t n = read(ag->err_fd, buf, sizeof buf);
+    if (n > 0) {
+        agent_stderr_append(ag, buf, (size_t)n);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    ev_io_stop(loop, w);
+    close(ag->err_fd);
+    ag->err_fd = -1;
+}
+
+static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
+{
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    ev_child_stop(loop, w);
+    /* Drain what it said last. */
+    if (ag->err_fd >= 0)
+        stderr_cb(loop, &ag->eio, 0);
+    ag->pid = 0;
+    char why[128];
+    if (WIFEXITED(w->rstatus))
+        snprintf(why, sizeof why, "agent process exited with status %d", WEXITSTATUS(w->rstatus));
+    else
+        snprintf(why, sizeof why, "agent process killed by signal %d", WTERMSIG(w->rstatus));
+    if (ag->state != AG_STOPPING)
+        agent_lost(c, ag, why);
+    else
+        log_debug("agent %s: %s", ag->id, why);
+    free_later(c, ag);
+}
+
+static int start_stdio(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    int sv[2], ep[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return sp_err_errno(err, errno, "socketpair");
+    if (pipe2(ep, O_CLOEXEC) < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return sp_err_errno(err, errno, "pipe");
+    }
+    char **argv = build_argv(c, ag, NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(sv[1], 0);
+        dup2(sv[1], 1);
+        dup2(ep[1], 2);
+        setpgid(0, 0); /* a Ctrl-C at the controller's terminal is the controller's */
+        child_exec(argv);
+    }
+    int e = errno;
+    free_argv(argv);
+    close(sv[1]);
+    close(ep[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        close(ep[0]);
+        return sp_err_errno(err, e, "fork");
+    }
+    ag->pid = pid;
+    snprintf(ag->address, sizeof ag->address, "stdio:pid:%d", (int)pid);
+    fcntl(sv[0], F_SETFL, O_NONBLOCK);
+    fcntl(ep[0], F_SETFL, O_NONBLOCK);
+    ag->err_fd = ep[0];
+    ev_io_init(&ag->eio, stderr_cb, ep[0], EV_READ);
+    ag->eio.data = ag;
+    ev_io_start(c->loop, &ag->eio);
+    ev_child_init(&ag->cw, child_cb, pid, 0);
+    ag->cw.data = ag;
+    ev_child_start(c->loop, &ag->cw);
+    agent_stream_ready(c, ag, sv[0]);
+    return 0;
+}
+
+/* ---- socket mode --------------------------------------------------------- */
+
+static void load_log_tail(struct ctl *c, struct agent *ag)
+{
+    char *log = path_in_state(c, ag->id, ".log");
+    int fd = open(log, O_RDONLY | O_CLOEXEC);
+    free(log);
+    if (fd < 0)
+        return;
+    char buf[CTL_STDERR_TAIL];
+    off_t size = lseek(fd, 0, SEEK_END);
+    off_t from = size > (off_t)sizeof buf - 1 ? size - (off_t)sizeof buf + 1 : 0;
+    ssize_t n = pread(fd, buf, sizeof buf - 1, from);
+    close(fd);
+    ag->errlen = 0;
+    if (n > 0)
+        agent_stderr_append(ag, buf, (size_t)n);
+}
+
+/* Is pid the agent serving this socket? (pids are reused; never signal a
+ * stranger.) */
+static bool pid_is_agent(pid_t pid, const char *sock)
+{
+    if (pid <= 0)
+        return false;
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    for (ssize_t i = 0; i < n; i++)
+        if (!buf[i])
+            buf[i] = ' ';
+    buf[n] = 0;
+    return strstr(buf, sock) != NULL;
+}
+
+static int connect_sock(const char *path)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sa.sun_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+static void connect_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    char *sock = path_in_state(c, ag->id, ".sock");
+    int fd = connect_sock(sock);
+    free(sock);
+    if (fd >= 0) {
+        ev_timer_stop(c->loop, &ag->timer);
+        agent_stream_ready(c, ag, fd);
+        return;
+    }
+    bool alive = ag->pid > 0 && kill(ag->pid, 0) == 0;
+    bool late = (ev_now(c->loop) - ag->started_at) * 1000 >= (double)ag->prof->start_timeout_ms;
+    if (alive && !late)
+        return; /* the timer repeats */
+    load_log_tail(c, ag);
+    char why[700], tail[512];
+    agent_stderr_tail(ag, tail, sizeof tail, 3);
+    snprintf(why, sizeof why, "agent %s %s%s%s", ag->id,
+             alive ? "did not open its socket in time" : "exited before opening its socket",
+             *tail ? "; stderr: " : "", tail);
+    sched_agent_failed(c, ag->prof, why);
+    agent_stop(c, ag, why);
+}
+
+static int start_socket(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    char *sock = path_in_state(c, ag->id, ".sock");
+    char *log = path_in_state(c, ag->id, ".log");
+    char *pidf = path_in_state(c, ag->id, ".pid");
+    char listen[300];
+    snprintf(listen, sizeof listen, "unix:%s", sock);
+    snprintf(ag->address, sizeof ag->address, "unix:%s", sock);
+    char **argv = build_argv(c, ag, listen);
+    int pp[2];
+    int rc = -1;
+    if (pipe2(pp, O_CLOEXEC) < 0) {
+        sp_err_errno(err, errno, "pipe");
+        goto out;
+    }
+    pid_t mid = fork();
+    if (mid == 0) {
+        /* Detach: own session, reparented to init, output to a log file. */
+        setsid();
+        pid_t gc = fork();
+        if (gc == 0) {
+            int dn = open("/dev/null", O_RDWR);
+            int lf = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+            dup2(dn, 0);
+            dup2(dn, 1);
+            dup2(lf >= 0 ? lf : dn, 2);
+            child_exec(argv);
+        }
+        (void)!write(pp[1], &gc, sizeof gc);
+        _exit(0);
+    }
+    close(pp[1]);
+    if (mid < 0) {
+        close(pp[0]);
+        sp_err_errno(err, errno, "fork");
+        goto out;
+    }
+    pid_t gc = -1;
+    ssize_t n = read(pp[0], &gc, sizeof gc);
+    close(pp[0]);
+    waitpid(mid, NULL, 0);
+    if (n != (ssize_t)sizeof gc || gc <= 0) {
+        sp_errf(err, SP_INTERNAL, "could not start the agent daemon");
+        goto out;
+    }
+    ag->pid = gc;
+    FILE *f = fopen(pidf, "w");
+    if (f) {
+        fprintf(f, "%d\n", (int)gc);
+        fclose(f);
+    }
+    ev_timer_init(&ag->timer, connect_retry_cb, CONNECT_RETRY_S, CONNECT_RETRY_S);
+    ag->timer.data = ag;
+    ev_timer_start(c->loop, &ag->timer);
+    rc = 0;
+out:
+    free_argv(argv);
+    free(sock);
+    free(log);
+    free(pidf);
+    return rc;
+}
+
+static void socket_stop_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    bool gone = ag->pid <= 0 || kill(ag->pid, 0) < 0;
+    if (!gone && ev_now(c->loop) - ag->idle_since < STOP_GRACE_S)
+        return;
+    if (!gone) {
+        log_warn("agent %s ignored SIGTERM for %.0f s; SIGKILL", ag->id, STOP_GRACE_S);
+        kill(ag->pid, SIGKILL);
+    }
+    for (const char *ext = ".sock\0.pid\0.log\0"; *ext; ext += strlen(ext) + 1) {
+        char *p = path_in_state(c, ag->id, ext);
+        unlink(p);
+        free(p);
+    }
+    free_later(c, ag);
+}
+
+/* ---- the vtable ---------------------------------------------------------- */
+
+static int local_start(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    char *base = data_base(c, ag->prof);
+    if (asprintf(&ag->data_dir, "%s/%s", base, ag->id) < 0)
+        abort();
+    free(base);
+    if (mkdir_p(ag->data_dir, 0755) < 0)
+        return sp_err_errno(err, errno, ag->data_dir);
+    if (access(agent_bin(c, ag), X_OK) < 0)
+        return sp_errf(err, SP_NOT_FOUND,
+                       "slot-agent binary %s: %s (set local.agent or "
+                       "--agent-bin)",
+                       agent_bin(c, ag), strerror(errno));
+    return ag->prof->local_mode == LOCAL_SOCKET ? start_socket(c, ag, err)
+                                                : start_stdio(c, ag, err);
+}
+
+static void stdio_kill_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    if (ag->pid > 0) {
+        log_warn("agent %s did not exit in %.0f s; SIGKILL", ag->id, STOP_GRACE_S);
+        kill(ag->pid, SIGKILL);
+    }
+}
+
+static void local_stop(struct ctl *c, struct agent *ag)
+{
+    ev_timer_stop(c->loop, &ag->timer);
+    if (ag->prof->local_mode == LOCAL_STDIO) {
+        if (ag->pid <= 0) {
+            free_later(c, ag);
+            return;
+        }
+        /* Its stdin is closed already (it exits on EOF); SIGTERM makes sure. */
+        kill(ag->pid, SIGTERM);
+        ev_timer_init(&ag->timer, stdio_kill_cb, STOP_GRACE_S, 0);
+        ag->timer.data = ag;
+        ev_timer_start(c->loop, &ag->timer);
+        return; /* child_cb frees it */
+    }
+    char *sock = path_in_state(c, ag->id, ".sock");
+    if (pid_is_agent(ag->pid, sock))
+        kill(ag->pid, SIGTERM);
+    else
+        ag->pid = 0;
+    free(sock);
+    ag->idle_since = ev_now(c->loop);
+    ev_timer_init(&ag->timer, socket_stop_cb, 0.05, 0.05);
+    ag->timer.data = ag;
+    ev_timer_start(c->loop, &ag->timer);
+}
+
+static int local_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    char *sock = path_in_state(c, ag->id, ".sock");
+    int fd = connect_sock(sock);
+    int e = errno;
+    free(sock);
+    if (fd < 0)
+        return sp_err_errno(err, e, "connect to agent socket");
+    agent_stream_ready(c, ag, fd);
+    return 0;
+}
+
+/* Agents of profile p left by an earlier controller: STATE/agents/P-*.sock. */
+static int local_list(struct ctl *c, struct profile *p)
+{
+    char *dir = NULL;
+    if (asprintf(&dir, "%s/agents", c->state_dir) < 0)
+        abort();
+    DIR *d = opendir(dir);
+    free(dir);
+    if (!d)
+        return 0;
+    int found = 0;
+    size_t pl = strlen(p->name);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        size_t n = strlen(de->d_name);
+        if (n < pl + 6 || strncmp(de->d_name, p->name, pl) || de->d_name[pl] != '-' ||
+            strcmp(de->d_name + n - 5, ".sock"))
+            continue;
+        char id[CTL_NAME_MAX + 16];
+        if (n - 5 >= sizeof id)
+            continue;
+        memcpy(id, de->d_name, n - 5);
+        id[n - 5] = 0;
+        if (strchr(id + pl + 1, '-') || agent_find(c, id, strlen(id)))
+            continue;
+        struct agent *ag = agent_new(c, p, id);
+        ag->reattached = true;
+        char *pidf = path_in_state(c, id, ".pid"), *sock = path_in_state(c, id, ".sock");
+        FILE *f = fopen(pidf, "r");
+        int pid = 0;
+        if (f) {
+            if (fscanf(f, "%d", &pid) != 1)
+                pid = 0;
+            fclose(f);
+        }
+        ag->pid = pid;
+        snprintf(ag->address, sizeof ag->address, "unix:%s", sock);
+        char *base = data_base(c, p);
+        if (asprintf(&ag->data_dir, "%s/%s", base, id) < 0)
+            abort();
+        free(base);
+        struct sp_err e;
+        if (p->local_mode != LOCAL_SOCKET || local_attach(c, ag, &e) < 0) {
+            log_warn("agent %s from an earlier run is unreachable (%s); removing it", id,
+                     p->local_mode != LOCAL_SOCKET ? "profile is not in socket mode" : e.msg);
+            if (!pid_is_agent(pid, sock))
+                ag->pid = 0;
+            ag->state = AG_STOPPING;
+            local_stop(c, ag);
+        } else {
+            log_info("reattaching agent %s (pid %d)", id, pid);
+            found++;
+        }
+        free(pidf);
+        free(sock);
+    }
+    closedir(d);
+    return found;
+}
+
+const struct backend backend_local = {
+    .name = "local",
+    .start_agent = local_start,
+    .stop_agent = local_stop,
+    .list_agents = local_list,
+    .attach = local_attach,
+};
+
+const struct backend *backend_find(const char *name)
+{
+    if (!strcmp(name, "local"))
+        return &backend_local;
+    return NULL;
+}

@@ -1,0 +1,350 @@
+/* slot-controller: shared types. One context (struct ctl) owns the loop,
+ * the profiles (each with its agents, slots and waiters), the trainer
+ * connections and the statistics. Files, in the order a request travels:
+ * main.c (options, loop) -> config.c (YAML, env, flags) -> api.c (trainer
+ * connections, op table) -> sched.c (leases, waiters, scaling) -> agent.c
+ * (agent connections, requests to agents) -> backends/local.c (processes). */
+#ifndef CTL_H
+#define CTL_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/types.h>
+
+#include "slotproto.h"
+
+#define CTL_VERSION "0.1.0"
+#define CTL_NAME_MAX 64
+#define CTL_TRAJ_MAX 256
+#define CTL_STDERR_TAIL 4096
+#define CTL_LAT_RING 4096
+#define CTL_RATE_SECS 10
+#define CTL_AGENT_BUCKETS 4096
+#define CTL_MAX_BATCH 100000
+#define CTL_BACKSTOP_S 5.0
+
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+void ctl_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void ctl_log_set_level(int lvl);
+#define log_debug(...) ctl_log(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) ctl_log(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) ctl_log(LOG_WARN, __VA_ARGS__)
+#define log_error(...) ctl_log(LOG_ERROR, __VA_ARGS__)
+int ctl_log_parse_level(const char *s);
+
+struct ctl;
+struct agent;
+struct profile;
+struct tconn;
+struct preq;
+
+/* ---- statistics ---------------------------------------------------------- */
+
+struct latency {
+    uint32_t ring[CTL_LAT_RING]; /* microseconds */
+    uint32_t n, next;
+    uint64_t total, errors;
+    uint64_t rate_sec[CTL_RATE_SECS]; /* completions per wall second */
+    int64_t rate_at[CTL_RATE_SECS];
+};
+void lat_add(struct latency *l, double seconds, bool error, ev_tstamp now);
+/* p in [0,1]; microseconds. */
+uint32_t lat_pct(const struct latency *l, double p);
+double lat_rate(const struct latency *l, ev_tstamp now);
+
+/* ---- backends ------------------------------------------------------------ */
+
+struct backend {
+    const char *name;
+    /* Start the agent's process; on success the agent's stream is connected
+     * (or being connected) and agent_stream_ready() follows. */
+    int (*start_agent)(struct ctl *c, struct agent *ag, struct sp_err *err);
+    /* Ask the agent to go away (it holds no lease). */
+    void (*stop_agent)(struct ctl *c, struct agent *ag);
+    /* Find agents that outlived a previous controller; called once at start. */
+    int (*list_agents)(struct ctl *c, struct profile *p);
+    /* (Re)connect the stream of an agent found by list_agents. */
+    int (*attach)(struct ctl *c, struct agent *ag, struct sp_err *err);
+};
+extern const struct backend backend_local;
+const struct backend *backend_find(const char *name);
+
+/* ---- profiles ------------------------------------------------------------ */
+
+enum local_mode { LOCAL_STDIO, LOCAL_SOCKET };
+
+struct strlist {
+    char **v;
+    size_t n;
+};
+void strlist_add(struct strlist *l, const char *s);
+void strlist_clear(struct strlist *l);
+
+struct waiter {
+    TAILQ_ENTRY(waiter) plink; /* in profile queue */
+    TAILQ_ENTRY(waiter) clink; /* in its connection */
+    struct profile *prof;
+    struct tconn *conn;
+    uint64_t client_id;
+    char traj[CTL_TRAJ_MAX + 1];
+    ev_timer timer;
+    ev_tstamp since;
+    double timeout_s;
+    bool queued;
+};
+TAILQ_HEAD(waiter_q, waiter);
+TAILQ_HEAD(agent_q, agent);
+
+struct profile {
+    TAILQ_ENTRY(profile) link;
+    char name[CTL_NAME_MAX];
+    /* configuration */
+    char backend[16];
+    char *image;
+    double cpu;
+    uint64_t memory;
+    char *gpu;
+    uint32_t slots_per_agent, min_agents, max_agents;
+    double max_starts_per_second;
+    uint64_t idle_timeout_ms, max_lifetime_ms, acquire_timeout_ms, exec_timeout_ms;
+    uint64_t lease_timeout_ms, start_timeout_ms;
+    struct strlist env;     /* KEY=VALUE */
+    struct strlist secrets; /* names of controller env vars */
+    char isolation[16];
+    char *workspace_base;
+    enum local_mode local_mode;
+    char *local_agent;
+    struct strlist local_args;
+    /* live state */
+    const struct backend *be;
+    struct agent_q agents;
+    struct waiter_q waiters;
+    uint32_t nwaiters;
+    double start_tokens;
+    ev_tstamp tokens_at, next_start_at;
+    uint32_t start_failures;
+    char last_error[512];
+    struct latency lat;
+    uint64_t acquires, no_capacity;
+};
+TAILQ_HEAD(profile_q, profile);
+
+/* ---- agents -------------------------------------------------------------- */
+
+enum agent_state { AG_STARTING, AG_READY, AG_DRAINING, AG_STOPPING };
+const char *agent_state_name(enum agent_state s);
+
+enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN };
+
+struct slot {
+    struct agent *ag;
+    uint32_t index;
+    enum slot_state state;
+    char traj[CTL_TRAJ_MAX + 1];
+    char *workspace;
+    uint64_t generation;
+    uint64_t leased_at_ms;
+    ev_tstamp last_used;
+    uint32_t inflight;
+};
+
+struct preq_bucket {
+    struct preq *head;
+};
+
+struct agent {
+    TAILQ_ENTRY(agent) link; /* in profile */
+    struct agent *hnext;     /* in ctl agent hash */
+    struct ctl *ctl;
+    struct profile *prof;
+    char id[CTL_NAME_MAX + 16];
+    enum agent_state state;
+    bool reattached;
+    pid_t pid;
+    char address[256];
+    char *data_dir;
+    uint64_t instance;
+    /* stream */
+    int fd;
+    ev_io rio, wio;
+    struct sp_reader rd;
+    struct sp_writer wr;
+    bool connected;
+    ev_timer timer; /* start deadline, connect retries, stop grace */
+    /* process (local stdio) */
+    ev_child cw;
+    int err_fd;
+    ev_io eio;
+    char errtail[CTL_STDERR_TAIL];
+    size_t errlen;
+    /* slots */
+    uint32_t nslots;
+    struct slot *slots;
+    uint32_t leased, executing, nfree;
+    /* requests */
+    uint64_t next_id;
+    struct preq_bucket pending[64];
+    uint32_t npending;
+    uint64_t requests;
+    ev_tstamp started_at, idle_since;
+    char error[512];
+};
+
+/* ---- requests to agents -------------------------------------------------- */
+
+struct preq;
+/* resp is the agent's whole response map, or NULL with err set (agent lost,
+ * timeout). ev is set (and resp NULL) for stream events. */
+typedef void (*preq_cb)(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                        const struct sp_err *err);
+
+enum preq_shape { SHAPE_PASS, SHAPE_ARTIFACT };
+
+struct batch {
+    struct tconn *conn;
+    uint64_t client_id;
+    uint32_t n, remaining;
+    msgpack_sbuffer *items;
+};
+
+struct preq {
+    struct preq *hnext; /* in agent pending bucket */
+    TAILQ_ENTRY(preq) clink;
+    struct agent *ag;
+    struct slot *slot;
+    uint64_t aid;
+    preq_cb cb;
+    preq_cb on_event;
+    /* client side (trainer requests) */
+    struct tconn *conn;
+    uint64_t client_id;
+    struct batch *batch;
+    uint32_t item;
+    enum preq_shape shape;
+    bool is_command; /* cancel it in the agent when its trainer goes */
+    bool answered;   /* the trainer already got an answer (backstop fired) */
+    ev_timer timer;
+    ev_tstamp sent_at;
+    void *ctx;
+};
+TAILQ_HEAD(preq_q, preq);
+
+/* ---- trainer connections ------------------------------------------------- */
+
+struct tconn {
+    LIST_ENTRY(tconn) link;
+    struct ctl *ctl;
+    int fd;
+    ev_io rio, wio;
+    struct sp_reader rd;
+    struct sp_writer wr;
+    bool authed;
+    bool closing;
+    struct preq_q reqs;
+    TAILQ_HEAD(, waiter) waiters;
+};
+
+struct listener {
+    int fd;
+    ev_io io;
+    bool tcp;
+    char *path; /* unix: to unlink at exit */
+    struct ctl *ctl;
+};
+
+/* ---- context ------------------------------------------------------------- */
+
+struct ctl {
+    struct ev_loop *loop;
+    char name[128];
+    char *state_dir;
+    char *agent_bin;
+    char *token;
+    size_t token_len;
+    bool insecure;
+    char default_profile[CTL_NAME_MAX];
+    struct strlist listen;
+    struct listener *listeners;
+    size_t nlisteners;
+    struct profile_q profiles;
+    struct agent *agent_hash[CTL_AGENT_BUCKETS];
+    LIST_HEAD(, tconn) conns;
+    uint32_t nconns;
+    uint64_t instance;
+    uint64_t traj_seq;
+    ev_tstamp started;
+    ev_timer tick;
+    ev_signal sig_term, sig_int;
+    ev_child reaper;
+    struct latency lat;
+    uint64_t acquires, no_capacity;
+    bool stopping;
+};
+
+/* config.c */
+struct config_opts {
+    const char *file;
+    struct strlist profile_names; /* --profile */
+    struct strlist sets;          /* --set PROFILE.FIELD=VALUE, --FIELD VALUE as *.FIELD=VALUE */
+    char *log_level;
+};
+int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err);
+struct profile *profile_find(struct ctl *c, const char *name, size_t n);
+/* Pack the profile's configuration as map pairs (count returned by
+ * profile_field_count). */
+uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool count_only);
+const char *config_field_help(void);
+
+/* agent.c */
+struct agent *agent_new(struct ctl *c, struct profile *p, const char *id);
+void agent_free(struct ctl *c, struct agent *ag);
+struct agent *agent_find(struct ctl *c, const char *id, size_t n);
+/* The stream fd is connected: start reading, say hello, learn slots. */
+void agent_stream_ready(struct ctl *c, struct agent *ag, int fd);
+/* The agent is gone: fail its requests with agent_lost, drop its leases. */
+void agent_lost(struct ctl *c, struct agent *ag, const char *why);
+void agent_stop(struct ctl *c, struct agent *ag, const char *why);
+/* Begin a request to the agent: returns the packer for the args map (the
+ * caller packs exactly one map), then agent_send_end. */
+struct preq *agent_req_new(struct agent *ag, struct slot *s, preq_cb cb);
+void agent_send_begin(struct agent *ag, struct preq *r, const char *op, msgpack_packer *pk);
+void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r);
+void preq_free(struct ctl *c, struct preq *r);
+void agent_stderr_append(struct agent *ag, const char *p, size_t n);
+/* Last non-empty lines of the agent's stderr, joined by "; ". */
+void agent_stderr_tail(const struct agent *ag, char *out, size_t cap, int lines);
+
+/* sched.c */
+void sched_kick(struct ctl *c, struct profile *p);
+void sched_tick(struct ctl *c);
+void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
+                   size_t trajn, uint64_t timeout_ms);
+void sched_agent_ready(struct ctl *c, struct agent *ag);
+void sched_slot_lost(struct ctl *c, struct slot *s);
+void sched_release(struct ctl *c, struct slot *s, bool reset);
+void sched_cancel_slot(struct ctl *c, struct slot *s);
+void sched_waiter_drop(struct ctl *c, struct waiter *w);
+/* Resolve a handle: 0 with *out, or -1 with err (not_leased / bad_request). */
+int sched_resolve(struct ctl *c, const char *h, size_t n, struct slot **out, struct sp_err *err);
+int slot_handle(const struct slot *s, char *out, size_t cap);
+void slot_set(struct slot *s, enum slot_state st);
+void sched_start_agent(struct ctl *c, struct profile *p);
+void sched_agent_failed(struct ctl *c, struct profile *p, const char *why);
+
+/* api.c */
+int api_listen(struct ctl *c, struct sp_err *err);
+void api_close_all(struct ctl *c);
+void tconn_flush(struct ctl *c, struct tconn *t);
+msgpack_packer *tconn_begin(struct tconn *t, msgpack_packer *pk);
+void tconn_end(struct ctl *c, struct tconn *t);
+void tconn_error(struct ctl *c, struct tconn *t, uint64_t id, const struct sp_err *e);
+
+/* util */
+double now_wall_ms(void);
+uint64_t random_u64(void);
+int mkdir_p(const char *path, mode_t mode);
+void remove_tree_async(struct ctl *c, const char *path);
+
+#endif

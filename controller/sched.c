@@ -1,0 +1,535 @@
+/* The scheduler: leases (recorded in the agent before the trainer hears of
+ * them), waiters served first in, first out per profile, releases that reset
+ * through the agent before a slot is reused, and scaling between
+ * min_agents and max_agents at no more than max_starts_per_second, never
+ * stopping an agent that holds a lease. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+
+void slot_set(struct slot *s, enum slot_state st)
+{
+    struct agent *ag = s->ag;
+    if (s->state == SL_FREE)
+        ag->nfree--;
+    if (s->state == SL_LEASED)
+        ag->leased--;
+    s->state = st;
+    if (st == SL_FREE)
+        ag->nfree++;
+    if (st == SL_LEASED)
+        ag->leased++;
+    if (ag->nfree == ag->nslots)
+        ag->idle_since = ev_now(ag->ctl->loop);
+}
+
+int slot_handle(const struct slot *s, char *out, size_t cap)
+{
+    return snprintf(out, cap, "%s/%" PRIu32 "/%" PRIu64, s->ag->id, s->index, s->generation);
+}
+
+int sched_resolve(struct ctl *c, const char *h, size_t n, struct slot **out, struct sp_err *err)
+{
+    const char *s2 = memrchr(h, '/', n);
+    const char *s1 = s2 ? memrchr(h, '/', (size_t)(s2 - h)) : NULL;
+    if (!s1 || s1 == h)
+        return sp_errf(err, SP_BAD_REQUEST, "slot handle '%.*s' is not AGENT/INDEX/GENERATION",
+                       (int)(n > 100 ? 100 : n), h);
+    char num[48];
+    uint64_t idx, gen;
+    char *end;
+    size_t l1 = (size_t)(s2 - s1 - 1), l2 = n - (size_t)(s2 - h) - 1;
+    if (l1 == 0 || l1 >= sizeof num || l2 == 0 || l2 >= sizeof num)
+        return sp_errf(err, SP_BAD_REQUEST, "slot handle '%.*s' is malformed",
+                       (int)(n > 100 ? 100 : n), h);
+    memcpy(num, s1 + 1, l1);
+    num[l1] = 0;
+    idx = strtoull(num, &end, 10);
+    if (*end)
+        return sp_errf(err, SP_BAD_REQUEST, "slot handle: bad index '%s'", num);
+    memcpy(num, s2 + 1, l2);
+    num[l2] = 0;
+    gen = strtoull(num, &end, 10);
+    if (*end)
+        return sp_errf(err, SP_BAD_REQUEST, "slot handle: bad generation '%s'", num);
+    struct agent *ag = agent_find(c, h, (size_t)(s1 - h));
+    if (!ag || ag->state == AG_STOPPING)
+        return sp_errf(err, SP_NOT_LEASED,
+                       "slot %.*s is not leased: agent %.*s is gone (lost or stopped); acquire "
+                       "a new slot",
+                       (int)(n > 100 ? 100 : n), h, (int)(s1 - h > 80 ? 80 : s1 - h), h);
+    if (ag->state == AG_STARTING || idx >= ag->nslots)
+        return sp_errf(err, SP_NOT_LEASED, "slot %.*s is not leased: no such slot",
+                       (int)(n > 100 ? 100 : n), h);
+    struct slot *s = &ag->slots[idx];
+    if (s->state != SL_LEASED)
+        return sp_errf(err, SP_NOT_LEASED, "slot %.*s is not leased (released)",
+                       (int)(n > 100 ? 100 : n), h);
+    if (s->generation != gen)
+        return sp_errf(err, SP_NOT_LEASED,
+                       "slot %.*s is not leased: generation %" PRIu64 " is stale (now %" PRIu64 ")",
+                       (int)(n > 100 ? 100 : n), h, gen, s->generation);
+    *out = s;
+    return 0;
+}
+
+/* ---- waiters and leases -------------------------------------------------- */
+
+static void waiter_free(struct ctl *c, struct waiter *w)
+{
+    ev_timer_stop(c->loop, &w->timer);
+    if (w->conn)
+        TAILQ_REMOVE(&w->conn->waiters, w, clink);
+    free(w);
+}
+
+static void waiter_dequeue(struct ctl *c, struct waiter *w)
+{
+    if (!w->queued)
+        return;
+    TAILQ_REMOVE(&w->prof->waiters, w, plink);
+    w->prof->nwaiters--;
+    w->queued = false;
+    ev_timer_stop(c->loop, &w->timer);
+}
+
+void sched_waiter_drop(struct ctl *c, struct waiter *w)
+{
+    TAILQ_REMOVE(&w->conn->waiters, w, clink);
+    w->conn = NULL;
+    if (w->queued) {
+        waiter_dequeue(c, w);
+        free(w);
+    }
+    /* else its lease is in flight; on_lease gives the slot back */
+}
+
+static struct slot *pick_free(struct profile *p)
+{
+    /* Pack leases onto the busiest agents so that idle ones can go. */
+    struct agent *best = NULL, *ag;
+    TAILQ_FOREACH(ag, &p->agents, link)
+    {
+        if (ag->state != AG_READY || ag->nfree == 0)
+            continue;
+        if (!best || ag->nslots - ag->nfree > best->nslots - best->nfree)
+            best = ag;
+    }
+    if (!best)
+        return NULL;
+    for (uint32_t i = 0; i < best->nslots; i++)
+        if (best->slots[i].state == SL_FREE)
+            return &best->slots[i];
+    return NULL;
+}
+
+static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
+{
+    struct tconn *t = w->conn;
+    msgpack_packer pk;
+    char h[160];
+    slot_handle(s, h, sizeof h);
+    tconn_begin(t, &pk);
+    sp_pack_ok_head(&pk, w->client_id);
+    msgpack_pack_map(&pk, 8);
+    sp_pack_kv_str(&pk, "slot", h);
+    sp_pack_kv_str(&pk, "agent", s->ag->id);
+    sp_pack_kv_uint(&pk, "index", s->index);
+    sp_pack_kv_uint(&pk, "generation", s->generation);
+    sp_pack_kv_str(&pk, "trajectory_id", s->traj);
+    sp_pack_kv_str(&pk, "profile", s->ag->prof->name);
+    sp_pack_kv_str(&pk, "workspace", s->workspace ? s->workspace : "");
+    sp_pack_kv_str(&pk, "address", s->ag->address);
+    tconn_end(c, t);
+}
+
+static void serve(struct ctl *c, struct waiter *w, struct slot *s);
+
+static void on_unlease(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                       const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    (void)err;
+    preq_free(c, r);
+    if (!resp)
+        return; /* lost with its agent */
+    s->traj[0] = 0;
+    s->leased_at_ms = 0;
+    slot_set(s, SL_FREE);
+    sched_kick(c, s->ag->prof);
+}
+
+static void send_unlease(struct ctl *c, struct slot *s)
+{
+    struct preq *r = agent_req_new(s->ag, s, on_unlease);
+    msgpack_packer pk;
+    agent_send_begin(s->ag, r, "unlease", &pk);
+    msgpack_pack_map(&pk, 1);
+    sp_pack_kv_uint(&pk, "slot", s->index);
+    agent_send_end(c, s->ag, r);
+}
+
+static void on_lease(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    struct waiter *w = r->ctx;
+    struct profile *p = w->prof;
+    r->ctx = NULL;
+    (void)err;
+    preq_free(c, r);
+    const msgpack_object *res = resp ? sp_map_get(resp, "result") : NULL;
+    struct sp_err e;
+    uint64_t gen = 0, at = 0;
+    if (res && sp_get_uint(res, "generation", true, &gen, &e) == 1) {
+        sp_get_uint(res, "leased_at", false, &at, &e);
+        s->generation = gen;
+        s->leased_at_ms = at;
+        s->last_used = ev_now(c->loop);
+        slot_set(s, SL_LEASED);
+        if (w->conn) {
+            answer_acquire(c, w, s);
+            waiter_free(c, w);
+        } else {
+            /* The trainer went away while the lease was being recorded. */
+            free(w);
+            slot_set(s, SL_RELEASING);
+            send_unlease(c, s);
+        }
+        return;
+    }
+    if (resp) {
+        /* Leased by someone else behind our back: leave that slot alone. */
+        log_warn("agent %s refused lease of slot %u; marking it foreign", s->ag->id, s->index);
+        slot_set(s, SL_FOREIGN);
+    }
+    if (!w->conn) {
+        free(w);
+        return;
+    }
+    /* Back to the head of the queue: it was first. */
+    struct slot *next = pick_free(p);
+    if (next) {
+        serve(c, w, next);
+        return;
+    }
+    TAILQ_INSERT_HEAD(&p->waiters, w, plink);
+    p->nwaiters++;
+    w->queued = true;
+    double left = w->since + w->timeout_s - ev_now(c->loop);
+    ev_timer_set(&w->timer, left > 0 ? left : 0.001, 0);
+    ev_timer_start(c->loop, &w->timer);
+    sched_kick(c, p);
+}
+
+static void serve(struct ctl *c, struct waiter *w, struct slot *s)
+{
+    waiter_dequeue(c, w);
+    memcpy(s->traj, w->traj, sizeof s->traj);
+    slot_set(s, SL_LEASING);
+    struct preq *r = agent_req_new(s->ag, s, on_lease);
+    r->ctx = w;
+    msgpack_packer pk;
+    agent_send_begin(s->ag, r, "lease", &pk);
+    msgpack_pack_map(&pk, 3);
+    sp_pack_kv_uint(&pk, "slot", s->index);
+    sp_pack_kv_str(&pk, "trajectory_id", w->traj);
+    sp_pack_kv_str(&pk, "holder", c->name);
+    agent_send_end(c, s->ag, r);
+}
+
+static void capacity_msg(struct ctl *c, struct profile *p, char *out, size_t cap)
+{
+    uint32_t agents = 0, starting = 0, slots = 0, leased = 0, nfree = 0;
+    struct agent *ag;
+    (void)c;
+    TAILQ_FOREACH(ag, &p->agents, link)
+    {
+        if (ag->state == AG_STOPPING)
+            continue;
+        agents++;
+        if (ag->state == AG_STARTING) {
+            starting++;
+            continue;
+        }
+        slots += ag->nslots;
+        leased += ag->nslots - ag->nfree;
+        nfree += ag->state == AG_READY ? ag->nfree : 0;
+    }
+    int n = snprintf(out, cap,
+                     "capacity %u slots on %u agents (%u leased, %u free, %u agents starting; "
+                     "max_agents %u)",
+                     slots, agents - starting, leased, nfree, starting, p->max_agents);
+    if (*p->last_error && n > 0 && (size_t)n < cap)
+        snprintf(out + n, cap - (size_t)n, "; last agent failure: %s", p->last_error);
+}
+
+static void waiter_timeout_cb(struct ev_loop *loop, ev_timer *tm, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct waiter *w = tm->data;
+    struct ctl *c = w->conn->ctl;
+    struct profile *p = w->prof;
+    uint32_t pos = 1;
+    struct waiter *x;
+    TAILQ_FOREACH(x, &p->waiters, plink)
+    {
+        if (x == w)
+            break;
+        pos++;
+    }
+    char capm[700];
+    capacity_msg(c, p, capm, sizeof capm);
+    struct sp_err e;
+    sp_errf(&e, SP_NO_CAPACITY,
+            "no free slot in profile '%s' after %.0f ms: queue position %u of %u waiters; %s",
+            p->name, (ev_now(c->loop) - w->since) * 1000, pos, p->nwaiters, capm);
+    p->no_capacity++;
+    c->no_capacity++;
+    tconn_error(c, w->conn, w->client_id, &e);
+    waiter_dequeue(c, w);
+    waiter_free(c, w);
+}
+
+void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
+                   size_t trajn, uint64_t timeout_ms)
+{
+    c->acquires++;
+    p->acquires++;
+    struct waiter *w = calloc(1, sizeof *w);
+    if (!w)
+        abort();
+    w->prof = p;
+    w->conn = t;
+    w->client_id = id;
+    w->since = ev_now(c->loop);
+    w->timeout_s = (double)timeout_ms / 1000.0;
+    if (traj)
+        memcpy(w->traj, traj, trajn);
+    else
+        snprintf(w->traj, sizeof w->traj, "traj-%" PRIu64, ++c->traj_seq);
+    TAILQ_INSERT_TAIL(&t->waiters, w, clink);
+    ev_timer_init(&w->timer, waiter_timeout_cb, (double)timeout_ms / 1000.0, 0);
+    w->timer.data = w;
+    struct slot *s = TAILQ_EMPTY(&p->waiters) ? pick_free(p) : NULL;
+    if (s) {
+        serve(c, w, s);
+        return;
+    }
+    TAILQ_INSERT_TAIL(&p->waiters, w, plink);
+    p->nwaiters++;
+    w->queued = true;
+    if (timeout_ms == 0) {
+        waiter_timeout_cb(c->loop, &w->timer, 0);
+        return;
+    }
+    ev_timer_start(c->loop, &w->timer);
+    sched_kick(c, p);
+}
+
+/* ---- release ------------------------------------------------------------- */
+
+static void on_reset(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    (void)err;
+    preq_free(c, r);
+    if (!resp)
+        return;
+    if (!sp_map_get(resp, "result"))
+        log_warn("agent %s: reset of slot %u failed; unleasing anyway", s->ag->id, s->index);
+    send_unlease(c, s);
+}
+
+static void on_cancel(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                      const struct sp_err *err)
+{
+    (void)resp;
+    (void)err;
+    preq_free(c, r);
+}
+
+void sched_cancel_slot(struct ctl *c, struct slot *s)
+{
+    struct preq *r = agent_req_new(s->ag, NULL, on_cancel);
+    msgpack_packer pk;
+    agent_send_begin(s->ag, r, "cancel", &pk);
+    msgpack_pack_map(&pk, 1);
+    sp_pack_kv_uint(&pk, "slot", s->index);
+    agent_send_end(c, s->ag, r);
+}
+
+void sched_release(struct ctl *c, struct slot *s, bool reset)
+{
+    slot_set(s, SL_RELEASING);
+    if (reset) {
+        struct preq *r = agent_req_new(s->ag, s, on_reset);
+        msgpack_packer pk;
+        agent_send_begin(s->ag, r, "reset", &pk);
+        msgpack_pack_map(&pk, 1);
+        sp_pack_kv_uint(&pk, "slot", s->index);
+        agent_send_end(c, s->ag, r);
+        return;
+    }
+    if (s->inflight > 0)
+        sched_cancel_slot(c, s);
+    send_unlease(c, s);
+}
+
+void sched_slot_lost(struct ctl *c, struct slot *s)
+{
+    (void)c;
+    if (s->state == SL_LEASED)
+        log_info("lease of '%s' on %s/%u ends with its agent", s->traj, s->ag->id, s->index);
+    slot_set(s, SL_FOREIGN);
+}
+
+/* ---- scaling ------------------------------------------------------------- */
+
+void sched_agent_failed(struct ctl *c, struct profile *p, const char *why)
+{
+    p->start_failures++;
+    double back = 0.5 * pow(2, p->start_failures - 1);
+    if (back > 30)
+        back = 30;
+    p->next_start_at = ev_now(c->loop) + back;
+    snprintf(p->last_error, sizeof p->last_error, "%s", why);
+    log_warn("profile %s: agent start failed (%u in a row; next try in %.1f s): %s", p->name,
+             p->start_failures, back, why);
+}
+
+void sched_agent_ready(struct ctl *c, struct agent *ag)
+{
+    ag->prof->start_failures = 0;
+    ag->prof->next_start_at = 0;
+    sched_kick(c, ag->prof);
+}
+
+void sched_start_agent(struct ctl *c, struct profile *p)
+{
+    char id[CTL_NAME_MAX + 16];
+    snprintf(id, sizeof id, "%s-%06" PRIx64, p->name, random_u64() & 0xffffff);
+    while (agent_find(c, id, strlen(id)))
+        snprintf(id, sizeof id, "%s-%06" PRIx64, p->name, random_u64() & 0xffffff);
+    struct agent *ag = agent_new(c, p, id);
+    struct sp_err e;
+    log_info("starting agent %s (%s backend, %u slots)", id, p->be->name, p->slots_per_agent);
+    if (p->be->start_agent(c, ag, &e) < 0) {
+        sched_agent_failed(c, p, e.msg);
+        agent_free(c, ag);
+    }
+}
+
+static void scale(struct ctl *c, struct profile *p)
+{
+    if (c->stopping)
+        return;
+    ev_tstamp now = ev_now(c->loop);
+    uint32_t starting = 0, ready = 0, draining = 0, nfree = 0;
+    struct agent *ag, *tmp;
+    TAILQ_FOREACH(ag, &p->agents, link)
+    {
+        switch (ag->state) {
+        case AG_STARTING: starting++; break;
+        case AG_READY:
+            ready++;
+            nfree += ag->nfree;
+            break;
+        case AG_DRAINING: draining++; break;
+        case AG_STOPPING: break;
+        }
+    }
+    int64_t want = (int64_t)p->nwaiters - nfree - (int64_t)starting * p->slots_per_agent;
+    int64_t need = want > 0 ? (want + p->slots_per_agent - 1) / p->slots_per_agent : 0;
+    if ((int64_t)p->min_agents - (starting + ready) > need)
+        need = (int64_t)p->min_agents - (starting + ready);
+    int64_t room = (int64_t)p->max_agents - (starting + ready + draining);
+    if (need > room)
+        need = room;
+    if (need > 0 && now >= p->next_start_at) {
+        double rate = p->max_starts_per_second;
+        if (rate > 0) {
+            double capacity = rate < 1 ? 1 : rate;
+            p->start_tokens += (now - p->tokens_at) * rate;
+            if (p->start_tokens > capacity)
+                p->start_tokens = capacity;
+        }
+        p->tokens_at = now;
+        while (need-- > 0) {
+            if (rate > 0) {
+                if (p->start_tokens < 1)
+                    break; /* the tick retries: bursts queue, they do not fail */
+                p->start_tokens -= 1;
+            }
+            sched_start_agent(c, p);
+            if (p->next_start_at > now)
+                break; /* that start failed at once */
+        }
+    }
+    /* Scale down and drain; an agent with any lease or request stays. */
+    uint32_t live = starting + ready;
+    for (ag = TAILQ_FIRST(&p->agents); ag; ag = tmp) {
+        tmp = TAILQ_NEXT(ag, link);
+        bool idle = ag->nfree == ag->nslots && ag->npending == 0;
+        if (ag->state == AG_READY && p->max_lifetime_ms &&
+            (now - ag->started_at) * 1000 >= (double)p->max_lifetime_ms) {
+            log_info("agent %s reached max_lifetime; draining", ag->id);
+            ag->state = AG_DRAINING;
+            live--;
+        }
+        if (ag->state == AG_DRAINING && idle) {
+            agent_stop(c, ag, "drained");
+            continue;
+        }
+        if (ag->state == AG_READY && idle && p->idle_timeout_ms && live > p->min_agents &&
+            p->nwaiters == 0 && (now - ag->idle_since) * 1000 >= (double)p->idle_timeout_ms) {
+            live--;
+            agent_stop(c, ag, "idle");
+        }
+    }
+}
+
+void sched_kick(struct ctl *c, struct profile *p)
+{
+    struct waiter *w;
+    while ((w = TAILQ_FIRST(&p->waiters))) {
+        struct slot *s = pick_free(p);
+        if (!s)
+            break;
+        serve(c, w, s);
+    }
+    scale(c, p);
+}
+
+void sched_tick(struct ctl *c)
+{
+    ev_tstamp now = ev_now(c->loop);
+    struct profile *p;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    {
+        if (p->lease_timeout_ms) {
+            struct agent *ag;
+            TAILQ_FOREACH(ag, &p->agents, link)
+            {
+                if (ag->state == AG_STOPPING || ag->state == AG_STARTING)
+                    continue;
+                for (uint32_t i = 0; i < ag->nslots; i++) {
+                    struct slot *s = &ag->slots[i];
+                    if (s->state == SL_LEASED && s->inflight == 0 &&
+                        (now - s->last_used) * 1000 >= (double)p->lease_timeout_ms) {
+                        log_info("lease of '%s' on %s/%u unused for %.0f s: released with reset",
+                                 s->traj, ag->id, i, now - s->last_used);
+                        sched_release(c, s, true);
+                    }
+                }
+            }
+        }
+        sched_kick(c, p);
+    }
+}
