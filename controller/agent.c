@@ -478,10 +478,22 @@ static void fail_pending(struct ctl *c, struct agent *ag, const char *why)
 void agent_lost(struct ctl *c, struct agent *ag, const char *why)
 {
     bool expected = ag->state == AG_STOPPING;
+    /* A process that dies says why on stderr just before: take it now. */
+    char buf[4096];
+    ssize_t n;
+    while (ag->err_fd >= 0 && (n = read(ag->err_fd, buf, sizeof buf)) > 0)
+        agent_stderr_append(ag, buf, (size_t)n);
     if (!expected) {
         log_warn("agent %s lost: %s", ag->id, why);
-        if (ag->state == AG_STARTING)
-            sched_agent_failed(c, ag->prof, why);
+        if (ag->state == AG_STARTING) {
+            char tail[512], msg[700];
+            agent_stderr_tail(ag, tail, sizeof tail, 3);
+            snprintf(msg, sizeof msg, "agent %s failed to start: %s%s%s", ag->id,
+                     *tail ? tail : why, *tail ? " (" : "", *tail ? why : "");
+            if (*tail)
+                strcat(msg, ")");
+            sched_agent_failed(c, ag->prof, msg);
+        }
         else
             snprintf(ag->prof->last_error, sizeof ag->prof->last_error, "agent %s lost: %s", ag->id,
                      why);

@@ -399,7 +399,7 @@ void sched_agent_failed(struct ctl *c, struct profile *p, const char *why)
     if (back > 30)
         back = 30;
     p->next_start_at = ev_now(c->loop) + back;
-    snprintf(p->last_error, sizeof p->last_error, "%s", why);
+    snprintf(p->last_error, sizeof p->last_error, "%.500s", why);
     log_warn("profile %s: agent start failed (%u in a row; next try in %.1f s): %s", p->name,
              p->start_failures, back, why);
 }

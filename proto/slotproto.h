@@ -40,7 +40,7 @@ enum sp_code {
 
 struct sp_err {
     enum sp_code code;
-    char msg[256];
+    char msg[640];
 };
 
 /* The contract's stable string for a code ("bad_request", ...). */

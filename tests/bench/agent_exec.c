@@ -515,7 +515,7 @@ static int check_answer(const char *data, uint32_t len, uint64_t want_id, size_t
     bool ok = false;
     if (sp_get_uint(root, "id", true, &id, &err) < 0 ||
         sp_get_bool(root, "ok", true, &ok, &err) < 0) {
-        snprintf(why, whylen, "malformed answer: %s", err.msg);
+        snprintf(why, whylen, "malformed answer: %.300s", err.msg);
         goto out;
     }
     if (id != want_id) {
@@ -542,7 +542,7 @@ static int check_answer(const char *data, uint32_t len, uint64_t want_id, size_t
         sp_get_uint(res, "stdout_bytes", true, &out_bytes, &err) < 0 ||
         sp_get_bin(res, "stdout", true, &out_data, &out_len, &err) < 0 ||
         sp_get_bool(res, "timed_out", false, &timed_out, &err) < 0) {
-        snprintf(why, whylen, "malformed result: %s", err.msg);
+        snprintf(why, whylen, "malformed result: %.300s", err.msg);
         goto out;
     }
     if (exit_code != 0 || timed_out || out_bytes != want_stdout || out_len != want_stdout) {

@@ -42,7 +42,8 @@ class Controller:
     """A running slot-controller listening on a Unix socket in `dir`."""
 
     def __init__(self, dir: Path, config: str = DEFAULT_CONFIG, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+                 env: dict[str, str] | None = None, wait_ready: bool = True,
+                 token: str | None = None) -> None:
         self.dir = dir
         self.sock = str(dir / "ctl.sock")
         self.addr = "unix:" + self.sock
@@ -50,6 +51,12 @@ class Controller:
         self.config_path = dir / "controller.yaml"
         self.config_path.write_text(config)
         self.extra = list(extra or [])
+        self.token = token
+        if token is not None:
+            tf = dir / "token"
+            tf.write_text(token + "\n")
+            tf.chmod(0o600)
+            self.extra += ["--token-file", str(tf)]
         self.env = dict(os.environ, **(env or {}))
         self.log_path = dir / "controller.log"
         self.expect_clean_exit = True
@@ -66,12 +73,16 @@ class Controller:
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 15
-        while not os.path.exists(self.sock):
+        while True:  # a socket file left by a killed controller does not count
             if self.proc.poll() is not None:
                 raise RuntimeError(f"controller exited {self.proc.returncode}: {self.log()}")
             if time.monotonic() > deadline:
-                raise RuntimeError("controller did not create its socket: " + self.log())
-            time.sleep(0.01)
+                raise RuntimeError("controller did not open its socket: " + self.log())
+            try:
+                Client.unix(self.sock, 5).close()
+                break
+            except OSError:
+                time.sleep(0.01)
         if wait_ready:
             self.wait_agents(lambda st: st["agents"]["ready"] >= 1
                              or st["agents"]["total"] == 0 and st["slots"]["total"] == 0)
@@ -80,7 +91,10 @@ class Controller:
         return self.log_path.read_text(errors="replace")
 
     def client(self, timeout: float = 30.0) -> Client:
-        return Client.unix(self.sock, timeout)
+        c = Client.unix(self.sock, timeout)
+        if self.token is not None:
+            c.call("hello", {"token": self.token})
+        return c
 
     def status(self) -> dict:
         c = self.client()
