@@ -6,7 +6,8 @@ BUILD    := build
 ASAN     := build-asan
 DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libmd-dev \
             zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
-            python3-pytest file tar procps clang-format util-linux busybox-static
+            python3-pytest file tar procps clang-format util-linux busybox-static \
+            libyaml-dev tmux
 
 .PHONY: all deps build asan run test test-fast bench fuzz format clean
 
@@ -47,12 +48,15 @@ test-fast: build
 
 bench: build
 	tests/bench/run.sh
+	$(PY) tests/bench/controller.py --build $(BUILD)
 
 fuzz: deps
 	tests/fuzz/run.sh
 
 format:
-	clang-format -i agent/*.c agent/*.h agent/ops/*.c proto/*.c proto/*.h controller/agentctl/*.c tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+	clang-format -i agent/*.c agent/*.h agent/ops/*.c agent/isolate/*.c agent/isolate/*.h proto/*.c proto/*.h \
+	    controller/*.c controller/*.h controller/backends/*.c controller/agentctl/*.c tests/unit/*.c \
+	    tests/bench/*.c tests/fuzz/*.c tests/isolation/*.c
 
 clean:
 	rm -rf $(BUILD) $(ASAN)

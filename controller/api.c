@@ -216,7 +216,11 @@ static void answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
     r->answered = true;
     ev_timer_stop(c->loop, &r->timer);
     if (r->batch) {
-        batch_item_done(c, r->batch, r->item, resp, r->shape, err);
+        /* The batch may be freed now, while r can live on (a late answer
+         * after the backstop): forget it. */
+        struct batch *b = r->batch;
+        r->batch = NULL;
+        batch_item_done(c, b, r->item, resp, r->shape, err);
         return;
     }
     struct tconn *t = r->conn;

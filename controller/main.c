@@ -481,7 +481,11 @@ int main(int argc, char **argv)
     }
 
     struct sp_err err;
-    if (config_load(c, &o, &err) < 0) {
+    int crc = config_load(c, &o, &err);
+    strlist_clear(&o.sets);
+    strlist_clear(&o.profile_names);
+    if (crc < 0) {
+        strlist_clear(&listen_flags);
         fprintf(stderr, "slot-controller: %s\n", err.msg);
         return 2;
     }

@@ -1,9 +1,11 @@
 #!/usr/bin/python3
 """Run every test suite and print one closing line: `N passed, N failed`.
 
-Suites: the static-link check, the C unit tests (release and sanitizer
-builds), the pytest integration suite against the release agent and again
-against the ASan/UBSan agent, and a short fixed-length fuzz run.
+Suites: the static-link check, clang-format, the C unit tests (release and
+sanitizer builds), the pytest integration suite against the release agent and
+again against the ASan/UBSan agent, the isolation escapes, the controller
+end-to-end suite (release and ASan/UBSan controller, agentctl and Python
+client), and a short fixed-length fuzz run.
 """
 from __future__ import annotations
 
@@ -122,6 +124,7 @@ def main() -> int:
     cmocka(t, "unit (release)", build / "test-proto")
     pytest(t, "integration (release agent)", build, {})
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
+    pytest(t, "controller (release)", build, {}, "tests/controller")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         pytest(t, "integration (ASan+UBSan agent)", asan, {
@@ -129,6 +132,11 @@ def main() -> int:
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
             "SLOT_SANITIZED": "1",
         })
+        pytest(t, "controller (ASan+UBSan)", asan, {
+            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
+            "SLOT_SANITIZED": "1",
+        }, "tests/controller")
     if not a.no_fuzz:
         fuzz(t, a.fuzz_runs)
     banner("summary")

@@ -128,6 +128,9 @@ static void stderr_cb(struct ev_loop *loop, ev_io *w, int revents)
     ssize_t n = read(ag->err_fd, buf, sizeof buf);
     if (n > 0) {
         agent_stderr_append(ag, buf, (size_t)n);
+        /* At debug level the agent's own log joins ours (sanitizer reports
+         * of agents reach the test logs this way). */
+        log_debug("agent %s says: %.*s", ag->id, (int)(buf[n - 1] == '\n' ? n - 1 : n), buf);
         return;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
