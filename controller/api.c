@@ -996,6 +996,7 @@ static void op_slots(struct ctl *c, struct tconn *t, const struct sp_request *re
         return reply_err(c, t, req->id, &e);
     uint32_t n = 0;
     struct agent *ag;
+    double now = ev_now(c->loop), wall = now_wall_ms();
     for (int pass = 0; pass < 2; pass++) {
         msgpack_packer pk;
         if (pass == 1) {
@@ -1025,7 +1026,10 @@ static void op_slots(struct ctl *c, struct tconn *t, const struct sp_request *re
                     }
                     char h[160];
                     slot_handle(s, h, sizeof h);
-                    msgpack_pack_map(&pk, 8);
+                    msgpack_pack_map(&pk, leases ? 9 : 8);
+                    if (leases)
+                        sp_pack_kv_uint(&pk, "last_used",
+                                        (uint64_t)(wall - (now - s->last_used) * 1000));
                     sp_pack_kv_str(&pk, "agent", ag->id);
                     sp_pack_kv_uint(&pk, "index", i);
                     sp_pack_kv_str(&pk, "profile", p->name);

@@ -1,11 +1,15 @@
 #!/usr/bin/python3
-"""`make run`: start a real slot-agent and drive it with agentctl, printing
-each command and what it answered. Everything it creates lives in a temp
-directory that is removed at the end."""
+"""`make run`: the product doing its main job on the embedded local backend.
+
+Starts slot-controller with the example config (agents are local child
+processes), runs the example trainer against it (concurrent trajectories:
+acquire, write files, bash calls, read back, release with reset), and shows
+what the controller saw with agentctl. Every command is printed before it
+runs. Everything it creates lives in a temp directory removed at the end.
+"""
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import signal
@@ -16,87 +20,71 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PY = "/usr/bin/python3"
+
+
+def show(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, timeout=300, **kw)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
+    ap.add_argument("--trajectories", type=int, default=64)
     a = ap.parse_args()
     build = (ROOT / a.build).resolve()
-    agent_bin, ctl = build / "slot-agent", build / "agentctl"
+    ctl_bin, agentctl = build / "slot-controller", build / "agentctl"
     # Not under /tmp (each slot gets a private /tmp), and searchable by the
-    # slot users the agent runs commands as when it is root.
+    # slot users the agents run commands as when they are root.
     tmp = Path(tempfile.mkdtemp(prefix="slot-demo-", dir="/var/tmp"))
     tmp.chmod(0o755)
-    print(f"$ {agent_bin} --probe")
-    subprocess.run([str(agent_bin), "--probe"])
-    sock = tmp / "agent.sock"
-    log = open(tmp / "agent.log", "wb")
-    cmd = [str(agent_bin), "--listen", f"unix:{sock}", "--slots", "4", "--data-dir",
-           str(tmp / "data")]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd) + " &")
-    agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    addr = f"unix:{tmp}/controller.sock"
+    show([str(build / "slot-agent"), "--probe"])
+    cmd = [str(ctl_bin), "--config", str(ROOT / "controller/examples/controller.yaml"),
+           "--listen", addr, "--state-dir", str(tmp / "state")]
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd) + " 2>controller.log &", flush=True)
+    log = open(tmp / "controller.log", "wb")
+    ctl = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     status = 0
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if agent.poll() is not None or time.monotonic() > deadline:
-                print((tmp / "agent.log").read_text())
+        ac = [str(agentctl), "--controller", addr]
+        deadline = time.monotonic() + 20
+        while subprocess.run(ac + ["status"], capture_output=True).returncode != 0:
+            if ctl.poll() is not None or time.monotonic() > deadline:
+                print((tmp / "controller.log").read_text())
                 return 1
-            time.sleep(0.02)
-
-        def ctl_run(args: str, stdin: bytes | None = None, expect: int | None = 0,
-                    shell_suffix: str = "") -> int:
-            line = f"agentctl {args}{shell_suffix}"
-            print(f"\n$ {line}", flush=True)
-            full = f"{shlex.quote(str(ctl))} --agent unix:{sock} {args}{shell_suffix}"
-            r = subprocess.run(["/bin/bash", "-c", full], input=stdin, cwd=tmp, timeout=60)
-            if expect is not None and r.returncode != expect:
-                print(f"(unexpected exit status {r.returncode}, wanted {expect})")
-                nonlocal status
-                status = 1
-            elif r.returncode:
-                print(f"(exit status {r.returncode})")
-            return r.returncode
-
-        ctl_run("hello")
-        ctl_run("exec 0 -- 'echo hello from slot $SLOT_INDEX in $PWD as $(whoami); uname -sr'")
-        ctl_run("put 0 src/fib.py", stdin=b"a, b = 0, 1\nfor _ in range(30):\n    a, b = b, a + b\nprint('fib(30) =', a)\n")
-        ctl_run("exec 0 -- 'python3 src/fib.py 2>/dev/null || awk \"BEGIN{a=0;b=1;for(i=0;i<30;i++){t=a+b;a=b;b=t};print \\\"fib(30) =\\\", a}\"'")
-        ctl_run("exec 1 -- 'seq 1 5 | paste -sd+ | bc 2>/dev/null || echo $((1+2+3+4+5))'")
-        ctl_run("ls 0 -R")
-        ctl_run("cat 0 src/fib.py")
-        print("\n# file operations cannot leave the workspace:")
-        ctl_run("cat 0 ../../../../etc/passwd", expect=1)
-        print("\n# commands can write only to their workspace (Landlock), where the host allows it:")
-        ctl_run("exec 0 -- 'echo x > /etc/slot-demo-was-here'", expect=1)
-        print("\n# and see neither other slots' files nor their processes (where namespaces work):")
-        ctl_run("exec 1 -- 'ls $SLOT_WORKSPACE/../..; ps -e | wc -l'")
-        print("\n# a command that outlives its timeout, with a background child; both are killed:")
-        ctl_run("exec 2 --timeout-ms 500 -- 'sleep 1000 & sleep 30'", expect=124)
-        print("\n$ pgrep -f 'sleep 1000'   # on the host")
-        left = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True)
-        print(left.stdout.strip() or "no sleep left")
-        ctl_run("archive 0 . --format tar.gz", shell_suffix=" > ws.tar.gz")
-        print("\n$ tar -tzf ws.tar.gz")
-        subprocess.run(["tar", "-tzf", str(tmp / "ws.tar.gz")])
-        ctl_run("slots")
-        ctl_run("reset 0")
-        ctl_run("ls 0")
-        ctl_run("health")
+            time.sleep(0.1)
+        r = show([PY, str(ROOT / "controller/python/examples/trainer.py"), "--address", addr,
+                  "--trajectories", str(a.trajectories), "--concurrency", "16", "--steps", "4"])
+        status |= r.returncode
+        for sub in (["status"], ["agents"], ["profiles"]):
+            status |= show(ac + sub).returncode
+        # one slot by hand, the way a person debugs a trajectory
+        r = subprocess.run(ac + ["acquire", "--trajectory", "by-hand"], capture_output=True,
+                           text=True)
+        print(f"\n$ agentctl --controller {addr} acquire --trajectory by-hand\n{r.stdout}",
+              end="")
+        status |= r.returncode
+        slot = r.stdout.strip().split()[-1] if r.returncode == 0 else None
+        if slot:
+            status |= show(ac + ["exec", slot, "--", "echo hello from $SLOT_INDEX; id -un"]
+                           ).returncode
+            status |= show(ac + ["leases"]).returncode
+            status |= show(ac + ["release", slot]).returncode
     finally:
-        agent.send_signal(signal.SIGTERM)
+        ctl.send_signal(signal.SIGTERM)
         try:
-            rc = agent.wait(10)
+            ctl.wait(20)
         except subprocess.TimeoutExpired:
-            agent.kill()
-            rc = agent.wait()
+            ctl.kill()
         log.close()
-        print(f"\nagent stopped (exit {rc}); its log was {tmp / 'agent.log'}:")
-        sys.stdout.write((tmp / "agent.log").read_text()[-1500:])
+        if status:
+            print("\n--- controller log (tail) ---")
+            print((tmp / "controller.log").read_text()[-3000:])
         shutil.rmtree(tmp, ignore_errors=True)
     print("\ndemo " + ("finished" if status == 0 else "FAILED"))
-    return status
+    return 1 if status else 0
 
 
 if __name__ == "__main__":
