@@ -55,7 +55,7 @@ fuzz: deps
 
 format:
 	clang-format -i agent/*.c agent/*.h agent/ops/*.c agent/isolate/*.c agent/isolate/*.h proto/*.c proto/*.h \
-	    controller/*.c controller/*.h controller/backends/*.c controller/agentctl/*.c tests/unit/*.c \
+	    controller/*.c controller/*.h controller/backends/*.c controller/agentctl/*.[ch] tests/unit/*.c \
 	    tests/bench/*.c tests/fuzz/*.c tests/isolation/*.c
 
 clean:

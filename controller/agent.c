@@ -493,8 +493,7 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why)
             if (*tail)
                 strcat(msg, ")");
             sched_agent_failed(c, ag->prof, msg);
-        }
-        else
+        } else
             snprintf(ag->prof->last_error, sizeof ag->prof->last_error, "agent %s lost: %s", ag->id,
                      why);
     }

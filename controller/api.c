@@ -421,6 +421,7 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
     struct kvs a = {.n = 0};
     kv_uint(&a, "slot", s->index);
     const msgpack_object *env = NULL;
+    uint64_t args_timeout = 0;
     bool has_timeout = false, want_stream = false, has_mkdirs = false, has_recursive = false,
          has_length = false;
     for (uint32_t i = 0; i < nargs; i++) {
@@ -441,8 +442,11 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
                 want_stream = v->type == MSGPACK_OBJECT_BOOLEAN && v->via.boolean;
                 continue;
             }
-            if (key_is(k, "timeout_ms"))
+            if (key_is(k, "timeout_ms")) {
                 has_timeout = true;
+                if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER && v->via.u64)
+                    args_timeout = v->via.u64;
+            }
         }
         if (tool->kind == T_BASH) {
             if (key_is(k, "command")) {
@@ -460,8 +464,10 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
                 if (sec < 0 || sec > MAX_TIMEOUT_MS / 1000.0)
                     return sp_errf(err, SP_BAD_REQUEST, "'timeout' must be seconds (got %s)",
                                    sp_type_name(v));
-                if (!has_timeout)
+                if (!has_timeout) {
                     kv_uint(&a, "timeout_ms", (uint64_t)(sec * 1000));
+                    args_timeout = (uint64_t)(sec * 1000);
+                }
                 has_timeout = true;
                 continue;
             }
@@ -507,7 +513,9 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
             return sp_errf(err, SP_BAD_REQUEST, "tool bash needs 'command'");
     }
     bool command = tool->kind == T_BASH || tool->kind == T_EXEC;
-    uint64_t cmd_timeout = timeout_ms ? timeout_ms : p->exec_timeout_ms;
+    uint64_t cmd_timeout = args_timeout ? args_timeout
+                           : timeout_ms ? timeout_ms
+                                        : p->exec_timeout_ms;
     if (cmd_timeout > MAX_TIMEOUT_MS)
         cmd_timeout = MAX_TIMEOUT_MS;
     if (command && !has_timeout && cmd_timeout)

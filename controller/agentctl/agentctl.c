@@ -1,9 +1,13 @@
-/* agentctl: inspect and drive one slot-agent from the command line, over a
- * Unix socket, TCP, or the stdio of a command (--agent-cmd). Owns the CLI
- * (argument parsing, human and JSON output) and a small blocking client:
- * non-blocking fds driven by poll() with a deadline on every wait. The exit
- * status of `exec` is the command's; agent errors print "agentctl: CODE:
- * message" and exit 1; usage errors exit 2. */
+/* agentctl: drive a slot-controller (the default) or one slot-agent from the
+ * command line, over a Unix socket, TCP, or the stdio of a command
+ * (--agent-cmd). Owns the CLI (argument parsing, human tables, JSON output, a
+ * live `top`) and a small blocking client: non-blocking fds driven by poll()
+ * with a deadline on every wait. Slot commands (exec, cat, put, ls, stat,
+ * archive, reset) take a slot index with an agent and a slot handle with the
+ * controller, which runs them as its `exec` op with the agent op as `tool`.
+ * The exit status of `exec` is the command's; errors print "agentctl: CODE:
+ * message" and exit 1; usage errors exit 2. The controller's pool commands
+ * and `top` live in ctl_controller.c. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -14,13 +18,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "agentctl.h"
 #include "slotproto.h"
 
 #define DEFAULT_TIMEOUT_S 30.0
@@ -32,86 +39,26 @@
 #define CHILD_GRACE_S 3.0
 #define CANCEL_GRACE_S 10.0
 #define TOKEN_MAX 511
+#define PROGRESS_EVERY_S 0.1
 
 #define EXIT_ERROR 1
 #define EXIT_USAGE 2
 #define EXIT_TIMED_OUT 124
 #define EXIT_INTERRUPTED 130
 
-enum cmd_kind {
-    CMD_HELLO,
-    CMD_HEALTH,
-    CMD_STATS,
-    CMD_SLOTS,
-    CMD_EXEC,
-    CMD_CAT,
-    CMD_PUT,
-    CMD_LS,
-    CMD_STAT,
-    CMD_ARCHIVE,
-    CMD_RESET,
-    CMD_LEASE,
-    CMD_UNLEASE,
-    CMD_CANCEL,
-};
-
-/* What the command line asked for, fully validated before connecting. */
-struct cmd {
-    enum cmd_kind kind;
-    const char *name;
-    uint64_t slot;
-    uint64_t exec_id;
-    const char *path;
-    const char *trajectory;
-    const char *format;
-    bool recursive;
-    /* exec */
-    uint64_t timeout_ms;
-    const char *cwd;
-    const char *stdin_file;
-    const char **env; /* K=V strings, nenv of them */
-    int nenv;
-    char **words;
-    int nwords;
-};
-
-struct ctl_err {
-    char code[32]; /* contract code, or "" for a local failure without one */
-    char msg[1024];
-};
-
-/* The one context: options, connection and the last error. */
-struct ctl {
-    const char *agent;
-    const char *agent_cmd;
-    const char *token_file;
-    bool json;
-    double timeout_s;
-    double wait_s; /* keep retrying the connection this long (agent starting) */
-
-    int rfd, wfd;
-    pid_t child;
-    int sigfd; /* signalfd while an exec is waited for, else -1 */
-    int signo; /* signal that interrupted the last wait */
-    bool interrupted;
-    bool eof;
-    struct sp_reader rd;
-    struct sp_writer wr;
-    uint64_t next_id;
-    uint64_t max_frame;
-    uint64_t default_timeout_ms;
-    bool have_msg;
-    msgpack_unpacked msg; /* last frame; points into rd's buffer */
-
-    struct ctl_err err;
-};
-
 static const char usage_text[] =
-    "usage: agentctl [--agent unix:PATH|tcp:HOST:PORT | --agent-cmd 'COMMAND']\n"
+    "usage: agentctl [--controller ADDR | --agent ADDR | --agent-cmd 'COMMAND']\n"
     "                [--token-file F] [--json] [--timeout SEC] [--wait SEC] COMMAND [ARGS]\n"
     "\n"
-    "commands:\n"
-    "  hello | health | stats | slots\n"
+    "controller commands (the default; SLOT is a handle from acquire, e.g. default-3f9a2c/4/7):\n"
+    "  status [--profile P]     pool summary: agents, slots, waiters, exec rate and latency\n"
+    "  agents [--profile P] | slots [--profile P] [--agent A] | leases | profiles\n"
+    "  acquire [--profile P] [--trajectory T] [--timeout-ms N]   print a slot handle\n"
+    "  release SLOT [--no-reset]\n"
+    "  drain AGENT              no new leases; stopped once its last lease is released\n"
+    "  top [--interval SEC] [--once]   live view; q or Ctrl-C quits\n"
+    "\n"
+    "slot commands (SLOT is a handle with the controller, an index with --agent):\n"
     "  exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... [--stdin-file F|-] -- CMD...\n"
     "       one word after -- runs through the shell; several words are an argv\n"
     "  cat SLOT PATH            write a file of the slot to stdout\n"
@@ -120,25 +67,29 @@ static const char usage_text[] =
     "  stat SLOT PATH\n"
     "  archive SLOT [PATH] [--format tar|tar.gz] > FILE\n"
     "  reset SLOT               kill the slot's processes and empty its workspace\n"
+    "\n"
+    "agent commands (with --agent or --agent-cmd):\n"
+    "  hello | health | stats | slots\n"
     "  lease SLOT TRAJECTORY | unlease SLOT | cancel EXEC_ID\n"
     "\n"
     "options:\n"
-    "  --agent ADDR       agent address (default: $SLOT_AGENT)\n"
+    "  --controller ADDR  controller address (default: $SLOT_CONTROLLER, else\n"
+    "                     unix:$XDG_RUNTIME_DIR/slot-controller.sock, else\n"
+    "                     unix:/tmp/slot-controller-UID.sock)\n"
+    "  --agent ADDR       talk to one agent instead (default: $SLOT_AGENT)\n"
     "  --agent-cmd CMD    run CMD with /bin/sh -c; its stdin/stdout are the protocol stream\n"
     "                     (e.g. 'slot-agent --stdio --data-dir /tmp/x')\n"
     "  --token-file F     send the token in F with hello (default: $SLOT_TOKEN_FILE)\n"
     "  --json             print results as JSON\n"
-    "  --timeout SEC      limit for each request other than exec (default 30)\n"
-    "  --wait SEC         keep retrying while the agent is not listening yet\n"
+    "  --timeout SEC      limit for each request other than exec and acquire (default 30)\n"
+    "  --wait SEC         keep retrying while the agent or controller is not listening yet\n"
     "\n"
     "exit status: exec returns the command's (124 on timeout); 1 on errors; 2 on usage errors.\n"
     "Ctrl-C during exec cancels the command; a second one gives up waiting.\n";
 
 /* ---- errors and time ------------------------------------------------------ */
 
-static int fail(struct ctl *c, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(struct ctl *c, const char *code, const char *fmt, ...)
+int fail(struct ctl *c, const char *code, const char *fmt, ...)
 {
     va_list ap;
     snprintf(c->err.code, sizeof c->err.code, "%s", code);
@@ -161,14 +112,14 @@ static void usage_error(const char *fmt, ...)
     exit(EXIT_USAGE);
 }
 
-static double now_s(void)
+double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static int ms_until(double deadline)
+int ms_until(double deadline)
 {
     double left = (deadline - now_s()) * 1000.0;
     if (left <= 0)
@@ -184,6 +135,26 @@ static void set_nonblock(int fd)
 }
 
 /* ---- connection ------------------------------------------------------------ */
+
+/* The controller's socket in $XDG_RUNTIME_DIR, else a per-user one in /tmp. */
+static const char *builtin_controller_addr(void)
+{
+    static char addr[4200];
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (addr[0])
+        return addr;
+    if (xdg && *xdg)
+        snprintf(addr, sizeof addr, "unix:%.4000s/slot-controller.sock", xdg);
+    else
+        snprintf(addr, sizeof addr, "unix:/tmp/slot-controller-%u.sock", (unsigned)getuid());
+    return addr;
+}
+
+static const char *default_controller_addr(void)
+{
+    const char *env = getenv("SLOT_CONTROLLER");
+    return env && *env ? env : builtin_controller_addr();
+}
 
 static int spawn_agent_cmd(struct ctl *c)
 {
@@ -224,6 +195,17 @@ static int spawn_agent_cmd(struct ctl *c)
 
 static int no_agent(struct ctl *c, const char *addr, int e)
 {
+    if (c->to_controller && (e == ENOENT || e == ECONNREFUSED)) {
+        bool tcp = strncmp(addr, "tcp:", 4) == 0;
+        bool dflt = !strcmp(addr, builtin_controller_addr());
+        return fail(c, "",
+                    "no controller at %s (%s). Start one with: slot-controller --config FILE%s%s%s "
+                    "(or use --agent ADDR to talk to an agent directly)",
+                    addr, e == ENOENT ? "ENOENT" : "ECONNREFUSED", dflt ? "" : " --listen ",
+                    dflt ? "" : addr, tcp ? " --token-file F" : "");
+    }
+    if (c->to_controller)
+        return fail(c, "", "cannot connect to the controller at %s: %s", addr, strerror(e));
     if (e == ENOENT || e == ECONNREFUSED)
         return fail(c, "", "no agent at %s (%s): start one with: slot-agent --listen %s%s", addr,
                     strerror(e), addr, strncmp(addr, "tcp:", 4) == 0 ? " --token-file F" : "");
@@ -328,11 +310,11 @@ static int connect_tcp(struct ctl *c, const char *addr, double deadline)
     }
 }
 
-static int connect_agent(struct ctl *c)
+static int connect_peer(struct ctl *c)
 {
     if (c->agent_cmd)
         return spawn_agent_cmd(c);
-    const char *a = c->agent;
+    const char *a = c->to_controller ? c->controller : c->agent;
     double deadline = now_s() + c->timeout_s + c->wait_s;
     int fd;
     if (strncmp(a, "unix:", 5) == 0)
@@ -340,7 +322,7 @@ static int connect_agent(struct ctl *c)
     else if (strncmp(a, "tcp:", 4) == 0)
         fd = connect_tcp(c, a, deadline);
     else
-        return fail(c, "", "agent address must be unix:PATH or tcp:HOST:PORT, got '%s'", a);
+        return fail(c, "", "%s address must be unix:PATH or tcp:HOST:PORT, got '%s'", c->peer, a);
     if (fd < 0)
         return -1;
     c->rfd = c->wfd = fd;
@@ -393,6 +375,13 @@ static void disconnect(struct ctl *c)
     c->rfd = c->wfd = -1;
 }
 
+/* Code for a lost connection: agent_lost means something else at the
+ * controller (its agent died), so a lost controller connection has none. */
+static const char *lost_code(const struct ctl *c)
+{
+    return c->to_controller ? "" : sp_code_name(SP_AGENT_LOST);
+}
+
 /* Read what is there into the frame reader; notes EOF. */
 static int fill(struct ctl *c)
 {
@@ -412,11 +401,11 @@ static int fill(struct ctl *c)
             c->eof = true;
             return 0;
         }
-        return fail(c, sp_code_name(SP_AGENT_LOST), "reading from the agent: %s", strerror(errno));
+        return fail(c, lost_code(c), "reading from the %s: %s", c->peer, strerror(errno));
     }
 }
 
-static int read_signal(struct ctl *c)
+int read_signal(struct ctl *c)
 {
     struct signalfd_siginfo si;
     if (read(c->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
@@ -445,8 +434,7 @@ static int send_queued(struct ctl *c, double deadline)
                 c->eof = c->eof || e == ECONNRESET;
                 return 0;
             }
-            return fail(c, sp_code_name(SP_AGENT_LOST), "sending to the agent: %s",
-                        strerror(errno));
+            return fail(c, lost_code(c), "sending to the %s: %s", c->peer, strerror(errno));
         }
         /* A signal stays queued in the signalfd until the answer is awaited. */
         struct pollfd p[2] = {{.fd = c->wfd, .events = POLLOUT},
@@ -457,7 +445,7 @@ static int send_queued(struct ctl *c, double deadline)
         if (r < 0)
             return fail(c, "", "poll: %s", strerror(errno));
         if (r == 0)
-            return fail(c, sp_code_name(SP_TIMEOUT), "timed out sending to the agent");
+            return fail(c, sp_code_name(SP_TIMEOUT), "timed out sending to the %s", c->peer);
         if (p[1].revents && fill(c) < 0)
             return -1;
     }
@@ -475,7 +463,7 @@ static void release_msg(struct ctl *c)
 /* Frame a request whose args map (if any) was packed into `args`. Returns
  * its id, 0 on failure. The previous frame is released: reading while
  * sending may move the reader's buffer under it. */
-static uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args)
+uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args)
 {
     release_msg(c);
     uint64_t id = ++c->next_id;
@@ -497,6 +485,38 @@ static uint64_t send_request(struct ctl *c, const char *op, const struct sp_writ
     return id;
 }
 
+/* A progress line on stderr while a long answer (an archive) is built and
+ * arrives: the frame header tells its size. */
+static void show_progress(struct ctl *c, bool force)
+{
+    double t = now_s();
+    if (!force && t - c->progress_at < PROGRESS_EVERY_S)
+        return;
+    c->progress_at = t;
+    size_t have = c->rd.len - c->rd.off;
+    char got[32], total[32];
+    if (have < 4) {
+        fprintf(stderr, "\ragentctl: %s: waiting for the %s (%.1fs)\033[K", c->progress, c->peer,
+                t - c->progress_start);
+    } else {
+        const unsigned char *h = (const unsigned char *)c->rd.buf + c->rd.off;
+        uint64_t n = (uint64_t)h[0] << 24 | (uint64_t)h[1] << 16 | (uint64_t)h[2] << 8 | h[3];
+        fmt_bytes(got, sizeof got, have - 4 < n ? have - 4 : n);
+        fmt_bytes(total, sizeof total, n);
+        fprintf(stderr, "\ragentctl: %s: received %s of %s (%.1fs)\033[K", c->progress, got, total,
+                t - c->progress_start);
+    }
+    c->progress_shown = true;
+}
+
+static void end_progress(struct ctl *c)
+{
+    if (c->progress_shown)
+        fputs("\r\033[K", stderr);
+    c->progress = NULL;
+    c->progress_shown = false;
+}
+
 /* Next frame into c->msg. 1 = frame, 0 = interrupted by a signal (c->signo),
  * -1 = error. The frame stays valid until the next receive or send. */
 static int recv_frame(struct ctl *c, double deadline)
@@ -508,14 +528,16 @@ static int recv_frame(struct ctl *c, double deadline)
         struct sp_err err;
         int r = sp_reader_next(&c->rd, &data, &len, &err);
         if (r < 0)
-            return fail(c, sp_code_name(err.code), "answer from the agent: %s", err.msg);
+            return fail(c, sp_code_name(err.code), "answer from the %s: %s", c->peer, err.msg);
         if (r > 0) {
             msgpack_unpacked_init(&c->msg);
             c->have_msg = true;
             if (sp_unpack(data, len, &c->msg, &err) < 0)
-                return fail(c, sp_code_name(SP_INTERNAL), "bad frame from the agent: %s", err.msg);
+                return fail(c, sp_code_name(SP_INTERNAL), "bad frame from the %s: %s", c->peer,
+                            err.msg);
             if (c->msg.data.type != MSGPACK_OBJECT_MAP)
-                return fail(c, sp_code_name(SP_INTERNAL), "frame from the agent is not a map");
+                return fail(c, sp_code_name(SP_INTERNAL), "frame from the %s is not a map",
+                            c->peer);
             return 1;
         }
         if (c->eof) {
@@ -529,12 +551,16 @@ static int recv_frame(struct ctl *c, double deadline)
                     return fail(c, sp_code_name(SP_AGENT_LOST),
                                 "the agent command was killed by signal %d", WTERMSIG(st));
             }
-            return fail(c, sp_code_name(SP_AGENT_LOST), "the agent closed the connection");
+            return fail(c, lost_code(c), "the %s closed the connection", c->peer);
         }
         struct pollfd p[2] = {{.fd = c->rfd, .events = POLLIN}, {.fd = c->sigfd, .events = POLLIN}};
         int ms = ms_until(deadline);
         if (ms <= 0)
-            return fail(c, sp_code_name(SP_TIMEOUT), "no answer from the agent in time");
+            return fail(c, sp_code_name(SP_TIMEOUT), "no answer from the %s in time", c->peer);
+        if (c->progress) {
+            show_progress(c, false);
+            ms = ms > 200 ? 200 : ms;
+        }
         int pr = poll(p, 2, ms);
         if (pr < 0 && errno == EINTR)
             continue;
@@ -564,7 +590,7 @@ static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object
     if (ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean) {
         const msgpack_object *r = sp_map_get(m, "result");
         if (!r || r->type != MSGPACK_OBJECT_MAP) {
-            fail(c, sp_code_name(SP_INTERNAL), "answer from the agent without a result map");
+            fail(c, sp_code_name(SP_INTERNAL), "answer from the %s without a result map", c->peer);
             return FRAME_ERROR;
         }
         *result = r;
@@ -584,7 +610,7 @@ static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object
 }
 
 /* Final result of a request without events; NULL with c->err set. */
-static const msgpack_object *wait_result(struct ctl *c, uint64_t id)
+const msgpack_object *wait_result(struct ctl *c, uint64_t id)
 {
     double deadline = now_s() + c->timeout_s;
     for (;;) {
@@ -602,25 +628,43 @@ static const msgpack_object *wait_result(struct ctl *c, uint64_t id)
     }
 }
 
-/* Argument maps are packed into a scratch writer, then copied into the frame. */
-struct args {
-    struct sp_writer w;
-    msgpack_packer pk;
-};
-
-static void args_begin(struct args *a, uint32_t n)
+void args_begin(struct args *a, uint32_t n)
 {
     sp_writer_init(&a->w, 0);
     sp_writer_packer(&a->w, &a->pk);
     msgpack_pack_map(&a->pk, n);
 }
 
-static const msgpack_object *call(struct ctl *c, const char *op, struct args *a)
+const msgpack_object *call(struct ctl *c, const char *op, struct args *a)
 {
     uint64_t id = send_request(c, op, a ? &a->w : NULL);
     if (a)
         sp_writer_free(&a->w);
     return id ? wait_result(c, id) : NULL;
+}
+
+/* Begin the arguments of an op on one slot; n counts the op's own keys,
+ * which the caller packs next. The agent takes {slot: INDEX, ...}; the
+ * controller takes its `exec` op {slot: HANDLE, tool: TOOL, args: {...}} and
+ * fills in the agent's slot index. A command's timeout (tmo, 0 = none) goes
+ * to the controller's own `timeout_ms`, which it also waits by. Returns the
+ * op to send. */
+static const char *slot_args(struct ctl *c, const struct cmd *cmd, const char *op, const char *tool,
+                             struct args *a, uint32_t n, uint64_t tmo)
+{
+    if (!c->to_controller) {
+        args_begin(a, n + 1);
+        sp_pack_kv_uint(&a->pk, "slot", cmd->slot);
+        return op;
+    }
+    args_begin(a, tmo ? 4 : 3);
+    sp_pack_kv_str(&a->pk, "slot", cmd->handle);
+    sp_pack_kv_str(&a->pk, "tool", tool);
+    if (tmo)
+        sp_pack_kv_uint(&a->pk, "timeout_ms", tmo);
+    sp_pack_cstr(&a->pk, "args");
+    msgpack_pack_map(&a->pk, n);
+    return "exec";
 }
 
 /* ---- JSON and human output -------------------------------------------------- */
@@ -780,7 +824,7 @@ static void json_obj(FILE *f, const msgpack_object *o, int indent)
     }
 }
 
-static void print_json(const msgpack_object *o)
+void print_json(const msgpack_object *o)
 {
     json_obj(stdout, o, 0);
     fputc('\n', stdout);
@@ -846,7 +890,7 @@ static void print_result(struct ctl *c, const msgpack_object *r)
         print_kv(r, 0);
 }
 
-static uint64_t get_u(const msgpack_object *m, const char *k)
+uint64_t get_u(const msgpack_object *m, const char *k)
 {
     const msgpack_object *o = sp_map_get(m, k);
     return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
@@ -859,7 +903,7 @@ static bool get_b(const msgpack_object *m, const char *k)
 }
 
 /* A str field as (pointer, int length) for "%.*s"; "-" when absent or nil. */
-static const char *get_s(const msgpack_object *m, const char *k, int *n)
+const char *get_s(const msgpack_object *m, const char *k, int *n)
 {
     const msgpack_object *o = sp_map_get(m, k);
     if (!o || o->type != MSGPACK_OBJECT_STR) {
@@ -870,7 +914,7 @@ static const char *get_s(const msgpack_object *m, const char *k, int *n)
     return o->via.str.ptr;
 }
 
-static int write_all(struct ctl *c, int fd, const char *p, size_t n)
+int write_all(struct ctl *c, int fd, const char *p, size_t n)
 {
     while (n) {
         ssize_t w = write(fd, p, n);
@@ -956,13 +1000,17 @@ static int hello(struct ctl *c, const struct cmd *cmd)
     }
     if (!c->max_frame)
         c->max_frame = SP_DEFAULT_MAX_FRAME;
+    const msgpack_object *dp = sp_map_get(r, "default_profile");
+    if (dp && dp->type == MSGPACK_OBJECT_STR)
+        snprintf(c->default_profile, sizeof c->default_profile, "%.*s", (int)dp->via.str.size,
+                 dp->via.str.ptr);
     if (cmd->kind == CMD_HELLO) {
         print_result(c, r);
         return 0;
     }
     if (get_b(r, "auth_required") && !get_b(r, "authenticated"))
         return fail(c, sp_code_name(SP_UNAUTHORIZED),
-                    "the agent requires a token: give --token-file F or set SLOT_TOKEN_FILE");
+                    "the %s requires a token: give --token-file F or set SLOT_TOKEN_FILE", c->peer);
     return 0;
 }
 
@@ -1081,27 +1129,33 @@ static size_t payload_limit(const struct ctl *c)
     return c->max_frame > 2 * FRAME_SLACK ? (size_t)c->max_frame - FRAME_SLACK : FRAME_SLACK;
 }
 
-static int pack_exec_args(struct ctl *c, const struct cmd *cmd, struct args *a)
+static const char *pack_exec_args(struct ctl *c, const struct cmd *cmd, struct args *a)
 {
     char *stdin_buf = NULL;
     size_t stdin_len = 0;
     if (cmd->stdin_file) {
         bool is_std = !strcmp(cmd->stdin_file, "-");
         int fd = is_std ? 0 : open(cmd->stdin_file, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            return fail(c, "", "%s: %s", cmd->stdin_file, strerror(errno));
+        if (fd < 0) {
+            fail(c, "", "%s: %s", cmd->stdin_file, strerror(errno));
+            return NULL;
+        }
         stdin_buf =
             read_all(c, fd, is_std ? "stdin" : cmd->stdin_file, payload_limit(c), &stdin_len);
         if (!is_std)
             close(fd);
         if (!stdin_buf)
-            return -1;
+            return NULL;
     }
-    args_begin(a, 3 + (cmd->timeout_ms > 0) + (cmd->cwd != NULL) + (cmd->nenv > 0) +
-                      (stdin_buf != NULL));
-    sp_pack_kv_uint(&a->pk, "slot", cmd->slot);
-    if (cmd->nwords == 1) {
-        sp_pack_kv_str(&a->pk, "cmd", cmd->words[0]);
+    /* The controller's `bash` tool names the shell command `command`. */
+    bool shell = cmd->nwords == 1;
+    bool tmo_in_args = cmd->timeout_ms > 0 && !c->to_controller;
+    const char *op =
+        slot_args(c, cmd, "exec", shell ? "bash" : "exec", a,
+                  2 + tmo_in_args + (cmd->cwd != NULL) + (cmd->nenv > 0) + (stdin_buf != NULL),
+                  cmd->timeout_ms);
+    if (shell) {
+        sp_pack_kv_str(&a->pk, c->to_controller ? "command" : "cmd", cmd->words[0]);
     } else {
         sp_pack_cstr(&a->pk, "argv");
         msgpack_pack_array(&a->pk, (uint32_t)cmd->nwords);
@@ -1111,7 +1165,7 @@ static int pack_exec_args(struct ctl *c, const struct cmd *cmd, struct args *a)
     /* --json wants the result with its output: the agent collects it (and
      * bounds it with head + tail) instead of us. */
     sp_pack_kv_bool(&a->pk, "stream", !c->json);
-    if (cmd->timeout_ms)
+    if (tmo_in_args)
         sp_pack_kv_uint(&a->pk, "timeout_ms", cmd->timeout_ms);
     if (cmd->cwd)
         sp_pack_kv_str(&a->pk, "cwd", cmd->cwd);
@@ -1127,23 +1181,25 @@ static int pack_exec_args(struct ctl *c, const struct cmd *cmd, struct args *a)
     if (stdin_buf)
         sp_pack_kv_bin(&a->pk, "stdin", stdin_buf, stdin_len);
     free(stdin_buf);
-    return 0;
+    return op;
 }
 
 /* While an exec runs, SIGINT/SIGTERM/SIGHUP arrive through a signalfd, so the
  * first one can cancel the command on the agent instead of orphaning it. */
-static void catch_signals(struct ctl *c, sigset_t *old)
+void catch_signals(struct ctl *c, sigset_t *old, bool winch)
 {
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGHUP);
+    if (winch)
+        sigaddset(&set, SIGWINCH);
     sigprocmask(SIG_BLOCK, &set, old);
     c->sigfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 
-static void release_signals(struct ctl *c, const sigset_t *old)
+void release_signals(struct ctl *c, const sigset_t *old)
 {
     if (c->sigfd >= 0)
         close(c->sigfd);
@@ -1151,19 +1207,27 @@ static void release_signals(struct ctl *c, const sigset_t *old)
     sigprocmask(SIG_SETMASK, old, NULL);
 }
 
-static int send_cancel(struct ctl *c, uint64_t exec_id)
+/* The controller has no cancel by exec id: its `cancel` tool kills what
+ * runs in the slot, which is ours while we hold the handle. */
+static int send_cancel(struct ctl *c, const struct cmd *cmd, uint64_t exec_id)
 {
     struct args a;
-    args_begin(&a, 1);
-    sp_pack_kv_uint(&a.pk, "exec_id", exec_id);
-    uint64_t id = send_request(c, "cancel", &a.w);
+    const char *op = "cancel";
+    if (c->to_controller) {
+        op = slot_args(c, cmd, "cancel", "cancel", &a, 0, 0);
+    } else {
+        args_begin(&a, 1);
+        sp_pack_kv_uint(&a.pk, "exec_id", exec_id);
+    }
+    uint64_t id = send_request(c, op, &a.w);
     sp_writer_free(&a.w);
     return id ? 0 : -1;
 }
 
 /* Wait for the exec's answer, writing streamed output as it comes. Returns
  * the result (NULL with c->err set). */
-static const msgpack_object *exec_wait(struct ctl *c, uint64_t id, double budget_s)
+static const msgpack_object *exec_wait(struct ctl *c, const struct cmd *cmd, uint64_t id,
+                                       double budget_s)
 {
     double deadline = now_s() + budget_s;
     uint64_t exec_id = 0;
@@ -1173,14 +1237,18 @@ static const msgpack_object *exec_wait(struct ctl *c, uint64_t id, double budget
         if (r < 0)
             return NULL;
         if (r == 0) {
-            if (cancelling || !exec_id) {
+            if (cancelling || (!exec_id && !c->to_controller)) {
                 fail(c, "", "interrupted (signal %d)%s", c->signo,
-                     exec_id ? "" : "; the command may still run on the agent");
+                     cancelling ? "" : "; the command may still run on the agent");
                 return NULL;
             }
-            fprintf(stderr, "agentctl: cancelling exec %llu (again to stop waiting)\n",
-                    (unsigned long long)exec_id);
-            if (send_cancel(c, exec_id) < 0)
+            if (c->to_controller)
+                fprintf(stderr, "agentctl: cancelling the commands of %s (again to stop waiting)\n",
+                        cmd->handle);
+            else
+                fprintf(stderr, "agentctl: cancelling exec %llu (again to stop waiting)\n",
+                        (unsigned long long)exec_id);
+            if (send_cancel(c, cmd, exec_id) < 0)
                 return NULL;
             cancelling = true;
             if (deadline > now_s() + CANCEL_GRACE_S)
@@ -1216,17 +1284,21 @@ static const msgpack_object *exec_wait(struct ctl *c, uint64_t id, double budget
 
 static int cmd_exec(struct ctl *c, const struct cmd *cmd, int *status)
 {
-    struct args a;
-    if (pack_exec_args(c, cmd, &a) < 0)
-        return -1;
-    sigset_t old;
-    catch_signals(c, &old);
-    uint64_t id = send_request(c, "exec", &a.w);
-    sp_writer_free(&a.w);
     uint64_t tmo = cmd->timeout_ms         ? cmd->timeout_ms
+                   : c->to_controller      ? controller_exec_timeout(c, cmd)
                    : c->default_timeout_ms ? c->default_timeout_ms
                                            : DEFAULT_EXEC_TIMEOUT_MS;
-    const msgpack_object *r = id ? exec_wait(c, id, (double)tmo / 1000.0 + c->timeout_s) : NULL;
+    struct args a;
+    const char *op = pack_exec_args(c, cmd, &a);
+    if (!op)
+        return -1;
+    sigset_t old;
+    catch_signals(c, &old, false);
+    uint64_t id = send_request(c, op, &a.w);
+    sp_writer_free(&a.w);
+    /* The controller answers `timeout` itself 5 s after the command's. */
+    double budget = (double)tmo / 1000.0 + c->timeout_s + (c->to_controller ? 5.0 : 0.0);
+    const msgpack_object *r = id ? exec_wait(c, cmd, id, budget) : NULL;
     release_signals(c, &old);
     if (!r)
         return -1;
@@ -1259,12 +1331,11 @@ static int cmd_cat(struct ctl *c, const struct cmd *cmd)
     uint64_t size = 0, mode = 0, mtime = 0;
     for (;;) {
         struct args a;
-        args_begin(&a, 4);
-        sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+        const char *op = slot_args(c, cmd, "read_file", "read_file", &a, 3, 0);
         sp_pack_kv_str(&a.pk, "path", cmd->path);
         sp_pack_kv_uint(&a.pk, "offset", offset);
         sp_pack_kv_uint(&a.pk, "length", range);
-        const msgpack_object *r = call(c, "read_file", &a);
+        const msgpack_object *r = call(c, op, &a);
         if (!r) {
             free(all);
             return -1;
@@ -1307,13 +1378,12 @@ static int cmd_put(struct ctl *c, const struct cmd *cmd)
     if (!data)
         return -1;
     struct args a;
-    args_begin(&a, 4);
-    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    const char *op = slot_args(c, cmd, "write_file", "write_file", &a, 3, 0);
     sp_pack_kv_str(&a.pk, "path", cmd->path);
     sp_pack_kv_bin(&a.pk, "data", data, n);
     sp_pack_kv_bool(&a.pk, "mkdirs", true);
     free(data);
-    const msgpack_object *r = call(c, "write_file", &a);
+    const msgpack_object *r = call(c, op, &a);
     if (!r)
         return -1;
     if (c->json) {
@@ -1380,11 +1450,10 @@ static void print_entry(const msgpack_object *e, int size_width)
 static int cmd_ls(struct ctl *c, const struct cmd *cmd)
 {
     struct args a;
-    args_begin(&a, 3);
-    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    const char *op = slot_args(c, cmd, "list", "list", &a, 2, 0);
     sp_pack_kv_str(&a.pk, "path", cmd->path);
     sp_pack_kv_bool(&a.pk, "recursive", cmd->recursive);
-    const msgpack_object *r = call(c, "list", &a);
+    const msgpack_object *r = call(c, op, &a);
     if (!r)
         return -1;
     if (c->json) {
@@ -1410,10 +1479,9 @@ static int cmd_ls(struct ctl *c, const struct cmd *cmd)
 static int cmd_stat(struct ctl *c, const struct cmd *cmd)
 {
     struct args a;
-    args_begin(&a, 2);
-    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    const char *op = slot_args(c, cmd, "stat", "stat", &a, 1, 0);
     sp_pack_kv_str(&a.pk, "path", cmd->path);
-    const msgpack_object *r = call(c, "stat", &a);
+    const msgpack_object *r = call(c, op, &a);
     if (!r)
         return -1;
     if (c->json) {
@@ -1440,11 +1508,16 @@ static int cmd_stat(struct ctl *c, const struct cmd *cmd)
 static int cmd_archive(struct ctl *c, const struct cmd *cmd)
 {
     struct args a;
-    args_begin(&a, 3);
-    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    const char *op = slot_args(c, cmd, "archive", "archive", &a, 2, 0);
     sp_pack_kv_str(&a.pk, "path", cmd->path);
     sp_pack_kv_str(&a.pk, "format", cmd->format);
-    const msgpack_object *r = call(c, "archive", &a);
+    if (isatty(2) && !c->json) {
+        c->progress = "archive";
+        c->progress_start = now_s();
+        c->progress_at = c->progress_start - PROGRESS_EVERY_S; /* the first line at once */
+    }
+    const msgpack_object *r = call(c, op, &a);
+    end_progress(c);
     if (!r)
         return -1;
     if (c->json) {
@@ -1456,21 +1529,23 @@ static int cmd_archive(struct ctl *c, const struct cmd *cmd)
         return fail(c, sp_code_name(SP_INTERNAL), "archive answer without data");
     if (write_all(c, 1, d->via.bin.ptr, d->via.bin.size) < 0)
         return -1;
-    if (isatty(2))
-        fprintf(stderr, "archived %llu entries, %llu bytes (%s)\n",
+    if (isatty(2)) {
+        char size[32];
+        fmt_bytes(size, sizeof size, get_u(r, "bytes"));
+        fprintf(stderr, "archived %llu entries, %llu bytes (%s, %s)\n",
                 (unsigned long long)get_u(r, "entries"), (unsigned long long)get_u(r, "bytes"),
-                cmd->format);
+                size, cmd->format);
+    }
     return 0;
 }
 
 static int cmd_slot_op(struct ctl *c, const struct cmd *cmd)
 {
     struct args a;
-    args_begin(&a, cmd->trajectory ? 2 : 1);
-    sp_pack_kv_uint(&a.pk, "slot", cmd->slot);
+    const char *op = slot_args(c, cmd, cmd->name, cmd->name, &a, cmd->trajectory ? 1 : 0, 0);
     if (cmd->trajectory)
         sp_pack_kv_str(&a.pk, "trajectory_id", cmd->trajectory);
-    const msgpack_object *r = call(c, cmd->name, &a);
+    const msgpack_object *r = call(c, op, &a);
     if (!r)
         return -1;
     print_result(c, r);
@@ -1544,32 +1619,107 @@ static void parse_exec(struct cmd *cmd, int argc, char **argv)
     cmd->nwords = argc - i - 1;
 }
 
-static void parse_command(struct cmd *cmd, int argc, char **argv)
+/* A slot: an index for an agent, a handle AGENT/INDEX/GENERATION for the
+ * controller. */
+static void parse_slot(struct cmd *cmd, const char *s, bool to_controller)
+{
+    if (!to_controller) {
+        cmd->slot = parse_uint(s, "SLOT");
+        return;
+    }
+    if (!strchr(s, '/') || s[0] == '-')
+        usage_error("SLOT is a controller slot handle AGENT/INDEX/GENERATION (from agentctl "
+                    "acquire), got '%s'; to address slot %s of one agent give --agent ADDR",
+                    s, s);
+    cmd->handle = s;
+}
+
+/* Options of the controller commands, after their positional words. */
+static void parse_ctl_options(struct cmd *cmd, int argc, char **argv, int i, const char *usage)
+{
+    for (; i < argc; i++) {
+        const char *o = argv[i];
+        bool has_val = i + 1 < argc;
+        bool acquire = cmd->kind == CMD_ACQUIRE;
+        bool filtered = acquire || cmd->kind == CMD_STATUS || cmd->kind == CMD_AGENTS ||
+                        cmd->kind == CMD_SLOTS || cmd->kind == CMD_TOP;
+        if (!strcmp(o, "--profile") && has_val && filtered) {
+            cmd->profile = argv[++i];
+        } else if (!strcmp(o, "--agent") && has_val && cmd->kind == CMD_SLOTS) {
+            cmd->agent_id = argv[++i];
+        } else if (!strcmp(o, "--trajectory") && has_val && acquire) {
+            cmd->trajectory = argv[++i];
+        } else if (!strcmp(o, "--timeout-ms") && has_val && acquire) {
+            cmd->timeout_ms = parse_uint(argv[++i], "--timeout-ms");
+            cmd->have_timeout = true;
+        } else if (!strcmp(o, "--no-reset") && cmd->kind == CMD_RELEASE) {
+            cmd->no_reset = true;
+        } else if (!strcmp(o, "--interval") && has_val && cmd->kind == CMD_TOP) {
+            cmd->interval = parse_seconds(argv[++i], "--interval");
+            if (cmd->interval < 0.05)
+                usage_error("--interval is at least 0.05 seconds");
+        } else if (!strcmp(o, "--once") && cmd->kind == CMD_TOP) {
+            cmd->once = true;
+        } else {
+            usage_error("usage: agentctl %s", usage);
+        }
+    }
+}
+
+enum { MODE_AGENT = 1, MODE_CTL = 2, MODE_BOTH = 3 };
+
+static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_controller)
 {
     static const struct {
         const char *name;
         enum cmd_kind kind;
+        int modes;
         int min, max; /* positional words after the command, -1 = any */
         const char *usage;
     } table[] = {
-        {"hello", CMD_HELLO, 0, 0, "hello"},
-        {"health", CMD_HEALTH, 0, 0, "health"},
-        {"stats", CMD_STATS, 0, 0, "stats"},
-        {"slots", CMD_SLOTS, 0, 0, "slots"},
-        {"exec", CMD_EXEC, 1, -1, "exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... -- CMD..."},
-        {"cat", CMD_CAT, 2, 2, "cat SLOT PATH"},
-        {"put", CMD_PUT, 2, 2, "put SLOT PATH < FILE"},
-        {"ls", CMD_LS, 1, 3, "ls SLOT [PATH] [-R]"},
-        {"stat", CMD_STAT, 2, 2, "stat SLOT PATH"},
-        {"archive", CMD_ARCHIVE, 1, 4, "archive SLOT [PATH] [--format tar|tar.gz]"},
-        {"reset", CMD_RESET, 1, 1, "reset SLOT"},
-        {"lease", CMD_LEASE, 2, 2, "lease SLOT TRAJECTORY"},
-        {"unlease", CMD_UNLEASE, 1, 1, "unlease SLOT"},
-        {"cancel", CMD_CANCEL, 1, 1, "cancel EXEC_ID"},
+        {"hello", CMD_HELLO, MODE_BOTH, 0, 0, "hello"},
+        {"health", CMD_HEALTH, MODE_AGENT, 0, 0, "health"},
+        {"stats", CMD_STATS, MODE_AGENT, 0, 0, "stats"},
+        {"slots", CMD_SLOTS, MODE_AGENT, 0, 0, "slots"},
+        {"exec", CMD_EXEC, MODE_BOTH, 1, -1,
+         "exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... -- CMD..."},
+        {"cat", CMD_CAT, MODE_BOTH, 2, 2, "cat SLOT PATH"},
+        {"put", CMD_PUT, MODE_BOTH, 2, 2, "put SLOT PATH < FILE"},
+        {"ls", CMD_LS, MODE_BOTH, 1, 3, "ls SLOT [PATH] [-R]"},
+        {"stat", CMD_STAT, MODE_BOTH, 2, 2, "stat SLOT PATH"},
+        {"archive", CMD_ARCHIVE, MODE_BOTH, 1, 4, "archive SLOT [PATH] [--format tar|tar.gz]"},
+        {"reset", CMD_RESET, MODE_BOTH, 1, 1, "reset SLOT"},
+        {"lease", CMD_LEASE, MODE_AGENT, 2, 2, "lease SLOT TRAJECTORY"},
+        {"unlease", CMD_UNLEASE, MODE_AGENT, 1, 1, "unlease SLOT"},
+        {"cancel", CMD_CANCEL, MODE_AGENT, 1, 1, "cancel EXEC_ID"},
+        {"status", CMD_STATUS, MODE_CTL, 0, -1, "status [--profile P]"},
+        {"agents", CMD_AGENTS, MODE_CTL, 0, -1, "agents [--profile P]"},
+        {"slots", CMD_SLOTS, MODE_CTL, 0, -1, "slots [--profile P] [--agent A]"},
+        {"leases", CMD_LEASES, MODE_CTL, 0, 0, "leases"},
+        {"profiles", CMD_PROFILES, MODE_CTL, 0, 0, "profiles"},
+        {"acquire", CMD_ACQUIRE, MODE_CTL, 0, -1,
+         "acquire [--profile P] [--trajectory T] [--timeout-ms N]"},
+        {"release", CMD_RELEASE, MODE_CTL, 1, 2, "release SLOT [--no-reset]"},
+        {"drain", CMD_DRAIN, MODE_CTL, 1, 1, "drain AGENT"},
+        {"top", CMD_TOP, MODE_CTL, 0, -1, "top [--interval SEC] [--once] [--profile P]"},
     };
-    size_t t = 0, nt = sizeof table / sizeof table[0];
-    while (t < nt && strcmp(argv[0], table[t].name) != 0)
-        t++;
+    int mode = to_controller ? MODE_CTL : MODE_AGENT;
+    size_t t = 0, nt = sizeof table / sizeof table[0], other = nt;
+    for (; t < nt; t++) {
+        if (strcmp(argv[0], table[t].name) != 0)
+            continue;
+        if (table[t].modes & mode)
+            break;
+        other = t;
+    }
+    if (t == nt && other < nt && to_controller)
+        usage_error("'%s' talks to one agent: give --agent unix:PATH|tcp:HOST:PORT or "
+                    "--agent-cmd CMD, or set SLOT_AGENT",
+                    argv[0]);
+    if (t == nt && other < nt)
+        usage_error("'%s' is a controller command, but agentctl is talking to one agent "
+                    "(--agent, --agent-cmd or $SLOT_AGENT): give --controller ADDR instead",
+                    argv[0]);
     if (t == nt)
         usage_error("unknown command '%s'", argv[0]);
     int nargs = argc - 1;
@@ -1579,19 +1729,20 @@ static void parse_command(struct cmd *cmd, int argc, char **argv)
     cmd->name = table[t].name;
     cmd->path = ".";
     cmd->format = "tar.gz";
+    cmd->interval = 1.0;
     switch (cmd->kind) {
     case CMD_EXEC:
-        cmd->slot = parse_uint(argv[1], "SLOT");
+        parse_slot(cmd, argv[1], to_controller);
         parse_exec(cmd, argc, argv);
         break;
     case CMD_CAT:
     case CMD_PUT:
     case CMD_STAT:
-        cmd->slot = parse_uint(argv[1], "SLOT");
+        parse_slot(cmd, argv[1], to_controller);
         cmd->path = argv[2];
         break;
     case CMD_LS: {
-        cmd->slot = parse_uint(argv[1], "SLOT");
+        parse_slot(cmd, argv[1], to_controller);
         bool have_path = false;
         for (int i = 2; i < argc; i++) {
             if (!strcmp(argv[i], "-R"))
@@ -1604,7 +1755,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv)
         break;
     }
     case CMD_ARCHIVE: {
-        cmd->slot = parse_uint(argv[1], "SLOT");
+        parse_slot(cmd, argv[1], to_controller);
         bool have_path = false;
         for (int i = 2; i < argc; i++) {
             if (!strcmp(argv[i], "--format") && i + 1 < argc)
@@ -1619,25 +1770,39 @@ static void parse_command(struct cmd *cmd, int argc, char **argv)
         break;
     }
     case CMD_RESET:
-    case CMD_UNLEASE: cmd->slot = parse_uint(argv[1], "SLOT"); break;
+    case CMD_UNLEASE: parse_slot(cmd, argv[1], to_controller); break;
     case CMD_LEASE:
         cmd->slot = parse_uint(argv[1], "SLOT");
         cmd->trajectory = argv[2];
         break;
     case CMD_CANCEL: cmd->exec_id = parse_uint(argv[1], "EXEC_ID"); break;
+    case CMD_RELEASE:
+        parse_slot(cmd, argv[1], true);
+        parse_ctl_options(cmd, argc, argv, 2, table[t].usage);
+        break;
+    case CMD_DRAIN:
+        if (argv[1][0] == '-' || !argv[1][0])
+            usage_error("usage: agentctl %s", table[t].usage);
+        cmd->agent_id = argv[1];
+        break;
+    case CMD_STATUS:
+    case CMD_AGENTS:
+    case CMD_SLOTS:
+    case CMD_ACQUIRE:
+    case CMD_TOP: parse_ctl_options(cmd, argc, argv, 1, table[t].usage); break;
     default: break;
     }
 }
 
 static int run(struct ctl *c, const struct cmd *cmd, int *status)
 {
-    if (connect_agent(c) < 0 || hello(c, cmd) < 0)
+    if (connect_peer(c) < 0 || hello(c, cmd) < 0)
         return -1;
     switch (cmd->kind) {
     case CMD_HELLO: return 0;
     case CMD_HEALTH:
     case CMD_STATS: return cmd_simple(c, cmd->name);
-    case CMD_SLOTS: return cmd_slots(c);
+    case CMD_SLOTS: return c->to_controller ? cmd_ctl_slots(c, cmd) : cmd_slots(c);
     case CMD_EXEC: return cmd_exec(c, cmd, status);
     case CMD_CAT: return cmd_cat(c, cmd);
     case CMD_PUT: return cmd_put(c, cmd);
@@ -1648,6 +1813,14 @@ static int run(struct ctl *c, const struct cmd *cmd, int *status)
     case CMD_LEASE:
     case CMD_UNLEASE: return cmd_slot_op(c, cmd);
     case CMD_CANCEL: return cmd_cancel(c, cmd);
+    case CMD_STATUS: return cmd_status(c, cmd);
+    case CMD_AGENTS: return cmd_agents(c, cmd);
+    case CMD_LEASES: return cmd_leases(c);
+    case CMD_PROFILES: return cmd_profiles(c);
+    case CMD_ACQUIRE: return cmd_acquire(c, cmd);
+    case CMD_RELEASE: return cmd_release(c, cmd);
+    case CMD_DRAIN: return cmd_drain(c, cmd);
+    case CMD_TOP: return cmd_top(c, cmd);
     }
     return 0;
 }
@@ -1656,13 +1829,12 @@ int main(int argc, char **argv)
 {
     struct ctl ctl = {.rfd = -1, .wfd = -1, .sigfd = -1, .timeout_s = DEFAULT_TIMEOUT_S};
     struct ctl *c = &ctl;
-    c->agent = getenv("SLOT_AGENT");
+    const char *env_agent = getenv("SLOT_AGENT");
     c->token_file = getenv("SLOT_TOKEN_FILE");
-    if (c->agent && !*c->agent)
-        c->agent = NULL;
     if (c->token_file && !*c->token_file)
         c->token_file = NULL;
     static const struct option opts[] = {
+        {"controller", required_argument, NULL, 'C'},
         {"agent", required_argument, NULL, 'a'},
         {"agent-cmd", required_argument, NULL, 'c'},
         {"token-file", required_argument, NULL, 't'},
@@ -1677,6 +1849,7 @@ int main(int argc, char **argv)
     /* "+": stop at the first command word, so the command's options stay its own. */
     while ((o = getopt_long(argc, argv, "+:h", opts, NULL)) != -1) {
         switch (o) {
+        case 'C': c->controller = optarg; break;
         case 'a': c->agent = optarg; break;
         case 'c': c->agent_cmd = optarg; break;
         case 't': c->token_file = optarg; break;
@@ -1696,13 +1869,22 @@ int main(int argc, char **argv)
     argv += optind;
     if (argc < 1)
         usage_error("no command given");
-    struct cmd cmd = {0};
-    parse_command(&cmd, argc, argv);
-    if (!c->agent && !c->agent_cmd)
-        usage_error("no agent: give --agent unix:PATH|tcp:HOST:PORT or --agent-cmd, or set "
-                    "SLOT_AGENT");
-    if (c->agent && c->agent_cmd && c->agent != getenv("SLOT_AGENT"))
+    /* The controller unless an agent is named: --agent or --agent-cmd, else
+     * $SLOT_AGENT when --controller is not given either. */
+    if (c->agent && c->agent_cmd)
         usage_error("give --agent or --agent-cmd, not both");
+    if (c->controller && (c->agent || c->agent_cmd))
+        usage_error("give --controller or --agent/--agent-cmd, not both");
+    if (!c->controller && !c->agent && !c->agent_cmd && env_agent && *env_agent)
+        c->agent = env_agent;
+    c->to_controller = !c->agent && !c->agent_cmd;
+    if (c->to_controller && !c->controller)
+        c->controller = default_controller_addr();
+    c->peer = c->to_controller ? "controller" : "agent";
+    struct cmd cmd = {0};
+    parse_command(&cmd, argc, argv, c->to_controller);
+    if (cmd.kind == CMD_TOP && c->json)
+        usage_error("top has no --json: use agentctl --json status");
     if (cmd.kind == CMD_ARCHIVE && !c->json && isatty(1)) {
         fprintf(stderr, "agentctl: refusing to write an archive to a terminal: redirect stdout "
                         "to a file\n");

@@ -1,0 +1,143 @@
+/* Shared by agentctl.c (the CLI, the client, the agent and slot commands)
+ * and ctl_controller.c (the controller's pool commands and `top`). */
+#ifndef AGENTCTL_H
+#define AGENTCTL_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "slotproto.h"
+
+enum cmd_kind {
+    CMD_HELLO,
+    CMD_HEALTH,
+    CMD_STATS,
+    CMD_SLOTS,
+    CMD_EXEC,
+    CMD_CAT,
+    CMD_PUT,
+    CMD_LS,
+    CMD_STAT,
+    CMD_ARCHIVE,
+    CMD_RESET,
+    CMD_LEASE,
+    CMD_UNLEASE,
+    CMD_CANCEL,
+    /* controller only */
+    CMD_STATUS,
+    CMD_AGENTS,
+    CMD_LEASES,
+    CMD_PROFILES,
+    CMD_ACQUIRE,
+    CMD_RELEASE,
+    CMD_DRAIN,
+    CMD_TOP,
+};
+
+/* What the command line asked for, fully validated before connecting. */
+struct cmd {
+    enum cmd_kind kind;
+    const char *name;
+    uint64_t slot;      /* agent: slot index */
+    const char *handle; /* controller: slot handle AGENT/INDEX/GENERATION */
+    uint64_t exec_id;
+    const char *path;
+    const char *trajectory;
+    const char *format;
+    bool recursive;
+    /* exec */
+    uint64_t timeout_ms;
+    const char *cwd;
+    const char *stdin_file;
+    const char **env; /* K=V strings, nenv of them */
+    int nenv;
+    char **words;
+    int nwords;
+    /* controller commands */
+    const char *profile;
+    const char *agent_id;
+    bool have_timeout; /* acquire --timeout-ms given (0 is meaningful) */
+    bool no_reset;
+    double interval;
+    bool once;
+};
+
+struct ctl_err {
+    char code[32]; /* contract code, or "" for a local failure without one */
+    char msg[1024];
+};
+
+/* The one context: options, connection and the last error. */
+struct ctl {
+    const char *agent;
+    const char *agent_cmd;
+    const char *controller;
+    bool to_controller;
+    const char *peer; /* "agent" or "controller", for messages */
+    char default_profile[128];
+    const char *token_file;
+    bool json;
+    double timeout_s;
+    double wait_s; /* keep retrying the connection this long (agent starting) */
+
+    int rfd, wfd;
+    pid_t child;
+    int sigfd; /* signalfd while an exec is waited for, else -1 */
+    int signo; /* signal that interrupted the last wait */
+    bool interrupted;
+    bool eof;
+    struct sp_reader rd;
+    struct sp_writer wr;
+    uint64_t next_id;
+    uint64_t max_frame;
+    uint64_t default_timeout_ms;
+    bool have_msg;
+    msgpack_unpacked msg; /* last frame; points into rd's buffer */
+
+    struct ctl_err err;
+
+    const char *progress; /* what a progress line on stderr names, or NULL */
+    double progress_at;
+    double progress_start;
+    bool progress_shown;
+};
+
+/* Argument maps are packed into a scratch writer, then copied into the frame. */
+struct args {
+    struct sp_writer w;
+    msgpack_packer pk;
+};
+
+/* agentctl.c: errors, time, requests, output */
+int fail(struct ctl *c, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+double now_s(void);
+int ms_until(double deadline);
+int read_signal(struct ctl *c);
+void catch_signals(struct ctl *c, sigset_t *old, bool winch);
+void release_signals(struct ctl *c, const sigset_t *old);
+void args_begin(struct args *a, uint32_t n);
+uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args);
+const msgpack_object *wait_result(struct ctl *c, uint64_t id);
+const msgpack_object *call(struct ctl *c, const char *op, struct args *a);
+void print_json(const msgpack_object *o);
+uint64_t get_u(const msgpack_object *m, const char *k);
+const char *get_s(const msgpack_object *m, const char *k, int *n);
+int write_all(struct ctl *c, int fd, const char *p, size_t n);
+
+/* ctl_controller.c */
+void fmt_bytes(char *out, size_t cap, uint64_t n);
+uint64_t controller_exec_timeout(struct ctl *c, const struct cmd *cmd);
+int cmd_status(struct ctl *c, const struct cmd *cmd);
+int cmd_agents(struct ctl *c, const struct cmd *cmd);
+int cmd_ctl_slots(struct ctl *c, const struct cmd *cmd);
+int cmd_leases(struct ctl *c);
+int cmd_profiles(struct ctl *c);
+int cmd_acquire(struct ctl *c, const struct cmd *cmd);
+int cmd_release(struct ctl *c, const struct cmd *cmd);
+int cmd_drain(struct ctl *c, const struct cmd *cmd);
+int cmd_top(struct ctl *c, const struct cmd *cmd);
+
+#endif
