@@ -61,7 +61,15 @@ class Controller:
         self.log_path = dir / "controller.log"
         self.expect_clean_exit = True
         self.proc: subprocess.Popen | None = None
-        self.start(wait_ready)
+        try:
+            self.start(wait_ready)
+        except BaseException:
+            # never leave a controller (and its agents) behind a failed start
+            if self.proc and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            kill_stray_agents(self.state_dir)
+            raise
 
     def argv(self) -> list[str]:
         return [str(CONTROLLER_BIN), "--config", str(self.config_path), "--listen", self.addr,
