@@ -81,6 +81,11 @@ def pct(xs: list[float], p: float) -> float:
 
 def run_exec(conn: Conn, make_args, op: str, n: int, conc: int) -> tuple[float, list[float]]:
     """n requests, conc in flight (request k uses slot k % conc)."""
+    return run_exec_any(conn, make_args, op, n, conc, check_exit=True)
+
+
+def run_exec_any(conn: Conn, make_args, op: str, n: int, conc: int,
+                 check_exit: bool = False) -> tuple[float, list[float]]:
     sent_at: dict[int, tuple[float, int]] = {}
     lat: list[float] = []
     t0 = time.perf_counter()
@@ -91,7 +96,7 @@ def run_exec(conn: Conn, make_args, op: str, n: int, conc: int) -> tuple[float, 
     while lat.__len__() < n:
         m = conn.recv()
         t, k = sent_at.pop(m["id"])
-        if not m.get("ok") or m["result"].get("exit_code") != 0:
+        if not m.get("ok") or (check_exit and m["result"].get("exit_code") != 0):
             raise RuntimeError(f"bad answer: {m}")
         lat.append(time.perf_counter() - t)
         if issued < n:
@@ -182,6 +187,21 @@ def overhead(build: Path, ops: int, out: dict) -> None:
             print(f"  c={conc}: p50 added by the controller {add:+.3f} ms "
                   f"({'ok' if add <= 0.1 else 'MISS'} <= 0.1 ms); ops/s {ratio * 100:.0f}% of "
                   f"direct{' (' + ('ok' if ratio >= 0.9 else 'MISS') + ' >= 90%)' if conc == 32 else ''}")
+        # The hop alone, without a process spawn's noise: `stat .` on a slot.
+        s_d = lambda k: {"slot": handles[k]["index"], "path": "."}  # noqa: E731
+        s_c = lambda k: {"slot": handles[k]["slot"], "tool": "stat",  # noqa: E731
+                         "args": {"path": "."}}
+        hop = {}
+        for name, conn, mk, op in (("direct", direct, s_d, "stat"), ("controller", via, s_c, "exec"),
+                                   ("direct", direct, s_d, "stat"), ("controller", via, s_c, "exec")):
+            _, lat = run_exec_any(conn, mk, op, max(1000, ops), 1)
+            hop.setdefault(name, []).extend(lat)
+        add = (pct(hop["controller"], .5) - pct(hop["direct"], .5)) * 1e3
+        print(f"stat . (no process): direct p50 {pct(hop['direct'], .5) * 1e3:.3f} ms, through the "
+              f"controller {pct(hop['controller'], .5) * 1e3:.3f} ms: the controller hop adds "
+              f"{add:+.3f} ms ({'ok' if add <= 0.1 else 'MISS'} <= 0.1 ms)")
+        out["hop_stat_c1"] = {"direct_p50_ms": pct(hop["direct"], .5) * 1e3,
+                              "controller_p50_ms": pct(hop["controller"], .5) * 1e3}
         print("\n== acquire + release (no reset) round trip ==")
         for h in handles:
             ctl.conn.call("release", {"slot": h["slot"], "reset": False})
