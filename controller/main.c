@@ -190,7 +190,8 @@ static const char usage_text[] =
     "  --FIELD VALUE          set a field of every profile, e.g. --slots-per-agent 8\n"
     "  --state-dir DIR        agents' sockets, logs and workspaces (default\n"
     "                         $XDG_RUNTIME_DIR/slot-controller, else\n"
-    "                         /tmp/slot-controller-$UID)\n"
+    "                         /var/tmp/slot-controller-$UID: not /tmp, which\n"
+    "                         slot boxes replace with a private one)\n"
     "  --name NAME            holder name recorded in agent leases (default\n"
     "                         slot-controller@HOST); keep it across restarts\n"
     "  --agent-bin PATH       slot-agent for the local backend (default: next to\n"
@@ -510,7 +511,7 @@ int main(int argc, char **argv)
         if (xdg && *xdg) {
             if (asprintf(&c->state_dir, "%s/slot-controller", xdg) < 0)
                 return 1;
-        } else if (asprintf(&c->state_dir, "/tmp/slot-controller-%u", (unsigned)getuid()) < 0)
+        } else if (asprintf(&c->state_dir, "/var/tmp/slot-controller-%u", (unsigned)getuid()) < 0)
             return 1;
     }
     if (name)
