@@ -491,8 +491,8 @@ def test_controller_kill9_and_restart_rebuilds_leases_from_socket_agents(control
         bash(c, s, f"echo {i} > state.txt")
     run = c.send("exec", {"slot": slots[0], "args": {"command": "sleep 2; echo bg > late.txt"}})
     pids_before = agent_pids(ctl)
+    ctl.kill9()  # before the trainer goes: a trainer that leaves cancels its commands
     c.close()
-    ctl.kill9()
     # the agents outlive the controller
     for pid in pids_before.values():
         os.kill(pid, 0)
