@@ -1149,7 +1149,7 @@ static void codes_round_trip(void **state)
     assert_int_equal(sp_errf(&e, SP_TIMEOUT, "after %d ms", 5), -1);
     assert_int_equal(e.code, SP_TIMEOUT);
     assert_string_equal(e.msg, "after 5 ms");
-    char longs[600];
+    char longs[sizeof e.msg + 300];
     memset(longs, 'x', sizeof longs - 1);
     longs[sizeof longs - 1] = 0;
     sp_errf(&e, SP_INTERNAL, "%s", longs);
