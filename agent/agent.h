@@ -337,4 +337,7 @@ bool conns_idle(struct agent *ag);
  * what is pending, exit 0). */
 void agent_shutdown(struct agent *ag, const char *why);
 
+/* attach.c: relay stdin/stdout to the agent at ADDR; the exit status. */
+int attach_main(const char *addr, double timeout_s);
+
 #endif

@@ -161,6 +161,10 @@ static void send_chunk(struct req *rq, int k, uint64_t offset, const char *p, si
 
 static void send_live(struct exec *e, int k, uint64_t offset, const char *p, size_t n)
 {
+    /* Output of a command still starting in a box waits for its "started"
+     * event (exec_box_readable replays it), so events keep their order. */
+    if (e->spawning)
+        return;
     struct req *list[2] = {e->owner, e->attach};
     for (int i = 0; i < 2; i++) {
         for (struct req *rq = list[i]; rq; rq = (i == 0 ? NULL : rq->exec_next)) {
@@ -642,6 +646,8 @@ void exec_box_readable(struct agent *ag, struct slot *s, int k)
         e->announce = NULL;
         if (rq && exec_announce(rq, e) == OP_DONE)
             req_finish(rq, NULL);
+        else if (rq && rq == e->owner && rq->stream)
+            exec_replay(e, rq);
         int status = 0;
         bool exited = false;
         for (unsigned i = 0; i < ag->nearly; i++)

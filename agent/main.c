@@ -30,6 +30,10 @@ static const char usage[] =
     "  --listen tcp:HOST:PORT   listen on TCP (needs --token-file or --insecure); repeatable\n"
     "  --listen unix:PATH       listen on a Unix socket (mode 0600); repeatable\n"
     "  --stdio                  serve one client on stdin/stdout; exit when stdin closes\n"
+    "  --attach unix:PATH|tcp:HOST:PORT\n"
+    "                           relay stdin/stdout byte for byte to an agent listening\n"
+    "                           there (for docker exec, apptainer exec, ssh, srun streams);\n"
+    "                           waits for its socket up to --attach-timeout (default 10 s)\n"
     "  --slots N                number of slots (default 10)\n"
     "  --data-dir DIR           workspaces live in DIR/slots/N (default $NOMAD_ALLOC_DIR/data,\n"
     "                           else /data if writable, else ./slot-data)\n"
@@ -123,6 +127,8 @@ enum {
     OPT_SLOT_MEMORY,
     OPT_SLOT_PIDS,
     OPT_CONFIG,
+    OPT_ATTACH,
+    OPT_ATTACH_TIMEOUT,
 };
 enum {
     OPT_LISTEN = 256,
@@ -159,6 +165,8 @@ static const struct option longopts[] = {
     {"slot-memory", required_argument, NULL, OPT_SLOT_MEMORY},
     {"slot-pids", required_argument, NULL, OPT_SLOT_PIDS},
     {"config", required_argument, NULL, OPT_CONFIG},
+    {"attach", required_argument, NULL, OPT_ATTACH},
+    {"attach-timeout", required_argument, NULL, OPT_ATTACH_TIMEOUT},
     {NULL, 0, NULL, 0},
 };
 
@@ -352,6 +360,8 @@ static int agent_main(int argc, char **argv)
     const char *listens[32];
     unsigned nlisten = 0;
     bool probe = false, json = false;
+    const char *attach = NULL;
+    double attach_timeout = 10;
     struct sp_err perr;
     rlimit_defaults(&ag->iso);
     ag->iso.uid_base = 20000;
@@ -471,6 +481,16 @@ static int agent_main(int argc, char **argv)
             *(c == OPT_SLOT_MEMORY ? &ag->iso.cg_memory : &ag->iso.cg_pids) = v;
             break;
         case OPT_CONFIG: break; /* read before the others */
+        case OPT_ATTACH: attach = optarg; break;
+        case OPT_ATTACH_TIMEOUT: {
+            char *end;
+            attach_timeout = strtod(optarg, &end);
+            if (*end || !(attach_timeout >= 0 && attach_timeout <= 86400)) {
+                fprintf(stderr, "slot-agent: --attach-timeout takes seconds (0..86400)\n");
+                return 2;
+            }
+            break;
+        }
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -480,6 +500,11 @@ static int agent_main(int argc, char **argv)
         fprintf(stderr, "slot-agent: unexpected argument '%s'\n%s", argv[optind], usage);
         return 2;
     }
+    /* A relay serves nobody itself: options meant for the agent behind the
+     * socket (--slots, --data-dir...) are accepted and ignored, so one
+     * template can serve both modes. */
+    if (attach)
+        return attach_main(attach, attach_timeout);
     if (probe) {
         isolate_init(&ag->iso, ag->opt.nslots, &perr);
         isolate_report(&ag->iso, json);

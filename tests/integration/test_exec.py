@@ -536,3 +536,13 @@ def test_finished_command_of_lost_connection_is_retained(agent: Agent) -> None:
     resp, ev = ctl.call_stream("exec_attach", {"exec_id": eid})
     assert stream_bytes(ev) == b"kept\n" and stream_bytes(ev, "stderr") == b"kept-err\n"
     assert resp["result"]["exit_code"] == 0 and resp["result"]["exec_id"] == eid
+
+
+def test_started_comes_first_even_for_instant_output(client: Client) -> None:
+    """A command that writes before its start is announced (through a
+    namespace holder the pid comes later) still streams "started" first."""
+    for i in range(30):
+        resp, events = client.call_stream("exec", {"slot": i % 3, "stream": True,
+                                                   "cmd": "echo e >&2; echo o"})
+        assert events[0]["event"] == "started", events
+        assert stream_bytes(events) == b"o\n" and stream_bytes(events, "stderr") == b"e\n"
