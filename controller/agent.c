@@ -45,6 +45,7 @@ struct agent *agent_new(struct ctl *c, struct profile *p, const char *id)
     snprintf(ag->id, sizeof ag->id, "%s", id);
     ag->fd = -1;
     ag->err_fd = -1;
+    ag->helper_fd = -1;
     ag->state = AG_STARTING;
     ag->started_at = ev_now(c->loop);
     ag->idle_since = ag->started_at;
@@ -156,6 +157,8 @@ void agent_send_begin(struct agent *ag, struct preq *r, const char *op, msgpack_
     sp_pack_request_head(pk, r->aid, op, true);
 }
 
+static void stream_gone(struct ctl *c, struct agent *ag, const char *why);
+
 static void agent_flush(struct ctl *c, struct agent *ag)
 {
     if (ag->fd < 0 || !ag->connected)
@@ -164,7 +167,7 @@ static void agent_flush(struct ctl *c, struct agent *ag)
     if (left < 0) {
         char why[128];
         snprintf(why, sizeof why, "write to agent failed: %s", strerror(errno));
-        agent_lost(c, ag, why);
+        stream_gone(c, ag, why);
         return;
     }
     if (left > 0)
@@ -267,6 +270,33 @@ static void handle_frame(struct ctl *c, struct agent *ag, const char *data, uint
     msgpack_unpacked_destroy(&u);
 }
 
+static void stream_gone_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    agent_lost(ag->ctl, ag, ag->lost_why);
+}
+
+/* The stream of a process we started ended: its exit status and last
+ * stderr lines say more than the EOF and follow within milliseconds, so
+ * wait a little for them (the process's exit calls agent_lost itself). */
+static void stream_gone(struct ctl *c, struct agent *ag, const char *why)
+{
+    if (ag->pid > 0 && ev_is_active(&ag->cw) && ag->state != AG_STOPPING) {
+        ev_io_stop(c->loop, &ag->rio);
+        ev_io_stop(c->loop, &ag->wio);
+        ag->connected = false;
+        snprintf(ag->lost_why, sizeof ag->lost_why, "%s", why);
+        ev_timer_stop(c->loop, &ag->timer);
+        ev_timer_init(&ag->timer, stream_gone_cb, 1.0, 0);
+        ag->timer.data = ag;
+        ev_timer_start(c->loop, &ag->timer);
+        return;
+    }
+    agent_lost(c, ag, why);
+}
+
 static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
@@ -276,7 +306,7 @@ static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     for (int rounds = 0; rounds < 16; rounds++) {
         ssize_t n = sp_reader_fill(&ag->rd, ag->fd);
         if (n == 0) {
-            agent_lost(c, ag, "the agent closed its stream");
+            stream_gone(c, ag, "the agent closed its stream");
             return;
         }
         if (n < 0) {
@@ -286,7 +316,7 @@ static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
                 continue;
             char why[128];
             snprintf(why, sizeof why, "read from agent failed: %s", strerror(errno));
-            agent_lost(c, ag, why);
+            stream_gone(c, ag, why);
             return;
         }
         const char *data;
@@ -449,8 +479,11 @@ void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
     struct preq *r = agent_req_new(ag, NULL, on_hello);
     msgpack_packer pk;
     agent_send_begin(ag, r, "hello", &pk);
-    msgpack_pack_map(&pk, 1);
+    bool tok = *c->agent_token && !strcmp(ag->prof->backend, "exec");
+    msgpack_pack_map(&pk, tok ? 2 : 1);
     sp_pack_kv_str(&pk, "client", c->name);
+    if (tok)
+        sp_pack_kv_str(&pk, "token", c->agent_token);
     agent_send_end(c, ag, r);
 }
 
@@ -478,6 +511,7 @@ static void fail_pending(struct ctl *c, struct agent *ag, const char *why)
 void agent_lost(struct ctl *c, struct agent *ag, const char *why)
 {
     bool expected = ag->state == AG_STOPPING;
+    ev_timer_stop(c->loop, &ag->timer);
     /* A process that dies says why on stderr just before: take it now. */
     char buf[4096];
     ssize_t n;

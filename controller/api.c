@@ -951,7 +951,28 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
     msgpack_packer pk;
     tconn_begin(t, &pk);
     sp_pack_ok_head(&pk, req->id);
-    msgpack_pack_map(&pk, 1);
+    uint32_t nf = 0;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    if (!only || p == only)
+        nf += p->nfailed < CTL_FAILED_KEEP ? p->nfailed : CTL_FAILED_KEEP;
+    msgpack_pack_map(&pk, 2);
+    /* The last agents that failed to start or were lost, with what their
+     * launcher said: agents that are gone leave no other trace. */
+    sp_pack_cstr(&pk, "failed");
+    msgpack_pack_array(&pk, nf);
+    TAILQ_FOREACH(p, &c->profiles, link)
+    {
+        if (only && p != only)
+            continue;
+        uint32_t have = p->nfailed < CTL_FAILED_KEEP ? p->nfailed : CTL_FAILED_KEEP;
+        for (uint32_t i = 0; i < have; i++) {
+            uint32_t k = (p->nfailed - have + i) % CTL_FAILED_KEEP;
+            msgpack_pack_map(&pk, 3);
+            sp_pack_kv_str(&pk, "profile", p->name);
+            sp_pack_kv_str(&pk, "error", p->failed[k].why);
+            sp_pack_kv_uint(&pk, "at", (uint64_t)p->failed[k].at_ms);
+        }
+    }
     sp_pack_cstr(&pk, "agents");
     msgpack_pack_array(&pk, n);
     double now = ev_now(c->loop), wall = now_wall_ms();

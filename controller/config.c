@@ -25,7 +25,8 @@ enum ftype {
     F_ENV,
     F_BACKEND,
     F_ISOLATION,
-    F_LOCAL_MODE
+    F_LOCAL_MODE,
+    F_ARGV
 };
 
 struct field {
@@ -37,7 +38,7 @@ struct field {
 
 #define PF(f) offsetof(struct profile, f)
 static const struct field fields[] = {
-    {"backend", F_BACKEND, PF(backend), "where agents run: local"},
+    {"backend", F_BACKEND, PF(backend), "where agents run: local or exec"},
     {"image", F_STR, PF(image), "container image (container backends; recorded for local)"},
     {"cpu", F_DOUBLE, PF(cpu), "CPUs per agent (container backends)"},
     {"memory", F_SIZE, PF(memory), "memory per agent; local: split over its slots"},
@@ -60,6 +61,12 @@ static const struct field fields[] = {
     {"local.mode", F_LOCAL_MODE, PF(local_mode), "stdio (children) or socket (detached)"},
     {"local.agent", F_STR, PF(local_agent), "slot-agent binary"},
     {"local.args", F_LIST, PF(local_args), "extra slot-agent arguments"},
+    {"exec.launch", F_ARGV, PF(exec_launch), "argv whose stdin/stdout is the agent's stream"},
+    {"exec.start", F_ARGV, PF(exec_start), "argv run first to start an agent daemon (optional)"},
+    {"exec.stop", F_ARGV, PF(exec_stop), "argv run to stop an agent (optional)"},
+    {"exec.list", F_ARGV, PF(exec_list), "argv printing living agent ids, one a line (optional)"},
+    {"exec.command_timeout", F_DURATION, PF(exec_command_timeout_ms),
+     "time allowed to start, stop and list commands"},
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
@@ -79,6 +86,46 @@ void strlist_clear(struct strlist *l)
     free(l->v);
     l->v = NULL;
     l->n = 0;
+}
+
+/* "a 'b c' \"d\"" -> [a, b c, d]: quotes group, backslash escapes; no
+ * expansion of any kind (templates never go through a shell). */
+static int split_words(const char *v, struct strlist *out, char *why, size_t whylen)
+{
+    size_t n = strlen(v);
+    char *w = malloc(n + 1);
+    if (!w)
+        abort();
+    const char *p = v;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n')
+            p++;
+        if (!*p)
+            break;
+        size_t k = 0;
+        char q = 0;
+        while (*p && (q || (*p != ' ' && *p != '\t' && *p != '\n'))) {
+            if (!q && (*p == '\'' || *p == '"'))
+                q = *p++;
+            else if (q && *p == q) {
+                q = 0;
+                p++;
+            } else if (*p == '\\' && q != '\'' && p[1]) {
+                w[k++] = p[1];
+                p += 2;
+            } else
+                w[k++] = *p++;
+        }
+        if (q) {
+            snprintf(why, whylen, "unterminated %c quote in '%s'", q, v);
+            free(w);
+            return -1;
+        }
+        w[k] = 0;
+        strlist_add(out, w);
+    }
+    free(w);
+    return 0;
 }
 
 static const struct field *field_find(const char *name)
@@ -104,6 +151,7 @@ static struct profile *profile_new(struct ctl *c, const char *name)
     p->acquire_timeout_ms = 60000;
     p->exec_timeout_ms = 600000;
     p->start_timeout_ms = 30000;
+    p->exec_command_timeout_ms = 120000;
     TAILQ_INIT(&p->agents);
     TAILQ_INIT(&p->waiters);
     TAILQ_INSERT_TAIL(&c->profiles, p, link);
@@ -245,9 +293,14 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
         free(dup);
         return 0;
     }
+    case F_ARGV: {
+        struct strlist *l = (struct strlist *)base;
+        strlist_clear(l);
+        return split_words(v, l, why, whylen);
+    }
     case F_BACKEND:
         if (!backend_find(v)) {
-            snprintf(why, whylen, "unknown backend '%s' (available: local)", v);
+            snprintf(why, whylen, "unknown backend '%s' (available: local, exec)", v);
             return -1;
         }
         snprintf(base, sizeof p->backend, "%s", v);
@@ -307,7 +360,7 @@ static yaml_node_t *node(struct yctx *y, int i)
 static int yaml_field(struct yctx *y, struct profile *p, const struct field *f, yaml_node_t *v)
 {
     char why[160];
-    if (f->type == F_LIST || f->type == F_ENV) {
+    if (f->type == F_LIST || f->type == F_ENV || f->type == F_ARGV) {
         struct strlist *l = (struct strlist *)((char *)p + f->off);
         if (f->type == F_ENV && v->type == YAML_MAPPING_NODE) {
             strlist_clear(l);
@@ -325,7 +378,7 @@ static int yaml_field(struct yctx *y, struct profile *p, const struct field *f, 
             }
             return 0;
         }
-        if (f->type == F_LIST && v->type == YAML_SEQUENCE_NODE) {
+        if ((f->type == F_LIST || f->type == F_ARGV) && v->type == YAML_SEQUENCE_NODE) {
             strlist_clear(l);
             for (yaml_node_item_t *it = v->data.sequence.items.start;
                  it < v->data.sequence.items.top; it++) {
@@ -341,9 +394,9 @@ static int yaml_field(struct yctx *y, struct profile *p, const struct field *f, 
     const char *s = scalar(v);
     if (!s)
         return yerr(y, v, "profile '%s' field '%s': expected a %s", p->name, f->name,
-                    f->type == F_ENV    ? "map of NAME: value"
-                    : f->type == F_LIST ? "list"
-                                        : "scalar");
+                    f->type == F_ENV                         ? "map of NAME: value"
+                    : f->type == F_LIST || f->type == F_ARGV ? "list"
+                                                             : "scalar");
     if (field_set(p, f, s, why, sizeof why) < 0)
         return yerr(y, v, "profile '%s' field '%s': %s", p->name, f->name, why);
     return 0;
@@ -361,8 +414,8 @@ static int yaml_profile(struct yctx *y, struct profile *p, yaml_node_t *m, const
             return yerr(y, kn, "profile '%s': keys must be strings", p->name);
         char full[96];
         snprintf(full, sizeof full, "%s%s%s", prefix, *prefix ? "." : "", k);
-        if (!*prefix && !strcmp(k, "local")) {
-            if (yaml_profile(y, p, vn, "local") < 0)
+        if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec"))) {
+            if (yaml_profile(y, p, vn, k) < 0)
                 return -1;
             continue;
         }
@@ -579,6 +632,10 @@ static void profile_destroy(struct profile *p)
     strlist_clear(&p->env);
     strlist_clear(&p->secrets);
     strlist_clear(&p->local_args);
+    strlist_clear(&p->exec_launch);
+    strlist_clear(&p->exec_start);
+    strlist_clear(&p->exec_stop);
+    strlist_clear(&p->exec_list);
     free(p);
 }
 
@@ -624,6 +681,8 @@ int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err)
         if (!p->be)
             return sp_errf(err, SP_BAD_REQUEST, "profile '%s': unknown backend '%s'", p->name,
                            p->backend);
+        if (p->be->check && p->be->check(c, p, err) < 0)
+            return -1;
         for (size_t i = 0; i < p->secrets.n; i++)
             if (!getenv(p->secrets.v[i]))
                 log_warn("profile '%s': secret %s is not set in the controller's environment",
@@ -653,17 +712,17 @@ static void pack_list(msgpack_packer *pk, const struct strlist *l, bool names_on
 
 uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool count_only)
 {
-    /* name + every top-level field + the local block */
+    /* name + every top-level field + the local and exec blocks */
     uint32_t n = 1;
     for (size_t i = 0; i < NFIELDS; i++)
-        n += strncmp(fields[i].name, "local.", 6) != 0;
-    n += 1;
+        n += strchr(fields[i].name, '.') == NULL;
+    n += 2;
     if (count_only)
         return n;
     sp_pack_kv_str(pk, "name", p->name);
     for (size_t i = 0; i < NFIELDS; i++) {
         const struct field *f = &fields[i];
-        if (!strncmp(f->name, "local.", 6))
+        if (strchr(f->name, '.'))
             continue;
         const char *base = (const char *)p + f->off;
         char key[64];
@@ -686,7 +745,8 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
         case F_LIST: pack_list(pk, (const struct strlist *)base, false); break;
         case F_BACKEND:
         case F_ISOLATION: sp_pack_cstr(pk, base); break;
-        case F_LOCAL_MODE: break;
+        case F_LOCAL_MODE:
+        case F_ARGV: break;
         }
     }
     sp_pack_cstr(pk, "local");
@@ -695,6 +755,17 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
     sp_pack_kv_str(pk, "agent", p->local_agent ? p->local_agent : "");
     sp_pack_cstr(pk, "args");
     pack_list(pk, &p->local_args, false);
+    sp_pack_cstr(pk, "exec");
+    msgpack_pack_map(pk, 5);
+    sp_pack_cstr(pk, "launch");
+    pack_list(pk, &p->exec_launch, false);
+    sp_pack_cstr(pk, "start");
+    pack_list(pk, &p->exec_start, false);
+    sp_pack_cstr(pk, "stop");
+    pack_list(pk, &p->exec_stop, false);
+    sp_pack_cstr(pk, "list");
+    pack_list(pk, &p->exec_list, false);
+    sp_pack_kv_uint(pk, "command_timeout_ms", p->exec_command_timeout_ms);
     return n;
 }
 

@@ -24,6 +24,7 @@
 #define CTL_AGENT_BUCKETS 4096
 #define CTL_MAX_BATCH 100000
 #define CTL_BACKSTOP_S 5.0
+#define CTL_FAILED_KEEP 4
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void ctl_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -67,8 +68,13 @@ struct backend {
     int (*list_agents)(struct ctl *c, struct profile *p);
     /* (Re)connect the stream of an agent found by list_agents. */
     int (*attach)(struct ctl *c, struct agent *ag, struct sp_err *err);
+    /* Optional: validate the profile's backend settings at load. */
+    int (*check)(struct ctl *c, struct profile *p, struct sp_err *err);
+    /* Do this profile's agents outlive the controller? */
+    bool (*persistent)(const struct profile *p);
 };
 extern const struct backend backend_local;
+extern const struct backend backend_exec;
 const struct backend *backend_find(const char *name);
 
 /* ---- profiles ------------------------------------------------------------ */
@@ -117,6 +123,8 @@ struct profile {
     enum local_mode local_mode;
     char *local_agent;
     struct strlist local_args;
+    struct strlist exec_launch, exec_start, exec_stop, exec_list; /* argv templates */
+    uint64_t exec_command_timeout_ms;
     /* live state */
     const struct backend *be;
     struct agent_q agents;
@@ -126,6 +134,12 @@ struct profile {
     ev_tstamp tokens_at, next_start_at;
     uint32_t start_failures;
     char last_error[512];
+    /* the last agents that failed, for `agents` */
+    struct {
+        char why[512];
+        double at_ms;
+    } failed[CTL_FAILED_KEEP];
+    uint32_t nfailed;
     struct latency lat;
     uint64_t acquires, no_capacity;
 };
@@ -173,12 +187,20 @@ struct agent {
     struct sp_writer wr;
     bool connected;
     ev_timer timer; /* start deadline, connect retries, stop grace */
-    /* process (local stdio) */
+    /* process (local stdio, exec launch) */
     ev_child cw;
     int err_fd;
     ev_io eio;
     char errtail[CTL_STDERR_TAIL];
     size_t errlen;
+    /* exec backend: a start or stop command running for this agent */
+    pid_t helper_pid;
+    int helper_fd;
+    ev_child helper_cw;
+    ev_io helper_io;
+    ev_timer helper_timer;
+    int helper_kind;
+    bool data_ours; /* remove data_dir when the agent goes */
     /* slots */
     uint32_t nslots;
     struct slot *slots;
@@ -190,6 +212,7 @@ struct agent {
     uint64_t requests;
     ev_tstamp started_at, idle_since;
     char error[512];
+    char lost_why[160]; /* stream ended; waiting for the process's status */
 };
 
 /* ---- requests to agents -------------------------------------------------- */
@@ -269,6 +292,7 @@ struct ctl {
     struct listener *listeners;
     size_t nlisteners;
     struct profile_q profiles;
+    char agent_token[65]; /* {token} of exec templates; sent in hello */
     struct agent *agent_hash[CTL_AGENT_BUCKETS];
     LIST_HEAD(, tconn) conns;
     uint32_t nconns;

@@ -290,7 +290,7 @@ static bool stdio_agents_left(struct ctl *c)
     struct agent *ag;
     TAILQ_FOREACH(p, &c->profiles, link)
     TAILQ_FOREACH(ag, &p->agents, link)
-    if (p->local_mode == LOCAL_STDIO && ag->pid > 0)
+    if ((!p->be->persistent(p) && ag->pid > 0) || ag->helper_pid > 0)
         return true;
     return false;
 }
@@ -322,7 +322,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
         ev_break(loop, EVBREAK_ALL);
         return;
     }
-    log_info("signal %d: stopping (socket-mode agents keep running)", w->signum);
+    log_info("signal %d: stopping (socket-mode and exec.start agents keep running)", w->signum);
     c->stopping = true;
     ev_timer_stop(loop, &c->tick);
     api_close_all(c);
@@ -332,7 +332,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
     {
         for (ag = TAILQ_FIRST(&p->agents); ag; ag = tmp) {
             tmp = TAILQ_NEXT(ag, link);
-            if (p->local_mode == LOCAL_STDIO)
+            if (!p->be->persistent(p))
                 agent_stop(c, ag, "controller stopping");
             else if (ag->fd >= 0) {
                 ev_io_stop(loop, &ag->rio);

@@ -400,6 +400,9 @@ void sched_agent_failed(struct ctl *c, struct profile *p, const char *why)
         back = 30;
     p->next_start_at = ev_now(c->loop) + back;
     snprintf(p->last_error, sizeof p->last_error, "%.500s", why);
+    uint32_t k = p->nfailed++ % CTL_FAILED_KEEP;
+    snprintf(p->failed[k].why, sizeof p->failed[k].why, "%.500s", why);
+    p->failed[k].at_ms = now_wall_ms();
     log_warn("profile %s: agent start failed (%u in a row; next try in %.1f s): %s", p->name,
              p->start_failures, back, why);
 }

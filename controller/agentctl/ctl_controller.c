@@ -377,10 +377,26 @@ int cmd_agents(struct ctl *c, const struct cmd *cmd)
     const msgpack_object *r = ctl_call_filtered(c, "agents", cmd), *arr;
     if (!r || !(arr = get_array(c, r, "agents")))
         return -1;
-    if (c->json)
+    if (c->json) {
         print_json(r);
-    else
-        print_agents(arr, stdout, true);
+        return 0;
+    }
+    print_agents(arr, stdout, true);
+    /* Agents that failed to start or were lost are gone from the table;
+     * what their launcher said last is kept here. */
+    const msgpack_object *fl = sp_map_get(r, "failed");
+    for (uint32_t i = 0; fl && fl->type == MSGPACK_OBJECT_ARRAY && i < fl->via.array.size; i++) {
+        const msgpack_object *a = &fl->via.array.ptr[i];
+        char prof[256], err[1024], when[64];
+        uint64_t at = get_u(a, "at");
+        time_t ts = (time_t)(at / 1000);
+        struct tm tm;
+        strftime(when, sizeof when, "%H:%M:%S", localtime_r(&ts, &tm));
+        if (!i)
+            printf("recent failures:\n");
+        printf("  %s %s: %s\n", when, str_field(a, "profile", prof, sizeof prof),
+               str_field(a, "error", err, sizeof err));
+    }
     return 0;
 }
 

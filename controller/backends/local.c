@@ -507,17 +507,25 @@ static int local_list(struct ctl *c, struct profile *p)
     return found;
 }
 
+static bool local_persistent(const struct profile *p)
+{
+    return p->local_mode == LOCAL_SOCKET;
+}
+
 const struct backend backend_local = {
     .name = "local",
     .start_agent = local_start,
     .stop_agent = local_stop,
     .list_agents = local_list,
     .attach = local_attach,
+    .persistent = local_persistent,
 };
 
 const struct backend *backend_find(const char *name)
 {
     if (!strcmp(name, "local"))
         return &backend_local;
+    if (!strcmp(name, "exec"))
+        return &backend_exec;
     return NULL;
 }
