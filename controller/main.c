@@ -391,13 +391,31 @@ static void print_profiles(struct ctl *c)
     {
         printf("profile %s: backend %s, %u slots/agent, agents %u..%u, %.1f starts/s, "
                "idle_timeout %llu ms, max_lifetime %llu ms, acquire_timeout %llu ms, "
-               "exec_timeout %llu ms, lease_timeout %llu ms, local.mode %s%s%s\n",
+               "exec_timeout %llu ms, lease_timeout %llu ms%s%s%s%s\n",
                p->name, p->backend, p->slots_per_agent, p->min_agents, p->max_agents,
                p->max_starts_per_second, (unsigned long long)p->idle_timeout_ms,
                (unsigned long long)p->max_lifetime_ms, (unsigned long long)p->acquire_timeout_ms,
                (unsigned long long)p->exec_timeout_ms, (unsigned long long)p->lease_timeout_ms,
-               p->local_mode == LOCAL_SOCKET ? "socket" : "stdio",
+               p->be == &backend_local ? ", local.mode " : "",
+               p->be != &backend_local         ? ""
+               : p->local_mode == LOCAL_SOCKET ? "socket"
+                                               : "stdio",
                *p->isolation ? ", isolation " : "", p->isolation);
+        const struct {
+            const char *name;
+            const struct strlist *t;
+        } ts[] = {{"start", &p->exec_start},
+                  {"launch", &p->exec_launch},
+                  {"stop", &p->exec_stop},
+                  {"list", &p->exec_list}};
+        for (size_t i = 0; p->be == &backend_exec && i < sizeof ts / sizeof ts[0]; i++) {
+            if (!ts[i].t->n)
+                continue;
+            printf("  exec.%s:", ts[i].name);
+            for (size_t k = 0; k < ts[i].t->n; k++)
+                printf(" %s", ts[i].t->v[k]);
+            printf("\n");
+        }
     }
 }
 

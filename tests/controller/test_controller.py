@@ -604,13 +604,18 @@ def test_precedence_flags_over_env_over_file(tmp_path):
     assert r.returncode == 2 and "no profile 'other'" in r.stderr
 
 
-def test_example_config_loads():
+@pytest.mark.parametrize("name,needle", [
+    ("controller.yaml", "profile default: backend local"),
+    ("docker.yaml", "exec.launch: docker run -i --rm"),
+    ("apptainer.yaml", "exec.launch: apptainer -q exec"),
+])
+def test_example_configs_load(name, needle):
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([str(CONTROLLER_BIN), "--config",
-                        str(root / "controller" / "examples" / "controller.yaml"), "--check"],
+                        str(root / "controller" / "examples" / name), "--check"],
                        capture_output=True, text=True, timeout=10)
     assert r.returncode == 0, r.stderr
-    assert "profile default" in r.stdout
+    assert needle in r.stdout
 
 
 def test_second_controller_on_the_same_socket_is_refused(controller):
