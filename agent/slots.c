@@ -111,6 +111,12 @@ static void slots_own(struct agent *ag)
             snprintf(iso->why[RUNG_UID], sizeof iso->why[RUNG_UID], "chown %s: %s", s->ws_path,
                      strerror(errno));
             log_warn("isolation: uid unavailable: %s", iso->why[RUNG_UID]);
+            /* Take back what was given away: slots without their own user
+             * run as the agent and must be able to use their directories. */
+            for (unsigned k = 0; k <= i; k++) {
+                (void)!fchown(ag->slots[k].ws_fd, geteuid(), getegid());
+                (void)!fchown(ag->slots[k].tmp_fd, geteuid(), getegid());
+            }
             return;
         }
     }

@@ -15,20 +15,46 @@
 
 #include "isolate.h"
 
-static bool have_caps(void)
+/* Besides switching ids, the agent must give workspaces away (CHOWN, and
+ * FOWNER to chmod what it no longer owns), still reach into them
+ * (DAC_OVERRIDE) and signal the slots' processes (KILL): a container with
+ * only some of these (docker --cap-drop ALL --cap-add SETUID...) would
+ * otherwise hand out workspaces that nobody can use. */
+static const struct {
+    int cap;
+    const char *name;
+} uid_caps[] = {
+    {CAP_SETUID, "SETUID"},
+    {CAP_SETGID, "SETGID"},
+    {CAP_CHOWN, "CHOWN"},
+    {CAP_FOWNER, "FOWNER"},
+    {CAP_DAC_OVERRIDE, "DAC_OVERRIDE"},
+    {CAP_KILL, "KILL"},
+};
+
+static int missing_caps(char *out, size_t cap)
 {
     struct __user_cap_header_struct h = {.version = _LINUX_CAPABILITY_VERSION_3};
     struct __user_cap_data_struct d[2];
-    if (syscall(SYS_capget, &h, d) < 0)
-        return false;
-    uint32_t need = (1u << CAP_SETUID) | (1u << CAP_SETGID) | (1u << CAP_CHOWN);
-    return (d[0].effective & need) == need;
+    int n = 0;
+    size_t off = 0;
+    *out = 0;
+    bool ok = syscall(SYS_capget, &h, d) == 0;
+    for (size_t i = 0; i < sizeof uid_caps / sizeof uid_caps[0]; i++)
+        if (!ok || !(d[0].effective & (1u << uid_caps[i].cap))) {
+            if (off < cap)
+                off +=
+                    (size_t)snprintf(out + off, cap - off, "%s%s", n ? "/" : "", uid_caps[i].name);
+            n++;
+        }
+    return n;
 }
 
 int uid_probe(struct isolation *iso, unsigned nslots, char *why, size_t whycap)
 {
-    if (!have_caps()) {
-        snprintf(why, whycap, "no CAP_SETUID/CAP_SETGID/CAP_CHOWN (not root)");
+    char miss[96];
+    if (missing_caps(miss, sizeof miss)) {
+        snprintf(why, whycap, "no CAP_%s%s", miss, geteuid() ? " (not root)" : "");
         return -1;
     }
     uint64_t last = (uint64_t)iso->uid_base + (nslots ? nslots - 1 : 0);

@@ -219,3 +219,36 @@ def test_config_file_errors_name_the_line(tmpdir_short) -> None:
     r = subprocess.run([str(AGENT_BIN), "--config", str(cfg), "--stdio"], capture_output=True,
                        text=True, timeout=10)
     assert r.returncode == 2 and "unknown system call 'not_a_syscall'" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop one capability")
+@pytest.mark.parametrize("cap", ["fowner", "kill", "dac_override"])
+def test_uid_rung_needs_all_its_capabilities_and_slots_stay_usable(tmpdir_short, cap) -> None:
+    """Root missing one capability the uid rung needs (docker --cap-drop ALL
+    --cap-add SETUID,SETGID,CHOWN) reports the rung unavailable, and the
+    slots still work as the agent's own user."""
+    import time as _t
+    sock = tmpdir_short / "a.sock"
+    data = tmpdir_short / "data"
+    p = subprocess.Popen(["setpriv", f"--bounding-set=-{cap}", "--inh-caps=-all", "--",
+                          str(AGENT_BIN), "--listen", f"unix:{sock}", "--slots", "2",
+                          "--data-dir", str(data)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = _t.monotonic() + 10
+        while not sock.exists():
+            assert p.poll() is None and _t.monotonic() < deadline, p.stderr.read()
+            _t.sleep(0.02)
+        c = Client.unix(str(sock))
+        h = c.call("hello")
+        assert h["isolation"]["uid"] is False
+        assert f"CAP_{cap.upper()}" in h["isolation_detail"]["unavailable"]["uid"], h
+        r = run(c, 1, "echo hi > f && cat f && id -u")
+        assert r["exit_code"] == 0 and r["stdout"] == b"hi\n0\n", r
+        c.call("write_file", {"slot": 0, "path": "w", "data": b"x"})
+        assert c.call("read_file", {"slot": 0, "path": "w"})["data"] == b"x"
+        c.close()
+    finally:
+        p.terminate()
+        assert p.wait(10) == 0
