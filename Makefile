@@ -7,9 +7,9 @@ ASAN     := build-asan
 DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libmd-dev \
             zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
             python3-pytest file tar procps clang-format util-linux busybox-static \
-            libyaml-dev tmux
+            libyaml-dev tmux debootstrap openssh-server openssh-client
 
-.PHONY: all deps build asan run test test-fast bench fuzz format clean
+.PHONY: all deps build asan run test test-fast bench fuzz format clean images
 
 all: build
 
@@ -49,6 +49,11 @@ test-fast: build
 bench: build
 	tests/bench/run.sh
 	$(PY) tests/bench/controller.py --build $(BUILD)
+	$(PY) tests/bench/images.py --build
+
+# The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
+images: deps
+	images/build.sh all
 
 fuzz: deps
 	tests/fuzz/run.sh

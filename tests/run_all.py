@@ -5,7 +5,9 @@ Suites: the static-link check, clang-format, the C unit tests (release and
 sanitizer builds), the pytest integration suite against the release agent and
 again against the ASan/UBSan agent, the isolation escapes, the controller
 end-to-end suite (release and ASan/UBSan controller, agentctl and Python
-client), and a short fixed-length fuzz run.
+client), the images suite (Docker images built from scratch, the agent and the
+controller's exec backend in real containers, the SIF under Apptainer), and a
+short fixed-length fuzz run.
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ def main() -> int:
     pytest(t, "integration (release agent)", build, {})
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     pytest(t, "controller (release)", build, {}, "tests/controller")
+    pytest(t, "images (docker, apptainer)", build, {}, "tests/images")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         pytest(t, "integration (ASan+UBSan agent)", asan, {
