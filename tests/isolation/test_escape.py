@@ -158,7 +158,7 @@ def test_sockets_without_network(cond: Cond) -> None:
         # a listener where the agent shares our network
         out, _ = escape(cond, "socket", "udp", network=True)
         assert out.startswith("escaped"), out
-        if cond.name != "docker":
+        if not cond.name.startswith("docker"):  # containers have their own network
             out, _ = escape(cond, "socket", "tcp", str(port), network=True)
             assert out == "escaped connected", out
     finally:
