@@ -79,7 +79,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         struct sp_err cerr;
         if (cgroup_slot_init(&ag->iso, i, ag->slots[i].cg_fd, &cerr) < 0) {
             ag->iso.available &= ~(1u << RUNG_CGROUP);
-            snprintf(ag->iso.why[RUNG_CGROUP], sizeof ag->iso.why[RUNG_CGROUP], "%.90s", cerr.msg);
+            snprintf(ag->iso.why[RUNG_CGROUP], sizeof ag->iso.why[RUNG_CGROUP], "%.190s", cerr.msg);
             log_warn("isolation: cgroup unavailable: %s", cerr.msg);
         }
     }
@@ -91,7 +91,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
 static void slots_own(struct agent *ag)
 {
     struct isolation *iso = &ag->iso;
-    char why[96], dir[4096];
+    char why[200], dir[4096];
     snprintf(dir, sizeof dir, "%s/slots", ag->data_dir);
     chmod(dir, 0755);
     for (unsigned i = 0; i < ag->nslots; i++) {

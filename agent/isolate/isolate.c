@@ -20,13 +20,13 @@ const char *const rung_names[RUNG_COUNT] = {"uid",     "namespaces", "landlock",
 static void unavailable(struct isolation *iso, enum rung r, const char *why)
 {
     iso->available &= ~(1u << r);
-    snprintf(iso->why[r], sizeof iso->why[r], "%.90s", why);
+    snprintf(iso->why[r], sizeof iso->why[r], "%.190s", why);
 }
 
 int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
 {
     (void)err;
-    char why[96];
+    char why[200];
     iso->root = geteuid() == 0;
     iso->available = (1u << RUNG_CONTAINMENT) | (1u << RUNG_RLIMITS);
     if (uid_probe(iso, nslots, why, sizeof why) == 0)

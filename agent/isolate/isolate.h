@@ -33,7 +33,7 @@ extern const char *const lim_names[LIM_COUNT];
 struct isolation {
     unsigned available;       /* bit per rung */
     unsigned disabled;        /* turned off by --without */
-    char why[RUNG_COUNT][96]; /* why a rung is unavailable */
+    char why[RUNG_COUNT][200]; /* why a rung is unavailable */
     bool root;
     int landlock_abi;
     struct sock_fprog seccomp[2]; /* [0] network allowed, [1] network denied */
