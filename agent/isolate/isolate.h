@@ -31,8 +31,8 @@ enum { LIM_CPU, LIM_AS, LIM_NPROC, LIM_FSIZE, LIM_NOFILE, LIM_COUNT };
 extern const char *const lim_names[LIM_COUNT];
 
 struct isolation {
-    unsigned available;       /* bit per rung */
-    unsigned disabled;        /* turned off by --without */
+    unsigned available;        /* bit per rung */
+    unsigned disabled;         /* turned off by --without */
     char why[RUNG_COUNT][200]; /* why a rung is unavailable */
     bool root;
     int landlock_abi;
