@@ -7,7 +7,8 @@ ASAN     := build-asan
 DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libmd-dev \
             zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
             python3-pytest file tar procps clang-format util-linux busybox-static \
-            libyaml-dev tmux debootstrap openssh-server openssh-client
+            libyaml-dev tmux debootstrap openssh-server openssh-client \
+            libcurl4-openssl-dev
 
 .PHONY: all deps build asan run test test-fast bench fuzz format clean images
 
