@@ -479,11 +479,13 @@ void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
     struct preq *r = agent_req_new(ag, NULL, on_hello);
     msgpack_packer pk;
     agent_send_begin(ag, r, "hello", &pk);
-    bool tok = *c->agent_token && !strcmp(ag->prof->backend, "exec");
+    const char *tok = *ag->token                                              ? ag->token
+                      : *c->agent_token && !strcmp(ag->prof->backend, "exec") ? c->agent_token
+                                                                              : NULL;
     msgpack_pack_map(&pk, tok ? 2 : 1);
     sp_pack_kv_str(&pk, "client", c->name);
     if (tok)
-        sp_pack_kv_str(&pk, "token", c->agent_token);
+        sp_pack_kv_str(&pk, "token", tok);
     agent_send_end(c, ag, r);
 }
 

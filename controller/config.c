@@ -38,7 +38,7 @@ struct field {
 
 #define PF(f) offsetof(struct profile, f)
 static const struct field fields[] = {
-    {"backend", F_BACKEND, PF(backend), "where agents run: local or exec"},
+    {"backend", F_BACKEND, PF(backend), "where agents run: local, exec or nomad"},
     {"image", F_STR, PF(image), "container image (container backends; recorded for local)"},
     {"cpu", F_DOUBLE, PF(cpu), "CPUs per agent (container backends)"},
     {"memory", F_SIZE, PF(memory), "memory per agent; local: split over its slots"},
@@ -67,6 +67,22 @@ static const struct field fields[] = {
     {"exec.list", F_ARGV, PF(exec_list), "argv printing living agent ids, one a line (optional)"},
     {"exec.command_timeout", F_DURATION, PF(exec_command_timeout_ms),
      "time allowed to start, stop and list commands"},
+    {"nomad.addr", F_STR, PF(nomad.addr),
+     "Nomad API: http(s)://HOST:PORT or unix:///PATH ($NOMAD_ADDR)"},
+    {"nomad.token", F_STR, PF(nomad.token), "ACL token ($NOMAD_TOKEN); never shown"},
+    {"nomad.cacert", F_STR, PF(nomad.cacert), "CA file ($NOMAD_CACERT)"},
+    {"nomad.capath", F_STR, PF(nomad.capath), "CA directory ($NOMAD_CAPATH)"},
+    {"nomad.client_cert", F_STR, PF(nomad.client_cert), "client certificate ($NOMAD_CLIENT_CERT)"},
+    {"nomad.client_key", F_STR, PF(nomad.client_key), "client key ($NOMAD_CLIENT_KEY)"},
+    {"nomad.tls_server_name", F_STR, PF(nomad.tls_server_name),
+     "verify the server as this name ($NOMAD_TLS_SERVER_NAME)"},
+    {"nomad.skip_verify", F_STR, PF(nomad.skip_verify),
+     "true: no TLS verification ($NOMAD_SKIP_VERIFY)"},
+    {"nomad.namespace", F_STR, PF(nomad.ns), "namespace ($NOMAD_NAMESPACE)"},
+    {"nomad.region", F_STR, PF(nomad.region), "region ($NOMAD_REGION)"},
+    {"nomad.job", F_STR, PF(nomad.job), "HCL2 job template file (nomad/*.nomad.hcl)"},
+    {"nomad.vars", F_ENV, PF(nomad.vars), "template variables, NAME: value"},
+    {"nomad.port_label", F_STR, PF(nomad.port_label), "the agent's port label (default agent)"},
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
@@ -300,7 +316,7 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
     }
     case F_BACKEND:
         if (!backend_find(v)) {
-            snprintf(why, whylen, "unknown backend '%s' (available: local, exec)", v);
+            snprintf(why, whylen, "unknown backend '%s' (available: local, exec, nomad)", v);
             return -1;
         }
         snprintf(base, sizeof p->backend, "%s", v);
@@ -414,7 +430,7 @@ static int yaml_profile(struct yctx *y, struct profile *p, yaml_node_t *m, const
             return yerr(y, kn, "profile '%s': keys must be strings", p->name);
         char full[96];
         snprintf(full, sizeof full, "%s%s%s", prefix, *prefix ? "." : "", k);
-        if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec"))) {
+        if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec") || !strcmp(k, "nomad"))) {
             if (yaml_profile(y, p, vn, k) < 0)
                 return -1;
             continue;
@@ -636,6 +652,21 @@ static void profile_destroy(struct profile *p)
     strlist_clear(&p->exec_start);
     strlist_clear(&p->exec_stop);
     strlist_clear(&p->exec_list);
+    char **ns[] = {&p->nomad.addr,
+                   &p->nomad.token,
+                   &p->nomad.cacert,
+                   &p->nomad.capath,
+                   &p->nomad.client_cert,
+                   &p->nomad.client_key,
+                   &p->nomad.tls_server_name,
+                   &p->nomad.ns,
+                   &p->nomad.region,
+                   &p->nomad.job,
+                   &p->nomad.port_label,
+                   &p->nomad.skip_verify};
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+        free(*ns[i]);
+    strlist_clear(&p->nomad.vars);
     free(p);
 }
 
@@ -716,7 +747,7 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
     uint32_t n = 1;
     for (size_t i = 0; i < NFIELDS; i++)
         n += strchr(fields[i].name, '.') == NULL;
-    n += 2;
+    n += 3;
     if (count_only)
         return n;
     sp_pack_kv_str(pk, "name", p->name);
@@ -766,12 +797,22 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
     sp_pack_cstr(pk, "list");
     pack_list(pk, &p->exec_list, false);
     sp_pack_kv_uint(pk, "command_timeout_ms", p->exec_command_timeout_ms);
+    sp_pack_cstr(pk, "nomad");
+    msgpack_pack_map(pk, 7);
+    sp_pack_kv_str(pk, "addr", p->nomad.addr ? p->nomad.addr : "");
+    sp_pack_kv_str(pk, "namespace", p->nomad.ns ? p->nomad.ns : "");
+    sp_pack_kv_str(pk, "region", p->nomad.region ? p->nomad.region : "");
+    sp_pack_kv_str(pk, "job", p->nomad.job ? p->nomad.job : "");
+    sp_pack_kv_str(pk, "port_label", p->nomad.port_label ? p->nomad.port_label : "");
+    sp_pack_kv_bool(pk, "token_set", p->nomad.token && *p->nomad.token);
+    sp_pack_cstr(pk, "vars");
+    pack_list(pk, &p->nomad.vars, false);
     return n;
 }
 
 const char *config_field_help(void)
 {
-    static char buf[2048];
+    static char buf[4096];
     if (*buf)
         return buf;
     size_t off = 0;

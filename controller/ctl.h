@@ -75,6 +75,7 @@ struct backend {
 };
 extern const struct backend backend_local;
 extern const struct backend backend_exec;
+extern const struct backend backend_nomad;
 const struct backend *backend_find(const char *name);
 
 /* ---- profiles ------------------------------------------------------------ */
@@ -125,6 +126,12 @@ struct profile {
     struct strlist local_args;
     struct strlist exec_launch, exec_start, exec_stop, exec_list; /* argv templates */
     uint64_t exec_command_timeout_ms;
+    struct {
+        char *addr, *token, *cacert, *capath, *client_cert, *client_key, *tls_server_name;
+        char *ns, *region, *job, *port_label, *skip_verify;
+        struct strlist vars; /* NAME=VALUE for the job template's variables */
+    } nomad;
+    void *be_data; /* the backend's per-profile state */
     /* live state */
     const struct backend *be;
     struct agent_q agents;
@@ -201,6 +208,8 @@ struct agent {
     ev_timer helper_timer;
     int helper_kind;
     bool data_ours; /* remove data_dir when the agent goes */
+    void *be_data;  /* the backend's per-agent state */
+    char token[65]; /* sent in hello when set */
     /* slots */
     uint32_t nslots;
     struct slot *slots;
@@ -364,6 +373,11 @@ void tconn_flush(struct ctl *c, struct tconn *t);
 msgpack_packer *tconn_begin(struct tconn *t, msgpack_packer *pk);
 void tconn_end(struct ctl *c, struct tconn *t);
 void tconn_error(struct ctl *c, struct tconn *t, uint64_t id, const struct sp_err *e);
+
+/* backends/nomad.c: host and port of a port label in an allocation's JSON
+ * (json_t *), for the new (Shared.Ports) and older (Networks) layouts. */
+struct json_t;
+int nomad_alloc_port(struct json_t *alloc, const char *label, char *host, size_t hcap, int *port);
 
 /* util */
 double now_wall_ms(void);

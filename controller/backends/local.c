@@ -527,5 +527,7 @@ const struct backend *backend_find(const char *name)
         return &backend_local;
     if (!strcmp(name, "exec"))
         return &backend_exec;
+    if (!strcmp(name, "nomad"))
+        return &backend_nomad;
     return NULL;
 }

@@ -1,0 +1,175 @@
+# slot-agent in an Apptainer SIF under raw_exec, one agent per allocation.
+#
+#   nomad job run -var sif=/var/cache/slot/images/slot-agent.sif \
+#     -var token=SECRET nomad/slot-agent-apptainer.nomad.hcl
+#
+# raw_exec runs `apptainer exec SIF slot-agent ...` on the host as the user
+# Nomad runs as (root under tests/e2e/nomad/nomad-dev.sh). Apptainer shares
+# the host network, so the agent binds the allocation's dynamic host port
+# (label "agent", no `to`: raw_exec maps no ports) on the client's address;
+# reach it at AllocatedResources.Shared.Ports[label=agent].HostIP:Value.
+# The token reaches the agent as a file, secrets/token, written by the
+# template block (see var.token). raw_exec enforces no memory limit:
+# var.memory only reserves. See nomad/README.md.
+
+variable "job_id" {
+  type        = string
+  default     = "slot-agents-apptainer"
+  description = "Job ID and name."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "count" {
+  type        = number
+  default     = 1
+  description = "Number of agents (allocations)."
+}
+
+variable "sif" {
+  type        = string
+  default     = "/var/cache/slot/images/slot-agent.sif"
+  description = "SIF image with slot-agent on its PATH (images/build.sh sif), on every client."
+}
+
+variable "apptainer" {
+  type        = string
+  default     = "/var/cache/slot/apptainer-1.4.3/bin/apptainer"
+  description = "The apptainer binary on the clients (tests/e2e/apptainer/build-apptainer.sh)."
+}
+
+variable "apptainer_flags" {
+  type        = list(string)
+  default     = []
+  description = "Options for `apptainer exec`. Run as root where the capability bounding set lacks some capabilities, drop them, e.g. [\"--drop-caps\", \"CAP_SYS_RESOURCE\"]."
+}
+
+variable "slots" {
+  type    = number
+  default = 10
+}
+
+variable "cpu" {
+  type        = number
+  default     = 500
+  description = "CPU shares in MHz."
+}
+
+variable "memory" {
+  type        = number
+  default     = 512
+  description = "Memory in MB to reserve (raw_exec does not enforce it)."
+}
+
+variable "token" {
+  type        = string
+  default     = ""
+  description = "Agent token. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key token (nomad var put nomad/jobs/<job_id> token=...)."
+}
+
+variable "extra_args" {
+  type        = list(string)
+  default     = []
+  description = "More slot-agent options, e.g. [\"--isolation\", \"required\"]."
+}
+
+variable "meta" {
+  type    = map(string)
+  default = {}
+}
+
+locals {
+  # A non-empty var.token is written into the job as it is (the job spec,
+  # readable with read-job, then holds it; it must not contain "{{").
+  # Otherwise the task reads the Nomad Variable of the job at start; the
+  # token then never appears in the job spec.
+  token_template = var.token != "" ? var.token : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .token }}{{ end }}"
+}
+
+job "slot-agents-apptainer" {
+  id          = var.job_id
+  name        = var.job_id
+  type        = "service"
+  datacenters = var.datacenters
+  meta        = var.meta
+
+  # No deployments: a register or scale is placed at once and never blocks
+  # the next scale ("job scaling blocked due to active deployment").
+  update {
+    max_parallel = 0
+  }
+
+  group "agents" {
+    count = var.count
+
+    network {
+      mode = "host"
+      # No `to`: with raw_exec NOMAD_PORT_agent must be the host port.
+      port "agent" {}
+    }
+
+    # A crashing agent is restarted in place a few times, then the
+    # allocation fails and is rescheduled (on any node), without end, at
+    # a growing interval.
+    restart {
+      attempts = 3
+      interval = "5m"
+      delay    = "5s"
+      mode     = "fail"
+    }
+
+    reschedule {
+      unlimited      = true
+      delay          = "5s"
+      delay_function = "exponential"
+      max_delay      = "1m"
+    }
+
+    task "agent" {
+      driver = "raw_exec"
+
+      config {
+        command = var.apptainer
+        # The SIF is read-only: the workspaces live in the allocation
+        # directory, bound in (as is the secrets directory with the token;
+        # both are absolute host paths under raw_exec). ${NOMAD_*} are
+        # interpolated by Nomad when the task starts.
+        args = concat(
+          ["exec"],
+          var.apptainer_flags,
+          [
+            "--bind", "${NOMAD_ALLOC_DIR}",
+            "--bind", "${NOMAD_SECRETS_DIR}",
+            var.sif,
+            "slot-agent",
+            "--listen", "tcp:${NOMAD_IP_agent}:${NOMAD_PORT_agent}",
+            "--token-file", "${NOMAD_SECRETS_DIR}/token",
+            "--slots", format("%d", var.slots),
+            "--data-dir", "${NOMAD_ALLOC_DIR}/data",
+          ],
+          var.extra_args,
+        )
+      }
+
+      template {
+        data        = local.token_template
+        destination = "secrets/token"
+        perms       = "0600"
+        # The agent reads its token once at start.
+        change_mode = "restart"
+      }
+
+      resources {
+        cpu    = var.cpu
+        memory = var.memory
+      }
+
+      # The agent kills its commands on SIGTERM and exits; apptainer passes
+      # the signal on.
+      kill_timeout = "15s"
+    }
+  }
+}

@@ -1,0 +1,157 @@
+# slot-agent in Docker containers, one agent per allocation.
+#
+#   nomad job run -var image=slot-agent:dev -var token=SECRET \
+#     nomad/slot-agent-docker.nomad.hcl
+#
+# Each allocation gets a dynamic host port (label "agent") that Docker
+# publishes to port var.agent_port inside the container; reach the agent at
+# AllocatedResources.Shared.Ports[label=agent].HostIP:Value of the
+# allocation. The token reaches the agent as a file, secrets/token, written
+# by the template block (see var.token). See nomad/README.md.
+
+variable "job_id" {
+  type        = string
+  default     = "slot-agents-docker"
+  description = "Job ID and name."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "count" {
+  type        = number
+  default     = 1
+  description = "Number of agents (allocations)."
+}
+
+variable "image" {
+  type        = string
+  default     = "slot-agent:dev"
+  description = "Docker image with slot-agent. Use a tag other than latest for local images: latest (or no tag) is always pulled."
+}
+
+variable "agent_port" {
+  type        = number
+  default     = 7070
+  description = "Port the agent listens on inside the container (the port's `to`)."
+}
+
+variable "slots" {
+  type    = number
+  default = 10
+}
+
+variable "cpu" {
+  type        = number
+  default     = 500
+  description = "CPU shares in MHz."
+}
+
+variable "memory" {
+  type        = number
+  default     = 512
+  description = "Memory in MB, for the agent and everything its slots run."
+}
+
+variable "token" {
+  type        = string
+  default     = ""
+  description = "Agent token. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key token (nomad var put nomad/jobs/<job_id> token=...)."
+}
+
+variable "extra_args" {
+  type        = list(string)
+  default     = []
+  description = "More slot-agent options, e.g. [\"--isolation\", \"required\"]."
+}
+
+variable "meta" {
+  type    = map(string)
+  default = {}
+}
+
+locals {
+  # A non-empty var.token is written into the job as it is (the job spec,
+  # readable with read-job, then holds it; it must not contain "{{").
+  # Otherwise the task reads the Nomad Variable of the job at start; the
+  # token then never appears in the job spec.
+  token_template = var.token != "" ? var.token : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .token }}{{ end }}"
+}
+
+job "slot-agents-docker" {
+  id          = var.job_id
+  name        = var.job_id
+  type        = "service"
+  datacenters = var.datacenters
+  meta        = var.meta
+
+  # No deployments: a register or scale is placed at once and never blocks
+  # the next scale ("job scaling blocked due to active deployment").
+  update {
+    max_parallel = 0
+  }
+
+  group "agents" {
+    count = var.count
+
+    network {
+      mode = "host"
+      port "agent" {
+        to = var.agent_port
+      }
+    }
+
+    # A crashing agent is restarted in place a few times, then the
+    # allocation fails and is rescheduled (on any node), without end, at
+    # a growing interval.
+    restart {
+      attempts = 3
+      interval = "5m"
+      delay    = "5s"
+      mode     = "fail"
+    }
+
+    reschedule {
+      unlimited      = true
+      delay          = "5s"
+      delay_function = "exponential"
+      max_delay      = "1m"
+    }
+
+    task "agent" {
+      driver = "docker"
+
+      config {
+        image      = var.image
+        force_pull = false
+        ports      = ["agent"]
+        # The image's entrypoint prepends slot-agent to arguments that start
+        # with "--". NOMAD_ALLOC_DIR is /alloc, NOMAD_SECRETS_DIR /secrets.
+        args = concat([
+          "--listen", "tcp:0.0.0.0:${var.agent_port}",
+          "--token-file", "/secrets/token",
+          "--slots", format("%d", var.slots),
+          "--data-dir", "/alloc/data",
+        ], var.extra_args)
+      }
+
+      template {
+        data        = local.token_template
+        destination = "secrets/token"
+        perms       = "0600"
+        # The agent reads its token once at start.
+        change_mode = "restart"
+      }
+
+      resources {
+        cpu    = var.cpu
+        memory = var.memory
+      }
+
+      # The agent kills its commands on SIGTERM and exits.
+      kill_timeout = "15s"
+    }
+  }
+}

@@ -1,0 +1,332 @@
+"""The controller's nomad backend against a real Nomad 1.6.3 dev agent
+(built from the Go module proxy by build-nomad.sh, started and stopped by
+nomad-dev.sh for this session, docker and raw_exec drivers): agents as one
+job each from the templates in nomad/, reached over TCP with their token;
+scaling that never stops a leased agent; a controller kill -9 and restart;
+an allocation stopped under a running batch; and the errors people meet,
+in Nomad's own words."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("ctl_conftest",
+                                               ROOT / "tests" / "controller" / "conftest.py")
+assert _spec and _spec.loader
+ctl_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ctl_conftest)
+Controller = ctl_conftest.Controller
+AGENT_BIN = ctl_conftest.AGENT_BIN
+AGENTCTL = ctl_conftest.AGENTCTL_BIN
+
+
+def free_base_port() -> int:
+    """A port p with p, p+1, p+2 free (HTTP, RPC, serf)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p > 60000:
+            continue
+        ok = True
+        for q in (p + 1, p + 2):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", q))
+                except OSError:
+                    ok = False
+        if ok:
+            return p
+    raise RuntimeError("no three free ports in a row")
+
+
+class Nomad:
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.addr + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.addr + path, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def post(self, path: str, body: dict | None = None) -> Any:
+        req = urllib.request.Request(self.addr + path, data=json.dumps(body or {}).encode(),
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def jobs(self, prefix: str = "slot-") -> list[dict]:
+        return [j for j in self.get(f"/v1/jobs?prefix={prefix}") if not j.get("Stop")]
+
+
+@pytest.fixture(scope="module")
+def nomad() -> Iterator[Nomad]:
+    d = Path(tempfile.mkdtemp(prefix="slot-nomad-", dir="/var/tmp"))
+    port = free_base_port()
+    env = dict(os.environ, NOMAD_DEV_HTTP_PORT=str(port))
+    script = HERE / "nomad-dev.sh"
+    r = subprocess.run([str(script), "start", str(d)], capture_output=True, text=True,
+                       timeout=1800, env=env)
+    if r.returncode != 0:
+        pytest.fail(f"nomad-dev.sh start failed:\n{r.stderr[-3000:]}")
+    addr = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    try:
+        yield Nomad(addr)
+    finally:
+        s = subprocess.run([str(script), "stop", str(d)], capture_output=True, text=True,
+                           timeout=300, env=env)
+        subprocess.run(["rm", "-rf", str(d)], timeout=120)
+        assert s.returncode == 0, s.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def docker_image() -> str:
+    """slot-agent:dev (a `latest` tag would make Nomad pull)."""
+    r = subprocess.run(["docker", "image", "inspect", "slot-agent:latest"], capture_output=True,
+                       timeout=60)
+    if r.returncode != 0:
+        b = subprocess.run([str(ROOT / "images" / "build.sh"), "docker"], capture_output=True,
+                           text=True, timeout=3600)
+        assert b.returncode == 0, b.stderr[-3000:]
+    subprocess.run(["docker", "tag", "slot-agent:latest", "slot-agent:dev"], check=True,
+                   timeout=60)
+    return "slot-agent:dev"
+
+
+@pytest.fixture
+def controllers(nomad) -> Iterator[list]:
+    made: list = []
+    tmp = Path(tempfile.mkdtemp(prefix="sn-", dir="/tmp"))
+    yield [tmp, made]  # type: ignore[misc]
+    for c in made:
+        if c.proc and c.proc.poll() is None:
+            c.stop()
+        log = c.log()
+        assert "Sanitizer" not in log and "runtime error:" not in log, log[-3000:]
+    # every job the tests made goes, whatever happened
+    for j in nomad.get("/v1/jobs?prefix=slot-"):
+        req = urllib.request.Request(f"{nomad.addr}/v1/job/{j['ID']}?purge=true",
+                                     method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
+    subprocess.run(["rm", "-rf", str(tmp)], timeout=60)
+
+
+def make(controllers, nomad: Nomad, job: str, name: str = "raw", wait: bool = True,
+         addr: str | None = None, **fields) -> Any:
+    tmp, made = controllers
+    prof: dict[str, Any] = {"backend": "nomad", "slots_per_agent": 2, "min_agents": 1,
+                            "max_agents": 3, "start_timeout": "60s", **fields}
+    nomad_block = {"addr": addr or nomad.addr, "job": str(ROOT / "nomad" / job)}
+    if "docker" not in job:
+        nomad_block["vars"] = {"agent_bin": str(AGENT_BIN)}
+    nomad_block.update(prof.pop("nomad", {}))
+    prof["nomad"] = nomad_block
+    d = tmp / f"c{len(made)}"
+    d.mkdir()
+    c = Controller(d, json.dumps({"profiles": {name: prof}}), wait_ready=False)
+    made.append(c)
+    if wait:
+        c.wait_agents(lambda st: st["agents"]["ready"] >= prof["min_agents"], timeout=90)
+    return c
+
+
+def agents(c) -> list[dict]:
+    cl = c.client()
+    try:
+        return cl.call("agents")["agents"]
+    finally:
+        cl.close()
+
+
+def test_raw_exec_agents_are_jobs_with_tokens(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl")
+    cl = c.client()
+    s = [cl.call("acquire", {"trajectory_id": f"t{i}", "timeout_ms": 60000})["slot"]
+         for i in range(3)]
+    r = cl.call("exec", {"slot": s[2], "tool": "bash", "args": {"command": "echo hi; id -u"}})
+    assert r["stdout"] == b"hi\n20000\n"
+    ags = agents(c)
+    assert len(ags) == 2 and all(a["address"].startswith("tcp:127.0.0.1:") for a in ags)
+    jobs = nomad.jobs()
+    assert len(jobs) == 2
+    for j in jobs:
+        full = nomad.get(f"/v1/job/{j['ID']}")
+        assert full["Meta"]["slot_controller"] == "slot-controller@" + os.uname().nodename \
+            or full["Meta"]["slot_controller"].startswith("slot-controller")
+        assert full["TaskGroups"][0]["Count"] == 1
+    # the agents demand the token: a client without it is refused
+    a = ags[0]["address"].split()[0]
+    out = subprocess.run([str(AGENTCTL), "--agent", a, "exec", "0", "--", "true"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "unauthorized" in (out.stdout + out.stderr).lower()
+    # the token is in no log and no answer
+    secret = (c.state_dir / "nomad-secret").read_text()
+    assert secret not in c.log()
+    cl.close()
+
+
+def test_scale_down_deregisters_only_idle_agents(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", min_agents=0, idle_timeout="1s",
+             wait=False)
+    cl = c.client()
+    s = [cl.call("acquire", {"trajectory_id": f"t{i}", "timeout_ms": 60000})["slot"]
+         for i in range(3)]
+    by_agent: dict[str, list[str]] = {}
+    for h in s:
+        by_agent.setdefault(h.split("/")[0], []).append(h)
+    assert len(by_agent) == 2
+    keep = next(a for a, hs in by_agent.items() if len(hs) == 2)
+    gone = next(a for a in by_agent if a != keep)
+    cl.call("release", {"slot": by_agent[gone][0]})
+    c.wait_agents(lambda st: st["agents"]["total"] == 1, timeout=60)
+    ids = {j["ID"] for j in nomad.jobs()}
+    assert any(i.endswith(keep.split("-")[-1]) for i in ids)
+    assert not any(i.endswith(gone.split("-")[-1]) for i in ids)
+    # purged, not just stopped
+    assert all(nomad.status(f"/v1/job/{i}") in (200,) for i in ids)
+    r = cl.call("exec", {"slot": by_agent[keep][0], "tool": "bash",
+                         "args": {"command": "echo still"}})
+    assert r["stdout"] == b"still\n"
+    cl.close()
+
+
+def test_controller_kill9_and_restart_reattach(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", min_agents=2)
+    cl = c.client()
+    s = [cl.call("acquire", {"trajectory_id": f"traj-{i}"})["slot"] for i in range(3)]
+    for i, h in enumerate(s):
+        cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": f"echo {i} > f"}})
+    cl.send("exec", {"slot": s[0], "tool": "bash", "args": {"command": "sleep 2; echo bg > g"}})
+    time.sleep(0.3)
+    jobs_before = {j["ID"] for j in nomad.jobs()}
+    c.kill9()
+    cl.close()
+    c.expect_clean_exit = True
+    c.start(wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] == 2 and st["slots"]["leased"] == 3,
+                  timeout=60)
+    assert {j["ID"] for j in nomad.jobs()} == jobs_before
+    assert all(a["reattached"] for a in agents(c))
+    cl = c.client()
+    leases = {x["slot"]: x["trajectory_id"] for x in cl.call("leases")["leases"]}
+    assert leases == {h: f"traj-{i}" for i, h in enumerate(s)}
+    for i, h in enumerate(s):
+        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": "cat f"}})
+        assert r["stdout"] == f"{i}\n".encode()
+    time.sleep(2)
+    r = cl.call("exec", {"slot": s[0], "tool": "bash", "args": {"command": "cat g"}})
+    assert r["stdout"] == b"bg\n"
+    cl.close()
+
+
+def test_agent_killed_under_nomad_fails_only_its_requests(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", min_agents=2, max_agents=2)
+    cl = c.client()
+    s = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(4)]
+    victim = s[0].split("/")[0]
+    rid = cl.send("batch", {"requests": [
+        {"slot": h, "tool": "bash", "args": {"command": "sleep 2; echo done"}} for h in s]})
+    time.sleep(0.5)
+    addr = next(a["address"] for a in agents(c) if a["id"] == victim)
+    alloc8 = addr.split("alloc ")[1].rstrip(")")
+    job = next(j["ID"] for j in nomad.jobs() if j["ID"].endswith(victim.split("-")[-1]))
+    alloc = next(a for a in nomad.get(f"/v1/job/{job}/allocations")
+                 if a["ID"].startswith(alloc8))
+    # the agent dies under Nomad (raw_exec: a host process of that allocation)
+    pids = subprocess.run(["pgrep", "-f", f"alloc/{alloc['ID']}/"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+    agent_pids = [p for p in pids
+                  if Path(f"/proc/{p}/exe").resolve() == AGENT_BIN.resolve()]
+    assert agent_pids, pids
+    for p in agent_pids:
+        os.kill(int(p), 9)
+    res = cl.wait(rid, timeout=60)[0]["result"]["results"]
+    for h, x in zip(s, res):
+        if h.startswith(victim + "/"):
+            assert x["error"]["code"] == "agent_lost", x
+        else:
+            assert x["ok"] and x["result"]["stdout"] == b"done\n", x
+    c.wait_agents(lambda st: st["agents"]["ready"] == 2
+                  and victim not in {a["id"] for a in agents(c)}, timeout=90)
+    cl.close()
+
+
+def test_docker_driver(controllers, nomad, docker_image) -> None:
+    c = make(controllers, nomad, "slot-agent-docker.nomad.hcl", name="dock", image=docker_image,
+             cpu=0.2, memory="256M")
+    cl = c.client()
+    h = cl.call("acquire", {"trajectory_id": "d"})["slot"]
+    r = cl.call("exec", {"slot": h, "tool": "bash",
+                         "args": {"command": "head -1 /etc/os-release; pwd"}})
+    assert r["exit_code"] == 0 and b"Debian" in r["stdout"], r
+    job = nomad.jobs()[0]
+    full = nomad.get(f"/v1/job/{job['ID']}")
+    res = full["TaskGroups"][0]["Tasks"][0]["Resources"]
+    assert res["CPU"] == 200 and res["MemoryMB"] == 256
+    cl.close()
+
+
+# ---- errors ------------------------------------------------------------------
+
+
+def no_capacity(c, timeout_ms: int = 20000) -> str:
+    cl = c.client(timeout=timeout_ms / 1000 + 30)
+    try:
+        r = cl.call_raw("acquire", {"timeout_ms": timeout_ms}, timeout=timeout_ms / 1000 + 30)
+        assert r["error"]["code"] == "no_capacity", r
+        return r["error"]["message"]
+    finally:
+        cl.close()
+
+
+def test_unreachable_nomad(controllers, nomad) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", wait=False,
+             addr=f"http://127.0.0.1:{port}")
+    msg = no_capacity(c, 8000)
+    assert f"Nomad unreachable at http://127.0.0.1:{port}" in msg, msg
+
+
+def test_template_nomad_refuses(controllers, nomad, tmp_path) -> None:
+    bad = tmp_path / "bad.nomad.hcl"
+    bad.write_text('job "x" {\n  group "g" {\n    task "t" {\n      driver = \n')
+    c = make(controllers, nomad, str(bad), wait=False)
+    msg = no_capacity(c, 8000)
+    assert "parsing the job template" in msg and "HTTP" in msg, msg
+
+
+def test_missing_image_shows_the_task_event(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-docker.nomad.hcl", name="dock", wait=False,
+             image="slot-nosuch:dev", start_timeout="40s")
+    msg = no_capacity(c, 45000)
+    assert "slot-nosuch" in msg, msg
+
+
+def test_driver_that_is_not_enabled(controllers, nomad, tmp_path) -> None:
+    src = (ROOT / "nomad" / "slot-agent-raw.nomad.hcl").read_text()
+    tpl = tmp_path / "qemu.nomad.hcl"
+    tpl.write_text(src.replace('driver = "raw_exec"', 'driver = "qemu"'))
+    c = make(controllers, nomad, str(tpl), wait=False)
+    msg = no_capacity(c, 15000)
+    assert "missing drivers" in msg, msg
