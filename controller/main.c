@@ -4,6 +4,7 @@
  * share (logging, latency statistics, directories). */
 #include <dirent.h>
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <signal.h>
@@ -200,6 +201,9 @@ static const char usage_text[] =
     "  --insecure             allow TCP listeners without a token\n"
     "  --log-level LEVEL      debug|info|warn|error (default info)\n"
     "  --check                load the configuration, print the profiles, exit\n"
+    "  --nomad-alloc-address FILE [LABEL]\n"
+    "                         print HOST:PORT of port LABEL (default agent) in a Nomad\n"
+    "                         allocation's JSON, as the nomad backend reads it\n"
     "  --version, --help\n"
     "\n"
     "Precedence: flags > SLOT_PROFILE_<NAME>_<FIELD> > SLOT_<FIELD> > the file.\n"
@@ -384,6 +388,26 @@ static void remove_stale_data(struct ctl *c)
     free(base);
 }
 
+static int alloc_address(const char *file, const char *label)
+{
+    json_error_t je;
+    json_t *j = json_load_file(file, 0, &je);
+    if (!j) {
+        fprintf(stderr, "slot-controller: %s:%d: %s\n", file, je.line, je.text);
+        return 1;
+    }
+    char host[256];
+    int port = 0;
+    int rc = nomad_alloc_port((struct json_t *)j, label, host, sizeof host, &port);
+    json_decref(j);
+    if (rc < 0) {
+        fprintf(stderr, "slot-controller: %s: no port labelled '%s'\n", file, label);
+        return 1;
+    }
+    printf("%s:%d\n", host, port);
+    return 0;
+}
+
 static void print_profiles(struct ctl *c)
 {
     struct profile *p;
@@ -483,6 +507,13 @@ int main(int argc, char **argv)
             insecure = true;
         } else if (!strcmp(a, "--check")) {
             check = true;
+        } else if (!strcmp(a, "--nomad-alloc-address")) {
+            /* Which address would the nomad backend use for this allocation
+             * (GET /v1/allocation/:id saved to FILE)? An operator's check,
+             * and the tests' way into the allocation JSON handling. */
+            TAKE();
+            const char *label = i + 1 < argc ? argv[i + 1] : "agent";
+            return alloc_address(v, label);
         } else if (!strncmp(a, "--", 2) && a[2]) {
             /* --FIELD VALUE for every profile (--backend, --slots-per-agent, ...). */
             TAKE();

@@ -140,6 +140,11 @@ def main() -> int:
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
             "SLOT_SANITIZED": "1",
         }, "tests/controller")
+        pytest(t, "nomad (ASan+UBSan controller)", asan, {
+            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
+            "SLOT_SANITIZED": "1",
+        }, "tests/e2e/nomad")
     if not a.no_fuzz:
         fuzz(t, a.fuzz_runs)
     banner("summary")
