@@ -6,8 +6,10 @@ sanitizer builds), the pytest integration suite against the release agent and
 again against the ASan/UBSan agent, the isolation escapes, the controller
 end-to-end suite (release and ASan/UBSan controller, agentctl and Python
 client), the images suite (Docker images built from scratch, the agent and the
-controller's exec backend in real containers, the SIF under Apptainer), and a
-short fixed-length fuzz run.
+controller's exec backend in real containers, the SIF under Apptainer), the
+Nomad suite (the nomad backend against a real Nomad dev agent built from the
+Go module proxy; release and ASan/UBSan controller), and a short
+fixed-length fuzz run.
 """
 from __future__ import annotations
 
@@ -128,6 +130,7 @@ def main() -> int:
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     pytest(t, "controller (release)", build, {}, "tests/controller")
     pytest(t, "images (docker, apptainer)", build, {}, "tests/images")
+    pytest(t, "nomad (real Nomad 1.6.3 dev agent)", build, {}, "tests/e2e/nomad")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         pytest(t, "integration (ASan+UBSan agent)", asan, {

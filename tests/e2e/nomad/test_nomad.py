@@ -138,7 +138,7 @@ def make(controllers, nomad: Nomad, job: str, name: str = "raw", wait: bool = Tr
     nomad_block = {"addr": addr or nomad.addr, "job": str(ROOT / "nomad" / job)}
     if "docker" not in job:
         nomad_block["vars"] = {"agent_bin": str(AGENT_BIN)}
-    nomad_block.update(prof.pop("nomad", {}))
+    nomad_block.update(prof.pop("nomad_extra", {}))
     prof["nomad"] = nomad_block
     d = tmp / f"c{len(made)}"
     d.mkdir()
@@ -330,3 +330,98 @@ def test_driver_that_is_not_enabled(controllers, nomad, tmp_path) -> None:
     c = make(controllers, nomad, str(tpl), wait=False)
     msg = no_capacity(c, 15000)
     assert "missing drivers" in msg, msg
+
+
+# ---- the example trainer, faults and scaling ---------------------------------
+
+TRAINER = ROOT / "controller" / "python" / "examples" / "trainer.py"
+
+
+def run_trainer(c, profile: str, n: int = 30, conc: int = 10) -> str:
+    r = subprocess.run(["/usr/bin/python3", str(TRAINER), "--address", c.addr, "--profile",
+                        profile, "--trajectories", str(n), "--concurrency", str(conc),
+                        "--steps", "3"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "errors:        0" in r.stdout, r.stdout
+    return r.stdout
+
+
+def test_example_trainer_on_docker_3_agents_x_10_slots(controllers, nomad, docker_image) -> None:
+    c = make(controllers, nomad, "slot-agent-docker.nomad.hcl", name="dock", image=docker_image,
+             slots_per_agent=10, min_agents=3, max_agents=3)
+    run_trainer(c, "dock")
+    assert len(agents(c)) == 3 and len(nomad.jobs()) == 3
+
+
+def test_example_trainer_on_raw_exec(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", slots_per_agent=10, min_agents=3,
+             max_agents=3)
+    run_trainer(c, "raw")
+
+
+def test_example_trainer_on_apptainer_under_raw_exec(controllers, nomad) -> None:
+    sys_path = str(ROOT / "tests" / "images")
+    import sys
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from images_lib import SIF, apptainer_root_args, ensure_apptainer  # type: ignore
+    app = ensure_apptainer()
+    if not Path(SIF).exists():
+        b = subprocess.run([str(ROOT / "images" / "build.sh"), "sif"], capture_output=True,
+                           text=True, timeout=3600, env=dict(os.environ, APPTAINER=str(app)))
+        assert b.returncode == 0, b.stderr[-3000:]
+    flags = json.dumps(list(apptainer_root_args()))
+    c = make(controllers, nomad, "slot-agent-apptainer.nomad.hcl", name="sif",
+             slots_per_agent=4, min_agents=2, max_agents=2,
+             nomad_extra={"vars": {"sif": str(SIF), "apptainer": str(app),
+                                   "apptainer_flags": flags}})
+    out = run_trainer(c, "sif", n=12, conc=6)
+    assert "trajectories:  12 (12 ok" in out
+
+
+def test_docker_kill_mid_batch(controllers, nomad, docker_image) -> None:
+    c = make(controllers, nomad, "slot-agent-docker.nomad.hcl", name="dock", image=docker_image,
+             min_agents=2, max_agents=2)
+    cl = c.client()
+    s = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(4)]
+    victim = s[0].split("/")[0]
+    addr = next(a["address"] for a in agents(c) if a["id"] == victim)
+    alloc8 = addr.split("alloc ")[1].rstrip(")")
+    rid = cl.send("batch", {"requests": [
+        {"slot": h, "tool": "bash", "args": {"command": "sleep 2; echo done"}} for h in s]})
+    time.sleep(0.5)
+    ids = subprocess.run(["docker", "ps", "-q", "--filter", "label=com.hashicorp.nomad.alloc_id"],
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    mine = [i for i in ids if subprocess.run(
+        ["docker", "inspect", "-f", '{{index .Config.Labels "com.hashicorp.nomad.alloc_id"}}', i],
+        capture_output=True, text=True, timeout=30).stdout.startswith(alloc8)]
+    assert len(mine) == 1, (ids, alloc8)
+    subprocess.run(["docker", "kill", mine[0]], check=True, capture_output=True, timeout=60)
+    res = cl.wait(rid, timeout=60)[0]["result"]["results"]
+    for h, x in zip(s, res):
+        if h.startswith(victim + "/"):
+            assert x["error"]["code"] == "agent_lost", x
+        else:
+            assert x["ok"] and x["result"]["stdout"] == b"done\n", x
+    c.wait_agents(lambda st: st["agents"]["ready"] == 2
+                  and victim not in {a["id"] for a in agents(c)}, timeout=120)
+    cl.close()
+
+
+def test_scale_up_under_waiters_and_down_to_min_keeping_leases(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", slots_per_agent=2, min_agents=1,
+             max_agents=3, idle_timeout="2s")
+    cl = c.client()
+    rids = [cl.send("acquire", {"trajectory_id": f"w{i}", "timeout_ms": 60000})
+            for i in range(6)]
+    handles = [cl.wait(r, timeout=90)[0]["result"]["slot"] for r in rids]
+    assert len({h.split("/")[0] for h in handles}) == 3 and len(nomad.jobs()) == 3
+    keep = handles[0]
+    for h in handles[1:]:
+        cl.call("release", {"slot": h})
+    c.wait_agents(lambda st: st["agents"]["total"] == 1, timeout=90)
+    assert [a["id"] for a in agents(c)] == [keep.split("/")[0]]
+    assert len(nomad.jobs()) == 1
+    r = cl.call("exec", {"slot": keep, "tool": "bash", "args": {"command": "echo kept"}})
+    assert r["stdout"] == b"kept\n"
+    cl.close()
