@@ -250,9 +250,6 @@ def test_agent_killed_under_nomad_fails_only_its_requests(controllers, nomad) ->
     cl = c.client()
     s = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(4)]
     victim = s[0].split("/")[0]
-    rid = cl.send("batch", {"requests": [
-        {"slot": h, "tool": "bash", "args": {"command": "sleep 2; echo done"}} for h in s]})
-    time.sleep(0.5)
     addr = next(a["address"] for a in agents(c) if a["id"] == victim)
     alloc8 = addr.split("alloc ")[1].rstrip(")")
     job = next(j["ID"] for j in nomad.jobs() if j["ID"].endswith(victim.split("-")[-1]))
@@ -264,6 +261,9 @@ def test_agent_killed_under_nomad_fails_only_its_requests(controllers, nomad) ->
     agent_pids = [p for p in pids
                   if Path(f"/proc/{p}/exe").resolve() == AGENT_BIN.resolve()]
     assert agent_pids, pids
+    rid = cl.send("batch", {"requests": [
+        {"slot": h, "tool": "bash", "args": {"command": "sleep 6; echo done"}} for h in s]})
+    time.sleep(0.5)
     for p in agent_pids:
         os.kill(int(p), 9)
     res = cl.wait(rid, timeout=60)[0]["result"]["results"]
@@ -394,15 +394,16 @@ def test_docker_kill_mid_batch(controllers, nomad, docker_image) -> None:
     victim = s[0].split("/")[0]
     addr = next(a["address"] for a in agents(c) if a["id"] == victim)
     alloc8 = addr.split("alloc ")[1].rstrip(")")
-    rid = cl.send("batch", {"requests": [
-        {"slot": h, "tool": "bash", "args": {"command": "sleep 2; echo done"}} for h in s]})
-    time.sleep(0.5)
     ids = subprocess.run(["docker", "ps", "-q", "--filter", "label=com.hashicorp.nomad.alloc_id"],
                          capture_output=True, text=True, timeout=30).stdout.split()
     mine = [i for i in ids if subprocess.run(
         ["docker", "inspect", "-f", '{{index .Config.Labels "com.hashicorp.nomad.alloc_id"}}', i],
         capture_output=True, text=True, timeout=30).stdout.startswith(alloc8)]
     assert len(mine) == 1, (ids, alloc8)
+    # the commands outlast the kill by far, however slow the docker CLI is
+    rid = cl.send("batch", {"requests": [
+        {"slot": h, "tool": "bash", "args": {"command": "sleep 6; echo done"}} for h in s]})
+    time.sleep(0.5)
     subprocess.run(["docker", "kill", mine[0]], check=True, capture_output=True, timeout=60)
     res = cl.wait(rid, timeout=60)[0]["result"]["results"]
     for h, x in zip(s, res):
