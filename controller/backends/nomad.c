@@ -752,11 +752,11 @@ static void hcl_var(char **buf, size_t *len, const char *k, const char *v)
     *len = (size_t)(o - *buf);
 }
 
-static int nomad_start(struct ctl *c, struct agent *ag, struct sp_err *err)
+/* The backend's state of an agent: its job (slot-CTL-PROFILE-xxxxxx, the
+ * agent id's suffix), its token and its timers. */
+static struct nagent *nagent_new(struct agent *ag)
 {
     struct profile *p = ag->prof;
-    if (ensure(c, p, err) < 0)
-        return -1;
     struct nagent *a = calloc(1, sizeof *a);
     if (!a)
         abort();
@@ -771,6 +771,15 @@ static int nomad_start(struct ctl *c, struct agent *ag, struct sp_err *err)
     a->rewatch.data = a;
     ev_timer_init(&a->evtimer, evtimer_cb, 0.5, 0);
     a->evtimer.data = a;
+    return a;
+}
+
+static int nomad_start(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    struct profile *p = ag->prof;
+    if (ensure(c, p, err) < 0)
+        return -1;
+    struct nagent *a = nagent_new(ag);
     snprintf(ag->address, sizeof ag->address, "nomad job %s", a->job_id);
     arm_deadline(c, a);
     /* variables: ours, then the profile's (which may override) */
@@ -977,22 +986,7 @@ static int nomad_list(struct ctl *c, struct profile *p)
             continue;
         struct agent *ag = agent_new(c, p, aid);
         ag->reattached = true;
-        struct nagent *a = calloc(1, sizeof *a);
-        if (!a)
-            abort();
-        a->ag = ag;
-        a->fd = -1;
-        ag->be_data = a;
-        snprintf(a->job_id, sizeof a->job_id, "%s", id);
-        job_token(np(p), a->job_id, ag->token);
-        ev_timer_init(&a->ctimer, ctimer_cb, CONNECT_RETRY_S, 0);
-        a->ctimer.data = a;
-        ev_timer_init(&a->rewatch, rewatch_cb, 5, 0);
-        a->rewatch.data = a;
-        ev_timer_init(&a->evtimer, evtimer_cb, 0.5, 0);
-        a->evtimer.data = a;
-        ev_timer_init(&a->evtimer, evtimer_cb, 0.5, 0);
-        a->evtimer.data = a;
+        struct nagent *a = nagent_new(ag);
         snprintf(ag->address, sizeof ag->address, "nomad job %s", a->job_id);
         a->phase = NP_WATCH;
         arm_deadline(c, a);
