@@ -1123,6 +1123,41 @@ static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *re
     sched_kick(c, ag->prof);
 }
 
+/* `stop`: every agent goes, also those of backends that outlive the
+ * controller, then the controller exits. The asking connection stays open
+ * until then, so its EOF tells the caller that the stop is complete. */
+static void op_stop(struct ctl *c, struct tconn *t, const struct sp_request *req)
+{
+    struct sp_err e;
+    bool purge = false;
+    if (sp_get_bool(req->args, "purge", false, &purge, &e) < 0)
+        return reply_err(c, t, req->id, &e);
+    uint32_t n = 0, leased = 0;
+    struct profile *p;
+    struct agent *ag;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    TAILQ_FOREACH(ag, &p->agents, link)
+    {
+        n++;
+        leased += ag->leased;
+    }
+    log_info("stop requested%s: %u agents (%u leased slots) go", purge ? " with purge" : "", n,
+             leased);
+    msgpack_packer pk;
+    tconn_begin(t, &pk);
+    sp_pack_ok_head(&pk, req->id);
+    msgpack_pack_map(&pk, 3);
+    sp_pack_kv_uint(&pk, "agents", n);
+    sp_pack_kv_uint(&pk, "leased", leased);
+    sp_pack_kv_bool(&pk, "purge", purge);
+    tconn_end(c, t);
+    if (c->stopping)
+        return;
+    c->purge = purge;
+    c->stop_conn = t;
+    ctl_shutdown(c, true);
+}
+
 static const struct op ops[] = {
     {"hello", op_hello, true},
     {"acquire", op_acquire, false},
@@ -1138,6 +1173,7 @@ static const struct op ops[] = {
     {"slots", op_slots_, false},
     {"leases", op_leases, false},
     {"drain", op_drain, false},
+    {"stop", op_stop, false},
 };
 
 static void dispatch(struct ctl *c, struct tconn *t, const char *data, uint32_t len)
@@ -1343,5 +1379,10 @@ void api_close_all(struct ctl *c)
     c->nlisteners = 0;
     struct tconn *t;
     LIST_FOREACH(t, &c->conns, link)
-    tconn_close(c, t, "controller stopping");
+    {
+        if (t == c->stop_conn)
+            ev_io_stop(c->loop, &t->rio); /* its answer may still be flushing */
+        else
+            tconn_close(c, t, "controller stopping");
+    }
 }

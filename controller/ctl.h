@@ -314,6 +314,12 @@ struct ctl {
     struct latency lat;
     uint64_t acquires, no_capacity;
     bool stopping;
+    /* `stop` (agentctl stop, slot-controller --stop): agents of persistent
+     * backends go too, and Nomad jobs are purged rather than only stopped
+     * when purge is set. The connection that asked is answered at exit. */
+    bool stop_all, purge;
+    struct tconn *stop_conn;
+    ev_timer stop_poll, stop_deadline;
 };
 
 /* config.c */
@@ -369,6 +375,10 @@ void sched_agent_failed(struct ctl *c, struct profile *p, const char *why);
 /* api.c */
 int api_listen(struct ctl *c, struct sp_err *err);
 void api_close_all(struct ctl *c);
+
+/* main.c: stop serving; every agent goes when everything is set, else only
+ * those whose backend does not outlive the controller. */
+void ctl_shutdown(struct ctl *c, bool everything);
 void tconn_flush(struct ctl *c, struct tconn *t);
 msgpack_packer *tconn_begin(struct tconn *t, msgpack_packer *pk);
 void tconn_end(struct ctl *c, struct tconn *t);

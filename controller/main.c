@@ -201,6 +201,11 @@ static const char usage_text[] =
     "  --insecure             allow TCP listeners without a token\n"
     "  --log-level LEVEL      debug|info|warn|error (default info)\n"
     "  --check                load the configuration, print the profiles, exit\n"
+    "  --stop [--purge]       do not serve: find the agents a controller of this name\n"
+    "                         and configuration left running (Nomad jobs, socket and\n"
+    "                         exec.start agents), stop them all, exit; --purge also\n"
+    "                         purges the Nomad jobs (`agentctl stop` does the same\n"
+    "                         through a running controller)\n"
     "  --nomad-alloc-address FILE [LABEL]\n"
     "                         print HOST:PORT of port LABEL (default agent) in a Nomad\n"
     "                         allocation's JSON, as the nomad backend reads it\n"
@@ -288,13 +293,13 @@ static void reaper_cb(struct ev_loop *loop, ev_child *w, int revents)
     (void)revents;
 }
 
-static bool stdio_agents_left(struct ctl *c)
+static bool agents_left(struct ctl *c)
 {
     struct profile *p;
     struct agent *ag;
     TAILQ_FOREACH(p, &c->profiles, link)
     TAILQ_FOREACH(ag, &p->agents, link)
-    if ((!p->be->persistent(p) && ag->pid > 0) || ag->helper_pid > 0)
+    if (c->stop_all || (!p->be->persistent(p) && ag->pid > 0) || ag->helper_pid > 0)
         return true;
     return false;
 }
@@ -302,12 +307,9 @@ static bool stdio_agents_left(struct ctl *c)
 static void stop_wait_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
-    struct ctl *c = w->data;
-    if (!stdio_agents_left(c) || ev_now(loop) - c->started > 1e9)
+    if (!agents_left(w->data))
         ev_break(loop, EVBREAK_ALL);
 }
-
-static ev_timer stop_timer, stop_deadline;
 
 static void stop_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -315,6 +317,40 @@ static void stop_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     log_warn("agents did not stop in time; exiting anyway");
     ev_break(loop, EVBREAK_ALL);
+}
+
+void ctl_shutdown(struct ctl *c, bool everything)
+{
+    struct ev_loop *loop = c->loop;
+    c->stop_all |= everything;
+    if (c->stopping)
+        return;
+    c->stopping = true;
+    ev_timer_stop(loop, &c->tick);
+    api_close_all(c);
+    struct profile *p;
+    struct agent *ag, *tmp;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    {
+        for (ag = TAILQ_FIRST(&p->agents); ag; ag = tmp) {
+            tmp = TAILQ_NEXT(ag, link);
+            if (c->stop_all || !p->be->persistent(p))
+                agent_stop(c, ag, c->stop_all ? "controller stop" : "controller stopping");
+            else if (ag->fd >= 0) {
+                ev_io_stop(loop, &ag->rio);
+                ev_io_stop(loop, &ag->wio);
+                close(ag->fd);
+                ag->fd = -1;
+            }
+        }
+    }
+    ev_timer_init(&c->stop_poll, stop_wait_cb, 0.02, 0.02);
+    c->stop_poll.data = c;
+    ev_timer_start(loop, &c->stop_poll);
+    /* Deregistering through a remote API may take its full request timeout
+     * and retries; a local stop is quick. */
+    ev_timer_init(&c->stop_deadline, stop_deadline_cb, c->stop_all ? 90 : 8, 0);
+    ev_timer_start(loop, &c->stop_deadline);
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
@@ -326,31 +362,8 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
         ev_break(loop, EVBREAK_ALL);
         return;
     }
-    log_info("signal %d: stopping (socket-mode and exec.start agents keep running)", w->signum);
-    c->stopping = true;
-    ev_timer_stop(loop, &c->tick);
-    api_close_all(c);
-    struct profile *p;
-    struct agent *ag, *tmp;
-    TAILQ_FOREACH(p, &c->profiles, link)
-    {
-        for (ag = TAILQ_FIRST(&p->agents); ag; ag = tmp) {
-            tmp = TAILQ_NEXT(ag, link);
-            if (!p->be->persistent(p))
-                agent_stop(c, ag, "controller stopping");
-            else if (ag->fd >= 0) {
-                ev_io_stop(loop, &ag->rio);
-                ev_io_stop(loop, &ag->wio);
-                close(ag->fd);
-                ag->fd = -1;
-            }
-        }
-    }
-    ev_timer_init(&stop_timer, stop_wait_cb, 0.02, 0.02);
-    stop_timer.data = c;
-    ev_timer_start(loop, &stop_timer);
-    ev_timer_init(&stop_deadline, stop_deadline_cb, 8, 0);
-    ev_timer_start(loop, &stop_deadline);
+    log_info("signal %d: stopping (agents of persistent backends keep running)", w->signum);
+    ctl_shutdown(c, false);
 }
 
 /* Data directories of agents that are gone (stdio agents of a controller
@@ -450,7 +463,7 @@ int main(int argc, char **argv)
     struct config_opts o = {0};
     struct strlist listen_flags = {0};
     const char *state_dir = NULL, *name = NULL, *agent_bin = NULL, *token_file = NULL;
-    bool insecure = false, check = false;
+    bool insecure = false, check = false, stop = false;
     TAILQ_INIT(&c->profiles);
     LIST_INIT(&c->conns);
 
@@ -507,6 +520,10 @@ int main(int argc, char **argv)
             insecure = true;
         } else if (!strcmp(a, "--check")) {
             check = true;
+        } else if (!strcmp(a, "--stop")) {
+            stop = true;
+        } else if (!strcmp(a, "--purge")) {
+            c->purge = true;
         } else if (!strcmp(a, "--nomad-alloc-address")) {
             /* Which address would the nomad backend use for this allocation
              * (GET /v1/allocation/:id saved to FILE)? An operator's check,
@@ -622,6 +639,14 @@ int main(int argc, char **argv)
         int n = p->be->list_agents ? p->be->list_agents(c, p) : 0;
         if (n)
             log_info("profile %s: %d agents from an earlier run", p->name, n);
+    }
+    if (stop) {
+        /* The agents of a controller that is gone: find them as a restart
+         * would, then stop them all instead of serving. */
+        ctl_shutdown(c, true);
+        ev_run(c->loop, 0);
+        log_info("stopped every agent of '%s'%s", c->name, c->purge ? " (Nomad jobs purged)" : "");
+        return 0;
     }
     remove_stale_data(c);
     if (api_listen(c, &err) < 0) {

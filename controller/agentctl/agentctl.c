@@ -57,6 +57,8 @@ static const char usage_text[] =
     "  release SLOT [--no-reset]\n"
     "  drain AGENT              no new leases; stopped once its last lease is released\n"
     "  top [--interval SEC] [--once]   live view; q or Ctrl-C quits\n"
+    "  stop [--purge]           stop every agent (Nomad jobs deregistered; --purge purges\n"
+    "                           them) and then the controller; returns when it is done\n"
     "\n"
     "slot commands (SLOT is a handle with the controller, an index with --agent):\n"
     "  exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... [--stdin-file F|-] -- CMD...\n"
@@ -625,6 +627,20 @@ const msgpack_object *wait_result(struct ctl *c, uint64_t id)
         case FRAME_ERROR: return NULL;
         default: break;
         }
+    }
+}
+
+/* Until the peer closes the connection (frames are dropped); -1 with c->err
+ * set when it stays open past the deadline. */
+int wait_closed(struct ctl *c, double seconds)
+{
+    double deadline = now_s() + seconds;
+    for (;;) {
+        int r = recv_frame(c, deadline);
+        if (r < 0 && c->eof)
+            return 0;
+        if (r < 0)
+            return -1;
     }
 }
 
@@ -1702,6 +1718,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
         {"release", CMD_RELEASE, MODE_CTL, 1, 2, "release SLOT [--no-reset]"},
         {"drain", CMD_DRAIN, MODE_CTL, 1, 1, "drain AGENT"},
         {"top", CMD_TOP, MODE_CTL, 0, -1, "top [--interval SEC] [--once] [--profile P]"},
+        {"stop", CMD_STOP, MODE_CTL, 0, 1, "stop [--purge]"},
     };
     int mode = to_controller ? MODE_CTL : MODE_AGENT;
     size_t t = 0, nt = sizeof table / sizeof table[0], other = nt;
@@ -1785,6 +1802,11 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
             usage_error("usage: agentctl %s", table[t].usage);
         cmd->agent_id = argv[1];
         break;
+    case CMD_STOP:
+        if (argc == 2 && strcmp(argv[1], "--purge") != 0)
+            usage_error("usage: agentctl %s", table[t].usage);
+        cmd->purge = argc == 2;
+        break;
     case CMD_STATUS:
     case CMD_AGENTS:
     case CMD_SLOTS:
@@ -1821,6 +1843,7 @@ static int run(struct ctl *c, const struct cmd *cmd, int *status)
     case CMD_RELEASE: return cmd_release(c, cmd);
     case CMD_DRAIN: return cmd_drain(c, cmd);
     case CMD_TOP: return cmd_top(c, cmd);
+    case CMD_STOP: return cmd_stop(c, cmd);
     }
     return 0;
 }

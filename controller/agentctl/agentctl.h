@@ -34,6 +34,7 @@ enum cmd_kind {
     CMD_RELEASE,
     CMD_DRAIN,
     CMD_TOP,
+    CMD_STOP,
 };
 
 /* What the command line asked for, fully validated before connecting. */
@@ -60,6 +61,7 @@ struct cmd {
     const char *agent_id;
     bool have_timeout; /* acquire --timeout-ms given (0 is meaningful) */
     bool no_reset;
+    bool purge;
     double interval;
     bool once;
 };
@@ -122,6 +124,7 @@ void args_begin(struct args *a, uint32_t n);
 uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args);
 const msgpack_object *wait_result(struct ctl *c, uint64_t id);
 const msgpack_object *call(struct ctl *c, const char *op, struct args *a);
+int wait_closed(struct ctl *c, double seconds);
 void print_json(const msgpack_object *o);
 uint64_t get_u(const msgpack_object *m, const char *k);
 const char *get_s(const msgpack_object *m, const char *k, int *n);
@@ -139,5 +142,6 @@ int cmd_acquire(struct ctl *c, const struct cmd *cmd);
 int cmd_release(struct ctl *c, const struct cmd *cmd);
 int cmd_drain(struct ctl *c, const struct cmd *cmd);
 int cmd_top(struct ctl *c, const struct cmd *cmd);
+int cmd_stop(struct ctl *c, const struct cmd *cmd);
 
 #endif

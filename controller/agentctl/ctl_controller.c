@@ -563,6 +563,33 @@ int cmd_drain(struct ctl *c, const struct cmd *cmd)
     return 0;
 }
 
+/* The controller answers, stops its agents (deregistering Nomad jobs can
+ * take a while), then exits: its EOF is the sign the stop is complete. */
+int cmd_stop(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 1);
+    sp_pack_kv_bool(&a.pk, "purge", cmd->purge);
+    const msgpack_object *r = call(c, "stop", &a);
+    if (!r)
+        return -1;
+    uint64_t n = get_u(r, "agents"), leased = get_u(r, "leased");
+    if (c->json)
+        print_json(r);
+    else {
+        printf("stopping %llu agent%s (%llu leased slot%s)%s\n", (unsigned long long)n,
+               n == 1 ? "" : "s", (unsigned long long)leased, leased == 1 ? "" : "s",
+               cmd->purge ? "; Nomad jobs are purged" : "");
+        fflush(stdout);
+    }
+    /* The controller gives its agents 90 s. */
+    if (wait_closed(c, c->timeout_s > 100 ? c->timeout_s : 100) < 0)
+        return fail(c, "timeout", "the controller did not finish stopping in time");
+    if (!c->json)
+        printf("controller stopped\n");
+    return 0;
+}
+
 /* ---- top ----------------------------------------------------------------------- */
 
 /* One frame of `top` into f; -1 with c->err set when the controller fails. */

@@ -26,7 +26,9 @@
 #include "ctl.h"
 #include "http.h"
 
-#define WATCH_WAIT_S 30
+/* Nomad's own default for blocking queries: an idle agent costs one
+ * request per 5 minutes, woken at once by any change to its allocations. */
+#define WATCH_WAIT_S 300
 #define API_TIMEOUT_S 30.0
 #define CONNECT_RETRY_S 0.2
 #define LIST_TIMEOUT_S 30.0
@@ -904,7 +906,11 @@ static void nomad_stop(struct ctl *c, struct agent *ag)
         close(a->fd);
         a->fd = -1;
     }
-    char *path = api_path(np(ag->prof), "/v1/job/%s?purge=true", a->job_id);
+    /* Scaling down purges: the job is the controller's own and would only
+     * pile up. `stop` without --purge leaves the stopped jobs for the
+     * operator to inspect (nomad job status), as `nomad job stop` does. */
+    bool purge = !c->stop_all || c->purge;
+    char *path = api_path(np(ag->prof), "/v1/job/%s%s", a->job_id, purge ? "?purge=true" : "");
     a->req =
         http_request(np(ag->prof)->http, "DELETE", path, NULL, API_TIMEOUT_S, on_deregister, ag);
     free(path);

@@ -683,3 +683,18 @@ def test_mode_selection(tmp_path: Path) -> None:
     assert r.returncode == 2 and b"not both" in r.stderr
     r = run_ctl(["--help"])
     assert r.returncode == 0 and b"--controller ADDR" in r.stdout and b"top" in r.stdout
+
+
+def test_stop_ends_agents_and_controller_and_returns_when_done(controller_factory):
+    c = controller_factory(SMALL_CONFIG)
+    pid = c.proc.pid
+    r = ctl(c, "stop", "--bogus")
+    assert r.returncode == 2 and b"usage: agentctl stop [--purge]" in r.stderr
+    r = ctl(c, "stop")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert out.splitlines() == ["stopping 1 agent (0 leased slots)", "controller stopped"], out
+    # the controller had exited by the time agentctl returned
+    assert c.proc.wait(1) == 0 and c.proc.pid == pid
+    r = ctl(c, "status")
+    assert r.returncode == 1 and b"controller" in r.stderr

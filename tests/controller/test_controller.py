@@ -526,6 +526,58 @@ def test_socket_agents_survive_a_clean_controller_stop(controller_factory):
     assert agent_pids(ctl) == pids
 
 
+def wait_gone(pids, timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()
+                 and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def test_stop_op_stops_socket_agents_and_the_controller(controller_factory):
+    # SIGTERM keeps socket agents for a restart; `stop` is the way to end
+    # everything, leased slots included, and its connection closes at the end.
+    ctl = controller_factory(SOCKET_CFG)
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 2)
+    pids = agent_pids(ctl)
+    trainer = ctl.client()
+    acquire(trainer, "t")
+    c = ctl.client()
+    r = c.call("stop", {"purge": False})
+    assert r == {"agents": 2, "leased": 1, "purge": False}
+    assert c.recv_frame(20) is None  # EOF once the controller is done
+    assert ctl.proc.wait(10) == 0
+    assert wait_gone(pids.values()) == []
+    assert not list(ctl.state_dir.glob("agents/*.sock"))
+    assert "stop requested: 2 agents (1 leased slots) go" in ctl.log()
+    trainer.close()
+    # a new controller finds nothing to reattach and starts fresh agents
+    ctl.start()
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 2)
+    assert set(agent_pids(ctl).values()).isdisjoint(pids.values())
+
+
+def test_stop_op_with_a_bad_purge_is_refused(controller):
+    c = controller.client()
+    assert c.error_code("stop", {"purge": "yes"}) == "bad_request"
+    assert c.call("status")["agents"]["ready"] >= 1  # still serving
+
+
+def test_controller_stop_flag_ends_what_a_killed_controller_left(controller_factory):
+    ctl = controller_factory(SOCKET_CFG)
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 2)
+    pids = agent_pids(ctl)
+    ctl.kill9()
+    for pid in pids.values():
+        os.kill(pid, 0)
+    r = subprocess.run(ctl.argv() + ["--stop"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "stopped every agent" in r.stdout + r.stderr
+    assert wait_gone(pids.values()) == []
+
+
 def test_stdio_agents_die_with_a_killed_controller(controller_factory):
     ctl = controller_factory()
     pids = list(agent_pids(ctl).values())

@@ -3,7 +3,7 @@
 # state) for end-to-end tests, with nomad/agent-dev.hcl (raw_exec on; docker
 # with host volumes, no privileged containers, no image GC).
 #
-# usage: tests/e2e/nomad/nomad-dev.sh start|stop|status DIR
+# usage: tests/e2e/nomad/nomad-dev.sh start|stop|restart|status DIR
 #
 #   start   builds or finds Nomad 1.6.3 (tests/e2e/nomad/build-nomad.sh),
 #           starts `nomad agent -dev` as root on 127.0.0.1 in the background
@@ -15,10 +15,15 @@
 #           out; SIGKILL after the timeout), then removes whatever is left:
 #           containers and processes of its allocations, tmpfs mounts, and
 #           DIR/data. Keeps DIR/nomad.log.
+#   restart stops the agent process alone (SIGTERM: its allocations keep
+#           running), starts it again with the same configuration and waits
+#           until it is ready; only with NOMAD_DEV_PERSIST=1 (a -dev agent
+#           keeps its state in memory and forgets every job).
 #   status  prints the agent's state; exit 0 ready, 1 running but not
 #           ready, 3 not running.
 #
-# DIR holds nomad.pid, nomad.log, env, ports.hcl and data/ (the agent's
+# DIR holds nomad.pid, nomad.log, env (NOMAD_ADDR, and NOMAD_CACERT and
+# NOMAD_TOKEN when TLS or ACLs are on), extra.hcl, tls/ and data/ (the agent's
 # data_dir; allocation directories are under data/alloc). DIR and data/ are
 # made searchable by other users (go+x): slot-agent under raw_exec runs each
 # slot as its own uid only when its data dir's ancestors are searchable.
@@ -33,6 +38,15 @@
 #      NOMAD_DEV_TIMEOUT          start timeout in seconds (default 90)
 #      NOMAD_DEV_STOP_TIMEOUT     stop timeout in seconds (default 60)
 #      NOMAD_DEV_KEEP_DATA=1      stop keeps DIR/data
+#      NOMAD_DEV_PERSIST=1        not -dev: one server (bootstrap_expect 1)
+#                                 and client with state in DIR/data, so a
+#                                 restart keeps jobs and running allocations
+#      NOMAD_DEV_ACL=1            ACLs on; start bootstraps them and writes
+#                                 the management token to DIR/env
+#      NOMAD_DEV_TLS=1            HTTPS with a throwaway CA (DIR/tls/ca.pem);
+#                                 the server's certificate names localhost
+#                                 and server.global.nomad, not 127.0.0.1, so
+#                                 https://127.0.0.1 needs a TLS server name
 set -euo pipefail
 
 me="nomad-dev.sh"
@@ -63,6 +77,7 @@ elif ! [ -d "$2" ]; then
         echo "not running ($2 does not exist)"
         exit 3
         ;;
+    restart) die "nothing to restart: $2 does not exist" ;;
     stop)
         log "nothing to stop: $2 does not exist"
         exit 0
@@ -79,6 +94,9 @@ ENVFILE=$DIR/env
 HTTP_PORT=${NOMAD_DEV_HTTP_PORT:-4646}
 DRIVERS=${NOMAD_DEV_DRIVERS:-docker raw_exec}
 START_TIMEOUT=${NOMAD_DEV_TIMEOUT:-90}
+PERSIST=${NOMAD_DEV_PERSIST:-0}
+ACL=${NOMAD_DEV_ACL:-0}
+TLS=${NOMAD_DEV_TLS:-0}
 STOP_TIMEOUT=${NOMAD_DEV_STOP_TIMEOUT:-60}
 if ! [[ $HTTP_PORT =~ ^[0-9]+$ ]] || [ "$HTTP_PORT" -lt 1 ] || [ "$HTTP_PORT" -gt 65533 ]; then
     die "NOMAD_DEV_HTTP_PORT must be a port number below 65534, got '$HTTP_PORT'"
@@ -110,13 +128,28 @@ agent_pid() {
 addr() {
     if [ -f "$ENVFILE" ]; then
         sed -n 's/^NOMAD_ADDR=//p' "$ENVFILE"
+    elif [ "$TLS" = 1 ]; then
+        echo "https://localhost:$HTTP_PORT"
     else
         echo "http://127.0.0.1:$HTTP_PORT"
     fi
 }
 
+# curl with the CA and the token this agent needs; $1 a /v1 path, then
+# curl's own options.
+ncurl() {
+    local path=$1 ca tok
+    shift
+    local opts=(-sS --fail --max-time 10)
+    ca=$(sed -n 's/^NOMAD_CACERT=//p' "$ENVFILE" 2>/dev/null || true)
+    tok=$(sed -n 's/^NOMAD_TOKEN=//p' "$ENVFILE" 2>/dev/null || true)
+    [ -z "$ca" ] || opts+=(--cacert "$ca")
+    [ -z "$tok" ] || opts+=(-H "X-Nomad-Token: $tok")
+    curl "${opts[@]}" "$@" "$(addr)$path"
+}
+
 # GET $1 (a /v1 path) from the agent; prints the body.
-api() { curl -sS --fail --max-time 5 "$(addr)$1"; }
+api() { ncurl "$1" --max-time 5; }
 
 # Prints one line describing the node and its drivers, and exits 0 when
 # the node is ready with every driver of $DRIVERS healthy. stdin: /v1/nodes.
@@ -250,7 +283,7 @@ do_stop() {
 import json, sys
 for j in json.load(sys.stdin): print(j["ID"])' 2>/dev/null || true)
         for j in $jobs; do
-            curl -sS --fail --max-time 10 -X DELETE "$(addr)/v1/job/$j?purge=true" >/dev/null 2>&1 ||
+            ncurl "/v1/job/$j?purge=true" -X DELETE >/dev/null 2>&1 ||
                 log "warning: could not purge job $j"
         done
         [ -z "$jobs" ] || log "purged jobs: $(words "$jobs")"
@@ -291,60 +324,82 @@ print(" ".join(a["ID"][:8] for a in json.load(sys.stdin) if a["ClientStatus"] in
 
 # --- start -------------------------------------------------------------------
 
-do_start() {
-    local pid nomad rpc serf t0 leader nodes state=""
-    [ "$(id -u)" = 0 ] ||
-        die "run as root: the Nomad 1.6 docker driver reports 'Driver must run as root' otherwise (cgroup v2), and the test jobs run agents as root"
-    pid=$(agent_pid)
-    [ -z "$pid" ] || die "an agent for $DIR is already running (pid $pid, NOMAD_ADDR=$(addr)); run '$me stop $DIR' first"
-    rm -f "$PIDFILE"
-
-    rpc=$((HTTP_PORT + 1))
-    serf=$((HTTP_PORT + 2))
-    local p
-    for p in "$HTTP_PORT" "$rpc" "$serf"; do
-        ! port_in_use "$p" || die "port $p is already in use (the agent needs ports $HTTP_PORT-$serf; set NOMAD_DEV_HTTP_PORT to another first port)"
-    done
-    case " $DRIVERS " in *" docker "*)
-        command -v docker >/dev/null || die "the docker CLI is missing, and NOMAD_DEV_DRIVERS includes docker"
-        docker info >/dev/null 2>&1 ||
-            die "the Docker engine does not answer 'docker info' (start it first: Nomad re-fingerprints docker only every 30 s)"
-        ;;
-    esac
-
-    if [ -n "${NOMAD_BIN:-}" ]; then
-        nomad=$NOMAD_BIN
-    else
-        nomad=$("$here/build-nomad.sh" | tail -n 1) || die "tests/e2e/nomad/build-nomad.sh failed"
-    fi
-    [ -x "$nomad" ] || die "no nomad binary at '$nomad'"
-
-    # A leftover data dir (an agent that was killed) may hold mounts.
-    if [ -d "$DATA" ]; then
-        cleanup_leftovers ""
-        rm -rf "$DATA"
-    fi
-    mkdir -p "$DATA"
-    chmod go+x "$DIR"
-    chmod 0711 "$DATA"
-    cat >"$DIR/ports.hcl" <<EOF
-# written by $me
-bind_addr = "127.0.0.1"
-ports {
-  http = $HTTP_PORT
-  rpc  = $rpc
-  serf = $serf
+# A throwaway CA and a server certificate for localhost and
+# server.global.nomad (deliberately not for 127.0.0.1).
+make_tls() {
+    local t=$DIR/tls
+    command -v openssl >/dev/null || die "openssl is missing (apt-get install openssl)"
+    rm -rf "$t"
+    mkdir -p "$t"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=slot test CA" -keyout "$t/ca-key.pem" -out "$t/ca.pem" >/dev/null 2>&1 ||
+        die "openssl could not make the test CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=server.global.nomad" -keyout "$t/server-key.pem" -out "$t/server.csr" \
+        >/dev/null 2>&1 || die "openssl could not make the server key"
+    printf 'subjectAltName=DNS:server.global.nomad,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' >"$t/ext"
+    openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca-key.pem" \
+        -CAcreateserial -days 2 -extfile "$t/ext" -out "$t/server.pem" >/dev/null 2>&1 ||
+        die "openssl could not sign the server certificate"
 }
-EOF
-    echo "NOMAD_ADDR=http://127.0.0.1:$HTTP_PORT" >"$ENVFILE"
 
-    log "starting $nomad agent -dev (log: $LOGFILE)"
-    : >"$LOGFILE"
+write_config() {
+    {
+        echo "# written by $me"
+        echo 'bind_addr = "127.0.0.1"'
+        echo "ports {"
+        echo "  http = $HTTP_PORT"
+        echo "  rpc  = $((HTTP_PORT + 1))"
+        echo "  serf = $((HTTP_PORT + 2))"
+        echo "}"
+        if [ "$PERSIST" = 1 ]; then
+            # What -dev would give, minus the in-memory state.
+            echo 'advertise {'
+            echo '  http = "127.0.0.1"'
+            echo '  rpc  = "127.0.0.1"'
+            echo '  serf = "127.0.0.1"'
+            echo '}'
+            echo 'server {'
+            echo '  enabled          = true'
+            echo '  bootstrap_expect = 1'
+            echo '}'
+            echo 'client {'
+            echo '  enabled           = true'
+            echo '  network_interface = "lo"'
+            echo '}'
+        fi
+        [ "$ACL" != 1 ] || printf 'acl {\n  enabled = true\n}\n'
+        if [ "$TLS" = 1 ]; then
+            echo 'tls {'
+            echo '  http                = true'
+            echo '  rpc                 = false'
+            echo "  ca_file             = \"$DIR/tls/ca.pem\""
+            echo "  cert_file           = \"$DIR/tls/server.pem\""
+            echo "  key_file            = \"$DIR/tls/server-key.pem\""
+            echo '  verify_https_client = false'
+            echo '}'
+        fi
+    } >"$DIR/extra.hcl"
+    {
+        if [ "$TLS" = 1 ]; then
+            echo "NOMAD_ADDR=https://localhost:$HTTP_PORT"
+            echo "NOMAD_CACERT=$DIR/tls/ca.pem"
+        else
+            echo "NOMAD_ADDR=http://127.0.0.1:$HTTP_PORT"
+        fi
+    } >"$ENVFILE"
+}
+
+# Starts the agent on the configuration in DIR and waits until it is ready.
+launch() {
+    local nomad=$1 pid t0 leader nodes state="" boot tok mode=(agent -dev)
+    [ "$PERSIST" != 1 ] || mode=(agent)
+    log "starting $nomad ${mode[*]} (log: $LOGFILE)"
     # setsid: its own session, so a terminal's Ctrl-C does not reach it and
     # stop can find the processes it leaves. setsid execs in place here
     # (a background child is no process group leader), so $! is nomad.
-    setsid "$nomad" agent -dev \
-        -config "$repo/nomad/agent-dev.hcl" -config "$DIR/ports.hcl" \
+    setsid "$nomad" "${mode[@]}" \
+        -config "$repo/nomad/agent-dev.hcl" -config "$DIR/extra.hcl" \
         -data-dir "$DATA" </dev/null >>"$LOGFILE" 2>&1 &
     pid=$!
     echo "$pid" >"$PIDFILE"
@@ -359,6 +414,16 @@ EOF
         fi
         leader=$(api /v1/status/leader 2>/dev/null || true)
         if [ -n "$leader" ] && [ "$leader" != '""' ]; then
+            if [ "$ACL" = 1 ] && ! grep -q '^NOMAD_TOKEN=' "$ENVFILE"; then
+                # Once per data dir; a restarted agent keeps its ACL state.
+                if boot=$(ncurl /v1/acl/bootstrap -X POST 2>&1); then
+                    tok=$("$PY" -c 'import json,sys; print(json.load(sys.stdin)["SecretID"])' <<<"$boot") ||
+                        die "bad answer to the ACL bootstrap: $boot"
+                    echo "NOMAD_TOKEN=$tok" >>"$ENVFILE"
+                else
+                    state="ACL bootstrap failed: $boot"
+                fi
+            fi
             if nodes=$(api /v1/nodes 2>/dev/null); then
                 if state=$(node_check <<<"$nodes"); then
                     break
@@ -378,7 +443,75 @@ EOF
         sleep 1
     done
     log "ready in $((SECONDS - t0)) s: leader $leader; $state"
-    echo "NOMAD_ADDR=http://127.0.0.1:$HTTP_PORT"
+}
+
+nomad_bin() {
+    local nomad
+    if [ -n "${NOMAD_BIN:-}" ]; then
+        nomad=$NOMAD_BIN
+    else
+        nomad=$("$here/build-nomad.sh" | tail -n 1) || die "tests/e2e/nomad/build-nomad.sh failed"
+    fi
+    [ -x "$nomad" ] || die "no nomad binary at '$nomad'"
+    echo "$nomad"
+}
+
+do_start() {
+    local pid nomad rpc serf
+    [ "$(id -u)" = 0 ] ||
+        die "run as root: the Nomad 1.6 docker driver reports 'Driver must run as root' otherwise (cgroup v2), and the test jobs run agents as root"
+    pid=$(agent_pid)
+    [ -z "$pid" ] || die "an agent for $DIR is already running (pid $pid, NOMAD_ADDR=$(addr)); run '$me stop $DIR' first"
+    rm -f "$PIDFILE"
+
+    rpc=$((HTTP_PORT + 1))
+    serf=$((HTTP_PORT + 2))
+    local p
+    for p in "$HTTP_PORT" "$rpc" "$serf"; do
+        ! port_in_use "$p" || die "port $p is already in use (the agent needs ports $HTTP_PORT-$serf; set NOMAD_DEV_HTTP_PORT to another first port)"
+    done
+    case " $DRIVERS " in *" docker "*)
+        command -v docker >/dev/null || die "the docker CLI is missing, and NOMAD_DEV_DRIVERS includes docker"
+        docker info >/dev/null 2>&1 ||
+            die "the Docker engine does not answer 'docker info' (start it first: Nomad re-fingerprints docker only every 30 s)"
+        ;;
+    esac
+    nomad=$(nomad_bin) || exit 1
+
+    # A leftover data dir (an agent that was killed) may hold mounts.
+    if [ -d "$DATA" ]; then
+        cleanup_leftovers ""
+        rm -rf "$DATA"
+    fi
+    mkdir -p "$DATA"
+    chmod go+x "$DIR"
+    chmod 0711 "$DATA"
+    [ "$TLS" != 1 ] || make_tls
+    write_config
+    : >"$LOGFILE"
+    launch "$nomad"
+    echo "NOMAD_ADDR=$(addr)"
+}
+
+do_restart() {
+    local pid nomad t0=$SECONDS
+    [ "$PERSIST" = 1 ] || die "restart needs NOMAD_DEV_PERSIST=1 (a -dev agent forgets its jobs)"
+    pid=$(agent_pid)
+    [ -n "$pid" ] || die "no agent running for $DIR"
+    nomad=$(nomad_bin) || exit 1
+    # SIGTERM without leave_on_terminate: the client goes away and leaves
+    # its tasks running; the restarted client reattaches to them.
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt "$STOP_TIMEOUT" ]; do
+        sleep 0.2
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log_tail 20
+        die "the agent (pid $pid) did not exit within ${STOP_TIMEOUT} s of SIGTERM"
+    fi
+    log "agent (pid $pid) stopped after $((SECONDS - t0)) s; starting it again"
+    launch "$nomad"
+    echo "NOMAD_ADDR=$(addr)"
 }
 
 # --- status ------------------------------------------------------------------
@@ -411,6 +544,7 @@ for j in json.load(sys.stdin): print("job %s: %s" % (j["ID"], j["Status"]))' 2>/
 case $cmd in
 start) do_start ;;
 stop) do_stop ;;
+restart) do_restart ;;
 status)
     rc=0
     do_status || rc=$?

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -54,48 +55,77 @@ def free_base_port() -> int:
 
 
 class Nomad:
-    def __init__(self, addr: str) -> None:
+    """Nomad's HTTP API as the tests use it (with the CA and token of an
+    agent that has TLS or ACLs on)."""
+
+    def __init__(self, addr: str, token: str | None = None, cacert: str | None = None,
+                 dir: Path | None = None) -> None:
         self.addr = addr
+        self.token = token
+        self.cacert = cacert
+        self.dir = dir
+
+    def _open(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
+        req = urllib.request.Request(self.addr + path, data=body, method=method)
+        if self.token:
+            req.add_header("X-Nomad-Token", self.token)
+        ctx = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
+        return urllib.request.urlopen(req, timeout=30, context=ctx)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.addr + path, timeout=30) as r:
+        with self._open(path) as r:
             return json.loads(r.read())
 
     def status(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(self.addr + path, timeout=30) as r:
+            with self._open(path) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
 
     def post(self, path: str, body: dict | None = None) -> Any:
-        req = urllib.request.Request(self.addr + path, data=json.dumps(body or {}).encode(),
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with self._open(path, "POST", json.dumps(body or {}).encode()) as r:
             return json.loads(r.read())
+
+    def delete(self, path: str) -> None:
+        self._open(path, "DELETE").close()
 
     def jobs(self, prefix: str = "slot-") -> list[dict]:
         return [j for j in self.get(f"/v1/jobs?prefix={prefix}") if not j.get("Stop")]
 
+    def purge_all(self, prefix: str = "slot-") -> None:
+        for j in self.get(f"/v1/jobs?prefix={prefix}"):
+            self.delete(f"/v1/job/{j['ID']}?purge=true")
+
+
+def start_nomad(**env_extra: str) -> tuple[Nomad, Path, dict[str, str]]:
+    """A Nomad agent from nomad-dev.sh on free ports; NOMAD_DEV_* in env_extra."""
+    d = Path(tempfile.mkdtemp(prefix="slot-nomad-", dir="/var/tmp"))
+    port = free_base_port()
+    env = dict(os.environ, NOMAD_DEV_HTTP_PORT=str(port), **env_extra)
+    r = subprocess.run([str(HERE / "nomad-dev.sh"), "start", str(d)], capture_output=True,
+                       text=True, timeout=1800, env=env)
+    if r.returncode != 0:
+        subprocess.run(["rm", "-rf", str(d)], timeout=120)
+        pytest.fail(f"nomad-dev.sh start failed:\n{r.stderr[-3000:]}")
+    kv = dict(line.split("=", 1) for line in (d / "env").read_text().splitlines() if "=" in line)
+    return Nomad(kv["NOMAD_ADDR"], kv.get("NOMAD_TOKEN"), kv.get("NOMAD_CACERT"), d), d, env
+
+
+def stop_nomad(d: Path, env: dict[str, str]) -> None:
+    s = subprocess.run([str(HERE / "nomad-dev.sh"), "stop", str(d)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    subprocess.run(["rm", "-rf", str(d)], timeout=120)
+    assert s.returncode == 0, s.stderr[-2000:]
+
 
 @pytest.fixture(scope="module")
 def nomad() -> Iterator[Nomad]:
-    d = Path(tempfile.mkdtemp(prefix="slot-nomad-", dir="/var/tmp"))
-    port = free_base_port()
-    env = dict(os.environ, NOMAD_DEV_HTTP_PORT=str(port))
-    script = HERE / "nomad-dev.sh"
-    r = subprocess.run([str(script), "start", str(d)], capture_output=True, text=True,
-                       timeout=1800, env=env)
-    if r.returncode != 0:
-        pytest.fail(f"nomad-dev.sh start failed:\n{r.stderr[-3000:]}")
-    addr = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    n, d, env = start_nomad()
     try:
-        yield Nomad(addr)
+        yield n
     finally:
-        s = subprocess.run([str(script), "stop", str(d)], capture_output=True, text=True,
-                           timeout=300, env=env)
-        subprocess.run(["rm", "-rf", str(d)], timeout=120)
-        assert s.returncode == 0, s.stderr[-2000:]
+        stop_nomad(d, env)
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +153,7 @@ def controllers(nomad) -> Iterator[list]:
         log = c.log()
         assert "Sanitizer" not in log and "runtime error:" not in log, log[-3000:]
     # every job the tests made goes, whatever happened
-    for j in nomad.get("/v1/jobs?prefix=slot-"):
-        req = urllib.request.Request(f"{nomad.addr}/v1/job/{j['ID']}?purge=true",
-                                     method="DELETE")
-        urllib.request.urlopen(req, timeout=30).close()
+    nomad.purge_all()
     subprocess.run(["rm", "-rf", str(tmp)], timeout=60)
 
 
@@ -436,3 +463,66 @@ def test_scale_up_under_waiters_and_down_to_min_keeping_leases(controllers, noma
     r = cl.call("exec", {"slot": keep, "tool": "bash", "args": {"command": "echo kept"}})
     assert r["stdout"] == b"kept\n"
     cl.close()
+
+
+# ---- stop --------------------------------------------------------------------
+
+
+def all_jobs(nomad: Nomad) -> dict[str, dict]:
+    return {j["ID"]: j for j in nomad.get("/v1/jobs?prefix=slot-")}
+
+
+def wait_allocs_done(nomad: Nomad, job_ids, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [a["ID"][:8] for j in job_ids for a in nomad.get(f"/v1/job/{j}/allocations")
+                if a["ClientStatus"] in ("pending", "running")]
+        if not live:
+            return
+        assert time.monotonic() < deadline, f"allocations still running: {live}"
+        time.sleep(0.5)
+
+
+def test_agentctl_stop_deregisters_and_purge_purges(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", min_agents=2)
+    cl = c.client()
+    cl.call("acquire", {"trajectory_id": "held"})
+    first = {j["ID"] for j in nomad.jobs()}
+    assert len(first) == 2
+    r = subprocess.run([str(AGENTCTL), "--controller", c.addr, "stop"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["stopping 2 agents (1 leased slot)", "controller stopped"]
+    assert c.proc.wait(5) == 0
+    cl.close()
+    # stopped, not purged: `nomad job status` still shows them, dead
+    jobs = all_jobs(nomad)
+    assert first <= set(jobs) and all(jobs[j]["Stop"] for j in first)
+    wait_allocs_done(nomad, first)
+    # a new controller does not take stopped jobs back: it starts its own
+    c.start(wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] == 2, timeout=90)
+    second = {j["ID"] for j in nomad.jobs()}
+    assert len(second) == 2 and not second & first
+    r = subprocess.run([str(AGENTCTL), "--controller", c.addr, "stop", "--purge"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Nomad jobs are purged" in r.stdout
+    assert c.proc.wait(5) == 0
+    for j in second:
+        assert nomad.status(f"/v1/job/{j}") == 404
+    assert all(nomad.status(f"/v1/job/{j}") == 200 for j in first)  # left as they were
+
+
+def test_controller_stop_flag_cleans_up_after_a_killed_controller(controllers, nomad) -> None:
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", min_agents=2)
+    jobs = {j["ID"] for j in nomad.jobs()}
+    c.kill9()
+    assert {j["ID"] for j in nomad.jobs()} == jobs  # the agents outlive it
+    r = subprocess.run(c.argv() + ["--stop", "--purge"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "reattaching agent" in out and "stopped every agent" in out, out
+    for j in jobs:
+        assert nomad.status(f"/v1/job/{j}") == 404
