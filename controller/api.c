@@ -335,7 +335,9 @@ static void pack_env(msgpack_packer *pk, const struct profile *p, const msgpack_
         const char *eq = strchr(p->env.v[i], '=');
         n += !env_has(env, p->env.v[i], (size_t)(eq - p->env.v[i]));
     }
-    for (size_t i = 0; i < p->secrets.n; i++)
+    /* A modal profile's secrets name Modal Secrets, attached to the sandbox. */
+    size_t nsec = p->be == &backend_modal ? 0 : p->secrets.n;
+    for (size_t i = 0; i < nsec; i++)
         n += getenv(p->secrets.v[i]) && !env_has(env, p->secrets.v[i], strlen(p->secrets.v[i]));
     msgpack_pack_map(pk, n);
     for (size_t i = 0; i < p->env.n; i++) {
@@ -345,7 +347,7 @@ static void pack_env(msgpack_packer *pk, const struct profile *p, const msgpack_
         sp_pack_strn(pk, kvp, (size_t)(eq - kvp));
         sp_pack_cstr(pk, eq + 1);
     }
-    for (size_t i = 0; i < p->secrets.n; i++) {
+    for (size_t i = 0; i < nsec; i++) {
         const char *v = getenv(p->secrets.v[i]);
         if (!v || env_has(env, p->secrets.v[i], strlen(p->secrets.v[i])))
             continue;

@@ -34,20 +34,24 @@ struct field {
     enum ftype type;
     size_t off;
     const char *help;
+    bool alias; /* another name of the field before it with the same offset */
 };
 
 #define PF(f) offsetof(struct profile, f)
 static const struct field fields[] = {
-    {"backend", F_BACKEND, PF(backend), "where agents run: local, exec or nomad"},
+    {"backend", F_BACKEND, PF(backend), "where agents run: local, exec, nomad or modal"},
     {"image", F_STR, PF(image), "container image (container backends; recorded for local)"},
     {"cpu", F_DOUBLE, PF(cpu), "CPUs per agent (container backends)"},
     {"memory", F_SIZE, PF(memory), "memory per agent; local: split over its slots"},
     {"gpu", F_STR, PF(gpu), "GPUs per agent (container backends)"},
     {"slots_per_agent", F_U32, PF(slots_per_agent), "slots in each agent"},
     {"min_agents", F_U32, PF(min_agents), "agents kept running even when idle"},
+    {"min_pool", F_U32, PF(min_agents), "the same as min_agents", true},
     {"max_agents", F_U32, PF(max_agents), "upper bound on agents"},
+    {"max_pool", F_U32, PF(max_agents), "the same as max_agents", true},
     {"max_starts_per_second", F_DOUBLE, PF(max_starts_per_second), "agent start rate cap"},
     {"idle_timeout", F_DURATION, PF(idle_timeout_ms), "stop agents without leases after this"},
+    {"scale_down_idle", F_DURATION, PF(idle_timeout_ms), "the same as idle_timeout", true},
     {"max_lifetime", F_DURATION, PF(max_lifetime_ms), "drain agents older than this (0: never)"},
     {"acquire_timeout", F_DURATION, PF(acquire_timeout_ms), "default acquire wait"},
     {"exec_timeout", F_DURATION, PF(exec_timeout_ms), "default command timeout"},
@@ -55,7 +59,10 @@ static const struct field fields[] = {
      "release (with reset) leases unused this long (0: never)"},
     {"start_timeout", F_DURATION, PF(start_timeout_ms), "an agent not ready by then failed"},
     {"env", F_ENV, PF(env), "environment added to every command"},
-    {"secrets", F_LIST, PF(secrets), "controller env vars passed to commands, never shown"},
+    {"env_vars", F_ENV, PF(env), "the same as env", true},
+    {"secrets", F_LIST, PF(secrets),
+     "controller env vars passed to commands, never shown; modal: Modal Secret names"},
+    {"workdir", F_STR, PF(workdir), "modal: the sandbox's working directory (default /workspace)"},
     {"isolation", F_ISOLATION, PF(isolation), "best_effort or required"},
     {"workspace_base", F_STR, PF(workspace_base), "directory holding agents' data dirs"},
     {"local.mode", F_LOCAL_MODE, PF(local_mode), "stdio (children) or socket (detached)"},
@@ -83,6 +90,17 @@ static const struct field fields[] = {
     {"nomad.job", F_STR, PF(nomad.job), "HCL2 job template file (nomad/*.nomad.hcl)"},
     {"nomad.vars", F_ENV, PF(nomad.vars), "template variables, NAME: value"},
     {"nomad.port_label", F_STR, PF(nomad.port_label), "the agent's port label (default agent)"},
+    {"modal.app", F_STR, PF(modal.app), "Modal app holding the sandboxes (default slot)"},
+    {"modal.bridge", F_ARGV, PF(modal.bridge),
+     "the bridge command (default slot-modal-bridge beside slot-controller, else PATH)"},
+    {"modal.timeout", F_DURATION, PF(modal.timeout_ms),
+     "sandbox lifetime cap (default max_lifetime + 1h, else 24h)"},
+    {"modal.idle_timeout", F_DURATION, PF(modal.idle_timeout_ms),
+     "Modal's own idle timeout (a connected agent is never idle to Modal)"},
+    {"modal.block_network", F_STR, PF(modal.block_network), "true: no network in the sandbox"},
+    {"modal.cidr_allowlist", F_LIST, PF(modal.cidr_allowlist), "outbound CIDRs allowed"},
+    {"modal.on_signal", F_STR, PF(modal.on_signal),
+     "what a bridge told to stop does: detach (default) or terminate"},
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
@@ -316,7 +334,7 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
     }
     case F_BACKEND:
         if (!backend_find(v)) {
-            snprintf(why, whylen, "unknown backend '%s' (available: local, exec, nomad)", v);
+            snprintf(why, whylen, "unknown backend '%s' (available: local, exec, nomad, modal)", v);
             return -1;
         }
         snprintf(base, sizeof p->backend, "%s", v);
@@ -430,7 +448,8 @@ static int yaml_profile(struct yctx *y, struct profile *p, yaml_node_t *m, const
             return yerr(y, kn, "profile '%s': keys must be strings", p->name);
         char full[96];
         snprintf(full, sizeof full, "%s%s%s", prefix, *prefix ? "." : "", k);
-        if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec") || !strcmp(k, "nomad"))) {
+        if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec") || !strcmp(k, "nomad") ||
+                         !strcmp(k, "modal"))) {
             if (yaml_profile(y, p, vn, k) < 0)
                 return -1;
             continue;
@@ -667,6 +686,12 @@ static void profile_destroy(struct profile *p)
     for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
         free(*ns[i]);
     strlist_clear(&p->nomad.vars);
+    free(p->workdir);
+    free(p->modal.app);
+    free(p->modal.block_network);
+    free(p->modal.on_signal);
+    strlist_clear(&p->modal.bridge);
+    strlist_clear(&p->modal.cidr_allowlist);
     free(p);
 }
 
@@ -714,7 +739,7 @@ int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err)
                            p->backend);
         if (p->be->check && p->be->check(c, p, err) < 0)
             return -1;
-        for (size_t i = 0; i < p->secrets.n; i++)
+        for (size_t i = 0; i < p->secrets.n && p->be != &backend_modal; i++)
             if (!getenv(p->secrets.v[i]))
                 log_warn("profile '%s': secret %s is not set in the controller's environment",
                          p->name, p->secrets.v[i]);
@@ -746,14 +771,14 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
     /* name + every top-level field + the local and exec blocks */
     uint32_t n = 1;
     for (size_t i = 0; i < NFIELDS; i++)
-        n += strchr(fields[i].name, '.') == NULL;
-    n += 3;
+        n += strchr(fields[i].name, '.') == NULL && !fields[i].alias;
+    n += 4;
     if (count_only)
         return n;
     sp_pack_kv_str(pk, "name", p->name);
     for (size_t i = 0; i < NFIELDS; i++) {
         const struct field *f = &fields[i];
-        if (strchr(f->name, '.'))
+        if (strchr(f->name, '.') || f->alias)
             continue;
         const char *base = (const char *)p + f->off;
         char key[64];
@@ -807,6 +832,15 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
     sp_pack_kv_bool(pk, "token_set", p->nomad.token && *p->nomad.token);
     sp_pack_cstr(pk, "vars");
     pack_list(pk, &p->nomad.vars, false);
+    sp_pack_cstr(pk, "modal");
+    msgpack_pack_map(pk, 6);
+    sp_pack_kv_str(pk, "app", p->modal.app ? p->modal.app : "");
+    sp_pack_kv_uint(pk, "timeout_ms", p->modal.timeout_ms);
+    sp_pack_kv_uint(pk, "idle_timeout_ms", p->modal.idle_timeout_ms);
+    sp_pack_kv_str(pk, "block_network", p->modal.block_network ? p->modal.block_network : "");
+    sp_pack_kv_str(pk, "on_signal", p->modal.on_signal ? p->modal.on_signal : "");
+    sp_pack_cstr(pk, "cidr_allowlist");
+    pack_list(pk, &p->modal.cidr_allowlist, false);
     return n;
 }
 

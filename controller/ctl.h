@@ -76,6 +76,7 @@ struct backend {
 extern const struct backend backend_local;
 extern const struct backend backend_exec;
 extern const struct backend backend_nomad;
+extern const struct backend backend_modal;
 const struct backend *backend_find(const char *name);
 
 /* ---- profiles ------------------------------------------------------------ */
@@ -131,6 +132,13 @@ struct profile {
         char *ns, *region, *job, *port_label, *skip_verify;
         struct strlist vars; /* NAME=VALUE for the job template's variables */
     } nomad;
+    char *workdir; /* modal: the sandbox's working directory (slots live there) */
+    struct {
+        char *app, *block_network, *on_signal;
+        struct strlist bridge; /* argv */
+        uint64_t timeout_ms, idle_timeout_ms;
+        struct strlist cidr_allowlist;
+    } modal;
     void *be_data; /* the backend's per-profile state */
     /* live state */
     const struct backend *be;

@@ -445,7 +445,9 @@ static void print_profiles(struct ctl *c)
                   {"launch", &p->exec_launch},
                   {"stop", &p->exec_stop},
                   {"list", &p->exec_list}};
-        for (size_t i = 0; p->be == &backend_exec && i < sizeof ts / sizeof ts[0]; i++) {
+        for (size_t i = 0;
+             (p->be == &backend_exec || p->be == &backend_modal) && i < sizeof ts / sizeof ts[0];
+             i++) {
             if (!ts[i].t->n)
                 continue;
             printf("  exec.%s:", ts[i].name);

@@ -529,5 +529,7 @@ const struct backend *backend_find(const char *name)
         return &backend_exec;
     if (!strcmp(name, "nomad"))
         return &backend_nomad;
+    if (!strcmp(name, "modal"))
+        return &backend_modal;
     return NULL;
 }

@@ -1,0 +1,225 @@
+/* The modal backend: each agent is the long-lived process of its own Modal
+ * Sandbox, named APP-AGENT_ID (so a restarted controller finds it by name),
+ * and the controller reaches it through slot-modal-bridge
+ * (controller/modal/), which runs `slot-agent --attach` with Sandbox.exec
+ * and pumps its stdio. This file only turns the profile's Modal fields into
+ * the exec backend's launch, stop and list templates; the exec machinery
+ * does the rest. Agents outlive the controller, like socket-mode agents. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ctl.h"
+
+#define MODAL_NAME_MAX 64
+
+static void add(struct strlist *l, const char *s)
+{
+    strlist_add(l, s);
+}
+
+static void add_bridge(struct strlist *l, const struct strlist *bridge, const char *sub)
+{
+    for (size_t i = 0; i < bridge->n; i++)
+        add(l, bridge->v[i]);
+    add(l, sub);
+}
+
+/* slot-modal-bridge beside slot-controller, else on PATH. */
+static char *find_bridge(void)
+{
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = 0;
+            char *p = NULL;
+            if (asprintf(&p, "%s/slot-modal-bridge", exe) >= 0 && access(p, X_OK) == 0)
+                return p;
+            free(p);
+        }
+    }
+    const char *path = getenv("PATH");
+    char *dup = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin"), *save = NULL;
+    for (char *d = strtok_r(dup, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
+        char *p = NULL;
+        if (asprintf(&p, "%s/slot-modal-bridge", d) >= 0 && access(p, X_OK) == 0) {
+            free(dup);
+            return p;
+        }
+        free(p);
+    }
+    free(dup);
+    return NULL;
+}
+
+static bool modal_name_ok(const char *s)
+{
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && *s != '.' && *s != '_' && *s != '-')
+            return false;
+    return true;
+}
+
+static bool truthy(const char *s)
+{
+    return s && (!strcmp(s, "true") || !strcmp(s, "1") || !strcmp(s, "yes"));
+}
+
+static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
+{
+    if (p->exec_launch.n || p->exec_start.n || p->exec_stop.n || p->exec_list.n)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "profile '%s': a modal profile makes its own exec templates; set "
+                       "modal.bridge to run another bridge command",
+                       p->name);
+    if (!p->modal.app)
+        p->modal.app = strdup("slot");
+    /* Modal names: at most 64 of [A-Za-z0-9._-]; ours are APP-PROFILE-xxxxxx. */
+    if (!*p->modal.app || !modal_name_ok(p->modal.app) || !modal_name_ok(p->name) ||
+        strlen(p->modal.app) + strlen(p->name) + 8 > MODAL_NAME_MAX)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "profile '%s': sandbox names APP-PROFILE-xxxxxx must be at most %d "
+                       "characters of A-Z a-z 0-9 . _ - (modal.app '%s')",
+                       p->name, MODAL_NAME_MAX, p->modal.app);
+    const char *on_signal = p->modal.on_signal ? p->modal.on_signal : "detach";
+    if (strcmp(on_signal, "detach") && strcmp(on_signal, "terminate"))
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "profile '%s': modal.on_signal is detach or terminate, not '%s'", p->name,
+                       on_signal);
+    if (!p->modal.bridge.n) {
+        char *b = find_bridge();
+        if (!b)
+            return sp_errf(err, SP_NOT_FOUND,
+                           "profile '%s': slot-modal-bridge is neither beside slot-controller "
+                           "nor on PATH; install it or set modal.bridge",
+                           p->name);
+        add(&p->modal.bridge, b);
+        free(b);
+    }
+    char name[MODAL_NAME_MAX + 32], prefix[MODAL_NAME_MAX + 8], strip[MODAL_NAME_MAX + 8];
+    char num[64];
+    snprintf(name, sizeof name, "%s-{agent_id}", p->modal.app);
+    snprintf(prefix, sizeof prefix, "%s-%s-", p->modal.app, p->name);
+    snprintf(strip, sizeof strip, "%s-", p->modal.app);
+
+    struct strlist *l = &p->exec_launch;
+    add_bridge(l, &p->modal.bridge, "attach");
+    add(l, "--app");
+    add(l, p->modal.app);
+    add(l, "--name");
+    add(l, name);
+    add(l, "--slots");
+    add(l, "{slots}");
+    add(l, "--agent-bin");
+    add(l, "{agent_bin}");
+    add(l, "--workdir");
+    add(l, p->workdir ? p->workdir : "/workspace");
+    /* Modal's own lifetime cap: past max_lifetime the controller drains the
+     * agent; the extra hour lets its last leases finish. */
+    uint64_t tmo = p->modal.timeout_ms  ? p->modal.timeout_ms
+                   : p->max_lifetime_ms ? p->max_lifetime_ms + 3600 * 1000
+                                        : 24 * 3600 * 1000;
+    snprintf(num, sizeof num, "%llu", (unsigned long long)((tmo + 999) / 1000));
+    add(l, "--timeout");
+    add(l, num);
+    if (p->modal.idle_timeout_ms) {
+        snprintf(num, sizeof num, "%llu",
+                 (unsigned long long)((p->modal.idle_timeout_ms + 999) / 1000));
+        add(l, "--idle-timeout");
+        add(l, num);
+    }
+    add(l, "--on-signal");
+    add(l, on_signal);
+    if (p->image) {
+        add(l, "--image");
+        add(l, "{image}");
+    }
+    if (p->cpu > 0) {
+        add(l, "--cpu");
+        add(l, "{cpu}");
+    }
+    if (p->memory) {
+        add(l, "--memory");
+        add(l, "{memory_mb}");
+    }
+    if (p->gpu && *p->gpu) {
+        add(l, "--gpu");
+        add(l, "{gpu}");
+    }
+    if (*p->isolation) {
+        add(l, "--isolation");
+        add(l, "{isolation}");
+    }
+    for (size_t i = 0; i < p->secrets.n; i++) {
+        add(l, "--secret");
+        add(l, p->secrets.v[i]);
+    }
+    for (size_t i = 0; i < p->env.n; i++) {
+        add(l, "--env");
+        add(l, p->env.v[i]);
+    }
+    if (truthy(p->modal.block_network))
+        add(l, "--block-network");
+    for (size_t i = 0; i < p->modal.cidr_allowlist.n; i++) {
+        add(l, "--cidr-allowlist");
+        add(l, p->modal.cidr_allowlist.v[i]);
+    }
+
+    add_bridge(&p->exec_stop, &p->modal.bridge, "terminate");
+    add(&p->exec_stop, "--app");
+    add(&p->exec_stop, p->modal.app);
+    add(&p->exec_stop, "--name");
+    add(&p->exec_stop, name);
+
+    add_bridge(&p->exec_list, &p->modal.bridge, "list");
+    add(&p->exec_list, "--app");
+    add(&p->exec_list, p->modal.app);
+    add(&p->exec_list, "--prefix");
+    add(&p->exec_list, prefix);
+    add(&p->exec_list, "--strip");
+    add(&p->exec_list, strip);
+    return backend_exec.check(c, p, err);
+}
+
+/* The sandbox outlives the bridge and the controller; `stop` terminates it. */
+static bool modal_persistent(const struct profile *p)
+{
+    (void)p;
+    return true;
+}
+
+static int modal_start(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    return backend_exec.start_agent(c, ag, err);
+}
+
+static void modal_stop(struct ctl *c, struct agent *ag)
+{
+    backend_exec.stop_agent(c, ag);
+}
+
+static int modal_list(struct ctl *c, struct profile *p)
+{
+    return backend_exec.list_agents(c, p);
+}
+
+static int modal_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    return backend_exec.attach(c, ag, err);
+}
+
+const struct backend backend_modal = {
+    .name = "modal",
+    .start_agent = modal_start,
+    .stop_agent = modal_stop,
+    .list_agents = modal_list,
+    .attach = modal_attach,
+    .check = modal_check,
+    .persistent = modal_persistent,
+};
