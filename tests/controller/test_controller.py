@@ -660,12 +660,14 @@ def test_precedence_flags_over_env_over_file(tmp_path):
     ("controller.yaml", "profile default: backend local"),
     ("docker.yaml", "exec.launch: docker run -i --rm"),
     ("apptainer.yaml", "exec.launch: apptainer -q exec"),
+    ("nomad.yaml", "profile docker: backend nomad"),
 ])
 def test_example_configs_load(name, needle):
     root = Path(__file__).resolve().parents[2]
+    # from the repo's root, where their relative paths (nomad/*.hcl) point
     r = subprocess.run([str(CONTROLLER_BIN), "--config",
                         str(root / "controller" / "examples" / name), "--check"],
-                       capture_output=True, text=True, timeout=10)
+                       capture_output=True, text=True, timeout=10, cwd=root)
     assert r.returncode == 0, r.stderr
     assert needle in r.stdout
 
