@@ -51,6 +51,7 @@ bench: build
 	tests/bench/run.sh
 	$(PY) tests/bench/controller.py --build $(BUILD)
 	$(PY) tests/bench/images.py --build
+	$(PY) tests/bench/nomad.py
 
 # The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
 images: deps

@@ -409,6 +409,7 @@ static void cio_cb(struct ev_loop *loop, ev_io *w, int revents)
     int fd = a->fd;
     a->fd = -1;
     a->phase = NP_READY;
+    *ag->error = 0; /* "waiting for Nomad: ..." is over */
     ev_timer_stop(loop, &a->deadline);
     agent_stream_ready(ag->ctl, ag, fd);
 }

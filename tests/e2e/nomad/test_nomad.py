@@ -193,6 +193,8 @@ def test_raw_exec_agents_are_jobs_with_tokens(controllers, nomad) -> None:
     assert r["stdout"] == b"hi\n20000\n"
     ags = agents(c)
     assert len(ags) == 2 and all(a["address"].startswith("tcp:127.0.0.1:") for a in ags)
+    # what was said while waiting for Nomad is gone once the agent is ready
+    assert all(not a.get("error") for a in ags), ags
     jobs = nomad.jobs()
     assert len(jobs) == 2
     for j in jobs:
