@@ -94,6 +94,10 @@ struct agent {
     unsigned nslots;
     char token[512];
     size_t token_len;  /* 0: no auth required */
+    /* --pass-env: the agent's own variables that commands also get
+     * ("K=V", read once at start; never HOME, TMPDIR or SLOT_*). */
+    char **pass_env;
+    unsigned npass_env;
     const char *shell; /* /bin/bash, else /bin/sh */
     struct conn *conns;
     unsigned nconns;

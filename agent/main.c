@@ -53,6 +53,9 @@ static const char usage[] =
     "                           (default unlimited)\n"
     "  --slot-pids N            processes of each slot as a whole (default 4096)\n"
     "  --seccomp-deny CALLS     also deny these system calls (comma-separated); repeatable\n"
+    "  --pass-env NAME          commands also get this variable of the agent's environment\n"
+    "                           (NAME* a prefix, * all; never HOME, TMPDIR, SLOT_*;\n"
+    "                           the request's env wins); repeatable\n"
     "  --config FILE            read options from FILE first: one 'name value' per line\n"
     "                           (any long option without its dashes; # comments);\n"
     "                           the command line overrides it\n"
@@ -129,6 +132,7 @@ enum {
     OPT_CONFIG,
     OPT_ATTACH,
     OPT_ATTACH_TIMEOUT,
+    OPT_PASS_ENV,
 };
 enum {
     OPT_LISTEN = 256,
@@ -167,6 +171,7 @@ static const struct option longopts[] = {
     {"config", required_argument, NULL, OPT_CONFIG},
     {"attach", required_argument, NULL, OPT_ATTACH},
     {"attach-timeout", required_argument, NULL, OPT_ATTACH_TIMEOUT},
+    {"pass-env", required_argument, NULL, OPT_PASS_ENV},
     {NULL, 0, NULL, 0},
 };
 
@@ -348,6 +353,43 @@ static void ensure_std_fds(void)
             open("/dev/null", O_RDWR);
 }
 
+/* The agent's variables that match a --pass-env pattern, copied once: what
+ * the image, Modal Secrets or the job put in the agent's environment. */
+static int pass_env_init(struct agent *ag, const char *const *pat, unsigned npat)
+{
+    extern char **environ;
+    if (!npat)
+        return 0;
+    size_t n = 0;
+    for (char **e = environ; *e; e++)
+        n++;
+    ag->pass_env = calloc(n + 1, sizeof *ag->pass_env);
+    if (!ag->pass_env)
+        return -1;
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (!eq || eq == *e)
+            continue;
+        size_t kl = (size_t)(eq - *e);
+        /* The slot's own places and the agent's own settings (its token)
+         * are never the agent's to give away. */
+        if ((kl == 4 && !memcmp(*e, "HOME", 4)) || (kl == 6 && !memcmp(*e, "TMPDIR", 6)) ||
+            !strncmp(*e, "SLOT_", 5))
+            continue;
+        bool match = false;
+        for (unsigned i = 0; i < npat && !match; i++) {
+            size_t pl = strlen(pat[i]);
+            if (pat[i][pl - 1] == '*')
+                match = kl >= pl - 1 && !memcmp(*e, pat[i], pl - 1);
+            else
+                match = kl == pl && !memcmp(*e, pat[i], pl);
+        }
+        if (match && !(ag->pass_env[ag->npass_env++] = strdup(*e)))
+            return -1;
+    }
+    return 0;
+}
+
 static int agent_main(int argc, char **argv)
 {
     struct agent agent_ctx;
@@ -362,6 +404,8 @@ static int agent_main(int argc, char **argv)
     bool probe = false, json = false;
     const char *attach = NULL;
     double attach_timeout = 10;
+    const char *pass_pat[64];
+    unsigned npass_pat = 0;
     struct sp_err perr;
     rlimit_defaults(&ag->iso);
     ag->iso.uid_base = 20000;
@@ -491,6 +535,18 @@ static int agent_main(int argc, char **argv)
             }
             break;
         }
+        case OPT_PASS_ENV: {
+            size_t l = strlen(optarg);
+            const char *star = strchr(optarg, '*');
+            if (!l || strchr(optarg, '=') || (star && star != optarg + l - 1) ||
+                npass_pat == sizeof pass_pat / sizeof pass_pat[0]) {
+                fprintf(stderr, "slot-agent: --pass-env takes NAME, PREFIX* or * (at most %zu)\n",
+                        sizeof pass_pat / sizeof pass_pat[0]);
+                return 2;
+            }
+            pass_pat[npass_pat++] = optarg;
+            break;
+        }
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -602,6 +658,10 @@ static int agent_main(int argc, char **argv)
     log_info("slot-agent %s: %u slots in %s%s", AGENT_VERSION, ag->nslots, ag->data_dir,
              ag->token_len ? ", token required" : "");
 
+    if (pass_env_init(ag, pass_pat, npass_pat) < 0) {
+        log_error("out of memory");
+        goto out;
+    }
     ev_run(ag->loop, 0);
     rc = 0;
 out:
@@ -615,6 +675,9 @@ out:
     isolate_free(&ag->iso);
     free(ag->op_stats);
     free(ag->data_dir);
+    for (unsigned i = 0; i < ag->npass_env; i++)
+        free(ag->pass_env[i]);
+    free(ag->pass_env);
     if (ag->devnull_fd >= 0)
         close(ag->devnull_fd);
     log_info("exit %d", rc);

@@ -40,6 +40,26 @@ static char *arena_printf(struct arena *a, const char *fmt, const char *k, const
     return p;
 }
 
+/* Does the request's env map (nenv pairs, keys checked to be strings) set
+ * this name? */
+static bool env_lookup(const msgpack_object *env_o, uint32_t nenv, const char *k, size_t kl)
+{
+    for (uint32_t j = 0; j < nenv; j++) {
+        const msgpack_object *key = &env_o->via.map.ptr[j].key;
+        if (key->via.str.size == kl && !memcmp(key->via.str.ptr, k, kl))
+            return true;
+    }
+    return false;
+}
+
+static bool pass_lookup(const struct agent *ag, const char *k, size_t kl)
+{
+    for (unsigned i = 0; i < ag->npass_env; i++)
+        if (!strncmp(ag->pass_env[i], k, kl) && ag->pass_env[i][kl] == '=')
+            return true;
+    return false;
+}
+
 static bool has_nul(const char *s, size_t n)
 {
     return memchr(s, 0, n) != NULL;
@@ -219,7 +239,9 @@ int op_exec(struct req *rq, struct sp_err *err)
                            "without NUL");
         need += k->via.str.size + v->via.str.size + 2;
     }
-    size_t nptr = (nargv + 1) + (nenv + 8 + 1);
+    for (unsigned i = 0; i < ag->npass_env; i++)
+        need += strlen(ag->pass_env[i]) + 1;
+    size_t nptr = (nargv + 1) + (nenv + ag->npass_env + 8 + 1);
     /* argv/envp pointer arrays follow the strings: keep them aligned. */
     a.cap = (need + 64 + sizeof(char *) - 1) & ~(sizeof(char *) - 1);
     a.buf = malloc(a.cap + nptr * sizeof(char *));
@@ -255,14 +277,21 @@ int op_exec(struct req *rq, struct sp_err *err)
     };
     const char *path_env = DEFAULT_PATH;
     for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
-        bool overridden = false;
-        for (uint32_t j = 0; j < nenv; j++)
-            if (sp_str_eq(env_o->via.map.ptr[j].key.via.str.ptr,
-                          env_o->via.map.ptr[j].key.via.str.size, defaults[i][0]))
-                overridden = true;
+        bool overridden = env_lookup(env_o, nenv, defaults[i][0], strlen(defaults[i][0])) ||
+                          pass_lookup(ag, defaults[i][0], strlen(defaults[i][0]));
         if (!overridden &&
             !(envp[ne++] = arena_printf(&a, "%s=%s", defaults[i][0], defaults[i][1])))
             goto oom;
+    }
+    /* --pass-env: between the defaults and the request's env. */
+    for (unsigned i = 0; i < ag->npass_env; i++) {
+        const char *kv = ag->pass_env[i];
+        size_t kl = (size_t)(strchr(kv, '=') - kv);
+        if (env_lookup(env_o, nenv, kv, kl))
+            continue;
+        envp[ne++] = (char *)kv;
+        if (kl == 4 && !memcmp(kv, "PATH", 4))
+            path_env = kv + 5;
     }
     for (uint32_t j = 0; j < nenv; j++) {
         const msgpack_object *k = &env_o->via.map.ptr[j].key, *v = &env_o->via.map.ptr[j].val;

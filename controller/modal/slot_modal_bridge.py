@@ -38,7 +38,8 @@ named NAME (`Sandbox.from_name`), else create it (unless --no-create) from
 `Image.from_registry(REF).add_local_file(AGENT_BIN, "/usr/local/bin/slot-agent")`
 with tags {slot_bridge: "1", slot_name: NAME}, the profile's resources, and as
 its process `/usr/local/bin/slot-agent --listen unix:/run/slot-agent.sock
---slots N --data-dir WORKDIR [--isolation I]`. A lost creation race
+--slots N --data-dir WORKDIR --pass-env '*' [--isolation I]` (commands see the
+sandbox's environment: the image's ENV, the Secrets, --env). A lost creation race
 (AlreadyExistsError) attaches to the winner. An existing sandbox is reused as
 it is: its image, resources and slots are not compared with the flags. Then
 `sb.exec("/usr/local/bin/slot-agent", "--attach", "unix:/run/slot-agent.sock",
@@ -384,8 +385,10 @@ class Bridge:
         m = self.modal
         agent_bin = find_agent_bin(a.agent_bin)
         image = m.Image.from_registry(a.image).add_local_file(agent_bin, AGENT_REMOTE)
+        # --pass-env '*': commands get what the image, the Secrets and --env
+        # put in the sandbox's environment, as Modal's own exec would give.
         entry = [AGENT_REMOTE, "--listen", AGENT_ADDR, "--slots", str(a.slots),
-                 "--data-dir", a.workdir]
+                 "--data-dir", a.workdir, "--pass-env", "*"]
         if a.isolation:
             entry += ["--isolation", a.isolation]
         kw: dict[str, Any] = {

@@ -228,7 +228,7 @@ def test_hello_exec_then_eof_exits_0_and_sandbox_keeps_running(fm: FakeModal) ->
     assert not list((sb.path / "execs").glob("*")), "the relay exec should have ended"
     args = sb.create_args()
     assert args["args"] == ["/usr/local/bin/slot-agent", "--listen", "unix:/run/slot-agent.sock",
-                            "--slots", "4", "--data-dir", "/workspace"]
+                            "--slots", "4", "--data-dir", "/workspace", "--pass-env", "*"]
     assert args["image"] == {"ref": "debian:bookworm-slim",
                              "local_files": [[str(AGENT_BIN.resolve()), "/usr/local/bin/slot-agent"]]}
     assert sb.tags() == {"slot_bridge": "1", "slot_name": "n1"}
@@ -467,7 +467,8 @@ def test_profile_fields_reach_create(fm: FakeModal) -> None:
     assert ws.startswith(str(sb.root / "work" / "data") + "/")
     a = sb.create_args()
     assert a["args"] == ["/usr/local/bin/slot-agent", "--listen", "unix:/run/slot-agent.sock",
-                         "--slots", "2", "--data-dir", "/work/data", "--isolation", "best_effort"]
+                         "--slots", "2", "--data-dir", "/work/data", "--pass-env", "*",
+                         "--isolation", "best_effort"]
     assert a["image"]["ref"] == "ghcr.io/acme/rl-env:7"
     assert (a["cpu"], a["memory"], a["gpu"]) == (2.5, 4096, "T4")
     assert (a["timeout"], a["idle_timeout"], a["workdir"]) == (3600, 600, "/work/data")
@@ -480,6 +481,9 @@ def test_profile_fields_reach_create(fm: FakeModal) -> None:
     env = dict(kv.split("=", 1) for kv in
                Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
     assert (env["TOKEN"], env["A"], env["B"]) == ("abc", "1", "x=y")
+    # ... and so do the commands in the slots (the agent runs with --pass-env '*')
+    r = b.client.call("exec", {"slot": 0, "cmd": 'echo "$TOKEN|$A|$B"'})
+    assert r["stdout"] == b"abc|1|x=y\n", r
     rc, err = b.finish()
     assert rc == 0 and err == "", err
 

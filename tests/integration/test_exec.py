@@ -125,6 +125,41 @@ def test_clean_environment(agent_factory: AgentFactory, monkeypatch: pytest.Monk
     assert "leaked-value-91" not in a.log()
 
 
+def test_pass_env_gives_commands_chosen_agent_variables(agent_factory: AgentFactory,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a Modal Secret or an image's ENV puts in the agent's environment.
+    monkeypatch.setenv("HF_TOKEN", "hf-secret-1")
+    monkeypatch.setenv("APP_MODE", "prod")
+    monkeypatch.setenv("APP_LEVEL", "3")
+    monkeypatch.setenv("OTHER_THING", "no")
+    monkeypatch.setenv("SLOT_AGENT_TOKEN", "never")
+    monkeypatch.setenv("PATH", "/opt/tool/bin:/usr/bin:/bin")
+    a = agent_factory(extra=["--pass-env", "HF_TOKEN", "--pass-env", "APP_*",
+                             "--pass-env", "PATH", "--pass-env", "SLOT_*"])
+    c = a.client()
+    r = c.call("exec", {"slot": 1, "argv": ["env", "-0"], "env": {"APP_LEVEL": "9"}})
+    env = env_of(r["stdout"])
+    assert env["HF_TOKEN"] == "hf-secret-1" and env["APP_MODE"] == "prod"
+    assert env["APP_LEVEL"] == "9"  # the request wins
+    assert "OTHER_THING" not in env and "SLOT_AGENT_TOKEN" not in env
+    assert env["PATH"] == "/opt/tool/bin:/usr/bin:/bin"  # the image's PATH
+    assert env["HOME"] == str(workspace(c, 1)) and env["SLOT_INDEX"] == "1"  # never passed
+    # "*" passes everything but the slot's own variables
+    b = agent_factory(extra=["--pass-env", "*"])
+    env = env_of(b.client().call("exec", {"slot": 0, "argv": ["env", "-0"]})["stdout"])
+    assert env["OTHER_THING"] == "no" and "SLOT_AGENT_TOKEN" not in env
+    assert env["HOME"] == str(workspace(b.client(), 0))
+
+
+@pytest.mark.parametrize("bad", ["", "A=B", "A*B", "**"])
+def test_pass_env_refuses_bad_patterns(tmp_path, bad: str) -> None:
+    import subprocess
+    from conftest import AGENT_BIN
+    r = subprocess.run([str(AGENT_BIN), "--stdio", "--pass-env", bad], capture_output=True,
+                       text=True, timeout=10, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--pass-env takes NAME, PREFIX* or *" in r.stderr
+
+
 def test_env_overrides_defaults(client: Client) -> None:
     r = client.call("exec", {"slot": 0, "cmd": 'echo "$LANG|$TERM"',
                              "env": {"LANG": "C", "TERM": "xterm"}})
