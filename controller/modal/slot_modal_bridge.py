@@ -295,9 +295,16 @@ class LocalOut:
 
     def __init__(self) -> None:
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._socket = False
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
+        if stat.S_ISSOCK(os.fstat(1).st_mode):
+            # A socketpair (how slot-controller runs us): fd 0 and fd 1 are one
+            # socket, so a write-pipe transport would take the controller's
+            # next request on it for the far end closing. Write by hand.
+            self._socket = True
+            return
         try:
             transport, protocol = await loop.connect_write_pipe(
                 asyncio.streams.FlowControlMixin, os.fdopen(1, "wb", buffering=0, closefd=False))
@@ -305,9 +312,25 @@ class LocalOut:
         except (OSError, ValueError):
             self._writer = None  # a regular file: plain blocking writes are fine
 
+    async def _write_socket(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(1, view):]
+            except BlockingIOError:  # non-blocking: fd 0's reader shares the flag
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(1, lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(1)
+
     async def write(self, data: bytes) -> None:
         try:
-            if self._writer is not None:
+            if self._socket:
+                await self._write_socket(data)
+            elif self._writer is not None:
                 if self._writer.transport.is_closing():
                     raise LocalClosed()
                 self._writer.write(data)

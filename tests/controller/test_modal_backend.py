@@ -1,0 +1,194 @@
+"""The controller's `modal` backend end to end against the FAKE Modal SDK of
+tests/controller/modal_fake (Modal's cloud cannot be reached from here; see
+test_modal_bridge.py): the controller runs build/slot-modal-bridge per agent,
+the fake runs each sandbox as real local processes, so the example trainer's
+traffic really flows controller -> bridge -> fake exec of `slot-agent
+--attach` -> the agent daemon that is the sandbox's own process. Covered: the
+trainer on a modal profile next to a local one in the same controller;
+profile aliases and `agentctl profiles`; a sandbox dying mid-batch
+(agent_lost for its requests only, then a replacement); a controller kill -9
+and restart finding the same sandboxes by name with leases and workspaces
+intact; idle scale-down and `agentctl stop` terminating sandboxes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import AGENTCTL_BIN, BUILD, ROOT, Controller
+from test_modal_bridge import FakeModal, alive, fm, wait_for  # noqa: F401 (fixture)
+
+TRAINER = ROOT / "controller" / "python" / "examples" / "trainer.py"
+BRIDGE = BUILD / "slot-modal-bridge"
+
+
+def config(app: str, **cpu: Any) -> str:
+    prof: dict[str, Any] = {"backend": "modal", "slots_per_agent": 4, "min_pool": 1,
+                            "max_pool": 3, "image": "debian:bookworm-slim",
+                            "start_timeout": "60s", "env_vars": {"MODE": "rl"},
+                            "modal": {"app": app, "bridge": [str(BRIDGE)]}, **cpu}
+    return json.dumps({"profiles": {
+        "cpu": prof,
+        "loc": {"backend": "local", "slots_per_agent": 2, "min_agents": 1, "max_agents": 1},
+    }})
+
+
+def start(controller_factory, fm: FakeModal, app: str = "rlapp", **cpu: Any) -> Controller:
+    c = controller_factory(config(app, **cpu), env=fm.env, wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] >= 2, timeout=60)
+    return c
+
+
+def agents(c: Controller, profile: str = "cpu") -> list[dict]:
+    cl = c.client()
+    try:
+        return [a for a in cl.call("agents")["agents"] if a["profile"] == profile]
+    finally:
+        cl.close()
+
+
+def sandbox_of(fm: FakeModal, agent_id: str, app: str = "rlapp"):
+    return fm.running(f"{app}-{agent_id}")
+
+
+def ctl(c: Controller, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(AGENTCTL_BIN), "--controller", c.addr, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_trainer_on_modal_next_to_a_local_profile(controller_factory, fm: FakeModal) -> None:
+    c = start(controller_factory, fm)
+    r = subprocess.run(["/usr/bin/python3", str(TRAINER), "--address", c.addr, "--profile",
+                        "cpu", "--trajectories", "24", "--concurrency", "8", "--steps", "3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "errors:        0" in r.stdout, r.stdout + r.stderr
+    # 8 at a time on 4-slot agents: the pool grew, one sandbox per agent
+    ags = agents(c)
+    assert 2 <= len(ags) <= 3
+    for a in ags:
+        sb = sandbox_of(fm, a["id"])
+        assert sb is not None, a
+        assert sb.create_args()["image"]["ref"] == "debian:bookworm-slim"
+        assert sb.create_args()["env"] == {"MODE": "rl"}
+    # the other profile is served by the same controller
+    cl = c.client()
+    h = cl.call("acquire", {"profile": "loc", "trajectory_id": "l"})["slot"]
+    assert h.startswith("loc-")
+    m = cl.call("acquire", {"profile": "cpu", "trajectory_id": "m"})["slot"]
+    out = cl.call("exec", {"slot": m, "tool": "bash", "args": {"command": "echo $MODE"}})
+    assert out["stdout"] == b"rl\n"
+    cl.close()
+    p = ctl(c, "profiles")
+    assert p.returncode == 0, p.stderr
+    rows = {ln.split()[0]: ln for ln in p.stdout.splitlines()[1:] if ln.strip()}
+    assert "modal" in rows["cpu"] and "local" in rows["loc"], p.stdout
+    pj = json.loads(ctl(c, "--json", "profiles").stdout)
+    cpu = next(x for x in pj["profiles"] if x["name"] == "cpu")
+    assert (cpu["min_agents"], cpu["max_agents"]) == (1, 3)  # min_pool / max_pool
+    assert cpu["modal"]["app"] == "rlapp"
+
+
+def test_sandbox_dying_mid_batch_fails_only_its_requests(controller_factory,
+                                                         fm: FakeModal) -> None:
+    c = start(controller_factory, fm, min_pool=2, max_pool=2)
+    cl = c.client()
+    hs = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(8)]
+    victim = hs[0].split("/")[0]
+    sb = sandbox_of(fm, victim)
+    assert sb is not None
+    rid = cl.send("batch", {"requests": [
+        {"slot": h, "tool": "bash", "args": {"command": "sleep 3; echo done"}} for h in hs]})
+    time.sleep(0.8)
+    os.kill(sb.process_pid(), signal.SIGKILL)  # the sandbox's agent dies: Modal ends it
+    res = cl.wait(rid, timeout=60)[0]["result"]["results"]
+    for h, x in zip(hs, res):
+        if h.startswith(victim + "/"):
+            assert x["error"]["code"] == "agent_lost", x
+        else:
+            assert x["ok"] and x["result"]["stdout"] == b"done\n", x
+    st = c.wait_agents(lambda st: st["agents"]["ready"] == 3
+                       and victim not in {a["id"] for a in agents(c)}, timeout=60)
+    assert st["agents"]["ready"] == 3  # two modal agents again, plus the local one
+    assert fm.running(f"rlapp-{victim}") is None
+    cl.close()
+
+
+def test_controller_kill9_and_restart_finds_the_same_sandboxes(controller_factory,
+                                                                fm: FakeModal) -> None:
+    c = start(controller_factory, fm, min_pool=2, max_pool=2)
+    cl = c.client()
+    hs = [cl.call("acquire", {"trajectory_id": f"traj-{i}"})["slot"] for i in range(3)]
+    for i, h in enumerate(hs):
+        cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": f"echo {i} > f"}})
+    cl.send("exec", {"slot": hs[0], "tool": "bash",
+                     "args": {"command": "sleep 2; echo bg > g"}})
+    time.sleep(0.3)
+    before = {a["id"]: sandbox_of(fm, a["id"]).process_pid() for a in agents(c)}
+    c.kill9()
+    cl.close()
+    c.expect_clean_exit = True
+    c.start(wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] == 3 and st["slots"]["leased"] == 3,
+                  timeout=60)
+    after = {a["id"]: sandbox_of(fm, a["id"]).process_pid() for a in agents(c)}
+    assert after == before  # same agents in the same sandbox processes
+    assert all(a["reattached"] for a in agents(c))
+    cl = c.client()
+    leases = {x["slot"]: x["trajectory_id"] for x in cl.call("leases")["leases"]}
+    assert leases == {h: f"traj-{i}" for i, h in enumerate(hs)}
+    for i, h in enumerate(hs):
+        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": "cat f"}})
+        assert r["stdout"] == f"{i}\n".encode()
+    time.sleep(2)
+    r = cl.call("exec", {"slot": hs[0], "tool": "bash", "args": {"command": "cat g"}})
+    assert r["stdout"] == b"bg\n"
+    cl.close()
+
+
+def test_idle_scale_down_and_stop_terminate_sandboxes(controller_factory,
+                                                      fm: FakeModal) -> None:
+    c = start(controller_factory, fm, min_pool=1, max_pool=3, scale_down_idle="1s")
+    cl = c.client()
+    hs = [cl.call("acquire", {"trajectory_id": f"t{i}", "timeout_ms": 60000})["slot"]
+          for i in range(6)]
+    ids = sorted({h.split("/")[0] for h in hs})
+    assert len(ids) == 2
+    keep = hs[0].split("/")[0]
+    for h in hs:
+        if not h.startswith(keep + "/"):
+            cl.call("release", {"slot": h})
+    gone = next(i for i in ids if i != keep)
+    wait_for(lambda: fm.running(f"rlapp-{gone}") is None, 30, "the idle sandbox to end")
+    assert fm.running(f"rlapp-{keep}") is not None  # leased: never stopped
+    cl.close()
+    r = ctl(c, "stop")
+    assert r.returncode == 0 and "controller stopped" in r.stdout, r.stderr
+    assert c.proc.wait(5) == 0
+    assert fm.running(f"rlapp-{keep}") is None
+    assert not [sb for sb in fm.sandboxes() if sb.running()]
+
+
+def test_modal_profile_errors_are_clear(tmp_path: Path) -> None:
+    from conftest import CONTROLLER_BIN
+
+    def check(prof: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        f = tmp_path / "c.yaml"
+        f.write_text(json.dumps({"profiles": {"m": {"backend": "modal", **prof}}}))
+        return subprocess.run([str(CONTROLLER_BIN), "--config", str(f), "--check"],
+                              capture_output=True, text=True, timeout=10)
+
+    r = check({"modal": {"bridge": [str(BRIDGE)], "on_signal": "explode"}})
+    assert r.returncode == 2 and "modal.on_signal is detach or terminate" in r.stderr
+    r = check({"modal": {"bridge": [str(BRIDGE)], "app": "x" * 60}})
+    assert r.returncode == 2 and "at most 64" in r.stderr
+    r = check({"modal": {"bridge": [str(BRIDGE)]}, "exec": {"launch": ["cat"]}})
+    assert r.returncode == 2 and "makes its own exec templates" in r.stderr
+    # found beside slot-controller by default
+    r = check({"gpu": "A10G", "secrets": ["hf"], "workdir": "/w"})
+    assert r.returncode == 0, r.stderr
+    assert f"exec.launch: {BRIDGE} attach --app slot --name slot-{{agent_id}}" in r.stdout
+    assert "--gpu {gpu}" in r.stdout and "--secret hf" in r.stdout and "--workdir /w" in r.stdout
