@@ -52,6 +52,7 @@ bench: build
 	$(PY) tests/bench/controller.py --build $(BUILD)
 	$(PY) tests/bench/images.py --build
 	$(PY) tests/bench/nomad.py
+	$(PY) tests/bench/modal.py
 
 # The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
 images: deps

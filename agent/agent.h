@@ -93,7 +93,7 @@ struct agent {
     struct slot *slots;
     unsigned nslots;
     char token[512];
-    size_t token_len;  /* 0: no auth required */
+    size_t token_len; /* 0: no auth required */
     /* --pass-env: the agent's own variables that commands also get
      * ("K=V", read once at start; never HOME, TMPDIR or SLOT_*). */
     char **pass_env;

@@ -699,6 +699,23 @@ int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err)
 {
     if (o->file && load_file(c, o, err) < 0)
         return -1;
+    /* SLOT_PROFILES=a,b: the profiles to run when no --profile says, so a
+     * pool can be described by the environment alone. */
+    const char *env_profiles = getenv("SLOT_PROFILES");
+    if (!o->profile_names.n && env_profiles && *env_profiles) {
+        char *dup = strdup(env_profiles), *save = NULL;
+        for (char *t = strtok_r(dup, ", ", &save); t; t = strtok_r(NULL, ", ", &save)) {
+            if (strlen(t) >= CTL_NAME_MAX) {
+                free(dup);
+                return sp_errf(err, SP_BAD_REQUEST,
+                               "SLOT_PROFILES: profile name '%.40s...' "
+                               "is too long",
+                               t);
+            }
+            strlist_add(&o->profile_names, t);
+        }
+        free(dup);
+    }
     if (o->profile_names.n) {
         /* --profile selects (and if need be creates) the profiles to run. */
         for (size_t i = 0; i < o->profile_names.n; i++) {

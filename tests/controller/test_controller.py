@@ -661,6 +661,7 @@ def test_precedence_flags_over_env_over_file(tmp_path):
     ("docker.yaml", "exec.launch: docker run -i --rm"),
     ("apptainer.yaml", "exec.launch: apptainer -q exec"),
     ("nomad.yaml", "profile docker: backend nomad"),
+    ("modal-profiles.yaml", "--name slot-rl-{agent_id} --slots {slots}"),
 ])
 def test_example_configs_load(name, needle):
     root = Path(__file__).resolve().parents[2]
@@ -702,3 +703,23 @@ def test_hostile_frames_do_not_hurt_the_controller(controller, client):
     f = evil.recv_frame(timeout=5)
     assert f["error"]["code"] == "too_large"
     assert client.call("hello")["server"] == "slot-controller"
+
+
+def test_profiles_from_the_environment_alone_and_modal_field_names(tmp_path):
+    env = {"SLOT_PROFILES": "cpu,gpu", "SLOT_PROFILE_CPU_MAX_POOL": "3",
+           "SLOT_PROFILE_CPU_MIN_POOL": "1", "SLOT_PROFILE_GPU_SCALE_DOWN_IDLE": "90s",
+           "SLOT_PROFILE_GPU_ENV_VARS": "A=1"}
+    r = subprocess.run([str(CONTROLLER_BIN), "--check"], capture_output=True, text=True,
+                       timeout=10, env=dict(os.environ, **env))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("profile cpu: backend local") and "agents 1..3" in lines[0]
+    assert lines[1].startswith("profile gpu:") and "idle_timeout 90000 ms" in lines[1]
+    # --profile wins over SLOT_PROFILES
+    r = subprocess.run([str(CONTROLLER_BIN), "--check", "--profile", "other"],
+                       capture_output=True, text=True, timeout=10, env=dict(os.environ, **env))
+    assert r.stdout.startswith("profile other:") and "profile cpu" not in r.stdout
+    # the aliases in a file
+    r = run_check(tmp_path, "profiles:\n  p:\n    min_pool: 2\n    max_pool: 5\n"
+                            "    scale_down_idle: 2m\n    env_vars: {X: y}\n")
+    assert r.returncode == 0 and "agents 2..5" in r.stdout and "idle_timeout 120000" in r.stdout
