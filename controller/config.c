@@ -39,7 +39,7 @@ struct field {
 
 #define PF(f) offsetof(struct profile, f)
 static const struct field fields[] = {
-    {"backend", F_BACKEND, PF(backend), "where agents run: local, exec, nomad or modal"},
+    {"backend", F_BACKEND, PF(backend), "where agents run: local, exec, nomad, modal or slurm"},
     {"image", F_STR, PF(image), "container image (container backends; recorded for local)"},
     {"cpu", F_DOUBLE, PF(cpu), "CPUs per agent (container backends)"},
     {"memory", F_SIZE, PF(memory), "memory per agent; local: split over its slots"},
@@ -101,6 +101,22 @@ static const struct field fields[] = {
     {"modal.cidr_allowlist", F_LIST, PF(modal.cidr_allowlist), "outbound CIDRs allowed"},
     {"modal.on_signal", F_STR, PF(modal.on_signal),
      "what a bridge told to stop does: detach (default) or terminate"},
+    {"slurm.partition", F_STR, PF(slurm.partition), "sbatch --partition"},
+    {"slurm.account", F_STR, PF(slurm.account), "sbatch --account"},
+    {"slurm.qos", F_STR, PF(slurm.qos), "sbatch --qos"},
+    {"slurm.constraint", F_STR, PF(slurm.constraint), "sbatch --constraint"},
+    {"slurm.reservation", F_STR, PF(slurm.reservation), "sbatch --reservation"},
+    {"slurm.sbatch_args", F_LIST, PF(slurm.sbatch_args), "more sbatch arguments"},
+    {"slurm.srun_args", F_LIST, PF(slurm.srun_args), "more arguments of the attach srun"},
+    {"slurm.workspace", F_STR, PF(slurm.workspace),
+     "agents' directories on the node (default /var/tmp/slot-slurm; $VARS of the job expand)"},
+    {"slurm.agent", F_STR, PF(slurm.agent),
+     "the agent's path where the job runs (default: the controller's agent; in a container "
+     "image /usr/local/bin/slot-agent)"},
+    {"slurm.container", F_ARGV, PF(slurm.container),
+     "argv before the agent, e.g. [apptainer, exec, \"{image}\"]"},
+    {"slurm.helper", F_ARGV, PF(slurm.helper),
+     "the slot-slurm command (default beside slot-controller, else PATH)"},
 };
 #define NFIELDS (sizeof fields / sizeof fields[0])
 
@@ -334,7 +350,8 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
     }
     case F_BACKEND:
         if (!backend_find(v)) {
-            snprintf(why, whylen, "unknown backend '%s' (available: local, exec, nomad, modal)", v);
+            snprintf(why, whylen,
+                     "unknown backend '%s' (available: local, exec, nomad, modal, slurm)", v);
             return -1;
         }
         snprintf(base, sizeof p->backend, "%s", v);
@@ -449,7 +466,7 @@ static int yaml_profile(struct yctx *y, struct profile *p, yaml_node_t *m, const
         char full[96];
         snprintf(full, sizeof full, "%s%s%s", prefix, *prefix ? "." : "", k);
         if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec") || !strcmp(k, "nomad") ||
-                         !strcmp(k, "modal"))) {
+                         !strcmp(k, "modal") || !strcmp(k, "slurm"))) {
             if (yaml_profile(y, p, vn, k) < 0)
                 return -1;
             continue;
@@ -692,6 +709,14 @@ static void profile_destroy(struct profile *p)
     free(p->modal.on_signal);
     strlist_clear(&p->modal.bridge);
     strlist_clear(&p->modal.cidr_allowlist);
+    char **ss[] = {&p->slurm.partition,   &p->slurm.account,   &p->slurm.qos,  &p->slurm.constraint,
+                   &p->slurm.reservation, &p->slurm.workspace, &p->slurm.agent};
+    for (size_t i = 0; i < sizeof ss / sizeof ss[0]; i++)
+        free(*ss[i]);
+    strlist_clear(&p->slurm.sbatch_args);
+    strlist_clear(&p->slurm.srun_args);
+    strlist_clear(&p->slurm.container);
+    strlist_clear(&p->slurm.helper);
     free(p);
 }
 

@@ -77,6 +77,7 @@ extern const struct backend backend_local;
 extern const struct backend backend_exec;
 extern const struct backend backend_nomad;
 extern const struct backend backend_modal;
+extern const struct backend backend_slurm;
 const struct backend *backend_find(const char *name);
 
 /* ---- profiles ------------------------------------------------------------ */
@@ -139,6 +140,10 @@ struct profile {
         uint64_t timeout_ms, idle_timeout_ms;
         struct strlist cidr_allowlist;
     } modal;
+    struct {
+        char *partition, *account, *qos, *constraint, *reservation, *workspace, *agent;
+        struct strlist sbatch_args, srun_args, container, helper;
+    } slurm;
     void *be_data; /* the backend's per-profile state */
     /* live state */
     const struct backend *be;

@@ -446,7 +446,8 @@ static void print_profiles(struct ctl *c)
                   {"stop", &p->exec_stop},
                   {"list", &p->exec_list}};
         for (size_t i = 0;
-             (p->be == &backend_exec || p->be == &backend_modal) && i < sizeof ts / sizeof ts[0];
+             (p->be == &backend_exec || p->be == &backend_modal || p->be == &backend_slurm) &&
+             i < sizeof ts / sizeof ts[0];
              i++) {
             if (!ts[i].t->n)
                 continue;

@@ -8,7 +8,9 @@ end-to-end suite (release and ASan/UBSan controller, agentctl and Python
 client), the images suite (Docker images built from scratch, the agent and the
 controller's exec backend in real containers, the SIF under Apptainer), the
 Nomad suite (the nomad backend against a real Nomad dev agent built from the
-Go module proxy; release and ASan/UBSan controller), and a short
+Go module proxy; release and ASan/UBSan controller), the Slurm suite (the
+slurm backend against a one-node Slurm cluster of Debian's packages; release
+and ASan/UBSan controller), and a short
 fixed-length fuzz run.
 """
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> int:
     pytest(t, "controller (release)", build, {}, "tests/controller")
     pytest(t, "images (docker, apptainer)", build, {}, "tests/images")
     pytest(t, "nomad (real Nomad 1.6.3 dev agent)", build, {}, "tests/e2e/nomad")
+    pytest(t, "slurm (real one-node Slurm cluster)", build, {}, "tests/e2e/slurm")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         pytest(t, "integration (ASan+UBSan agent)", asan, {
@@ -148,6 +151,11 @@ def main() -> int:
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
             "SLOT_SANITIZED": "1",
         }, "tests/e2e/nomad")
+        pytest(t, "slurm (ASan+UBSan controller)", asan, {
+            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
+            "SLOT_SANITIZED": "1",
+        }, "tests/e2e/slurm")
     if not a.no_fuzz:
         fuzz(t, a.fuzz_runs)
     banner("summary")

@@ -531,5 +531,7 @@ const struct backend *backend_find(const char *name)
         return &backend_nomad;
     if (!strcmp(name, "modal"))
         return &backend_modal;
+    if (!strcmp(name, "slurm"))
+        return &backend_slurm;
     return NULL;
 }

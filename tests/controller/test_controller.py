@@ -662,6 +662,7 @@ def test_precedence_flags_over_env_over_file(tmp_path):
     ("apptainer.yaml", "exec.launch: apptainer -q exec"),
     ("nomad.yaml", "profile docker: backend nomad"),
     ("modal-profiles.yaml", "--name slot-rl-{agent_id} --slots {slots}"),
+    ("slurm.yaml", "exec.launch: "),
 ])
 def test_example_configs_load(name, needle):
     root = Path(__file__).resolve().parents[2]
