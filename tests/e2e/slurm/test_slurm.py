@@ -346,3 +346,28 @@ def test_stop_cancels_every_job(controllers, cluster) -> None:
     while [k for k in cluster.jobs() if k.startswith("slot-")] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [k for k in cluster.jobs() if k.startswith("slot-")]
+
+
+def test_scale_down_cancels_only_idle_agents(controllers, cluster) -> None:
+    c = make(controllers, cluster, "sd", min_agents=0, max_agents=2, idle_timeout="1s",
+             wait=False)
+    cl = c.client()
+    hs = [cl.call("acquire", {"trajectory_id": f"t{i}", "timeout_ms": 60000})["slot"]
+          for i in range(3)]
+    by: dict[str, list[str]] = {}
+    for h in hs:
+        by.setdefault(h.split("/")[0], []).append(h)
+    assert len(by) == 2
+    keep = next(a for a, v in by.items() if len(v) == 2)
+    gone = next(a for a in by if a != keep)
+    cl.call("release", {"slot": by[gone][0]})
+    c.wait_agents(lambda st: st["agents"]["total"] == 1, timeout=60)
+    deadline = time.monotonic() + 20
+    while any(k.endswith("-" + gone) for k in cluster.jobs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    names = set(cluster.jobs())
+    assert not any(k.endswith("-" + gone) for k in names)
+    assert any(k.endswith("-" + keep) for k in names)  # leased: never cancelled
+    r = cl.call("exec", {"slot": by[keep][0], "tool": "bash", "args": {"command": "echo ok"}})
+    assert r["stdout"] == b"ok\n"
+    cl.close()
