@@ -129,6 +129,12 @@ void strlist_add(struct strlist *l, const char *s)
     l->v[l->n++] = strdup(s);
 }
 
+void strlist_extend(struct strlist *l, const struct strlist *src)
+{
+    for (size_t i = 0; i < src->n; i++)
+        strlist_add(l, src->v[i]);
+}
+
 void strlist_clear(struct strlist *l)
 {
     for (size_t i = 0; i < l->n; i++)

@@ -89,6 +89,7 @@ struct strlist {
     size_t n;
 };
 void strlist_add(struct strlist *l, const char *s);
+void strlist_extend(struct strlist *l, const struct strlist *src);
 void strlist_clear(struct strlist *l);
 
 struct waiter {
@@ -392,6 +393,8 @@ void api_close_all(struct ctl *c);
 /* main.c: stop serving; every agent goes when everything is set, else only
  * those whose backend does not outlive the controller. */
 void ctl_shutdown(struct ctl *c, bool everything);
+/* NAME beside slot-controller, else on PATH; NULL when neither (malloc'd). */
+char *ctl_find_program(const char *name);
 void tconn_flush(struct ctl *c, struct tconn *t);
 msgpack_packer *tconn_begin(struct tconn *t, msgpack_packer *pk);
 void tconn_end(struct ctl *c, struct tconn *t);

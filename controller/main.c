@@ -258,6 +258,12 @@ static char *search_path(const char *name)
     return strdup(name);
 }
 
+char *ctl_find_program(const char *name)
+{
+    char *p = self_dir_file(name);
+    return p ? p : search_path(name);
+}
+
 static int read_token(struct ctl *c, const char *file, struct sp_err *err)
 {
     int fd = open(file, O_RDONLY | O_CLOEXEC);

@@ -16,48 +16,6 @@
 
 #define MODAL_NAME_MAX 64
 
-static void add(struct strlist *l, const char *s)
-{
-    strlist_add(l, s);
-}
-
-static void add_bridge(struct strlist *l, const struct strlist *bridge, const char *sub)
-{
-    for (size_t i = 0; i < bridge->n; i++)
-        add(l, bridge->v[i]);
-    add(l, sub);
-}
-
-/* slot-modal-bridge beside slot-controller, else on PATH. */
-static char *find_bridge(void)
-{
-    char exe[4096];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n > 0) {
-        exe[n] = 0;
-        char *slash = strrchr(exe, '/');
-        if (slash) {
-            *slash = 0;
-            char *p = NULL;
-            if (asprintf(&p, "%s/slot-modal-bridge", exe) >= 0 && access(p, X_OK) == 0)
-                return p;
-            free(p);
-        }
-    }
-    const char *path = getenv("PATH");
-    char *dup = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin"), *save = NULL;
-    for (char *d = strtok_r(dup, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
-        char *p = NULL;
-        if (asprintf(&p, "%s/slot-modal-bridge", d) >= 0 && access(p, X_OK) == 0) {
-            free(dup);
-            return p;
-        }
-        free(p);
-    }
-    free(dup);
-    return NULL;
-}
-
 static bool modal_name_ok(const char *s)
 {
     for (; *s; s++)
@@ -93,13 +51,13 @@ static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
                        "profile '%s': modal.on_signal is detach or terminate, not '%s'", p->name,
                        on_signal);
     if (!p->modal.bridge.n) {
-        char *b = find_bridge();
+        char *b = ctl_find_program("slot-modal-bridge");
         if (!b)
             return sp_errf(err, SP_NOT_FOUND,
                            "profile '%s': slot-modal-bridge is neither beside slot-controller "
                            "nor on PATH; install it or set modal.bridge",
                            p->name);
-        add(&p->modal.bridge, b);
+        strlist_add(&p->modal.bridge, b);
         free(b);
     }
     char name[MODAL_NAME_MAX + 32], prefix[MODAL_NAME_MAX + 8], strip[MODAL_NAME_MAX + 8];
@@ -109,81 +67,84 @@ static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
     snprintf(strip, sizeof strip, "%s-", p->modal.app);
 
     struct strlist *l = &p->exec_launch;
-    add_bridge(l, &p->modal.bridge, "attach");
-    add(l, "--app");
-    add(l, p->modal.app);
-    add(l, "--name");
-    add(l, name);
-    add(l, "--slots");
-    add(l, "{slots}");
-    add(l, "--agent-bin");
-    add(l, "{agent_bin}");
-    add(l, "--workdir");
-    add(l, p->workdir ? p->workdir : "/workspace");
+    strlist_extend(l, &p->modal.bridge);
+    strlist_add(l, "attach");
+    strlist_add(l, "--app");
+    strlist_add(l, p->modal.app);
+    strlist_add(l, "--name");
+    strlist_add(l, name);
+    strlist_add(l, "--slots");
+    strlist_add(l, "{slots}");
+    strlist_add(l, "--agent-bin");
+    strlist_add(l, "{agent_bin}");
+    strlist_add(l, "--workdir");
+    strlist_add(l, p->workdir ? p->workdir : "/workspace");
     /* Modal's own lifetime cap: past max_lifetime the controller drains the
      * agent; the extra hour lets its last leases finish. */
     uint64_t tmo = p->modal.timeout_ms  ? p->modal.timeout_ms
                    : p->max_lifetime_ms ? p->max_lifetime_ms + 3600 * 1000
                                         : 24 * 3600 * 1000;
     snprintf(num, sizeof num, "%llu", (unsigned long long)((tmo + 999) / 1000));
-    add(l, "--timeout");
-    add(l, num);
+    strlist_add(l, "--timeout");
+    strlist_add(l, num);
     if (p->modal.idle_timeout_ms) {
         snprintf(num, sizeof num, "%llu",
                  (unsigned long long)((p->modal.idle_timeout_ms + 999) / 1000));
-        add(l, "--idle-timeout");
-        add(l, num);
+        strlist_add(l, "--idle-timeout");
+        strlist_add(l, num);
     }
-    add(l, "--on-signal");
-    add(l, on_signal);
+    strlist_add(l, "--on-signal");
+    strlist_add(l, on_signal);
     if (p->image) {
-        add(l, "--image");
-        add(l, "{image}");
+        strlist_add(l, "--image");
+        strlist_add(l, "{image}");
     }
     if (p->cpu > 0) {
-        add(l, "--cpu");
-        add(l, "{cpu}");
+        strlist_add(l, "--cpu");
+        strlist_add(l, "{cpu}");
     }
     if (p->memory) {
-        add(l, "--memory");
-        add(l, "{memory_mb}");
+        strlist_add(l, "--memory");
+        strlist_add(l, "{memory_mb}");
     }
     if (p->gpu && *p->gpu) {
-        add(l, "--gpu");
-        add(l, "{gpu}");
+        strlist_add(l, "--gpu");
+        strlist_add(l, "{gpu}");
     }
     if (*p->isolation) {
-        add(l, "--isolation");
-        add(l, "{isolation}");
+        strlist_add(l, "--isolation");
+        strlist_add(l, "{isolation}");
     }
     for (size_t i = 0; i < p->secrets.n; i++) {
-        add(l, "--secret");
-        add(l, p->secrets.v[i]);
+        strlist_add(l, "--secret");
+        strlist_add(l, p->secrets.v[i]);
     }
     for (size_t i = 0; i < p->env.n; i++) {
-        add(l, "--env");
-        add(l, p->env.v[i]);
+        strlist_add(l, "--env");
+        strlist_add(l, p->env.v[i]);
     }
     if (truthy(p->modal.block_network))
-        add(l, "--block-network");
+        strlist_add(l, "--block-network");
     for (size_t i = 0; i < p->modal.cidr_allowlist.n; i++) {
-        add(l, "--cidr-allowlist");
-        add(l, p->modal.cidr_allowlist.v[i]);
+        strlist_add(l, "--cidr-allowlist");
+        strlist_add(l, p->modal.cidr_allowlist.v[i]);
     }
 
-    add_bridge(&p->exec_stop, &p->modal.bridge, "terminate");
-    add(&p->exec_stop, "--app");
-    add(&p->exec_stop, p->modal.app);
-    add(&p->exec_stop, "--name");
-    add(&p->exec_stop, name);
+    strlist_extend(&p->exec_stop, &p->modal.bridge);
+    strlist_add(&p->exec_stop, "terminate");
+    strlist_add(&p->exec_stop, "--app");
+    strlist_add(&p->exec_stop, p->modal.app);
+    strlist_add(&p->exec_stop, "--name");
+    strlist_add(&p->exec_stop, name);
 
-    add_bridge(&p->exec_list, &p->modal.bridge, "list");
-    add(&p->exec_list, "--app");
-    add(&p->exec_list, p->modal.app);
-    add(&p->exec_list, "--prefix");
-    add(&p->exec_list, prefix);
-    add(&p->exec_list, "--strip");
-    add(&p->exec_list, strip);
+    strlist_extend(&p->exec_list, &p->modal.bridge);
+    strlist_add(&p->exec_list, "list");
+    strlist_add(&p->exec_list, "--app");
+    strlist_add(&p->exec_list, p->modal.app);
+    strlist_add(&p->exec_list, "--prefix");
+    strlist_add(&p->exec_list, prefix);
+    strlist_add(&p->exec_list, "--strip");
+    strlist_add(&p->exec_list, strip);
     return backend_exec.check(c, p, err);
 }
 

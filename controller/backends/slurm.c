@@ -17,52 +17,10 @@
 
 #include "ctl.h"
 
-static void add(struct strlist *l, const char *s)
-{
-    strlist_add(l, s);
-}
-
 static void add2(struct strlist *l, const char *a, const char *b)
 {
     strlist_add(l, a);
     strlist_add(l, b);
-}
-
-static void add_helper(struct strlist *l, const struct strlist *helper, const char *sub)
-{
-    for (size_t i = 0; i < helper->n; i++)
-        add(l, helper->v[i]);
-    add(l, sub);
-}
-
-/* slot-slurm beside slot-controller, else on PATH. */
-static char *find_helper(void)
-{
-    char exe[4096];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n > 0) {
-        exe[n] = 0;
-        char *slash = strrchr(exe, '/');
-        if (slash) {
-            *slash = 0;
-            char *p = NULL;
-            if (asprintf(&p, "%s/slot-slurm", exe) >= 0 && access(p, X_OK) == 0)
-                return p;
-            free(p);
-        }
-    }
-    const char *path = getenv("PATH");
-    char *dup = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin"), *save = NULL;
-    for (char *d = strtok_r(dup, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
-        char *p = NULL;
-        if (asprintf(&p, "%s/slot-slurm", d) >= 0 && access(p, X_OK) == 0) {
-            free(dup);
-            return p;
-        }
-        free(p);
-    }
-    free(dup);
-    return NULL;
 }
 
 /* --sbatch-arg --NAME=VALUE when the profile sets it. */
@@ -91,20 +49,21 @@ static int slurm_check(struct ctl *c, struct profile *p, struct sp_err *err)
                        "slurm.helper to run another command",
                        p->name);
     if (!p->slurm.helper.n) {
-        char *h = find_helper();
+        char *h = ctl_find_program("slot-slurm");
         if (!h)
             return sp_errf(err, SP_NOT_FOUND,
                            "profile '%s': slot-slurm is neither beside slot-controller nor on "
                            "PATH; install it or set slurm.helper",
                            p->name);
-        add(&p->slurm.helper, h);
+        strlist_add(&p->slurm.helper, h);
         free(h);
     }
     const char *name = "slot-{controller}-{agent_id}";
     char buf[256];
 
     struct strlist *l = &p->exec_start;
-    add_helper(l, &p->slurm.helper, "start");
+    strlist_extend(l, &p->slurm.helper);
+    strlist_add(l, "start");
     add2(l, "--name", name);
     job_parts(p, l);
     add2(l, "--slots", "{slots}");
@@ -134,16 +93,19 @@ static int slurm_check(struct ctl *c, struct profile *p, struct sp_err *err)
         add2(l, "--sbatch-arg", p->slurm.sbatch_args.v[i]);
 
     l = &p->exec_launch;
-    add_helper(l, &p->slurm.helper, "attach");
+    strlist_extend(l, &p->slurm.helper);
+    strlist_add(l, "attach");
     add2(l, "--name", name);
     job_parts(p, l);
     for (size_t i = 0; i < p->slurm.srun_args.n; i++)
         add2(l, "--srun-arg", p->slurm.srun_args.v[i]);
 
-    add_helper(&p->exec_stop, &p->slurm.helper, "stop");
+    strlist_extend(&p->exec_stop, &p->slurm.helper);
+    strlist_add(&p->exec_stop, "stop");
     add2(&p->exec_stop, "--name", name);
 
-    add_helper(&p->exec_list, &p->slurm.helper, "list");
+    strlist_extend(&p->exec_list, &p->slurm.helper);
+    strlist_add(&p->exec_list, "list");
     snprintf(buf, sizeof buf, "slot-{controller}-%s-", p->name);
     add2(&p->exec_list, "--prefix", buf);
     add2(&p->exec_list, "--strip", "slot-{controller}-");

@@ -141,6 +141,28 @@ class Controller:
         self._log.close()
 
 
+def assert_only_victim_lost(handles: list[str], results: list[dict], victim: str,
+                            done: bytes = b"done\n", needle: str | None = None) -> None:
+    """A batch across agents while one (victim) was lost: its requests fail
+    with agent_lost (saying needle), every other request succeeds."""
+    for h, x in zip(handles, results):
+        if h.startswith(victim + "/"):
+            assert x["error"]["code"] == "agent_lost", x
+            assert needle is None or needle in x["error"]["message"], x
+        else:
+            assert x["ok"] and x["result"]["stdout"] == done, x
+
+
+def assert_leases_and_files(cl: Client, handles: list[str], file: str) -> None:
+    """After a restart: handle i is still leased to traj-i, and its file
+    holds "i"."""
+    leases = {x["slot"]: x["trajectory_id"] for x in cl.call("leases")["leases"]}
+    assert leases == {h: f"traj-{i}" for i, h in enumerate(handles)}
+    for i, h in enumerate(handles):
+        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": f"cat {file}"}})
+        assert r["stdout"] == f"{i}\n".encode()
+
+
 def kill_stray_agents(state_dir: Path) -> None:
     """Socket-mode agents outlive their controller by design: stop them."""
     for pidf in state_dir.glob("agents/*.pid"):

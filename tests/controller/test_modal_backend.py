@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import AGENTCTL_BIN, BUILD, ROOT, Controller
+from conftest import (AGENTCTL_BIN, BUILD, ROOT, Controller, assert_leases_and_files,
+                      assert_only_victim_lost)
 from test_modal_bridge import FakeModal, alive, fm, wait_for  # noqa: F401 (fixture)
 
 TRAINER = ROOT / "controller" / "python" / "examples" / "trainer.py"
@@ -105,11 +106,7 @@ def test_sandbox_dying_mid_batch_fails_only_its_requests(controller_factory,
     time.sleep(0.8)
     os.kill(sb.process_pid(), signal.SIGKILL)  # the sandbox's agent dies: Modal ends it
     res = cl.wait(rid, timeout=60)[0]["result"]["results"]
-    for h, x in zip(hs, res):
-        if h.startswith(victim + "/"):
-            assert x["error"]["code"] == "agent_lost", x
-        else:
-            assert x["ok"] and x["result"]["stdout"] == b"done\n", x
+    assert_only_victim_lost(hs, res, victim)
     st = c.wait_agents(lambda st: st["agents"]["ready"] == 3
                        and victim not in {a["id"] for a in agents(c)}, timeout=60)
     assert st["agents"]["ready"] == 3  # two modal agents again, plus the local one
@@ -138,11 +135,7 @@ def test_controller_kill9_and_restart_finds_the_same_sandboxes(controller_factor
     assert after == before  # same agents in the same sandbox processes
     assert all(a["reattached"] for a in agents(c))
     cl = c.client()
-    leases = {x["slot"]: x["trajectory_id"] for x in cl.call("leases")["leases"]}
-    assert leases == {h: f"traj-{i}" for i, h in enumerate(hs)}
-    for i, h in enumerate(hs):
-        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": "cat f"}})
-        assert r["stdout"] == f"{i}\n".encode()
+    assert_leases_and_files(cl, hs, "f")
     time.sleep(2)
     r = cl.call("exec", {"slot": hs[0], "tool": "bash", "args": {"command": "cat g"}})
     assert r["stdout"] == b"bg\n"

@@ -168,11 +168,7 @@ def test_daemon_containers_survive_a_controller_kill9(images, ctl_dir) -> None:
                     timeout=120)
     assert containers(label) == before
     c = ctl.client()
-    leases = {x["slot"]: x["trajectory_id"] for x in c.call("leases")["leases"]}
-    assert leases == {s: f"traj-{i}" for i, s in enumerate(slots)}
-    for i, s in enumerate(slots):
-        r = c.call("exec", {"slot": s, "tool": "bash", "args": {"command": "cat state"}})
-        assert r["stdout"] == f"{i}\n".encode()
+    ctl_conftest.assert_leases_and_files(c, slots, "state")
     time.sleep(3)
     r = c.call("exec", {"slot": slots[0], "tool": "bash", "args": {"command": "cat late"}})
     assert r["stdout"] == b"bg\n"

@@ -217,12 +217,7 @@ def test_scancel_mid_batch_fails_only_that_agents_requests(controllers, cluster)
     time.sleep(1)
     assert cluster.run("scancel", job).returncode == 0
     res = cl.wait(rid, timeout=60)[0]["result"]["results"]
-    for h, x in zip(hs, res):
-        if h.startswith(victim + "/"):
-            assert x["error"]["code"] == "agent_lost", x
-            assert "CANCELLED" in x["error"]["message"], x
-        else:
-            assert x["ok"] and x["result"]["stdout"] == b"done\n", x
+    ctl_conftest.assert_only_victim_lost(hs, res, victim, needle="CANCELLED")
     c.wait_agents(lambda st: st["agents"]["ready"] == 2
                   and victim not in {a["id"] for a in agents(c)}, timeout=60)
     cl.close()
@@ -292,11 +287,7 @@ def test_controller_kill9_and_restart_reattach(controllers, cluster) -> None:
     assert {k: v[0] for k, v in cluster.jobs().items() if k.startswith("slot-")} == jobs_before
     assert all(a["reattached"] for a in agents(c))
     cl = c.client()
-    leases = {x["slot"]: x["trajectory_id"] for x in cl.call("leases")["leases"]}
-    assert leases == {h: f"traj-{i}" for i, h in enumerate(hs)}
-    for i, h in enumerate(hs):
-        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {"command": "cat f"}})
-        assert r["stdout"] == f"{i}\n".encode()
+    ctl_conftest.assert_leases_and_files(cl, hs, "f")
     time.sleep(3)
     r = cl.call("exec", {"slot": hs[0], "tool": "bash", "args": {"command": "cat g"}})
     assert r["stdout"] == b"bg\n"
