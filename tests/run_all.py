@@ -128,6 +128,7 @@ def main() -> int:
     static_check(t, build)
     format_check(t)
     cmocka(t, "unit (release)", build / "test-proto")
+    cmocka(t, "unit screen (release)", build / "test-screen")
     pytest(t, "integration (release agent)", build, {})
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     pytest(t, "controller (release)", build, {}, "tests/controller")
@@ -136,6 +137,7 @@ def main() -> int:
     pytest(t, "slurm (real one-node Slurm cluster)", build, {}, "tests/e2e/slurm")
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
+        cmocka(t, "unit screen (ASan+UBSan)", asan / "test-screen")
         pytest(t, "integration (ASan+UBSan agent)", asan, {
             "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",

@@ -1,0 +1,165 @@
+/* The screen of a PTY session: libvterm (Debian's libvterm-dev, linked
+ * statically) keeps the terminal state that full-screen programs (vi, less,
+ * htop) draw into, so `session_screen` can answer with what a person would
+ * see instead of the raw escape sequences. Alternate screen on, as in
+ * xterm: programs that switch to it and back restore the shell's screen. */
+#include "screen.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <vterm.h>
+
+#include "slotproto.h"
+
+struct screen {
+    VTerm *vt;
+    VTermScreen *vs;
+    screen_reply_fn *reply;
+    void *ctx;
+};
+
+static void out_cb(const char *s, size_t len, void *user)
+{
+    struct screen *sc = user;
+    if (sc->reply)
+        sc->reply(s, len, sc->ctx);
+}
+
+struct screen *screen_new(unsigned rows, unsigned cols, screen_reply_fn *reply, void *ctx)
+{
+    struct screen *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->vt = vterm_new((int)rows, (int)cols);
+    if (!s->vt) {
+        free(s);
+        return NULL;
+    }
+    s->reply = reply;
+    s->ctx = ctx;
+    vterm_set_utf8(s->vt, 1);
+    vterm_output_set_callback(s->vt, out_cb, s);
+    s->vs = vterm_obtain_screen(s->vt);
+    vterm_screen_enable_altscreen(s->vs, 1);
+    vterm_screen_reset(s->vs, 1);
+    return s;
+}
+
+void screen_free(struct screen *s)
+{
+    if (!s)
+        return;
+    vterm_free(s->vt);
+    free(s);
+}
+
+void screen_feed(struct screen *s, const char *data, size_t len)
+{
+    vterm_input_write(s->vt, data, len);
+    vterm_screen_flush_damage(s->vs);
+}
+
+void screen_resize(struct screen *s, unsigned rows, unsigned cols)
+{
+    vterm_set_size(s->vt, (int)rows, (int)cols);
+    vterm_screen_flush_damage(s->vs);
+}
+
+void screen_size(const struct screen *s, unsigned *rows, unsigned *cols)
+{
+    int r, c;
+    vterm_get_size(s->vt, &r, &c);
+    *rows = (unsigned)r;
+    *cols = (unsigned)c;
+}
+
+void screen_cursor(const struct screen *s, unsigned *row, unsigned *col)
+{
+    VTermPos pos;
+    vterm_state_get_cursorpos(vterm_obtain_state(s->vt), &pos);
+    *row = (unsigned)pos.row;
+    *col = (unsigned)pos.col;
+}
+
+static size_t utf8_put(uint32_t c, char *out)
+{
+    if (c < 0x80) {
+        out[0] = (char)c;
+        return 1;
+    }
+    if (c < 0x800) {
+        out[0] = (char)(0xc0 | (c >> 6));
+        out[1] = (char)(0x80 | (c & 0x3f));
+        return 2;
+    }
+    if (c < 0x10000) {
+        if (c >= 0xd800 && c < 0xe000)
+            c = 0xfffd;
+        out[0] = (char)(0xe0 | (c >> 12));
+        out[1] = (char)(0x80 | ((c >> 6) & 0x3f));
+        out[2] = (char)(0x80 | (c & 0x3f));
+        return 3;
+    }
+    if (c > 0x10ffff)
+        return utf8_put(0xfffd, out);
+    out[0] = (char)(0xf0 | (c >> 18));
+    out[1] = (char)(0x80 | ((c >> 12) & 0x3f));
+    out[2] = (char)(0x80 | ((c >> 6) & 0x3f));
+    out[3] = (char)(0x80 | (c & 0x3f));
+    return 4;
+}
+
+size_t screen_row(const struct screen *s, unsigned r, char *out, size_t cap)
+{
+    unsigned rows, cols;
+    screen_size(s, &rows, &cols);
+    size_t n = 0, keep = 0; /* keep: length without trailing blanks */
+    if (cap == 0)
+        return 0;
+    for (unsigned c = 0; r < rows && c < cols;) {
+        VTermScreenCell cell;
+        VTermPos pos = {.row = (int)r, .col = (int)c};
+        if (!vterm_screen_get_cell(s->vs, pos, &cell))
+            break;
+        char buf[4 * VTERM_MAX_CHARS_PER_CELL];
+        size_t bl = 0;
+        if (!cell.chars[0])
+            buf[bl++] = ' ';
+        for (int i = 0; i < VTERM_MAX_CHARS_PER_CELL && cell.chars[i]; i++)
+            bl += utf8_put(cell.chars[i], buf + bl);
+        if (n + bl + 1 > cap)
+            break;
+        memcpy(out + n, buf, bl);
+        n += bl;
+        if (cell.chars[0] && cell.chars[0] != ' ')
+            keep = n;
+        c += cell.width > 1 ? (unsigned)cell.width : 1;
+    }
+    out[keep] = 0;
+    return keep;
+}
+
+void screen_pack(const struct screen *s, msgpack_packer *pk)
+{
+    unsigned rows, cols, cr, cc;
+    screen_size(s, &rows, &cols);
+    screen_cursor(s, &cr, &cc);
+    size_t cap = (size_t)cols * 4 * VTERM_MAX_CHARS_PER_CELL + 1;
+    char *line = malloc(cap);
+    sp_pack_cstr(pk, "rows");
+    msgpack_pack_array(pk, rows);
+    for (unsigned r = 0; r < rows; r++) {
+        size_t n = line ? screen_row(s, r, line, cap) : 0;
+        sp_pack_strn(pk, line ? line : "", n);
+    }
+    free(line);
+    sp_pack_cstr(pk, "cursor");
+    msgpack_pack_map(pk, 2);
+    sp_pack_kv_uint(pk, "row", cr);
+    sp_pack_kv_uint(pk, "col", cc);
+    sp_pack_cstr(pk, "size");
+    msgpack_pack_map(pk, 2);
+    sp_pack_kv_uint(pk, "rows", rows);
+    sp_pack_kv_uint(pk, "cols", cols);
+}
