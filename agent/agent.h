@@ -17,6 +17,7 @@
 struct conn;
 struct exec;
 struct req;
+struct session;
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -71,6 +72,8 @@ struct slot {
     int cg_fd[2];        /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
     pid_t *kept;         /* keep_background leftovers */
     unsigned nkept, kept_cap;
+    struct session *sessions; /* persistent shells (session.c) */
+    unsigned nsessions;
 };
 
 struct agent_opts {
@@ -83,6 +86,8 @@ struct agent_opts {
     bool stdio;
     int log_level;
     bool isolation_required; /* default for requests that do not say */
+    unsigned max_sessions;   /* per slot */
+    uint64_t session_buffer; /* unread output kept per session */
 };
 
 /* The one per-process context. */
@@ -106,6 +111,7 @@ struct agent {
     struct exec *finished_tail;
     unsigned nfinished;
     uint64_t next_exec_id;
+    uint64_t next_session_id;
     uint64_t instance; /* random per start, lets clients spot a restart */
     pid_t pid;
     double started;
@@ -136,7 +142,16 @@ struct agent {
 
 /* ---- requests and the op table ---------------------------------------- */
 
-enum arg_type { ARG_UINT, ARG_INT, ARG_BOOL, ARG_STR, ARG_BIN, ARG_MAP, ARG_ARRAY };
+enum arg_type {
+    ARG_UINT,
+    ARG_INT,
+    ARG_BOOL,
+    ARG_STR,
+    ARG_BIN,
+    ARG_MAP,
+    ARG_ARRAY,
+    ARG_STR_UINT, /* either (a signal by name or number) */
+};
 
 struct arg_spec {
     const char *key;
@@ -228,6 +243,13 @@ int op_write_file(struct req *rq, struct sp_err *err);
 int op_stat(struct req *rq, struct sp_err *err);
 int op_list(struct req *rq, struct sp_err *err);
 int op_archive(struct req *rq, struct sp_err *err);
+int op_session_open(struct req *rq, struct sp_err *err);
+int op_session_exec(struct req *rq, struct sp_err *err);
+int op_session_write(struct req *rq, struct sp_err *err);
+int op_session_read(struct req *rq, struct sp_err *err);
+int op_session_resize(struct req *rq, struct sp_err *err);
+int op_session_signal(struct req *rq, struct sp_err *err);
+int op_session_close(struct req *rq, struct sp_err *err);
 
 extern const struct op_def op_table[];
 extern const unsigned op_count;

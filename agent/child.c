@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -47,6 +48,11 @@ static int child_main(void *arg)
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (dup2(sp->stdin_fd, 0) < 0 || dup2(sp->stdout_fd, 1) < 0 || dup2(sp->stderr_fd, 2) < 0)
+        goto fail;
+    /* A session's terminal: the new session (setsid above) takes the pty
+     * slave it was handed as its controlling terminal, so its shell gets job
+     * control and the agent can find the foreground process group. */
+    if (sp->ctty && ioctl(0, TIOCSCTTY, 0) < 0)
         goto fail;
     if (sp->cwd_path ? chdir(sp->cwd_path) < 0 : sp->cwd_fd >= 0 && fchdir(sp->cwd_fd) < 0)
         goto fail;

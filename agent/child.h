@@ -2,6 +2,7 @@
 #ifndef SLOT_CHILD_H
 #define SLOT_CHILD_H
 
+#include <stdbool.h>
 #include <sys/types.h>
 
 #include "isolate/isolate.h"
@@ -19,6 +20,7 @@ struct spawn {
                               fd would leave the command in the agent's mount tree) */
     struct iso_child *iso; /* isolation to apply, or NULL */
     int clone_flags;       /* extra clone flags (CLONE_PARENT from a box holder) */
+    bool ctty;             /* stdin is a pty slave: make it the controlling terminal */
     /* Set by the child when execve failed (the child then exits 127). */
     volatile int child_errno;
 };

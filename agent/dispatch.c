@@ -89,6 +89,50 @@ static const struct arg_spec args_archive[] = {
     {"max_entries", ARG_UINT, false, 0}, {NULL},
 };
 
+static const struct arg_spec args_session_open[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"pty", ARG_BOOL, false, 0},
+    {"cols", ARG_UINT, false, 1000},
+    {"rows", ARG_UINT, false, 1000},
+    {"shell", ARG_STR, false, 4095},
+    {"env", ARG_MAP, false, 1024},
+    {"cwd", ARG_STR, false, 4095},
+    {"network", ARG_BOOL, false, 0},
+    {"isolation", ARG_STR, false, 32},
+    {"rlimits", ARG_MAP, false, 8},
+    {NULL},
+};
+static const struct arg_spec args_session_exec[] = {
+    {"session", ARG_UINT, true, 0},
+    {"cmd", ARG_STR, true, 1u << 20},
+    {"timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"max_output", ARG_UINT, false, 0},
+    {NULL},
+};
+static const struct arg_spec args_session_write[] = {
+    {"session", ARG_UINT, true, 0},
+    {"data", ARG_BIN, true, 0},
+    {NULL},
+};
+static const struct arg_spec args_session_read[] = {
+    {"session", ARG_UINT, true, 0},
+    {"max_bytes", ARG_UINT, false, 0},
+    {"wait_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {NULL},
+};
+static const struct arg_spec args_session_resize[] = {
+    {"session", ARG_UINT, true, 0},
+    {"cols", ARG_UINT, true, 1000},
+    {"rows", ARG_UINT, true, 1000},
+    {NULL},
+};
+static const struct arg_spec args_session_signal[] = {
+    {"session", ARG_UINT, true, 0},
+    {"signal", ARG_STR_UINT, true, 64},
+    {NULL},
+};
+static const struct arg_spec args_session[] = {{"session", ARG_UINT, true, 0}, {NULL}};
+
 const struct op_def op_table[] = {
     {"hello", op_hello, OPF_NOAUTH, args_hello},
     {"health", op_health, 0, args_none},
@@ -105,6 +149,13 @@ const struct op_def op_table[] = {
     {"list", op_list, OPF_SLOT | OPF_FSUSER, args_list},
     {"archive", op_archive, OPF_SLOT | OPF_FSUSER, args_archive},
     {"reset", op_reset, OPF_SLOT | OPF_NOW, args_slot},
+    {"session_open", op_session_open, OPF_SLOT, args_session_open},
+    {"session_exec", op_session_exec, 0, args_session_exec},
+    {"session_write", op_session_write, 0, args_session_write},
+    {"session_read", op_session_read, 0, args_session_read},
+    {"session_resize", op_session_resize, 0, args_session_resize},
+    {"session_signal", op_session_signal, 0, args_session_signal},
+    {"session_close", op_session_close, 0, args_session},
 };
 const unsigned op_count = sizeof op_table / sizeof op_table[0];
 
@@ -245,6 +296,7 @@ static const char *arg_type_name(enum arg_type t)
     case ARG_BIN: return "bin";
     case ARG_MAP: return "map";
     case ARG_ARRAY: return "array";
+    case ARG_STR_UINT: return "str or unsigned integer";
     }
     return "?";
 }
@@ -261,6 +313,8 @@ static bool arg_type_ok(enum arg_type t, const msgpack_object *o)
     case ARG_BIN: return o->type == MSGPACK_OBJECT_BIN || o->type == MSGPACK_OBJECT_STR;
     case ARG_MAP: return o->type == MSGPACK_OBJECT_MAP;
     case ARG_ARRAY: return o->type == MSGPACK_OBJECT_ARRAY;
+    case ARG_STR_UINT:
+        return o->type == MSGPACK_OBJECT_STR || o->type == MSGPACK_OBJECT_POSITIVE_INTEGER;
     }
     return false;
 }

@@ -14,6 +14,7 @@
 
 #include "child.h"
 #include "exec.h"
+#include "session.h"
 
 #define RETAIN_MAX 1024
 #define RETAIN_SECONDS 600.0
@@ -25,14 +26,14 @@ static void exec_finish(struct exec *e);
 
 /* ---- bounded output ----------------------------------------------------- */
 
-static void outbuf_init(struct outbuf *ob, uint64_t max_output)
+void outbuf_init(struct outbuf *ob, uint64_t max_output)
 {
     memset(ob, 0, sizeof *ob);
     ob->head_cap = (size_t)(max_output / 2);
     ob->ring_cap = (size_t)(max_output - ob->head_cap);
 }
 
-static void outbuf_free(struct outbuf *ob)
+void outbuf_free(struct outbuf *ob)
 {
     free(ob->head);
     free(ob->ring);
@@ -44,7 +45,7 @@ static size_t outbuf_mem(const struct outbuf *ob)
     return ob->head_alloc + (ob->ring ? ob->ring_cap : 0);
 }
 
-static void outbuf_append(struct outbuf *ob, const char *p, size_t n)
+void outbuf_append(struct outbuf *ob, const char *p, size_t n)
 {
     if (ob->head_len < ob->head_cap) {
         size_t k = ob->head_cap - ob->head_len;
@@ -99,7 +100,7 @@ static uint64_t outbuf_tail_start(const struct outbuf *ob)
     return after > ob->ring_cap ? ob->total - ob->ring_cap : ob->head_cap;
 }
 
-static uint64_t outbuf_dropped(const struct outbuf *ob)
+uint64_t outbuf_dropped(const struct outbuf *ob)
 {
     return outbuf_tail_start(ob) - (ob->total < ob->head_cap ? ob->total : ob->head_cap);
 }
@@ -118,7 +119,7 @@ static void outbuf_copy_ring(const struct outbuf *ob, uint64_t from, uint64_t to
     }
 }
 
-static void pack_output(msgpack_packer *pk, const struct outbuf *ob)
+void outbuf_pack(msgpack_packer *pk, const struct outbuf *ob)
 {
     uint64_t ts = outbuf_tail_start(ob);
     uint64_t tail = ob->total - ts;
@@ -234,7 +235,7 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
     for (int k = 0; k < 2; k++) {
         sp_pack_cstr(pk, stream_names[k]);
         if (with_output && !e->output_released)
-            pack_output(pk, &e->ob[k]);
+            outbuf_pack(pk, &e->ob[k]);
         else
             msgpack_pack_bin(pk, 0);
     }
@@ -756,6 +757,8 @@ static void exec_finish(struct exec *e)
 
 void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
 {
+    if (session_child_exit(ag, pid, status))
+        return;
     struct exec *e = ag->running;
     while (e && (e->pid != pid || e->exited))
         e = e->next;
@@ -795,6 +798,11 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
     maybe_finish(e);
 }
 
+bool exec_box_pending(struct agent *ag, struct nsbox *box)
+{
+    return oldest_spawning(ag, box) != NULL;
+}
+
 bool exec_is_main_pid(struct agent *ag, pid_t pid)
 {
     for (struct exec *e = ag->running; e; e = e->next)
@@ -823,6 +831,8 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s)
         e->cancelled = true;
         n += exec_kill(e);
     }
+    /* Sessions first: their shells are not strays to the sweep below. */
+    n += sessions_close_slot(ag, s);
     n += proc_sweep_strays(ag);
     n += slots_kill_kept(s);
     n += cgroup_slot_kill(&ag->iso, s->index);
@@ -841,6 +851,7 @@ void exec_kill_all(struct agent *ag)
         exec_kill(e);
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
+        sessions_close_slot(ag, &ag->slots[i]);
         slots_kill_kept(&ag->slots[i]);
         slots_box_stop(ag, &ag->slots[i]);
     }

@@ -14,6 +14,13 @@ struct outbuf {
     uint64_t total;
 };
 
+void outbuf_init(struct outbuf *ob, uint64_t max_output);
+void outbuf_free(struct outbuf *ob);
+void outbuf_append(struct outbuf *ob, const char *p, size_t n);
+uint64_t outbuf_dropped(const struct outbuf *ob);
+/* Pack as one bin: head, a "[... N bytes dropped ...]" line when needed, tail. */
+void outbuf_pack(msgpack_packer *pk, const struct outbuf *ob);
+
 struct exec {
     struct agent *ag;
     struct exec *next, *prev; /* in ag->running or ag->finished */
@@ -71,6 +78,16 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
 /* Send retained output from the request's offsets as events, then live. */
 void exec_replay(struct exec *e, struct req *rq);
 void exec_add_attach(struct exec *e, struct req *rq);
+/* Is a command still waiting for box's holder to say it started? (A
+ * session's shell is spawned through the box synchronously only when not.) */
+bool exec_box_pending(struct agent *ag, struct nsbox *box);
+/* op_exec.c, shared with sessions: the isolation a command of s gets (reads
+ * args.rlimits), and its clean environment with TERM=term (one malloc'd
+ * block: free the returned array). */
+int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
+                   struct sp_err *err);
+char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, const char *term,
+                struct sp_err *err);
 /* op_exec.c: tell the request the command started (detach reply, stream
  * "started" event). OP_DONE when the request is answered. */
 int exec_announce(struct req *rq, struct exec *e);

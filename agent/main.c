@@ -41,6 +41,9 @@ static const char usage[] =
     "  --insecure               allow TCP listeners without a token\n"
     "  --max-frame BYTES        largest frame accepted or sent (default 64M)\n"
     "  --max-output BYTES       output kept per stream of a command (default 1M)\n"
+    "  --max-sessions N         sessions (persistent shells) per slot (default 8)\n"
+    "  --session-buffer BYTES   unread output kept per session, oldest dropped first\n"
+    "                           (default 1M)\n"
     "  --log-level LEVEL        debug|info|warn|error (default info)\n"
     "  --isolation MODE         best_effort (default) or required: default for requests\n"
     "  --without RUNG           never apply a rung (uid, namespaces, landlock, seccomp,\n"
@@ -133,6 +136,8 @@ enum {
     OPT_ATTACH,
     OPT_ATTACH_TIMEOUT,
     OPT_PASS_ENV,
+    OPT_MAX_SESSIONS,
+    OPT_SESSION_BUFFER,
 };
 enum {
     OPT_LISTEN = 256,
@@ -172,6 +177,8 @@ static const struct option longopts[] = {
     {"attach", required_argument, NULL, OPT_ATTACH},
     {"attach-timeout", required_argument, NULL, OPT_ATTACH_TIMEOUT},
     {"pass-env", required_argument, NULL, OPT_PASS_ENV},
+    {"max-sessions", required_argument, NULL, OPT_MAX_SESSIONS},
+    {"session-buffer", required_argument, NULL, OPT_SESSION_BUFFER},
     {NULL, 0, NULL, 0},
 };
 
@@ -398,6 +405,8 @@ static int agent_main(int argc, char **argv)
     ag->opt.nslots = 10;
     ag->opt.max_frame = SP_DEFAULT_MAX_FRAME;
     ag->opt.max_output = 1u << 20;
+    ag->opt.max_sessions = 8;
+    ag->opt.session_buffer = 1u << 20;
     ag->opt.log_level = LOG_INFO;
     const char *listens[32];
     unsigned nlisten = 0;
@@ -547,6 +556,20 @@ static int agent_main(int argc, char **argv)
             pass_pat[npass_pat++] = optarg;
             break;
         }
+        case OPT_MAX_SESSIONS:
+            if (parse_size(optarg, &v) < 0 || v > 4096) {
+                fprintf(stderr, "slot-agent: --max-sessions must be 0..4096\n");
+                return 2;
+            }
+            ag->opt.max_sessions = (unsigned)v;
+            break;
+        case OPT_SESSION_BUFFER:
+            if (parse_size(optarg, &v) < 0 || v < 1024 || v > (1u << 30)) {
+                fprintf(stderr, "slot-agent: --session-buffer must be 1K..1G\n");
+                return 2;
+            }
+            ag->opt.session_buffer = v;
+            break;
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -610,6 +633,7 @@ static int agent_main(int argc, char **argv)
     if (getrandom(&ag->instance, sizeof ag->instance, 0) != sizeof ag->instance)
         ag->instance = (uint64_t)getpid() ^ ((uint64_t)time(NULL) << 20);
     ag->next_exec_id = 1;
+    ag->next_session_id = 1;
     ag->pid = getpid();
     ag->op_stats = calloc(op_count, sizeof *ag->op_stats);
     ag->child_stack = child_stack_alloc();

@@ -56,6 +56,7 @@ struct box_req {
     int32_t seccomp_index;
     uint32_t uid;
     int32_t has_cwd, has_ll, ncg;
+    int32_t ctty; /* stdin is a pty slave to take as controlling terminal */
     struct rlimit lim[LIM_COUNT];
 };
 
@@ -342,6 +343,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
             .cwd_path = cwd_path[0] ? cwd_path : NULL,
             .iso = &ic,
             .clone_flags = CLONE_PARENT,
+            .ctty = rq.ctty != 0,
         };
         struct box_rep rep = {0};
         rep.pid = child_spawn(&sp);
@@ -516,6 +518,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         .has_cwd = sp->cwd_fd >= 0 && !sp->cwd_path, /* the path is what counts in a box */
         .has_ll = ic->landlock_fd >= 0,
         .ncg = box->in_cgroup ? 0 : (ic->cg_fd[0] >= 0) + (ic->cg_fd[1] >= 0),
+        .ctty = sp->ctty,
     };
     memcpy(rq.lim, ic->lim, sizeof rq.lim);
     int fds[BOX_MAX_FDS] = {sp->stdin_fd, sp->stdout_fd, sp->stderr_fd};

@@ -94,8 +94,8 @@ static int resolve_program(const char *name, const char *path_env, int cwd_fd, c
 
 /* Which rungs this command gets, with what: fails closed when isolation is
  * required and a required rung is missing. */
-static int prepare_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
-                             struct sp_err *err)
+int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
+                   struct sp_err *err)
 {
     struct agent *ag = rq->ag;
     struct isolation *iso = &ag->iso;
@@ -184,6 +184,106 @@ static int prepare_isolation(struct req *rq, struct slot *s, bool network, struc
     return 0;
 }
 
+/* Check args.env (str -> str, names non-empty without '=' or NUL, values
+ * without NUL) and add the bytes the environment needs to *need. */
+static int check_env(const struct agent *ag, const msgpack_object *env_o, size_t *need,
+                     struct sp_err *err)
+{
+    uint32_t nenv = env_o ? env_o->via.map.size : 0;
+    for (uint32_t i = 0; i < nenv; i++) {
+        const msgpack_object *k = &env_o->via.map.ptr[i].key, *v = &env_o->via.map.ptr[i].val;
+        if (k->type != MSGPACK_OBJECT_STR || v->type != MSGPACK_OBJECT_STR)
+            return sp_errf(err, SP_BAD_REQUEST, "args.env: keys and values must be str");
+        if (k->via.str.size == 0 || memchr(k->via.str.ptr, '=', k->via.str.size) ||
+            has_nul(k->via.str.ptr, k->via.str.size) || has_nul(v->via.str.ptr, v->via.str.size))
+            return sp_errf(err, SP_BAD_REQUEST,
+                           "args.env: names must be non-empty without '=' or NUL, values "
+                           "without NUL");
+        *need += k->via.str.size + v->via.str.size + 2;
+    }
+    for (unsigned i = 0; i < ag->npass_env; i++)
+        *need += strlen(ag->pass_env[i]) + 1;
+    return 0;
+}
+
+/* The clean environment of a command of s into envp (room for the defaults,
+ * --pass-env and args.env plus a NULL), strings from a: the request's
+ * variables override the defaults. Returns the PATH to search programs in,
+ * or NULL when a is too small. */
+static const char *build_env(struct agent *ag, struct slot *s, const msgpack_object *env_o,
+                             const char *term, struct arena *a, char **envp)
+{
+    uint32_t nenv = env_o ? env_o->via.map.size : 0;
+    unsigned ne = 0;
+    char slot_idx[16];
+    snprintf(slot_idx, sizeof slot_idx, "%u", s->index);
+    const char *defaults[][2] = {
+        {"PATH", DEFAULT_PATH},
+        {"HOME", s->ws_path},
+        {"TMPDIR", s->tmp_path},
+        {"LANG", "C.UTF-8"},
+        {"TERM", term},
+        {"SLOT_INDEX", slot_idx},
+        {"SLOT_WORKSPACE", s->ws_path},
+    };
+    const char *path_env = DEFAULT_PATH;
+    for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
+        bool overridden = env_lookup(env_o, nenv, defaults[i][0], strlen(defaults[i][0])) ||
+                          pass_lookup(ag, defaults[i][0], strlen(defaults[i][0]));
+        if (!overridden && !(envp[ne++] = arena_printf(a, "%s=%s", defaults[i][0], defaults[i][1])))
+            return NULL;
+    }
+    /* --pass-env: between the defaults and the request's env. */
+    for (unsigned i = 0; i < ag->npass_env; i++) {
+        const char *kv = ag->pass_env[i];
+        size_t kl = (size_t)(strchr(kv, '=') - kv);
+        if (env_lookup(env_o, nenv, kv, kl))
+            continue;
+        envp[ne++] = (char *)kv;
+        if (kl == 4 && !memcmp(kv, "PATH", 4))
+            path_env = kv + 5;
+    }
+    for (uint32_t j = 0; j < nenv; j++) {
+        const msgpack_object *k = &env_o->via.map.ptr[j].key, *v = &env_o->via.map.ptr[j].val;
+        char *kv = arena_strndup(a, k->via.str.ptr, k->via.str.size + 1 + v->via.str.size);
+        if (!kv)
+            return NULL;
+        kv[k->via.str.size] = '=';
+        memcpy(kv + k->via.str.size + 1, v->via.str.ptr, v->via.str.size);
+        kv[k->via.str.size + 1 + v->via.str.size] = 0;
+        envp[ne++] = kv;
+        if (sp_str_eq(k->via.str.ptr, k->via.str.size, "PATH"))
+            path_env = kv + 5;
+    }
+    envp[ne] = NULL;
+    return path_env;
+}
+
+char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, const char *term,
+                struct sp_err *err)
+{
+    size_t need = 1024 + strlen(s->ws_path) * 2 + strlen(s->tmp_path) + strlen(term);
+    if (check_env(ag, env_o, &need, err) < 0)
+        return NULL;
+    size_t nptr = (env_o ? env_o->via.map.size : 0) + ag->npass_env + 8 + 1;
+    /* The pointer array comes first, the strings after it: one free(). */
+    struct arena a = {0};
+    char *block = malloc(nptr * sizeof(char *) + need);
+    if (!block) {
+        sp_errf(err, SP_INTERNAL, "out of memory");
+        return NULL;
+    }
+    char **envp = (char **)block;
+    a.buf = block + nptr * sizeof(char *);
+    a.cap = need;
+    if (!build_env(ag, s, env_o, term, &a, envp)) {
+        free(block);
+        sp_errf(err, SP_INTERNAL, "out of memory building the environment");
+        return NULL;
+    }
+    return envp;
+}
+
 int op_exec(struct req *rq, struct sp_err *err)
 {
     struct agent *ag = rq->ag;
@@ -210,7 +310,7 @@ int op_exec(struct req *rq, struct sp_err *err)
     bool required = iso ? sp_str_eq(iso, iso_len, "required") : ag->opt.isolation_required;
     bool network = arg_bool(rq, "network", true);
     struct iso_child ic = {.required = required, .landlock_fd = -1, .failed_rung = -1};
-    if (prepare_isolation(rq, s, network, &ic, err) < 0)
+    if (exec_isolation(rq, s, network, &ic, err) < 0)
         return -1;
 
     /* The arena holds every string of argv and envp: the request's strings
@@ -228,19 +328,8 @@ int op_exec(struct req *rq, struct sp_err *err)
                 return sp_errf(err, SP_BAD_REQUEST, "args.argv[%u]: contains a NUL byte", i);
             need += v->via.str.size + 1;
         }
-    for (uint32_t i = 0; i < nenv; i++) {
-        const msgpack_object *k = &env_o->via.map.ptr[i].key, *v = &env_o->via.map.ptr[i].val;
-        if (k->type != MSGPACK_OBJECT_STR || v->type != MSGPACK_OBJECT_STR)
-            return sp_errf(err, SP_BAD_REQUEST, "args.env: keys and values must be str");
-        if (k->via.str.size == 0 || memchr(k->via.str.ptr, '=', k->via.str.size) ||
-            has_nul(k->via.str.ptr, k->via.str.size) || has_nul(v->via.str.ptr, v->via.str.size))
-            return sp_errf(err, SP_BAD_REQUEST,
-                           "args.env: names must be non-empty without '=' or NUL, values "
-                           "without NUL");
-        need += k->via.str.size + v->via.str.size + 2;
-    }
-    for (unsigned i = 0; i < ag->npass_env; i++)
-        need += strlen(ag->pass_env[i]) + 1;
+    if (check_env(ag, env_o, &need, err) < 0)
+        return -1;
     size_t nptr = (nargv + 1) + (nenv + ag->npass_env + 8 + 1);
     /* argv/envp pointer arrays follow the strings: keep them aligned. */
     a.cap = (need + 64 + sizeof(char *) - 1) & ~(sizeof(char *) - 1);
@@ -262,50 +351,9 @@ int op_exec(struct req *rq, struct sp_err *err)
             goto out;
     }
 
-    /* Clean environment; the request's variables override the defaults. */
-    unsigned ne = 0;
-    char slot_idx[16];
-    snprintf(slot_idx, sizeof slot_idx, "%u", s->index);
-    const char *defaults[][2] = {
-        {"PATH", DEFAULT_PATH},
-        {"HOME", s->ws_path},
-        {"TMPDIR", s->tmp_path},
-        {"LANG", "C.UTF-8"},
-        {"TERM", "dumb"},
-        {"SLOT_INDEX", slot_idx},
-        {"SLOT_WORKSPACE", s->ws_path},
-    };
-    const char *path_env = DEFAULT_PATH;
-    for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
-        bool overridden = env_lookup(env_o, nenv, defaults[i][0], strlen(defaults[i][0])) ||
-                          pass_lookup(ag, defaults[i][0], strlen(defaults[i][0]));
-        if (!overridden &&
-            !(envp[ne++] = arena_printf(&a, "%s=%s", defaults[i][0], defaults[i][1])))
-            goto oom;
-    }
-    /* --pass-env: between the defaults and the request's env. */
-    for (unsigned i = 0; i < ag->npass_env; i++) {
-        const char *kv = ag->pass_env[i];
-        size_t kl = (size_t)(strchr(kv, '=') - kv);
-        if (env_lookup(env_o, nenv, kv, kl))
-            continue;
-        envp[ne++] = (char *)kv;
-        if (kl == 4 && !memcmp(kv, "PATH", 4))
-            path_env = kv + 5;
-    }
-    for (uint32_t j = 0; j < nenv; j++) {
-        const msgpack_object *k = &env_o->via.map.ptr[j].key, *v = &env_o->via.map.ptr[j].val;
-        char *kv = arena_strndup(&a, k->via.str.ptr, k->via.str.size + 1 + v->via.str.size);
-        if (!kv)
-            goto oom;
-        kv[k->via.str.size] = '=';
-        memcpy(kv + k->via.str.size + 1, v->via.str.ptr, v->via.str.size);
-        kv[k->via.str.size + 1 + v->via.str.size] = 0;
-        envp[ne++] = kv;
-        if (sp_str_eq(k->via.str.ptr, k->via.str.size, "PATH"))
-            path_env = kv + 5;
-    }
-    envp[ne] = NULL;
+    const char *path_env = build_env(ag, s, env_o, "dumb", &a, envp);
+    if (!path_env)
+        goto oom;
 
     char prog[4096];
     if (cmd) {

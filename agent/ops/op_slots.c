@@ -8,7 +8,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include "exec.h"
+#include "session.h"
 
 #define DEFAULT_TIMEOUT_MS 600000u
 #define MAX_TIMEOUT_MS 86400000u
@@ -191,7 +191,7 @@ int op_stats(struct req *rq, struct sp_err *err)
 
 static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
 {
-    msgpack_pack_map(pk, 11);
+    msgpack_pack_map(pk, 12);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "state",
                    s->resetting                ? "resetting"
@@ -222,6 +222,8 @@ static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
             msgpack_pack_uint64(pk, e->id);
     sp_pack_kv_uint(pk, "execs", s->execs);
     sp_pack_kv_str(pk, "workspace", s->ws_path);
+    sp_pack_cstr(pk, "sessions");
+    sessions_pack(pk, s);
 }
 
 int op_slots(struct req *rq, struct sp_err *err)

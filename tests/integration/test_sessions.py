@@ -1,0 +1,495 @@
+"""Sessions: persistent shells in slots (session_open, session_exec,
+session_write, session_read, session_resize, session_signal, session_close),
+against the real agent: state that persists, interrupting without losing the
+session, terminals, bounds, reset, hostile input, isolation and leaks."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import expect_error, marker, pids_with_arg, wait_until
+from slotwire import Client
+
+
+def sopen(c: Client, slot: int = 0, **kw) -> int:
+    return c.call("session_open", {"slot": slot, **kw})["session"]
+
+
+def sx(c: Client, sid: int, cmd: str, timeout_ms: int = 10000, **kw) -> dict:
+    return c.call("session_exec", {"session": sid, "cmd": cmd, "timeout_ms": timeout_ms, **kw},
+                  timeout=60)
+
+
+def read_until(c: Client, sid: int, want: bytes, timeout: float = 10.0) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while want not in out:
+        assert time.monotonic() < deadline, f"no {want!r} in {out!r}"
+        r = c.call("session_read", {"session": sid, "wait_ms": 500})
+        out += r["data"]
+        assert not r["eof"], out
+    return out
+
+
+def sx_when_ready(c: Client, sid: int, cmd: str) -> dict:
+    """session_exec once the shell is back at its prompt after session_write input."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = c.call_raw("session_exec", {"session": sid, "cmd": cmd, "timeout_ms": 10000})
+        if r["ok"] or r["error"]["code"] != "slot_busy" or time.monotonic() > deadline:
+            assert r["ok"], r
+            return r["result"]
+        time.sleep(0.05)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def sessions_of(c: Client, slot: int) -> list[dict]:
+    return c.call("slots", {"slot": slot})["slots"][0]["sessions"]
+
+
+@pytest.mark.parametrize("pty", [False, True])
+def test_state_persists_across_session_exec(client, pty) -> None:
+    sid = sopen(client, pty=pty)
+    r = sx(client, sid, "mkdir -p proj/venv/bin && cd proj && export GREETING=hello && "
+                        "greet() { echo \"$GREETING $1\"; }")
+    assert r["exit_code"] == 0 and not r["timed_out"], r
+    # a virtualenv-like activate script, sourced
+    sx(client, sid, "printf 'export VIRTUAL_ENV=$PWD/venv\\nexport PATH=$VIRTUAL_ENV/bin:$PATH\\n"
+                    "deactivate() { unset VIRTUAL_ENV; }\\n' > venv/bin/activate && "
+                    "printf '#!/bin/sh\\necho from-venv\\n' > venv/bin/tool && chmod +x venv/bin/tool")
+    sx(client, sid, "source venv/bin/activate")
+    r = sx(client, sid, "pwd; greet world; tool; echo $VIRTUAL_ENV; x=42")
+    out = r["output" if pty else "stdout"].replace(b"\r\n", b"\n")
+    assert b"/proj\n" in out and b"hello world\n" in out and b"from-venv\n" in out, out
+    assert b"/proj/venv\n" in out
+    r = sx(client, sid, "deactivate; echo \"[$VIRTUAL_ENV] $x\"")
+    assert b"[] 42" in r["output" if pty else "stdout"]
+
+
+def test_exit_codes_and_streams(client) -> None:
+    sid = sopen(client)
+    r = sx(client, sid, "echo out; echo err >&2; (exit 3)")
+    assert (r["exit_code"], r["stdout"], r["stderr"]) == (3, b"out\n", b"err\n")
+    assert r["session_alive"] and not r["timed_out"] and r["stdout_bytes"] == 4
+    assert sx(client, sid, "false")["exit_code"] == 1
+    assert sx(client, sid, "echo $?")["stdout"] == b"1\n"  # $? survives the marker
+    assert sx(client, sid, "no-such-command-xyz")["exit_code"] == 127
+    r = sx(client, sid, "if then fi '")  # a syntax error, not a shell waiting for more
+    assert r["exit_code"] == 2 and b"syntax error" in r["stderr"], r
+    assert sx(client, sid, "true")["exit_code"] == 0
+    # no trailing newline, quotes, and text that looks like the marker
+    r = sx(client, sid, "printf 'a'\"'\"'b'; printf '\\033]6973;0000000000000000;0\\007'")
+    assert r["stdout"] == b"a'b\x1b]6973;0000000000000000;0\x07" and r["exit_code"] == 0
+    # a multi-line command with a heredoc
+    r = sx(client, sid, "cat <<EOF\nline1\nline2\nEOF\necho done")
+    assert r["stdout"] == b"line1\nline2\ndone\n"
+
+
+def test_exit_ends_the_session(client) -> None:
+    sid = sopen(client)
+    r = sx(client, sid, "echo bye; exit 5")
+    assert r["exit_code"] == 5 and not r["session_alive"] and r["stdout"] == b"bye\n"
+    r = client.call("session_read", {"session": sid, "wait_ms": 1000})
+    assert r["eof"] and not r["alive"]
+    expect_error(client, "session_exec", {"session": sid, "cmd": "true"}, "bad_request")
+    expect_error(client, "session_write", {"session": sid, "data": b"x"}, "bad_request")
+    assert [s["alive"] for s in sessions_of(client, 0)] == [False]
+    client.call("session_close", {"session": sid})
+    assert sessions_of(client, 0) == []
+
+
+@pytest.mark.parametrize("pty", [False, True])
+def test_timeout_interrupts_and_keeps_the_session(client, pty) -> None:
+    sid = sopen(client, pty=pty)
+    sx(client, sid, "cd /usr && v=kept")
+    m = marker()
+    t0 = time.monotonic()
+    r = sx(client, sid, f"sleep 100 {m}; echo not-reached", timeout_ms=500)
+    assert r["timed_out"] and r["exit_code"] == 130 and r["session_alive"], r
+    assert time.monotonic() - t0 < 5
+    # (a terminal echoes the command line itself)
+    assert r["output" if pty else "stdout"].count(b"not-reached") == (1 if pty else 0)
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    r = sx(client, sid, "pwd; echo $v")
+    out = r["output" if pty else "stdout"].replace(b"\r\n", b"\n")
+    assert b"/usr\nkept\n" in out and r["exit_code"] == 0 and not r["timed_out"]
+    # a loop of builtins in the shell itself is interrupted too
+    r = sx(client, sid, "while :; do :; done", timeout_ms=300)
+    assert r["timed_out"] and r["session_alive"]
+    # a program that ignores SIGINT is killed after the grace period
+    m = marker()
+    r = sx(client, sid, f"python3 -c 'import signal,time; signal.signal(signal.SIGINT, "
+                        f"signal.SIG_IGN); time.sleep(100)' {m}", timeout_ms=300)
+    assert r["timed_out"] and r["session_alive"], r
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    assert b"kept" in sx(client, sid, "echo $v")["output" if pty else "stdout"]
+
+
+def test_background_job_survives_a_timeout(client) -> None:
+    sid = sopen(client)
+    m = marker()
+    sx(client, sid, f"sleep 300 {m} &")
+    wait_until(lambda: pids_with_arg(m), timeout=5)
+    # the foreground ignores SIGINT: SIGKILL after the grace period, for it alone
+    f = marker()
+    r = sx(client, sid, "python3 -c 'import signal,time; signal.signal(signal.SIGINT, "
+                        f"signal.SIG_IGN); time.sleep(100)' {f}", timeout_ms=300)
+    assert r["timed_out"] and r["exit_code"] == 137 and r["session_alive"], r
+    assert not pids_with_arg(f)
+    assert pids_with_arg(m), "a background job is not the foreground"
+    client.call("session_close", {"session": sid})
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+
+
+def test_stdin_reading_commands_do_not_hang(client) -> None:
+    # without a terminal, stdin is /dev/null as for exec
+    sid = sopen(client)
+    t0 = time.monotonic()
+    r = sx(client, sid, "cat; read x; echo \"[$x]\"", timeout_ms=5000)
+    assert not r["timed_out"] and r["stdout"] == b"[]\n" and time.monotonic() - t0 < 4
+    assert sx(client, sid, "echo next")["stdout"] == b"next\n"
+    # with a terminal they wait for input: the timeout takes them back
+    p = sopen(client, slot=1, pty=True)
+    r = sx(client, p, "cat", timeout_ms=400)
+    assert r["timed_out"] and r["session_alive"]
+    r = sx(client, p, "read x", timeout_ms=400)
+    assert r["timed_out"] and r["session_alive"]
+    assert b"next" in sx(client, p, "echo next")["output"]
+
+
+def test_python_repl_in_a_pty(client) -> None:
+    sid = sopen(client, pty=True)
+    read_until(client, sid, b"$ ")
+    client.call("session_write", {"session": sid, "data": b"python3 -q\n"})
+    read_until(client, sid, b">>> ")
+    client.call("session_write", {"session": sid, "data": b"x = 6 * 7\n"})
+    read_until(client, sid, b">>> ")
+    client.call("session_write", {"session": sid, "data": b"print(x, 'answer')\n"})
+    assert b"42 answer" in read_until(client, sid, b"42 answer")
+    # ^C is a key: KeyboardInterrupt in the REPL, which lives on
+    client.call("session_write", {"session": sid, "data": b"import time; time.sleep(100)\n"})
+    time.sleep(0.3)
+    client.call("session_write", {"session": sid, "data": b"\x03"})
+    read_until(client, sid, b"KeyboardInterrupt")
+    client.call("session_write", {"session": sid, "data": b"exit()\n"})
+    read_until(client, sid, b"$ ")
+    assert sx(client, sid, "echo back")["exit_code"] == 0
+
+
+def test_python_repl_without_a_pty(client) -> None:
+    sid = sopen(client)
+    client.call("session_write", {"session": sid, "data": b"python3 -u -i -q\n"})
+    time.sleep(0.5)
+    client.call("session_write", {"session": sid, "data": b"print(6 * 7)\n"})
+    read_until(client, sid, b"42")
+    client.call("session_write", {"session": sid, "data": b"exit()\n"})
+    assert sx_when_ready(client, sid, "echo shell")["stdout"] == b"shell\n"
+
+
+def test_resize_is_seen_by_stty(client) -> None:
+    sid = sopen(client, pty=True, cols=100, rows=30)
+    assert b"30 100" in sx(client, sid, "stty size")["output"]
+    r = client.call("session_resize", {"session": sid, "cols": 132, "rows": 43})
+    assert r == {"cols": 132, "rows": 43}
+    assert b"43 132" in sx(client, sid, "stty size")["output"]
+    # a running program gets SIGWINCH
+    client.call("session_write", {"session": sid, "data":
+                b"trap 'echo winch $(stty size)' WINCH; sleep 5 & wait\n"})
+    time.sleep(0.5)
+    client.call("session_resize", {"session": sid, "cols": 90, "rows": 20})
+    read_until(client, sid, b"winch 20 90")
+    client.call("session_signal", {"session": sid, "signal": "INT"})
+
+
+def test_one_mib_through_a_session(client) -> None:
+    sid = sopen(client)
+    r = sx(client, sid, "yes abcdefghijklmno | head -c 1048576", timeout_ms=30000)
+    assert r["stdout_bytes"] == 1 << 20 and len(r["stdout"]) == 1 << 20
+    assert not r["stdout_truncated"] and r["stdout"][:16] == b"abcdefghijklmno\n"
+    # beyond max_output: head + tail, like exec
+    r = sx(client, sid, "yes abcdefghijklmno | head -c 3145728; echo END", timeout_ms=30000,
+           max_output=65536)
+    assert r["stdout_truncated"] and r["stdout_bytes"] == 3 * (1 << 20) + 4
+    assert b"bytes dropped" in r["stdout"] and r["stdout"].endswith(b"END\n")
+    p = sopen(client, slot=1, pty=True)
+    r = sx(client, p, "yes abcdefghijklmno | head -c 1048576; echo", timeout_ms=30000)
+    # the terminal turns each \n into \r\n: a little over max_output
+    assert r["output_bytes"] >= 65536 * 17 and r["output_truncated"]
+    assert r["output"].count(b"abcdefghijklmno\r\n") >= 60000
+    assert sx(client, sid, "echo ok")["stdout"] == b"ok\n"
+
+
+def test_many_sessions_across_slots(agent_factory) -> None:
+    a = agent_factory(slots=8)
+    c = a.client(timeout=120)
+    sids = {}
+    for slot in range(8):
+        for i in range(4):
+            sids[(slot, i)] = sopen(c, slot, pty=(i % 2 == 1))
+    ids = {k: c.send("session_exec", {"session": s, "cmd": f"sleep 0.2; echo {k[0]}-$SLOT_INDEX-{k[1]}",
+                                      "timeout_ms": 30000}) for k, s in sids.items()}
+    for k, rid in ids.items():
+        r, _ = c.wait(rid, timeout=60)
+        assert r["ok"], r
+        out = r["result"].get("stdout") or r["result"]["output"]
+        assert f"{k[0]}-{k[0]}-{k[1]}".encode() in out
+    assert sum(len(s["sessions"]) for s in c.call("slots")["slots"]) == 32
+
+
+def test_reset_while_a_session_runs(client, agent) -> None:
+    sid = sopen(client, 2)
+    p = sopen(client, 2, pty=True)
+    m = marker()
+    rid = client.send("session_exec", {"session": sid, "cmd": f"sleep 100 {m} & sleep 100 {m}"})
+    wait_until(lambda: len(pids_with_arg(m)) == 2, timeout=5)
+    shells = [s["pid"] for s in sessions_of(client, 2)]
+    r = client.call("reset", {"slot": 2})
+    assert r["killed"] >= 2
+    resp, _ = client.wait(rid, timeout=10)
+    assert not resp["ok"] and resp["error"]["code"] == "cancelled"
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    for pid in shells:
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+                   open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z", timeout=5)
+    assert sessions_of(client, 2) == []
+    for s in (sid, p):
+        expect_error(client, "session_exec", {"session": s, "cmd": "true"}, "not_found")
+    assert client.call("exec", {"slot": 2, "cmd": "echo ok"})["stdout"] == b"ok\n"
+    assert sx(client, sopen(client, 2), "echo again")["stdout"] == b"again\n"
+
+
+def test_session_limit_per_slot(agent_factory) -> None:
+    a = agent_factory(extra=["--max-sessions", "2"])
+    c = a.client()
+    s1, _ = sopen(c, 0), sopen(c, 0, pty=True)
+    expect_error(c, "session_open", {"slot": 0}, "no_capacity")
+    sopen(c, 1)  # per slot
+    c.call("session_close", {"session": s1})
+    sopen(c, 0)
+
+
+def test_session_buffer_drops_oldest_first(agent_factory) -> None:
+    a = agent_factory(extra=["--session-buffer", "4096"])
+    c = a.client()
+    sid = sopen(c)
+    c.call("session_write", {"session": sid,
+                             "data": b"head -c 100000 /dev/zero | tr '\\0' a; echo END\n"})
+    time.sleep(1.0)
+    r = c.call("session_read", {"session": sid, "max_bytes": 1 << 20})
+    assert len(r["data"]) == 4096 and r["data"].endswith(b"aaaEND\n"), r["data"][-20:]
+    assert r["dropped"] == 100004 - 4096
+    r = c.call("session_read", {"session": sid})
+    assert r["data"] == b"" and r["dropped"] == 0 and not r["eof"]
+
+
+def test_read_long_poll_and_max_bytes(client) -> None:
+    sid = sopen(client)
+    t0 = time.monotonic()
+    r = client.call("session_read", {"session": sid, "wait_ms": 300})
+    assert r["data"] == b"" and time.monotonic() - t0 >= 0.25
+    rid = client.send("session_read", {"session": sid, "wait_ms": 10000, "max_bytes": 3})
+    time.sleep(0.2)
+    client.call("session_write", {"session": sid, "data": b"echo hello\n"})
+    resp, _ = client.wait(rid, timeout=10)
+    assert resp["ok"] and resp["result"]["data"] == b"hel"
+    assert read_until(client, sid, b"lo\n") == b"lo\n"
+
+
+def test_a_waiting_read_of_a_lost_connection_does_not_block(client, agent) -> None:
+    sid = sopen(client)
+    other = agent.client()
+    other.send("session_read", {"session": sid, "wait_ms": 600000})
+    time.sleep(0.2)
+    expect_error(client, "session_read", {"session": sid, "wait_ms": 100}, "slot_busy")
+    other.close()
+    time.sleep(0.2)
+    rid = client.send("session_read", {"session": sid, "wait_ms": 10000})
+    client.call("session_write", {"session": sid, "data": b"echo mine\n"})
+    resp, _ = client.wait(rid, timeout=10)
+    assert resp["ok"] and resp["result"]["data"] == b"mine\n", resp
+
+
+def test_signal_and_close(client) -> None:
+    sid = sopen(client)
+    rid = client.send("session_exec", {"session": sid, "cmd": "sleep 100", "timeout_ms": 60000})
+    time.sleep(0.3)
+    r = client.call("session_signal", {"session": sid, "signal": "SIGTERM"})
+    assert r["signal"] == 15 and r["signalled"] == 1
+    resp, _ = client.wait(rid, timeout=10)
+    assert resp["result"]["exit_code"] == 143 and resp["result"]["session_alive"]
+    p = sopen(client, pty=True)
+    client.call("session_write", {"session": p, "data": b"sleep 100\n"})
+    time.sleep(0.3)
+    r = client.call("session_signal", {"session": p, "signal": 2})
+    assert r["signalled"] == 1 and r["pgid"] != sessions_of(client, 0)[0]["pid"]
+    assert b"ok" in sx_when_ready(client, p, "echo ok")["output"]
+    m = marker()
+    sx(client, p, f"sleep 300 {m} &")
+    wait_until(lambda: pids_with_arg(m), timeout=5)
+    r = client.call("session_close", {"session": p})
+    assert r["killed"] >= 2
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    expect_error(client, "session_close", {"session": p}, "not_found")
+
+
+def test_hostile_inputs(client) -> None:
+    sid = sopen(client)
+    p = sopen(client, pty=True)
+    bad = [
+        ("session_exec", {"session": 999999, "cmd": "true"}, "not_found"),
+        ("session_read", {"session": 999999}, "not_found"),
+        ("session_write", {"session": 999999, "data": b"x"}, "not_found"),
+        ("session_resize", {"session": 999999, "cols": 1, "rows": 1}, "not_found"),
+        ("session_signal", {"session": 999999, "signal": "INT"}, "not_found"),
+        ("session_close", {"session": 999999}, "not_found"),
+        ("session_exec", {"session": "1", "cmd": "true"}, "bad_request"),
+        ("session_exec", {"session": sid}, "bad_request"),
+        ("session_exec", {"session": sid, "cmd": 5}, "bad_request"),
+        ("session_exec", {"session": sid, "cmd": "a\x00b"}, "bad_request"),
+        ("session_exec", {"session": sid, "cmd": "true", "max_output": 1 << 40}, "bad_request"),
+        ("session_exec", {"session": sid, "cmd": "true", "bogus": 1}, "bad_request"),
+        ("session_exec", {"session": p, "cmd": "echo \x03"}, "bad_request"),
+        ("session_write", {"session": sid, "data": 7}, "bad_request"),
+        ("session_read", {"session": sid, "max_bytes": 0}, "bad_request"),
+        ("session_read", {"session": sid, "wait_ms": -1}, "bad_request"),
+        ("session_resize", {"session": sid, "cols": 80, "rows": 24}, "bad_request"),
+        ("session_resize", {"session": p, "cols": 0, "rows": 24}, "bad_request"),
+        ("session_resize", {"session": p, "cols": 80, "rows": 5000}, "bad_request"),
+        ("session_signal", {"session": sid, "signal": "NOPE"}, "bad_request"),
+        ("session_signal", {"session": sid, "signal": 0}, "bad_request"),
+        ("session_signal", {"session": sid, "signal": 99}, "bad_request"),
+        ("session_signal", {"session": sid, "signal": [2]}, "bad_request"),
+        ("session_open", {"slot": 99}, "unknown_slot"),
+        ("session_open", {"slot": 0, "shell": "bash"}, "bad_request"),
+        ("session_open", {"slot": 0, "shell": "/no/such/shell"}, "not_found"),
+        ("session_open", {"slot": 0, "cwd": "../.."}, "path_escape"),
+        ("session_open", {"slot": 0, "cwd": "missing"}, "not_found"),
+        ("session_open", {"slot": 0, "env": {"A=B": "x"}}, "bad_request"),
+        ("session_open", {"slot": 0, "env": {"A": 1}}, "bad_request"),
+        ("session_open", {"slot": 0, "cols": 80}, "bad_request"),
+        ("session_open", {"slot": 0, "pty": "yes"}, "bad_request"),
+        ("session_open", {"slot": 0, "isolation": "maybe"}, "bad_request"),
+        ("session_open", {"slot": 0, "rlimits": {"bogus": 1}}, "bad_request"),
+    ]
+    for op, args, code in bad:
+        expect_error(client, op, args, code)
+    # one command at a time per session
+    rid = client.send("session_exec", {"session": sid, "cmd": "sleep 0.5"})
+    expect_error(client, "session_exec", {"session": sid, "cmd": "true"}, "slot_busy")
+    assert client.wait(rid, timeout=10)[0]["ok"]
+    # a program in the terminal's foreground is not a shell to type into
+    client.call("session_write", {"session": p, "data": b"sleep 100\n"})
+    time.sleep(0.3)
+    expect_error(client, "session_exec", {"session": p, "cmd": "true"}, "slot_busy")
+    client.call("session_signal", {"session": p, "signal": "INT"})
+    # a shell other than bash: raw sessions only
+    sh = sopen(client, 1, shell="/bin/sh")
+    expect_error(client, "session_exec", {"session": sh, "cmd": "true"}, "bad_request")
+    client.call("session_write", {"session": sh, "data": b"echo from-sh\n"})
+    read_until(client, sh, b"from-sh")
+    # and everything still works
+    assert sx(client, sid, "echo fine")["stdout"] == b"fine\n"
+    assert b"fine" in sx_when_ready(client, p, "echo fine")["output"]
+
+
+def test_open_with_env_and_cwd(client) -> None:
+    client.call("exec", {"slot": 0, "cmd": "mkdir -p sub/dir"})
+    sid = sopen(client, cwd="sub/dir", env={"FOO": "bar", "TERM": "vt100"})
+    r = sx(client, sid, "pwd; echo $FOO $TERM $HOME $SLOT_INDEX")
+    ws = client.call("slots", {"slot": 0})["slots"][0]["workspace"]
+    assert r["stdout"] == f"{ws}/sub/dir\nbar vt100 {ws} 0\n".encode()
+    p = sopen(client, pty=True)
+    assert b"xterm-256color" in sx(client, p, "echo $TERM")["output"]
+
+
+def test_no_fd_or_process_leaks(client, agent) -> None:
+    sx(client, sopen(client, 3), "true")  # warm up the slot (its box, rulesets)
+    client.call("session_close", {"session": sessions_of(client, 3)[0]["session"]})
+    base = fd_count(agent.proc.pid)
+    m = marker()
+    for round_ in range(3):
+        sids = [sopen(client, 3, pty=(i % 2 == 0)) for i in range(6)]
+        for s in sids:
+            sx(client, s, f"sleep 300 {m} & echo started")
+        sx(client, sids[0], "sleep 100", timeout_ms=200)
+        wait_until(lambda: len(pids_with_arg(m)) == 6, timeout=5)
+        assert fd_count(agent.proc.pid) > base
+        for s in sids:
+            client.call("session_close", {"session": s})
+        wait_until(lambda: not pids_with_arg(m), timeout=5)
+    wait_until(lambda: fd_count(agent.proc.pid) == base, timeout=5)
+    # shells that ended by themselves too
+    for _ in range(3):
+        s = sopen(client, 3)
+        sx(client, s, "exit 0")
+        client.call("session_close", {"session": s})
+    wait_until(lambda: fd_count(agent.proc.pid) == base, timeout=5)
+
+
+def test_isolation_same_as_exec(client, agent, tmpdir_short) -> None:
+    e = client.call("exec", {"slot": 0, "cmd": "id -u; id -g"})
+    for pty in (False, True):
+        r = client.call("session_open", {"slot": 0, "pty": pty})
+        assert set(r["isolation"]) == set(e["isolation"]), (r, e)
+        out = sx(client, r["session"], "id -u; id -g")
+        assert (out["output"] if pty else out["stdout"]).replace(b"\r\n", b"\n").endswith(
+            e["stdout"]), out
+    sid = sopen(client, 0)
+    r = sx(client, sid, "grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status")
+    assert b"NoNewPrivs:\t1" in r["stdout"] and b"Seccomp:\t2" in r["stdout"]
+    # other slots' workspaces: neither writable nor (through the box) visible
+    other = Path(client.call("slots", {"slot": 1})["slots"][0]["workspace"])
+    r = sx(client, sid, f"echo x > {other}/planted")
+    assert r["exit_code"] != 0 and not (other / "planted").exists()
+    r = sx(client, sid, f"ln -s {other} other && echo x > other/planted2")
+    assert r["exit_code"] != 0 and not (other / "planted2").exists()
+    target = tmpdir_short / "escape-session"
+    r = sx(client, sid, f"echo x > {target}")
+    assert r["exit_code"] != 0 and not target.exists()
+    # nor can it signal the agent or another slot's command
+    d = client.call("exec", {"slot": 1, "cmd": "sleep 30", "detach": True})
+    for pid in (agent.proc.pid, d["pid"]):
+        r = sx(client, sid, f"kill -TERM {pid}")
+        assert r["exit_code"] != 0 and (b"not permitted" in r["stderr"] or
+                                        b"No such process" in r["stderr"]), r
+    assert agent.proc.poll() is None
+    assert client.call("cancel", {"exec_id": d["exec_id"]})["cancelled"] == 1
+
+
+def test_slots_lists_sessions(client) -> None:
+    sid = sopen(client, 1)
+    p = sopen(client, 1, pty=True)
+    ss = {s["session"]: s for s in sessions_of(client, 1)}
+    assert set(ss) == {sid, p}
+    assert ss[p]["pty"] and not ss[sid]["pty"] and all(s["alive"] for s in ss.values())
+    assert all(s["pid"] > 0 and not s["running"] for s in ss.values())
+    assert sessions_of(client, 0) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid rung needs root")
+def test_sessions_run_as_the_slot_user(agent_factory, tmpdir_short) -> None:
+    # A data dir other users can reach: the uid rung turns on.
+    tmpdir_short.chmod(0o755)
+    a = agent_factory(slots=2)
+    c = a.client()
+    h = c.call("hello")
+    assert h["isolation"]["uid"], h["isolation_detail"]
+    uid = h["isolation_detail"]["slot_uid_base"] + 1
+    e = c.call("exec", {"slot": 1, "cmd": "id -u"})
+    assert e["stdout"] == f"{uid}\n".encode()
+    sid = sopen(c, 1)
+    assert sx(c, sid, "id -u; whoami")["stdout"] == f"{uid}\nslot1\n".encode()
+    # the terminal belongs to the slot user, like a login's
+    p = sopen(c, 1, pty=True)
+    out = sx(c, p, "id -u; stat -c %u $(tty)")["output"].replace(b"\r\n", b"\n")
+    assert out.endswith(f"{uid}\n{uid}\n".encode()), out
+    # another slot's workspace is out of reach
+    other = Path(c.call("slots", {"slot": 0})["slots"][0]["workspace"])
+    r = sx(c, sid, f"echo x > {other}/planted; ls {other}")
+    assert r["exit_code"] != 0 and not (other / "planted").exists()
