@@ -248,6 +248,7 @@ int op_session_exec(struct req *rq, struct sp_err *err);
 int op_session_write(struct req *rq, struct sp_err *err);
 int op_session_read(struct req *rq, struct sp_err *err);
 int op_session_resize(struct req *rq, struct sp_err *err);
+int op_session_screen(struct req *rq, struct sp_err *err);
 int op_session_signal(struct req *rq, struct sp_err *err);
 int op_session_close(struct req *rq, struct sp_err *err);
 

@@ -154,6 +154,7 @@ const struct op_def op_table[] = {
     {"session_write", op_session_write, 0, args_session_write},
     {"session_read", op_session_read, 0, args_session_read},
     {"session_resize", op_session_resize, 0, args_session_resize},
+    {"session_screen", op_session_screen, 0, args_session},
     {"session_signal", op_session_signal, 0, args_session_signal},
     {"session_close", op_session_close, 0, args_session},
 };

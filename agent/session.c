@@ -54,6 +54,7 @@
 #include "child.h"
 #include "fdio.h"
 #include "session.h"
+#include "screen.h"
 
 #define READ_CHUNK 65536
 #define READY_SECONDS 10.0 /* the set-up line must come back by then */
@@ -111,6 +112,7 @@ struct session {
     ev_timer wait_w;    /* ready timeout, then the reader's wait */
     ev_timer end_w;     /* bound on waiting for EOF after the shell ended */
     unsigned cols, rows;
+    struct screen *screen; /* pty: what the terminal shows (session_screen) */
 };
 
 static void check_ended(struct session *ss);
@@ -293,11 +295,13 @@ static void cmd_finish(struct session *ss, int exit_code)
 /* ---- output ---------------------------------------------------------------- */
 
 /* Every byte the shell and its programs print, minus markers, comes here in
- * order. (A terminal screen renderer would be fed here, for pty sessions.) */
+ * order; a pty session's screen is fed from here. */
 static void session_emit(struct session *ss, int k, const char *p, size_t n)
 {
     if (n == 0 || !ss->ready)
         return; /* before ready: bash's start-up notices and the set-up line */
+    if (ss->screen)
+        screen_feed(ss->screen, p, n);
     if (ss->cmd) {
         outbuf_append(&ss->cmd->ob[ss->pty ? 0 : k], p, n);
         return;
@@ -501,6 +505,23 @@ static size_t queue_input(struct session *ss, const char *p, size_t n, bool boun
     return taken;
 }
 
+/* The terminal's own answers (cursor reports...) go back as typed input. */
+static void screen_reply(const char *data, size_t len, void *ctx)
+{
+    queue_input(ctx, data, len, false);
+}
+
+int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err)
+{
+    if (!ss->screen)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "session %llu has no terminal (opened with pty: false): use session_read",
+                       (unsigned long long)ss->id);
+    if (pk)
+        screen_pack(ss->screen, pk);
+    return 0;
+}
+
 int session_write(struct session *ss, const char *p, size_t n, size_t *taken, struct sp_err *err)
 {
     if (ss->in_fd < 0 || !ss->alive)
@@ -690,6 +711,8 @@ int session_resize(struct session *ss, unsigned cols, unsigned rows, struct sp_e
         return sp_errf(err, SP_INTERNAL, "TIOCSWINSZ: %s", strerror(errno));
     ss->cols = cols;
     ss->rows = rows;
+    if (ss->screen)
+        screen_resize(ss->screen, rows, cols);
     return 0;
 }
 
@@ -900,6 +923,7 @@ unsigned session_close(struct session *ss, const struct sp_err *why)
         close(ss->in_fd);
     free(ss->wbuf);
     free(ss->ring.buf);
+    screen_free(ss->screen);
     log_debug("session %llu: closed", (unsigned long long)ss->id);
     free(ss);
     return n;
@@ -960,6 +984,26 @@ static int open_pty(int *master, int *slave, const struct session_params *p, str
         log_warn("pty: chown to the slot user: %s", strerror(errno));
     *master = m;
     *slave = sl;
+    return 0;
+}
+
+/* Landlock for a pty session: the slot's rules plus its terminal's name,
+ * in a ruleset of its own (replacing the slot's shared one in p->iso for
+ * this spawn; session_open puts the shared one back). */
+static int pty_landlock(struct agent *ag, struct slot *s, const struct session_params *p,
+                        int master, struct sp_err *err)
+{
+    if (!p->iso || p->iso->landlock_fd < 0)
+        return 0;
+    char name[64];
+    if (ptsname_r(master, name, sizeof name) != 0)
+        return sp_errf(err, SP_INTERNAL, "ptsname: %s", strerror(errno));
+    struct sp_err lerr;
+    int fd =
+        landlock_ruleset(ag->iso.landlock_abi, s->ws_path, s->tmp_path, p->network, name, &lerr);
+    if (fd < 0)
+        return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "%s", lerr.msg);
+    p->iso->landlock_fd = fd;
     return 0;
 }
 
@@ -1060,9 +1104,17 @@ int session_open(struct agent *ag, struct slot *s, struct req *opener,
     ss->plen = (size_t)snprintf(ss->prefix, sizeof ss->prefix, MARK_HEAD "%s;", nonce);
 
     int child[3] = {-1, -1, -1}, mine[3] = {-1, -1, -1};
+    int shared_ll = p->iso ? p->iso->landlock_fd : -1;
     int rc = -1;
     if (p->pty) {
+        ss->screen = screen_new(p->rows, p->cols, screen_reply, ss);
+        if (!ss->screen) {
+            sp_errf(err, SP_INTERNAL, "out of memory");
+            goto fail;
+        }
         if (open_pty(&mine[0], &child[0], p, err) < 0)
+            goto fail;
+        if (pty_landlock(ag, s, p, mine[0], err) < 0)
             goto fail;
         child[1] = child[2] = child[0];
     } else {
@@ -1140,7 +1192,13 @@ fail:
         if (mine[i] >= 0)
             close(mine[i]);
     }
-    if (rc < 0)
+    if (p->pty && p->iso && p->iso->landlock_fd >= 0 && p->iso->landlock_fd != shared_ll) {
+        close(p->iso->landlock_fd);
+        p->iso->landlock_fd = shared_ll;
+    }
+    if (rc < 0) {
+        screen_free(ss->screen);
         free(ss);
+    }
     return rc;
 }

@@ -15,6 +15,7 @@ struct session_params {
     struct iso_child *iso;
     struct nsbox *box; /* spawn through this slot box, or NULL */
     bool pty, bash;
+    bool network; /* for a pty session's own Landlock ruleset */
     unsigned cols, rows;
 };
 
@@ -36,6 +37,9 @@ int session_write(struct session *ss, const char *p, size_t n, size_t *taken, st
 int session_read(struct session *ss, struct req *rq, size_t max, uint64_t wait_ms,
                  struct sp_err *err);
 int session_resize(struct session *ss, unsigned cols, unsigned rows, struct sp_err *err);
+/* The terminal's screen as session_screen answers it: 3 map pairs (rows,
+ * cursor, size) into pk (NULL: only check); -1 for a session without a pty. */
+int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err);
 /* Signal the foreground of the session; the number of processes or groups
  * signalled. */
 int session_signal(struct session *ss, int sig, unsigned *n, pid_t *pgid, struct sp_err *err);

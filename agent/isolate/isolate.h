@@ -145,7 +145,8 @@ int rlimit_apply(const struct rlimit *lim);
 int landlock_probe(void); /* ABI version, or -1 with errno */
 /* A ruleset: read anywhere, write to ws/tmp and a few devices; TCP denied
  * when !network (ABI >= 4); signals and abstract sockets scoped (ABI >= 6). */
-int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, struct sp_err *err);
+int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, const char *tty,
+                     struct sp_err *err);
 int landlock_apply(int ruleset_fd);
 
 /* seccomp.c */

@@ -92,7 +92,8 @@ static int add_path(int rfd, const char *path, uint64_t access, bool must_exist,
     return 0;
 }
 
-int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, struct sp_err *err)
+int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, const char *tty,
+                     struct sp_err *err)
 {
     struct ll_ruleset_attr attr = {.handled_access_fs = fs_all(abi)};
     size_t size = sizeof attr.handled_access_fs;
@@ -121,6 +122,10 @@ int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, str
         rc = add_path(rfd, tmp, all, true, err);
     for (size_t i = 0; rc == 0 && i < sizeof devices / sizeof devices[0]; i++)
         rc = add_path(rfd, devices[i], file_rw, false, err);
+    /* A session's own terminal by its name (programs such as less open
+     * ttyname(), not /dev/tty): only that one, not the other slots'. */
+    if (rc == 0 && tty)
+        rc = add_path(rfd, tty, file_rw, false, err);
     if (rc < 0) {
         close(rfd);
         return -1;

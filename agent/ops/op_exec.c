@@ -103,7 +103,7 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
     if ((have & (1u << RUNG_LANDLOCK)) && s->ll_fd[!network] < 0) {
         struct sp_err lerr;
         s->ll_fd[!network] =
-            landlock_ruleset(iso->landlock_abi, s->ws_path, s->tmp_path, network, &lerr);
+            landlock_ruleset(iso->landlock_abi, s->ws_path, s->tmp_path, network, NULL, &lerr);
         if (s->ll_fd[!network] < 0) {
             log_warn("slot %u: %s", s->index, lerr.msg);
             if (ic->required)

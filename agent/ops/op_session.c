@@ -91,6 +91,7 @@ int op_session_open(struct req *rq, struct sp_err *err)
         .iso = &ic,
         .box = (ic.want & (1u << RUNG_NAMESPACES)) ? &s->box[!network] : NULL,
         .pty = pty,
+        .network = network,
         .bash = bash,
         .cols = (unsigned)cols,
         .rows = (unsigned)rows,
@@ -169,6 +170,19 @@ int op_session_resize(struct req *rq, struct sp_err *err)
     msgpack_pack_map(pk, 2);
     sp_pack_kv_uint(pk, "cols", cols);
     sp_pack_kv_uint(pk, "rows", rows);
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+int op_session_screen(struct req *rq, struct sp_err *err)
+{
+    struct session *ss = arg_session(rq, err);
+    if (!ss || session_screen(ss, NULL, err) < 0)
+        return -1;
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 4);
+    sp_pack_kv_uint(pk, "session", arg_uint(rq, "session", 0));
+    session_screen(ss, pk, err); /* rows, cursor, size */
     req_reply_end(rq);
     return OP_DONE;
 }

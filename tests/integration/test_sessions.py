@@ -493,3 +493,110 @@ def test_sessions_run_as_the_slot_user(agent_factory, tmpdir_short) -> None:
     other = Path(c.call("slots", {"slot": 0})["slots"][0]["workspace"])
     r = sx(c, sid, f"echo x > {other}/planted; ls {other}")
     assert r["exit_code"] != 0 and not (other / "planted").exists()
+
+
+# ---- session_screen: what a terminal would show ----------------------------------
+
+
+def screen(c: Client, sid: int) -> dict:
+    return c.call("session_screen", {"session": sid})
+
+
+def wait_screen(c: Client, sid: int, pred, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = screen(c, sid)
+        if pred(s):
+            return s
+        assert time.monotonic() < deadline, "\n".join(s["rows"])
+        time.sleep(0.05)
+
+
+def keys(c: Client, sid: int, data: bytes) -> None:
+    c.call("session_write", {"session": sid, "data": data})
+
+
+def test_screen_of_a_shell_and_its_size(client) -> None:
+    sid = sopen(client, pty=True, cols=60, rows=12)
+    s = wait_screen(client, sid, lambda s: any("$" in r for r in s["rows"]))
+    assert s["size"] == {"rows": 12, "cols": 60} and len(s["rows"]) == 12
+    keys(client, sid, b"echo screen-$((6*7))\n")
+    s = wait_screen(client, sid, lambda s: "screen-42" in s["rows"])
+    row = s["rows"].index("screen-42")
+    assert s["cursor"]["row"] == row + 1  # on the next prompt
+    client.call("session_resize", {"session": sid, "cols": 100, "rows": 30})
+    s = screen(client, sid)
+    assert s["size"] == {"rows": 30, "cols": 100} and len(s["rows"]) == 30
+    # a session without a terminal has no screen
+    plain = sopen(client)
+    expect_error(client, "session_screen", {"session": plain}, "bad_request")
+    expect_error(client, "session_screen", {"session": 99999}, "not_found")
+
+
+def test_less_driven_with_keys(client) -> None:
+    sx(client, sopen(client), "seq 1 200 > nums.txt")
+    sid = sopen(client, pty=True, cols=80, rows=24)
+    wait_screen(client, sid, lambda s: any("$" in r for r in s["rows"]))
+    keys(client, sid, b"less nums.txt\n")
+    s = wait_screen(client, sid, lambda s: s["rows"][0] == "1" and s["rows"][22] == "23")
+    keys(client, sid, b" ")  # next page
+    s = wait_screen(client, sid, lambda s: s["rows"][0] == "24")
+    assert s["rows"][22] == "46"
+    keys(client, sid, b"G")  # the end
+    s = wait_screen(client, sid, lambda s: "200" in s["rows"])
+    keys(client, sid, b"g")  # the top again
+    wait_screen(client, sid, lambda s: s["rows"][0] == "1")
+    keys(client, sid, b"/150\n")  # search forward
+    wait_screen(client, sid, lambda s: s["rows"][0] == "150")
+    keys(client, sid, b"q")
+    # less used the alternate screen: the shell's screen is back
+    s = wait_screen(client, sid, lambda s: any("less nums.txt" in r for r in s["rows"]))
+    assert not any(r == "150" for r in s["rows"])
+
+
+def test_vi_edits_a_file_through_keys(client) -> None:
+    sid = sopen(client, pty=True, cols=80, rows=24)
+    wait_screen(client, sid, lambda s: any("$" in r for r in s["rows"]))
+    keys(client, sid, b"vi -u NONE -N notes.txt\n")
+    s = wait_screen(client, sid, lambda s: any(r.startswith("~") for r in s["rows"]))
+    keys(client, sid, b"ihello from vi\x1b")
+    s = wait_screen(client, sid, lambda s: s["rows"][0] == "hello from vi")
+    assert s["cursor"]["row"] == 0
+    keys(client, sid, b":wq\n")
+    wait_screen(client, sid, lambda s: any("vi -u NONE" in r for r in s["rows"])
+                and not any(r.startswith("~") for r in s["rows"]))
+    assert sx_when_ready(client, sid, "cat notes.txt")["output"].endswith(b"hello from vi\r\n")
+
+
+def test_full_screen_redraws_show_the_latest_frame(client) -> None:
+    # an htop-like program: clears and redraws the whole screen many times
+    prog = ("import curses, time\n"
+            "def main(w):\n"
+            "    for i in range(60):\n"
+            "        w.erase()\n"
+            "        w.addstr(0, 0, f'frame {i:03d}')\n"
+            "        for r in range(1, curses.LINES - 1):\n"
+            "            w.addstr(r, 0, f'row {r} of frame {i}')\n"
+            "        w.refresh()\n"
+            "        time.sleep(0.01)\n"
+            "    w.addstr(0, 0, 'done      ')\n"
+            "    w.refresh()\n"
+            "    time.sleep(30)\n"
+            "curses.wrapper(main)\n")
+    sx(client, sopen(client), f"cat > top.py <<'EOF'\n{prog}EOF")
+    sid = sopen(client, pty=True, cols=50, rows=10)
+    wait_screen(client, sid, lambda s: any("$" in r for r in s["rows"]))
+    keys(client, sid, b"python3 top.py\n")
+    s = wait_screen(client, sid, lambda s: s["rows"][0] == "done")
+    assert s["rows"][1:9] == [f"row {r} of frame 59" for r in range(1, 9)]
+    assert len(s["rows"]) == 10
+    client.call("session_signal", {"session": sid, "signal": "INT"})
+    wait_screen(client, sid, lambda s: "KeyboardInterrupt" in s["rows"])
+
+
+def test_programs_asking_the_terminal_get_answers(client) -> None:
+    sid = sopen(client, pty=True, cols=80, rows=24)
+    wait_screen(client, sid, lambda s: any("$" in r for r in s["rows"]))
+    # a cursor position report, as full-screen programs ask for it
+    keys(client, sid, b"printf '\\033[5;9H\\033[6n'; read -rs -d R pos; echo; echo \"at ${pos#*[}\"\n")
+    wait_screen(client, sid, lambda s: any(r.startswith("at 5;9") for r in s["rows"]), 10)
