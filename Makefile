@@ -53,6 +53,7 @@ bench: build
 	$(PY) tests/bench/images.py --build
 	$(PY) tests/bench/nomad.py
 	$(PY) tests/bench/modal.py
+	$(PY) tests/bench/sessions.py
 
 # The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
 images: deps
