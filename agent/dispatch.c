@@ -103,35 +103,38 @@ static const struct arg_spec args_session_open[] = {
     {NULL},
 };
 static const struct arg_spec args_session_exec[] = {
-    {"session", ARG_UINT, true, 0},
-    {"cmd", ARG_STR, true, 1u << 20},
-    {"timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
-    {"max_output", ARG_UINT, false, 0},
-    {NULL},
+    {"session", ARG_UINT, true, 0},     {"slot", ARG_UINT, false, 0},
+    {"cmd", ARG_STR, true, 1u << 20},   {"timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"max_output", ARG_UINT, false, 0}, {NULL},
 };
 static const struct arg_spec args_session_write[] = {
     {"session", ARG_UINT, true, 0},
+    {"slot", ARG_UINT, false, 0},
     {"data", ARG_BIN, true, 0},
     {NULL},
 };
 static const struct arg_spec args_session_read[] = {
     {"session", ARG_UINT, true, 0},
+    {"slot", ARG_UINT, false, 0},
     {"max_bytes", ARG_UINT, false, 0},
     {"wait_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
     {NULL},
 };
 static const struct arg_spec args_session_resize[] = {
     {"session", ARG_UINT, true, 0},
+    {"slot", ARG_UINT, false, 0},
     {"cols", ARG_UINT, true, 1000},
     {"rows", ARG_UINT, true, 1000},
     {NULL},
 };
 static const struct arg_spec args_session_signal[] = {
     {"session", ARG_UINT, true, 0},
+    {"slot", ARG_UINT, false, 0},
     {"signal", ARG_STR_UINT, true, 64},
     {NULL},
 };
-static const struct arg_spec args_session[] = {{"session", ARG_UINT, true, 0}, {NULL}};
+static const struct arg_spec args_session[] = {
+    {"session", ARG_UINT, true, 0}, {"slot", ARG_UINT, false, 0}, {NULL}};
 
 const struct op_def op_table[] = {
     {"hello", op_hello, OPF_NOAUTH, args_hello},

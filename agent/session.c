@@ -197,6 +197,11 @@ bool session_is_shell(struct agent *ag, pid_t pid)
 
 /* ---- answers ------------------------------------------------------------- */
 
+unsigned session_slot_index(const struct session *ss)
+{
+    return ss->slot->index;
+}
+
 static bool ended(const struct session *ss)
 {
     return !ss->alive && ss->fds[0] < 0 && ss->fds[1] < 0;

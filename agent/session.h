@@ -25,6 +25,7 @@ struct session_params {
 int session_open(struct agent *ag, struct slot *s, struct req *opener,
                  const struct session_params *p, struct sp_err *err);
 struct session *session_find(struct agent *ag, uint64_t id, struct sp_err *err);
+unsigned session_slot_index(const struct session *ss);
 
 /* Run cmd in the session's shell; rq is answered when the shell's prompt
  * marker comes back (or the shell ends). OP_PENDING, or -1. */

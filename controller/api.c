@@ -388,6 +388,15 @@ static const struct tool tools[] = {
     {"read_artifact", "read_file", T_READ_ARTIFACT},
     {"list_artifacts", "list", T_LIST_ARTIFACTS},
     {"archive_artifacts", "archive", T_ARCHIVE_ARTIFACTS},
+    /* Sessions: the agent checks that the session is this slot's. */
+    {"session_open", "session_open", T_PASS},
+    {"session_exec", "session_exec", T_PASS},
+    {"session_write", "session_write", T_PASS},
+    {"session_read", "session_read", T_PASS},
+    {"session_screen", "session_screen", T_PASS},
+    {"session_resize", "session_resize", T_PASS},
+    {"session_signal", "session_signal", T_PASS},
+    {"session_close", "session_close", T_PASS},
 };
 
 static const struct tool *tool_find(const char *s, size_t n)

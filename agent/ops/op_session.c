@@ -104,9 +104,19 @@ out:
     return rc;
 }
 
+/* The session named by args.session; with args.slot as well (the
+ * controller always sends its trainer's slot) it must be that slot's, so a
+ * trajectory cannot reach another slot's session by its number. */
 static struct session *arg_session(struct req *rq, struct sp_err *err)
 {
-    return session_find(rq->ag, arg_uint(rq, "session", 0), err);
+    uint64_t id = arg_uint(rq, "session", 0);
+    struct session *ss = session_find(rq->ag, id, err);
+    if (ss && req_arg(rq, "slot") && session_slot_index(ss) != arg_uint(rq, "slot", 0)) {
+        sp_errf(err, SP_NOT_FOUND, "no session %llu in slot %llu", (unsigned long long)id,
+                (unsigned long long)arg_uint(rq, "slot", 0));
+        return NULL;
+    }
+    return ss;
 }
 
 int op_session_exec(struct req *rq, struct sp_err *err)

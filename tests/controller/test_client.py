@@ -472,3 +472,63 @@ def _eventually_unleased(controller: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_bash_stateful_and_tmux_tools_map_onto_sessions(controller: Any) -> None:
+    async def main() -> None:
+        b = ControllerToolBackend(controller.addr)
+        await b.start()
+        s1 = await b.acquire("stateful-1")
+        s2 = await b.acquire("stateful-2")
+        rs = await b.execute_batch([
+            (s1, "bash_stateful", {"command": "mkdir -p d && cd d && export V=7 && f() { echo f$1; }"}),
+            (s1, "bash_stateful", {"command": "echo $V $(basename $PWD); f 1"}),
+            (s2, "bash_stateful", {"command": "echo ${V:-unset}"}),
+            (s1, "bash_stateful", {"command": "sleep 30", "timeout": 0.5}),
+            (s1, "bash_stateful", {"command": "echo still $V; (exit 3)"}),
+            (s2, "bash_stateful", {"command": "exit 4"}),
+            (s2, "bash_stateful", {"command": "echo new shell ${V:-unset}"}),
+        ])
+        assert [r.success for r in rs] == [True, True, True, False, False, False, True], rs
+        assert rs[1].output == "7 d\nf1\n"
+        assert rs[2].output == "unset\n"  # another slot, another shell
+        assert "timed out" in (rs[3].error or "")
+        assert rs[4].output == "still 7\n" and rs[4].metadata["exit_code"] == 3
+        assert rs[6].output == "new shell unset\n"  # `exit` ended s2's shell: a new one
+        # tmux: a terminal driven with keys, read back as a screen
+        r = await b.execute(s1, "tmux", {"action": "start", "pane_width": 60, "pane_height": 12})
+        assert r.success, r
+        r = await b.execute(s1, "tmux", {"action": "send_keys",
+                                         "keys": ["printf 'x%sy\\n' 1 2", "Enter"]})
+        assert r.success, r
+        deadline = time.monotonic() + 10
+        while True:
+            cap = await b.execute(s1, "tmux", {"action": "capture"})
+            assert cap.success, cap
+            if "x1y" in cap.output.splitlines() and "x2y" in cap.output.splitlines():
+                break
+            assert time.monotonic() < deadline, cap.output
+            await asyncio.sleep(0.05)
+        assert len(cap.output.split("\n")) == 12
+        await b.execute(s1, "tmux", {"action": "send_keys", "keys": ["sleep 100", "Enter"]})
+        await asyncio.sleep(0.3)
+        r = await b.execute(s1, "tmux", {"action": "send_keys", "keys": "C-c"})
+        assert r.success
+        r = await b.execute(s1, "tmux", {"action": "stop"})
+        assert r.success
+        r = await b.execute(s1, "tmux", {"action": "capture"})
+        assert not r.success and r.metadata["code"] == "not_found"
+        r = await b.execute(s1, "tmux", {"action": "dance"})
+        assert not r.success and r.metadata["code"] == "bad_request"
+        await b.release(s1)   # no reset: its sessions are closed by the client
+        await b.release(s2, reset_workspace=True)
+        await b.stop()
+    run(main)
+
+
+def test_tmux_key_names() -> None:
+    from slot_client.tool_backend import tmux_keys
+    assert tmux_keys(["ls -la", "Enter"]) == b"ls -la\r"
+    assert tmux_keys("C-c") == b"\x03" and tmux_keys(["C-d"]) == b"\x04"
+    assert tmux_keys(["Up", "Escape", ":wq", "Enter"]) == b"\x1b[A\x1b:wq\r"
+    assert tmux_keys(["M-x", "BSpace", "Tab"]) == b"\x1bx\x7f\t"

@@ -724,3 +724,36 @@ def test_profiles_from_the_environment_alone_and_modal_field_names(tmp_path):
     r = run_check(tmp_path, "profiles:\n  p:\n    min_pool: 2\n    max_pool: 5\n"
                             "    scale_down_idle: 2m\n    env_vars: {X: y}\n")
     assert r.returncode == 0 and "agents 2..5" in r.stdout and "idle_timeout 120000" in r.stdout
+
+
+def test_sessions_through_the_controller_stay_in_their_slot(controller_factory):
+    ctl = controller_factory("profiles:\n  default:\n    slots_per_agent: 2\n"
+                             "    min_agents: 1\n    max_agents: 1\n")
+    c = ctl.client()
+    a = acquire(c, "a")
+    b = acquire(c, "b")
+    assert a.split("/")[0] == b.split("/")[0]  # one agent, two slots
+
+    def tool(h, name, **args):
+        return c.call("exec", {"slot": h, "tool": name, "args": args})
+
+    sid = tool(a, "session_open")["session"]
+    tool(a, "session_exec", session=sid, cmd="cd /tmp && export X=42")
+    r = tool(a, "session_exec", session=sid, cmd="echo $X $PWD")
+    assert r["stdout"] == b"42 /tmp\n" and r["exit_code"] == 0
+    # b's handle cannot reach a's session, whatever number it sends
+    for op, extra in (("session_exec", {"cmd": "id"}), ("session_write", {"data": b"id\n"}),
+                      ("session_read", {}), ("session_close", {})):
+        assert c.error_code("exec", {"slot": b, "tool": op,
+                                     "args": {"session": sid, **extra}}) == "not_found"
+    p = tool(b, "session_open", pty=True, cols=40, rows=5)["session"]
+    deadline = time.monotonic() + 10
+    while not any("$" in row for row in tool(b, "session_screen", session=p)["rows"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # release with reset closes the slot's sessions
+    c.call("release", {"slot": a})
+    a2 = acquire(c, "a2")
+    assert c.error_code("exec", {"slot": a2, "tool": "session_exec",
+                                 "args": {"session": sid, "cmd": "true"}}) == "not_found"
+    c.close()
