@@ -69,6 +69,8 @@ static const char usage_text[] =
     "  stat SLOT PATH\n"
     "  archive SLOT [PATH] [--format tar|tar.gz] > FILE\n"
     "  reset SLOT               kill the slot's processes and empty its workspace\n"
+    "  attach SLOT              an interactive shell in the slot (a terminal session, like\n"
+    "                           docker exec -it); Ctrl-] detaches, the session is closed\n"
     "\n"
     "agent commands (with --agent or --agent-cmd):\n"
     "  hello | health | stats | slots\n"
@@ -665,8 +667,8 @@ const msgpack_object *call(struct ctl *c, const char *op, struct args *a)
  * fills in the agent's slot index. A command's timeout (tmo, 0 = none) goes
  * to the controller's own `timeout_ms`, which it also waits by. Returns the
  * op to send. */
-static const char *slot_args(struct ctl *c, const struct cmd *cmd, const char *op, const char *tool,
-                             struct args *a, uint32_t n, uint64_t tmo)
+const char *slot_args(struct ctl *c, const struct cmd *cmd, const char *op, const char *tool,
+                      struct args *a, uint32_t n, uint64_t tmo)
 {
     if (!c->to_controller) {
         args_begin(a, n + 1);
@@ -1719,6 +1721,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
         {"drain", CMD_DRAIN, MODE_CTL, 1, 1, "drain AGENT"},
         {"top", CMD_TOP, MODE_CTL, 0, -1, "top [--interval SEC] [--once] [--profile P]"},
         {"stop", CMD_STOP, MODE_CTL, 0, 1, "stop [--purge]"},
+        {"attach", CMD_ATTACH, MODE_BOTH, 1, 1, "attach SLOT"},
     };
     int mode = to_controller ? MODE_CTL : MODE_AGENT;
     size_t t = 0, nt = sizeof table / sizeof table[0], other = nt;
@@ -1802,6 +1805,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
             usage_error("usage: agentctl %s", table[t].usage);
         cmd->agent_id = argv[1];
         break;
+    case CMD_ATTACH: parse_slot(cmd, argv[1], to_controller); break;
     case CMD_STOP:
         if (argc == 2 && strcmp(argv[1], "--purge") != 0)
             usage_error("usage: agentctl %s", table[t].usage);
@@ -1844,6 +1848,7 @@ static int run(struct ctl *c, const struct cmd *cmd, int *status)
     case CMD_DRAIN: return cmd_drain(c, cmd);
     case CMD_TOP: return cmd_top(c, cmd);
     case CMD_STOP: return cmd_stop(c, cmd);
+    case CMD_ATTACH: return cmd_attach(c, cmd, status);
     }
     return 0;
 }

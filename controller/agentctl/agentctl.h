@@ -35,6 +35,7 @@ enum cmd_kind {
     CMD_DRAIN,
     CMD_TOP,
     CMD_STOP,
+    CMD_ATTACH,
 };
 
 /* What the command line asked for, fully validated before connecting. */
@@ -125,6 +126,8 @@ uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *arg
 const msgpack_object *wait_result(struct ctl *c, uint64_t id);
 const msgpack_object *call(struct ctl *c, const char *op, struct args *a);
 int wait_closed(struct ctl *c, double seconds);
+const char *slot_args(struct ctl *c, const struct cmd *cmd, const char *op, const char *tool,
+                      struct args *a, uint32_t n, uint64_t tmo);
 void print_json(const msgpack_object *o);
 uint64_t get_u(const msgpack_object *m, const char *k);
 const char *get_s(const msgpack_object *m, const char *k, int *n);
@@ -143,5 +146,8 @@ int cmd_release(struct ctl *c, const struct cmd *cmd);
 int cmd_drain(struct ctl *c, const struct cmd *cmd);
 int cmd_top(struct ctl *c, const struct cmd *cmd);
 int cmd_stop(struct ctl *c, const struct cmd *cmd);
+
+/* attach.c */
+int cmd_attach(struct ctl *c, const struct cmd *cmd, int *status);
 
 #endif

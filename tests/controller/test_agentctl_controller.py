@@ -698,3 +698,52 @@ def test_stop_ends_agents_and_controller_and_returns_when_done(controller_factor
     assert c.proc.wait(1) == 0 and c.proc.pid == pid
     r = ctl(c, "status")
     assert r.returncode == 1 and b"controller" in r.stderr
+
+
+def test_attach_is_an_interactive_terminal_in_the_slot(controller: Controller,
+                                                       tmux_session) -> None:
+    t, name = tmux_session
+    h = acquire(controller, "--trajectory", "traj-attach")
+    t("send-keys", "-t", name,
+      f"{AGENTCTL_BIN.resolve()} --controller {controller.addr} attach {h}; echo EXIT=$?",
+      "Enter")
+    wait_pane(t, name, lambda s: "Ctrl-] detaches" in s)
+    # typed keys run in the slot: its workspace, its user
+    t("send-keys", "-t", name, "cd sub 2>/dev/null || mkdir sub && cd sub; pwd; id -u", "Enter")
+    screen = wait_pane(t, name, lambda s: re.search(r"/slots/\d+/work/sub$", s, re.M) is not None)
+    # the window size follows the local terminal, also when it changes
+    t("send-keys", "-t", name, "stty size", "Enter")
+    wait_pane(t, name, lambda s: re.search(r"^40 140$", s, re.M) is not None)
+    t("resize-window", "-t", name, "-x", "100", "-y", "30")
+    t("send-keys", "-t", name, "clear; stty size", "Enter")
+    wait_pane(t, name, lambda s: re.search(r"^30 100$", s, re.M) is not None)
+    # a full-screen program and Ctrl-C go through as keys
+    t("send-keys", "-t", name, "sleep 100", "Enter")
+    time.sleep(0.3)
+    t("send-keys", "-t", name, "C-c")
+    t("send-keys", "-t", name, "echo after-$((40+2))", "Enter")
+    wait_pane(t, name, lambda s: re.search(r"^after-42$", s, re.M) is not None)
+    # state made in the session is in the slot's files
+    t("send-keys", "-t", name, "echo kept > attached.txt", "Enter")
+    time.sleep(0.3)
+    r = ctl(controller, "exec", h, "--", "ps -eo pid,args")
+    assert b"--noprofile" in r.stdout, r.stdout  # the attached shell, seen from the slot
+    # Ctrl-] detaches: agentctl exits 0 and the terminal is sane again
+    t("send-keys", "-t", name, "C-]")
+    screen = wait_pane(t, name, exited)
+    assert re.search(r"^EXIT=0$", screen, re.M) and "[detached]" in screen, screen
+    r = ctl(controller, "cat", h, "sub/attached.txt")
+    assert r.returncode == 0 and r.stdout == b"kept\n", r.stderr
+    # the session was closed: no shell of it is left in the slot (the slot's
+    # processes share its box, so ps run there sees them)
+    r = ctl(controller, "exec", h, "--", "ps -eo pid,args")
+    assert r.returncode == 0, r.stderr
+    assert b"--noprofile" not in r.stdout and b"sleep 100" not in r.stdout, r.stdout
+    # the shell's exit ends an attach too
+    t("send-keys", "-t", name,
+      f"clear; {AGENTCTL_BIN.resolve()} --controller {controller.addr} attach {h}; echo EXIT=$?",
+      "Enter")
+    wait_pane(t, name, lambda s: "Ctrl-] detaches" in s)
+    t("send-keys", "-t", name, "exit", "Enter")
+    screen = wait_pane(t, name, exited)
+    assert "[session ended]" in screen and re.search(r"^EXIT=0$", screen, re.M), screen
