@@ -529,9 +529,14 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why)
             if (*tail)
                 strcat(msg, ")");
             sched_agent_failed(c, ag->prof, msg);
-        } else
-            snprintf(ag->prof->last_error, sizeof ag->prof->last_error, "agent %s lost: %s", ag->id,
-                     why);
+        } else {
+            /* The launcher's last words say why (Slurm's job state, a
+             * bridge's reason), as in the requests' agent_lost messages. */
+            char tail[512];
+            agent_stderr_tail(ag, tail, sizeof tail, 2);
+            snprintf(ag->prof->last_error, sizeof ag->prof->last_error, "agent %s lost: %s%s%.300s",
+                     ag->id, why, *tail ? "; stderr: " : "", tail);
+        }
     }
     ev_io_stop(c->loop, &ag->rio);
     ev_io_stop(c->loop, &ag->wio);

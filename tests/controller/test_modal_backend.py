@@ -61,7 +61,12 @@ def ctl(c: Controller, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_trainer_on_modal_next_to_a_local_profile(controller_factory, fm: FakeModal) -> None:
+# fm comes first in every signature: fixtures are torn down in reverse, so the
+# controller stops before the fake's cleanup ends its sandboxes (else it would
+# start replacements that nobody ends).
+
+
+def test_trainer_on_modal_next_to_a_local_profile(fm: FakeModal, controller_factory) -> None:
     c = start(controller_factory, fm)
     r = subprocess.run(["/usr/bin/python3", str(TRAINER), "--address", c.addr, "--profile",
                         "cpu", "--trajectories", "24", "--concurrency", "8", "--steps", "3"],
@@ -93,8 +98,8 @@ def test_trainer_on_modal_next_to_a_local_profile(controller_factory, fm: FakeMo
     assert cpu["modal"]["app"] == "rlapp"
 
 
-def test_sandbox_dying_mid_batch_fails_only_its_requests(controller_factory,
-                                                         fm: FakeModal) -> None:
+def test_sandbox_dying_mid_batch_fails_only_its_requests(fm: FakeModal,
+                                                         controller_factory) -> None:
     c = start(controller_factory, fm, min_pool=2, max_pool=2)
     cl = c.client()
     hs = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(8)]
@@ -114,8 +119,8 @@ def test_sandbox_dying_mid_batch_fails_only_its_requests(controller_factory,
     cl.close()
 
 
-def test_controller_kill9_and_restart_finds_the_same_sandboxes(controller_factory,
-                                                                fm: FakeModal) -> None:
+def test_controller_kill9_and_restart_finds_the_same_sandboxes(fm: FakeModal,
+                                                                controller_factory) -> None:
     c = start(controller_factory, fm, min_pool=2, max_pool=2)
     cl = c.client()
     hs = [cl.call("acquire", {"trajectory_id": f"traj-{i}"})["slot"] for i in range(3)]
@@ -142,8 +147,8 @@ def test_controller_kill9_and_restart_finds_the_same_sandboxes(controller_factor
     cl.close()
 
 
-def test_idle_scale_down_and_stop_terminate_sandboxes(controller_factory,
-                                                      fm: FakeModal) -> None:
+def test_idle_scale_down_and_stop_terminate_sandboxes(fm: FakeModal,
+                                                      controller_factory) -> None:
     c = start(controller_factory, fm, min_pool=1, max_pool=3, scale_down_idle="1s")
     cl = c.client()
     hs = [cl.call("acquire", {"trajectory_id": f"t{i}", "timeout_ms": 60000})["slot"]
