@@ -600,6 +600,12 @@ static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object
         *result = r;
         return FRAME_RESULT;
     }
+    fail_from_answer(c, m);
+    return FRAME_ERROR;
+}
+
+int fail_from_answer(struct ctl *c, const msgpack_object *m)
+{
     const msgpack_object *e = sp_map_get(m, "error");
     const char *code = "internal", *msg = "(no message)";
     size_t cn = 8, mn = 12;
@@ -610,7 +616,7 @@ static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object
     }
     fail(c, "", "%.*s", (int)mn, msg);
     snprintf(c->err.code, sizeof c->err.code, "%.*s", (int)cn, code);
-    return FRAME_ERROR;
+    return -1;
 }
 
 /* Final result of a request without events; NULL with c->err set. */

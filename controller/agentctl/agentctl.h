@@ -126,6 +126,8 @@ uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *arg
 const msgpack_object *wait_result(struct ctl *c, uint64_t id);
 const msgpack_object *call(struct ctl *c, const char *op, struct args *a);
 int wait_closed(struct ctl *c, double seconds);
+/* c->err from an error answer m ({id, ok: false, error: {code, message}}); -1. */
+int fail_from_answer(struct ctl *c, const msgpack_object *m);
 const char *slot_args(struct ctl *c, const struct cmd *cmd, const char *op, const char *tool,
                       struct args *a, uint32_t n, uint64_t tmo);
 void print_json(const msgpack_object *o);

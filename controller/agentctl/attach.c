@@ -78,16 +78,7 @@ static void on_frame(struct attach *at, const msgpack_object *m)
     const msgpack_object *ok = sp_map_get(m, "ok");
     bool good = ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean;
     if (!good) {
-        const msgpack_object *e = sp_map_get(m, "error");
-        const char *code = "internal", *msg = "";
-        size_t cn = 8, mn = 0;
-        struct sp_err err;
-        if (e && e->type == MSGPACK_OBJECT_MAP) {
-            sp_get_str(e, "code", false, &code, &cn, &err);
-            sp_get_str(e, "message", false, &msg, &mn, &err);
-        }
-        fail(at->c, "", "%.*s", (int)mn, msg);
-        snprintf(at->c->err.code, sizeof at->c->err.code, "%.*s", (int)cn, code);
+        fail_from_answer(at->c, m);
         at->done = true;
         at->rc = -1;
         return;

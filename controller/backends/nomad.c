@@ -262,6 +262,18 @@ static void fail_start(struct ctl *c, struct agent *ag, const char *why)
     agent_stop(c, ag, msg);
 }
 
+/* A start step's answer: true (the start failed, in Nomad's words) unless
+ * HTTP 200. */
+static bool start_step_failed(struct agent *ag, const char *what, const struct http_resp *r)
+{
+    if (r->status == 200)
+        return false;
+    char why[600];
+    http_failure(ag, what, r, why, sizeof why);
+    fail_start(ag->ctl, ag, why);
+    return true;
+}
+
 /* ---- JSON of allocations -------------------------------------------------- */
 
 static const char *jstr(json_t *o, const char *k)
@@ -450,11 +462,8 @@ static void on_alloc(void *ctx, const struct http_resp *r)
     struct ctl *c = ag->ctl;
     a->req = NULL;
     char why[600];
-    if (r->status != 200) {
-        http_failure(ag, "reading the allocation", r, why, sizeof why);
-        fail_start(c, ag, why);
+    if (start_step_failed(ag, "reading the allocation", r))
         return;
-    }
     json_t *j = json_loads(r->body, 0, NULL);
     const char *label = ag->prof->nomad.port_label ? ag->prof->nomad.port_label : "agent";
     if (!j || nomad_alloc_port(j, label, a->host, sizeof a->host, &a->port) < 0) {
@@ -668,12 +677,8 @@ static void on_register(void *ctx, const struct http_resp *r)
     struct agent *ag = ctx;
     struct nagent *a = na(ag);
     a->req = NULL;
-    char why[600];
-    if (r->status != 200) {
-        http_failure(ag, "registering the job", r, why, sizeof why);
-        fail_start(ag->ctl, ag, why);
+    if (start_step_failed(ag, "registering the job", r))
         return;
-    }
     json_t *j = json_loads(r->body, 0, NULL);
     snprintf(a->eval_id, sizeof a->eval_id, "%s", jstr(j, "EvalID"));
     const char *warn = jstr(j, "Warnings");
@@ -691,11 +696,8 @@ static void on_parse(void *ctx, const struct http_resp *r)
     struct profile *p = ag->prof;
     a->req = NULL;
     char why[600];
-    if (r->status != 200) {
-        http_failure(ag, "parsing the job template", r, why, sizeof why);
-        fail_start(ag->ctl, ag, why);
+    if (start_step_failed(ag, "parsing the job template", r))
         return;
-    }
     json_t *job = json_loads(r->body, 0, NULL);
     json_t *groups = json_object_get(job, "TaskGroups");
     if (!job || json_array_size(groups) != 1) {
