@@ -174,7 +174,7 @@ def test_nomad_agent_restarted_mid_run(made, persistent_nomad) -> None:
     def restart() -> None:
         done["r"] = subprocess.run([str(HERE / "nomad-dev.sh"), "restart", str(n.dir)],
                                    capture_output=True, text=True, timeout=300,
-                                   env=n.env)  # type: ignore[attr-defined]
+                                   env=dict(n.env, NOMAD_DEV_STOP_TIMEOUT="20"))  # type: ignore[attr-defined]
 
     th = threading.Thread(target=restart)
     th.start()
