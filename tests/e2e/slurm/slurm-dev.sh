@@ -151,7 +151,12 @@ log_tail() {
         fi
     done
 }
-all_logs() { log_tail "$DIR/munged.log" "$DIR/slurmctld.stderr" "$DIR/slurmd.stderr"; }
+# The *.log files say why a daemon quit once it has opened them (a fatal
+# after start-up never reaches its stderr).
+all_logs() {
+    log_tail "$DIR/munged.log" "$DIR/slurmctld.stderr" "$DIR/slurmctld.log" \
+        "$DIR/slurmd.stderr" "$DIR/slurmd.log"
+}
 
 # Seconds since $1 (an $EPOCHREALTIME), with one decimal.
 since() {
