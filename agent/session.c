@@ -938,7 +938,7 @@ unsigned sessions_close_slot(struct agent *ag, struct slot *s)
 {
     (void)ag;
     struct sp_err why;
-    sp_errf(&why, SP_CANCELLED, "slot %u was reset (or the agent is stopping)", s->index);
+    sp_errf(&why, SP_CANCELLED, "slot %u was reset or released (or the agent is stopping)", s->index);
     unsigned n = 0;
     while (s->sessions)
         n += session_close(s->sessions, &why);

@@ -304,6 +304,9 @@ int op_unlease(struct req *rq, struct sp_err *err)
         return sp_errf(err, SP_NOT_LEASED, "slot %u is not leased", s->index);
     if (tid && (strlen(s->trajectory_id) != tn || memcmp(s->trajectory_id, tid, tn) != 0))
         return sp_errf(err, SP_NOT_LEASED, "slot %u is leased by another trajectory", s->index);
+    /* Sessions belong to the lease: the next holder must not find this
+     * trajectory's shell (with its cwd, variables and history). */
+    sessions_close_slot(rq->ag, s);
     free(s->trajectory_id);
     free(s->holder);
     s->trajectory_id = s->holder = NULL;

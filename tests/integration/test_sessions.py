@@ -264,6 +264,32 @@ def test_reset_while_a_session_runs(client, agent) -> None:
     assert sx(client, sopen(client, 2), "echo again")["stdout"] == b"again\n"
 
 
+def test_unlease_closes_the_slots_sessions(client) -> None:
+    """Sessions belong to the lease: the next holder of the slot must not
+    find the last trajectory's shell."""
+    client.call("lease", {"slot": 3, "trajectory_id": "traj-a"})
+    sid = sopen(client, 3)
+    m = marker()
+    assert sx(client, sid, f"cd /tmp && export MINE=1 && (sleep 100 {m} &) && echo started")[
+        "stdout"] == b"started\n"
+    wait_until(lambda: len(pids_with_arg(m)) == 1, timeout=5)
+    shell = sessions_of(client, 3)[0]["pid"]
+    other = sopen(client, 1)
+    client.call("unlease", {"slot": 3, "trajectory_id": "traj-a"})
+    expect_error(client, "session_exec", {"session": sid, "cmd": "true"}, "not_found")
+    assert sessions_of(client, 3) == []
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    wait_until(lambda: not os.path.exists(f"/proc/{shell}") or
+               open(f"/proc/{shell}/stat").read().split(")")[1].split()[0] == "Z", timeout=5)
+    # Another slot's session is untouched; the next lease starts afresh.
+    assert sx(client, other, "echo still")["stdout"] == b"still\n"
+    client.call("lease", {"slot": 3, "trajectory_id": "traj-b"})
+    fresh = sopen(client, 3)
+    assert fresh != sid
+    assert sx(client, fresh, "echo ${MINE:-unset}")["stdout"] == b"unset\n"
+    client.call("unlease", {"slot": 3})
+
+
 def test_session_limit_per_slot(agent_factory) -> None:
     a = agent_factory(extra=["--max-sessions", "2"])
     c = a.client()

@@ -38,9 +38,12 @@
 # MinJobAge seconds. The daemons listen on all addresses (Slurm has no bind
 # option); clients reach them on 127.0.0.1.
 #
-# DIR holds slurm.conf, env, the pid files (slurmctld.pid, slurmd.pid,
-# munged.pid), the logs (slurmctld.log, slurmd.log; slurmctld.stderr and
-# slurmd.stderr also hold errors from before the log files open; munged.log),
+# DIR holds slurm.conf, env, the pid files this script writes
+# (slurmctld.pid, slurmd.pid, munged.pid; the daemons' own go to state/ and
+# spool/: a daemon truncates its pid file before it writes it, and a check
+# reading ours then would take a starting daemon for a dead one), the logs
+# (slurmctld.log, slurmd.log; slurmctld.stderr and slurmd.stderr also hold
+# errors from before the log files open; munged.log),
 # state/ (StateSaveLocation), spool/ (SlurmdSpoolDir) and munge/ (key,
 # socket, seed; owned by the munge user). munged runs as the munge user and
 # refuses a socket whose directory it cannot reach, so DIR is made go+x and
@@ -483,8 +486,8 @@ AuthInfo=socket=$SOCK
 CredType=cred/munge
 StateSaveLocation=$STATE
 SlurmdSpoolDir=$SPOOL
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$SPOOL/slurmd.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
 SlurmctldDebug=$DEBUG
