@@ -441,6 +441,7 @@ static void on_hello(struct ctl *c, struct preq *r, const msgpack_object *resp,
         ag->slots[i].ag = ag;
         ag->slots[i].index = i;
         ag->slots[i].state = SL_FOREIGN; /* until `slots` says otherwise */
+        TAILQ_INIT(&ag->slots[i].sq);
     }
     struct preq *q = agent_req_new(ag, NULL, on_slots);
     msgpack_packer pk;

@@ -207,9 +207,7 @@ static void batch_item_done(struct ctl *c, struct batch *b, uint32_t i, const ms
     batch_release(c, b);
 }
 
-/* Answer the trainer for request r (once). */
-static void answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
-                   const struct sp_err *err)
+void api_answer(struct ctl *c, struct preq *r, const msgpack_object *resp, const struct sp_err *err)
 {
     if (r->answered)
         return;
@@ -238,8 +236,8 @@ static void answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
     tconn_end(c, t);
 }
 
-static void on_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
-                           const struct sp_err *err)
+void api_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
 {
     bool failed = !resp;
     if (resp) {
@@ -249,7 +247,7 @@ static void on_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *
     ev_tstamp now = ev_now(c->loop);
     lat_add(&r->ag->prof->lat, now - r->sent_at, failed, now);
     lat_add(&c->lat, now - r->sent_at, failed, now);
-    answer(c, r, resp, err);
+    api_answer(c, r, resp, err);
     preq_free(c, r);
 }
 
@@ -285,7 +283,14 @@ static void backstop_cb(struct ev_loop *loop, ev_timer *w, int revents)
     sp_errf(&e, SP_TIMEOUT, "agent %s did not answer within %.1f s", r->ag->id, w->repeat);
     lat_add(&r->ag->prof->lat, ev_now(c->loop) - r->sent_at, true, ev_now(c->loop));
     /* The request stays pending in the agent; its late answer is dropped. */
-    answer(c, r, NULL, &e);
+    api_answer(c, r, NULL, &e);
+}
+
+void api_arm_backstop(struct ctl *c, struct preq *r, double seconds)
+{
+    ev_timer_init(&r->timer, backstop_cb, seconds, 0);
+    r->timer.data = r;
+    ev_timer_start(c->loop, &r->timer);
 }
 
 /* ---- tool translation ---------------------------------------------------- */
@@ -414,15 +419,9 @@ static bool key_is(const msgpack_object *k, const char *name)
 
 /* Start one tool call on its slot. 0, or -1 with err (answered by the caller). */
 static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,
-                      uint32_t item, const msgpack_object *handle, const struct tool *tool,
+                      uint32_t item, struct slot *s, const struct tool *tool,
                       const msgpack_object *args, uint64_t timeout_ms, struct sp_err *err)
 {
-    if (!handle || handle->type != MSGPACK_OBJECT_STR)
-        return sp_errf(err, SP_BAD_REQUEST, "'slot' must be a slot handle string (got %s)",
-                       handle ? sp_type_name(handle) : "nothing");
-    struct slot *s;
-    if (sched_resolve(c, handle->via.str.ptr, handle->via.str.size, &s, err) < 0)
-        return -1;
     if (args && args->type != MSGPACK_OBJECT_MAP)
         return sp_errf(err, SP_BAD_REQUEST, "'args' must be a map (got %s)", sp_type_name(args));
     uint32_t nargs = args ? args->via.map.size : 0;
@@ -543,7 +542,7 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
     if (tool->kind == T_READ_ARTIFACT && !has_length)
         kv_uint(&a, "length", ARTIFACT_DEFAULT_MAX);
 
-    struct preq *r = agent_req_new(s->ag, s, on_tool_answer);
+    struct preq *r = agent_req_new(s->ag, s, api_tool_answer);
     r->conn = t;
     r->client_id = client_id;
     r->batch = b;
@@ -578,12 +577,34 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
     }
     /* The agent kills a command at its timeout and answers; the backstop
      * only fires if the agent itself stops answering. */
-    double backstop = (double)cmd_timeout / 1000.0 + CTL_BACKSTOP_S;
-    ev_timer_init(&r->timer, backstop_cb, backstop, 0);
-    r->timer.data = r;
-    ev_timer_start(c->loop, &r->timer);
+    api_arm_backstop(c, r, (double)cmd_timeout / 1000.0 + CTL_BACKSTOP_S);
     agent_send_end(c, s->ag, r);
     return 0;
+}
+
+#define TOOL_NAMES                                                                                 \
+    "bash, bash_stateful, tmux, read_file, write_file, exec, stat, list, archive, reset, cancel, " \
+    "read_artifact, list_artifacts, archive_artifacts, session_*"
+
+/* One call of tool `tn` on the slot with this handle. */
+static int start_call(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,
+                      uint32_t item, const msgpack_object *handle, const char *tn, size_t tnl,
+                      const msgpack_object *args, uint64_t timeout_ms, struct sp_err *err)
+{
+    bool stateful = stateful_tool(tn, tnl);
+    const struct tool *tool = stateful ? NULL : tool_find(tn, tnl);
+    if (!stateful && !tool)
+        return sp_errf(err, SP_BAD_REQUEST, "unknown tool '%.*s' (%s)", (int)(tnl > 64 ? 64 : tnl),
+                       tn, TOOL_NAMES);
+    if (!handle || handle->type != MSGPACK_OBJECT_STR)
+        return sp_errf(err, SP_BAD_REQUEST, "'slot' must be a slot handle string (got %s)",
+                       handle ? sp_type_name(handle) : "nothing");
+    struct slot *s;
+    if (sched_resolve(c, handle->via.str.ptr, handle->via.str.size, &s, err) < 0)
+        return -1;
+    if (stateful)
+        return stateful_start(c, t, client_id, b, item, s, tn, tnl, args, timeout_ms, err);
+    return start_tool(c, t, client_id, b, item, s, tool, args, timeout_ms, err);
 }
 
 /* ---- ops ----------------------------------------------------------------- */
@@ -728,16 +749,8 @@ static void op_exec(struct ctl *c, struct tconn *t, const struct sp_request *req
         sp_get_map(req->args, "args", false, &args, &e) < 0 ||
         sp_get_uint(req->args, "timeout_ms", false, &timeout, &e) < 0)
         return reply_err(c, t, req->id, &e);
-    const struct tool *tool = tool_find(tn, tnl);
-    if (!tool) {
-        sp_errf(&e, SP_BAD_REQUEST,
-                "unknown tool '%.*s' (bash, read_file, write_file, exec, stat, list, archive, "
-                "reset, cancel)",
-                (int)(tnl > 64 ? 64 : tnl), tn);
-        return reply_err(c, t, req->id, &e);
-    }
-    if (start_tool(c, t, req->id, NULL, 0, sp_map_get(req->args, "slot"), tool, args, timeout, &e) <
-        0)
+    if (start_call(c, t, req->id, NULL, 0, sp_map_get(req->args, "slot"), tn, tnl, args, timeout,
+                   &e) < 0)
         reply_err(c, t, req->id, &e);
 }
 
@@ -746,9 +759,8 @@ static void op_exec(struct ctl *c, struct tconn *t, const struct sp_request *req
 static void op_artifact(struct ctl *c, struct tconn *t, const struct sp_request *req)
 {
     struct sp_err e;
-    const struct tool *tool = tool_find(req->op, req->op_len);
-    if (start_tool(c, t, req->id, NULL, 0, sp_map_get(req->args, "slot"), tool, req->args, 0, &e) <
-        0)
+    if (start_call(c, t, req->id, NULL, 0, sp_map_get(req->args, "slot"), req->op, req->op_len,
+                   req->args, 0, &e) < 0)
         reply_err(c, t, req->id, &e);
 }
 
@@ -791,13 +803,7 @@ static void op_batch(struct ctl *c, struct tconn *t, const struct sp_request *re
             batch_item_done(c, b, i, NULL, SHAPE_PASS, &e);
             continue;
         }
-        const struct tool *tool = tool_find(tn, tnl);
-        if (!tool) {
-            sp_errf(&e, SP_BAD_REQUEST, "unknown tool '%.*s'", (int)(tnl > 64 ? 64 : tnl), tn);
-            batch_item_done(c, b, i, NULL, SHAPE_PASS, &e);
-            continue;
-        }
-        if (start_tool(c, t, req->id, b, i, sp_map_get(it, "slot"), tool, args, to, &e) < 0)
+        if (start_call(c, t, req->id, b, i, sp_map_get(it, "slot"), tn, tnl, args, to, &e) < 0)
             batch_item_done(c, b, i, NULL, SHAPE_PASS, &e);
     }
     /* Drop the hold; this answers an empty or all-failed batch. */

@@ -173,6 +173,9 @@ const char *agent_state_name(enum agent_state s);
 
 enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN };
 
+struct preq;
+TAILQ_HEAD(preq_q, preq);
+
 struct slot {
     struct agent *ag;
     uint32_t index;
@@ -183,6 +186,10 @@ struct slot {
     uint64_t leased_at_ms;
     ev_tstamp last_used;
     uint32_t inflight;
+    /* bash_stateful and tmux (stateful.c): the lease's sessions, and the
+     * calls waiting for them, the head's request in flight */
+    uint64_t sess_bash, sess_tmux, sess_gen;
+    struct preq_q sq;
 };
 
 struct preq_bucket {
@@ -258,6 +265,7 @@ struct batch {
 struct preq {
     struct preq *hnext; /* in agent pending bucket */
     TAILQ_ENTRY(preq) clink;
+    TAILQ_ENTRY(preq) slink; /* in its slot's queue (stateful.c) */
     struct agent *ag;
     struct slot *slot;
     uint64_t aid;
@@ -275,7 +283,6 @@ struct preq {
     ev_tstamp sent_at;
     void *ctx;
 };
-TAILQ_HEAD(preq_q, preq);
 
 /* ---- trainer connections ------------------------------------------------- */
 
@@ -389,6 +396,20 @@ void sched_agent_failed(struct ctl *c, struct profile *p, const char *why);
 /* api.c */
 int api_listen(struct ctl *c, struct sp_err *err);
 void api_close_all(struct ctl *c);
+/* The trainer's answer for r (once: later ones are dropped). */
+void api_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                const struct sp_err *err);
+/* The agent's answer to a tool call: counted, answered, r freed. */
+void api_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err);
+/* Answer `timeout` if the agent has not answered r within `seconds`. */
+void api_arm_backstop(struct ctl *c, struct preq *r, double seconds);
+
+/* stateful.c: bash_stateful and tmux on the agent's sessions */
+bool stateful_tool(const char *name, size_t n);
+int stateful_start(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,
+                   uint32_t item, struct slot *s, const char *tool, size_t tool_len,
+                   const msgpack_object *args, uint64_t timeout_ms, struct sp_err *err);
 
 /* main.c: stop serving; every agent goes when everything is set, else only
  * those whose backend does not outlive the controller. */

@@ -65,34 +65,6 @@ def _error_text(code: str, message: str) -> str:
     return f"{code}: {message}" if message else code
 
 
-_TMUX_KEYS = {
-    "Enter": "\r", "C-m": "\r", "Escape": "\x1b", "Esc": "\x1b", "Tab": "\t",
-    "BSpace": "\x7f", "Space": " ", "Up": "\x1b[A", "Down": "\x1b[B", "Right": "\x1b[C",
-    "Left": "\x1b[D", "Home": "\x1b[H", "End": "\x1b[F", "PageUp": "\x1b[5~",
-    "PPage": "\x1b[5~", "PageDown": "\x1b[6~", "NPage": "\x1b[6~", "DC": "\x1b[3~",
-    "Delete": "\x1b[3~", "IC": "\x1b[2~", "Insert": "\x1b[2~", "F1": "\x1bOP",
-    "F2": "\x1bOQ", "F3": "\x1bOR", "F4": "\x1bOS",
-}
-
-
-def tmux_keys(keys: Any) -> bytes:
-    """Bytes for tmux send-keys arguments: each key name (Enter, C-c, M-x,
-    Up, ...) becomes its sequence, anything else is typed literally."""
-    words = [keys] if isinstance(keys, (str, bytes)) else list(keys)
-    out = []
-    for w in words:
-        w = w.decode() if isinstance(w, bytes) else str(w)
-        if w in _TMUX_KEYS:
-            out.append(_TMUX_KEYS[w])
-        elif len(w) == 3 and w[:2] == "C-" and w[2].isalpha():
-            out.append(chr(ord(w[2].lower()) & 0x1F))
-        elif len(w) == 3 and w[:2] == "M-":
-            out.append("\x1b" + w[2])
-        else:
-            out.append(w)
-    return "".join(out).encode()
-
-
 class ControllerToolBackend:
     """Slots from slot-controller, tool calls batched into `batch` requests.
 
@@ -121,8 +93,6 @@ class ControllerToolBackend:
         self._connect_lock: asyncio.Lock | None = None
         self._started = False
         self._slots: dict[str, Slot] = {}
-        # (handle, "bash" | "tmux") -> agent session id
-        self._sessions: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -203,100 +173,29 @@ class ControllerToolBackend:
         handle = _handle(slot)
         try:
             client = await self._get_client()
-            mine = [(k, v) for k, v in self._sessions.items() if k[0] == handle]
-            if mine and not reset_workspace:
-                # A reset closes them; without one they would outlive the lease.
-                await client.batch([{"slot": handle, "tool": "session_close",
-                                     "args": {"session": sid}} for _, sid in mine])
             await client.release(handle, reset=reset_workspace)
         finally:
-            for k in [k for k in self._sessions if k[0] == handle]:
-                del self._sessions[k]
             tracked = self._slots.pop(handle, None)
             for s in (slot, tracked):
                 if isinstance(s, Slot):
                     s.state = "released"
 
     # ------------------------------------------------------------ tools
-    async def _open_sessions(self, calls: Sequence[ToolCall]) -> dict[tuple[str, str], str]:
-        """bash_stateful and tmux run in agent sessions kept per slot handle
-        (a release with reset closes them): open the missing ones first.
-        Returns {(handle, kind): error text} for those that failed."""
-        want: dict[tuple[str, str], dict[str, Any]] = {}
-        for slot, tool, args in calls:
-            h = _handle(slot)
-            if tool == "bash_stateful" and (h, "bash") not in self._sessions:
-                want[(h, "bash")] = {}
-            elif (tool == "tmux" and args.get("action") == "start"
-                  and (h, "tmux") not in self._sessions):
-                want[(h, "tmux")] = {"pty": True, "cols": int(args.get("pane_width", 160)),
-                                     "rows": int(args.get("pane_height", 40))}
-        failed: dict[tuple[str, str], str] = {}
-        if not want:
-            return failed
-        keys = list(want)
-        try:
-            client = await self._get_client()
-            answers = await client.batch([{"slot": h, "tool": "session_open", "args": a}
-                                          for (h, _), a in want.items()])
-        except SlotError as e:
-            return {k: _error_text(e.code, e.message) for k in keys}
-        for k, ans in zip(keys, answers):
-            if isinstance(ans, dict) and ans.get("ok"):
-                self._sessions[k] = int(ans["result"]["session"])
-            else:
-                err = ans.get("error", {}) if isinstance(ans, dict) else {}
-                failed[k] = _error_text(str(err.get("code", "internal")),
-                                        str(err.get("message", "")))
-        return failed
-
-    def _session_request(self, handle: str, tool: str, args: Mapping[str, Any],
-                         ctx: dict[str, Any]) -> dict[str, Any] | None:
-        """The agent session op for bash_stateful and tmux, or None with
-        ctx["error"] set."""
-        if tool == "bash_stateful":
-            sid = self._sessions.get((handle, "bash"))
-            if sid is None:
-                ctx["error"] = "no session"
-                return None
-            a: dict[str, Any] = {"session": sid, "cmd": str(args.get("command", ""))}
-            if "timeout" in args:
-                a["timeout_ms"] = int(float(args["timeout"]) * 1000)
-            elif "timeout_ms" in args:
-                a["timeout_ms"] = int(args["timeout_ms"])
-            ctx["timeout_ms"] = a.get("timeout_ms")
-            return {"slot": handle, "tool": "session_exec", "args": a}
-        action = str(args.get("action", ""))
-        ctx["action"] = action
-        sid = self._sessions.get((handle, "tmux"))
-        if action not in ("start", "send_keys", "capture", "stop"):
-            ctx["error"] = f"bad_request: unknown tmux action '{action}' " \
-                           "(start, send_keys, capture, stop)"
-            return None
-        if sid is None:
-            ctx["error"] = "not_found: no tmux session in this slot (action start first)"
-            return None
-        if action == "start":
-            return {"slot": handle, "tool": "session_screen", "args": {"session": sid}}
-        if action == "send_keys":
-            return {"slot": handle, "tool": "session_write",
-                    "args": {"session": sid, "data": tmux_keys(args.get("keys", ""))}}
-        if action == "capture":
-            return {"slot": handle, "tool": "session_screen", "args": {"session": sid}}
-        self._sessions.pop((handle, "tmux"), None)
-        return {"slot": handle, "tool": "session_close", "args": {"session": sid}}
-
     def _build_request(self, slot: SlotRef, tool: str,
                        args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The batch entry for one call, and local context for its result."""
         handle = _handle(slot)
         ctx: dict[str, Any] = {"tool": tool}
         a = dict(args)
-        if tool in ("bash_stateful", "tmux"):
-            req = self._session_request(handle, tool, a, ctx)
-            # a placeholder the controller answers at once; the error wins
-            return req or {"slot": handle, "tool": "stat", "args": {"path": "."}}, ctx
-        if tool == "bash":
+        if tool == "tmux":
+            ctx["action"] = a.get("action")
+        elif tool == "bash_stateful":
+            # the controller takes `timeout` in seconds; kept for the error text
+            if "timeout" in a:
+                ctx["timeout_ms"] = int(float(a["timeout"]) * 1000)
+            elif "timeout_ms" in a:
+                ctx["timeout_ms"] = a["timeout_ms"]
+        elif tool == "bash":
             if "timeout" in a and "timeout_ms" not in a:  # seconds, for convenience
                 a["timeout_ms"] = int(float(a.pop("timeout")) * 1000)
             if "stdin" in a and isinstance(a["stdin"], str):
@@ -323,10 +222,10 @@ class ControllerToolBackend:
         timeout_ms = None if timeout_s is None else max(1, int(timeout_s * 1000))
         # The controller answers `timeout` 5 s after the command timeout; allow more.
         guard = None if timeout_s is None else timeout_s + 30.0
-        # A session runs one command at a time, and the agent orders only
-        # slot-queued ops: with session tools, go in rounds that hold at
-        # most one call per slot (order per slot kept, slots in parallel),
-        # opening (again, after an `exit`) the sessions each round needs.
+        # The controller runs a slot's bash_stateful and tmux calls in
+        # order, but not in order with the slot's other tools: with those
+        # tools, go in rounds that hold at most one call per slot (order per
+        # slot kept, slots in parallel).
         rounds: list[list[int]] = [list(range(len(calls)))]
         if any(tool in ("bash_stateful", "tmux") for _, tool, _ in calls):
             rounds = []
@@ -348,13 +247,7 @@ class ControllerToolBackend:
                          guard: float | None) -> list[ExecutionResult]:
         requests: list[dict[str, Any]] = []
         contexts: list[dict[str, Any]] = []
-        opened = await self._open_sessions(calls)
         for slot, tool, args in calls:
-            kind = "bash" if tool == "bash_stateful" else "tmux" if tool == "tmux" else ""
-            if kind and (_handle(slot), kind) in opened:
-                requests.append({"slot": _handle(slot), "tool": "stat", "args": {"path": "."}})
-                contexts.append({"tool": tool, "error": opened[(_handle(slot), kind)]})
-                continue
             req, ctx = self._build_request(slot, tool, args)
             requests.append(req)
             contexts.append(ctx)
@@ -369,17 +262,11 @@ class ControllerToolBackend:
             if ctx.get("timeout_ms") is None and timeout_ms is not None:
                 ctx["timeout_ms"] = timeout_ms
             ans = answers[i] if i < len(answers) else None
-            if ctx.get("error"):
-                code, _, msg = str(ctx["error"]).partition(": ")
-                results.append(self._failure(req["slot"], code, msg, ctx))
-            elif not isinstance(ans, dict):
+            if not isinstance(ans, dict):
                 results.append(self._failure(req["slot"], "internal",
                                              "no answer for this request in the batch", ctx))
             elif ans.get("ok") is True:
                 res = ans.get("result")
-                if ctx.get("tool") == "bash_stateful" and isinstance(res, dict) \
-                        and res.get("session_alive") is False:
-                    self._sessions.pop((req["slot"], "bash"), None)  # `exit`: a new shell next
                 results.append(self._success(req["slot"], ctx,
                                              res if isinstance(res, dict) else {}))
             else:

@@ -1,0 +1,439 @@
+/* The trainer tool names bash_stateful and tmux on agent sessions. The
+ * controller keeps one shell session and one terminal (PTY) session per
+ * lease, opens each on first use, and runs these calls one at a time per
+ * slot in the order they came: a session runs one command at a time, and
+ * the agent does not queue session ops as it queues a slot's exec. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+
+#define TMUX_DEFAULT_COLS 160
+#define TMUX_DEFAULT_ROWS 40
+#define TMUX_MAX_SIDE 1000
+#define MAX_KEYS (1u << 20)
+
+enum sc_kind { SC_BASH, SC_START, SC_KEYS, SC_CAPTURE, SC_STOP };
+
+struct scall {
+    enum sc_kind kind;
+    uint64_t gen;        /* the lease the call was made in */
+    uint64_t timeout_ms; /* bash: the command's */
+    uint32_t cols, rows; /* start: the pane */
+    bool retried;        /* bash: reopened once after the shell vanished */
+    size_t len;
+    char data[]; /* bash: the command; send_keys: the bytes to type */
+};
+
+static const struct {
+    const char *name, *seq;
+} tmux_keys[] = {
+    {"Enter", "\r"},       {"C-m", "\r"},         {"Escape", "\x1b"},    {"Esc", "\x1b"},
+    {"Tab", "\t"},         {"BSpace", "\x7f"},    {"Space", " "},        {"Up", "\x1b[A"},
+    {"Down", "\x1b[B"},    {"Right", "\x1b[C"},   {"Left", "\x1b[D"},    {"Home", "\x1b[H"},
+    {"End", "\x1b[F"},     {"PageUp", "\x1b[5~"}, {"PPage", "\x1b[5~"},  {"PageDown", "\x1b[6~"},
+    {"NPage", "\x1b[6~"},  {"DC", "\x1b[3~"},     {"Delete", "\x1b[3~"}, {"IC", "\x1b[2~"},
+    {"Insert", "\x1b[2~"}, {"F1", "\x1bOP"},      {"F2", "\x1bOQ"},      {"F3", "\x1bOR"},
+    {"F4", "\x1bOS"},
+};
+
+bool stateful_tool(const char *name, size_t n)
+{
+    return sp_str_eq(name, n, "bash_stateful") || sp_str_eq(name, n, "tmux");
+}
+
+/* One tmux send-keys word: a key name becomes its sequence (Enter, C-c,
+ * M-x, Up, ...), anything else is typed as it is. Returns the bytes added. */
+static size_t key_bytes(const char *w, size_t n, char *out)
+{
+    for (size_t i = 0; i < sizeof tmux_keys / sizeof tmux_keys[0]; i++)
+        if (sp_str_eq(w, n, tmux_keys[i].name)) {
+            size_t l = strlen(tmux_keys[i].seq);
+            memcpy(out, tmux_keys[i].seq, l);
+            return l;
+        }
+    if (n == 3 && w[0] == 'C' && w[1] == '-' &&
+        ((w[2] >= 'a' && w[2] <= 'z') || (w[2] >= 'A' && w[2] <= 'Z'))) {
+        out[0] = (char)((w[2] | 0x20) & 0x1f);
+        return 1;
+    }
+    if (n == 3 && w[0] == 'M' && w[1] == '-') {
+        out[0] = '\x1b';
+        out[1] = w[2];
+        return 2;
+    }
+    memcpy(out, w, n);
+    return n;
+}
+
+static struct scall *scall_new(enum sc_kind kind, size_t len)
+{
+    struct scall *sc = calloc(1, sizeof *sc + len + 1);
+    if (!sc)
+        abort();
+    sc->kind = kind;
+    return sc;
+}
+
+static bool is_key(const msgpack_object *k, const char *name)
+{
+    return k->type == MSGPACK_OBJECT_STR && sp_str_eq(k->via.str.ptr, k->via.str.size, name);
+}
+
+/* bad_request naming argument k (a wrong name or a value of the wrong type). */
+static struct scall *bad_arg(struct sp_err *err, const msgpack_object *k, const char *tool,
+                             const char *usage)
+{
+    int n = k->type == MSGPACK_OBJECT_STR ? (int)(k->via.str.size > 64 ? 64 : k->via.str.size) : 0;
+    sp_errf(err, SP_BAD_REQUEST, "bad argument '%.*s' for tool %s (%s)", n, n ? k->via.str.ptr : "",
+            tool, usage);
+    return NULL;
+}
+
+/* Arguments of bash_stateful: command, timeout (seconds) or timeout_ms. */
+static struct scall *parse_bash(const msgpack_object *args, uint64_t dflt_ms, struct sp_err *err)
+{
+    const msgpack_object *cmd = NULL;
+    uint64_t ms = dflt_ms;
+    bool has_ms = false;
+    for (uint32_t i = 0; args && i < args->via.map.size; i++) {
+        const msgpack_object *k = &args->via.map.ptr[i].key, *v = &args->via.map.ptr[i].val;
+        if (is_key(k, "command") && v->type == MSGPACK_OBJECT_STR) {
+            cmd = v;
+        } else if (is_key(k, "timeout_ms") && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+            ms = v->via.u64;
+            has_ms = true;
+        } else if (is_key(k, "timeout") &&
+                   (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER ||
+                    v->type == MSGPACK_OBJECT_FLOAT64 || v->type == MSGPACK_OBJECT_FLOAT32)) {
+            double sec =
+                v->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? (double)v->via.u64 : v->via.f64;
+            if (!(sec >= 0 && sec <= 86400.0)) {
+                sp_errf(err, SP_BAD_REQUEST, "'timeout' must be 0..86400 seconds");
+                return NULL;
+            }
+            if (!has_ms)
+                ms = (uint64_t)(sec * 1000);
+        } else if (!is_key(k, "slot")) {
+            return bad_arg(err, k, "bash_stateful",
+                           "command str, timeout seconds, timeout_ms uint");
+        }
+    }
+    if (!cmd) {
+        sp_errf(err, SP_BAD_REQUEST, "tool bash_stateful needs 'command' (a string)");
+        return NULL;
+    }
+    if (!ms || ms > 86400000ull) /* 0: the agent's own default, 10 minutes */
+        ms = ms ? 86400000ull : 600000;
+    struct scall *sc = scall_new(SC_BASH, cmd->via.str.size);
+    memcpy(sc->data, cmd->via.str.ptr, cmd->via.str.size);
+    sc->len = cmd->via.str.size;
+    sc->timeout_ms = ms;
+    return sc;
+}
+
+static int pane_side(const msgpack_object *v, const char *name, uint32_t *out, struct sp_err *err)
+{
+    if (v->type != MSGPACK_OBJECT_POSITIVE_INTEGER || v->via.u64 < 1 || v->via.u64 > TMUX_MAX_SIDE)
+        return sp_errf(err, SP_BAD_REQUEST, "'%s' must be 1..%d", name, TMUX_MAX_SIDE);
+    *out = (uint32_t)v->via.u64;
+    return 0;
+}
+
+/* Arguments of tmux: action (start, send_keys, capture, stop), keys (a
+ * string or a list of strings, tmux send-keys words), pane_width,
+ * pane_height. */
+static struct scall *parse_tmux(const msgpack_object *args, struct sp_err *err)
+{
+    const msgpack_object *action = NULL, *keys = NULL;
+    uint32_t cols = TMUX_DEFAULT_COLS, rows = TMUX_DEFAULT_ROWS;
+    for (uint32_t i = 0; args && i < args->via.map.size; i++) {
+        const msgpack_object *k = &args->via.map.ptr[i].key, *v = &args->via.map.ptr[i].val;
+        if (is_key(k, "action") && v->type == MSGPACK_OBJECT_STR)
+            action = v;
+        else if (is_key(k, "keys"))
+            keys = v;
+        else if (is_key(k, "pane_width")) {
+            if (pane_side(v, "pane_width", &cols, err) < 0)
+                return NULL;
+        } else if (is_key(k, "pane_height")) {
+            if (pane_side(v, "pane_height", &rows, err) < 0)
+                return NULL;
+        } else if (!is_key(k, "slot")) {
+            return bad_arg(err, k, "tmux",
+                           "action str, keys str or [str], pane_width, pane_height");
+        }
+    }
+    static const char *const names[] = {"start", "send_keys", "capture", "stop"};
+    static const enum sc_kind kinds[] = {SC_START, SC_KEYS, SC_CAPTURE, SC_STOP};
+    int a = -1;
+    for (int i = 0; action && i < 4; i++)
+        if (sp_str_eq(action->via.str.ptr, action->via.str.size, names[i]))
+            a = i;
+    if (a < 0) {
+        sp_errf(err, SP_BAD_REQUEST,
+                "tool tmux needs 'action': start, send_keys, capture or stop (got %s%.*s)",
+                action ? "" : "nothing",
+                action ? (int)(action->via.str.size > 32 ? 32 : action->via.str.size) : 0,
+                action ? action->via.str.ptr : "");
+        return NULL;
+    }
+    if (kinds[a] != SC_KEYS) {
+        struct scall *sc = scall_new(kinds[a], 0);
+        sc->cols = cols;
+        sc->rows = rows;
+        return sc;
+    }
+    /* Words: one string, or a list of them. */
+    const msgpack_object *words = keys;
+    uint32_t nw = 1;
+    if (keys && keys->type == MSGPACK_OBJECT_ARRAY) {
+        words = keys->via.array.ptr;
+        nw = keys->via.array.size;
+    }
+    size_t total = 0;
+    for (uint32_t i = 0; keys && i < nw; i++) {
+        if (words[i].type != MSGPACK_OBJECT_STR) {
+            sp_errf(err, SP_BAD_REQUEST, "'keys' must be a string or a list of strings");
+            return NULL;
+        }
+        total += words[i].via.str.size + 2; /* a key name never grows more */
+    }
+    if (!keys) {
+        sp_errf(err, SP_BAD_REQUEST, "tmux send_keys needs 'keys'");
+        return NULL;
+    }
+    if (total > MAX_KEYS) {
+        sp_errf(err, SP_TOO_LARGE, "'keys' above %u bytes", MAX_KEYS);
+        return NULL;
+    }
+    struct scall *sc = scall_new(SC_KEYS, total);
+    for (uint32_t i = 0; i < nw; i++)
+        sc->len += key_bytes(words[i].via.str.ptr, words[i].via.str.size, sc->data + sc->len);
+    return sc;
+}
+
+static void run_head(struct ctl *c, struct slot *s);
+
+static void on_closed(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                      const struct sp_err *err)
+{
+    (void)resp;
+    (void)err;
+    preq_free(c, r);
+}
+
+static void pack_head(struct agent *ag, struct preq *r, const char *op, msgpack_packer *pk,
+                      uint32_t n)
+{
+    agent_send_begin(ag, r, op, pk);
+    msgpack_pack_map(pk, n + 1);
+    sp_pack_kv_uint(pk, "slot", r->slot->index);
+}
+
+static bool session_gone(const msgpack_object *resp)
+{
+    const msgpack_object *er = resp ? sp_map_get(resp, "error") : NULL;
+    const char *code = NULL;
+    size_t cl = 0;
+    struct sp_err e;
+    return er && er->type == MSGPACK_OBJECT_MAP &&
+           sp_get_str(er, "code", false, &code, &cl, &e) == 1 && sp_str_eq(code, cl, "not_found");
+}
+
+static bool answer_ok(const msgpack_object *resp)
+{
+    const msgpack_object *ok = resp ? sp_map_get(resp, "ok") : NULL;
+    return ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean;
+}
+
+/* The answer to the call itself: keep track of the sessions, answer the
+ * trainer, go on with the slot's next call. */
+static void on_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                      const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    struct scall *sc = r->ctx;
+    if (sc->kind == SC_BASH && resp && session_gone(resp) && !sc->retried &&
+        sc->gen == s->generation) {
+        /* The shell went with a `reset` tool call or a controller restart
+         * (ids are not kept): one new shell, the call again. */
+        sc->retried = true;
+        s->sess_bash = 0;
+        run_head(c, s);
+        return;
+    }
+    if (sc->gen == s->generation) {
+        const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
+        bool alive = true;
+        struct sp_err e;
+        if (sc->kind == SC_BASH && res &&
+            sp_get_bool(res, "session_alive", false, &alive, &e) == 1 && !alive && s->sess_bash) {
+            /* `exit`: a new shell next time. The ended one stays listed
+             * (and counts against the slot's limit) until it is closed. */
+            struct preq *cl = agent_req_new(s->ag, s, on_closed);
+            msgpack_packer pk;
+            pack_head(s->ag, cl, "session_close", &pk, 1);
+            sp_pack_kv_uint(&pk, "session", s->sess_bash);
+            s->sess_bash = 0;
+            agent_send_end(c, s->ag, cl);
+        }
+        if (sc->kind != SC_BASH && resp && session_gone(resp))
+            s->sess_tmux = 0;
+    }
+    TAILQ_REMOVE(&s->sq, r, slink);
+    api_tool_answer(c, r, resp, err);
+    run_head(c, s);
+}
+
+static void on_open(struct ctl *c, struct preq *o, const msgpack_object *resp,
+                    const struct sp_err *err)
+{
+    struct slot *s = o->slot;
+    bool pty = o->item;
+    preq_free(c, o);
+    struct preq *r = TAILQ_FIRST(&s->sq);
+    if (!r)
+        return;
+    struct scall *sc = r->ctx;
+    const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
+    uint64_t id = 0;
+    struct sp_err e;
+    if (res && sp_get_uint(res, "session", true, &id, &e) == 1 && id) {
+        if (sc->gen == s->generation) {
+            if (pty)
+                s->sess_tmux = id;
+            else
+                s->sess_bash = id;
+        }
+        run_head(c, s);
+        return;
+    }
+    /* The agent's refusal (e.g. the slot's session limit) is the answer. */
+    TAILQ_REMOVE(&s->sq, r, slink);
+    api_answer(c, r, resp, err);
+    preq_free(c, r);
+    run_head(c, s);
+}
+
+static void send_open(struct ctl *c, struct slot *s, bool pty, uint32_t cols, uint32_t rows)
+{
+    struct preq *o = agent_req_new(s->ag, s, on_open);
+    o->item = pty; /* no trainer item: says which session it opens */
+    msgpack_packer pk;
+    pack_head(s->ag, o, "session_open", &pk, pty ? 3 : 0);
+    if (pty) {
+        sp_pack_kv_bool(&pk, "pty", true);
+        sp_pack_kv_uint(&pk, "cols", cols);
+        sp_pack_kv_uint(&pk, "rows", rows);
+    }
+    agent_send_end(c, s->ag, o);
+}
+
+/* The next agent request for the call at the head of s's queue: 1 when
+ * sent (its answer goes on), 0 with err when the call fails here. */
+static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *err)
+{
+    struct agent *ag = s->ag;
+    struct scall *sc = r->ctx;
+    if (!ag->connected || ag->state == AG_STOPPING)
+        return sp_errf(err, SP_AGENT_LOST, "agent %s is gone", ag->id), 0;
+    if (s->state != SL_LEASED || s->generation != sc->gen)
+        return sp_errf(err, SP_NOT_LEASED, "the slot was released"), 0;
+    if (s->sess_gen != s->generation) {
+        /* Sessions belong to a lease (the agent closes them at unlease). */
+        s->sess_bash = s->sess_tmux = 0;
+        s->sess_gen = s->generation;
+    }
+    if (!ev_is_active(&r->timer)) {
+        /* Covers the session_open too; an agent that stops answering is
+         * lost, and its lost requests go on with the queue. */
+        double t = (sc->kind == SC_BASH ? (double)sc->timeout_ms / 1000.0 : 0) + 2 * CTL_BACKSTOP_S;
+        api_arm_backstop(c, r, t);
+    }
+    r->aid = ++ag->next_id;
+    msgpack_packer pk;
+    switch (sc->kind) {
+    case SC_BASH:
+        if (!s->sess_bash) {
+            send_open(c, s, false, 0, 0);
+            return 1;
+        }
+        pack_head(ag, r, "session_exec", &pk, sc->timeout_ms ? 3 : 2);
+        sp_pack_kv_uint(&pk, "session", s->sess_bash);
+        sp_pack_kv_strn(&pk, "cmd", sc->data, sc->len);
+        if (sc->timeout_ms)
+            sp_pack_kv_uint(&pk, "timeout_ms", sc->timeout_ms);
+        break;
+    case SC_START:
+        if (!s->sess_tmux) {
+            send_open(c, s, true, sc->cols, sc->rows);
+            return 1;
+        }
+        pack_head(ag, r, "session_screen", &pk, 1);
+        sp_pack_kv_uint(&pk, "session", s->sess_tmux);
+        break;
+    case SC_KEYS:
+    case SC_CAPTURE:
+    case SC_STOP:
+        if (!s->sess_tmux)
+            return sp_errf(err, SP_NOT_FOUND, "no tmux session in this slot (action start first)"),
+                   0;
+        pack_head(ag, r,
+                  sc->kind == SC_KEYS      ? "session_write"
+                  : sc->kind == SC_CAPTURE ? "session_screen"
+                                           : "session_close",
+                  &pk, sc->kind == SC_KEYS ? 2 : 1);
+        sp_pack_kv_uint(&pk, "session", s->sess_tmux);
+        if (sc->kind == SC_KEYS)
+            sp_pack_kv_bin(&pk, "data", sc->data, sc->len);
+        if (sc->kind == SC_STOP)
+            s->sess_tmux = 0;
+        break;
+    }
+    agent_send_end(c, ag, r);
+    return 1;
+}
+
+static void run_head(struct ctl *c, struct slot *s)
+{
+    struct preq *r;
+    while ((r = TAILQ_FIRST(&s->sq))) {
+        struct sp_err e;
+        if (step(c, s, r, &e))
+            return;
+        TAILQ_REMOVE(&s->sq, r, slink);
+        api_answer(c, r, NULL, &e);
+        preq_free(c, r);
+    }
+}
+
+int stateful_start(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,
+                   uint32_t item, struct slot *s, const char *tool, size_t tool_len,
+                   const msgpack_object *args, uint64_t timeout_ms, struct sp_err *err)
+{
+    if (args && args->type != MSGPACK_OBJECT_MAP)
+        return sp_errf(err, SP_BAD_REQUEST, "'args' must be a map (got %s)", sp_type_name(args));
+    struct scall *sc =
+        sp_str_eq(tool, tool_len, "tmux")
+            ? parse_tmux(args, err)
+            : parse_bash(args, timeout_ms ? timeout_ms : s->ag->prof->exec_timeout_ms, err);
+    if (!sc)
+        return -1;
+    sc->gen = s->generation;
+    struct preq *r = agent_req_new(s->ag, s, on_answer);
+    r->conn = t;
+    r->client_id = client_id;
+    r->batch = b;
+    r->item = item;
+    r->shape = SHAPE_PASS;
+    r->ctx = sc;
+    if (t)
+        TAILQ_INSERT_TAIL(&t->reqs, r, clink);
+    bool idle = TAILQ_EMPTY(&s->sq);
+    TAILQ_INSERT_TAIL(&s->sq, r, slink);
+    if (idle)
+        run_head(c, s);
+    return 0;
+}
