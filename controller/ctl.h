@@ -405,6 +405,23 @@ void api_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
 /* Answer `timeout` if the agent has not answered r within `seconds`. */
 void api_arm_backstop(struct ctl *c, struct preq *r, double seconds);
 
+/* child.c: agent processes the controller forks */
+typedef void (*child_run_fn)(struct ctl *c, struct agent *ag, char **argv);
+/* In a child: no blocked signals, SIGPIPE back to its default. */
+void child_reset_signals(void);
+void child_status_text(int st, char *out, size_t cap);
+/* Fork a process (its own process group) with stdin/stdout on a socketpair
+ * and stderr read into ag's tail; `run` execs argv in it. ag->pid is set,
+ * on_exit watches it, *fd is the controller's end of the stream. */
+int child_spawn_stream(struct ctl *c, struct agent *ag, char **argv, child_run_fn run,
+                       void (*on_exit)(struct ev_loop *, ev_child *, int), int *fd,
+                       struct sp_err *err);
+/* From an exit callback: the rest of ag's stderr into its tail, then the
+ * pipe closed. */
+void child_drain_stderr(struct ctl *c, struct agent *ag);
+/* Free ag from the loop's next turn (its data_dir removed when data_ours). */
+void agent_free_soon(struct ctl *c, struct agent *ag);
+
 /* stateful.c: bash_stateful and tmux on the agent's sessions */
 bool stateful_tool(const char *name, size_t n);
 int stateful_start(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,

@@ -208,10 +208,7 @@ static int ensure_token(struct ctl *c, struct sp_err *err)
  * signals back to defaults, then the program found on PATH. */
 static void child_exec(struct ctl *c, struct agent *ag, char **argv)
 {
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGPIPE, SIG_DFL);
+    child_reset_signals();
     setpgid(0, 0); /* a Ctrl-C at the controller's terminal is the controller's */
     if (ag) {
         setenv("SLOT_AGENT_ID", ag->id, 1);
@@ -230,60 +227,15 @@ static void child_exec(struct ctl *c, struct agent *ag, char **argv)
     _exit(127);
 }
 
-static void status_text(int st, char *out, size_t cap)
-{
-    if (WIFEXITED(st))
-        snprintf(out, cap, "exited with status %d", WEXITSTATUS(st));
-    else if (WIFSIGNALED(st))
-        snprintf(out, cap, "killed by signal %d", WTERMSIG(st));
-    else
-        snprintf(out, cap, "ended (status 0x%x)", st);
-}
-
-static void free_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    struct agent *ag = w->data;
-    struct ctl *c = ag->ctl;
-    if (ag->data_dir && ag->data_ours)
-        remove_tree_async(c, ag->data_dir);
-    log_debug("agent %s gone", ag->id);
-    struct profile *p = ag->prof;
-    agent_free(c, ag);
-    sched_kick(c, p);
-}
-
 /* Free the agent once its launcher and helper are both done. */
 static void maybe_gone(struct ctl *c, struct agent *ag)
 {
     if (ag->state != AG_STOPPING || ag->pid > 0 || ag->helper_pid > 0)
         return;
-    ev_timer_stop(c->loop, &ag->timer);
-    ev_timer_init(&ag->timer, free_later_cb, 0, 0);
-    ag->timer.data = ag;
-    ev_timer_start(c->loop, &ag->timer);
+    agent_free_soon(c, ag);
 }
 
 /* ---- the launcher (the stream) ------------------------------------------- */
-
-static void launcher_stderr_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)revents;
-    struct agent *ag = w->data;
-    char buf[4096];
-    ssize_t n = read(ag->err_fd, buf, sizeof buf);
-    if (n > 0) {
-        agent_stderr_append(ag, buf, (size_t)n);
-        log_debug("agent %s says: %.*s", ag->id, (int)(buf[n - 1] == '\n' ? n - 1 : n), buf);
-        return;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
-    ev_io_stop(loop, w);
-    close(ag->err_fd);
-    ag->err_fd = -1;
-}
 
 static void launcher_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
 {
@@ -291,17 +243,11 @@ static void launcher_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
     struct agent *ag = w->data;
     struct ctl *c = ag->ctl;
     ev_child_stop(loop, w);
-    if (ag->err_fd >= 0)
-        launcher_stderr_cb(loop, &ag->eio, 0);
+    child_drain_stderr(c, ag);
     ag->pid = 0;
     char st[64], why[160];
-    status_text(w->rstatus, st, sizeof st);
+    child_status_text(w->rstatus, st, sizeof st);
     snprintf(why, sizeof why, "launch command %s", st);
-    if (ag->err_fd >= 0) {
-        ev_io_stop(loop, &ag->eio);
-        close(ag->err_fd);
-        ag->err_fd = -1;
-    }
     if (c->stopping && ag->state != AG_STOPPING)
         /* The controller is leaving an agent that outlives it: the relay
          * ended because we closed its stream; the daemon stays. */
@@ -315,46 +261,16 @@ static void launcher_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
 
 static int launch(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
-    int sv[2], ep[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return sp_err_errno(err, errno, "socketpair");
-    if (pipe2(ep, O_CLOEXEC) < 0) {
-        int e = errno;
-        close(sv[0]);
-        close(sv[1]);
-        return sp_err_errno(err, e, "pipe");
-    }
     char **argv = expand(c, ag->prof, ag, &ag->prof->exec_launch);
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(sv[1], 0);
-        dup2(sv[1], 1);
-        dup2(ep[1], 2);
-        child_exec(c, ag, argv);
-    }
-    int e = errno;
     char summary[200];
     argv_summary(argv, summary, sizeof summary);
+    int fd;
+    int rc = child_spawn_stream(c, ag, argv, child_exec, launcher_exit_cb, &fd, err);
     free_argv(argv);
-    close(sv[1]);
-    close(ep[1]);
-    if (pid < 0) {
-        close(sv[0]);
-        close(ep[0]);
-        return sp_err_errno(err, e, "fork");
-    }
-    ag->pid = pid;
+    if (rc < 0)
+        return -1;
     snprintf(ag->address, sizeof ag->address, "exec:%s", summary);
-    fcntl(sv[0], F_SETFL, O_NONBLOCK);
-    fcntl(ep[0], F_SETFL, O_NONBLOCK);
-    ag->err_fd = ep[0];
-    ev_io_init(&ag->eio, launcher_stderr_cb, ep[0], EV_READ);
-    ag->eio.data = ag;
-    ev_io_start(c->loop, &ag->eio);
-    ev_child_init(&ag->cw, launcher_exit_cb, pid, 0);
-    ag->cw.data = ag;
-    ev_child_start(c->loop, &ag->cw);
-    agent_stream_ready(c, ag, sv[0]);
+    agent_stream_ready(c, ag, fd);
     return 0;
 }
 
@@ -412,7 +328,7 @@ static void helper_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
     ag->helper_kind = HELPER_NONE;
     bool ok = WIFEXITED(w->rstatus) && WEXITSTATUS(w->rstatus) == 0;
     char st[64];
-    status_text(w->rstatus, st, sizeof st);
+    child_status_text(w->rstatus, st, sizeof st);
     if (kind == HELPER_START) {
         if (ag->state == AG_STOPPING) {
             /* Stopped while starting: undo what the start made. */
@@ -672,7 +588,7 @@ static int run_list(struct ctl *c, struct profile *p, char **out, size_t *outn, 
     }
     if (!WIFEXITED(st) || WEXITSTATUS(st)) {
         char s[64];
-        status_text(st, s, sizeof s);
+        child_status_text(st, s, sizeof s);
         size_t el = strlen(errtxt);
         while (el && isspace((unsigned char)errtxt[el - 1]))
             errtxt[--el] = 0;

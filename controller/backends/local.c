@@ -87,57 +87,19 @@ static void free_argv(char **v)
 
 static void child_exec(char **argv)
 {
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    signal(SIGPIPE, SIG_DFL);
+    child_reset_signals();
     execv(argv[0], argv);
     dprintf(2, "slot-controller: cannot run %s: %s\n", argv[0], strerror(errno));
     _exit(127);
 }
 
-static void free_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    struct agent *ag = w->data;
-    struct ctl *c = ag->ctl;
-    if (ag->data_dir)
-        remove_tree_async(c, ag->data_dir);
-    log_debug("agent %s gone", ag->id);
-    struct profile *p = ag->prof;
-    agent_free(c, ag);
-    sched_kick(c, p);
-}
-
-static void free_later(struct ctl *c, struct agent *ag)
-{
-    ev_timer_stop(c->loop, &ag->timer);
-    ev_timer_init(&ag->timer, free_later_cb, 0, 0);
-    ag->timer.data = ag;
-    ev_timer_start(c->loop, &ag->timer);
-}
-
 /* ---- stdio mode ---------------------------------------------------------- */
 
-static void stderr_cb(struct ev_loop *loop, ev_io *w, int revents)
+static void run_agent(struct ctl *c, struct agent *ag, char **argv)
 {
-    (void)revents;
-    struct agent *ag = w->data;
-    char buf[4096];
-    ssize_t n = read(ag->err_fd, buf, sizeof buf);
-    if (n > 0) {
-        agent_stderr_append(ag, buf, (size_t)n);
-        /* At debug level the agent's own log joins ours (sanitizer reports
-         * of agents reach the test logs this way). */
-        log_debug("agent %s says: %.*s", ag->id, (int)(buf[n - 1] == '\n' ? n - 1 : n), buf);
-        return;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
-    ev_io_stop(loop, w);
-    close(ag->err_fd);
-    ag->err_fd = -1;
+    (void)c;
+    (void)ag;
+    child_exec(argv);
 }
 
 static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
@@ -146,62 +108,28 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     struct agent *ag = w->data;
     struct ctl *c = ag->ctl;
     ev_child_stop(loop, w);
-    /* Drain what it said last. */
-    if (ag->err_fd >= 0)
-        stderr_cb(loop, &ag->eio, 0);
+    child_drain_stderr(c, ag);
     ag->pid = 0;
-    char why[128];
-    if (WIFEXITED(w->rstatus))
-        snprintf(why, sizeof why, "agent process exited with status %d", WEXITSTATUS(w->rstatus));
-    else
-        snprintf(why, sizeof why, "agent process killed by signal %d", WTERMSIG(w->rstatus));
+    char st[64], why[128];
+    child_status_text(w->rstatus, st, sizeof st);
+    snprintf(why, sizeof why, "agent process %s", st);
     if (ag->state != AG_STOPPING)
         agent_lost(c, ag, why);
     else
         log_debug("agent %s: %s", ag->id, why);
-    free_later(c, ag);
+    agent_free_soon(c, ag);
 }
 
 static int start_stdio(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
-    int sv[2], ep[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return sp_err_errno(err, errno, "socketpair");
-    if (pipe2(ep, O_CLOEXEC) < 0) {
-        close(sv[0]);
-        close(sv[1]);
-        return sp_err_errno(err, errno, "pipe");
-    }
     char **argv = build_argv(c, ag, NULL);
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(sv[1], 0);
-        dup2(sv[1], 1);
-        dup2(ep[1], 2);
-        setpgid(0, 0); /* a Ctrl-C at the controller's terminal is the controller's */
-        child_exec(argv);
-    }
-    int e = errno;
+    int fd;
+    int rc = child_spawn_stream(c, ag, argv, run_agent, child_cb, &fd, err);
     free_argv(argv);
-    close(sv[1]);
-    close(ep[1]);
-    if (pid < 0) {
-        close(sv[0]);
-        close(ep[0]);
-        return sp_err_errno(err, e, "fork");
-    }
-    ag->pid = pid;
-    snprintf(ag->address, sizeof ag->address, "stdio:pid:%d", (int)pid);
-    fcntl(sv[0], F_SETFL, O_NONBLOCK);
-    fcntl(ep[0], F_SETFL, O_NONBLOCK);
-    ag->err_fd = ep[0];
-    ev_io_init(&ag->eio, stderr_cb, ep[0], EV_READ);
-    ag->eio.data = ag;
-    ev_io_start(c->loop, &ag->eio);
-    ev_child_init(&ag->cw, child_cb, pid, 0);
-    ag->cw.data = ag;
-    ev_child_start(c->loop, &ag->cw);
-    agent_stream_ready(c, ag, sv[0]);
+    if (rc < 0)
+        return -1;
+    snprintf(ag->address, sizeof ag->address, "stdio:pid:%d", (int)ag->pid);
+    agent_stream_ready(c, ag, fd);
     return 0;
 }
 
@@ -375,7 +303,7 @@ static void socket_stop_cb(struct ev_loop *loop, ev_timer *w, int revents)
         unlink(p);
         free(p);
     }
-    free_later(c, ag);
+    agent_free_soon(c, ag);
 }
 
 /* ---- the vtable ---------------------------------------------------------- */
@@ -388,6 +316,7 @@ static int local_start(struct ctl *c, struct agent *ag, struct sp_err *err)
     free(base);
     if (mkdir_p(ag->data_dir, 0755) < 0)
         return sp_err_errno(err, errno, ag->data_dir);
+    ag->data_ours = true;
     if (access(agent_bin(c, ag), X_OK) < 0)
         return sp_errf(err, SP_NOT_FOUND,
                        "slot-agent binary %s: %s (set local.agent or "
@@ -413,7 +342,7 @@ static void local_stop(struct ctl *c, struct agent *ag)
     ev_timer_stop(c->loop, &ag->timer);
     if (ag->prof->local_mode == LOCAL_STDIO) {
         if (ag->pid <= 0) {
-            free_later(c, ag);
+            agent_free_soon(c, ag);
             return;
         }
         /* Its stdin is closed already (it exits on EOF); SIGTERM makes sure. */
@@ -488,6 +417,7 @@ static int local_list(struct ctl *c, struct profile *p)
         if (asprintf(&ag->data_dir, "%s/%s", base, id) < 0)
             abort();
         free(base);
+        ag->data_ours = true;
         struct sp_err e;
         if (p->local_mode != LOCAL_SOCKET || local_attach(c, ag, &e) < 0) {
             log_warn("agent %s from an earlier run is unreachable (%s); removing it", id,

@@ -72,10 +72,13 @@ def test_trainer_on_modal_next_to_a_local_profile(fm: FakeModal, controller_fact
                         "cpu", "--trajectories", "24", "--concurrency", "8", "--steps", "3"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "errors:        0" in r.stdout, r.stdout + r.stderr
-    # 8 at a time on 4-slot agents: the pool grew, one sandbox per agent
-    # (an agent still starting may not have its sandbox yet)
-    ags = [a for a in agents(c) if a["state"] == "ready"]
-    assert 2 <= len(ags) <= 3, agents(c)
+    # 8 at a time on 4-slot agents: the pool grew (the trainer may be done
+    # before the new agents are ready), one sandbox per ready agent (an
+    # agent still starting may not have its sandbox yet)
+    assert 2 <= len(agents(c)) <= 3, agents(c)
+    ags = wait_for(lambda: [a for a in agents(c) if a["state"] == "ready"][1:] and
+                   [a for a in agents(c) if a["state"] == "ready"], 60, "a second ready agent")
+    assert len(ags) <= 3, agents(c)
     for a in ags:
         sb = sandbox_of(fm, a["id"])
         assert sb is not None, a
