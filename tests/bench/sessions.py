@@ -9,6 +9,10 @@
    pty) on an otherwise idle agent and read, from /proc, the RSS the agent
    grew by and the RSS of the sessions' processes (the shells), per session.
 
+3. Through the controller: the trainer tool `bash_stateful` of `true` (the
+   controller's session per lease) versus `bash` of `true`, interleaved, on
+   one leased slot of a local agent (what a trainer sees).
+
 Usage: tests/bench/sessions.py [--build build] [-n 1000] [--idle 50] [--json]
 """
 from __future__ import annotations
@@ -68,6 +72,55 @@ def descendants(pid: int) -> list[int]:
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def through_controller(build: Path, n: int) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of bash and bash_stateful of `true` via slot-controller."""
+    d = Path(tempfile.mkdtemp(prefix="slt-bench-c-", dir="/tmp"))
+    (d / "c.yaml").write_text("profiles:\n  default:\n    slots_per_agent: 1\n"
+                              "    min_agents: 1\n    max_agents: 1\n")
+    sock = str(d / "c.sock")
+    log = open(d / "c.log", "wb")
+    ctl = subprocess.Popen(
+        [str(build / "slot-controller"), "--config", str(d / "c.yaml"), "--listen",
+         "unix:" + sock, "--state-dir", str(d / "state"), "--agent-bin",
+         str(build / "slot-agent"), "--log-level", "warn"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                c = Client.unix(sock, 60)
+                h = c.call("acquire", {"trajectory_id": "bench", "timeout_ms": 15000})["slot"]
+                break
+            except OSError:
+                if time.monotonic() > deadline or ctl.poll() is not None:
+                    raise SystemExit((d / "c.log").read_text())
+                time.sleep(0.05)
+
+        def call(tool: str) -> float:
+            t0 = time.perf_counter()
+            r = c.call("exec", {"slot": h, "tool": tool, "args": {"command": "true"}})
+            assert r["exit_code"] == 0, r
+            return (time.perf_counter() - t0) * 1e3
+
+        for _ in range(20):
+            call("bash")
+            call("bash_stateful")
+        t_bash, t_state = [], []
+        for _ in range(n):
+            t_bash.append(call("bash"))
+            t_state.append(call("bash_stateful"))
+        c.close()
+        return t_bash, t_state
+    finally:
+        ctl.terminate()
+        try:
+            ctl.wait(15)
+        except subprocess.TimeoutExpired:
+            ctl.kill()
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> int:
@@ -136,6 +189,9 @@ def main() -> int:
             c.call("session_close", {"session": s})
         c.close()
 
+        # 3. the trainer tools through the controller
+        t_bash, t_state = through_controller(Path(a.build), a.n)
+
         res = {
             "n": a.n,
             "isolation": [k for k, v in rungs.items() if v],
@@ -149,6 +205,8 @@ def main() -> int:
             "session_processes_rss_kib_per_session": round(sess_rss / a.idle, 1),
             "session_processes_pss_kib_per_session": round(sess_pss / a.idle, 1),
             "slot_box_processes_rss_kib": box_rss,
+            "controller_bash_true_p50_ms": round(statistics.median(t_bash), 3),
+            "controller_bash_stateful_true_p50_ms": round(statistics.median(t_state), 3),
         }
         if a.json:
             print(json.dumps(res, indent=2))
@@ -171,6 +229,10 @@ def main() -> int:
             print(f"  session processes PSS per session: "
                   f"{res['session_processes_pss_kib_per_session']:.1f} KiB "
                   f"(shared pages divided among the processes)")
+            print(f"through the controller: bash of true p50 "
+                  f"{res['controller_bash_true_p50_ms']:.3f} ms, bash_stateful of true p50 "
+                  f"{res['controller_bash_stateful_true_p50_ms']:.3f} ms "
+                  f"({statistics.median(t_bash) / statistics.median(t_state):.1f}x)")
         return 0
     finally:
         agent.terminate()
