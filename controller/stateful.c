@@ -21,7 +21,7 @@ struct scall {
     uint64_t gen;        /* the lease the call was made in */
     uint64_t timeout_ms; /* bash: the command's */
     uint32_t cols, rows; /* start: the pane */
-    bool retried;        /* bash: reopened once after the shell vanished */
+    bool retried;        /* bash, start: reopened once after the session vanished */
     size_t len;
     char data[]; /* bash: the command; send_keys: the bytes to type */
 };
@@ -255,12 +255,15 @@ static void on_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
 {
     struct slot *s = r->slot;
     struct scall *sc = r->ctx;
-    if (sc->kind == SC_BASH && resp && session_gone(resp) && !sc->retried &&
-        sc->gen == s->generation) {
-        /* The shell went with a `reset` tool call or a controller restart
-         * (ids are not kept): one new shell, the call again. */
+    if ((sc->kind == SC_BASH || sc->kind == SC_START) && resp && session_gone(resp) &&
+        !sc->retried && sc->gen == s->generation) {
+        /* The session went with a `reset` tool call: a new one, the call
+         * again (once). */
         sc->retried = true;
-        s->sess_bash = 0;
+        if (sc->kind == SC_BASH)
+            s->sess_bash = 0;
+        else
+            s->sess_tmux = 0;
         run_head(c, s);
         return;
     }

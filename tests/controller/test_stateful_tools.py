@@ -119,6 +119,11 @@ def test_tmux_start_keys_capture_stop(controller, client):
                                           "args": {"action": action, **extra}}) == "not_found"
     r2 = tool(client, a, "tmux", action="start", pane_width=30, pane_height=5)
     assert r2["session"] != r["session"] and r2["size"] == {"rows": 5, "cols": 30}
+    # a reset closes it; start opens a new one
+    tool(client, a, "reset")
+    r3 = tool(client, a, "tmux", action="start")
+    assert r3["session"] not in (r["session"], r2["session"]), r3
+    assert r3["size"] == {"rows": 40, "cols": 160}
 
 
 def rows_equal(c: Client, slot: str, row: str, count: int = 1, timeout: float = 10.0) -> None:
