@@ -511,6 +511,21 @@ static void fail_pending(struct ctl *c, struct agent *ag, const char *why)
     }
 }
 
+/* The stream closed; its requests fail with why; its leases end. */
+static void disconnect(struct ctl *c, struct agent *ag, const char *why)
+{
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    if (ag->fd >= 0) {
+        close(ag->fd);
+        ag->fd = -1;
+    }
+    ag->connected = false;
+    fail_pending(c, ag, why);
+    for (uint32_t i = 0; i < ag->nslots; i++)
+        sched_slot_lost(c, &ag->slots[i]);
+}
+
 void agent_lost(struct ctl *c, struct agent *ag, const char *why)
 {
     bool expected = ag->state == AG_STOPPING;
@@ -539,16 +554,7 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why)
                      ag->id, why, *tail ? "; stderr: " : "", tail);
         }
     }
-    ev_io_stop(c->loop, &ag->rio);
-    ev_io_stop(c->loop, &ag->wio);
-    if (ag->fd >= 0) {
-        close(ag->fd);
-        ag->fd = -1;
-    }
-    ag->connected = false;
-    fail_pending(c, ag, why);
-    for (uint32_t i = 0; i < ag->nslots; i++)
-        sched_slot_lost(c, &ag->slots[i]);
+    disconnect(c, ag, why);
     if (ag->state != AG_STOPPING) {
         ag->state = AG_STOPPING;
         ag->prof->be->stop_agent(c, ag);
@@ -563,15 +569,6 @@ void agent_stop(struct ctl *c, struct agent *ag, const char *why)
     log_info("stopping agent %s: %s", ag->id, why);
     ag->state = AG_STOPPING;
     ev_timer_stop(c->loop, &ag->timer);
-    ev_io_stop(c->loop, &ag->rio);
-    ev_io_stop(c->loop, &ag->wio);
-    if (ag->fd >= 0) {
-        close(ag->fd);
-        ag->fd = -1;
-    }
-    ag->connected = false;
-    fail_pending(c, ag, why);
-    for (uint32_t i = 0; i < ag->nslots; i++)
-        sched_slot_lost(c, &ag->slots[i]);
+    disconnect(c, ag, why);
     ag->prof->be->stop_agent(c, ag);
 }

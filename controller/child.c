@@ -59,7 +59,7 @@ static void stderr_cb(struct ev_loop *loop, ev_io *w, int revents)
     stderr_read(ag->ctl, ag);
 }
 
-void child_drain_stderr(struct ctl *c, struct agent *ag)
+static void drain_stderr(struct ctl *c, struct agent *ag)
 {
     /* What a process says just before it dies is why (and where a
      * sanitizer reports). */
@@ -70,6 +70,17 @@ void child_drain_stderr(struct ctl *c, struct agent *ag)
         close(ag->err_fd);
         ag->err_fd = -1;
     }
+}
+
+void child_reaped(struct ctl *c, struct agent *ag, ev_child *w, const char *what, char *why,
+                  size_t cap)
+{
+    ev_child_stop(c->loop, w);
+    drain_stderr(c, ag);
+    ag->pid = 0;
+    char st[64];
+    child_status_text(w->rstatus, st, sizeof st);
+    snprintf(why, cap, "%s %s", what, st);
 }
 
 int child_spawn_stream(struct ctl *c, struct agent *ag, char **argv, child_run_fn run,

@@ -416,9 +416,10 @@ void child_status_text(int st, char *out, size_t cap);
 int child_spawn_stream(struct ctl *c, struct agent *ag, char **argv, child_run_fn run,
                        void (*on_exit)(struct ev_loop *, ev_child *, int), int *fd,
                        struct sp_err *err);
-/* From an exit callback: the rest of ag's stderr into its tail, then the
- * pipe closed. */
-void child_drain_stderr(struct ctl *c, struct agent *ag);
+/* From ag's exit callback: stop watching, drain stderr, why = "WHAT exited
+ * with status N" (or killed by signal N). */
+void child_reaped(struct ctl *c, struct agent *ag, ev_child *w, const char *what, char *why,
+                  size_t cap);
 /* Free ag from the loop's next turn (its data_dir removed when data_ours). */
 void agent_free_soon(struct ctl *c, struct agent *ag);
 

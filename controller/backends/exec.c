@@ -242,12 +242,9 @@ static void launcher_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
     (void)revents;
     struct agent *ag = w->data;
     struct ctl *c = ag->ctl;
-    ev_child_stop(loop, w);
-    child_drain_stderr(c, ag);
-    ag->pid = 0;
-    char st[64], why[160];
-    child_status_text(w->rstatus, st, sizeof st);
-    snprintf(why, sizeof why, "launch command %s", st);
+    (void)loop;
+    char why[160];
+    child_reaped(c, ag, w, "launch command", why, sizeof why);
     if (c->stopping && ag->state != AG_STOPPING)
         /* The controller is leaving an agent that outlives it: the relay
          * ended because we closed its stream; the daemon stays. */

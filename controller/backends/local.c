@@ -107,12 +107,9 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     (void)revents;
     struct agent *ag = w->data;
     struct ctl *c = ag->ctl;
-    ev_child_stop(loop, w);
-    child_drain_stderr(c, ag);
-    ag->pid = 0;
-    char st[64], why[128];
-    child_status_text(w->rstatus, st, sizeof st);
-    snprintf(why, sizeof why, "agent process %s", st);
+    (void)loop;
+    char why[128];
+    child_reaped(c, ag, w, "agent process", why, sizeof why);
     if (ag->state != AG_STOPPING)
         agent_lost(c, ag, why);
     else
