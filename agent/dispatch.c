@@ -90,17 +90,12 @@ static const struct arg_spec args_archive[] = {
 };
 
 static const struct arg_spec args_session_open[] = {
-    {"slot", ARG_UINT, true, 0},
-    {"pty", ARG_BOOL, false, 0},
-    {"cols", ARG_UINT, false, 1000},
-    {"rows", ARG_UINT, false, 1000},
-    {"shell", ARG_STR, false, 4095},
-    {"env", ARG_MAP, false, 1024},
-    {"cwd", ARG_STR, false, 4095},
-    {"network", ARG_BOOL, false, 0},
-    {"isolation", ARG_STR, false, 32},
-    {"rlimits", ARG_MAP, false, 8},
-    {NULL},
+    {"slot", ARG_UINT, true, 0},     {"pty", ARG_BOOL, false, 0},
+    {"cols", ARG_UINT, false, 1000}, {"rows", ARG_UINT, false, 1000},
+    {"shell", ARG_STR, false, 4095}, {"env", ARG_MAP, false, 1024},
+    {"cwd", ARG_STR, false, 4095},   {"network", ARG_BOOL, false, 0},
+    {"tag", ARG_STR, false, 64},     {"isolation", ARG_STR, false, 32},
+    {"rlimits", ARG_MAP, false, 8},  {NULL},
 };
 static const struct arg_spec args_session_exec[] = {
     {"session", ARG_UINT, true, 0},     {"slot", ARG_UINT, false, 0},

@@ -113,6 +113,7 @@ struct session {
     ev_timer end_w;     /* bound on waiting for EOF after the shell ended */
     unsigned cols, rows;
     struct screen *screen; /* pty: what the terminal shows (session_screen) */
+    char tag[65];          /* the opener's name for it (the controller's tools) */
 };
 
 static void check_ended(struct session *ss);
@@ -938,7 +939,8 @@ unsigned sessions_close_slot(struct agent *ag, struct slot *s)
 {
     (void)ag;
     struct sp_err why;
-    sp_errf(&why, SP_CANCELLED, "slot %u was reset or released (or the agent is stopping)", s->index);
+    sp_errf(&why, SP_CANCELLED, "slot %u was reset or released (or the agent is stopping)",
+            s->index);
     unsigned n = 0;
     while (s->sessions)
         n += session_close(s->sessions, &why);
@@ -949,8 +951,9 @@ void sessions_pack(msgpack_packer *pk, const struct slot *s)
 {
     msgpack_pack_array(pk, s->nsessions);
     for (const struct session *ss = s->sessions; ss; ss = ss->next) {
-        msgpack_pack_map(pk, 6);
+        msgpack_pack_map(pk, 7);
         sp_pack_kv_uint(pk, "session", ss->id);
+        sp_pack_kv_str(pk, "tag", ss->tag);
         sp_pack_kv_bool(pk, "pty", ss->pty);
         sp_pack_kv_int(pk, "pid", ss->pid);
         sp_pack_kv_bool(pk, "alive", ss->alive);
@@ -1103,6 +1106,8 @@ int session_open(struct agent *ag, struct slot *s, struct req *opener,
     ss->bash = p->bash;
     ss->cols = p->cols;
     ss->rows = p->rows;
+    if (p->tag)
+        snprintf(ss->tag, sizeof ss->tag, "%.*s", (int)p->tag_len, p->tag);
     ss->ring.cap = (size_t)ag->opt.session_buffer;
     char nonce[NONCE_LEN + 1];
     random_nonce(nonce);

@@ -17,6 +17,8 @@ struct session_params {
     bool pty, bash;
     bool network; /* for a pty session's own Landlock ruleset */
     unsigned cols, rows;
+    const char *tag; /* the opener's name for it, listed by `slots` */
+    size_t tag_len;
 };
 
 /* Start a shell in s. With bash the session becomes ready once the shell

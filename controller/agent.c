@@ -392,6 +392,7 @@ static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
             s->traj[tl] = 0;
             s->leased_at_ms = at;
             s->last_used = ev_now(c->loop);
+            stateful_adopt(s, sp_map_get(m, "sessions"));
             log_info("agent %s: slot %llu: lease of '%s' (generation %llu) rebuilt", ag->id,
                      (unsigned long long)idx, s->traj, (unsigned long long)gen);
         } else {

@@ -425,6 +425,9 @@ void agent_free_soon(struct ctl *c, struct agent *ag);
 
 /* stateful.c: bash_stateful and tmux on the agent's sessions */
 bool stateful_tool(const char *name, size_t n);
+/* A lease rebuilt after a restart: take back its tagged sessions (the
+ * `sessions` array of the agent's `slots` answer). */
+void stateful_adopt(struct slot *s, const msgpack_object *sessions);
 int stateful_start(struct ctl *c, struct tconn *t, uint64_t client_id, struct batch *b,
                    uint32_t item, struct slot *s, const char *tool, size_t tool_len,
                    const msgpack_object *args, uint64_t timeout_ms, struct sp_err *err);

@@ -325,7 +325,9 @@ static void send_open(struct ctl *c, struct slot *s, bool pty, uint32_t cols, ui
     struct preq *o = agent_req_new(s->ag, s, on_open);
     o->item = pty; /* no trainer item: says which session it opens */
     msgpack_packer pk;
-    pack_head(s->ag, o, "session_open", &pk, pty ? 3 : 0);
+    pack_head(s->ag, o, "session_open", &pk, pty ? 4 : 1);
+    /* Named, so a restarted controller finds it again (stateful_adopt). */
+    sp_pack_kv_str(&pk, "tag", pty ? "tmux" : "bash_stateful");
     if (pty) {
         sp_pack_kv_bool(&pk, "pty", true);
         sp_pack_kv_uint(&pk, "cols", cols);
@@ -409,6 +411,29 @@ static void run_head(struct ctl *c, struct slot *s)
         TAILQ_REMOVE(&s->sq, r, slink);
         api_answer(c, r, NULL, &e);
         preq_free(c, r);
+    }
+}
+
+void stateful_adopt(struct slot *s, const msgpack_object *sessions)
+{
+    s->sess_bash = s->sess_tmux = 0;
+    s->sess_gen = s->generation;
+    for (uint32_t i = 0;
+         sessions && sessions->type == MSGPACK_OBJECT_ARRAY && i < sessions->via.array.size; i++) {
+        const msgpack_object *m = &sessions->via.array.ptr[i];
+        const char *tag = NULL;
+        size_t tl = 0;
+        uint64_t id = 0;
+        bool alive = false;
+        struct sp_err e;
+        if (m->type != MSGPACK_OBJECT_MAP || sp_get_uint(m, "session", true, &id, &e) < 0 ||
+            sp_get_str(m, "tag", false, &tag, &tl, &e) < 0 ||
+            sp_get_bool(m, "alive", false, &alive, &e) < 0 || !tag || !alive)
+            continue;
+        if (sp_str_eq(tag, tl, "bash_stateful"))
+            s->sess_bash = id;
+        else if (sp_str_eq(tag, tl, "tmux"))
+            s->sess_tmux = id;
     }
 }
 

@@ -31,6 +31,10 @@ int op_session_open(struct req *rq, struct sp_err *err)
     const char *shell_a = arg_str(rq, "shell", &shell_len);
     const char *cwd = arg_str(rq, "cwd", &cwd_len);
     const char *iso = arg_str(rq, "isolation", &iso_len);
+    size_t tag_len = 0;
+    const char *tag = arg_str(rq, "tag", &tag_len);
+    if (tag && memchr(tag, 0, tag_len))
+        return sp_errf(err, SP_BAD_REQUEST, "args.tag: no NUL");
     bool pty = arg_bool(rq, "pty", false);
     uint64_t cols = arg_uint(rq, "cols", 80), rows = arg_uint(rq, "rows", 24);
     if (cols == 0 || rows == 0)
@@ -95,6 +99,8 @@ int op_session_open(struct req *rq, struct sp_err *err)
         .bash = bash,
         .cols = (unsigned)cols,
         .rows = (unsigned)rows,
+        .tag = tag,
+        .tag_len = tag_len,
     };
     rc = session_open(ag, s, rq, &p, err);
 out:

@@ -228,3 +228,39 @@ def test_agent_lost_fails_the_queued_calls(controller_factory):
         assert r["ok"] is False and r["error"]["code"] == "agent_lost", res
     assert res[3]["ok"] and res[3]["result"]["stdout"] == b"safe\n", res
     c.close()
+
+
+def test_shells_and_terminals_survive_a_controller_restart(controller_factory):
+    """Socket-mode agents outlive the controller; the restarted one finds
+    the leases and, by their tags, the sessions of bash_stateful and tmux."""
+    ctl = controller_factory("profiles:\n  default:\n    slots_per_agent: 2\n    min_agents: 1\n"
+                             "    max_agents: 1\n    local:\n      mode: socket\n")
+    c = ctl.client()
+    a = acquire(c, "a")
+    b = acquire(c, "b")
+    sh(c, a, "cd /tmp && export KEPT=yes && C=41")
+    tool(c, b, "tmux", action="start", pane_width=40, pane_height=8)
+    wait_screen(c, b, "$")
+    tool(c, b, "tmux", action="send_keys", keys=["echo before-restart", "Enter"])
+    wait_screen(c, b, "before-restart")
+    ctl.kill9()
+    c.close()
+    ctl.expect_clean_exit = True
+    ctl.start()
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 1 and st["slots"]["leased"] == 2)
+    c = ctl.client()
+    r = sh(c, a, "C=$((C+1)); echo $KEPT $C $PWD")
+    assert r["stdout"] == b"yes 42 /tmp\n", r
+    screen = tool(c, b, "tmux", action="capture")
+    assert any("before-restart" in row for row in screen["rows"]), screen
+    assert screen["size"] == {"rows": 8, "cols": 40}
+    tool(c, b, "tmux", action="send_keys", keys=["echo after-restart", "Enter"])
+    wait_screen(c, b, "after-restart")
+    c.close()
+    # no second shell was opened for either: ask the agent itself
+    agent_id = a.split("/")[0]
+    ag = Client.unix(str(ctl.state_dir / "agents" / f"{agent_id}.sock"))
+    ag.call("hello")
+    tags = sorted(x["tag"] for sl in ag.call("slots")["slots"] for x in sl["sessions"])
+    assert tags == ["bash_stateful", "tmux"], tags
+    ag.close()

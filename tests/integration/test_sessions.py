@@ -393,6 +393,9 @@ def test_hostile_inputs(client) -> None:
         ("session_signal", {"session": sid, "signal": [2]}, "bad_request"),
         ("session_open", {"slot": 99}, "unknown_slot"),
         ("session_open", {"slot": 0, "shell": "bash"}, "bad_request"),
+        ("session_open", {"slot": 0, "tag": "x" * 65}, "bad_request"),
+        ("session_open", {"slot": 0, "tag": "a\0b"}, "bad_request"),
+        ("session_open", {"slot": 0, "tag": 5}, "bad_request"),
         ("session_open", {"slot": 0, "shell": "/no/such/shell"}, "not_found"),
         ("session_open", {"slot": 0, "cwd": "../.."}, "path_escape"),
         ("session_open", {"slot": 0, "cwd": "missing"}, "not_found"),
@@ -490,9 +493,10 @@ def test_isolation_same_as_exec(client, agent, tmpdir_short) -> None:
 
 def test_slots_lists_sessions(client) -> None:
     sid = sopen(client, 1)
-    p = sopen(client, 1, pty=True)
+    p = sopen(client, 1, pty=True, tag="term-1")
     ss = {s["session"]: s for s in sessions_of(client, 1)}
     assert set(ss) == {sid, p}
+    assert ss[p]["tag"] == "term-1" and ss[sid]["tag"] == ""
     assert ss[p]["pty"] and not ss[sid]["pty"] and all(s["alive"] for s in ss.values())
     assert all(s["pid"] > 0 and not s["running"] for s in ss.values())
     assert sessions_of(client, 0) == []
