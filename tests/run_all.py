@@ -65,7 +65,9 @@ def format_check(t: Tally) -> None:
     r = subprocess.run(["clang-format", "--dry-run", "--Werror", *files], cwd=ROOT,
                        capture_output=True, text=True)
     sys.stdout.write(r.stderr[-3000:])
-    print(f"{len(files)} files {'clean' if r.returncode == 0 else 'need clang-format -i'}")
+    bad = sorted({ln.split(":")[0] for ln in r.stderr.splitlines() if "clang-format-violations" in ln})
+    print(f"{len(files)} files clean" if r.returncode == 0 else
+          f"{len(bad)} of {len(files)} files need clang-format -i: {' '.join(bad)}")
     t.add("clang-format", int(r.returncode == 0), int(r.returncode != 0))
 
 
