@@ -523,8 +523,10 @@ int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err)
         return sp_errf(err, SP_BAD_REQUEST,
                        "session %llu has no terminal (opened with pty: false): use session_read",
                        (unsigned long long)ss->id);
-    if (pk)
+    if (pk) {
         screen_pack(ss->screen, pk);
+        sp_pack_kv_bool(pk, "alive", ss->alive);
+    }
     return 0;
 }
 

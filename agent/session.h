@@ -40,8 +40,9 @@ int session_write(struct session *ss, const char *p, size_t n, size_t *taken, st
 int session_read(struct session *ss, struct req *rq, size_t max, uint64_t wait_ms,
                  struct sp_err *err);
 int session_resize(struct session *ss, unsigned cols, unsigned rows, struct sp_err *err);
-/* The terminal's screen as session_screen answers it: 3 map pairs (rows,
- * cursor, size) into pk (NULL: only check); -1 for a session without a pty. */
+/* The terminal's screen as session_screen answers it: 4 map pairs (rows,
+ * cursor, size, alive: the shell still runs) into pk (NULL: only check);
+ * -1 for a session without a pty. */
 int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err);
 /* Signal the foreground of the session; the number of processes or groups
  * signalled. */

@@ -286,7 +286,7 @@ static void backstop_cb(struct ev_loop *loop, ev_timer *w, int revents)
     api_answer(c, r, NULL, &e);
 }
 
-void api_arm_backstop(struct ctl *c, struct preq *r, double seconds)
+static void arm_backstop(struct ctl *c, struct preq *r, double seconds)
 {
     ev_timer_init(&r->timer, backstop_cb, seconds, 0);
     r->timer.data = r;
@@ -577,7 +577,7 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
     }
     /* The agent kills a command at its timeout and answers; the backstop
      * only fires if the agent itself stops answering. */
-    api_arm_backstop(c, r, (double)cmd_timeout / 1000.0 + CTL_BACKSTOP_S);
+    arm_backstop(c, r, (double)cmd_timeout / 1000.0 + CTL_BACKSTOP_S);
     agent_send_end(c, s->ag, r);
     return 0;
 }

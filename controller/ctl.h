@@ -266,6 +266,7 @@ struct preq {
     struct preq *hnext; /* in agent pending bucket */
     TAILQ_ENTRY(preq) clink;
     TAILQ_ENTRY(preq) slink; /* in its slot's queue (stateful.c) */
+    struct preq *step_of;    /* stateful.c: the call a session_open is for */
     struct agent *ag;
     struct slot *slot;
     uint64_t aid;
@@ -402,8 +403,6 @@ void api_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
 /* The agent's answer to a tool call: counted, answered, r freed. */
 void api_tool_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
                      const struct sp_err *err);
-/* Answer `timeout` if the agent has not answered r within `seconds`. */
-void api_arm_backstop(struct ctl *c, struct preq *r, double seconds);
 
 /* child.c: agent processes the controller forks */
 typedef void (*child_run_fn)(struct ctl *c, struct agent *ag, char **argv);

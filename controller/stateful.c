@@ -13,6 +13,7 @@
 #define TMUX_DEFAULT_ROWS 40
 #define TMUX_MAX_SIDE 1000
 #define MAX_KEYS (1u << 20)
+#define SESSION_READY_S 10.0 /* the agent's bound on a shell's start-up */
 
 enum sc_kind { SC_BASH, SC_START, SC_KEYS, SC_CAPTURE, SC_STOP };
 
@@ -22,6 +23,9 @@ struct scall {
     uint64_t timeout_ms; /* bash: the command's */
     uint32_t cols, rows; /* start: the pane */
     bool retried;        /* bash, start: reopened once after the session vanished */
+    bool sent;           /* a request for it (open or the op) is in flight */
+    bool detached;       /* answered `timeout`, off the queue; its late answer dropped */
+    double backstop_s;
     size_t len;
     char data[]; /* bash: the command; send_keys: the bytes to type */
 };
@@ -242,10 +246,47 @@ static bool session_gone(const msgpack_object *resp)
            sp_get_str(er, "code", false, &code, &cl, &e) == 1 && sp_str_eq(code, cl, "not_found");
 }
 
+/* The agent's words for a session whose shell has exited (kept listed
+ * until it is closed): bad_request "session N has ended". */
+static bool session_ended(const msgpack_object *resp)
+{
+    const msgpack_object *er = resp ? sp_map_get(resp, "error") : NULL;
+    const char *code = NULL, *msg = NULL;
+    size_t cl = 0, ml = 0;
+    struct sp_err e;
+    static const char tail[] = "has ended";
+    return er && er->type == MSGPACK_OBJECT_MAP &&
+           sp_get_str(er, "code", false, &code, &cl, &e) == 1 &&
+           sp_str_eq(code, cl, "bad_request") &&
+           sp_get_str(er, "message", false, &msg, &ml, &e) == 1 && ml >= sizeof tail - 1 &&
+           !memcmp(msg + ml - (sizeof tail - 1), tail, sizeof tail - 1);
+}
+
 static bool answer_ok(const msgpack_object *resp)
 {
     const msgpack_object *ok = resp ? sp_map_get(resp, "ok") : NULL;
     return ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean;
+}
+
+static void send_close(struct ctl *c, struct slot *s, uint64_t id)
+{
+    struct preq *cl = agent_req_new(s->ag, s, on_closed);
+    msgpack_packer pk;
+    pack_head(s->ag, cl, "session_close", &pk, 1);
+    sp_pack_kv_uint(&pk, "session", id);
+    agent_send_end(c, s->ag, cl);
+}
+
+/* Forget the lease's bash (pty false) or tmux session, closing it: its
+ * shell ended, and an ended session stays listed (and counts against the
+ * slot's limit) until it is closed. */
+static void drop_session(struct ctl *c, struct slot *s, bool pty)
+{
+    uint64_t *id = pty ? &s->sess_tmux : &s->sess_bash;
+    uint64_t old = *id;
+    *id = 0;
+    if (old)
+        send_close(c, s, old);
 }
 
 /* The answer to the call itself: keep track of the sessions, answer the
@@ -255,35 +296,38 @@ static void on_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
 {
     struct slot *s = r->slot;
     struct scall *sc = r->ctx;
-    if ((sc->kind == SC_BASH || sc->kind == SC_START) && resp && session_gone(resp) &&
-        !sc->retried && sc->gen == s->generation) {
-        /* The session went with a `reset` tool call: a new one, the call
-         * again (once). */
+    sc->sent = false;
+    if (sc->detached) {
+        api_tool_answer(c, r, resp, err);
+        return;
+    }
+    bool mine = sc->gen == s->generation;
+    const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
+    bool alive = true, has_alive = false;
+    struct sp_err e;
+    if (res)
+        has_alive = sp_get_bool(res, sc->kind == SC_BASH ? "session_alive" : "alive", false, &alive,
+                                &e) == 1;
+    bool gone = resp && session_gone(resp), ended = resp && session_ended(resp);
+    if ((sc->kind == SC_BASH || sc->kind == SC_START) && mine && !sc->retried &&
+        (gone || ended || (sc->kind == SC_START && has_alive && !alive))) {
+        /* The session went (a `reset` tool call) or its shell exited
+         * between calls: a new one, the call again (once). */
         sc->retried = true;
-        if (sc->kind == SC_BASH)
-            s->sess_bash = 0;
+        if (gone)
+            *(sc->kind == SC_BASH ? &s->sess_bash : &s->sess_tmux) = 0;
         else
-            s->sess_tmux = 0;
+            drop_session(c, s, sc->kind != SC_BASH);
         run_head(c, s);
         return;
     }
-    if (sc->gen == s->generation) {
-        const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
-        bool alive = true;
-        struct sp_err e;
-        if (sc->kind == SC_BASH && res &&
-            sp_get_bool(res, "session_alive", false, &alive, &e) == 1 && !alive && s->sess_bash) {
-            /* `exit`: a new shell next time. The ended one stays listed
-             * (and counts against the slot's limit) until it is closed. */
-            struct preq *cl = agent_req_new(s->ag, s, on_closed);
-            msgpack_packer pk;
-            pack_head(s->ag, cl, "session_close", &pk, 1);
-            sp_pack_kv_uint(&pk, "session", s->sess_bash);
-            s->sess_bash = 0;
-            agent_send_end(c, s->ag, cl);
-        }
-        if (sc->kind != SC_BASH && resp && session_gone(resp))
+    if (mine) {
+        if (sc->kind == SC_BASH && has_alive && !alive)
+            drop_session(c, s, false); /* `exit`: a new shell next time */
+        if (sc->kind != SC_BASH && gone)
             s->sess_tmux = 0;
+        else if (sc->kind == SC_KEYS && ended)
+            drop_session(c, s, true);
     }
     TAILQ_REMOVE(&s->sq, r, slink);
     api_tool_answer(c, r, resp, err);
@@ -294,22 +338,29 @@ static void on_open(struct ctl *c, struct preq *o, const msgpack_object *resp,
                     const struct sp_err *err)
 {
     struct slot *s = o->slot;
+    struct preq *r = o->step_of;
     bool pty = o->item;
     preq_free(c, o);
-    struct preq *r = TAILQ_FIRST(&s->sq);
-    if (!r)
-        return;
     struct scall *sc = r->ctx;
+    sc->sent = false;
     const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
     uint64_t id = 0;
     struct sp_err e;
-    if (res && sp_get_uint(res, "session", true, &id, &e) == 1 && id) {
-        if (sc->gen == s->generation) {
-            if (pty)
-                s->sess_tmux = id;
-            else
-                s->sess_bash = id;
-        }
+    bool opened = res && sp_get_uint(res, "session", true, &id, &e) == 1 && id;
+    if (sc->detached) {
+        /* Nobody waits for it: keep the session if the lease still has
+         * none, else close it. */
+        uint64_t *have = pty ? &s->sess_tmux : &s->sess_bash;
+        if (opened && sc->gen == s->generation && s->ag->connected && !*have)
+            *have = id;
+        else if (opened && s->ag->connected)
+            send_close(c, s, id);
+        preq_free(c, r);
+        return;
+    }
+    if (opened) {
+        if (sc->gen == s->generation)
+            *(pty ? &s->sess_tmux : &s->sess_bash) = id;
         run_head(c, s);
         return;
     }
@@ -320,9 +371,11 @@ static void on_open(struct ctl *c, struct preq *o, const msgpack_object *resp,
     run_head(c, s);
 }
 
-static void send_open(struct ctl *c, struct slot *s, bool pty, uint32_t cols, uint32_t rows)
+static void send_open(struct ctl *c, struct slot *s, struct preq *r, bool pty, uint32_t cols,
+                      uint32_t rows)
 {
     struct preq *o = agent_req_new(s->ag, s, on_open);
+    o->step_of = r;
     o->item = pty; /* no trainer item: says which session it opens */
     msgpack_packer pk;
     pack_head(s->ag, o, "session_open", &pk, pty ? 4 : 1);
@@ -336,6 +389,27 @@ static void send_open(struct ctl *c, struct slot *s, bool pty, uint32_t cols, ui
     agent_send_end(c, s->ag, o);
 }
 
+/* The agent did not answer the head in time: the trainer hears `timeout`
+ * and the slot's next calls go on (they meet a busy session if the command
+ * still runs); the head's late answer is dropped. */
+static void backstop_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct preq *r = w->data;
+    struct scall *sc = r->ctx;
+    struct slot *s = r->slot;
+    struct ctl *c = r->ag->ctl;
+    struct sp_err e;
+    sp_errf(&e, SP_TIMEOUT, "agent %s did not answer within %.0f s", r->ag->id, sc->backstop_s);
+    api_answer(c, r, NULL, &e);
+    if (sc->detached || !sc->sent)
+        return;
+    sc->detached = true;
+    TAILQ_REMOVE(&s->sq, r, slink);
+    run_head(c, s);
+}
+
 /* The next agent request for the call at the head of s's queue: 1 when
  * sent (its answer goes on), 0 with err when the call fails here. */
 static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *err)
@@ -346,23 +420,28 @@ static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *er
         return sp_errf(err, SP_AGENT_LOST, "agent %s is gone", ag->id), 0;
     if (s->state != SL_LEASED || s->generation != sc->gen)
         return sp_errf(err, SP_NOT_LEASED, "the slot was released"), 0;
+    if (!r->conn)
+        return sp_errf(err, SP_CANCELLED, "the trainer that sent it is gone"), 0;
     if (s->sess_gen != s->generation) {
         /* Sessions belong to a lease (the agent closes them at unlease). */
         s->sess_bash = s->sess_tmux = 0;
         s->sess_gen = s->generation;
     }
     if (!ev_is_active(&r->timer)) {
-        /* Covers the session_open too; an agent that stops answering is
-         * lost, and its lost requests go on with the queue. */
-        double t = (sc->kind == SC_BASH ? (double)sc->timeout_ms / 1000.0 : 0) + 2 * CTL_BACKSTOP_S;
-        api_arm_backstop(c, r, t);
+        /* Covers the session_open and a retry too. */
+        sc->backstop_s = (sc->kind == SC_BASH ? (double)sc->timeout_ms / 1000.0 : 0) +
+                         2 * SESSION_READY_S + CTL_BACKSTOP_S;
+        ev_timer_init(&r->timer, backstop_cb, sc->backstop_s, 0);
+        r->timer.data = r;
+        ev_timer_start(c->loop, &r->timer);
     }
+    sc->sent = true;
     r->aid = ++ag->next_id;
     msgpack_packer pk;
     switch (sc->kind) {
     case SC_BASH:
         if (!s->sess_bash) {
-            send_open(c, s, false, 0, 0);
+            send_open(c, s, r, false, 0, 0);
             return 1;
         }
         pack_head(ag, r, "session_exec", &pk, sc->timeout_ms ? 3 : 2);
@@ -373,7 +452,7 @@ static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *er
         break;
     case SC_START:
         if (!s->sess_tmux) {
-            send_open(c, s, true, sc->cols, sc->rows);
+            send_open(c, s, r, true, sc->cols, sc->rows);
             return 1;
         }
         pack_head(ag, r, "session_screen", &pk, 1);
@@ -404,7 +483,7 @@ static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *er
 static void run_head(struct ctl *c, struct slot *s)
 {
     struct preq *r;
-    while ((r = TAILQ_FIRST(&s->sq))) {
+    while ((r = TAILQ_FIRST(&s->sq)) && !((struct scall *)r->ctx)->sent) {
         struct sp_err e;
         if (step(c, s, r, &e))
             return;

@@ -196,9 +196,9 @@ int op_session_screen(struct req *rq, struct sp_err *err)
     if (!ss || session_screen(ss, NULL, err) < 0)
         return -1;
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 4);
+    msgpack_pack_map(pk, 5);
     sp_pack_kv_uint(pk, "session", arg_uint(rq, "session", 0));
-    session_screen(ss, pk, err); /* rows, cursor, size */
+    session_screen(ss, pk, err); /* rows, cursor, size, alive */
     req_reply_end(rq);
     return OP_DONE;
 }

@@ -264,3 +264,71 @@ def test_shells_and_terminals_survive_a_controller_restart(controller_factory):
     tags = sorted(x["tag"] for sl in ag.call("slots")["slots"] for x in sl["sessions"])
     assert tags == ["bash_stateful", "tmux"], tags
     ag.close()
+
+
+def test_a_shell_or_terminal_that_died_between_calls_is_replaced(controller, client):
+    a = acquire(client, "a")
+    sh(client, a, "export X=old")
+    sh(client, a, "(sleep 0.3; kill -9 $$) >/dev/null 2>&1 &")
+    time.sleep(1.5)
+    r = sh(client, a, "echo ${X:-unset}")
+    assert r["stdout"] == b"unset\n" and r["exit_code"] == 0, r
+    # a terminal whose shell exited: start opens a new one
+    first = tool(client, a, "tmux", action="start", pane_width=40, pane_height=6)
+    wait_screen(client, a, "$")
+    tool(client, a, "tmux", action="send_keys", keys=["exit", "Enter"])
+    deadline = time.monotonic() + 10
+    while tool(client, a, "tmux", action="capture")["alive"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = tool(client, a, "tmux", action="start")
+    assert again["session"] != first["session"] and again["alive"], again
+    wait_screen(client, a, "$")
+
+
+def test_queued_calls_of_a_trainer_that_left_do_not_run(controller):
+    c1 = controller.client()
+    a = acquire(c1, "a")
+    c1.send("batch", {"requests": [
+        {"slot": a, "tool": "bash_stateful", "args": {"command": "sleep 1; touch first"}},
+        {"slot": a, "tool": "bash_stateful", "args": {"command": "touch second"}}]})
+    time.sleep(0.3)
+    c1.close()
+    c2 = controller.client()
+    time.sleep(2.5)
+    r = c2.call("exec", {"slot": a, "tool": "bash", "args": {"command": "ls"}})
+    assert b"second" not in r["stdout"], r
+    # the lease stays usable from another connection
+    assert sh(c2, a, "echo ok")["stdout"] == b"ok\n"
+    c2.close()
+
+
+def test_an_agent_that_stops_answering_does_not_hang_the_slots_queue(controller, client):
+    a = acquire(client, "a")
+    sh(client, a, "export KEEP=1")
+    pid = next(x["pid"] for x in client.call("agents")["agents"]
+               if x["id"] == a.split("/")[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first = client.send("exec", {"slot": a, "tool": "bash_stateful",
+                                     "args": {"command": "true", "timeout": 1}})
+        second = client.send("exec", {"slot": a, "tool": "bash_stateful",
+                                      "args": {"command": "echo second"}})
+        t0 = time.monotonic()
+        r, _ = client.wait(first, timeout=60)
+        assert r["error"]["code"] == "timeout", r
+        assert time.monotonic() - t0 < 40
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the queue went on: the second call is answered (it may meet the
+    # first command still running in the shell), and the shell lives on
+    r, _ = client.wait(second, timeout=60)
+    assert r["ok"] or r["error"]["code"] == "slot_busy", r
+    deadline = time.monotonic() + 10
+    while True:
+        r = client.call_raw("exec", {"slot": a, "tool": "bash_stateful",
+                                     "args": {"command": "echo $KEEP"}})
+        if r["ok"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r["ok"] and r["result"]["stdout"] == b"1\n", r
