@@ -221,11 +221,13 @@ def test_scancel_mid_batch_fails_only_that_agents_requests(controllers, cluster)
     hs = [cl.call("acquire", {"trajectory_id": f"t{i}"})["slot"] for i in range(4)]
     victim = hs[0].split("/")[0]
     job = job_of(cluster, victim)
-    # the victim's commands outlast any delay of Slurm's signals under load
+    # the victim's commands outlast any delay of Slurm's signals under load;
+    # `&&`: Slurm's SIGTERM reaches the job's processes too, and a shell
+    # whose sleep it killed must not go on to say done
     rid = cl.send("batch", {"requests": [
         {"slot": h, "tool": "bash",
          "args": {"command": ("sleep 90" if h.startswith(victim + "/") else "sleep 3")
-                  + "; echo done"}} for h in hs]})
+                  + " && echo done"}} for h in hs]})
     time.sleep(1)
     assert cluster.run("scancel", job).returncode == 0
     res = cl.wait(rid, timeout=60)[0]["result"]["results"]
