@@ -170,11 +170,29 @@ def assert_leases_and_files(cl: Client, handles: list[str], file: str) -> None:
 
 
 def kill_stray_agents(state_dir: Path) -> None:
-    """Socket-mode agents outlive their controller by design: stop them."""
-    for pidf in state_dir.glob("agents/*.pid"):
+    """Socket-mode agents (STATE/agents) and the exec tests' daemons
+    (STATE/exec) outlive their controller by design: stop them, once the
+    controller is gone (before, it would start replacements)."""
+    pids = set()
+    for pidf in [*state_dir.glob("agents/*.pid"), *state_dir.glob("exec/*.pid")]:
         try:
-            os.kill(int(pidf.read_text().strip()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError, PermissionError):
+            pids.add(int(pidf.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    # and any agent serving a path in this state dir: a daemon a start
+    # helper forked just as the controller went has no pid file yet
+    mark = str(state_dir).encode() + b"/"
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if argv and argv[0].endswith(b"slot-agent") and any(mark in a for a in argv):
+            pids.add(int(d.name))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
 
 
