@@ -236,30 +236,19 @@ static void pack_head(struct agent *ag, struct preq *r, const char *op, msgpack_
     sp_pack_kv_uint(pk, "slot", r->slot->index);
 }
 
-static bool session_gone(const msgpack_object *resp)
+/* Is resp the agent's error `code`, its message ending in `tail` (NULL:
+ * any message)? */
+static bool agent_error(const msgpack_object *resp, const char *code, const char *tail)
 {
     const msgpack_object *er = resp ? sp_map_get(resp, "error") : NULL;
-    const char *code = NULL;
-    size_t cl = 0;
+    const char *c = NULL, *m = NULL;
+    size_t cl = 0, ml = 0, tl = tail ? strlen(tail) : 0;
     struct sp_err e;
-    return er && er->type == MSGPACK_OBJECT_MAP &&
-           sp_get_str(er, "code", false, &code, &cl, &e) == 1 && sp_str_eq(code, cl, "not_found");
-}
-
-/* The agent's words for a session whose shell has exited (kept listed
- * until it is closed): bad_request "session N has ended". */
-static bool session_ended(const msgpack_object *resp)
-{
-    const msgpack_object *er = resp ? sp_map_get(resp, "error") : NULL;
-    const char *code = NULL, *msg = NULL;
-    size_t cl = 0, ml = 0;
-    struct sp_err e;
-    static const char tail[] = "has ended";
-    return er && er->type == MSGPACK_OBJECT_MAP &&
-           sp_get_str(er, "code", false, &code, &cl, &e) == 1 &&
-           sp_str_eq(code, cl, "bad_request") &&
-           sp_get_str(er, "message", false, &msg, &ml, &e) == 1 && ml >= sizeof tail - 1 &&
-           !memcmp(msg + ml - (sizeof tail - 1), tail, sizeof tail - 1);
+    if (!er || er->type != MSGPACK_OBJECT_MAP || sp_get_str(er, "code", false, &c, &cl, &e) != 1 ||
+        !sp_str_eq(c, cl, code))
+        return false;
+    return !tail || (sp_get_str(er, "message", false, &m, &ml, &e) == 1 && ml >= tl &&
+                     !memcmp(m + ml - tl, tail, tl));
 }
 
 static bool answer_ok(const msgpack_object *resp)
@@ -308,7 +297,10 @@ static void on_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
     if (res)
         has_alive = sp_get_bool(res, sc->kind == SC_BASH ? "session_alive" : "alive", false, &alive,
                                 &e) == 1;
-    bool gone = resp && session_gone(resp), ended = resp && session_ended(resp);
+    /* not_found: the session went (a reset); the agent's bad_request
+     * "session N has ended": its shell exited, the session is still listed */
+    bool gone = agent_error(resp, "not_found", NULL),
+         ended = agent_error(resp, "bad_request", "has ended");
     if ((sc->kind == SC_BASH || sc->kind == SC_START) && mine && !sc->retried &&
         (gone || ended || (sc->kind == SC_START && has_alive && !alive))) {
         /* The session went (a `reset` tool call) or its shell exited
@@ -339,9 +331,9 @@ static void on_open(struct ctl *c, struct preq *o, const msgpack_object *resp,
 {
     struct slot *s = o->slot;
     struct preq *r = o->step_of;
-    bool pty = o->item;
     preq_free(c, o);
     struct scall *sc = r->ctx;
+    bool pty = sc->kind == SC_START; /* the only call that opens a terminal */
     sc->sent = false;
     const msgpack_object *res = answer_ok(resp) ? sp_map_get(resp, "result") : NULL;
     uint64_t id = 0;
@@ -376,7 +368,6 @@ static void send_open(struct ctl *c, struct slot *s, struct preq *r, bool pty, u
 {
     struct preq *o = agent_req_new(s->ag, s, on_open);
     o->step_of = r;
-    o->item = pty; /* no trainer item: says which session it opens */
     msgpack_packer pk;
     pack_head(s->ag, o, "session_open", &pk, pty ? 4 : 1);
     /* Named, so a restarted controller finds it again (stateful_adopt). */
