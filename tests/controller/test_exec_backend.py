@@ -240,8 +240,10 @@ def test_idle_daemon_is_stopped_through_the_stop_template(controller_factory, da
     assert alive(pid)
     c.call("release", {"slot": s})
     ctl.wait_agents(lambda st: st["agents"]["total"] == 0, timeout=30)
+    # The stop template kills the daemon, then removes its files: the daemon
+    # can be gone a moment before its pid file is, so wait for both.
     deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
+    while (alive(pid) or daemon_pids(ctl)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(pid)
     assert daemon_pids(ctl) == {}
