@@ -61,6 +61,8 @@ struct slot {
     bool leased;
     char *trajectory_id;
     char *holder;
+    char *owner;      /* the controller's trainer owner, kept for its restart */
+    bool owner_bound; /* the lease ends when its owner goes (controller's choice) */
     double leased_at; /* ev_now */
     uint64_t generation;
     uint64_t execs;
@@ -100,7 +102,7 @@ struct agent {
     char token[512];
     size_t token_len; /* 0: no auth required */
     /* --pass-env: the agent's own variables that commands also get
-     * ("K=V", read once at start; never HOME, TMPDIR or SLOT_*). */
+     * ("K=V", read once at start; never HOME, PWD, TMPDIR or SLOT_*). */
     char **pass_env;
     unsigned npass_env;
     const char *shell; /* /bin/bash, else /bin/sh */
@@ -329,6 +331,12 @@ void exec_free_all(struct agent *ag);
 
 int slots_init(struct agent *ag, struct sp_err *err);
 void slots_free(struct agent *ag);
+/* Where commands of s see their workspace (and start): BOX_WORKSPACE when
+ * its box shows it there, else the host path. */
+const char *slot_view(const struct agent *ag, const struct slot *s);
+/* The same for every slot, for hello and --probe: BOX_WORKSPACE, or the
+ * host path with "{slot}" for the index. */
+void slots_view_template(const struct agent *ag, char *out, size_t cap);
 /* Queue rq on its slot and start it when the slot is idle. */
 void slot_submit(struct agent *ag, struct req *rq);
 /* The active request of s is finished: start the next. */

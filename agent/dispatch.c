@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "agent.h"
+#include "session.h" /* op_session_log */
 
 #define MAX_TIMEOUT_MS 86400000u
 
@@ -19,10 +20,9 @@ static const struct arg_spec args_hello[] = {
 static const struct arg_spec args_slots[] = {{"slot", ARG_UINT, false, 0}, {NULL}};
 static const struct arg_spec args_slot[] = {{"slot", ARG_UINT, true, 0}, {NULL}};
 static const struct arg_spec args_lease[] = {
-    {"slot", ARG_UINT, true, 0},
-    {"trajectory_id", ARG_STR, true, 256},
-    {"holder", ARG_STR, false, 256},
-    {NULL},
+    {"slot", ARG_UINT, true, 0},     {"trajectory_id", ARG_STR, true, 256},
+    {"holder", ARG_STR, false, 256}, {"owner", ARG_STR, false, 256},
+    {"bound", ARG_BOOL, false, 0},   {NULL},
 };
 static const struct arg_spec args_unlease[] = {
     {"slot", ARG_UINT, true, 0},
@@ -106,7 +106,20 @@ static const struct arg_spec args_session_write[] = {
     {"session", ARG_UINT, true, 0},
     {"slot", ARG_UINT, false, 0},
     {"data", ARG_BIN, true, 0},
+    {"min_wait_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"wait_prompt_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
     {NULL},
+};
+static const struct arg_spec args_session_screen[] = {
+    {"session", ARG_UINT, true, 0},
+    {"slot", ARG_UINT, false, 0},
+    {"history", ARG_BOOL, false, 0},
+    {NULL},
+};
+static const struct arg_spec args_session_log[] = {
+    {"session", ARG_UINT, true, 0}, {"slot", ARG_UINT, false, 0},
+    {"offset", ARG_UINT, false, 0}, {"max_bytes", ARG_UINT, false, 0},
+    {"lines", ARG_BOOL, false, 0},  {NULL},
 };
 static const struct arg_spec args_session_read[] = {
     {"session", ARG_UINT, true, 0},
@@ -152,7 +165,8 @@ const struct op_def op_table[] = {
     {"session_write", op_session_write, 0, args_session_write},
     {"session_read", op_session_read, 0, args_session_read},
     {"session_resize", op_session_resize, 0, args_session_resize},
-    {"session_screen", op_session_screen, 0, args_session},
+    {"session_screen", op_session_screen, 0, args_session_screen},
+    {"session_log", op_session_log, 0, args_session_log},
     {"session_signal", op_session_signal, 0, args_session_signal},
     {"session_close", op_session_close, 0, args_session},
 };

@@ -82,12 +82,16 @@ void exec_add_attach(struct exec *e, struct req *rq);
  * session's shell is spawned through the box synchronously only when not.) */
 bool exec_box_pending(struct agent *ag, struct nsbox *box);
 /* op_exec.c, shared with sessions: the isolation a command of s gets (reads
- * args.rlimits), and its clean environment with TERM=term (one malloc'd
- * block: free the returned array). */
+ * args.rlimits); the directory it starts in as it sees it (the workspace,
+ * BOX_WORKSPACE in a box that shows it there, joined with rel, a checked
+ * relative path or ""); and its clean environment with TERM=term and
+ * PWD=cwd (one malloc'd block: free the returned array). */
 int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
                    struct sp_err *err);
+int exec_cwd(struct agent *ag, struct slot *s, const struct iso_child *ic, const char *rel,
+             char *out, size_t cap, struct sp_err *err);
 char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, const char *term,
-                struct sp_err *err);
+                const struct iso_child *ic, const char *cwd, struct sp_err *err);
 /* op_exec.c: tell the request the command started (detach reply, stream
  * "started" event). OP_DONE when the request is answered. */
 int exec_announce(struct req *rq, struct exec *e);

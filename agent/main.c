@@ -57,7 +57,7 @@ static const char usage[] =
     "  --slot-pids N            processes of each slot as a whole (default 4096)\n"
     "  --seccomp-deny CALLS     also deny these system calls (comma-separated); repeatable\n"
     "  --pass-env NAME          commands also get this variable of the agent's environment\n"
-    "                           (NAME* a prefix, * all; never HOME, TMPDIR, SLOT_*;\n"
+    "                           (NAME* a prefix, * all; never HOME, PWD, TMPDIR, SLOT_*;\n"
     "                           the request's env wins); repeatable\n"
     "  --config FILE            read options from FILE first: one 'name value' per line\n"
     "                           (any long option without its dashes; # comments);\n"
@@ -381,7 +381,7 @@ static int pass_env_init(struct agent *ag, const char *const *pat, unsigned npat
         /* The slot's own places and the agent's own settings (its token)
          * are never the agent's to give away. */
         if ((kl == 4 && !memcmp(*e, "HOME", 4)) || (kl == 6 && !memcmp(*e, "TMPDIR", 6)) ||
-            !strncmp(*e, "SLOT_", 5))
+            (kl == 3 && !memcmp(*e, "PWD", 3)) || !strncmp(*e, "SLOT_", 5))
             continue;
         bool match = false;
         for (unsigned i = 0; i < npat && !match; i++) {
@@ -586,7 +586,14 @@ static int agent_main(int argc, char **argv)
         return attach_main(attach, attach_timeout);
     if (probe) {
         isolate_init(&ag->iso, ag->opt.nslots, &perr);
-        isolate_report(&ag->iso, json);
+        char *pdd = ag->opt.data_dir ? strdup(ag->opt.data_dir) : default_data_dir();
+        ag->data_dir = pdd ? absolute_dir(pdd) : NULL;
+        free(pdd);
+        char view[4200];
+        slots_view_template(ag, view, sizeof view);
+        free(ag->data_dir);
+        ag->data_dir = NULL;
+        isolate_report(&ag->iso, json, view);
         cgroup_cleanup(&ag->iso, 0);
         isolate_free(&ag->iso);
         return 0;

@@ -17,7 +17,15 @@ struct screen {
     VTermScreen *vs;
     screen_reply_fn *reply;
     void *ctx;
+    /* Lines that scrolled off the top, as text: a ring of SCREEN_HISTORY
+     * lines, the oldest dropped first. */
+    char **sb;
+    unsigned sb_head, sb_len;
 };
+
+static size_t cells_text(const VTermScreenCell *cells, unsigned cols, char *out, size_t cap);
+static int sb_pushline(int cols, const VTermScreenCell *cells, void *user);
+static const VTermScreenCallbacks screen_cbs = {.sb_pushline = sb_pushline};
 
 static void out_cb(const char *s, size_t len, void *user)
 {
@@ -42,6 +50,8 @@ struct screen *screen_new(unsigned rows, unsigned cols, screen_reply_fn *reply, 
     vterm_output_set_callback(s->vt, out_cb, s);
     s->vs = vterm_obtain_screen(s->vt);
     vterm_screen_enable_altscreen(s->vs, 1);
+    /* Only scrollback: damage is not followed, rows are read when asked. */
+    vterm_screen_set_callbacks(s->vs, &screen_cbs, s);
     vterm_screen_reset(s->vs, 1);
     return s;
 }
@@ -51,6 +61,9 @@ void screen_free(struct screen *s)
     if (!s)
         return;
     vterm_free(s->vt);
+    for (unsigned i = 0; i < s->sb_len; i++)
+        free(s->sb[(s->sb_head + i) % SCREEN_HISTORY]);
+    free(s->sb);
     free(s);
 }
 
@@ -110,34 +123,90 @@ static size_t utf8_put(uint32_t c, char *out)
     return 4;
 }
 
-size_t screen_row(const struct screen *s, unsigned r, char *out, size_t cap)
+/* One row of cells as UTF-8 without trailing blanks into out
+ * (NUL-terminated); the length written. */
+static size_t cells_text(const VTermScreenCell *cells, unsigned cols, char *out, size_t cap)
 {
-    unsigned rows, cols;
-    screen_size(s, &rows, &cols);
     size_t n = 0, keep = 0; /* keep: length without trailing blanks */
     if (cap == 0)
         return 0;
-    for (unsigned c = 0; r < rows && c < cols;) {
-        VTermScreenCell cell;
-        VTermPos pos = {.row = (int)r, .col = (int)c};
-        if (!vterm_screen_get_cell(s->vs, pos, &cell))
-            break;
+    for (unsigned c = 0; c < cols;) {
+        const VTermScreenCell *cell = &cells[c];
         char buf[4 * VTERM_MAX_CHARS_PER_CELL];
         size_t bl = 0;
-        if (!cell.chars[0])
+        if (!cell->chars[0])
             buf[bl++] = ' ';
-        for (int i = 0; i < VTERM_MAX_CHARS_PER_CELL && cell.chars[i]; i++)
-            bl += utf8_put(cell.chars[i], buf + bl);
+        for (int i = 0; i < VTERM_MAX_CHARS_PER_CELL && cell->chars[i]; i++)
+            bl += utf8_put(cell->chars[i], buf + bl);
         if (n + bl + 1 > cap)
             break;
         memcpy(out + n, buf, bl);
         n += bl;
-        if (cell.chars[0] && cell.chars[0] != ' ')
+        if (cell->chars[0] && cell->chars[0] != ' ')
             keep = n;
-        c += cell.width > 1 ? (unsigned)cell.width : 1;
+        c += cell->width > 1 ? (unsigned)cell->width : 1;
     }
     out[keep] = 0;
     return keep;
+}
+
+size_t screen_row(const struct screen *s, unsigned r, char *out, size_t cap)
+{
+    unsigned rows, cols;
+    screen_size(s, &rows, &cols);
+    if (cap == 0)
+        return 0;
+    out[0] = 0;
+    if (r >= rows)
+        return 0;
+    VTermScreenCell *cells = calloc(cols ? cols : 1, sizeof *cells);
+    if (!cells)
+        return 0;
+    unsigned got = 0;
+    for (; got < cols; got++) {
+        VTermPos pos = {.row = (int)r, .col = (int)got};
+        if (!vterm_screen_get_cell(s->vs, pos, &cells[got]))
+            break;
+    }
+    size_t n = cells_text(cells, got, out, cap);
+    free(cells);
+    return n;
+}
+
+/* libvterm gives up a line at the top of the primary screen (never the
+ * alternate one: full-screen programs leave no history, as in tmux). */
+static int sb_pushline(int cols, const VTermScreenCell *cells, void *user)
+{
+    struct screen *s = user;
+    size_t cap = (size_t)cols * 4 * VTERM_MAX_CHARS_PER_CELL + 1;
+    char *line = malloc(cap);
+    if (!line)
+        return 1;
+    size_t n = cells_text(cells, (unsigned)cols, line, cap);
+    char *shrunk = realloc(line, n + 1);
+    line = shrunk ? shrunk : line;
+    if (!s->sb && !(s->sb = calloc(SCREEN_HISTORY, sizeof *s->sb))) {
+        free(line);
+        return 1;
+    }
+    if (s->sb_len == SCREEN_HISTORY) {
+        free(s->sb[s->sb_head]);
+        s->sb[s->sb_head] = line;
+        s->sb_head = (s->sb_head + 1) % SCREEN_HISTORY;
+    } else {
+        s->sb[(s->sb_head + s->sb_len++) % SCREEN_HISTORY] = line;
+    }
+    return 1;
+}
+
+void screen_pack_history(const struct screen *s, msgpack_packer *pk)
+{
+    sp_pack_cstr(pk, "history");
+    msgpack_pack_array(pk, s->sb_len);
+    for (unsigned i = 0; i < s->sb_len; i++) {
+        const char *line = s->sb[(s->sb_head + i) % SCREEN_HISTORY];
+        sp_pack_strn(pk, line, strlen(line));
+    }
 }
 
 void screen_pack(const struct screen *s, msgpack_packer *pk)

@@ -7,6 +7,8 @@
 
 #include <msgpack.h>
 
+#define SCREEN_HISTORY 10000 /* lines kept after they scrolled off the top */
+
 struct screen;
 
 /* Bytes the terminal itself answers with (cursor position reports, device
@@ -26,5 +28,8 @@ void screen_size(const struct screen *s, unsigned *rows, unsigned *cols);
 /* {rows: [text...], cursor: {row, col}, size: {rows, cols}} as map pairs
  * (3 of them) into pk. */
 void screen_pack(const struct screen *s, msgpack_packer *pk);
+/* Lines that scrolled off the top of the primary screen, oldest first (at
+ * most SCREEN_HISTORY), as one map pair `history: [text...]` into pk. */
+void screen_pack_history(const struct screen *s, msgpack_packer *pk);
 
 #endif

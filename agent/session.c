@@ -37,7 +37,10 @@
  * Output read while a session_exec runs belongs to it (bounded head + tail
  * like exec); any other output goes to the session's ring, read by
  * session_read, bounded by --session-buffer (oldest bytes dropped first and
- * counted). */
+ * counted). A pty session also keeps everything its terminal printed, by
+ * offset, for readers that do not consume (transcript.c, session_log), and
+ * a session_write may wait for the next marker: the line it typed has
+ * finished (keywait.c). */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -53,8 +56,10 @@
 
 #include "child.h"
 #include "fdio.h"
-#include "session.h"
+#include "keywait.h"
 #include "screen.h"
+#include "session.h"
+#include "transcript.h"
 
 #define READ_CHUNK 65536
 #define READY_SECONDS 10.0 /* the set-up line must come back by then */
@@ -113,6 +118,8 @@ struct session {
     ev_timer end_w;     /* bound on waiting for EOF after the shell ended */
     unsigned cols, rows;
     struct screen *screen; /* pty: what the terminal shows (session_screen) */
+    struct transcript log; /* pty: what it printed, by offset (session_log) */
+    struct keywait kw;     /* a session_write waiting for the prompt */
     char tag[65];          /* the opener's name for it (the controller's tools) */
 };
 
@@ -308,6 +315,8 @@ static void session_emit(struct session *ss, int k, const char *p, size_t n)
         return; /* before ready: bash's start-up notices and the set-up line */
     if (ss->screen)
         screen_feed(ss->screen, p, n);
+    if (ss->pty)
+        transcript_put(&ss->log, p, n);
     if (ss->cmd) {
         outbuf_append(&ss->cmd->ob[ss->pty ? 0 : k], p, n);
         return;
@@ -368,6 +377,7 @@ static void on_marker(struct session *ss, int status)
         }
         return;
     }
+    keywait_prompt(&ss->kw);
     if (!ss->cmd)
         return; /* a prompt after input typed with session_write */
     if (!ss->pty)
@@ -517,7 +527,7 @@ static void screen_reply(const char *data, size_t len, void *ctx)
     queue_input(ctx, data, len, false);
 }
 
-int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err)
+int session_screen(struct session *ss, msgpack_packer *pk, bool history, struct sp_err *err)
 {
     if (!ss->screen)
         return sp_errf(err, SP_BAD_REQUEST,
@@ -526,7 +536,21 @@ int session_screen(struct session *ss, msgpack_packer *pk, struct sp_err *err)
     if (pk) {
         screen_pack(ss->screen, pk);
         sp_pack_kv_bool(pk, "alive", ss->alive);
+        if (history)
+            screen_pack_history(ss->screen, pk);
     }
+    return 0;
+}
+
+int session_log(struct session *ss, msgpack_packer *pk, uint64_t offset, size_t max, bool lines,
+                struct sp_err *err)
+{
+    if (!ss->pty)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "session %llu has no terminal (opened with pty: false): use session_read",
+                       (unsigned long long)ss->id);
+    if (pk)
+        transcript_pack(&ss->log, pk, offset, max, lines);
     return 0;
 }
 
@@ -539,6 +563,18 @@ int session_write(struct session *ss, const char *p, size_t n, size_t *taken, st
     if (*taken)
         ss->at_prompt = false;
     return 0;
+}
+
+int session_write_wait(struct session *ss, struct req *rq, const char *p, size_t n, uint64_t min_ms,
+                       uint64_t prompt_ms, struct sp_err *err)
+{
+    if (keywait_busy(&ss->kw))
+        return sp_errf(err, SP_SLOT_BUSY, "session %llu: another session_write is waiting",
+                       (unsigned long long)ss->id);
+    size_t taken = 0;
+    if (session_write(ss, p, n, &taken, err) < 0)
+        return -1;
+    return keywait_start(&ss->kw, rq, taken, min_ms, prompt_ms);
 }
 
 /* ---- the end of a shell ---------------------------------------------------------- */
@@ -559,6 +595,7 @@ static void check_ended(struct session *ss)
     }
     if (ss->cmd)
         cmd_finish(ss, wait_code(ss->status));
+    keywait_ended(&ss->kw);
     wake_reader(ss);
 }
 
@@ -912,6 +949,7 @@ unsigned session_close(struct session *ss, const struct sp_err *why)
     for (int i = 0; i < 3; i++)
         if (pending[i])
             req_finish(pending[i], why);
+    keywait_cancel(&ss->kw, why);
     if (ss->cmd) {
         ev_timer_stop(ag->loop, &ss->cmd->timer);
         outbuf_free(&ss->cmd->ob[0]);
@@ -931,6 +969,7 @@ unsigned session_close(struct session *ss, const struct sp_err *why)
         close(ss->in_fd);
     free(ss->wbuf);
     free(ss->ring.buf);
+    transcript_free(&ss->log);
     screen_free(ss->screen);
     log_debug("session %llu: closed", (unsigned long long)ss->id);
     free(ss);
@@ -1111,6 +1150,8 @@ int session_open(struct agent *ag, struct slot *s, struct req *opener,
     if (p->tag)
         snprintf(ss->tag, sizeof ss->tag, "%.*s", (int)p->tag_len, p->tag);
     ss->ring.cap = (size_t)ag->opt.session_buffer;
+    transcript_init(&ss->log, p->pty ? TRANSCRIPT_CAP : 0);
+    keywait_init(&ss->kw, &ss->alive);
     char nonce[NONCE_LEN + 1];
     random_nonce(nonce);
     ss->plen = (size_t)snprintf(ss->prefix, sizeof ss->prefix, MARK_HEAD "%s;", nonce);

@@ -86,6 +86,24 @@ int slots_init(struct agent *ag, struct sp_err *err)
     return 0;
 }
 
+static bool boxes_show_workspace(const struct agent *ag)
+{
+    return (ag->iso.available & (1u << RUNG_NAMESPACES)) && ag->iso.ns_workspace;
+}
+
+const char *slot_view(const struct agent *ag, const struct slot *s)
+{
+    return boxes_show_workspace(ag) ? BOX_WORKSPACE : s->ws_path;
+}
+
+void slots_view_template(const struct agent *ag, char *out, size_t cap)
+{
+    if (boxes_show_workspace(ag))
+        snprintf(out, cap, "%s", BOX_WORKSPACE);
+    else
+        snprintf(out, cap, "%s/slots/{slot}/work", ag->data_dir ? ag->data_dir : ".");
+}
+
 /* With a user per slot, each slot owns its workspace and tmp (0700); the
  * directories above must let slot users pass. */
 static void slots_own(struct agent *ag)
@@ -275,6 +293,7 @@ void slots_free(struct agent *ag)
         free(s->tmp_path);
         free(s->trajectory_id);
         free(s->holder);
+        free(s->owner);
     }
     free(ag->slots);
     ag->slots = NULL;

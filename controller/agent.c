@@ -82,8 +82,10 @@ void agent_free(struct ctl *c, struct agent *ag)
         close(ag->err_fd);
     sp_reader_free(&ag->rd);
     sp_writer_free(&ag->wr);
-    for (uint32_t i = 0; i < ag->nslots; i++)
+    for (uint32_t i = 0; i < ag->nslots; i++) {
         free(ag->slots[i].workspace);
+        free(ag->slots[i].cwd_path);
+    }
     free(ag->slots);
     free(ag->data_dir);
     free(ag);
@@ -368,20 +370,27 @@ static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
         const msgpack_object *m = &arr->via.array.ptr[i];
         uint64_t idx = 0, gen = 0, at = 0;
         bool leased = false;
-        const char *ws = NULL, *traj = NULL, *holder = NULL;
-        size_t wsl = 0, tl = 0, hl = 0;
+        const char *ws = NULL, *traj = NULL, *holder = NULL, *owner = NULL, *cwd = NULL;
+        size_t wsl = 0, tl = 0, hl = 0, ol = 0, cwdl = 0;
+        bool bound = false;
         if (m->type != MSGPACK_OBJECT_MAP || sp_get_uint(m, "slot", true, &idx, &e) < 0 ||
             idx >= ag->nslots)
             continue;
         sp_get_uint(m, "generation", false, &gen, &e);
         sp_get_bool(m, "leased", false, &leased, &e);
         sp_get_str(m, "workspace", false, &ws, &wsl, &e);
+        sp_get_str(m, "cwd_path", false, &cwd, &cwdl, &e);
         sp_get_str(m, "trajectory_id", false, &traj, &tl, &e);
         sp_get_str(m, "holder", false, &holder, &hl, &e);
+        sp_get_str(m, "owner", false, &owner, &ol, &e);
+        sp_get_bool(m, "bound", false, &bound, &e);
         sp_get_uint(m, "leased_at", false, &at, &e);
         struct slot *s = &ag->slots[idx];
         free(s->workspace);
         s->workspace = ws ? strndup(ws, wsl) : NULL;
+        free(s->cwd_path);
+        /* An agent from before cwd_path: its commands see the host path. */
+        s->cwd_path = cwd ? strndup(cwd, cwdl) : ws ? strndup(ws, wsl) : NULL;
         s->generation = gen;
         if (!leased)
             slot_set(s, SL_FREE);
@@ -392,6 +401,7 @@ static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
             s->traj[tl] = 0;
             s->leased_at_ms = at;
             s->last_used = ev_now(c->loop);
+            sched_lease_adopted(c, s, owner, ol, bound);
             stateful_adopt(s, sp_map_get(m, "sessions"));
             log_info("agent %s: slot %llu: lease of '%s' (generation %llu) rebuilt", ag->id,
                      (unsigned long long)idx, s->traj, (unsigned long long)gen);

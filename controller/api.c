@@ -5,6 +5,7 @@
  * any order matched by id, a batch as one answer in request order. */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,8 +39,9 @@ static void tconn_close(struct ctl *c, struct tconn *t, const char *why)
     log_debug("trainer connection %d closed: %s", t->fd, why);
     ev_io_stop(c->loop, &t->rio);
     ev_io_stop(c->loop, &t->wio);
-    /* Waiters go; leases stay (lease_timeout may end them); commands of
-     * this trainer still running are cancelled. */
+    /* Waiters go; commands of this trainer still running are cancelled;
+     * leases stay, and when this was their owner's last connection, they
+     * end after lease_grace unless the owner comes back. */
     struct waiter *w;
     while ((w = TAILQ_FIRST(&t->waiters)))
         sched_waiter_drop(c, w);
@@ -52,6 +54,8 @@ static void tconn_close(struct ctl *c, struct tconn *t, const char *why)
         if (r->is_command && r->slot && r->ag->connected && r->ag->state != AG_STOPPING)
             sched_cancel_slot(c, r->slot);
     }
+    if (!c->stopping)
+        sched_owner_gone(c, t->owner);
     struct tconn_x *x = (struct tconn_x *)t;
     ev_timer_init(&x->close_timer, tconn_free_cb, 0, 0);
     x->close_timer.data = t;
@@ -430,10 +434,12 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
     struct profile *p = s->ag->prof;
     struct kvs a = {.n = 0};
     kv_uint(&a, "slot", s->index);
-    const msgpack_object *env = NULL;
+    const msgpack_object *env = NULL, *isolation = NULL;
     uint64_t args_timeout = 0;
     bool has_timeout = false, want_stream = false, has_mkdirs = false, has_recursive = false,
-         has_length = false;
+         has_length = false, has_network = false;
+    /* The trainer's sandbox policy (bash): -1 when not given. */
+    int allow_network = -1, require_sandbox = -1;
     for (uint32_t i = 0; i < nargs; i++) {
         const msgpack_object *k = &args->via.map.ptr[i].key, *v = &args->via.map.ptr[i].val;
         if (k->type != MSGPACK_OBJECT_STR)
@@ -481,9 +487,27 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
                 has_timeout = true;
                 continue;
             }
-            static const char *const ok_keys[] = {"timeout_ms",      "cwd",       "stdin",
-                                                  "max_output",      "network",   "keep_background",
-                                                  "idle_timeout_ms", "isolation", "rlimits"};
+            bool is_allow = key_is(k, "allow_network"), is_req = key_is(k, "require_sandbox");
+            if (is_allow || is_req || key_is(k, "require_stateful_sandbox")) {
+                if (v->type != MSGPACK_OBJECT_BOOLEAN)
+                    return sp_errf(err, SP_BAD_REQUEST, "'%.*s' must be a bool (got %s)",
+                                   (int)k->via.str.size, k->via.str.ptr, sp_type_name(v));
+                /* require_stateful_sandbox is about stateful tools: a
+                 * bash call starts from nothing anyway. */
+                if (is_allow)
+                    allow_network = v->via.boolean;
+                else if (is_req)
+                    require_sandbox = v->via.boolean;
+                continue;
+            }
+            if (key_is(k, "isolation")) {
+                isolation = v; /* packed below: require_sandbox may tighten it */
+                continue;
+            }
+            has_network |= key_is(k, "network");
+            static const char *const ok_keys[] = {"timeout_ms",      "cwd",     "stdin",
+                                                  "max_output",      "network", "keep_background",
+                                                  "idle_timeout_ms", "rlimits"};
             bool known = false;
             for (size_t j = 0; j < sizeof ok_keys / sizeof ok_keys[0]; j++)
                 known |= key_is(k, ok_keys[j]);
@@ -521,6 +545,15 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
             has_cmd |= a.v[i].k && !strcmp(a.v[i].k, "cmd");
         if (!has_cmd)
             return sp_errf(err, SP_BAD_REQUEST, "tool bash needs 'command'");
+        /* The agent's own `network` wins over the trainer's allow_network;
+         * the stricter of `isolation` and require_sandbox wins, so that a
+         * required sandbox is never silently downgraded. */
+        if (allow_network >= 0 && !has_network)
+            a.v[a.n++] = (struct kv){.k = "network", .t = KV_BOOL, .u = (uint64_t)allow_network};
+        if (require_sandbox == 1)
+            a.v[a.n++] = (struct kv){.k = "isolation", .t = KV_STR, .s = "required", .sl = 8};
+        else if (isolation)
+            kv_obj(&a, "isolation", isolation);
     }
     bool command = tool->kind == T_BASH || tool->kind == T_EXEC;
     uint64_t cmd_timeout = args_timeout ? args_timeout
@@ -620,12 +653,34 @@ static void reply_err(struct ctl *c, struct tconn *t, uint64_t id, const struct 
     tconn_error(c, t, id, e);
 }
 
+/* An owner names a trainer in logs and listings: 1..CTL_OWNER_MAX
+ * printable bytes. */
+static int get_owner(const msgpack_object *args, const char **o, size_t *n, struct sp_err *e)
+{
+    const msgpack_object *v = args ? sp_map_get(args, "owner") : NULL;
+    if (!v || v->type == MSGPACK_OBJECT_NIL)
+        return 0;
+    if (v->type != MSGPACK_OBJECT_STR)
+        return sp_errf(e, SP_BAD_REQUEST, "'owner' must be a string (got %s)", sp_type_name(v));
+    *o = v->via.str.ptr;
+    *n = v->via.str.size;
+    if (*n == 0 || *n > CTL_OWNER_MAX)
+        return sp_errf(e, SP_BAD_REQUEST, "'owner' must be 1..%d bytes (got %zu)", CTL_OWNER_MAX,
+                       *n);
+    for (size_t i = 0; i < *n; i++)
+        if ((unsigned char)(*o)[i] < 0x20 || (*o)[i] == 0x7f)
+            return sp_errf(e, SP_BAD_REQUEST,
+                           "'owner' must not contain NUL or control characters (byte %zu)", i);
+    return 1;
+}
+
 static void op_hello(struct ctl *c, struct tconn *t, const struct sp_request *req)
 {
     struct sp_err e;
-    const char *tok = NULL;
-    size_t tl = 0;
-    if (req->args && sp_get_str(req->args, "token", false, &tok, &tl, &e) < 0)
+    const char *tok = NULL, *owner = NULL;
+    size_t tl = 0, ol = 0;
+    if (req->args && (sp_get_str(req->args, "token", false, &tok, &tl, &e) < 0 ||
+                      get_owner(req->args, &owner, &ol, &e) < 0))
         return reply_err(c, t, req->id, &e);
     if (c->token_len && tok) {
         unsigned char diff = tl != c->token_len;
@@ -637,6 +692,16 @@ static void op_hello(struct ctl *c, struct tconn *t, const struct sp_request *re
         }
         t->authed = true;
     }
+    /* Only a connection that may use leases may keep them alive. */
+    if (owner && t->authed && !sp_str_eq(owner, ol, t->owner)) {
+        char old[CTL_OWNER_MAX + 1];
+        memcpy(old, t->owner, sizeof old);
+        memcpy(t->owner, owner, ol);
+        t->owner[ol] = 0;
+        sched_owner_gone(c, old);
+        sched_owner_back(c, t->owner);
+        log_debug("trainer connection %d: owner '%s'", t->fd, t->owner);
+    }
     uint32_t np = 0;
     struct profile *p;
     TAILQ_FOREACH(p, &c->profiles, link)
@@ -644,7 +709,7 @@ static void op_hello(struct ctl *c, struct tconn *t, const struct sp_request *re
     msgpack_packer pk;
     tconn_begin(t, &pk);
     sp_pack_ok_head(&pk, req->id);
-    msgpack_pack_map(&pk, 9);
+    msgpack_pack_map(&pk, 10);
     sp_pack_kv_uint(&pk, "protocol", SP_PROTOCOL_VERSION);
     sp_pack_kv_str(&pk, "server", "slot-controller");
     sp_pack_kv_str(&pk, "version", CTL_VERSION);
@@ -657,6 +722,7 @@ static void op_hello(struct ctl *c, struct tconn *t, const struct sp_request *re
     sp_pack_kv_str(&pk, "default_profile", c->default_profile);
     sp_pack_kv_bool(&pk, "authenticated", t->authed);
     sp_pack_kv_bool(&pk, "auth_required", c->token_len > 0);
+    sp_pack_kv_str(&pk, "owner", t->owner);
     tconn_end(c, t);
 }
 
@@ -693,8 +759,10 @@ static void op_acquire(struct ctl *c, struct tconn *t, const struct sp_request *
     uint64_t timeout = 0;
     struct profile *p;
     int has_to = 0;
+    bool bind = true;
     if (sp_get_str(req->args, "trajectory_id", false, &traj, &tl, &e) < 0 ||
         (has_to = sp_get_uint(req->args, "timeout_ms", false, &timeout, &e)) < 0 ||
+        sp_get_bool(req->args, "bind", false, &bind, &e) < 0 ||
         find_profile(c, req->args, &p, false, &e) < 0)
         return reply_err(c, t, req->id, &e);
     if (traj && (tl == 0 || tl > CTL_TRAJ_MAX || memchr(traj, 0, tl))) {
@@ -706,7 +774,7 @@ static void op_acquire(struct ctl *c, struct tconn *t, const struct sp_request *
         sp_errf(&e, SP_BAD_REQUEST, "'timeout_ms' above %llu", MAX_TIMEOUT_MS);
         return reply_err(c, t, req->id, &e);
     }
-    sched_acquire(c, t, req->id, p, traj, tl, has_to ? timeout : p->acquire_timeout_ms);
+    sched_acquire(c, t, req->id, p, traj, tl, has_to ? timeout : p->acquire_timeout_ms, bind);
 }
 
 static int get_handle(struct ctl *c, const struct sp_request *req, struct slot **s,
@@ -1072,7 +1140,8 @@ static void op_slots(struct ctl *c, struct tconn *t, const struct sp_request *re
                     }
                     char h[160];
                     slot_handle(s, h, sizeof h);
-                    msgpack_pack_map(&pk, leases ? 9 : 8);
+                    bool grace = held && s->grace_until;
+                    msgpack_pack_map(&pk, (leases ? 11 : 10) + grace);
                     if (leases)
                         sp_pack_kv_uint(&pk, "last_used",
                                         (uint64_t)(wall - (now - s->last_used) * 1000));
@@ -1093,6 +1162,15 @@ static void op_slots(struct ctl *c, struct tconn *t, const struct sp_request *re
                         sp_pack_kv_nil(&pk, "trajectory_id");
                     sp_pack_kv_uint(&pk, "executing", s->inflight);
                     sp_pack_kv_uint(&pk, "leased_at", s->leased_at_ms);
+                    if (held && s->owner[0])
+                        sp_pack_kv_str(&pk, "owner", s->owner);
+                    else
+                        sp_pack_kv_nil(&pk, "owner");
+                    sp_pack_kv_bool(&pk, "bound", held && s->bound);
+                    if (grace) {
+                        double left = (s->grace_until - now) * 1000;
+                        sp_pack_kv_uint(&pk, "grace_left_ms", left > 0 ? (uint64_t)left : 0);
+                    }
                 }
             }
         }
@@ -1276,6 +1354,10 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
         t->ctl = c;
         t->fd = fd;
         t->authed = c->token_len == 0;
+        /* Unique across restarts too: a rebuilt lease of a connection of
+         * the previous controller must not find a new owner by chance. */
+        snprintf(t->owner, sizeof t->owner, "conn-%06" PRIx64 "-%" PRIu64, c->instance & 0xffffff,
+                 ++c->conn_seq);
         sp_reader_init(&t->rd, SP_DEFAULT_MAX_FRAME);
         sp_writer_init(&t->wr, CONN_WRITE_LIMIT);
         TAILQ_INIT(&t->reqs);

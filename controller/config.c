@@ -57,6 +57,8 @@ static const struct field fields[] = {
     {"exec_timeout", F_DURATION, PF(exec_timeout_ms), "default command timeout"},
     {"lease_timeout", F_DURATION, PF(lease_timeout_ms),
      "release (with reset) leases unused this long (0: never)"},
+    {"lease_grace", F_DURATION, PF(lease_grace_ms),
+     "release (with reset) a trainer's bound leases this long after its last connection went"},
     {"start_timeout", F_DURATION, PF(start_timeout_ms), "an agent not ready by then failed"},
     {"env", F_ENV, PF(env), "environment added to every command"},
     {"env_vars", F_ENV, PF(env), "the same as env", true},
@@ -206,6 +208,10 @@ static struct profile *profile_new(struct ctl *c, const char *name)
     p->idle_timeout_ms = 300000;
     p->acquire_timeout_ms = 60000;
     p->exec_timeout_ms = 600000;
+    /* A crashed trainer's leases must not hold slots forever; 30 min is
+     * longer than any one tool call a trainer waits for. */
+    p->lease_timeout_ms = 1800000;
+    p->lease_grace_ms = 60000;
     p->start_timeout_ms = 30000;
     p->exec_command_timeout_ms = 120000;
     TAILQ_INIT(&p->agents);

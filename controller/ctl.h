@@ -18,6 +18,7 @@
 #define CTL_VERSION "0.1.0"
 #define CTL_NAME_MAX 64
 #define CTL_TRAJ_MAX 256
+#define CTL_OWNER_MAX 128
 #define CTL_STDERR_TAIL 4096
 #define CTL_LAT_RING 4096
 #define CTL_RATE_SECS 10
@@ -99,6 +100,8 @@ struct waiter {
     struct tconn *conn;
     uint64_t client_id;
     char traj[CTL_TRAJ_MAX + 1];
+    char owner[CTL_OWNER_MAX + 1]; /* the lease's owner: its connection's */
+    bool bind;                     /* the lease ends when its owner goes */
     ev_timer timer;
     ev_tstamp since;
     double timeout_s;
@@ -119,7 +122,7 @@ struct profile {
     uint32_t slots_per_agent, min_agents, max_agents;
     double max_starts_per_second;
     uint64_t idle_timeout_ms, max_lifetime_ms, acquire_timeout_ms, exec_timeout_ms;
-    uint64_t lease_timeout_ms, start_timeout_ms;
+    uint64_t lease_timeout_ms, lease_grace_ms, start_timeout_ms;
     struct strlist env;     /* KEY=VALUE */
     struct strlist secrets; /* names of controller env vars */
     char isolation[16];
@@ -181,7 +184,14 @@ struct slot {
     uint32_t index;
     enum slot_state state;
     char traj[CTL_TRAJ_MAX + 1];
+    /* The trainer that took the lease (its connections' owner); a bound
+     * lease is released with reset at grace_until (0: none running) once
+     * no connection of its owner is left. */
+    char owner[CTL_OWNER_MAX + 1];
+    bool bound;
+    ev_tstamp grace_until;
     char *workspace;
+    char *cwd_path; /* where its commands see the workspace (the agent's slots) */
     uint64_t generation;
     uint64_t leased_at_ms;
     ev_tstamp last_used;
@@ -189,6 +199,7 @@ struct slot {
     /* bash_stateful and tmux (stateful.c): the lease's sessions, and the
      * calls waiting for them, the head's request in flight */
     uint64_t sess_bash, sess_tmux, sess_gen;
+    uint64_t tmux_off; /* tmux stream: the transcript offset read up to */
     struct preq_q sq;
 };
 
@@ -296,6 +307,7 @@ struct tconn {
     struct sp_writer wr;
     bool authed;
     bool closing;
+    char owner[CTL_OWNER_MAX + 1]; /* from hello, else conn-INSTANCE-N */
     struct preq_q reqs;
     TAILQ_HEAD(, waiter) waiters;
 };
@@ -328,7 +340,7 @@ struct ctl {
     LIST_HEAD(, tconn) conns;
     uint32_t nconns;
     uint64_t instance;
-    uint64_t traj_seq;
+    uint64_t traj_seq, conn_seq;
     ev_tstamp started;
     ev_timer tick;
     ev_signal sig_term, sig_int;
@@ -381,7 +393,18 @@ void agent_stderr_tail(const struct agent *ag, char *out, size_t cap, int lines)
 void sched_kick(struct ctl *c, struct profile *p);
 void sched_tick(struct ctl *c);
 void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
-                   size_t trajn, uint64_t timeout_ms);
+                   size_t trajn, uint64_t timeout_ms, bool bind);
+/* Owners (sched.c): a lease belongs to the owner of the connection that
+ * took it. The last connection of an owner went: its bound leases get
+ * their grace deadline. A connection of the owner came (back): the
+ * deadlines are cancelled. */
+void sched_owner_gone(struct ctl *c, const char *owner);
+void sched_owner_back(struct ctl *c, const char *owner);
+bool sched_owner_connected(struct ctl *c, const char *owner);
+/* A lease found in an agent after a restart (agent.c): its owner, and its
+ * grace deadline when the owner has no connection. */
+void sched_lease_adopted(struct ctl *c, struct slot *s, const char *owner, size_t ownern,
+                         bool bound);
 void sched_agent_ready(struct ctl *c, struct agent *ag);
 void sched_slot_lost(struct ctl *c, struct slot *s);
 void sched_release(struct ctl *c, struct slot *s, bool reset);

@@ -12,8 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -112,13 +114,32 @@ static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *
     return 0;
 }
 
+#define GONE_PREFIX ".gone-"
+
 void remove_tree_async(struct ctl *c, const char *path)
 {
     (void)c;
+    /* Renamed aside first, at once: the name is free for a new agent's data
+     * dir (local backend) while the old tree is still being removed, and a
+     * removal never reaches into the new one. */
+    static unsigned seq;
+    char gone[4200];
+    const char *slash = strrchr(path, '/');
+    const char *name = slash ? slash + 1 : path;
+    if (strncmp(name, GONE_PREFIX, strlen(GONE_PREFIX)) != 0 &&
+        snprintf(gone, sizeof gone, "%.*s" GONE_PREFIX "%s-%d-%u", (int)(name - path), path, name,
+                 (int)getpid(), seq++) < (int)sizeof gone) {
+        if (rename(path, gone) == 0)
+            path = gone;
+        else if (errno == ENOENT)
+            return;
+    }
     /* Workspaces can be large; the loop must not wait for the disk. The
      * reaper watcher collects the child. */
     pid_t pid = fork();
     if (pid == 0) {
+        /* No inherited descriptor (a data dir's lock) outlives the removal. */
+        syscall(SYS_close_range, 3u, ~0u, 0);
         nftw(path, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
         _exit(0);
     }
@@ -372,8 +393,55 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
     ctl_shutdown(c, false);
 }
 
+static bool data_dir_in_use(struct ctl *c, const char *path)
+{
+    struct profile *p;
+    struct agent *a;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    TAILQ_FOREACH(a, &p->agents, link)
+    if (a->data_dir && !strcmp(a->data_dir, path))
+        return true;
+    return false;
+}
+
+/* A local agent's BASE/PROFILE/N (backends/local.c): removed only when no
+ * agent of ours has it and no process (an agent of any controller) holds
+ * its lock; left-over trees being removed (.gone-*) go too. */
+static void remove_stale_indexed(struct ctl *c, const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        bool gone = !strncmp(n, GONE_PREFIX, strlen(GONE_PREFIX));
+        if (!gone && (!n[0] || strspn(n, "0123456789") != strlen(n)))
+            continue;
+        char *path = NULL, *lock = NULL;
+        if (asprintf(&path, "%s/%s", dir, n) < 0 || asprintf(&lock, "%s.lock", path) < 0) {
+            free(path);
+            break;
+        }
+        int fd = gone ? -1 : open(lock, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (gone || (!data_dir_in_use(c, path) && fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)) {
+            log_info("removing data of a gone agent: %s", path);
+            remove_tree_async(c, path);
+        }
+        if (fd >= 0) {
+            flock(fd, LOCK_UN); /* not left to the removing child's copy */
+            close(fd);
+        }
+        free(path);
+        free(lock);
+    }
+    closedir(d);
+}
+
 /* Data directories of agents that are gone (stdio agents of a controller
- * that was killed): PROFILE-xxxxxx under the default base only. */
+ * that was killed), under the default base only: PROFILE/N of the local
+ * backend, and PROFILE-xxxxxx (the exec backend's, and the local backend's
+ * before it named them by index). */
 static void remove_stale_data(struct ctl *c)
 {
     struct profile *p;
@@ -387,8 +455,26 @@ static void remove_stale_data(struct ctl *c)
     }
     struct dirent *de;
     while ((de = readdir(d))) {
+        bool profile_dir = false;
+        TAILQ_FOREACH(p, &c->profiles, link)
+        profile_dir |= !p->workspace_base && !strcmp(p->name, de->d_name);
+        if (profile_dir) {
+            char *dir = NULL;
+            if (asprintf(&dir, "%s/%s", base, de->d_name) >= 0)
+                remove_stale_indexed(c, dir);
+            free(dir);
+            continue;
+        }
+        if (!strncmp(de->d_name, GONE_PREFIX, strlen(GONE_PREFIX))) {
+            char *path = NULL;
+            if (asprintf(&path, "%s/%s", base, de->d_name) >= 0)
+                remove_tree_async(c, path);
+            free(path);
+            continue;
+        }
         const char *dash = strrchr(de->d_name, '-');
-        if (!dash || strlen(dash + 1) != 6 || agent_find(c, de->d_name, strlen(de->d_name)))
+        if (!dash || strlen(dash + 1) != 6 || strspn(dash + 1, "0123456789abcdef") != 6 ||
+            agent_find(c, de->d_name, strlen(de->d_name)))
             continue;
         bool ours = false;
         TAILQ_FOREACH(p, &c->profiles, link)
@@ -434,11 +520,12 @@ static void print_profiles(struct ctl *c)
     {
         printf("profile %s: backend %s, %u slots/agent, agents %u..%u, %.1f starts/s, "
                "idle_timeout %llu ms, max_lifetime %llu ms, acquire_timeout %llu ms, "
-               "exec_timeout %llu ms, lease_timeout %llu ms%s%s%s%s\n",
+               "exec_timeout %llu ms, lease_timeout %llu ms, lease_grace %llu ms%s%s%s%s\n",
                p->name, p->backend, p->slots_per_agent, p->min_agents, p->max_agents,
                p->max_starts_per_second, (unsigned long long)p->idle_timeout_ms,
                (unsigned long long)p->max_lifetime_ms, (unsigned long long)p->acquire_timeout_ms,
                (unsigned long long)p->exec_timeout_ms, (unsigned long long)p->lease_timeout_ms,
+               (unsigned long long)p->lease_grace_ms,
                p->be == &backend_local ? ", local.mode " : "",
                p->be != &backend_local         ? ""
                : p->local_mode == LOCAL_SOCKET ? "socket"

@@ -135,7 +135,7 @@ static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
     slot_handle(s, h, sizeof h);
     tconn_begin(t, &pk);
     sp_pack_ok_head(&pk, w->client_id);
-    msgpack_pack_map(&pk, 8);
+    msgpack_pack_map(&pk, 11);
     sp_pack_kv_str(&pk, "slot", h);
     sp_pack_kv_str(&pk, "agent", s->ag->id);
     sp_pack_kv_uint(&pk, "index", s->index);
@@ -143,7 +143,10 @@ static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
     sp_pack_kv_str(&pk, "trajectory_id", s->traj);
     sp_pack_kv_str(&pk, "profile", s->ag->prof->name);
     sp_pack_kv_str(&pk, "workspace", s->workspace ? s->workspace : "");
+    sp_pack_kv_str(&pk, "cwd_path", s->cwd_path ? s->cwd_path : "");
     sp_pack_kv_str(&pk, "address", s->ag->address);
+    sp_pack_kv_str(&pk, "owner", s->owner);
+    sp_pack_kv_bool(&pk, "bound", s->bound);
     tconn_end(c, t);
 }
 
@@ -158,6 +161,9 @@ static void on_unlease(struct ctl *c, struct preq *r, const msgpack_object *resp
     if (!resp)
         return; /* lost with its agent */
     s->traj[0] = 0;
+    s->owner[0] = 0;
+    s->bound = false;
+    s->grace_until = 0;
     s->leased_at_ms = 0;
     slot_set(s, SL_FREE);
     sched_kick(c, s->ag->prof);
@@ -230,15 +236,22 @@ static void serve(struct ctl *c, struct waiter *w, struct slot *s)
 {
     waiter_dequeue(c, w);
     memcpy(s->traj, w->traj, sizeof s->traj);
+    memcpy(s->owner, w->owner, sizeof s->owner);
+    s->bound = w->bind;
+    s->grace_until = 0;
     slot_set(s, SL_LEASING);
     struct preq *r = agent_req_new(s->ag, s, on_lease);
     r->ctx = w;
     msgpack_packer pk;
     agent_send_begin(s->ag, r, "lease", &pk);
-    msgpack_pack_map(&pk, 3);
+    msgpack_pack_map(&pk, 5);
     sp_pack_kv_uint(&pk, "slot", s->index);
     sp_pack_kv_str(&pk, "trajectory_id", w->traj);
     sp_pack_kv_str(&pk, "holder", c->name);
+    /* In the agent too, so that a restarted controller knows whose lease
+     * it rebuilds and whether it ends with its owner. */
+    sp_pack_kv_str(&pk, "owner", w->owner);
+    sp_pack_kv_bool(&pk, "bound", w->bind);
     agent_send_end(c, s->ag, r);
 }
 
@@ -297,7 +310,7 @@ static void waiter_timeout_cb(struct ev_loop *loop, ev_timer *tm, int revents)
 }
 
 void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
-                   size_t trajn, uint64_t timeout_ms)
+                   size_t trajn, uint64_t timeout_ms, bool bind)
 {
     c->acquires++;
     p->acquires++;
@@ -309,6 +322,8 @@ void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *
     w->client_id = id;
     w->since = ev_now(c->loop);
     w->timeout_s = (double)timeout_ms / 1000.0;
+    memcpy(w->owner, t->owner, sizeof w->owner);
+    w->bind = bind;
     if (traj)
         memcpy(w->traj, traj, trajn);
     else
@@ -368,6 +383,7 @@ void sched_cancel_slot(struct ctl *c, struct slot *s)
 void sched_release(struct ctl *c, struct slot *s, bool reset)
 {
     slot_set(s, SL_RELEASING);
+    s->grace_until = 0;
     if (reset) {
         struct preq *r = agent_req_new(s->ag, s, on_reset);
         msgpack_packer pk;
@@ -388,6 +404,81 @@ void sched_slot_lost(struct ctl *c, struct slot *s)
     if (s->state == SL_LEASED)
         log_info("lease of '%s' on %s/%u ends with its agent", s->traj, s->ag->id, s->index);
     slot_set(s, SL_FOREIGN);
+}
+
+/* ---- owners -------------------------------------------------------------- */
+
+bool sched_owner_connected(struct ctl *c, const char *owner)
+{
+    struct tconn *t;
+    LIST_FOREACH(t, &c->conns, link)
+    if (!t->closing && !strcmp(t->owner, owner))
+        return true;
+    return false;
+}
+
+/* Set (gone) or cancel the grace deadlines of owner's bound leases; how
+ * many changed. */
+static uint32_t owner_deadlines(struct ctl *c, const char *owner, bool gone)
+{
+    ev_tstamp now = ev_now(c->loop);
+    uint32_t n = 0;
+    struct profile *p;
+    struct agent *ag;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    TAILQ_FOREACH(ag, &p->agents, link)
+    {
+        for (uint32_t i = 0; i < ag->nslots; i++) {
+            struct slot *s = &ag->slots[i];
+            if (s->state != SL_LEASED || !s->bound || strcmp(s->owner, owner))
+                continue;
+            if (gone && !s->grace_until) {
+                s->grace_until = now + (double)p->lease_grace_ms / 1000.0;
+                n++;
+            } else if (!gone && s->grace_until) {
+                s->grace_until = 0;
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+void sched_owner_gone(struct ctl *c, const char *owner)
+{
+    if (sched_owner_connected(c, owner))
+        return;
+    uint32_t n = owner_deadlines(c, owner, true);
+    if (n)
+        log_info("owner '%s' has no connection left: %u lease%s released with reset unless it "
+                 "is back within lease_grace",
+                 owner, n, n == 1 ? "" : "s");
+}
+
+void sched_owner_back(struct ctl *c, const char *owner)
+{
+    uint32_t n = owner_deadlines(c, owner, false);
+    if (n)
+        log_info("owner '%s' is back within lease_grace: %u lease%s kept", owner, n,
+                 n == 1 ? "" : "s");
+}
+
+void sched_lease_adopted(struct ctl *c, struct slot *s, const char *owner, size_t ownern,
+                         bool bound)
+{
+    /* A lease from an agent that never heard of owners has none: nobody
+     * can come back for it, so only release or lease_timeout end it. */
+    snprintf(s->owner, sizeof s->owner, "%.*s", (int)(ownern <= CTL_OWNER_MAX ? ownern : 0),
+             owner ? owner : "");
+    s->bound = bound && s->owner[0];
+    s->grace_until = 0;
+    if (s->bound && !sched_owner_connected(c, s->owner)) {
+        s->grace_until = ev_now(c->loop) + (double)s->ag->prof->lease_grace_ms / 1000.0;
+        log_info("lease of '%s' on %s/%u: owner '%s' has no connection; released unless it is "
+                 "back within %.1f s",
+                 s->traj, s->ag->id, s->index, s->owner,
+                 (double)s->ag->prof->lease_grace_ms / 1000.0);
+    }
 }
 
 /* ---- scaling ------------------------------------------------------------- */
@@ -516,20 +607,26 @@ void sched_tick(struct ctl *c)
     struct profile *p;
     TAILQ_FOREACH(p, &c->profiles, link)
     {
-        if (p->lease_timeout_ms) {
-            struct agent *ag;
-            TAILQ_FOREACH(ag, &p->agents, link)
-            {
-                if (ag->state == AG_STOPPING || ag->state == AG_STARTING)
+        struct agent *ag;
+        TAILQ_FOREACH(ag, &p->agents, link)
+        {
+            if (ag->state == AG_STOPPING || ag->state == AG_STARTING)
+                continue;
+            for (uint32_t i = 0; i < ag->nslots; i++) {
+                struct slot *s = &ag->slots[i];
+                if (s->state != SL_LEASED)
                     continue;
-                for (uint32_t i = 0; i < ag->nslots; i++) {
-                    struct slot *s = &ag->slots[i];
-                    if (s->state == SL_LEASED && s->inflight == 0 &&
-                        (now - s->last_used) * 1000 >= (double)p->lease_timeout_ms) {
-                        log_info("lease of '%s' on %s/%u unused for %.0f s: released with reset",
-                                 s->traj, ag->id, i, now - s->last_used);
-                        sched_release(c, s, true);
-                    }
+                if (s->grace_until && now >= s->grace_until) {
+                    log_info("lease of '%s' on %s/%u: owner '%s' did not come back within "
+                             "lease_grace (%.1f s): released with reset",
+                             s->traj, ag->id, i, s->owner, (double)p->lease_grace_ms / 1000.0);
+                    sched_release(c, s, true);
+                } else if (p->lease_timeout_ms && s->inflight == 0 &&
+                           (now - s->last_used) * 1000 >= (double)p->lease_timeout_ms) {
+                    log_info("lease of '%s' (owner '%s') on %s/%u unused for %.0f s: released "
+                             "with reset",
+                             s->traj, s->owner, ag->id, i, now - s->last_used);
+                    sched_release(c, s, true);
                 }
             }
         }

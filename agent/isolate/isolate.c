@@ -88,14 +88,33 @@ void isolate_free(struct isolation *iso)
     }
 }
 
-void isolate_report(const struct isolation *iso, bool json)
+static void json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            printf("\\%c", c);
+        else if (c < 0x20)
+            printf("\\u%04x", c);
+        else
+            putchar(c);
+    }
+    putchar('"');
+}
+
+void isolate_report(const struct isolation *iso, bool json, const char *view)
 {
     if (json) {
         printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, \"cgroup\": %d, "
-               "\"namespaces\": {\"user\": %s, \"net\": %s, \"proc\": %s}, \"rungs\": {",
+               "\"namespaces\": {\"user\": %s, \"net\": %s, \"proc\": %s, \"workspace\": %s}, "
+               "\"workspace_view\": ",
                iso->root ? "true" : "false", iso->landlock_abi > 0 ? iso->landlock_abi : 0,
                iso->uid_base, iso->cg_version, (iso->ns_flags & CLONE_NEWUSER) ? "true" : "false",
-               iso->ns_net ? "true" : "false", iso->ns_proc ? "true" : "false");
+               iso->ns_net ? "true" : "false", iso->ns_proc ? "true" : "false",
+               iso->ns_workspace ? "true" : "false");
+        json_str(view);
+        printf(", \"rungs\": {");
         for (int r = 0; r < RUNG_COUNT; r++)
             printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
                    (iso->available & (1u << r)) ? "true" : "false",
@@ -103,15 +122,17 @@ void isolate_report(const struct isolation *iso, bool json)
         printf("}}\n");
         return;
     }
-    printf("running as %s; Landlock ABI %d\n", iso->root ? "root" : "an unprivileged user",
-           iso->landlock_abi > 0 ? iso->landlock_abi : 0);
+    printf("running as %s; Landlock ABI %d; commands see their workspace at %s\n",
+           iso->root ? "root" : "an unprivileged user",
+           iso->landlock_abi > 0 ? iso->landlock_abi : 0, view);
     for (int r = 0; r < RUNG_COUNT; r++) {
         if ((iso->available & (1u << r)) && r == RUNG_UID)
             printf("  %-12s yes  (slot N runs as uid/gid %u+N)\n", rung_names[r], iso->uid_base);
         else if ((iso->available & (1u << r)) && r == RUNG_NAMESPACES)
-            printf("  %-12s yes  (mount, pid, ipc%s%s; %s /proc)\n", rung_names[r],
+            printf("  %-12s yes  (mount, pid, ipc%s%s; %s /proc; %s)\n", rung_names[r],
                    (iso->ns_flags & CLONE_NEWUSER) ? ", user" : "",
-                   iso->ns_net ? ", net for network=false" : "", iso->ns_proc ? "own" : "host's");
+                   iso->ns_net ? ", net for network=false" : "", iso->ns_proc ? "own" : "host's",
+                   iso->ns_workspace ? "workspace at " BOX_WORKSPACE : iso->ns_workspace_why);
         else if ((iso->available & (1u << r)) && r == RUNG_CGROUP)
             printf("  %-12s yes  (v%d, per slot: memory %llu bytes, pids %llu; 0 = unlimited)\n",
                    rung_names[r], iso->cg_version, (unsigned long long)iso->cg_memory,

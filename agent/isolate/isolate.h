@@ -24,6 +24,9 @@ enum rung {
 
 extern const char *const rung_names[RUNG_COUNT];
 
+/* Where a box shows its slot's workspace to commands. */
+#define BOX_WORKSPACE "/workspace"
+
 /* Rungs that isolation "required" cannot do without. */
 #define RUNGS_REQUIRED ((1u << RUNG_LANDLOCK) | (1u << RUNG_SECCOMP) | (1u << RUNG_CONTAINMENT))
 
@@ -42,6 +45,8 @@ struct isolation {
     int ns_flags;                 /* CLONE_NEW* a slot box gets (rung 2), network aside */
     bool ns_proc;                 /* a box can mount its own /proc */
     bool ns_net;                  /* network=false commands get an empty network namespace */
+    bool ns_workspace;            /* a box shows the slot's workspace at /workspace */
+    char ns_workspace_why[120];   /* why not */
     int cg_version;               /* 0: no cgroup rung; 1 or 2 */
     char cg_base[2][1200];        /* per-agent group ([0] v2, or v1 memory; [1] v1 pids) */
     char cg_parent[1100];         /* v2: the agent's original cgroup */
@@ -74,8 +79,9 @@ struct slot;
 /* Probe the host and prepare what is shared by every child. */
 int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err);
 void isolate_free(struct isolation *iso);
-/* Human (or JSON) report of the probe, for --probe. */
-void isolate_report(const struct isolation *iso, bool json);
+/* Human (or JSON) report of the probe, for --probe; view: where commands
+ * see their workspace (workspace_view of hello). */
+void isolate_report(const struct isolation *iso, bool json, const char *view);
 /* In the child, before execve: the documented order. 0, or -1 with
  * ic->failed_rung/failed_errno when a wanted rung failed and ic->required. */
 int isolate_child(struct iso_child *ic);
@@ -90,7 +96,8 @@ void uid_fs_leave(void);
 int uid_apply(unsigned uid);
 
 /* namespaces.c: a box is one slot's set of namespaces (user when not root,
- * mount with a private /tmp, PID, IPC, and network for network=false), held
+ * mount with a private /tmp and the workspace at /workspace, PID, IPC, and
+ * network for network=false), held
  * by a holder process that forks every command of that slot into them as a
  * child of the agent (CLONE_PARENT), so the agent reaps them as usual. */
 struct nsbox {
@@ -102,6 +109,7 @@ struct nsbox {
 int ns_probe(struct isolation *iso, char *why, size_t whycap);
 struct box_conf {
     const char *tmp_path; /* bound on /tmp, or NULL */
+    const char *ws_path;  /* bound on /workspace, or NULL */
     const char *slot_dir; /* every sibling of it is hidden */
     bool network;         /* false: an empty network namespace too */
     unsigned uid;         /* the slot user (0: none), named in /etc/passwd */
@@ -147,6 +155,10 @@ int landlock_probe(void); /* ABI version, or -1 with errno */
  * when !network (ABI >= 4); signals and abstract sockets scoped (ABI >= 6). */
 int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, const char *tty,
                      struct sp_err *err);
+/* Also read anywhere beneath dir_fd: the root a box built for itself, which
+ * paths in the box lead up to instead of the host's / (Landlock does not look
+ * at the mount points it climbs over). Adding it again changes nothing. */
+int landlock_allow_read(int ruleset_fd, int dir_fd);
 int landlock_apply(int ruleset_fd);
 
 /* seccomp.c */

@@ -133,6 +133,13 @@ int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, con
     return rfd;
 }
 
+int landlock_allow_read(int ruleset_fd, int dir_fd)
+{
+    struct ll_path_beneath pb = {.allowed_access = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR,
+                                 .parent_fd = dir_fd};
+    return (int)syscall(SYS_landlock_add_rule, ruleset_fd, LL_RULE_PATH_BENEATH, &pb, 0);
+}
+
 int landlock_apply(int ruleset_fd)
 {
     return (int)syscall(SYS_landlock_restrict_self, ruleset_fd, 0);

@@ -3,7 +3,8 @@
  * A holder process forked from the agent unshares a mount, PID and IPC
  * namespace (plus a user namespace when the agent is not root, and a network
  * namespace for the box that runs network=false commands), makes every mount
- * private, binds the slot's tmp directory over /tmp, and forks the box's
+ * private, binds the slot's tmp directory over /tmp and its workspace on
+ * /workspace (see box_workspace), and forks the box's
  * PID 1, which mounts a /proc of its own and reaps whatever is re-parented to
  * it. The holder then serves spawn requests from the agent over a Unix
  * socket: argv, environment, rlimits and the rest of the ladder in one
@@ -15,6 +16,7 @@
  *
  * The agent does not wait for the answer: it reads it from its event loop,
  * and an exit reaped before the answer named the pid is kept until then. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -35,6 +37,15 @@
 #include "../child.h"
 #include "../fdio.h"
 #include "isolate.h"
+
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#define SYS_move_mount 429
+#endif
+#define OPEN_TREE_CLONE_ 1u
+#define AT_RECURSIVE_ 0x8000
+#define MOVE_MOUNT_F_EMPTY_PATH_ 0x4u
+#define ROOT_MAX_ENTRIES 256
 
 #define BOX_TIMEOUT_MS 5000
 #define BOX_MAX_PAYLOAD (8u << 20)
@@ -96,8 +107,170 @@ static int hide_other_slots(const char *slot_dir, char *why, size_t cap)
     return rc;
 }
 
+struct root_entry {
+    char name[256];
+    int fd;     /* a detached clone of /name (with the mounts beneath), or -1 */
+    bool dir;   /* else a file */
+    char *link; /* a symlink's target, recreated as is */
+};
+
+static void root_entries_free(struct root_entry *e, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (e[i].fd >= 0)
+            close(e[i].fd);
+        free(e[i].link);
+    }
+    free(e);
+}
+
+/* Clone every entry of / now, before the stage is mounted anywhere, so no
+ * clone contains the stage itself. */
+static int root_entries(struct root_entry **out, char *why, size_t cap)
+{
+    DIR *d = opendir("/");
+    if (!d) {
+        snprintf(why, cap, "opendir /: %s", strerror(errno));
+        return -1;
+    }
+    struct root_entry *e = calloc(ROOT_MAX_ENTRIES, sizeof *e);
+    int n = 0, rc = 0;
+    struct dirent *de;
+    while (e && rc == 0 && (de = readdir(d))) {
+        const char *nm = de->d_name;
+        if (!strcmp(nm, ".") || !strcmp(nm, "..") || !strcmp(nm, BOX_WORKSPACE + 1))
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(d), nm, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+            !(S_ISDIR(st.st_mode) || S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)))
+            continue; /* gone meanwhile, or a socket or device: nothing to show */
+        if (n == ROOT_MAX_ENTRIES || strlen(nm) >= sizeof e[n].name) {
+            snprintf(why, cap, "too many entries in /");
+            rc = -1;
+            break;
+        }
+        struct root_entry *r = &e[n++];
+        snprintf(r->name, sizeof r->name, "%s", nm);
+        r->fd = -1;
+        r->dir = S_ISDIR(st.st_mode);
+        if (S_ISLNK(st.st_mode)) {
+            char t[4096];
+            ssize_t k = readlinkat(dirfd(d), nm, t, sizeof t - 1);
+            if (k < 0 || !(r->link = strndup(t, (size_t)k))) {
+                snprintf(why, cap, "readlink /%.60s: %s", nm, strerror(errno));
+                rc = -1;
+            }
+            continue;
+        }
+        char path[300];
+        snprintf(path, sizeof path, "/%s", nm);
+        r->fd = (int)syscall(SYS_open_tree, AT_FDCWD, path,
+                             OPEN_TREE_CLONE_ | AT_RECURSIVE_ | AT_NO_AUTOMOUNT | O_CLOEXEC);
+        if (r->fd < 0) {
+            snprintf(why, cap, "cloning /%.60s: %s", nm, strerror(errno));
+            rc = -1;
+        }
+    }
+    closedir(d);
+    if (!e) {
+        snprintf(why, cap, "out of memory");
+        return -1;
+    }
+    if (rc < 0) {
+        root_entries_free(e, n);
+        return -1;
+    }
+    *out = e;
+    return n;
+}
+
+/* The root filesystem has no /workspace and the box must not create one
+ * there: the box gets a root of its own instead, a read-only tmpfs holding
+ * every entry of / (its clone, mounts included) and an empty /workspace.
+ * The tmpfs is mounted over the old root (MS_MOVE, then chroot) rather than
+ * pivoted to, so every path still leads up to the host's / and Landlock's
+ * rule on it (read anywhere) keeps holding. Commands cannot chroot back out
+ * (seccomp), and the old root beneath holds nothing they could not see. */
+static int box_new_root(char *why, size_t cap)
+{
+    struct root_entry *e;
+    int n = root_entries(&e, why, cap);
+    if (n < 0)
+        return -1;
+    static const char *const stages[] = {"/tmp", "/mnt", "/srv", "/opt", "/home", "/var"};
+    const char *stage = NULL;
+    for (size_t i = 0; !stage && i < sizeof stages / sizeof stages[0]; i++) {
+        struct stat st;
+        if (lstat(stages[i], &st) == 0 && S_ISDIR(st.st_mode))
+            stage = stages[i];
+    }
+    int rc = -1;
+    bool mounted = false;
+    char t[600];
+    if (!stage) {
+        snprintf(why, cap, "no directory to build the box's root on");
+        goto out;
+    }
+    if (mount("root", stage, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") < 0) {
+        snprintf(why, cap, "tmpfs for the box's root: %s", strerror(errno));
+        goto out;
+    }
+    mounted = true;
+    for (int i = 0; i < n; i++) {
+        struct root_entry *r = &e[i];
+        snprintf(t, sizeof t, "%s/%s", stage, r->name);
+        int made;
+        if (r->link)
+            made = symlink(r->link, t);
+        else if (r->dir)
+            made = mkdir(t, 0755);
+        else if ((made = open(t, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)) >= 0)
+            made = close(made);
+        if (made < 0 || (r->fd >= 0 && syscall(SYS_move_mount, r->fd, "", AT_FDCWD, t,
+                                               MOVE_MOUNT_F_EMPTY_PATH_) < 0)) {
+            snprintf(why, cap, "/%.60s in the box's root: %s", r->name, strerror(errno));
+            goto out;
+        }
+    }
+    snprintf(t, sizeof t, "%s%s", stage, BOX_WORKSPACE);
+    if (mkdir(t, 0755) < 0 || chdir(stage) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0) {
+        snprintf(why, cap, "moving the box's root over /: %s", strerror(errno));
+        goto out;
+    }
+    mounted = false;
+    if (chroot(".") < 0 || chdir("/") < 0) {
+        snprintf(why, cap, "chroot into the box's root: %s", strerror(errno));
+        goto out;
+    }
+    /* Nothing but the binds beneath is writable (and those as before). */
+    mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
+    rc = 0;
+out:
+    if (rc < 0 && mounted)
+        umount2(stage, MNT_DETACH);
+    root_entries_free(e, n);
+    return rc;
+}
+
+/* Commands see the slot's workspace at /workspace, their working directory:
+ * bound there (the same inode, so Landlock's rule on the workspace holds),
+ * on the image's empty /workspace or, where the root filesystem has none,
+ * on the one of a root built for the box. The host's view never changes. */
+static int box_workspace(const char *ws_path, char *why, size_t cap)
+{
+    struct stat st;
+    if ((lstat(BOX_WORKSPACE, &st) < 0 || !S_ISDIR(st.st_mode)) && box_new_root(why, cap) < 0)
+        return -1;
+    if (mount(ws_path, BOX_WORKSPACE, NULL, MS_BIND | MS_REC, NULL) < 0) {
+        snprintf(why, cap, "binding the workspace on %s: %s", BOX_WORKSPACE, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* Enter fresh namespaces and set them up; in a child of the agent. */
-static int box_enter(int flags, const char *tmp_path, const char *slot_dir, char *why, size_t cap)
+static int box_enter(int flags, const char *tmp_path, const char *slot_dir, const char *ws_path,
+                     char *why, size_t cap)
 {
     uid_t uid = geteuid();
     gid_t gid = getegid();
@@ -133,6 +306,8 @@ static int box_enter(int flags, const char *tmp_path, const char *slot_dir, char
         snprintf(why, cap, "binding the slot's tmp on /tmp: %s", strerror(errno));
         return -1;
     }
+    if (ws_path && box_workspace(ws_path, why, cap) < 0)
+        return -1;
     return 0;
 }
 
@@ -205,18 +380,28 @@ int ns_probe(struct isolation *iso, char *why, size_t whycap)
         pid_t pid = fork();
         if (pid == 0) {
             char msg[128] = "";
-            if (box_enter(tries[t], NULL, NULL, msg + 1, sizeof msg - 1) < 0) {
+            if (box_enter(tries[t], NULL, NULL, NULL, msg + 1, sizeof msg - 1) < 0) {
                 msg[0] = 'E';
                 (void)!write(pp[1], msg, strlen(msg));
                 _exit(1);
             }
+            /* PID 1 tries what a box's does, in the same order: the
+             * workspace (any directory will do), then its own /proc. It
+             * answers "P|p W|w [why the workspace failed]". */
             pid_t one = fork();
-            if (one == 0)
-                _exit(mount_proc() ? 0 : 1);
+            if (one == 0) {
+                char m[128] = "PW";
+                if (box_workspace("/", m + 2, sizeof m - 2) < 0)
+                    m[1] = 'w';
+                if (!mount_proc())
+                    m[0] = 'p';
+                (void)!write(pp[1], m, strlen(m));
+                _exit(0);
+            }
             int st = 0;
             waitpid(one, &st, 0);
-            msg[0] = WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 'P' : 'p';
-            (void)!write(pp[1], msg, 1);
+            if (one < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+                (void)!write(pp[1], "pwthe probe's PID 1 failed", 26);
             _exit(0);
         }
         close(pp[1]);
@@ -225,10 +410,13 @@ int ns_probe(struct isolation *iso, char *why, size_t whycap)
         close(pp[0]);
         if (pid > 0)
             waitpid(pid, NULL, 0);
-        if (n > 0 && (msg[0] == 'P' || msg[0] == 'p')) {
+        if (n > 1 && (msg[0] == 'P' || msg[0] == 'p')) {
             iso->ns_flags = base;
             iso->ns_net = t == 0;
             iso->ns_proc = msg[0] == 'P';
+            iso->ns_workspace = msg[1] == 'W';
+            snprintf(iso->ns_workspace_why, sizeof iso->ns_workspace_why, "%.119s",
+                     iso->ns_workspace ? "" : msg + 2);
             return 0;
         }
         if (t == 1 || n <= 0) {
@@ -280,7 +468,7 @@ static void __attribute__((noreturn)) box_init(bool want_proc, int report_fd)
     }
 }
 
-static void serve(const struct isolation *iso, int sock, pid_t init)
+static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd)
 {
     char *stack = child_stack_alloc();
     if (!stack)
@@ -330,6 +518,11 @@ static void serve(const struct isolation *iso, int sock, pid_t init)
         };
         for (int k = 0; k < rq.ncg; k++)
             ic.cg_fd[k] = fds[3 + !!rq.has_cwd + !!rq.has_ll + k];
+        /* The agent's read-anywhere rule is on the host's /; when the box
+         * has a root of its own, paths here lead up to that one instead.
+         * (A failure shows as the command's EACCES.) */
+        if (ic.landlock_fd >= 0 && root_fd >= 0)
+            landlock_allow_read(ic.landlock_fd, root_fd);
         memcpy(ic.lim, rq.lim, sizeof ic.lim);
         struct spawn sp = {
             .stack = stack,
@@ -395,7 +588,7 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     dup2(null, 1);
     syscall(SYS_close_range, 4u, ~0u, 0);
     int flags = iso->ns_flags | (!bc->network && iso->ns_net ? CLONE_NEWNET : 0);
-    if (box_enter(flags, bc->tmp_path, bc->slot_dir, rd.why, sizeof rd.why) < 0) {
+    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, rd.why, sizeof rd.why) < 0) {
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
@@ -422,7 +615,7 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     rd.init_pid = init;
     rd.proc = proc;
     if (fd_write_all(sock, &rd, sizeof rd) == 0)
-        serve(iso, sock, init);
+        serve(iso, sock, init, open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
     kill(init, SIGKILL);
     _exit(0);
 }

@@ -92,6 +92,32 @@ static int resolve_program(const char *name, const char *path_env, int cwd_fd, c
     return sp_errf(err, SP_NOT_FOUND, "%s: command not found in PATH", name);
 }
 
+/* A data dir under /tmp would vanish beneath the private /tmp: then /tmp
+ * stays shared and only TMPDIR is private. */
+static bool box_binds_tmp(const struct agent *ag)
+{
+    return strncmp(ag->data_dir, "/tmp/", 5) != 0;
+}
+
+int exec_cwd(struct agent *ag, struct slot *s, const struct iso_child *ic, const char *rel,
+             char *out, size_t cap, struct sp_err *err)
+{
+    bool boxed = (ic->want & (1u << RUNG_NAMESPACES)) && ag->iso.ns_workspace;
+    size_t n = (size_t)snprintf(out, cap, "%s", boxed ? BOX_WORKSPACE : s->ws_path);
+    /* "." components and doubled slashes dropped: this is also PWD, which
+     * shells take as it is only when it is clean. */
+    for (const char *c = rel ? rel : ""; *c;) {
+        size_t cl = strcspn(c, "/");
+        if (cl && !(cl == 1 && c[0] == '.'))
+            n += (size_t)snprintf(out + (n < cap ? n : cap), n < cap ? cap - n : 0, "/%.*s",
+                                  (int)cl, c);
+        c += cl + (c[cl] == '/');
+    }
+    if (n >= cap)
+        return sp_errf(err, SP_BAD_REQUEST, "args.cwd: path too long");
+    return 0;
+}
+
 /* Which rungs this command gets, with what: fails closed when isolation is
  * required and a required rung is missing. */
 int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_child *ic,
@@ -100,6 +126,13 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
     struct agent *ag = rq->ag;
     struct isolation *iso = &ag->iso;
     unsigned have = iso->available;
+    if ((have & (1u << RUNG_NAMESPACES)) && s->box[!network].pid <= 0 && s->ll_fd[!network] >= 0) {
+        /* The box about to start adds its own root to this ruleset (see
+         * landlock_allow_read): a fresh one keeps the roots of boxes gone
+         * with earlier resets from piling up in it. */
+        close(s->ll_fd[!network]);
+        s->ll_fd[!network] = -1;
+    }
     if ((have & (1u << RUNG_LANDLOCK)) && s->ll_fd[!network] < 0) {
         struct sp_err lerr;
         s->ll_fd[!network] =
@@ -114,18 +147,16 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
         have &= ~(1u << RUNG_LANDLOCK);
     if ((have & (1u << RUNG_NAMESPACES)) && s->box[!network].pid <= 0) {
         struct sp_err berr;
-        /* A data dir under /tmp would vanish beneath the private /tmp: then
-         * /tmp stays shared and only TMPDIR is private. */
-        bool under_tmp = strncmp(ag->data_dir, "/tmp/", 5) == 0;
         char slot_dir[4200];
         snprintf(slot_dir, sizeof slot_dir, "%s/slots/%u", ag->data_dir, s->index);
         struct box_conf bc = {
-            .tmp_path = under_tmp ? NULL : s->tmp_path,
+            .tmp_path = box_binds_tmp(ag) ? s->tmp_path : NULL,
+            .ws_path = iso->ns_workspace ? s->ws_path : NULL,
             .slot_dir = slot_dir,
             .network = network,
             .uid = (have & (1u << RUNG_UID)) ? s->uid : 0,
             .index = s->index,
-            .home = s->ws_path,
+            .home = iso->ns_workspace ? BOX_WORKSPACE : s->ws_path,
             .cg_fd = (have & (1u << RUNG_CGROUP)) ? s->cg_fd : NULL,
             .secret = ag->token,
             .secret_len = sizeof ag->token,
@@ -211,20 +242,26 @@ static int check_env(const struct agent *ag, const msgpack_object *env_o, size_t
  * variables override the defaults. Returns the PATH to search programs in,
  * or NULL when a is too small. */
 static const char *build_env(struct agent *ag, struct slot *s, const msgpack_object *env_o,
-                             const char *term, struct arena *a, char **envp)
+                             const char *term, const struct iso_child *ic, const char *cwd,
+                             struct arena *a, char **envp)
 {
     uint32_t nenv = env_o ? env_o->via.map.size : 0;
     unsigned ne = 0;
     char slot_idx[16];
     snprintf(slot_idx, sizeof slot_idx, "%u", s->index);
+    /* Paths as the command sees them: in a box that shows the workspace at
+     * /workspace, no host path (naming the agent) reaches it. */
+    bool boxed = (ic->want & (1u << RUNG_NAMESPACES)) != 0;
+    const char *ws = boxed && ag->iso.ns_workspace ? BOX_WORKSPACE : s->ws_path;
     const char *defaults[][2] = {
         {"PATH", DEFAULT_PATH},
-        {"HOME", s->ws_path},
-        {"TMPDIR", s->tmp_path},
+        {"HOME", ws},
+        {"TMPDIR", boxed && box_binds_tmp(ag) ? "/tmp" : s->tmp_path},
         {"LANG", "C.UTF-8"},
         {"TERM", term},
         {"SLOT_INDEX", slot_idx},
-        {"SLOT_WORKSPACE", s->ws_path},
+        {"SLOT_WORKSPACE", ws},
+        {"PWD", cwd},
     };
     const char *path_env = DEFAULT_PATH;
     for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
@@ -260,12 +297,12 @@ static const char *build_env(struct agent *ag, struct slot *s, const msgpack_obj
 }
 
 char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, const char *term,
-                struct sp_err *err)
+                const struct iso_child *ic, const char *cwd, struct sp_err *err)
 {
-    size_t need = 1024 + strlen(s->ws_path) * 2 + strlen(s->tmp_path) + strlen(term);
+    size_t need = 1024 + strlen(s->ws_path) * 2 + strlen(s->tmp_path) + strlen(term) + strlen(cwd);
     if (check_env(ag, env_o, &need, err) < 0)
         return NULL;
-    size_t nptr = (env_o ? env_o->via.map.size : 0) + ag->npass_env + 8 + 1;
+    size_t nptr = (env_o ? env_o->via.map.size : 0) + ag->npass_env + 9 + 1;
     /* The pointer array comes first, the strings after it: one free(). */
     struct arena a = {0};
     char *block = malloc(nptr * sizeof(char *) + need);
@@ -276,7 +313,7 @@ char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, c
     char **envp = (char **)block;
     a.buf = block + nptr * sizeof(char *);
     a.cap = need;
-    if (!build_env(ag, s, env_o, term, &a, envp)) {
+    if (!build_env(ag, s, env_o, term, ic, cwd, &a, envp)) {
         free(block);
         sp_errf(err, SP_INTERNAL, "out of memory building the environment");
         return NULL;
@@ -315,7 +352,8 @@ int op_exec(struct req *rq, struct sp_err *err)
 
     /* The arena holds every string of argv and envp: the request's strings
      * plus the fixed variables. */
-    size_t need = 1024 + cmd_len + strlen(s->ws_path) * 2 + strlen(s->tmp_path);
+    char cwd_path[8200];
+    size_t need = 1024 + cmd_len + strlen(s->ws_path) * 2 + strlen(s->tmp_path) + sizeof cwd_path;
     uint32_t nargv = argv_o ? argv_o->via.array.size : 3;
     uint32_t nenv = env_o ? env_o->via.map.size : 0;
     if (argv_o)
@@ -330,7 +368,7 @@ int op_exec(struct req *rq, struct sp_err *err)
         }
     if (check_env(ag, env_o, &need, err) < 0)
         return -1;
-    size_t nptr = (nargv + 1) + (nenv + ag->npass_env + 8 + 1);
+    size_t nptr = (nargv + 1) + (nenv + ag->npass_env + 9 + 1);
     /* argv/envp pointer arrays follow the strings: keep them aligned. */
     a.cap = (need + 64 + sizeof(char *) - 1) & ~(sizeof(char *) - 1);
     a.buf = malloc(a.cap + nptr * sizeof(char *));
@@ -339,19 +377,18 @@ int op_exec(struct req *rq, struct sp_err *err)
     char **argv = (char **)(a.buf + a.cap);
     char **envp = argv + nargv + 1;
 
-    char cwd_path[8200];
-    snprintf(cwd_path, sizeof cwd_path, "%s", s->ws_path);
+    char rel[4096] = "";
     if (cwd) {
-        char rel[4096];
         if (path_check(cwd, cwd_len, true, rel, sizeof rel, err) < 0)
             goto out;
-        snprintf(cwd_path, sizeof cwd_path, "%s/%s", s->ws_path, rel);
         cwd_fd = path_open(s->ws_fd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0, err);
         if (cwd_fd < 0)
             goto out;
     }
+    if (exec_cwd(ag, s, &ic, rel, cwd_path, sizeof cwd_path, err) < 0)
+        goto out;
 
-    const char *path_env = build_env(ag, s, env_o, "dumb", &a, envp);
+    const char *path_env = build_env(ag, s, env_o, "dumb", &ic, cwd_path, &a, envp);
     if (!path_env)
         goto oom;
 

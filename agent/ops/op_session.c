@@ -1,5 +1,6 @@
 /* Ops session_open, session_exec, session_write, session_read,
- * session_resize, session_signal and session_close: turn validated
+ * session_resize, session_screen, session_log, session_signal and
+ * session_close: turn validated
  * arguments into a session's shell (isolation, environment and cwd exactly
  * as exec builds them) and hand the rest to session.c. */
 #include <errno.h>
@@ -65,19 +66,19 @@ int op_session_open(struct req *rq, struct sp_err *err)
         return -1;
 
     int cwd_fd = -1, rc = -1;
-    char cwd_path[8200];
-    snprintf(cwd_path, sizeof cwd_path, "%s", s->ws_path);
+    char cwd_path[8200], rel[4096] = "";
     if (cwd) {
-        char rel[4096];
         if (path_check(cwd, cwd_len, true, rel, sizeof rel, err) < 0)
             return -1;
-        snprintf(cwd_path, sizeof cwd_path, "%s/%s", s->ws_path, rel);
         cwd_fd = path_open(s->ws_fd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0, err);
         if (cwd_fd < 0)
             return -1;
     }
+    char **envp = NULL;
+    if (exec_cwd(ag, s, &ic, rel, cwd_path, sizeof cwd_path, err) < 0)
+        goto out;
     /* A terminal is not dumb: full-screen programs need to know what it is. */
-    char **envp = exec_env(ag, s, req_arg(rq, "env"), pty ? "xterm-256color" : "dumb", err);
+    envp = exec_env(ag, s, req_arg(rq, "env"), pty ? "xterm-256color" : "dumb", &ic, cwd_path, err);
     if (!envp)
         goto out;
     bool bash = is_bash(shell);
@@ -150,6 +151,10 @@ int op_session_write(struct req *rq, struct sp_err *err)
         return -1;
     size_t n, taken = 0;
     const char *data = arg_bin(rq, "data", &n);
+    /* Asked to wait (even 0 ms): the answer says whether the prompt came. */
+    if (req_arg(rq, "min_wait_ms") || req_arg(rq, "wait_prompt_ms"))
+        return session_write_wait(ss, rq, data, n, arg_uint(rq, "min_wait_ms", 0),
+                                  arg_uint(rq, "wait_prompt_ms", 0), err);
     if (session_write(ss, data, n, &taken, err) < 0)
         return -1;
     msgpack_packer *pk = req_reply_begin(rq);
@@ -193,12 +198,31 @@ int op_session_resize(struct req *rq, struct sp_err *err)
 int op_session_screen(struct req *rq, struct sp_err *err)
 {
     struct session *ss = arg_session(rq, err);
-    if (!ss || session_screen(ss, NULL, err) < 0)
+    if (!ss || session_screen(ss, NULL, false, err) < 0)
         return -1;
+    bool history = arg_bool(rq, "history", false);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 5);
+    msgpack_pack_map(pk, history ? 6 : 5);
     sp_pack_kv_uint(pk, "session", arg_uint(rq, "session", 0));
-    session_screen(ss, pk, err); /* rows, cursor, size, alive */
+    session_screen(ss, pk, history, err); /* rows, cursor, size, alive[, history] */
+    req_reply_end(rq);
+    return OP_DONE;
+}
+
+int op_session_log(struct req *rq, struct sp_err *err)
+{
+    struct agent *ag = rq->ag;
+    struct session *ss = arg_session(rq, err);
+    if (!ss || session_log(ss, NULL, 0, 0, false, err) < 0)
+        return -1;
+    uint64_t max = arg_uint(rq, "max_bytes", DEFAULT_READ_BYTES);
+    /* An answer must fit in a frame. */
+    if (max == 0 || max > ag->opt.max_frame / 2)
+        return sp_errf(err, SP_BAD_REQUEST, "args.max_bytes: must be 1..%u", ag->opt.max_frame / 2);
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 7);
+    sp_pack_kv_uint(pk, "session", arg_uint(rq, "session", 0));
+    session_log(ss, pk, arg_uint(rq, "offset", 0), (size_t)max, arg_bool(rq, "lines", false), err);
     req_reply_end(rq);
     return OP_DONE;
 }

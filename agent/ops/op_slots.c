@@ -43,8 +43,10 @@ int op_hello(struct req *rq, struct sp_err *err)
         }
     }
     bool authed = rq->conn ? conn_authed(rq->conn) : false;
+    char view[4200];
+    slots_view_template(ag, view, sizeof view);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 10);
+    msgpack_pack_map(pk, 11);
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
     sp_pack_kv_str(pk, "agent", "slot-agent");
     sp_pack_kv_str(pk, "version", AGENT_VERSION);
@@ -52,6 +54,7 @@ int op_hello(struct req *rq, struct sp_err *err)
     sp_pack_kv_uint(pk, "slots", ag->nslots);
     sp_pack_kv_bool(pk, "authenticated", authed);
     sp_pack_kv_bool(pk, "auth_required", ag->token_len > 0);
+    sp_pack_kv_str(pk, "workspace_view", view);
     sp_pack_cstr(pk, "isolation");
     msgpack_pack_map(pk, RUNG_COUNT);
     for (int r = 0; r < RUNG_COUNT; r++)
@@ -191,7 +194,7 @@ int op_stats(struct req *rq, struct sp_err *err)
 
 static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
 {
-    msgpack_pack_map(pk, 12);
+    msgpack_pack_map(pk, 15);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "state",
                    s->resetting                ? "resetting"
@@ -205,10 +208,17 @@ static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
         else
             sp_pack_kv_nil(pk, "holder");
         sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
+        if (s->owner)
+            sp_pack_kv_str(pk, "owner", s->owner);
+        else
+            sp_pack_kv_nil(pk, "owner");
+        sp_pack_kv_bool(pk, "bound", s->owner && s->owner_bound);
     } else {
         sp_pack_kv_nil(pk, "trajectory_id");
         sp_pack_kv_nil(pk, "holder");
         sp_pack_kv_nil(pk, "leased_at");
+        sp_pack_kv_nil(pk, "owner");
+        sp_pack_kv_bool(pk, "bound", false);
     }
     sp_pack_kv_uint(pk, "generation", s->generation);
     sp_pack_kv_uint(pk, "queued", s->q_len);
@@ -222,6 +232,7 @@ static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
             msgpack_pack_uint64(pk, e->id);
     sp_pack_kv_uint(pk, "execs", s->execs);
     sp_pack_kv_str(pk, "workspace", s->ws_path);
+    sp_pack_kv_str(pk, "cwd_path", slot_view(ag, s));
     sp_pack_cstr(pk, "sessions");
     sessions_pack(pk, s);
 }
@@ -261,36 +272,44 @@ static char *dup_str(const char *s, size_t n)
 int op_lease(struct req *rq, struct sp_err *err)
 {
     struct slot *s = req_slot(rq);
-    size_t tn, hn;
+    size_t tn, hn, on;
     const char *tid = arg_str(rq, "trajectory_id", &tn);
     const char *holder = arg_str(rq, "holder", &hn);
+    const char *owner = arg_str(rq, "owner", &on);
     if (tn == 0 || memchr(tid, 0, tn))
         return sp_errf(err, SP_BAD_REQUEST, "args.trajectory_id: must be non-empty, without NUL");
     if (holder && memchr(holder, 0, hn))
         return sp_errf(err, SP_BAD_REQUEST, "args.holder: contains a NUL byte");
+    if (owner && (on == 0 || memchr(owner, 0, on)))
+        return sp_errf(err, SP_BAD_REQUEST, "args.owner: must be non-empty, without NUL");
     if (s->leased) {
         if (strlen(s->trajectory_id) != tn || memcmp(s->trajectory_id, tid, tn) != 0)
             return sp_errf(err, SP_SLOT_BUSY, "slot %u is leased by trajectory '%s'", s->index,
                            s->trajectory_id);
     } else {
         char *t = dup_str(tid, tn), *h = holder ? dup_str(holder, hn) : NULL;
-        if (!t || (holder && !h)) {
+        char *o = owner ? dup_str(owner, on) : NULL;
+        if (!t || (holder && !h) || (owner && !o)) {
             free(t);
             free(h);
+            free(o);
             return sp_errf(err, SP_INTERNAL, "out of memory");
         }
         s->trajectory_id = t;
         s->holder = h;
+        s->owner = o;
+        s->owner_bound = arg_bool(rq, "bound", true);
         s->leased = true;
         s->leased_at = agent_now(rq->ag);
         s->generation++;
     }
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 4);
+    msgpack_pack_map(pk, 5);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);
     sp_pack_kv_uint(pk, "generation", s->generation);
     sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
+    sp_pack_kv_str(pk, "cwd_path", slot_view(rq->ag, s));
     req_reply_end(rq);
     return OP_DONE;
 }
@@ -309,7 +328,9 @@ int op_unlease(struct req *rq, struct sp_err *err)
     sessions_close_slot(rq->ag, s);
     free(s->trajectory_id);
     free(s->holder);
-    s->trajectory_id = s->holder = NULL;
+    free(s->owner);
+    s->trajectory_id = s->holder = s->owner = NULL;
+    s->owner_bound = false;
     s->leased = false;
     msgpack_packer *pk = req_reply_begin(rq);
     msgpack_pack_map(pk, 1);

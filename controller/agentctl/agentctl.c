@@ -54,6 +54,8 @@ static const char usage_text[] =
     "  status [--profile P]     pool summary: agents, slots, waiters, exec rate and latency\n"
     "  agents [--profile P] | slots [--profile P] [--agent A] | leases | profiles\n"
     "  acquire [--profile P] [--trajectory T] [--timeout-ms N]   print a slot handle\n"
+    "                           (unbound: the lease outlives agentctl until release or\n"
+    "                           the profile's lease_timeout)\n"
     "  release SLOT [--no-reset]\n"
     "  drain AGENT              no new leases; stopped once its last lease is released\n"
     "  top [--interval SEC] [--once]   live view; q or Ctrl-C quits\n"

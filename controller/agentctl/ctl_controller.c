@@ -440,17 +440,27 @@ int cmd_leases(struct ctl *c)
         print_json(r);
         return 0;
     }
-    static const char *const cols[] = {"SLOT", "TRAJECTORY", "PROFILE", "EXEC",
-                                       "AGE",  "IDLE",       NULL};
+    /* GRACE: how long a lease whose owner has gone has left, "-" while
+     * its owner is connected, "unbound" when it does not end with it. */
+    static const char *const cols[] = {"SLOT", "TRAJECTORY", "OWNER", "GRACE", "PROFILE",
+                                       "EXEC", "AGE",        "IDLE",  NULL};
     struct table t;
-    tbl_header(&t, 0x08, cols);
+    tbl_header(&t, 0x28, cols);
     for (uint32_t i = 0; i < arr->via.array.size; i++) {
         const msgpack_object *l = &arr->via.array.ptr[i];
-        char h[256], tr[256], prof[256], age[32], idle[32];
+        char h[256], tr[256], own[256], prof[256], age[32], idle[32], grace[32];
+        const msgpack_object *b = sp_map_get(l, "bound");
         fmt_since(age, sizeof age, l, "leased_at");
         fmt_since(idle, sizeof idle, l, "last_used");
+        if (sp_map_get(l, "grace_left_ms"))
+            fmt_dur(grace, sizeof grace, get_u(l, "grace_left_ms"));
+        else
+            snprintf(grace, sizeof grace, "%s",
+                     b && b->type == MSGPACK_OBJECT_BOOLEAN && !b->via.boolean ? "unbound" : "-");
         tbl_cell(&t, "%s", str_field(l, "slot", h, sizeof h));
         tbl_cell(&t, "%s", str_field(l, "trajectory_id", tr, sizeof tr));
+        tbl_cell(&t, "%s", str_field(l, "owner", own, sizeof own));
+        tbl_cell(&t, "%s", grace);
         tbl_cell(&t, "%s", str_field(l, "profile", prof, sizeof prof));
         tbl_cell(&t, "%llu", (unsigned long long)get_u(l, "executing"));
         tbl_cell(&t, "%s", age);
@@ -500,7 +510,10 @@ int cmd_acquire(struct ctl *c, const struct cmd *cmd)
     uint64_t wait_ms =
         cmd->have_timeout ? cmd->timeout_ms : profile_ms(c, cmd->profile, "acquire_timeout_ms");
     struct args a;
-    args_begin(&a, (cmd->profile != NULL) + (cmd->trajectory != NULL) + cmd->have_timeout);
+    args_begin(&a, 1 + (cmd->profile != NULL) + (cmd->trajectory != NULL) + cmd->have_timeout);
+    /* This connection ends when agentctl exits, and the slot is used by
+     * later agentctl runs: the lease must not end with it. */
+    sp_pack_kv_bool(&a.pk, "bind", false);
     if (cmd->profile)
         sp_pack_kv_str(&a.pk, "profile", cmd->profile);
     if (cmd->trajectory)

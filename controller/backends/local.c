@@ -2,8 +2,19 @@
  * each agent is a child whose stdin/stdout is one end of a socketpair (it
  * exits when the controller goes). In socket mode each agent is a detached
  * daemon on STATE/agents/ID.sock that outlives the controller; a restarted
- * controller finds the sockets again (list_agents) and reattaches. */
+ * controller finds the sockets again (list_agents) and reattaches.
+ *
+ * An agent's data dir is BASE/PROFILE/N (BASE: the profile's
+ * workspace_base, else STATE/data), N the lowest index no live agent uses,
+ * so the paths its commands see where it has no box do not name the agent
+ * and repeat from run to run. BASE/PROFILE/N.lock is flock'ed while N is
+ * in use: by the controller while it picks N, then by the agent process,
+ * which inherits the descriptor and holds it for its whole life (across
+ * controller restarts in socket mode). A directory is only ever emptied or
+ * removed under that lock, so neither this controller, a restarted one nor
+ * another sharing BASE takes or removes a data dir in use. */
 #include <dirent.h>
+#include <sys/file.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -43,6 +54,130 @@ static char *data_base(struct ctl *c, struct profile *p)
     else if (asprintf(&d, "%s/data", c->state_dir) < 0)
         abort();
     return d;
+}
+
+/* The lock of the data dir being started: its descriptor survives into the
+ * agent (the one place a spawn sees it is the child, between fork and exec). */
+static int spawn_lock_fd = -1;
+
+static void inherit_lock(void)
+{
+    if (spawn_lock_fd >= 0)
+        fcntl(spawn_lock_fd, F_SETFD, 0);
+}
+
+static char *lock_path(const char *data_dir)
+{
+    char *p = NULL;
+    if (asprintf(&p, "%s.lock", data_dir) < 0)
+        abort();
+    return p;
+}
+
+/* Is dir BASE/PROFILE/N (the locked layout), not an id-named dir of an
+ * agent started by an earlier version? */
+static bool data_indexed(const struct profile *p, const char *dir)
+{
+    const char *slash = strrchr(dir, '/');
+    if (!slash || !slash[1] || strspn(slash + 1, "0123456789") != strlen(slash + 1))
+        return false;
+    size_t pl = strlen(p->name);
+    return (size_t)(slash - dir) > pl && slash[-(long)pl - 1] == '/' &&
+           !memcmp(slash - pl, p->name, pl);
+}
+
+static bool data_used_here(struct ctl *c, const char *dir)
+{
+    struct profile *p;
+    struct agent *a;
+    TAILQ_FOREACH(p, &c->profiles, link)
+    TAILQ_FOREACH(a, &p->agents, link)
+    if (a->data_dir && !strcmp(a->data_dir, dir))
+        return true;
+    return false;
+}
+
+/* Give ag the lowest free BASE/PROFILE/N, emptied, with its lock held in
+ * *lock_fd (close-on-exec until the agent's spawn). */
+static int data_pick(struct ctl *c, struct agent *ag, int *lock_fd, struct sp_err *err)
+{
+    char *base = data_base(c, ag->prof), *dir = NULL;
+    if (asprintf(&dir, "%s/%s", base, ag->prof->name) < 0)
+        abort();
+    free(base);
+    int rc = -1;
+    if (mkdir_p(dir, 0755) < 0) {
+        sp_err_errno(err, errno, dir);
+        goto out;
+    }
+    sp_errf(err, SP_NO_CAPACITY, "no free data dir index under %s", dir);
+    for (unsigned n = 0; n < 100000 && rc < 0; n++) {
+        char *path = NULL;
+        if (asprintf(&path, "%s/%u", dir, n) < 0)
+            abort();
+        if (data_used_here(c, path)) {
+            free(path);
+            continue;
+        }
+        char *lp = lock_path(path);
+        int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        int e = errno;
+        free(lp);
+        if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) < 0) {
+            if (fd >= 0)
+                e = errno, close(fd);
+            free(path);
+            if (e == EWOULDBLOCK)
+                continue; /* a live agent's (perhaps another controller's) */
+            sp_err_errno(err, e, "locking a data dir");
+            goto out;
+        }
+        /* Ours now: what is there is an agent's that went without its
+         * clean-up (a controller killed); it goes, the agent starts empty. */
+        struct stat st;
+        if (lstat(path, &st) == 0) {
+            log_info("data dir %s: removing what a gone agent left", path);
+            remove_tree_async(c, path);
+        }
+        if (mkdir(path, 0755) < 0) {
+            sp_err_errno(err, errno, path);
+            close(fd);
+            free(path);
+            goto out;
+        }
+        ag->data_dir = path;
+        *lock_fd = fd;
+        rc = 0;
+    }
+out:
+    free(dir);
+    return rc;
+}
+
+/* The agent is gone: remove its data dir, under the dir's lock when it has
+ * one (taken only once the agent process has let it go). Later removal by
+ * agent_free_soon is not wanted: the lock must be held across it. */
+static void data_release(struct ctl *c, struct agent *ag)
+{
+    if (!ag->data_dir || !ag->data_ours || !data_indexed(ag->prof, ag->data_dir))
+        return; /* agent_free_soon removes an id-named dir as before */
+    ag->data_ours = false;
+    char *lp = lock_path(ag->data_dir);
+    int fd = open(lp, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    free(lp);
+    if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        remove_tree_async(c, ag->data_dir);
+        /* Explicitly: the removing child shares the lock until it has
+         * closed its copy, and the index must be free now. */
+        flock(fd, LOCK_UN);
+        /* Gone: its index is free for the next agent at once. */
+        free(ag->data_dir);
+        ag->data_dir = NULL;
+    } else
+        log_warn("agent %s: data dir %s is still locked; left for a later clean-up", ag->id,
+                 ag->data_dir);
+    if (fd >= 0)
+        close(fd);
 }
 
 /* argv for the agent; strings owned by the returned array (NULL-ended). */
@@ -99,6 +234,7 @@ static void run_agent(struct ctl *c, struct agent *ag, char **argv)
 {
     (void)c;
     (void)ag;
+    inherit_lock();
     child_exec(argv);
 }
 
@@ -110,6 +246,8 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     (void)loop;
     char why[128];
     child_reaped(c, ag, w, "agent process", why, sizeof why);
+    /* Before a replacement starts: it may have the index. */
+    data_release(c, ag);
     if (ag->state != AG_STOPPING)
         agent_lost(c, ag, why);
     else
@@ -245,6 +383,7 @@ static int start_socket(struct ctl *c, struct agent *ag, struct sp_err *err)
             dup2(dn, 0);
             dup2(dn, 1);
             dup2(lf >= 0 ? lf : dn, 2);
+            inherit_lock();
             child_exec(argv);
         }
         (void)!write(pp[1], &gc, sizeof gc);
@@ -270,6 +409,13 @@ static int start_socket(struct ctl *c, struct agent *ag, struct sp_err *err)
         fprintf(f, "%d\n", (int)gc);
         fclose(f);
     }
+    /* A restarted controller reads which data dir the agent has. */
+    char *dataf = path_in_state(c, ag->id, ".data");
+    if ((f = fopen(dataf, "w"))) {
+        fprintf(f, "%s\n", ag->data_dir);
+        fclose(f);
+    }
+    free(dataf);
     ev_timer_init(&ag->timer, connect_retry_cb, CONNECT_RETRY_S, CONNECT_RETRY_S);
     ag->timer.data = ag;
     ev_timer_start(c->loop, &ag->timer);
@@ -295,11 +441,12 @@ static void socket_stop_cb(struct ev_loop *loop, ev_timer *w, int revents)
         log_warn("agent %s ignored SIGTERM for %.0f s; SIGKILL", ag->id, STOP_GRACE_S);
         kill(ag->pid, SIGKILL);
     }
-    for (const char *ext = ".sock\0.pid\0.log\0"; *ext; ext += strlen(ext) + 1) {
+    for (const char *ext = ".sock\0.pid\0.log\0.data\0"; *ext; ext += strlen(ext) + 1) {
         char *p = path_in_state(c, ag->id, ext);
         unlink(p);
         free(p);
     }
+    data_release(c, ag);
     agent_free_soon(c, ag);
 }
 
@@ -307,20 +454,23 @@ static void socket_stop_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static int local_start(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
-    char *base = data_base(c, ag->prof);
-    if (asprintf(&ag->data_dir, "%s/%s", base, ag->id) < 0)
-        abort();
-    free(base);
-    if (mkdir_p(ag->data_dir, 0755) < 0)
-        return sp_err_errno(err, errno, ag->data_dir);
-    ag->data_ours = true;
     if (access(agent_bin(c, ag), X_OK) < 0)
         return sp_errf(err, SP_NOT_FOUND,
                        "slot-agent binary %s: %s (set local.agent or "
                        "--agent-bin)",
                        agent_bin(c, ag), strerror(errno));
-    return ag->prof->local_mode == LOCAL_SOCKET ? start_socket(c, ag, err)
-                                                : start_stdio(c, ag, err);
+    int lock_fd = -1;
+    if (data_pick(c, ag, &lock_fd, err) < 0)
+        return -1;
+    ag->data_ours = true;
+    spawn_lock_fd = lock_fd;
+    int rc =
+        ag->prof->local_mode == LOCAL_SOCKET ? start_socket(c, ag, err) : start_stdio(c, ag, err);
+    /* The agent holds the lock from here on (or, when it did not start,
+     * nobody: its dir goes with it under a lock taken again). */
+    spawn_lock_fd = -1;
+    close(lock_fd);
+    return rc;
 }
 
 static void stdio_kill_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -339,6 +489,7 @@ static void local_stop(struct ctl *c, struct agent *ag)
     ev_timer_stop(c->loop, &ag->timer);
     if (ag->prof->local_mode == LOCAL_STDIO) {
         if (ag->pid <= 0) {
+            data_release(c, ag);
             agent_free_soon(c, ag);
             return;
         }
@@ -410,10 +561,21 @@ static int local_list(struct ctl *c, struct profile *p)
         }
         ag->pid = pid;
         snprintf(ag->address, sizeof ag->address, "unix:%s", sock);
-        char *base = data_base(c, p);
-        if (asprintf(&ag->data_dir, "%s/%s", base, id) < 0)
-            abort();
-        free(base);
+        /* Its data dir as start_socket recorded it; an agent started by a
+         * version without the record has an id-named one. */
+        char *dataf = path_in_state(c, id, ".data"), line[4096];
+        if ((f = fopen(dataf, "r")) && fgets(line, sizeof line, f) && line[0] == '/') {
+            line[strcspn(line, "\n")] = 0;
+            ag->data_dir = strdup(line);
+        } else {
+            char *base = data_base(c, p);
+            if (asprintf(&ag->data_dir, "%s/%s", base, id) < 0)
+                abort();
+            free(base);
+        }
+        if (f)
+            fclose(f);
+        free(dataf);
         ag->data_ours = true;
         struct sp_err e;
         if (p->local_mode != LOCAL_SOCKET || local_attach(c, ag, &e) < 0) {

@@ -162,8 +162,11 @@ def test_slots_leases_and_profiles(controller: Controller) -> None:
     assert le["trajectory_id"] == "traj-tables" and le["agent"] == agent_id
     r = ctl(controller, "leases")
     head, rows = table(r.stdout)
-    assert head == ["SLOT", "TRAJECTORY", "PROFILE", "EXEC", "AGE", "IDLE"]
-    assert [h, "traj-tables", "default", "0"] == next(rw for rw in rows if rw[0] == h)[:4]
+    assert head == ["SLOT", "TRAJECTORY", "OWNER", "GRACE", "PROFILE", "EXEC", "AGE", "IDLE"]
+    row = next(rw for rw in rows if rw[0] == h)
+    # agentctl's acquire is unbound: the lease outlives its connection
+    assert row[2] == le["owner"] and row[2].startswith("conn-") and le["bound"] is False
+    assert [h, "traj-tables", le["owner"], "unbound", "default", "0"] == row[:6]
 
     d = ctl_json(controller, "profiles")
     p = next(x for x in d["profiles"] if x["name"] == "default")
@@ -710,7 +713,9 @@ def test_attach_is_an_interactive_terminal_in_the_slot(controller: Controller,
     wait_pane(t, name, lambda s: "Ctrl-] detaches" in s)
     # typed keys run in the slot: its workspace, its user
     t("send-keys", "-t", name, "cd sub 2>/dev/null || mkdir sub && cd sub; pwd; id -u", "Enter")
-    screen = wait_pane(t, name, lambda s: re.search(r"/slots/\d+/work/sub$", s, re.M) is not None)
+    # (/workspace in the slot's box, else the host path)
+    screen = wait_pane(t, name, lambda s: re.search(r"(/slots/\d+/work|^/workspace)/sub$", s,
+                                                    re.M) is not None)
     # the window size follows the local terminal, also when it changes
     t("send-keys", "-t", name, "stty size", "Enter")
     wait_pane(t, name, lambda s: re.search(r"^40 140$", s, re.M) is not None)

@@ -50,8 +50,10 @@ def test_acquire_gives_a_leased_slot_recorded_in_the_agent(controller, client):
     if direct is None:
         leases = client.call("leases")["leases"]
         assert [(x["slot"], x["trajectory_id"]) for x in leases] == [(r["slot"], "traj-1")]
+    # cwd_path: where its commands see the workspace (/workspace in a box)
+    assert r["cwd_path"] in ("/workspace", r["workspace"])
     out = bash(client, r["slot"], "pwd; id -u")
-    assert out["exit_code"] == 0 and out["stdout"].decode().split()[0] == r["workspace"]
+    assert out["exit_code"] == 0 and out["stdout"].decode().split()[0] == r["cwd_path"]
 
 
 def test_generated_trajectory_ids_and_distinct_slots(controller, client):

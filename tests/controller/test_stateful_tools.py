@@ -98,12 +98,14 @@ def test_tmux_start_keys_capture_stop(controller, client):
     a = acquire(client, "a")
     r = tool(client, a, "tmux", action="start", pane_width=50, pane_height=12)
     assert r["size"] == {"rows": 12, "cols": 50} and len(r["rows"]) == 12
+    assert r["started"] is True and r["created"] is True
     wait_screen(client, a, "$")
     tool(client, a, "tmux", action="send_keys", keys=["echo hi-$((6*7))", "Enter"])
     wait_screen(client, a, "hi-42")
     # a second start keeps the running terminal
     again = tool(client, a, "tmux", action="start")
     assert again["session"] == r["session"] and again["size"]["cols"] == 50
+    assert again["started"] is True and again["created"] is False
     # C-c interrupts a foreground program; the shell answers again
     tool(client, a, "tmux", action="send_keys", keys="sleep 100")
     tool(client, a, "tmux", action="send_keys", keys="Enter")
@@ -113,17 +115,16 @@ def test_tmux_start_keys_capture_stop(controller, client):
     wait_screen(client, a, "back")
     # keys go to the terminal session, commands to the bash_stateful one
     assert sh(client, a, "echo plain")["stdout"] == b"plain\n"
-    tool(client, a, "tmux", action="stop")
-    for action, extra in (("capture", {}), ("send_keys", {"keys": "x"}), ("stop", {})):
-        assert client.error_code("exec", {"slot": a, "tool": "tmux",
-                                          "args": {"action": action, **extra}}) == "not_found"
-    r2 = tool(client, a, "tmux", action="start", pane_width=30, pane_height=5)
-    assert r2["session"] != r["session"] and r2["size"] == {"rows": 5, "cols": 30}
+    assert tool(client, a, "tmux", action="stop") == {"stopped": True}
+    # stop always succeeds; any other action after it starts a fresh terminal
+    assert tool(client, a, "tmux", action="stop") == {"stopped": True}
+    r2 = tool(client, a, "tmux", action="capture", pane_width=30, pane_height=10)
+    assert r2["session"] != r["session"] and r2["size"] == {"rows": 10, "cols": 30}
     # a reset closes it; start opens a new one
     tool(client, a, "reset")
     r3 = tool(client, a, "tmux", action="start")
     assert r3["session"] not in (r["session"], r2["session"]), r3
-    assert r3["size"] == {"rows": 40, "cols": 160}
+    assert r3["size"] == {"rows": 40, "cols": 120} and r3["created"] is True
 
 
 def rows_equal(c: Client, slot: str, row: str, count: int = 1, timeout: float = 10.0) -> None:
@@ -163,19 +164,41 @@ def test_hostile_arguments_are_refused_and_the_slot_stays_usable(controller, cli
         ("bash_stateful", {"command": "true", "nope": 1}),
         ("bash_stateful", {"command": "true", "timeout": -1}),
         ("bash_stateful", {"command": "true", "timeout": 1e12}),
-        ("tmux", {}),
+        ("bash_stateful", {"command": "true", "allow_network": "no"}),
+        ("bash_stateful", {"command": "true", "require_stateful_sandbox": 1}),
+        ("bash_stateful", {"command": "true", "require_sandbox": "yes"}),
         ("tmux", {"action": "explode"}),
         ("tmux", {"action": 7}),
         ("tmux", {"action": "send_keys"}),
         ("tmux", {"action": "send_keys", "keys": [1, 2]}),
+        ("tmux", {"action": "send_keys", "keys": ["ok", 2]}),
         ("tmux", {"action": "send_keys", "keys": {"a": 1}}),
-        ("tmux", {"action": "start", "pane_width": 0}),
-        ("tmux", {"action": "start", "pane_height": 100000}),
+        ("tmux", {"action": "start", "pane_width": 1.5}),
+        ("tmux", {"action": "start", "pane_height": "tall"}),
         ("tmux", {"action": "start", "what": 1}),
+        ("tmux", {"action": "send_keys", "keys": "x", "block": "yes"}),
+        ("tmux", {"action": "send_keys", "keys": "x", "block": 1}),
+        ("tmux", {"action": "send_keys", "keys": "x", "min_wait_s": -1}),
+        ("tmux", {"action": "send_keys", "keys": "x", "min_wait_s": "1"}),
+        ("tmux", {"action": "send_keys", "keys": "x", "max_wait_s": 0}),
+        ("tmux", {"action": "send_keys", "keys": "x", "max_wait_s": -2.5}),
+        ("tmux", {"action": "send_keys", "keys": "x", "max_wait_s": 1e9}),
+        ("tmux", {"action": "send_keys", "keys": "x", "timeout": "30"}),
+        ("tmux", {"action": "send_keys", "keys": "x", "timeout": -1}),
+        ("tmux", {"action": "capture", "capture_entire": "yes"}),
+        ("tmux", {"action": "stream", "max_bytes": "big"}),
+        ("tmux", {"action": "stream", "max_bytes": 1.5}),
+        ("tmux", {"action": "stream", "reset": 0}),
+        ("tmux", {"action": "start", "allow_network": 0}),
+        ("tmux", {"action": "start", "require_stateful_sandbox": "true"}),
+        ("tmux", {"action": "start", "require_sandbox": [True]}),
     ]
     for name, args in bad:
         r = client.call_raw("exec", {"slot": a, "tool": name, "args": args})
         assert not r["ok"] and r["error"]["code"] == "bad_request", (name, args, r)
+        # a wrong name or type is named in the message
+        named = [k for k in args if k != "command" and args[k] not in ("send_keys", "start")]
+        assert not named or any(k in r["error"]["message"] for k in named), (args, r)
     r = client.call_raw("exec", {"slot": a, "tool": "bash_stateful", "args": [1]})
     assert r["error"]["code"] == "bad_request"
     r = client.call_raw("exec", {"slot": "x/0/1", "tool": "bash_stateful",
@@ -239,7 +262,7 @@ def test_shells_and_terminals_survive_a_controller_restart(controller_factory):
     a = acquire(c, "a")
     b = acquire(c, "b")
     sh(c, a, "cd /tmp && export KEPT=yes && C=41")
-    tool(c, b, "tmux", action="start", pane_width=40, pane_height=8)
+    tool(c, b, "tmux", action="start", pane_width=40, pane_height=10)
     wait_screen(c, b, "$")
     tool(c, b, "tmux", action="send_keys", keys=["echo before-restart", "Enter"])
     wait_screen(c, b, "before-restart")
@@ -253,7 +276,7 @@ def test_shells_and_terminals_survive_a_controller_restart(controller_factory):
     assert r["stdout"] == b"yes 42 /tmp\n", r
     screen = tool(c, b, "tmux", action="capture")
     assert any("before-restart" in row for row in screen["rows"]), screen
-    assert screen["size"] == {"rows": 8, "cols": 40}
+    assert screen["size"] == {"rows": 10, "cols": 40}
     tool(c, b, "tmux", action="send_keys", keys=["echo after-restart", "Enter"])
     wait_screen(c, b, "after-restart")
     c.close()
@@ -332,3 +355,274 @@ def test_an_agent_that_stops_answering_does_not_hang_the_slots_queue(controller,
             break
         time.sleep(0.1)
     assert r["ok"] and r["result"]["stdout"] == b"1\n", r
+
+
+# ---- the trainer executor's tmux arguments --------------------------------
+
+def tmux(c: Client, slot: str, **args) -> dict:
+    return tool(c, slot, "tmux", **args)
+
+
+def tmux_err(c: Client, slot: str, **args) -> dict:
+    r = c.call_raw("exec", {"slot": slot, "tool": "tmux", "args": args}, timeout=60)
+    assert not r["ok"], r
+    return r["error"]
+
+
+def procs_with_arg(word: str) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if word.encode() in f.read().split(b"\0"):
+                    found.append(int(d))
+        except OSError:
+            pass
+    return found
+
+
+def test_tmux_actions_any_case_and_capture_by_default(controller, client):
+    a = acquire(client, "a")
+    # no action: capture, which starts a terminal first (120 x 40 by default)
+    r = tmux(client, a)
+    assert r["size"] == {"rows": 40, "cols": 120} and r["alive"], r
+    assert "started" not in r and len(r["rows"]) == 40
+    st = tmux(client, a, action="START", pane_width=60)
+    assert st["started"] and st["created"] is False and st["session"] == r["session"]
+    assert st["size"]["cols"] == 120  # the pane size applies only when a terminal is made
+    wait_screen(client, a, "$")
+    w = tmux(client, a, action=" Send_Keys ", keys=["echo case-$((2+3))", "Enter"])
+    assert w["written"] == len("echo case-$((2+3))\r") and w["prompt"] is False, w
+    wait_screen(client, a, "case-5")
+    assert any("case-5" in row for row in tmux(client, a, action="Capture")["rows"])
+    assert tmux(client, a, action="STOP") == {"stopped": True}
+
+
+def test_tmux_stop_without_a_terminal_and_capture_after_stop(controller, client):
+    a = acquire(client, "a")
+    assert tmux(client, a, action="stop") == {"stopped": True}
+    assert tmux(client, a, action="stop", keys=[1]) == {"stopped": True}
+    first = tmux(client, a, action="start")
+    assert first["created"] is True
+    assert tmux(client, a, action="stop") == {"stopped": True}
+    r = tmux(client, a, action="capture")
+    assert r["session"] != first["session"] and r["alive"] and "rows" in r
+    # send_keys and stream on a stopped terminal start a fresh one too
+    tmux(client, a, action="stop")
+    w = tmux(client, a, action="send_keys", keys=["echo fresh", "Enter"], block=True,
+             max_wait_s=20)
+    assert w["prompt"] is True, w
+    wait_screen(client, a, "fresh")
+    tmux(client, a, action="stop")
+    s = tmux(client, a, action="stream")
+    assert s["offset"] == 0 and s["data"] == b"", s
+
+
+def test_tmux_block_returns_when_the_command_finishes(controller, client):
+    a = acquire(client, "a")
+    tmux(client, a, action="start", pane_width=80, pane_height=20)
+    t0 = time.monotonic()
+    # no Enter: with block it is added, as the trainer's server does
+    w = tmux(client, a, action="send_keys", keys="sleep 1; echo done-$((40+2))", block=True)
+    took = time.monotonic() - t0
+    assert w["prompt"] is True and w["alive"] is True, w
+    assert 0.9 <= took < 15 and w["waited_ms"] >= 900, (took, w)
+    rows = tmux(client, a, action="capture")["rows"]
+    assert "done-42" in rows, rows
+    # a second blocked line in the same terminal: the state persists
+    w = tmux(client, a, action="send_keys", keys=["X=kept; cd /tmp", "Enter"], block=True)
+    assert w["prompt"] is True
+    tmux(client, a, action="send_keys", keys=["echo $X $PWD", "Enter"], block=True)
+    assert "kept /tmp" in tmux(client, a, action="capture")["rows"]
+
+
+def test_tmux_block_timeout_fails_and_tears_the_terminal_down(controller, client):
+    a = acquire(client, "a")
+    first = tmux(client, a, action="start")
+    m = f"30.{time.monotonic_ns() % 10**9:09d}"
+    t0 = time.monotonic()
+    e = tmux_err(client, a, action="send_keys", keys=[f"sleep {m}", "Enter"], block=True,
+                 max_wait_s=1)
+    assert e == {"code": "timeout", "message": "tmux blocked keys timed out after 1.0s"}, e
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 10
+    while procs_with_arg(m):  # the terminal went with what ran in it
+        assert time.monotonic() < deadline, "the blocked command still runs"
+        time.sleep(0.05)
+    r = tmux(client, a, action="capture")
+    assert r["session"] != first["session"] and r["alive"], r
+    # max_wait_s defaults to the call's timeout (`timeout` seconds here)
+    e = tmux_err(client, a, action="send_keys", keys="sleep 30", block=True, timeout=1.5)
+    assert e["message"] == "tmux blocked keys timed out after 1.5s", e
+    # ... or the exec's timeout_ms
+    r = client.call_raw("exec", {"slot": a, "tool": "tmux", "timeout_ms": 1000,
+                                 "args": {"action": "send_keys", "keys": "sleep 30",
+                                          "block": True}}, timeout=60)
+    assert r["error"]["message"] == "tmux blocked keys timed out after 1.0s", r
+    assert tmux(client, a, action="send_keys", keys="true", block=True)["prompt"] is True
+
+
+def test_tmux_min_wait_delays_the_answer(controller, client):
+    a = acquire(client, "a")
+    tmux(client, a, action="start")
+    t0 = time.monotonic()
+    w = tmux(client, a, action="send_keys", keys=["true", "Enter"], min_wait_s=1.0)
+    assert time.monotonic() - t0 >= 0.95 and w["waited_ms"] >= 950, w
+    # with block: at least min_wait_s, then until the prompt
+    t0 = time.monotonic()
+    w = tmux(client, a, action="send_keys", keys="echo quick", block=True, min_wait_s=0.8)
+    assert w["prompt"] is True and time.monotonic() - t0 >= 0.75, w
+    t0 = time.monotonic()
+    w = tmux(client, a, action="send_keys", keys="sleep 1.2", block=True, min_wait_s=0.2)
+    assert w["prompt"] is True and time.monotonic() - t0 >= 1.1, w
+
+
+def test_tmux_capture_entire_returns_the_history(controller, client):
+    a = acquire(client, "a")
+    tmux(client, a, action="start", pane_width=40, pane_height=10)
+    w = tmux(client, a, action="send_keys", keys=["seq 1 500", "Enter"], block=True)
+    assert w["prompt"], w
+    screen = tmux(client, a, action="capture")
+    assert "history" not in screen and "500" in screen["rows"] and "1" not in screen["rows"]
+    whole = tmux(client, a, action="capture", capture_entire=True)
+    hist = whole["history"]
+    assert "$ seq 1 500" in hist, hist[:5]
+    nums = [h for h in hist if h.isdigit()]
+    assert nums[:3] == ["1", "2", "3"] and "500" in whole["rows"], (nums[:5], whole["rows"])
+    assert nums + [r for r in whole["rows"] if r.isdigit()] == [str(i) for i in range(1, 501)]
+
+
+def test_tmux_stream_returns_new_whole_lines(controller, client):
+    a = acquire(client, "a")
+    tmux(client, a, action="start", pane_width=80, pane_height=20)
+    tmux(client, a, action="send_keys", keys="echo alpha", block=True)
+    s1 = tmux(client, a, action="stream")
+    assert s1["offset"] == 0 and b"alpha\r\n" in s1["data"] and s1["data"].endswith(b"\n")
+    assert s1["next_offset"] == len(s1["data"])
+    tmux(client, a, action="send_keys", keys="echo beta", block=True)
+    s2 = tmux(client, a, action="stream")
+    assert s2["offset"] == s1["next_offset"], (s1, s2)
+    assert b"beta\r\n" in s2["data"] and b"alpha" not in s2["data"], s2
+    # nothing new: nothing (the prompt's line is not finished)
+    s3 = tmux(client, a, action="stream")
+    assert s3["data"] == b"" and s3["offset"] == s2["next_offset"], s3
+    # reset rewinds to the start
+    s4 = tmux(client, a, action="stream", reset=True)
+    assert s4["offset"] == 0 and b"alpha" in s4["data"] and b"beta" in s4["data"]
+    # max_bytes: cut after the last newline that fits; a longer line comes
+    # max_bytes at a time
+    tmux(client, a, action="send_keys", keys="printf 'aaaa\\nbbbb\\ncccc\\n'", block=True)
+    off = s4["next_offset"]
+    chunks = []
+    for _ in range(100):
+        s = tmux(client, a, action="stream", max_bytes=14)
+        assert s["offset"] == off and s["next_offset"] == off + len(s["data"]), s
+        if not s["data"]:
+            break
+        assert s["data"].endswith(b"\n") or len(s["data"]) == 14, s
+        chunks.append(s["data"])
+        off = s["next_offset"]
+    assert any(c.count(b"\n") >= 2 for c in chunks), chunks  # several lines at once
+    assert b"aaaa\r\nbbbb\r\ncccc\r\n" in b"".join(chunks), chunks
+    # a line longer than max_bytes comes max_bytes at a time
+    tmux(client, a, action="send_keys", keys="printf '%0300d\\n' 7", block=True)
+    got = [tmux(client, a, action="stream", max_bytes=100)["data"] for _ in range(6)]
+    assert b"0" * 100 in got and b"0" * 99 + b"7" in b"".join(got), got
+    # hostile sizes are clamped, not refused
+    s = tmux(client, a, action="stream", max_bytes=10**12, reset=True)
+    assert 0 < len(s["data"]) <= 200000 and s["data"].endswith(b"\n")
+    s = tmux(client, a, action="stream", max_bytes=-5, reset=True)
+    assert len(s["data"]) <= 1
+    # start rewinds the stream as well (the terminal keeps running)
+    tmux(client, a, action="start")
+    assert tmux(client, a, action="stream")["offset"] == 0
+
+
+def test_tmux_pane_size_is_clamped_and_set_only_at_creation(controller, client):
+    a = acquire(client, "a")
+    r = tmux(client, a, action="start", pane_width=5, pane_height=1000)
+    assert r["size"] == {"rows": 200, "cols": 20}, r["size"]
+    r = tmux(client, a, action="start", pane_width=100, pane_height=30)
+    assert r["size"] == {"rows": 200, "cols": 20} and r["created"] is False
+    tmux(client, a, action="stop")
+    r = tmux(client, a, action="start", pane_width=10**6, pane_height=-3)
+    assert r["size"] == {"rows": 10, "cols": 500} and r["created"] is True, r["size"]
+    # the shell sees it too
+    tmux(client, a, action="send_keys", keys="stty size", block=True)
+    assert "10 500" in tmux(client, a, action="capture")["rows"]
+
+
+def tcp_listener():
+    import socket
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    return srv, srv.getsockname()[1]
+
+
+def test_network_policy_applies_when_the_session_opens(controller, client):
+    srv, port = tcp_listener()
+    try:
+        probe = (f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo CONN-OK "
+                 f"|| echo CONN-FAIL")
+        a = acquire(client, "a")
+        b = acquire(client, "b")
+        # allowed (the default): the listener is reached
+        r = sh(client, a, probe, allow_network=True, require_sandbox=False)
+        assert r["stdout"] == b"CONN-OK\n", r
+        r = sh(client, b, probe, allow_network=False, require_stateful_sandbox=False)
+        assert r["stdout"] == b"CONN-FAIL\n", r
+        # the shell keeps the policy it was opened with
+        r = sh(client, b, probe, allow_network=True)
+        assert r["stdout"] == b"CONN-FAIL\n", r
+        r = sh(client, a, probe, allow_network=False)
+        assert r["stdout"] == b"CONN-OK\n", r
+        # tmux: the same, for its terminal
+        tmux(client, b, action="start", allow_network=False, require_stateful_sandbox=False)
+        w = tmux(client, b, action="send_keys", keys=probe, block=True, allow_network=True)
+        assert w["prompt"], w
+        rows = tmux(client, b, action="capture")["rows"]
+        assert "CONN-FAIL" in rows and "CONN-OK" not in rows, rows
+        tmux(client, a, action="send_keys", keys=probe, block=True)  # started by send_keys
+        rows = tmux(client, a, action="capture")["rows"]
+        assert "CONN-OK" in rows, rows
+    finally:
+        srv.close()
+
+
+def test_sandbox_required_runs_where_the_agent_can_isolate(controller, client):
+    a = acquire(client, "a")
+    r = sh(client, a, "echo sandboxed", require_stateful_sandbox=True, allow_network=False)
+    assert r["stdout"] == b"sandboxed\n" and r["exit_code"] == 0, r
+    b = acquire(client, "b")
+    # require_sandbox is the fallback when require_stateful_sandbox is absent
+    r = sh(client, b, "echo fallback", require_sandbox=True)
+    assert r["stdout"] == b"fallback\n", r
+    st = tmux(client, a, action="start", require_stateful_sandbox=True, allow_network=False)
+    assert st["created"] and st["alive"], st
+    w = tmux(client, a, action="send_keys", keys="echo in-tmux", block=True,
+             require_stateful_sandbox=True)
+    assert w["prompt"] is True
+    assert "in-tmux" in tmux(client, a, action="capture")["rows"]
+
+
+def test_hostile_tmux_values_leave_the_slot_usable(controller, client):
+    a = acquire(client, "a")
+    tmux(client, a, action="start")
+    for args in ({"action": "send_keys", "keys": ["a", None]},
+                 {"action": "send_keys", "keys": "x", "min_wait_s": float("nan")},
+                 {"action": "send_keys", "keys": "x", "max_wait_s": float("inf")},
+                 {"action": "send_keys", "keys": "x", "min_wait_s": -0.001},
+                 {"action": "capture", "pane_width": [1]},
+                 {"action": "stream", "max_bytes": None, "reset": "no"},
+                 {"action": "\x00start"}):
+        e = tmux_err(client, a, **args)
+        assert e["code"] == "bad_request", (args, e)
+    # nil counts as not given
+    r = tmux(client, a, action="capture", capture_entire=None, pane_width=None)
+    assert r["alive"]
+    w = tmux(client, a, action="send_keys", keys="echo still-fine", block=True)
+    assert w["prompt"] and "still-fine" in tmux(client, a, action="capture")["rows"]
+    assert sh(client, a, "echo fine")["stdout"] == b"fine\n"

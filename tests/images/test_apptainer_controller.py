@@ -233,7 +233,11 @@ def test_hello_as_unprivileged_user(apptainer, sif, user, flags) -> None:
         r = c.call("exec", {"slot": 0, "cmd": "id -u; pwd; command -v bwrap bubblewrap "
                                               "|| echo no bubblewrap"})
         assert r["exit_code"] == 0, r
-        assert r["stdout"] == f"{user.uid}\n/data/slots/0/work\nno bubblewrap\n".encode(), r
+        # a box (user namespace nested in Apptainer's) shows the workspace at
+        # /workspace, the SIF's empty mount point
+        seen = c.call("slots", {"slot": 0})["slots"][0]["cwd_path"]
+        assert seen == ("/workspace" if iso["namespaces"] else "/data/slots/0/work"), seen
+        assert r["stdout"] == f"{user.uid}\n{seen}\nno bubblewrap\n".encode(), r
         applied = set(r["isolation"])
         assert {"landlock", "seccomp", "rlimits", "containment"} <= applied <= RUNGS, applied
         assert (data / "slots" / "0" / "work").stat().st_uid == user.uid
@@ -340,13 +344,15 @@ def test_example_trainer_runs_on_apptainer_agents(sif_controller, user) -> None:
     FIGURES["trainer on apptainer agents (16 traj, c=4, 3 steps)"] = \
         f"{time.monotonic() - t0:.1f} s, {calls.group(1) if calls else '?'} tool calls"
     c = ctl.client()
-    s = c.call("acquire", {"trajectory_id": "where"})["slot"]
+    a = c.call("acquire", {"trajectory_id": "where"})
+    s = a["slot"]
     out = c.call("exec", {"slot": s, "tool": "bash",
                           "args": {"command": "id -u; pwd; stat -c %u /data; "
                                               "cat /etc/debian_version"}})
     lines = out["stdout"].split(b"\n")
     assert out["exit_code"] == 0 and lines[0] == str(user.uid).encode(), out
-    assert lines[1].startswith(b"/data/slots/") and lines[2] == str(user.uid).encode(), out
+    assert lines[1] == a["cwd_path"].encode() and lines[2] == str(user.uid).encode(), out
+    assert a["cwd_path"] == "/workspace" or a["cwd_path"].startswith("/data/slots/"), a
     agent = s.split("/")[0]
     assert agent in agents
     assert (run.ws / agent).stat().st_uid == user.uid  # handed over by the launch command

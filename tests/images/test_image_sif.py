@@ -54,13 +54,21 @@ def _finish(p: subprocess.Popen, c: Client) -> None:
             p.wait(timeout=10)
 
 
+def _cwd_path(c, slot: int) -> str:
+    """Where the slot's commands see their workspace (the agent's slots)."""
+    return c.call("slots", {"slot": slot})["slots"][0]["cwd_path"]
+
+
 def test_exec_stdio(apptainer: str, sif: Path, data: Path) -> None:
     p, c = _stdio(_app(apptainer, "exec", "--bind", f"{data}:/data", str(sif), "slot-agent",
                        "--stdio", "--data-dir", "/data", "--slots", "2"))
     h = c.call("hello")
     assert h["slots"] == 2 and h["authenticated"] is True
     r = c.call("exec", {"slot": 1, "cmd": "echo hi from $SLOT_INDEX; pwd; python3 -c 'print(6*7)'"})
-    assert r["exit_code"] == 0 and r["stdout"] == b"hi from 1\n/data/slots/1/work\n42\n", r
+    # in a box the slot's workspace is at /workspace (the SIF has the mount point)
+    seen = _cwd_path(c, 1)
+    assert seen == ("/workspace" if h["isolation"]["namespaces"] else "/data/slots/1/work")
+    assert r["exit_code"] == 0 and r["stdout"] == f"hi from 1\n{seen}\n42\n".encode(), r
     _finish(p, c)
     assert (data / "slots" / "1" / "work").is_dir()
 
@@ -70,7 +78,7 @@ def test_run_defaults_to_stdio(apptainer: str, sif: Path, data: Path) -> None:
     p, c = _stdio(_app(apptainer, "run", "--bind", f"{data}:/data", str(sif)))
     assert c.call("hello")["protocol"] == 1
     r = c.call("exec", {"slot": 0, "cmd": "pwd"})
-    assert r["stdout"] == b"/data/slots/0/work\n", r
+    assert r["stdout"] == f"{_cwd_path(c, 0)}\n".encode(), r
     _finish(p, c)
 
 
@@ -113,7 +121,7 @@ def test_instance_start_listens_on_the_data_dir(apptainer: str, sif: Path, data:
         c = Client.unix(str(sock))
         assert c.call("hello")["slots"] == 10
         r2 = c.call("exec", {"slot": 3, "cmd": "pwd"})
-        assert r2["stdout"] == b"/data/slots/3/work\n"
+        assert r2["stdout"] == f"{_cwd_path(c, 3)}\n".encode()
         c.close()
     finally:
         subprocess.run([apptainer, "instance", "stop", name], capture_output=True, timeout=60)

@@ -76,6 +76,11 @@ def workspace(c: Client, slot: int) -> Path:
     return Path(c.call("slots", {"slot": slot})["slots"][0]["workspace"])
 
 
+def cwd_path(c: Client, slot: int) -> str:
+    """Where the slot's commands see their workspace (/workspace in a box)."""
+    return c.call("slots", {"slot": slot})["slots"][0]["cwd_path"]
+
+
 def running_execs(c: Client, slot: int) -> list[int]:
     return list(c.call("slots", {"slot": slot})["slots"][0]["running"])
 

@@ -501,7 +501,7 @@ def test_wrong_arg_type_names_the_key(client: Client, op: str, args: dict[str, A
     ("exec", {"slot": 0, "cmd": "true", "timout_ms": 5}, "timout_ms"),
     ("hello", {"tokn": "x"}, "tokn"),
     ("health", {"verbose": True}, "verbose"),
-    ("lease", {"slot": 0, "trajectory_id": "t", "owner": "x"}, "owner"),
+    ("lease", {"slot": 0, "trajectory_id": "t", "ownr": "x"}, "ownr"),
     ("reset", {"slot": 0, "force": True}, "force"),
     ("cancel", {"slot": 0, "signal": 15}, "signal"),
 ])

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import Agent
 from helpers import AgentFactory, agent_factory  # noqa: F401 (fixture)
-from helpers import (EXEC_RESULT_KEYS, assert_contiguous, env_of, expect_error, kill_marked,
-                     marker, pids_with_arg, stream_bytes, wait_gone, wait_running, wait_until,
-                     workspace)
+from helpers import (EXEC_RESULT_KEYS, assert_contiguous, cwd_path, env_of, expect_error,
+                     kill_marked, marker, pids_with_arg, stream_bytes, wait_gone, wait_running,
+                     wait_until, workspace)
 from slotwire import Client
 
 WAIT_GO = "while [ ! -e go ]; do sleep 0.02; done"
@@ -104,14 +104,15 @@ def test_clean_environment(agent_factory: AgentFactory, monkeypatch: pytest.Monk
     ws = workspace(c, 2)
     assert "SLOT_SECRET_TEST" not in env
     assert b"leaked-value-91" not in r["stdout"]
-    assert env["HOME"] == str(ws)
-    assert env["SLOT_WORKSPACE"] == str(ws)
+    # paths as the command sees them: /workspace in a box, else the host path
+    assert env["HOME"] == cwd_path(c, 2) == env["PWD"]
+    assert env["SLOT_WORKSPACE"] == cwd_path(c, 2)
     assert env["SLOT_INDEX"] == "2"
     assert env["PATH"] == CLEAN_PATH
     assert env["LANG"] == "C.UTF-8" and env["TERM"] == "dumb"
     assert env["TMPDIR"] and env["TMPDIR"] != str(ws)
     assert env["EXTRA_ONE"] == "1" and env["WITH SPACE"] == "a=b c"
-    allowed = {"PATH", "HOME", "TMPDIR", "LANG", "TERM", "SLOT_INDEX", "SLOT_WORKSPACE",
+    allowed = {"PATH", "HOME", "TMPDIR", "LANG", "TERM", "SLOT_INDEX", "SLOT_WORKSPACE", "PWD",
                "EXTRA_ONE", "WITH SPACE"}
     # env(1) itself adds nothing; the shell is not involved with argv
     assert set(env) <= allowed, f"unexpected variables: {set(env) - allowed}"
@@ -120,7 +121,9 @@ def test_clean_environment(agent_factory: AgentFactory, monkeypatch: pytest.Monk
                                           'test -w "$TMPDIR" && echo ok'})
     assert r["stdout"] == b"ok\n"
     other = env_of(c.call("exec", {"slot": 3, "argv": ["env", "-0"]})["stdout"])
-    assert other["TMPDIR"] != env["TMPDIR"] and other["HOME"] != env["HOME"]
+    assert other["HOME"] == cwd_path(c, 3)
+    r = c.call("exec", {"slot": 3, "cmd": 'test -e "$TMPDIR/x" || echo private'})
+    assert r["stdout"] == b"private\n"
     assert "EXTRA_ONE" not in other  # env is per request
     assert "leaked-value-91" not in a.log()
 
@@ -143,12 +146,12 @@ def test_pass_env_gives_commands_chosen_agent_variables(agent_factory: AgentFact
     assert env["APP_LEVEL"] == "9"  # the request wins
     assert "OTHER_THING" not in env and "SLOT_AGENT_TOKEN" not in env
     assert env["PATH"] == "/opt/tool/bin:/usr/bin:/bin"  # the image's PATH
-    assert env["HOME"] == str(workspace(c, 1)) and env["SLOT_INDEX"] == "1"  # never passed
+    assert env["HOME"] == cwd_path(c, 1) and env["SLOT_INDEX"] == "1"  # never passed
     # "*" passes everything but the slot's own variables
     b = agent_factory(extra=["--pass-env", "*"])
     env = env_of(b.client().call("exec", {"slot": 0, "argv": ["env", "-0"]})["stdout"])
     assert env["OTHER_THING"] == "no" and "SLOT_AGENT_TOKEN" not in env
-    assert env["HOME"] == str(workspace(b.client(), 0))
+    assert env["HOME"] == cwd_path(b.client(), 0) == env["PWD"]  # not the agent's PWD
 
 
 @pytest.mark.parametrize("bad", ["", "A=B", "A*B", "**"])
@@ -205,12 +208,13 @@ def test_bare_cat_without_stdin_does_not_hang(client: Client) -> None:
 def test_cwd(client: Client) -> None:
     ws = workspace(client, 1)
     (ws / "sub" / "dir").mkdir(parents=True)
+    seen = cwd_path(client, 1)  # /workspace in a box, else ws itself
     r = client.call("exec", {"slot": 1, "argv": ["pwd"], "cwd": "sub/dir"})
-    assert r["stdout"] == f"{ws}/sub/dir\n".encode()
+    assert r["stdout"] == f"{seen}/sub/dir\n".encode()
     r = client.call("exec", {"slot": 1, "argv": ["pwd"]})
-    assert r["stdout"] == f"{ws}\n".encode()
+    assert r["stdout"] == f"{seen}\n".encode()
     r = client.call("exec", {"slot": 1, "argv": ["pwd"], "cwd": "."})
-    assert r["stdout"] == f"{ws}\n".encode()
+    assert r["stdout"] == f"{seen}\n".encode()
     expect_error(client, "exec", {"slot": 1, "argv": ["pwd"], "cwd": "../.."}, "path_escape")
     expect_error(client, "exec", {"slot": 1, "argv": ["pwd"], "cwd": "/tmp"}, "path_escape")
     expect_error(client, "exec", {"slot": 1, "argv": ["pwd"], "cwd": "missing"}, "not_found")

@@ -435,7 +435,7 @@ def test_open_with_env_and_cwd(client) -> None:
     client.call("exec", {"slot": 0, "cmd": "mkdir -p sub/dir"})
     sid = sopen(client, cwd="sub/dir", env={"FOO": "bar", "TERM": "vt100"})
     r = sx(client, sid, "pwd; echo $FOO $TERM $HOME $SLOT_INDEX")
-    ws = client.call("slots", {"slot": 0})["slots"][0]["workspace"]
+    ws = client.call("slots", {"slot": 0})["slots"][0]["cwd_path"]  # /workspace in a box
     assert r["stdout"] == f"{ws}/sub/dir\nbar vt100 {ws} 0\n".encode()
     p = sopen(client, pty=True)
     assert b"xterm-256color" in sx(client, p, "echo $TERM")["output"]
@@ -634,3 +634,179 @@ def test_programs_asking_the_terminal_get_answers(client) -> None:
     # a cursor position report, as full-screen programs ask for it
     keys(client, sid, b"printf '\\033[5;9H\\033[6n'; read -rs -d R pos; echo; echo \"at ${pos#*[}\"\n")
     wait_screen(client, sid, lambda s: any(r.startswith("at 5;9") for r in s["rows"]), 10)
+
+
+# ---- waiting writes, scrollback history, the transcript --------------------
+
+def wait_prompt(c: Client, sid: int) -> None:
+    """The shell is at its prompt (a bare Enter is answered by a new one)."""
+    r = c.call("session_write", {"session": sid, "data": b"\n", "wait_prompt_ms": 10000},
+               timeout=30)
+    assert r["prompt"], r
+
+
+@pytest.mark.parametrize("pty", [False, True])
+def test_write_waits_for_the_prompt(client, pty) -> None:
+    sid = sopen(client, pty=pty)
+    t0 = time.monotonic()
+    r = client.call("session_write", {"session": sid, "data": b"sleep 0.5; echo hi\n",
+                                      "wait_prompt_ms": 10000}, timeout=30)
+    assert r["prompt"] is True and r["alive"] is True and r["written"] == 19, r
+    assert 0.45 <= time.monotonic() - t0 < 8 and r["waited_ms"] >= 450, r
+    out = read_until(client, sid, b"hi")
+    assert b"hi" in out
+    # not finished within the wait: answered with prompt false; the line runs on
+    m = marker()
+    r = client.call("session_write", {"session": sid, "data": f"sleep {m}\n".encode(),
+                                      "wait_prompt_ms": 300}, timeout=30)
+    assert r["prompt"] is False and r["alive"] and 300 <= r["waited_ms"] < 5000, r
+    assert pids_with_arg(m)
+    client.call("session_signal", {"session": sid, "signal": "INT"})
+    wait_until(lambda: not pids_with_arg(m), timeout=5)
+    # no wait asked: the old answer
+    assert client.call("session_write", {"session": sid, "data": b""}) == {"written": 0}
+    # the prompt after the interrupted line comes; session_exec works again
+    sx_when_ready(client, sid, "true")
+
+
+def test_write_min_wait_and_one_waiting_write(client) -> None:
+    sid = sopen(client, pty=True)
+    wait_prompt(client, sid)
+    t0 = time.monotonic()
+    r = client.call("session_write", {"session": sid, "data": b"", "min_wait_ms": 400})
+    assert r["prompt"] is False and r["waited_ms"] >= 400 and time.monotonic() - t0 >= 0.38
+    # min_wait_ms with wait_prompt_ms: the prompt came early, the answer waits
+    t0 = time.monotonic()
+    r = client.call("session_write", {"session": sid, "data": b"true\n", "min_wait_ms": 600,
+                                      "wait_prompt_ms": 5000})
+    assert r["prompt"] is True and time.monotonic() - t0 >= 0.58 and r["waited_ms"] >= 600, r
+    # zero waits: answered at once, in the waiting form
+    r = client.call("session_write", {"session": sid, "data": b"", "min_wait_ms": 0,
+                                      "wait_prompt_ms": 0})
+    assert set(r) == {"written", "prompt", "waited_ms", "alive"} and r["written"] == 0
+    # one waiting write per session; plain writes still go
+    rid = client.send("session_write", {"session": sid, "data": b"sleep 1\n",
+                                        "wait_prompt_ms": 10000})
+    time.sleep(0.2)
+    expect_error(client, "session_write", {"session": sid, "data": b"x", "min_wait_ms": 10},
+                 "slot_busy")
+    assert client.call("session_write", {"session": sid, "data": b""})["written"] == 0
+    resp, _ = client.wait(rid, timeout=30)
+    assert resp["ok"] and resp["result"]["prompt"] is True, resp
+
+
+def test_waiting_write_ends_with_the_shell_or_the_session(client) -> None:
+    sid = sopen(client, pty=True)
+    wait_prompt(client, sid)
+    r = client.call("session_write", {"session": sid, "data": b"exit 3\n",
+                                      "wait_prompt_ms": 10000}, timeout=30)
+    assert r["prompt"] is False and r["alive"] is False and r["waited_ms"] < 9000, r
+    sid = sopen(client, pty=True)
+    wait_prompt(client, sid)
+    rid = client.send("session_write", {"session": sid, "data": b"sleep 100\n",
+                                        "wait_prompt_ms": 60000})
+    time.sleep(0.3)
+    client.call("session_close", {"session": sid})
+    resp, _ = client.wait(rid, timeout=10)
+    assert resp["error"]["code"] == "cancelled", resp
+    # a reset cancels it as well
+    sid = sopen(client, pty=True)
+    wait_prompt(client, sid)
+    rid = client.send("session_write", {"session": sid, "data": b"sleep 100\n",
+                                        "min_wait_ms": 60000})
+    time.sleep(0.3)
+    client.call("reset", {"slot": 0})
+    resp, _ = client.wait(rid, timeout=10)
+    assert resp["error"]["code"] == "cancelled", resp
+
+
+def test_screen_history_keeps_what_scrolled_off(client) -> None:
+    sid = sopen(client, pty=True, cols=40, rows=10)
+    s = client.call("session_screen", {"session": sid})
+    assert "history" not in s
+    r = sx(client, sid, "seq 1 300")
+    assert r["exit_code"] == 0
+    s = client.call("session_screen", {"session": sid, "history": True})
+    nums = [h for h in s["history"] if h.isdigit()] + [r for r in s["rows"] if r.isdigit()]
+    assert nums == [str(i) for i in range(1, 301)], nums[:5]
+    assert "$ seq 1 300" in s["history"]
+    # bounded: the oldest lines go first
+    sx(client, sid, "seq 1 12000", timeout_ms=60000)
+    s = client.call("session_screen", {"session": sid, "history": True})
+    assert len(s["history"]) == 10000, len(s["history"])
+    assert "1" not in s["history"][:5] and s["history"][-1].isdigit(), s["history"][:3]
+    # full-screen programs leave no history
+    before = len(client.call("session_screen", {"session": sid, "history": True})["history"])
+    sx(client, sid, "clear")
+    s = client.call("session_screen", {"session": sid, "history": True})
+    assert len(s["history"]) >= before - 10
+
+
+def test_session_log_reads_the_transcript_by_offset(client) -> None:
+    sid = sopen(client, pty=True, cols=80, rows=10)
+    sx(client, sid, "echo one; echo two")
+    # the prompt is printed after the marker that ended the command
+    r = wait_until(lambda: (lambda x: x if x["data"].endswith(b"$ ") else None)(
+        client.call("session_log", {"session": sid})), timeout=10)
+    assert r["offset"] == 0 and r["start"] == 0 and r["dropped"] == 0 and r["session"] == sid
+    assert b"one\r\ntwo\r\n" in r["data"] and r["next_offset"] == len(r["data"]) == r["end"]
+    # lines: up to the last newline (the prompt's line waits for its end)
+    ln = client.call("session_log", {"session": sid, "lines": True})
+    assert ln["data"].endswith(b"\n") and r["data"].startswith(ln["data"]), ln
+    # from an offset; past the end is the end; reads do not consume
+    part = client.call("session_log", {"session": sid, "offset": 5, "max_bytes": 4})
+    assert part["data"] == r["data"][5:9] and part["next_offset"] == 9
+    end = client.call("session_log", {"session": sid, "offset": 10**12})
+    assert end["data"] == b"" and end["offset"] == r["end"] and end["dropped"] == 0
+    again = client.call("session_log", {"session": sid})
+    assert again["data"] == r["data"]
+    # max_bytes with lines: a line longer than max_bytes comes max_bytes of it
+    cut = client.call("session_log", {"session": sid, "lines": True, "max_bytes": 3})
+    assert len(cut["data"]) == 3
+    # a session without a terminal has none; session_read is unaffected
+    plain = sopen(client)
+    expect_error(client, "session_log", {"session": plain}, "bad_request", "terminal")
+    keys(client, sid, b"echo after\n")
+    assert b"after" in read_until(client, sid, b"after\r\n")
+    r2 = client.call("session_log", {"session": sid, "offset": r["end"]})
+    assert b"after" in r2["data"]
+
+
+def test_session_log_is_bounded_and_says_what_it_dropped(client) -> None:
+    sid = sopen(client, pty=True, cols=200, rows=5)
+    r = sx(client, sid, "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo tail-mark",
+           timeout_ms=120000)
+    assert r["exit_code"] == 0, r
+    cap = 4 << 20
+    lg = client.call("session_log", {"session": sid, "max_bytes": 64})
+    assert lg["end"] > 5000000 and lg["end"] - lg["start"] == cap, lg
+    assert lg["offset"] == lg["start"] and lg["dropped"] == lg["start"] > 0
+    assert lg["data"] == b"x" * 64
+    tail = client.call("session_log", {"session": sid, "offset": lg["end"] - 200,
+                                       "max_bytes": 200})
+    assert b"tail-mark\r\n" in tail["data"] and tail["dropped"] == 0
+
+
+def test_hostile_arguments_of_the_new_session_args(client) -> None:
+    sid = sopen(client, pty=True)
+    for op, args in (
+        ("session_write", {"session": sid, "data": b"", "wait_prompt_ms": -1}),
+        ("session_write", {"session": sid, "data": b"", "wait_prompt_ms": "1"}),
+        ("session_write", {"session": sid, "data": b"", "min_wait_ms": 1.5}),
+        ("session_write", {"session": sid, "data": b"", "min_wait_ms": 10**12}),
+        ("session_screen", {"session": sid, "history": 1}),
+        ("session_screen", {"session": sid, "history": "yes"}),
+        ("session_log", {"session": sid, "offset": -1}),
+        ("session_log", {"session": sid, "offset": "0"}),
+        ("session_log", {"session": sid, "max_bytes": 0}),
+        ("session_log", {"session": sid, "max_bytes": 1 << 40}),
+        ("session_log", {"session": sid, "lines": "no"}),
+        ("session_log", {"session": sid, "nope": 1}),
+        ("session_log", {}),
+    ):
+        expect_error(client, op, args, "bad_request")
+    expect_error(client, "session_log", {"session": 999999}, "not_found")
+    expect_error(client, "session_log", {"session": sid, "slot": 1}, "not_found")
+    r = client.call("session_log", {"session": sid, "offset": 2**64 - 1})
+    assert r["data"] == b""
+    assert sx(client, sid, "echo alive")["exit_code"] == 0

@@ -50,8 +50,12 @@ def test_box_has_its_own_pid_1_and_tmp(cond: Cond) -> None:
     assert int(r["stdout"]) < 100  # a fresh PID namespace
     r = run(cond, "ls /tmp", slot=1)
     assert b"mine-0" not in r["stdout"]
-    r = run(cond, "ls $SLOT_WORKSPACE/../..", slot=1)
+    # the slot's host path (SLOT_WORKSPACE is /workspace in a box)
+    ws = cond.client.call("slots", {"slot": 1})["slots"][0]["workspace"]
+    r = run(cond, f"ls {ws}/../..", slot=1)
     assert r["stdout"].split() == [b"1"]  # siblings hidden
+    r = run(cond, "pwd; echo $SLOT_WORKSPACE", slot=1)
+    assert r["stdout"] == b"/workspace\n/workspace\n"
 
 
 def alive(cond: Cond, mark: str) -> bool:

@@ -1,11 +1,14 @@
 #!/usr/bin/python3
 """Example trainer loop on slot-controller.
 
-Runs N trajectories, C at a time. Each trajectory acquires a slot, writes a
-few files (one batch of write_file calls), runs K bash steps whose output is
-checked against values computed here, reads a file back, and releases the
-slot with a workspace reset. Prints throughput, tool-call latency and errors;
-exits 0 when every check passed, 1 otherwise.
+Runs N trajectories, C at a time, through `ControllerToolBackend` exactly as
+a trainer's tool executor uses it (acquire(trajectory_id=...), execute_batch
+of (slot, tool, args) with timeout_s, results as the model sees them, and
+release(slot, reset_workspace=True)). Each trajectory writes a few files (one
+batch of write_file calls), runs K bash steps whose observations are checked
+against values computed here, reads a file back, and releases the slot.
+Prints throughput, tool-call latency, errors and one observation as the model
+sees it; exits 0 when every check passed, 1 otherwise.
 
     /usr/bin/python3 controller/python/examples/trainer.py --address unix:/path/ctl.sock
 """
@@ -25,6 +28,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slot_client import ControllerToolBackend, ExecutionResult, Slot, SlotError  # noqa: E402
+
+SAMPLE: list[str] = []  # one observation, printed at the end
 
 
 @dataclass
@@ -66,7 +71,7 @@ def make_steps(n_lines: int, numbers: bytes, notes: bytes, k: int) -> list[Step]
         Step("echo step >> log.txt && wc -l < log.txt", lambda o: o.strip().isdigit(),
              "log grows"),
         Step("printf 'to stderr\\n' >&2; echo out",
-             lambda o: o == "out\n\n[stderr]\nto stderr\n", "stdout + stderr marker"),
+             lambda o: o == "out\n\n[stderr]\nto stderr", "stdout + stderr marker"),
     ]
     if k <= 0:
         return []
@@ -92,8 +97,8 @@ async def run_trajectory(backend: ControllerToolBackend, index: int, steps: int,
     notes = f"# trajectory {traj}\n\nsteps: {steps}\nunicode: \u00e9\u2713\n".encode()
     failures: list[str] = []
     try:
-        slot = await backend.acquire(traj)
-    except SlotError as e:
+        slot = await backend.acquire(trajectory_id=traj)
+    except (SlotError, TimeoutError) as e:
         stats.error(f"{traj}: acquire: {e}")
         return False
     try:
@@ -114,17 +119,16 @@ async def run_trajectory(backend: ControllerToolBackend, index: int, steps: int,
                     failures.append(f"bash {step.command!r}: expected {step.describe}, "
                                     f"got {r.output[:200]!r}")
                     break
+                if not SAMPLE and "[stderr]" in r.output:
+                    SAMPLE.append(r.to_tool_result().to_xml())
         if not failures:
             [r] = await timed_batch(backend, stats, [(slot, "read_file", {"path": "notes.md"})])
             if not r.success:
                 failures.append(f"read_file: {r.error}")
-            elif r.metadata.get("bytes") != notes:
+            elif r.output != notes.decode():
                 failures.append(f"read_file: content mismatch: {r.output[:200]!r}")
     finally:
-        try:
-            await backend.release(slot, reset_workspace=True)
-        except SlotError as e:
-            failures.append(f"release: {e}")
+        await backend.release(slot, reset_workspace=True)  # never raises
     for f in failures:
         stats.error(f"{traj}: {f}")
     return not failures
@@ -143,7 +147,7 @@ async def main_async(args: argparse.Namespace) -> int:
     stats = Stats()
     try:
         await backend.start()
-    except SlotError as e:
+    except (SlotError, TimeoutError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 1
     sem = asyncio.Semaphore(max(1, args.concurrency))
@@ -176,6 +180,8 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"latency p50:   {percentile(stats.latencies_ms, 50):.2f} ms")
     print(f"latency p99:   {percentile(stats.latencies_ms, 99):.2f} ms")
     print(f"errors:        {len(stats.errors)}")
+    if SAMPLE:
+        print(f"observation:   {SAMPLE[0]}")
     for message in stats.errors[:5]:
         print(f"  {message}")
     if len(stats.errors) > 5:

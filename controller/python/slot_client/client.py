@@ -58,6 +58,7 @@ class AsyncClient:
     @classmethod
     async def connect(cls, address: str | None = None, token: str | None = None, *,
                       client_name: str | None = "slot_client",
+                      owner: str | None = None,
                       hello: bool = True,
                       connect_timeout: float | None = 10.0,
                       max_frame: int = MAX_FRAME,
@@ -65,7 +66,11 @@ class AsyncClient:
         """Connect to `address` ("unix:PATH" or "tcp:HOST:PORT"; None: the
         controller's default socket). With `hello` (the default, forced when a
         token is given), sends `hello` first and keeps its result in
-        `server_info`; a wrong token raises SlotError("unauthorized")."""
+        `server_info`; a wrong token raises SlotError("unauthorized").
+        `owner` (sent in hello; forces it) names the trainer that owns the
+        leases taken on this connection: give the same one on every
+        reconnect, and the controller keeps them when the connection drops
+        for less than the profile's lease_grace."""
         addr = parse_address(address)
         try:
             if addr.kind == "unix":
@@ -83,10 +88,10 @@ class AsyncClient:
                                   if isinstance(e, (FileNotFoundError, ConnectionRefusedError))
                                   else "")) from e
         client = cls(reader, writer, addr, max_frame=max_frame, on_event=on_event)
-        if hello or token is not None:
+        if hello or token is not None or owner is not None:
             try:
                 client.server_info = await client.hello(token=token, client=client_name,
-                                                        timeout=connect_timeout)
+                                                        owner=owner, timeout=connect_timeout)
             except BaseException:
                 await client.close()
                 raise
@@ -252,12 +257,14 @@ class AsyncClient:
 
     # ------------------------------------------------------------ typed wrappers
     async def hello(self, token: str | None = None, client: str | None = None,
-                    timeout: float | None = None) -> dict[str, Any]:
+                    timeout: float | None = None, owner: str | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {}
         if token is not None:
             args["token"] = token
         if client is not None:
             args["client"] = client
+        if owner is not None:
+            args["owner"] = owner
         return await self.call("hello", args, timeout)
 
     async def status(self, profile: str | None = None,

@@ -1,113 +1,146 @@
-"""`ControllerToolBackend`: the ToolBackend shape RL trainers use, on top of
-slot-controller. One connection carries every trajectory's calls."""
+"""`ControllerToolBackend`: the tool backend RL trainers plug into their
+tool executor (names, signatures, defaults, waiting and observation
+conventions of the trainer's own backends), on top of slot-controller. One
+connection carries every trajectory's calls."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
+from . import conventions as cv
+from .artifacts import ArtifactsMixin
 from .client import AsyncClient
-from .errors import SlotError
+from .conventions import Conventions
+from .errors import ConnectError, ConnectionLost, SlotError
+from .results import ExecutionResult, Slot, SlotState
 from .wire import MAX_FRAME
 
-
-@dataclass
-class Slot:
-    """A leased workspace. `slot_id` is the controller's handle."""
-
-    slot_id: str
-    alloc_id: str
-    container_addr: str
-    workspace_dir: str
-    state: str = "acquired"
-    trajectory_id: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ExecutionResult:
-    """The outcome of one tool call."""
-
-    success: bool
-    output: str
-    error: str | None
-    execution_id: str
-    slot_id: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
+log = logging.getLogger("slot_client")
 
 SlotRef = Union[Slot, str]
 ToolCall = tuple[SlotRef, str, Mapping[str, Any]]
 
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_ACQUIRE_TIMEOUT_S = 600.0
+RECONNECT_S = 30.0  # how long acquire tries to reach a controller that is down
+STATEFUL = ("bash_stateful", "tmux")
+# The trainer's policy arguments, and the schema keys its model may send that
+# mean nothing here (a falsy `background`; `timeout` travels as timeout_s).
+POLICY = ("allow_network", "require_sandbox", "require_stateful_sandbox")
+TMUX_ACTIONS = ("start", "send_keys", "stream", "stop", "capture")
+
 
 def _handle(slot: SlotRef) -> str:
-    return slot.slot_id if isinstance(slot, Slot) else slot
-
-
-def _decode(data: Any) -> str:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data).decode("utf-8", errors="replace")
-    if data is None:
-        return ""
-    return str(data)
+    return slot.slot_id if isinstance(slot, Slot) else str(slot)
 
 
 def _as_bytes(data: Any) -> bytes:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
-    if data is None:
-        return b""
-    return str(data).encode("utf-8")
+    return b"" if data is None else str(data).encode("utf-8")
 
 
-def _error_text(code: str, message: str) -> str:
-    return f"{code}: {message}" if message else code
+class _Refused(Exception):
+    """A call refused here, before it reaches the controller."""
+
+    def __init__(self, code: str, message: str, text: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.text = code, message, text
 
 
-class ControllerToolBackend:
-    """Slots from slot-controller, tool calls batched into `batch` requests.
+class ControllerToolBackend(ArtifactsMixin):
+    """Slots from slot-controller for a trainer's tool executor.
 
-    >>> backend = ControllerToolBackend("unix:/run/user/1000/slot-controller.sock")
+    >>> backend = ControllerToolBackend()            # the default controller socket
     >>> await backend.start()
-    >>> slot = await backend.acquire("traj-1")
-    >>> [res] = await backend.execute_batch([(slot, "bash", {"command": "ls"})])
+    >>> slot = await backend.acquire(trajectory_id="traj-1")
+    >>> [r] = await backend.execute_batch([(slot, "bash", {"command": "ls"})])
+    >>> r.to_tool_result().to_xml()
     >>> await backend.release(slot, reset_workspace=True)
     >>> await backend.stop()
 
-    After a lost connection (e.g. a controller restart) the next call
-    reconnects; handles stay valid when the controller kept its agents.
+    `acquire` waits (first come, first served) up to `acquire_timeout_s`
+    for a free slot while the controller scales up. Observations follow
+    the trainer's conventions unless `conventions="slot"` (or a
+    `Conventions`) asks for slot's richer forms. The leases belong to this
+    backend (`owner`, the same across reconnects): if it goes away without
+    releasing them, the controller releases them after its `lease_grace`.
     """
 
     def __init__(self, address: str | None = None, profile: str | None = None,
-                 token: str | None = None, *, acquire_timeout_ms: int | None = None,
+                 token: str | None = None, *,
+                 default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 acquire_timeout_s: float | None = DEFAULT_ACQUIRE_TIMEOUT_S,
+                 start_timeout_s: float = 120.0,
+                 conventions: Union[Conventions, str, None] = None,
+                 owner: str | None = None,
                  client_name: str = "slot_client.ControllerToolBackend",
                  max_frame: int = MAX_FRAME) -> None:
         self.address: str | None = address
         self.profile: str | None = profile
         self.token: str | None = token
-        self.acquire_timeout_ms: int | None = acquire_timeout_ms
+        self._default_timeout_s = default_timeout_s
+        self.acquire_timeout_s: float | None = acquire_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.conventions: Conventions = Conventions.of(conventions)
+        self.owner: str = owner or f"slot_client-{uuid.uuid4().hex}"
         self.client_name: str = client_name
         self.max_frame: int = max_frame
         self._client: AsyncClient | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._started = False
         self._slots: dict[str, Slot] = {}
+        self._stats: dict[str, Any] = {}
+        self._stats_at = 0.0
+        self._stats_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        """Connect (raises ConnectError when the controller is unreachable)."""
-        self._started = True
-        await self._get_client()
+    @property
+    def default_timeout_s(self) -> Optional[float]:
+        """The executor's per-call timeout when a call names none."""
+        return self._default_timeout_s
 
-    async def stop(self, purge: bool = False) -> None:
-        """Close the connection. With `purge`, first release (with reset)
-        every slot this backend acquired and has not released."""
-        if purge and self._slots:
-            slots = list(self._slots.values())
-            await asyncio.gather(*(self.release(s, reset_workspace=True) for s in slots),
-                                 return_exceptions=True)
+    async def start(self) -> None:
+        """Connect, and wait (up to `start_timeout_s`) until the profile has
+        its `min_agents` ready. Idempotent; raises on failure."""
+        self._started = True
+        client = await self._get_client()
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                profiles = await client.profiles(timeout=10)
+            except SlotError as e:
+                if e.code == "unknown_op":  # not a slot-controller's full API: connected is all
+                    return
+                raise
+            prof = self._my_profile(profiles)
+            want = min(int(prof.get("min_agents") or 0), 1) if prof else 0
+            st = await client.status(prof.get("name") if prof else None, timeout=10)
+            self._note_status(st, prof)
+            if int((st.get("agents") or {}).get("ready", 0)) >= want:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no agent of profile {prof.get('name')!r} became ready "
+                                   f"within {self.start_timeout_s:g} s"
+                                   f"{': ' + str(prof['last_error']) if prof.get('last_error') else ''}")
+            await asyncio.sleep(0.2)
+
+    async def stop(self, *, purge: bool = False) -> None:
+        """Release (with reset) every slot this backend still holds, then
+        close the connection. The controller's agents are shared and stay;
+        `purge` is accepted for the trainer's signature and changes nothing
+        more."""
+        del purge
+        if self._slots:
+            await asyncio.gather(*(self.release(s, reset_workspace=True)
+                                   for s in list(self._slots.values())), return_exceptions=True)
         self._started = False
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -142,257 +175,343 @@ class ControllerToolBackend:
             if client is None or client.closed:
                 client = await AsyncClient.connect(self.address, self.token,
                                                    client_name=self.client_name,
-                                                   max_frame=self.max_frame)
+                                                   max_frame=self.max_frame, owner=self.owner)
                 self._client = client
             return client
 
+    # ------------------------------------------------------------ stats
+    def _my_profile(self, profiles: list[dict[str, Any]]) -> dict[str, Any]:
+        for p in profiles:
+            if p.get("name") == self.profile:
+                return p
+        return profiles[0] if profiles and self.profile is None else {}
+
+    def _note_status(self, st: Mapping[str, Any], prof: Mapping[str, Any] | None) -> None:
+        pst = st
+        name = (prof or {}).get("name")
+        if name and isinstance(st.get("profiles"), Mapping) and name in st["profiles"]:
+            pst = st["profiles"][name]
+        self._stats = {"slots": dict(pst.get("slots") or {}),
+                       "agents": dict(pst.get("agents") or {})}
+        self._stats_at = time.monotonic()
+
+    async def _refresh_stats(self) -> None:
+        try:
+            client = await self._get_client()
+            st = await client.status(self.profile, timeout=10)
+            self._note_status(st, None)
+        except Exception as e:  # noqa: BLE001 - stats are best effort
+            log.debug("slot_client: status refresh failed: %s", e)
+        finally:
+            self._stats_task = None
+
+    def get_stats(self) -> dict[str, Any]:
+        """Pool figures (total_slots, available_slots, acquired_slots,
+        containers, slots_by_state, started) as of the last refresh (at most
+        about a second old while the event loop runs)."""
+        if self._started and self._stats_task is None and time.monotonic() - self._stats_at > 1.0:
+            try:
+                self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+            except RuntimeError:
+                pass  # no running loop: the cached figures
+        slots = self._stats.get("slots", {})
+        agents = self._stats.get("agents", {})
+        total, free = int(slots.get("total", 0)), int(slots.get("free", 0))
+        leased, executing = int(slots.get("leased", 0)), int(slots.get("executing", 0))
+        releasing = max(0, total - free - leased)
+        return {"total_slots": total, "available_slots": free, "acquired_slots": leased,
+                "containers": int(agents.get("ready", 0)) + int(agents.get("draining", 0)),
+                "slots_by_state": {"available": free, "acquired": max(0, leased - executing),
+                                   "executing": executing, "releasing": releasing, "error": 0},
+                "started": self._started, "held_by_this_backend": len(self._slots)}
+
     # ------------------------------------------------------------ slots
-    async def acquire(self, trajectory_id: str | None = None) -> Slot:
-        """Lease a slot for a trajectory (raises SlotError, e.g. no_capacity)."""
-        client = await self._get_client()
-        res = await client.acquire(trajectory_id=trajectory_id, profile=self.profile,
-                                   timeout_ms=self.acquire_timeout_ms)
+    async def acquire(self, trajectory_id: Optional[str] = None) -> Slot:
+        """Lease a slot for a trajectory, waiting (FIFO, up to
+        `acquire_timeout_s`) while every slot is taken. Raises TimeoutError
+        when none came in time, SlotError for other refusals."""
+        tid = trajectory_id or str(uuid.uuid4())
+        deadline = None if self.acquire_timeout_s is None else \
+            time.monotonic() + self.acquire_timeout_s
+        down_since = 0.0
+        while True:
+            left_ms = 86_400_000 if deadline is None else \
+                max(0, int((deadline - time.monotonic()) * 1000))
+            try:
+                client = await self._get_client()
+                res = await client.acquire(trajectory_id=tid, profile=self.profile,
+                                           timeout_ms=left_ms)
+                break
+            except SlotError as e:
+                if e.code == "no_capacity" and (deadline is None or time.monotonic() < deadline):
+                    await asyncio.sleep(0.05)
+                    continue  # the controller's own bound was shorter: wait on
+                if e.code == "no_capacity":
+                    raise TimeoutError(f"no free slot for trajectory {tid} within "
+                                       f"{self.acquire_timeout_s:g} s: {e.message}") from e
+                raise
+            except ConnectionLost as e:
+                # A controller restart: connect again, for a while.
+                now = time.monotonic()
+                down_since = down_since or now
+                if isinstance(e, ConnectError) and now - down_since > RECONNECT_S or \
+                        deadline is not None and now >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
         slot = Slot(
             slot_id=str(res["slot"]),
             alloc_id=str(res.get("agent", "")),
             container_addr=str(res.get("address", "")),
-            workspace_dir=str(res.get("workspace", "")),
-            state="acquired",
-            trajectory_id=res.get("trajectory_id", trajectory_id),
+            workspace_dir=str(res.get("cwd_path") or res.get("workspace") or ""),
+            state=SlotState.ACQUIRED,
+            trajectory_id=res.get("trajectory_id", tid),
             metadata={"index": res.get("index"), "generation": res.get("generation"),
-                      "profile": res.get("profile"), "acquire_result": res},
+                      "profile": res.get("profile"), "workspace": res.get("workspace")},
         )
         self._slots[slot.slot_id] = slot
         return slot
 
-    async def release(self, slot: SlotRef, reset_workspace: bool = False) -> None:
-        """Give the slot back. With `reset_workspace` its processes are killed
-        and its workspace emptied before anyone else gets it. Raises SlotError
-        (e.g. not_leased for a stale handle); the slot is marked released
-        either way."""
+    async def release(self, slot: SlotRef, *, reset_workspace: bool = False) -> None:
+        """Give the slot back (with `reset_workspace`: its processes killed
+        and its workspace emptied first). Never raises: a slot released
+        before, or unknown, is logged and ignored."""
         handle = _handle(slot)
+        tracked = self._slots.pop(handle, None)
+        for s in (slot, tracked):
+            if isinstance(s, Slot):
+                s.state = SlotState.RELEASING
         try:
+            if tracked is None and isinstance(slot, Slot):
+                log.info("slot_client: release of %s, which this backend does not hold: ignored",
+                         handle)
+                return
             client = await self._get_client()
-            await client.release(handle, reset=reset_workspace)
+            await client.release(handle, reset=reset_workspace, timeout=60)
+        except SlotError as e:
+            log.info("slot_client: release of %s: %s: %s", handle, e.code, e.message)
+        except Exception as e:  # noqa: BLE001 - release never raises
+            log.warning("slot_client: release of %s failed: %s", handle, e)
         finally:
-            tracked = self._slots.pop(handle, None)
             for s in (slot, tracked):
                 if isinstance(s, Slot):
-                    s.state = "released"
+                    s.release()
 
     # ------------------------------------------------------------ tools
-    def _build_request(self, slot: SlotRef, tool: str,
-                       args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The batch entry for one call, and local context for its result."""
+    def _build_request(self, slot: SlotRef, tool: str, args: Mapping[str, Any],
+                       timeout_s: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The batch entry for one call, and what shaping its answer needs.
+        Raises _Refused for a call that cannot be sent."""
         handle = _handle(slot)
-        ctx: dict[str, Any] = {"tool": tool}
+        ws = slot.workspace_dir if isinstance(slot, Slot) else ""
+        ctx: dict[str, Any] = {"tool": tool, "timeout_s": timeout_s, "workspace_dir": ws}
+        if not isinstance(args, Mapping):
+            raise _Refused("bad_request", f"arguments of {tool} must be a map")
         a = dict(args)
-        if tool == "tmux":
-            ctx["action"] = a.get("action")
-        elif tool == "bash_stateful":
-            # the controller takes `timeout` in seconds; kept for the error text
-            if "timeout" in a:
-                ctx["timeout_ms"] = int(float(a["timeout"]) * 1000)
-            elif "timeout_ms" in a:
-                ctx["timeout_ms"] = a["timeout_ms"]
-        elif tool == "bash":
-            if "timeout" in a and "timeout_ms" not in a:  # seconds, for convenience
-                a["timeout_ms"] = int(float(a.pop("timeout")) * 1000)
+        allow_network = a.pop("allow_network", True)
+        require_sandbox = a.pop("require_sandbox", False)
+        require_stateful = a.pop("require_stateful_sandbox", None)
+        for k, v in (("allow_network", allow_network), ("require_sandbox", require_sandbox),
+                     ("require_stateful_sandbox", require_stateful)):
+            if v is not None and not isinstance(v, bool):
+                raise _Refused("bad_request", f"'{k}' must be a bool (got {type(v).__name__})")
+        if tool in ("bash", "bash_stateful") and a.get("background"):
+            raise _Refused("bad_request", "background execution is not supported",
+                           "terminal background execution is not supported in sandbox")
+        if tool in ("bash", "bash_stateful", "tmux"):
+            a.pop("background", None)
+        if tool in ("bash", "bash_stateful") and isinstance(a.get("timeout"), (int, float)) \
+                and not isinstance(a.get("timeout"), bool) and "timeout_ms" not in a:
+            a["timeout_ms"] = int(float(a.pop("timeout")) * 1000)  # seconds, as models send it
+        ctx["network"] = allow_network
+        if tool == "bash":
+            ctx["network_isolation"] = allow_network is False
+            ctx["sandbox"] = bool(require_sandbox)
+            if allow_network is False:
+                a.setdefault("network", False)
+            if require_sandbox or allow_network is False:
+                a.setdefault("isolation", "required")  # fail closed, never run unisolated
             if "stdin" in a and isinstance(a["stdin"], str):
                 a["stdin"] = a["stdin"].encode("utf-8")
-            ctx["timeout_ms"] = a.get("timeout_ms")
-        elif tool == "read_file":
-            ctx["path"] = a.get("path")
+            ctx["timeout_ms"] = a.get("timeout_ms") or \
+                (int(timeout_s * 1000) if timeout_s else None)
+        elif tool in STATEFUL:
+            stateful_sandbox = require_stateful if require_stateful is not None else require_sandbox
+            ctx["network_isolation"] = allow_network is False
+            ctx["sandbox"] = bool(stateful_sandbox)
+            if allow_network is False:
+                a["allow_network"] = False
+            if stateful_sandbox or allow_network is False:
+                a["require_stateful_sandbox"] = True
+            if tool == "tmux":
+                action = str(a.get("action", "capture") or "capture").lower()
+                if action not in TMUX_ACTIONS:
+                    raise _Refused("bad_request", f"unknown tmux action {action!r} "
+                                   f"(one of {', '.join(TMUX_ACTIONS)})")
+                a["action"] = action
+                ctx["action"] = action
+                ctx["capture_entire"] = bool(a.get("capture_entire"))
+                if "pane_width" in a and isinstance(a["pane_width"], int):
+                    a["pane_width"] = min(500, max(20, a["pane_width"]))
+                if "pane_height" in a and isinstance(a["pane_height"], int):
+                    a["pane_height"] = min(200, max(10, a["pane_height"]))
+                mw = a.get("max_wait_s")
+                ctx["max_wait_s"] = mw if isinstance(mw, (int, float)) else \
+                    a.get("timeout", timeout_s)
+        if tool in ("bash", "bash_stateful") and isinstance(a.get("timeout_ms"), int) \
+                and a["timeout_ms"] > 0:
+            ctx["timeout_s"] = a["timeout_ms"] / 1000.0
+        if tool == "read_file":
+            path = a.get("path")
+            ctx["path"] = path
+            if isinstance(path, str):
+                a["path"] = self._relative(path, ws)
+                lim = self.conventions.file_limit
+                if lim is not None and "length" not in a:
+                    a["length"] = lim + 1
         elif tool == "write_file":
-            if "content" in a:
-                a["data"] = _as_bytes(a.pop("content"))
-            elif "data" in a:
-                a["data"] = _as_bytes(a["data"])
-            ctx["path"] = a.get("path")
-            ctx["length"] = len(a.get("data", b""))
+            path = a.get("path")
+            ctx["path"] = path
+            if isinstance(path, str):
+                a["path"] = self._relative(path, ws)
+            data = a.pop("content", a.pop("data", None))
+            if isinstance(data, str) and self.conventions.texts == "trainer":
+                ctx["length"] = len(data)  # the trainer counts characters
+            lim = self.conventions.file_limit
+            if lim is not None and data is not None and len(data) > lim:
+                raise _Refused("too_large", "content too large",
+                               f"Content too large: {len(data)} bytes (max {lim})")
+            a["data"] = _as_bytes(data) if data is not None else None
+            if a["data"] is None:
+                del a["data"]
+            ctx.setdefault("length", len(a.get("data", b"")))
         return {"slot": handle, "tool": tool, "args": a}, ctx
 
-    async def execute_batch(self, calls: Sequence[ToolCall],
+    def _relative(self, path: str, ws: str) -> str:
+        """A path for the agent's file ops: relative to the workspace. An
+        absolute path inside the workspace as commands see it is accepted;
+        any other absolute path is refused (never sent)."""
+        if not path.startswith("/"):
+            return path
+        root = (ws or "/workspace").rstrip("/")
+        if path == root:
+            return "."
+        if root and path.startswith(root + "/"):
+            return path[len(root) + 1:] or "."
+        raise _Refused("path_escape", f"{path} is outside the workspace",
+                       "Access denied: path outside workspace")
+
+    async def execute_batch(self, requests: Sequence[ToolCall], *,
                             timeout_s: float | None = None) -> list[ExecutionResult]:
-        """Run the calls as one controller `batch` (calls on one slot run in
-        order, different slots in parallel). Returns one ExecutionResult per
-        call, in order; failures are results, never exceptions."""
+        """Run the calls (calls on one slot in order, slots in parallel).
+        Returns one ExecutionResult per call, in order; failures are
+        results, never exceptions. `timeout_s` bounds each call."""
+        try:
+            return await self._execute_batch(requests, timeout_s)
+        except Exception as e:  # noqa: BLE001 - the executor's loop must live on
+            log.exception("slot_client: execute_batch failed")
+            return [self._result(_handle(r[0]) if isinstance(r, (tuple, list)) and r else "",
+                                 *cv.failure("internal", str(e), {}, self.conventions))
+                    for r in requests]
+
+    async def _execute_batch(self, calls: Sequence[ToolCall],
+                             timeout_s: float | None) -> list[ExecutionResult]:
         if not calls:
             return []
+        if timeout_s is None:
+            timeout_s = self.default_timeout_s
         timeout_ms = None if timeout_s is None else max(1, int(timeout_s * 1000))
         # The controller answers `timeout` 5 s after the command timeout; allow more.
         guard = None if timeout_s is None else timeout_s + 30.0
-        # The controller runs a slot's bash_stateful and tmux calls in
-        # order, but not in order with the slot's other tools: with those
-        # tools, go in rounds that hold at most one call per slot (order per
-        # slot kept, slots in parallel).
+        # The controller runs a slot's bash_stateful and tmux calls in order,
+        # but not in order with the slot's other tools: with those tools, go
+        # in rounds that hold at most one call per slot.
         rounds: list[list[int]] = [list(range(len(calls)))]
-        if any(tool in ("bash_stateful", "tmux") for _, tool, _ in calls):
+        if any(c[1] in STATEFUL for c in calls):
             rounds = []
             seen: dict[str, int] = {}
-            for i, (slot, _, _) in enumerate(calls):
-                k = seen.get(_handle(slot), 0)
-                seen[_handle(slot)] = k + 1
+            for i, c in enumerate(calls):
+                k = seen.get(_handle(c[0]), 0)
+                seen[_handle(c[0])] = k + 1
                 if k == len(rounds):
                     rounds.append([])
                 rounds[k].append(i)
         results: list[ExecutionResult | None] = [None] * len(calls)
-        for idx in rounds:
-            part = [calls[i] for i in idx]
-            for i, r in zip(idx, await self._run_round(part, timeout_ms, guard)):
-                results[i] = r
-        return [r for r in results if r is not None]
-
-    async def _run_round(self, calls: Sequence[ToolCall], timeout_ms: int | None,
-                         guard: float | None) -> list[ExecutionResult]:
-        requests: list[dict[str, Any]] = []
-        contexts: list[dict[str, Any]] = []
-        for slot, tool, args in calls:
-            req, ctx = self._build_request(slot, tool, args)
-            requests.append(req)
-            contexts.append(ctx)
+        slots = {id(c[0]): c[0] for c in calls if isinstance(c[0], Slot)}
+        for s in slots.values():
+            s.start_execution()
         try:
-            client = await self._get_client()
-            answers = await client.batch(requests, timeout_ms=timeout_ms, timeout=guard)
-        except SlotError as e:
-            return [self._failure(req["slot"], e.code, e.message, ctx)
-                    for req, ctx in zip(requests, contexts)]
-        results: list[ExecutionResult] = []
-        for i, (req, ctx) in enumerate(zip(requests, contexts)):
-            if ctx.get("timeout_ms") is None and timeout_ms is not None:
-                ctx["timeout_ms"] = timeout_ms
-            ans = answers[i] if i < len(answers) else None
-            if not isinstance(ans, dict):
-                results.append(self._failure(req["slot"], "internal",
-                                             "no answer for this request in the batch", ctx))
-            elif ans.get("ok") is True:
-                res = ans.get("result")
-                results.append(self._success(req["slot"], ctx,
-                                             res if isinstance(res, dict) else {}))
-            else:
-                err = ans.get("error") if isinstance(ans.get("error"), dict) else {}
-                results.append(self._failure(req["slot"], str(err.get("code", "internal")),
-                                             str(err.get("message", "")), ctx))
-        return results
+            for idx in rounds:
+                part = [calls[i] for i in idx]
+                for i, r in zip(idx, await self._run_round(part, timeout_s, timeout_ms, guard)):
+                    results[i] = r
+        finally:
+            for s in slots.values():
+                s.end_execution()
+        return [r if r is not None else self._result("", False, "", "internal: no result", {})
+                for r in results]
+
+    async def _run_round(self, calls: Sequence[ToolCall], timeout_s: float | None,
+                         timeout_ms: int | None, guard: float | None) -> list[ExecutionResult]:
+        conv = self.conventions
+        out: list[ExecutionResult | None] = [None] * len(calls)
+        requests: list[dict[str, Any]] = []
+        contexts: list[tuple[int, dict[str, Any]]] = []
+        for i, (slot, tool, args) in enumerate(calls):
+            try:
+                req, ctx = self._build_request(slot, tool, args, timeout_s)
+            except _Refused as e:
+                ctx = {"tool": tool}
+                o = cv.failure(e.code, e.message, ctx, conv)
+                if e.text and conv.texts == "trainer":
+                    o = (False, "", e.text, o[3])
+                out[i] = self._result(_handle(slot), *o)
+                continue
+            requests.append(req)
+            contexts.append((i, ctx))
+        if requests:
+            try:
+                client = await self._get_client()
+                answers = await client.batch(requests, timeout_ms=timeout_ms, timeout=guard)
+            except SlotError as e:
+                answers = [{"ok": False, "error": {"code": e.code, "message": e.message}}] * \
+                    len(requests)
+            for (i, ctx), req, ans in zip(contexts, requests,
+                                          answers + [None] * (len(requests) - len(answers))):
+                out[i] = self._result(req["slot"], *self._shape(ans, ctx))
+        return [r if r is not None else self._result("", False, "", "internal: no result", {})
+                for r in out]
+
+    def _shape(self, ans: Any, ctx: Mapping[str, Any]) -> cv.Outcome:
+        conv = self.conventions
+        if not isinstance(ans, dict):
+            return cv.failure("internal", "no answer for this request in the batch", ctx, conv)
+        if ans.get("ok") is not True:
+            err = ans.get("error") if isinstance(ans.get("error"), dict) else {}
+            return cv.failure(str(err.get("code", "internal")), str(err.get("message", "")),
+                              ctx, conv)
+        res = ans.get("result") if isinstance(ans.get("result"), dict) else {}
+        tool = ctx.get("tool")
+        if tool in ("bash", "bash_stateful") or (tool == "exec" and "exit_code" in res):
+            return cv.command(res, ctx, conv)
+        if tool == "tmux":
+            return cv.tmux(res, ctx, conv)
+        if tool == "read_file":
+            return cv.read_file(res, ctx, conv)
+        if tool == "write_file":
+            return cv.write_file(res, ctx, conv)
+        return cv.other(res, ctx)
+
+    @staticmethod
+    def _result(handle: str, success: bool, output: str, error: str,
+                metadata: dict[str, Any]) -> ExecutionResult:
+        return ExecutionResult(success=success, output=output, error=error,
+                               execution_id=uuid.uuid4().hex, slot_id=handle,
+                               metadata=metadata)
 
     async def execute(self, slot: SlotRef, tool: str, args: Mapping[str, Any],
                       timeout_s: float | None = None) -> ExecutionResult:
         """One call (a batch of one)."""
-        return (await self.execute_batch([(slot, tool, args)], timeout_s))[0]
-
-    @staticmethod
-    def _failure(handle: str, code: str, message: str,
-                 ctx: Mapping[str, Any]) -> ExecutionResult:
-        return ExecutionResult(success=False, output="", error=_error_text(code, message),
-                               execution_id=uuid.uuid4().hex, slot_id=handle,
-                               metadata={"code": code, "tool": ctx.get("tool")})
-
-    @staticmethod
-    def _success(handle: str, ctx: Mapping[str, Any],
-                 res: Mapping[str, Any]) -> ExecutionResult:
-        tool = ctx.get("tool")
-        eid = uuid.uuid4().hex
-        if tool == "tmux":
-            text = "\n".join(res.get("rows", [])) if "rows" in res else ""
-            meta = {"tool": tool, "action": ctx.get("action"), "result": dict(res)}
-            return ExecutionResult(True, text, None, eid, handle, meta)
-        if tool == "bash_stateful" or tool == "bash" or (tool == "exec" and "exit_code" in res):
-            stdout = _as_bytes(res.get("stdout"))
-            stderr = _as_bytes(res.get("stderr"))
-            out = _decode(stdout)
-            if stderr:
-                err_text = _decode(stderr)
-                out = (out + "\n[stderr]\n" + err_text) if out else ("[stderr]\n" + err_text)
-            exit_code = res.get("exit_code")
-            timed_out = bool(res.get("timed_out")) or bool(res.get("idle_timed_out"))
-            success = exit_code == 0 and not timed_out
-            error: str | None = None
-            if not success:
-                if res.get("idle_timed_out"):
-                    error = f"idle timeout after {res.get('duration_ms')} ms"
-                elif timed_out:
-                    error = f"timed out after {ctx.get('timeout_ms') or res.get('duration_ms')} ms"
-                elif res.get("cancelled"):
-                    error = "cancelled"
-                elif res.get("signal"):
-                    error = f"exit code {exit_code} (signal {res.get('signal')})"
-                else:
-                    error = f"exit code {exit_code}"
-            meta: dict[str, Any] = {
-                "tool": tool,
-                "exit_code": exit_code,
-                "timed_out": timed_out,
-                "isolation": list(res.get("isolation") or []),
-                "duration_ms": res.get("duration_ms"),
-                "stdout": stdout,
-                "stderr": stderr,
-                "signal": res.get("signal", 0),
-                "exec_id": res.get("exec_id"),
-                "stdout_truncated": bool(res.get("stdout_truncated")),
-                "stderr_truncated": bool(res.get("stderr_truncated")),
-                "cancelled": bool(res.get("cancelled")),
-            }
-            return ExecutionResult(success, out, error, eid, handle, meta)
-        if tool == "read_file":
-            data = _as_bytes(res.get("data"))
-            meta = {"tool": tool, "size": res.get("size"), "bytes": data,
-                    "eof": res.get("eof"), "mode": res.get("mode"), "mtime": res.get("mtime")}
-            if "sha256" in res:
-                meta["sha256"] = res["sha256"]
-            return ExecutionResult(True, _decode(data), None, eid, handle, meta)
-        if tool == "write_file":
-            path = res.get("path", ctx.get("path"))
-            meta = {"tool": tool, "size": res.get("size"), "sha256": res.get("sha256"),
-                    "path": path}
-            return ExecutionResult(True, f"wrote {ctx.get('length', 0)} bytes to {path}",
-                                   None, eid, handle, meta)
-        # Other tools (agent ops such as stat, list, archive, reset, cancel).
-        shown = {k: v for k, v in res.items() if not isinstance(v, (bytes, bytearray))}
-        return ExecutionResult(True, repr(shown), None, eid, handle,
-                               {"tool": tool, "result": dict(res)})
-
-    # ------------------------------------------------------------ artifacts
-    async def read_artifact(self, slot: SlotRef, path: str,
-                            max_bytes: int | None = None) -> dict[str, Any]:
-        """{"success", "content" (str), "content_bytes", "size", "truncated",
-        "sha256", "error"}; failures give success False and "code: message"."""
-        try:
-            client = await self._get_client()
-            res = await client.read_artifact(_handle(slot), path, max_bytes=max_bytes,
-                                             sha256=True)
-        except SlotError as e:
-            return {"success": False, "content": "", "content_bytes": b"", "size": 0,
-                    "truncated": False, "sha256": None,
-                    "error": _error_text(e.code, e.message)}
-        data = _as_bytes(res.get("content"))
-        return {"success": True, "content": _decode(data), "content_bytes": data,
-                "size": res.get("size", len(data)), "truncated": bool(res.get("truncated")),
-                "sha256": res.get("sha256"), "error": None}
-
-    async def list_artifacts(self, slot: SlotRef, path: str = ".") -> dict[str, Any]:
-        """{"success", "entries", "truncated", "error"} (recursive listing)."""
-        try:
-            client = await self._get_client()
-            res = await client.list_artifacts(_handle(slot), path)
-        except SlotError as e:
-            return {"success": False, "entries": [], "truncated": False,
-                    "error": _error_text(e.code, e.message)}
-        return {"success": True, "entries": list(res.get("entries") or []),
-                "truncated": bool(res.get("truncated")), "error": None}
-
-    async def archive_artifacts(self, slot: SlotRef, path: str = ".",
-                                format: str = "tar.gz") -> dict[str, Any]:
-        """{"success", "data" (archive bytes), "format", "entries", "bytes", "error"}."""
-        try:
-            client = await self._get_client()
-            res = await client.archive_artifacts(_handle(slot), path, format=format)
-        except SlotError as e:
-            return {"success": False, "data": b"", "format": format, "entries": 0,
-                    "bytes": 0, "error": _error_text(e.code, e.message)}
-        data = _as_bytes(res.get("data"))
-        return {"success": True, "data": data, "format": res.get("format", format),
-                "entries": res.get("entries", 0), "bytes": res.get("bytes", len(data)),
-                "error": None}
+        return (await self.execute_batch([(slot, tool, args)], timeout_s=timeout_s))[0]
 
 
-__all__ = ["ControllerToolBackend", "ExecutionResult", "Slot"]
+__all__ = ["ControllerToolBackend", "ExecutionResult", "Slot", "SlotState"]

@@ -184,13 +184,17 @@ def test_agents_are_jobs_and_the_trainer_runs(controllers, cluster) -> None:
     assert {k.rsplit("-", 2)[-2] + "-" + k.rsplit("-", 1)[-1] for k in ours} == ids
     run_trainer(c, "hpc")
     cl = c.client()
-    h = cl.call("acquire", {"trajectory_id": "x"})["slot"]
+    a = cl.call("acquire", {"trajectory_id": "x"})
+    h = a["slot"]
     r = cl.call("exec", {"slot": h, "tool": "bash",
                          "args": {"command": "echo $SLURM_JOB_ID; id -u; pwd"}})
     job = job_of(cluster, h.split("/")[0])
     out = r["stdout"].decode().split()
     assert out[0] == job and out[1].startswith("200"), out
-    assert out[2].startswith(str(cluster.dir / "ws")), out
+    # the workspace lives under the node's --workspace; commands see it at
+    # /workspace in their box (cwd_path says where)
+    assert a["workspace"].startswith(str(cluster.dir / "ws")), a
+    assert out[2] == a["cwd_path"] and a["cwd_path"] in ("/workspace", a["workspace"]), (out, a)
     cl.close()
 
 
