@@ -269,6 +269,21 @@ static void config_free(char **av, char **owned)
     free(av);
 }
 
+/* A box binds the slot's workspace over /workspace, after which paths
+ * under /workspace lead into that workspace: a data dir there would put the
+ * slot's own files (its tmp, the box's passwd copies) within the slot's
+ * reach. Show the host path instead. */
+static void workspace_view_check(struct agent *ag)
+{
+    size_t n = strlen(BOX_WORKSPACE);
+    if (ag->iso.ns_workspace && ag->data_dir && !strncmp(ag->data_dir, BOX_WORKSPACE, n) &&
+        (ag->data_dir[n] == '/' || ag->data_dir[n] == 0)) {
+        ag->iso.ns_workspace = false;
+        snprintf(ag->iso.ns_workspace_why, sizeof ag->iso.ns_workspace_why,
+                 "the data dir is under %s", BOX_WORKSPACE);
+    }
+}
+
 static char *default_data_dir(void)
 {
     const char *alloc = getenv("NOMAD_ALLOC_DIR");
@@ -589,6 +604,7 @@ static int agent_main(int argc, char **argv)
         char *pdd = ag->opt.data_dir ? strdup(ag->opt.data_dir) : default_data_dir();
         ag->data_dir = pdd ? absolute_dir(pdd) : NULL;
         free(pdd);
+        workspace_view_check(ag);
         char view[4200];
         slots_view_template(ag, view, sizeof view);
         free(ag->data_dir);
@@ -632,6 +648,7 @@ static int agent_main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &nofile);
     }
     isolate_init(&ag->iso, ag->opt.nslots, &perr);
+    workspace_view_check(ag);
     /* libseccomp's compiler leaves freed heap behind; give it back. */
     malloc_trim(0);
     for (int r = 0; r < RUNG_COUNT; r++)

@@ -18,10 +18,15 @@ struct screen {
     screen_reply_fn *reply;
     void *ctx;
     /* Lines that scrolled off the top, as text: a ring of SCREEN_HISTORY
-     * lines, the oldest dropped first. */
+     * lines and at most SCREEN_HISTORY_BYTES, the oldest dropped first (a
+     * wide pane of combining characters makes long lines: the byte bound
+     * keeps the history, and an answer holding it, small). */
     char **sb;
     unsigned sb_head, sb_len;
+    size_t sb_bytes;
 };
+
+#define SCREEN_HISTORY_BYTES (4u << 20)
 
 static size_t cells_text(const VTermScreenCell *cells, unsigned cols, char *out, size_t cap);
 static int sb_pushline(int cols, const VTermScreenCell *cells, void *user);
@@ -189,13 +194,14 @@ static int sb_pushline(int cols, const VTermScreenCell *cells, void *user)
         free(line);
         return 1;
     }
-    if (s->sb_len == SCREEN_HISTORY) {
+    while (s->sb_len && (s->sb_len == SCREEN_HISTORY || s->sb_bytes + n > SCREEN_HISTORY_BYTES)) {
+        s->sb_bytes -= strlen(s->sb[s->sb_head]);
         free(s->sb[s->sb_head]);
-        s->sb[s->sb_head] = line;
         s->sb_head = (s->sb_head + 1) % SCREEN_HISTORY;
-    } else {
-        s->sb[(s->sb_head + s->sb_len++) % SCREEN_HISTORY] = line;
+        s->sb_len--;
     }
+    s->sb[(s->sb_head + s->sb_len++) % SCREEN_HISTORY] = line;
+    s->sb_bytes += n;
     return 1;
 }
 

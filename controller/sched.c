@@ -197,6 +197,12 @@ static void on_lease(struct ctl *c, struct preq *r, const msgpack_object *resp,
         s->leased_at_ms = at;
         s->last_used = ev_now(c->loop);
         slot_set(s, SL_LEASED);
+        if (w->conn) /* a hello may have renamed the connection meanwhile */
+            memcpy(s->owner, w->conn->owner, sizeof s->owner);
+        /* Its owner may have gone (or a hello renamed its connection)
+         * while the lease was being recorded: the deadline starts now. */
+        if (s->bound && !s->grace_until && !sched_owner_connected(c, s->owner))
+            s->grace_until = ev_now(c->loop) + (double)s->ag->prof->lease_grace_ms / 1000.0;
         if (w->conn) {
             answer_acquire(c, w, s);
             waiter_free(c, w);
@@ -468,11 +474,16 @@ void sched_lease_adopted(struct ctl *c, struct slot *s, const char *owner, size_
 {
     /* A lease from an agent that never heard of owners has none: nobody
      * can come back for it, so only release or lease_timeout end it. */
+    char was[sizeof s->owner];
+    memcpy(was, s->owner, sizeof was);
     snprintf(s->owner, sizeof s->owner, "%.*s", (int)(ownern <= CTL_OWNER_MAX ? ownern : 0),
              owner ? owner : "");
     s->bound = bound && s->owner[0];
-    s->grace_until = 0;
-    if (s->bound && !sched_owner_connected(c, s->owner)) {
+    /* The same lease seen again (its agent's slots listed once more): a
+     * running deadline goes on, it does not start over. */
+    if (!(s->bound && s->grace_until && !strcmp(was, s->owner)))
+        s->grace_until = 0;
+    if (s->bound && !s->grace_until && !sched_owner_connected(c, s->owner)) {
         s->grace_until = ev_now(c->loop) + (double)s->ag->prof->lease_grace_ms / 1000.0;
         log_info("lease of '%s' on %s/%u: owner '%s' has no connection; released unless it is "
                  "back within %.1f s",

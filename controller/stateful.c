@@ -386,6 +386,8 @@ static struct scall *parse_tmux(const msgpack_object *args, uint64_t dflt_ms, st
     sc->reset = reset;
     sc->max_bytes = max_bytes;
     sc->min_wait_ms = (uint64_t)(min_wait * 1000.0);
+    if (max_wait > MAX_WAIT_S) /* the default comes from exec_timeout, which is not bounded */
+        max_wait = MAX_WAIT_S;
     sc->max_wait_s = max_wait;
     sc->max_wait_ms = (uint64_t)ceil(max_wait * 1000.0);
     if (!sc->max_wait_ms)

@@ -810,3 +810,20 @@ def test_hostile_arguments_of_the_new_session_args(client) -> None:
     r = client.call("session_log", {"session": sid, "offset": 2**64 - 1})
     assert r["data"] == b""
     assert sx(client, sid, "echo alive")["exit_code"] == 0
+
+
+def test_history_is_bounded_in_bytes_too(client) -> None:
+    """Long lines (a wide pane of two-byte characters) reach the byte bound
+    of the scrollback (4 MiB) before its 10,000 lines: the oldest go, and a
+    capture of the whole history stays a small answer."""
+    sid = sopen(client, pty=True, cols=1000, rows=10)
+    wait_prompt(client, sid)
+    r = client.call("session_write", {"session": sid, "data":
+                                      b"python3 -c \"import sys; [sys.stdout.write('\\u00e9' * 1000"
+                                      b" + '\\n') for _ in range(3000)]\"; echo DONE\n",
+                                      "wait_prompt_ms": 60000}, timeout=90)
+    assert r["prompt"] is True, r
+    h = client.call("session_screen", {"session": sid, "history": True}, timeout=30)["history"]
+    total = sum(len(x.encode()) for x in h)
+    assert 0 < total <= 4 << 20 and len(h) < 3000, (total, len(h))
+    assert h[-1] == "\u00e9" * 1000 or "DONE" in "".join(h[-3:]), h[-1][:50]

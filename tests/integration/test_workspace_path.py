@@ -150,6 +150,21 @@ def test_probe_reports_workspace_view(tmpdir_short) -> None:
     assert "commands see their workspace at" in human
 
 
+def test_a_data_dir_under_workspace_is_never_bound_over(tmpdir_short) -> None:
+    """Binding the slot's workspace over /workspace would put a data dir
+    below it (the slot's tmp, the box's passwd copies) within the slot's
+    reach: such an agent shows commands the host path instead."""
+    out = subprocess.run([str(AGENT_BIN), "--probe", "--json", "--data-dir", "/workspace/d"],
+                         capture_output=True, text=True, timeout=20, check=True).stdout
+    d = json.loads(out)
+    assert d["workspace_view"] == "/workspace/d/slots/{slot}/work"
+    assert d["namespaces"]["workspace"] is False
+    human = subprocess.run([str(AGENT_BIN), "--probe", "--data-dir", "/workspace/d"],
+                           capture_output=True, text=True, timeout=20, check=True).stdout
+    if d["rungs"]["namespaces"]["available"]:
+        assert "the data dir is under /workspace" in human, human
+
+
 def test_without_a_box_commands_see_the_host_path(agent_factory) -> None:
     a = agent_factory(extra=["--without", "namespaces"])
     c = a.client()

@@ -122,6 +122,12 @@ def failure(code: str, message: str, ctx: Mapping[str, Any], conv: Conventions) 
 
 
 def isolation_flags(res: Mapping[str, Any], ctx: Mapping[str, Any]) -> dict[str, bool]:
+    if "isolation" not in res:
+        # A session's command: its rungs were fixed when the shell opened,
+        # and are known for sure only when they were required.
+        sandboxed = bool(ctx.get("sandbox"))
+        return {"sandboxed": sandboxed,
+                "network_isolated": sandboxed and ctx.get("network") is False}
     rungs = set(res.get("isolation") or [])
     sandboxed = {"landlock", "seccomp"} <= rungs
     return {"sandboxed": sandboxed,
