@@ -2,10 +2,13 @@
 """The trainer's pattern through the compatibility layer versus the raw
 client: figures printed, never asserted.
 
-32 trajectories run the same tool calls (write_file, bash, read_file) on
-one controller in one run, rounds interleaved:
+32 trajectories run the same tool calls on one controller in one run,
+rounds interleaved, for two workloads: "mixed" (write_file, Python runs,
+read_file, ls) and "true" (bash `true` only: the layers' own cost):
 - raw: `AsyncClient.batch` straight to the controller, one batch per
   trajectory step (slot's own wire API);
+- backend: `ControllerToolBackend.execute_batch` from each trajectory, the
+  trainer's conventions (the layer's own cost);
 - compat: the trainer's executor pattern (tests/controller/note_executor.py:
   20 ms batch window, renaming, gather of acquires, `execute_batch`,
   `to_tool_result()`) on `ControllerToolBackend` with the trainer's
@@ -48,8 +51,12 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))] if xs else 0.0
 
 
-def step_calls(i: int, k: int) -> list[tuple[str, dict]]:
-    """The calls of trajectory i, step k (the same for both paths)."""
+def step_calls(i: int, k: int, light: bool = False) -> list[tuple[str, dict]]:
+    """The calls of trajectory i, step k (the same for both paths): a mix
+    of file writes, reads and Python runs, or (light) `true` only, which
+    shows the layers' own cost."""
+    if light:
+        return [("bash", {"command": "true"})]
     if k == 0:
         return [("write_file", {"path": f"src/m{i}.py", "content": f"X = {i}\n" * 20})]
     if k % 3 == 1:
@@ -59,7 +66,8 @@ def step_calls(i: int, k: int) -> list[tuple[str, dict]]:
     return [("bash", {"command": "ls -la src | wc -l"})]
 
 
-async def raw_round(addr: str, n: int, steps: int) -> tuple[float, list[float], int]:
+async def raw_round(addr: str, n: int, steps: int,
+                    light: bool) -> tuple[float, list[float], int]:
     c = await AsyncClient.connect(addr)
     lat: list[float] = []
     errors = 0
@@ -70,7 +78,7 @@ async def raw_round(addr: str, n: int, steps: int) -> tuple[float, list[float], 
     async def traj(i: int, slot: str) -> None:
         nonlocal errors
         for k in range(steps):
-            reqs = [{"slot": slot, "tool": t, "args": a} for t, a in step_calls(i, k)]
+            reqs = [{"slot": slot, "tool": t, "args": a} for t, a in step_calls(i, k, light)]
             s = time.perf_counter()
             res = await c.batch(reqs, timeout_ms=30000)
             lat.extend([(time.perf_counter() - s) * 1000] * len(reqs))
@@ -84,7 +92,35 @@ async def raw_round(addr: str, n: int, steps: int) -> tuple[float, list[float], 
     return elapsed, lat, errors
 
 
-async def compat_round(addr: str, n: int, steps: int) -> tuple[float, list[float], int]:
+async def backend_round(addr: str, n: int, steps: int,
+                        light: bool) -> tuple[float, list[float], int]:
+    """ControllerToolBackend.execute_batch straight from each trajectory
+    (no executor): the compatibility layer's own cost."""
+    backend = ControllerToolBackend(addr)
+    await backend.start()
+    lat: list[float] = []
+    errors = 0
+    t0 = time.perf_counter()
+
+    async def traj(i: int) -> None:
+        nonlocal errors
+        slot = await backend.acquire(trajectory_id=f"backend-{i}")
+        for k in range(steps):
+            calls = [(slot, t, a) for t, a in step_calls(i, k, light)]
+            s = time.perf_counter()
+            rs = await backend.execute_batch(calls, timeout_s=30)
+            lat.extend([(time.perf_counter() - s) * 1000] * len(calls))
+            errors += sum(not r.success for r in rs)
+        await backend.release(slot, reset_workspace=True)
+
+    await asyncio.gather(*(traj(i) for i in range(n)))
+    elapsed = time.perf_counter() - t0
+    await backend.stop()
+    return elapsed, lat, errors
+
+
+async def compat_round(addr: str, n: int, steps: int,
+                       light: bool) -> tuple[float, list[float], int]:
     backend = ControllerToolBackend(addr)
     await backend.start()
     ex = NoteExecutor(backend, ExecutorConfig())
@@ -97,7 +133,7 @@ async def compat_round(addr: str, n: int, steps: int) -> tuple[float, list[float
         nonlocal errors
         t = f"compat-{i}"
         for k in range(steps):
-            for tool, args in step_calls(i, k):
+            for tool, args in step_calls(i, k, light):
                 s = time.perf_counter()
                 r = await ex.execute(t, tool, args)
                 lat.append((time.perf_counter() - s) * 1000)
@@ -143,23 +179,29 @@ def main() -> int:
                     raise SystemExit("controller not ready: " + (tmp / "ctl.log").read_text())
                 await asyncio.sleep(0.1)
         asyncio.run(ready())
-        figures: dict[str, list] = {"raw": [0.0, [], 0, 0], "compat": [0.0, [], 0, 0]}
-        for _ in range(a.rounds):
-            for name, fn in (("raw", raw_round), ("compat", compat_round)):
-                el, lat, err = asyncio.run(fn(addr, a.trajectories, a.steps))
-                f = figures[name]
-                f[0] += el
-                f[1] += lat
-                f[2] += err
-                f[3] += len(lat)
         print(f"trainer pattern, {a.trajectories} trajectories x {a.steps} steps, "
               f"{a.rounds} rounds each, interleaved (4 agents, local backend)")
-        print(f"{'path':<8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-        for name, (el, lat, err, n) in figures.items():
-            print(f"{name:<8} {n / el:9.1f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {err:7d}")
-        raw_rate = figures["raw"][3] / figures["raw"][0]
-        compat_rate = figures["compat"][3] / figures["compat"][0]
-        print(f"compat / raw throughput: {compat_rate / raw_rate:.2f}")
+        print(f"{'workload':<8} {'path':<8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7}")
+        for light in (False, True):
+            figures: dict[str, list] = {"raw": [0.0, [], 0, 0], "backend": [0.0, [], 0, 0],
+                                        "compat": [0.0, [], 0, 0]}
+            for _ in range(a.rounds):
+                for name, fn in (("raw", raw_round), ("backend", backend_round),
+                                 ("compat", compat_round)):
+                    el, lat, err = asyncio.run(fn(addr, a.trajectories, a.steps, light))
+                    f = figures[name]
+                    f[0] += el
+                    f[1] += lat
+                    f[2] += err
+                    f[3] += len(lat)
+            wl = "true" if light else "mixed"
+            for name, (el, lat, err, n) in figures.items():
+                print(f"{wl:<8} {name:<8} {n / el:9.1f} {pct(lat, 0.5):8.2f} "
+                      f"{pct(lat, 0.99):8.2f} {err:7d}")
+            raw_rate = figures["raw"][3] / figures["raw"][0]
+            compat_rate = figures["compat"][3] / figures["compat"][0]
+            print(f"{wl:<8} compat / raw throughput: {compat_rate / raw_rate:.2f}")
         return 0
     finally:
         ctl.send_signal(signal.SIGTERM)

@@ -94,7 +94,8 @@ def mark_slot(c: Client, slot: str) -> str:
 def assert_released_with_reset(ctl: Controller, slot: str, workspace: str, tag: str) -> None:
     """slot's lease is gone, its file and process with it, and the slot can
     be leased again, empty."""
-    assert not Path(workspace, "kept.txt").exists()
+    # The lease leaves the list when the release starts; the reset follows.
+    assert wait_for(lambda: not Path(workspace, "kept.txt").exists(), 10, "the reset")
     assert wait_for(lambda: not procs_with_argv("sleep", tag), 10, "the sleep to die")
     c = ctl.client()
     try:
@@ -244,7 +245,7 @@ def test_killed_trainer_process_leases_are_released_after_the_grace(controller_f
         assert len(ls) == 2 and time.monotonic() - killed < 1.0
         wait_for(lambda: not leases(ctl), 15, "the releases")
         for i, (slot, ws) in enumerate(lines):
-            assert not Path(ws, "kept.txt").exists()
+            assert wait_for(lambda: not Path(ws, "kept.txt").exists(), 10, "the reset")
             assert wait_for(lambda: not procs_with_argv("sleep", f"{tag}.{i}"), 10, "sleep gone")
         c = ctl.client()
         again = [c.call("acquire", {"timeout_ms": 10000})["slot"] for _ in range(2)]
@@ -319,7 +320,7 @@ def test_lease_timeout_still_ends_unbound_leases(controller_factory):
     bash(c, r["slot"], "echo x > f")
     c.close()
     wait_for(lambda: not leases(ctl), 10, "lease_timeout")
-    assert not Path(r["workspace"], "f").exists()
+    assert wait_for(lambda: not Path(r["workspace"], "f").exists(), 10, "the reset")
 
 
 SOCKET_CFG = ("profiles:\n  default:\n    slots_per_agent: 2\n    min_agents: 2\n"
@@ -353,7 +354,7 @@ def test_restart_releases_leases_whose_owner_never_comes_back(controller_factory
     assert "grace_left_ms" not in ls[lu["slot"]]
     assert ls[lb["slot"]]["owner"] == "t-return" and "grace_left_ms" not in ls[lb["slot"]]
     wait_for(lambda: lg["slot"] not in leases(ctl), 15, "the release of t-gone's lease")
-    assert not Path(lg["workspace"], "kept.txt").exists()
+    assert wait_for(lambda: not Path(lg["workspace"], "kept.txt").exists(), 10, "the reset")
     assert wait_for(lambda: not procs_with_argv("sleep", tag), 10, "the sleep to die")
     assert set(leases(ctl)) == {lu["slot"], lb["slot"]}
     for x in (lu, lb):
