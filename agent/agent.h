@@ -70,6 +70,7 @@ struct slot {
     int ll_fd[2];        /* Landlock rulesets [network allowed, denied], built on first use */
     unsigned uid;        /* the slot's user, when the uid rung is on */
     struct nsbox box[2]; /* namespaces [network allowed, denied], started on first use */
+    bool box_failed;     /* the last box start failed: commands run at the host path */
     ev_io box_w[2];      /* their holders' answers */
     int cg_fd[2];        /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
     pid_t *kept;         /* keep_background leftovers */

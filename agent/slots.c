@@ -93,7 +93,7 @@ static bool boxes_show_workspace(const struct agent *ag)
 
 const char *slot_view(const struct agent *ag, const struct slot *s)
 {
-    return boxes_show_workspace(ag) ? BOX_WORKSPACE : s->ws_path;
+    return boxes_show_workspace(ag) && !s->box_failed ? BOX_WORKSPACE : s->ws_path;
 }
 
 void slots_view_template(const struct agent *ag, char *out, size_t cap)

@@ -164,7 +164,9 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
         if (ns_box_start(iso, &bc, &s->box[!network], &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
             have &= ~(1u << RUNG_NAMESPACES);
+            s->box_failed = true; /* `slots` says where its commands really run */
         } else {
+            s->box_failed = false;
             slots_box_watch(ag, s, !network);
         }
     }
