@@ -547,10 +547,12 @@ static int start_tool(struct ctl *c, struct tconn *t, uint64_t client_id, struct
             return sp_errf(err, SP_BAD_REQUEST, "tool bash needs 'command'");
         /* The agent's own `network` wins over the trainer's allow_network;
          * the stricter of `isolation` and require_sandbox wins, so that a
-         * required sandbox is never silently downgraded. */
+         * required sandbox is never silently downgraded. The trainer's
+         * allow_network false fails closed: without the rungs that enforce
+         * it, the command does not run. */
         if (allow_network >= 0 && !has_network)
             a.v[a.n++] = (struct kv){.k = "network", .t = KV_BOOL, .u = (uint64_t)allow_network};
-        if (require_sandbox == 1)
+        if (require_sandbox == 1 || (allow_network == 0 && !has_network))
             a.v[a.n++] = (struct kv){.k = "isolation", .t = KV_STR, .s = "required", .sl = 8};
         else if (isolation)
             kv_obj(&a, "isolation", isolation);

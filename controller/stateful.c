@@ -154,8 +154,9 @@ static bool clamped_int(const msgpack_object *v, int64_t lo, int64_t hi, uint32_
 }
 
 /* The trainer's sandbox policy, applied when the call opens the session:
- * allow_network, require_stateful_sandbox, and require_sandbox (its
- * fallback when require_stateful_sandbox is not given). */
+ * allow_network (false also requires isolation), require_stateful_sandbox,
+ * and require_sandbox (its fallback when require_stateful_sandbox is not
+ * given). */
 struct policy {
     bool network;
     int stateful, plain; /* -1: not given */
@@ -186,7 +187,9 @@ static int policy_arg(const msgpack_object *k, const msgpack_object *v, struct p
 static void policy_apply(const struct policy *p, struct scall *sc)
 {
     sc->network = p->network;
-    sc->required = p->stateful >= 0 ? p->stateful == 1 : p->plain == 1;
+    /* No network fails closed, as the trainer's server refuses a shell it
+     * cannot cut off. */
+    sc->required = (p->stateful >= 0 ? p->stateful == 1 : p->plain == 1) || !p->network;
 }
 
 #define POLICY_USAGE "allow_network, require_stateful_sandbox, require_sandbox bool"

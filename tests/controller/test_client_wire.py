@@ -402,7 +402,7 @@ def test_tool_backend_result_mapping() -> None:
         assert [r["tool"] for r in reqs] == ["write_file", "bash", "bash", "bash", "bash",
                                             "read_file", "bash"]
         assert reqs[0]["args"] == {"path": "d/f.txt", "data": content}
-        assert reqs[1]["args"] == {"command": "x", "timeout_ms": 1500}
+        assert reqs[1]["args"] == {"command": "x", "timeout": 1.5}  # seconds, as the controller takes them
         return [
             {"ok": True, "result": {"path": "d/f.txt", "size": len(content),
                                     "sha256": hashlib.sha256(content).hexdigest()}},

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import AGENTCTL_BIN, ROOT, Controller
+from helpers_proc import pids_with_arg, wait_gone, wait_present, wait_until
 from slotwire import AgentError, Client
 
 GRACE_CFG = ("profiles:\n  default:\n    slots_per_agent: {slots}\n    min_agents: 1\n"
@@ -48,33 +49,6 @@ def leases(ctl: Controller) -> dict[str, dict]:
         c.close()
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def procs_with_argv(*argv: str) -> list[int]:
-    want = [a.encode() for a in argv]
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().split(b"\0")[:-1]
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if args == want and state != "Z":
-            found.append(int(d.name))
-    return found
-
-
 def agentctl(ctl: Controller, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("SLOT_AGENT", "SLOT_CONTROLLER", "SLOT_TOKEN_FILE")}
@@ -87,7 +61,7 @@ def mark_slot(c: Client, slot: str) -> str:
     argument finds the process from outside."""
     tag = f"{900 + (uuid.uuid4().int % 10000) / 10000:.4f}"
     bash(c, slot, f"echo mine > kept.txt; sleep {tag} >/dev/null 2>&1 &", keep_background=True)
-    wait_for(lambda: procs_with_argv("sleep", tag), 10, "the background sleep")
+    assert wait_present(tag, 10), "the background sleep"
     return tag
 
 
@@ -95,8 +69,8 @@ def assert_released_with_reset(ctl: Controller, slot: str, workspace: str, tag: 
     """slot's lease is gone, its file and process with it, and the slot can
     be leased again, empty."""
     # The lease leaves the list when the release starts; the reset follows.
-    assert wait_for(lambda: not Path(workspace, "kept.txt").exists(), 10, "the reset")
-    assert wait_for(lambda: not procs_with_argv("sleep", tag), 10, "the sleep to die")
+    assert wait_until(lambda: not Path(workspace, "kept.txt").exists(), 10, what="the reset")
+    assert not wait_gone(tag, 10), "the sleep outlived the reset"
     c = ctl.client()
     try:
         assert c.error_code("exec", {"slot": slot, "args": {"command": "true"}}) == "not_leased"
@@ -191,17 +165,17 @@ def test_closed_connection_leases_are_released_with_reset_after_the_grace(contro
     c.close()
     closed = time.monotonic()
     # just after: still leased, its grace running, its files intact
-    ls = wait_for(lambda: (x := leases(ctl)) and "grace_left_ms" in x[r["slot"]] and x, 5,
-                  "the grace deadline")
+    ls = wait_until(lambda: (x := leases(ctl)) and "grace_left_ms" in x[r["slot"]] and x, 5,
+                    what="the grace deadline")
     assert time.monotonic() - closed < 2.0
     assert 0 < ls[r["slot"]]["grace_left_ms"] <= 2000
     assert Path(r["workspace"], "kept.txt").read_text() == "mine\n"
-    assert procs_with_argv("sleep", tag)
+    assert pids_with_arg(tag)
     row = next(ln.split() for ln in agentctl(ctl, "leases").stdout.splitlines()
                if ln.startswith(r["slot"]))
     assert row[2] == "t-close" and row[3].endswith(("ms", "s")) and row[3] != "-", row
     # then released with reset, and not before the grace
-    wait_for(lambda: r["slot"] not in leases(ctl), 15, "the release")
+    wait_until(lambda: r["slot"] not in leases(ctl), 15, what="the release")
     assert time.monotonic() - closed >= 1.5
     assert_released_with_reset(ctl, r["slot"], r["workspace"], tag)
     log = ctl.log()
@@ -235,18 +209,18 @@ def test_killed_trainer_process_leases_are_released_after_the_grace(controller_f
         lines = [child.stdout.readline().split() for _ in range(2)]
         assert all(len(x) == 2 for x in lines), lines
         for i in range(2):
-            wait_for(lambda: procs_with_argv("sleep", f"{tag}.{i}"), 10, "the child's sleep")
+            assert wait_present(f"{tag}.{i}", 10), "the child's sleep"
         assert {x["owner"] for x in leases(ctl).values()} == {"t-kill"}
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         killed = time.monotonic()
-        ls = wait_for(lambda: (x := leases(ctl)) and all("grace_left_ms" in v for v in x.values())
-                      and x, 5, "grace deadlines")
+        ls = wait_until(lambda: (x := leases(ctl)) and all("grace_left_ms" in v for v in x.values())
+                      and x, 5, what="grace deadlines")
         assert len(ls) == 2 and time.monotonic() - killed < 1.0
-        wait_for(lambda: not leases(ctl), 15, "the releases")
+        wait_until(lambda: not leases(ctl), 15, what="the releases")
         for i, (slot, ws) in enumerate(lines):
-            assert wait_for(lambda: not Path(ws, "kept.txt").exists(), 10, "the reset")
-            assert wait_for(lambda: not procs_with_argv("sleep", f"{tag}.{i}"), 10, "sleep gone")
+            assert wait_until(lambda: not Path(ws, "kept.txt").exists(), 10, what="the reset")
+            assert not wait_gone(f"{tag}.{i}", 10), "the sleep outlived the reset"
         c = ctl.client()
         again = [c.call("acquire", {"timeout_ms": 10000})["slot"] for _ in range(2)]
         assert all(bash(c, s, "ls -A")["stdout"] == b"" for s in again)
@@ -264,7 +238,7 @@ def test_owner_back_within_the_grace_keeps_its_leases(controller_factory):
     r = c.call("acquire", {"trajectory_id": "blip"})
     tag = mark_slot(c, r["slot"])
     c.close()
-    wait_for(lambda: "grace_left_ms" in leases(ctl).get(r["slot"], {}), 5, "the deadline")
+    wait_until(lambda: "grace_left_ms" in leases(ctl).get(r["slot"], {}), 5, what="the deadline")
     # another trainer's connection does not count
     other = ctl.client()
     hello(other, "someone-else")
@@ -275,7 +249,7 @@ def test_owner_back_within_the_grace_keeps_its_leases(controller_factory):
     ls = leases(ctl)
     assert ls[r["slot"]]["owner"] == "t-back" and ls[r["slot"]]["bound"] is True
     assert bash(c, r["slot"], "cat kept.txt")["stdout"] == b"mine\n"
-    assert procs_with_argv("sleep", tag)
+    assert pids_with_arg(tag)
     # two connections of one owner: the lease waits for the last to go
     c2 = ctl.client()
     hello(c2, "t-back")
@@ -283,7 +257,7 @@ def test_owner_back_within_the_grace_keeps_its_leases(controller_factory):
     time.sleep(2.0)
     assert "grace_left_ms" not in leases(ctl)[r["slot"]]
     c2.close()
-    wait_for(lambda: r["slot"] not in leases(ctl), 15, "the release")
+    wait_until(lambda: r["slot"] not in leases(ctl), 15, what="the release")
     assert_released_with_reset(ctl, r["slot"], r["workspace"], tag)
     other.close()
 
@@ -319,8 +293,8 @@ def test_lease_timeout_still_ends_unbound_leases(controller_factory):
     r = c.call("acquire", {"bind": False})
     bash(c, r["slot"], "echo x > f")
     c.close()
-    wait_for(lambda: not leases(ctl), 10, "lease_timeout")
-    assert wait_for(lambda: not Path(r["workspace"], "f").exists(), 10, "the reset")
+    wait_until(lambda: not leases(ctl), 10, what="lease_timeout")
+    assert wait_until(lambda: not Path(r["workspace"], "f").exists(), 10, what="the reset")
 
 
 SOCKET_CFG = ("profiles:\n  default:\n    slots_per_agent: 2\n    min_agents: 2\n"
@@ -353,9 +327,9 @@ def test_restart_releases_leases_whose_owner_never_comes_back(controller_factory
     assert ls[lu["slot"]]["owner"] == "t-gone" and ls[lu["slot"]]["bound"] is False
     assert "grace_left_ms" not in ls[lu["slot"]]
     assert ls[lb["slot"]]["owner"] == "t-return" and "grace_left_ms" not in ls[lb["slot"]]
-    wait_for(lambda: lg["slot"] not in leases(ctl), 15, "the release of t-gone's lease")
-    assert wait_for(lambda: not Path(lg["workspace"], "kept.txt").exists(), 10, "the reset")
-    assert wait_for(lambda: not procs_with_argv("sleep", tag), 10, "the sleep to die")
+    wait_until(lambda: lg["slot"] not in leases(ctl), 15, what="the release of t-gone's lease")
+    assert wait_until(lambda: not Path(lg["workspace"], "kept.txt").exists(), 10, what="the reset")
+    assert not wait_gone(tag, 10), "the sleep outlived the reset"
     assert set(leases(ctl)) == {lu["slot"], lb["slot"]}
     for x in (lu, lb):
         assert bash(back, x["slot"], "cat kept.txt")["stdout"] == b"mine\n"
@@ -420,6 +394,33 @@ def test_require_sandbox_runs_with_the_required_rungs(controller):
     assert r["exit_code"] == 0 and {"landlock", "seccomp"} <= set(r["isolation"]), r
     r = bash(c, slot, "echo plain", require_sandbox=False, require_stateful_sandbox=True)
     assert r["exit_code"] == 0 and r["stdout"] == b"plain\n", r
+    c.close()
+
+
+NO_SECCOMP = ("profiles:\n  default:\n    slots_per_agent: 2\n    min_agents: 1\n"
+              "    max_agents: 1\n    local:\n      args: [--without, seccomp]\n")
+
+
+def test_allow_network_false_fails_closed_where_the_agent_cannot_enforce_it(
+        controller_factory):
+    """An agent without seccomp cannot keep a command off the network: the
+    trainer's allow_network false is then refused, as its own server does,
+    for bash and for the stateful tools; everything else still runs."""
+    ctl = controller_factory(NO_SECCOMP)
+    c = ctl.client()
+    slot = c.call("acquire")["slot"]
+    assert bash(c, slot, "echo open", allow_network=True)["stdout"] == b"open\n"
+    for tool, args in (("bash", {"command": "echo never"}),
+                       ("bash_stateful", {"command": "echo never"}),
+                       ("tmux", {"action": "start"})):
+        resp = c.call_raw("exec", {"slot": slot, "tool": tool,
+                                   "args": {**args, "allow_network": False}})
+        assert resp["ok"] is False, (tool, resp)
+        assert resp["error"]["code"] == "isolation_unavailable", (tool, resp)
+        assert "seccomp" in resp["error"]["message"], resp
+    # the agent's own `network` keeps its best-effort meaning
+    r = bash(c, slot, "echo best-effort", network=False)
+    assert r["stdout"] == b"best-effort\n" and "seccomp" not in r["isolation"], r
     c.close()
 
 

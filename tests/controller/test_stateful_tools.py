@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+from helpers_proc import wait_gone
 from slotwire import Client
 
 
@@ -369,20 +370,6 @@ def tmux_err(c: Client, slot: str, **args) -> dict:
     return r["error"]
 
 
-def procs_with_arg(word: str) -> list[int]:
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if word.encode() in f.read().split(b"\0"):
-                    found.append(int(d))
-        except OSError:
-            pass
-    return found
-
-
 def test_tmux_actions_any_case_and_capture_by_default(controller, client):
     a = acquire(client, "a")
     # no action: capture, which starts a terminal first (120 x 40 by default)
@@ -447,10 +434,7 @@ def test_tmux_block_timeout_fails_and_tears_the_terminal_down(controller, client
                  max_wait_s=1)
     assert e == {"code": "timeout", "message": "tmux blocked keys timed out after 1.0s"}, e
     assert time.monotonic() - t0 < 15
-    deadline = time.monotonic() + 10
-    while procs_with_arg(m):  # the terminal went with what ran in it
-        assert time.monotonic() < deadline, "the blocked command still runs"
-        time.sleep(0.05)
+    assert not wait_gone(m, 10), "the blocked command still runs"  # gone with its terminal
     r = tmux(client, a, action="capture")
     assert r["session"] != first["session"] and r["alive"], r
     # max_wait_s defaults to the call's timeout (`timeout` seconds here)

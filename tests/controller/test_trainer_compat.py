@@ -129,9 +129,9 @@ def test_the_interface_has_the_trainers_names_signatures_and_defaults() -> None:
     s = Slot("a/0/1", "a", "stdio:pid:1")
     assert (s.workspace_dir, s.state, s.trajectory_id, s.metadata) == \
         ("", SlotState.AVAILABLE, None, {})
-    assert s.is_available and not s.is_acquired
+    assert s.is_available() and not s.is_acquired()
     s.acquire("t")
-    assert s.is_acquired and s.trajectory_id == "t"
+    assert s.is_acquired() and s.trajectory_id == "t"
     with pytest.raises(RuntimeError):
         s.acquire("u")
     s.start_execution()
@@ -143,7 +143,7 @@ def test_the_interface_has_the_trainers_names_signatures_and_defaults() -> None:
     s.mark_error("boom")
     assert s.state == SlotState.ERROR
     s.release()
-    assert s.is_available and s.trajectory_id is None
+    assert s.is_available() and s.trajectory_id is None
 
     r = ExecutionResult(success=True)
     assert (r.output, r.error, r.execution_id, r.slot_id, r.metadata) == ("", "", "", "", {})
@@ -322,6 +322,28 @@ def test_policy_arguments_are_understood(controller_factory: Any) -> None:
     srv.close()
 
 
+def test_a_policy_the_agent_cannot_enforce_fails_closed_with_the_trainers_text(
+        controller_factory: Any) -> None:
+    ctl = controller_factory(POOL.format(min=1, max=1)
+                             + "    local:\n      args: [--without, seccomp]\n")
+
+    async def no_net(ex: NoteExecutor, b: ControllerToolBackend) -> None:
+        for name, args in (("terminal", {"command": "echo never"}),
+                           ("terminal_stateful", {"command": "echo never"})):
+            r = await ex.execute("n", name, args)
+            assert not r.success and r.output == "", r
+            assert r.error.startswith("Network isolation requested but "), r
+            assert "seccomp" in r.error and check_result(r)
+    run(lambda: with_executor(ctl.addr, no_net, ExecutorConfig(allow_network=False)))
+
+    async def sandbox(ex: NoteExecutor, b: ControllerToolBackend) -> None:
+        r = await ex.execute("s", "bash", {"command": "echo never"})
+        assert r.error.startswith("Sandboxing required but ") and "seccomp" in r.error, r
+        r = await ex.execute("s", "tmux", {"action": "start"})
+        assert r.output == "started", r  # require_stateful_sandbox false: best effort
+    run(lambda: with_executor(ctl.addr, sandbox, ExecutorConfig(require_sandbox=True)))
+
+
 # ---------------------------------------------------------------- the workload
 
 def test_32_trajectories_through_the_executor(controller_factory: Any) -> None:
@@ -483,6 +505,12 @@ def test_artifacts_as_the_executor_calls_them(controller_factory: Any) -> None:
         with tarfile.open(fileobj=io.BytesIO(base64.b64decode(ar["content"])), mode="r:gz") as tf:
             assert sorted(tf.getnames()) == ["a", "b/z", "bin.dat", "out/logs/run.log",
                                              "out/r.json"]  # regular files only
+        await ex.execute(t, "bash", {"command": "mkdir -p d && echo 1 > d/d"})
+        for path, names in (("d", ["d/d"]), ("out/r.json", ["out/r.json"])):
+            ar = await ex.archive_artifacts(t, path)
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(ar["content"])),
+                              mode="r:gz") as tf:
+                assert tf.getnames() == names, (path, tf.getnames())
         ar = await ex.archive_artifacts(t, "out", archive_format="zip")
         assert not ar["success"] and "zip" in ar["error"]
         ar = await ex.archive_artifacts(t, "out", max_bytes=10)

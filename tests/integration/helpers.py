@@ -12,17 +12,17 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import msgpack
 import pytest
 
 from conftest import AGENT_BIN, Agent
 from helpers_proc import children, descendants, is_zombie, proc_state, wait_gone  # noqa: F401
+from helpers_proc import wait_until  # noqa: F401
 from helpers_proc import pids_with_arg as _pids_any
 from slotwire import Client
 
-T = TypeVar("T")
 AgentFactory = Callable[..., Agent]
 
 EXEC_RESULT_KEYS = {
@@ -35,19 +35,6 @@ EXEC_RESULT_KEYS = {
 def marker() -> str:
     """A unique `sleep` duration: `sleep <marker>` is a unique argv word to find in /proc."""
     return f"1000.{random.randrange(10**9):09d}"
-
-
-def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-               what: str = "condition") -> T:
-    """Poll pred until it returns a truthy value; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- /proc

@@ -1,8 +1,13 @@
-"""Process inspection helpers for containment tests (reads /proc directly)."""
+"""Process inspection helpers for containment tests (reads /proc directly),
+and the polling wait the suites share. Imports no conftest, so the
+controller suite uses it too."""
 from __future__ import annotations
 
 import os
 import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def pids_with_arg(marker: str) -> list[int]:
@@ -75,3 +80,16 @@ def descendants(pid: int) -> list[int]:
         out.append(p)
         todo += children(p)
     return out
+
+
+def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "condition") -> T:
+    """Poll pred until it returns a truthy value; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

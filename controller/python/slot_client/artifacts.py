@@ -12,6 +12,7 @@ import posixpath
 import tarfile
 from typing import TYPE_CHECKING, Any, Optional
 
+from .conventions import Refused
 from .errors import SlotError
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ def _error_text(code: str, message: str, path: str, file_expected: bool) -> str:
 
 
 class ArtifactsMixin:
-    """Needs `_get_client()`, `_relative(path, ws)` and `_Refused`-style
-    refusals of absolute paths from the class it is mixed into."""
+    """Needs `_get_client()` and `_relative(path, ws)` (which raises
+    Refused for an absolute path outside the workspace) from the class it
+    is mixed into."""
 
     async def _get_client(self) -> "AsyncClient":  # pragma: no cover - provided by the backend
         raise NotImplementedError
@@ -58,7 +60,7 @@ class ArtifactsMixin:
         ws = getattr(slot, "workspace_dir", "") or ""
         try:
             return _rel(self._relative(str(path), ws))
-        except Exception:  # noqa: BLE001 - an absolute path outside the workspace
+        except Refused:  # an absolute path outside the workspace
             return None
 
     async def read_artifact(self, slot: "Slot | str", path: str, *, encoding: str = "text",
@@ -155,8 +157,9 @@ class ArtifactsMixin:
                                                  timeout=timeout_s)
         except SlotError as e:
             return {**base, "error": _error_text(e.code, e.message, rel, False)}
-        # The agent's archive holds directories and symlinks too, named
-        # relative to `path`: keep the regular files, named from the root.
+        # The agent's archive holds directories and symlinks too: a tree's
+        # members as "./REL" under `path`, a single file under its base name
+        # (beside it). Keep the regular files, named from the workspace.
         src = tarfile.open(fileobj=io.BytesIO(bytes(res.get("data") or b"")), mode="r:")
         out = io.BytesIO()
         count = 0
@@ -169,10 +172,8 @@ class ArtifactsMixin:
                 if count > cap:
                     return {**base, "error": f"Archive too large: more than {cap} entries "
                                              f"(max {cap})"}
-                name = _rel(m.name)
-                top = rel if res.get("entries") is not None else "."
-                full = _rel(posixpath.join(posixpath.dirname(top) if _is_file(src, rel) else top,
-                                           name))
+                parent = rel if m.name.startswith("./") else posixpath.dirname(rel)
+                full = _rel(posixpath.join(parent, m.name))
                 f = src.extractfile(m)
                 m.name = full
                 dst.addfile(m, f)
@@ -181,13 +182,6 @@ class ArtifactsMixin:
             return {**base, "error": f"Archive too large: {len(data)} bytes (max {limit})"}
         return {**base, "success": True, "content": base64.b64encode(data).decode("ascii"),
                 "bytes": len(data), "entry_count": count}
-
-
-def _is_file(src: tarfile.TarFile, rel: str) -> bool:
-    """Whether the archived path was one file (its member named by its
-    basename) rather than a directory."""
-    names = src.getnames()
-    return len(names) == 1 and _rel(names[0]) == posixpath.basename(rel) and rel != "."
 
 
 def _handle(slot: Any) -> str:

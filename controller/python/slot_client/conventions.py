@@ -55,6 +55,15 @@ class Conventions:
 Outcome = tuple[bool, str, str, dict[str, Any]]  # success, output, error, metadata
 
 
+class Refused(Exception):
+    """A call refused by the client, before it reaches the controller:
+    `text` is the trainer's wording, when it has one."""
+
+    def __init__(self, code: str, message: str, text: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.text = code, message, text
+
+
 def text(data: Any) -> str:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data).decode("utf-8", errors="replace")
@@ -70,7 +79,7 @@ def cap(s: str, conv: Conventions, truncated: bool = False) -> str:
             half = lim // 2
             return s[:half] + TRUNCATED_MARKER + "\n" + s[-(lim - half):]
         return s[:lim] + TRUNCATED_MARKER
-    if truncated and conv.texts == "trainer":
+    if truncated and lim is not None:  # cut upstream: marked as if cut here
         return s + TRUNCATED_MARKER
     return s
 
@@ -113,8 +122,8 @@ def failure(code: str, message: str, ctx: Mapping[str, Any], conv: Conventions) 
             return False, "", f"File not found: {path}", meta
         if code in ("bad_request", "exists") and ("directory" in message or code == "exists"):
             return False, "", f"Not a file: {path}", meta
-    if tool == "tmux" and code == "timeout" and ctx.get("action") == "send_keys":
-        return False, "", f"tmux blocked keys timed out after {seconds(ctx.get('max_wait_s'))}s", meta
+    if tool == "tmux" and code == "timeout" and message.startswith("tmux blocked keys"):
+        return False, "", message, meta  # the controller words it as the trainer does
     if code == "timeout" and tool in ("bash", "bash_stateful"):
         return False, "", f"Command timed out after {seconds(ctx.get('timeout_s'))}s", \
             {"exit_code": -1, "timeout": True}
@@ -124,8 +133,9 @@ def failure(code: str, message: str, ctx: Mapping[str, Any], conv: Conventions) 
 def isolation_flags(res: Mapping[str, Any], ctx: Mapping[str, Any]) -> dict[str, bool]:
     if "isolation" not in res:
         # A session's command: its rungs were fixed when the shell opened,
-        # and are known for sure only when they were required.
-        sandboxed = bool(ctx.get("sandbox"))
+        # and are known for sure only when they were required (asked for,
+        # or implied by allow_network false).
+        sandboxed = bool(ctx.get("sandbox") or ctx.get("network_isolation"))
         return {"sandboxed": sandboxed,
                 "network_isolated": sandboxed and ctx.get("network") is False}
     rungs = set(res.get("isolation") or [])

@@ -4,6 +4,7 @@ methods of the trainer's own (see docs: the trainer interface)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -31,11 +32,9 @@ class Slot:
     trajectory_id: Optional[str] = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    @property
     def is_available(self) -> bool:
         return self.state == SlotState.AVAILABLE
 
-    @property
     def is_acquired(self) -> bool:
         return self.state in (SlotState.ACQUIRED, SlotState.EXECUTING)
 
@@ -106,7 +105,11 @@ class ToolResult:
 
 
 def _trainer_tool_result() -> Any:
-    """The trainer's ToolResult class, when the trainer is importable."""
+    """The trainer's ToolResult class when the trainer is loaded (a trainer
+    that runs this backend has imported it; nothing is searched for on
+    every result otherwise)."""
+    if "atropos" not in sys.modules:
+        return ToolResult
     for mod in ("atropos.tools.base", "atropos.tools"):
         try:
             m = __import__(mod, fromlist=["ToolResult"])

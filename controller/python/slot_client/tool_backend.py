@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from . import conventions as cv
 from .artifacts import ArtifactsMixin
 from .client import AsyncClient
-from .conventions import Conventions
+from .conventions import Conventions, Refused
 from .errors import ConnectError, ConnectionLost, SlotError
 from .results import ExecutionResult, Slot, SlotState
 from .wire import MAX_FRAME
@@ -27,10 +27,6 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_ACQUIRE_TIMEOUT_S = 600.0
 RECONNECT_S = 30.0  # how long acquire tries to reach a controller that is down
 STATEFUL = ("bash_stateful", "tmux")
-# The trainer's policy arguments, and the schema keys its model may send that
-# mean nothing here (a falsy `background`; `timeout` travels as timeout_s).
-POLICY = ("allow_network", "require_sandbox", "require_stateful_sandbox")
-TMUX_ACTIONS = ("start", "send_keys", "stream", "stop", "capture")
 
 
 def _handle(slot: SlotRef) -> str:
@@ -41,14 +37,6 @@ def _as_bytes(data: Any) -> bytes:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     return b"" if data is None else str(data).encode("utf-8")
-
-
-class _Refused(Exception):
-    """A call refused here, before it reaches the controller."""
-
-    def __init__(self, code: str, message: str, text: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.text = code, message, text
 
 
 class ControllerToolBackend(ArtifactsMixin):
@@ -105,7 +93,8 @@ class ControllerToolBackend(ArtifactsMixin):
 
     async def start(self) -> None:
         """Connect, and wait (up to `start_timeout_s`) until the profile has
-        its `min_agents` ready. Idempotent; raises on failure."""
+        an agent ready when it keeps any (`min_agents`). Idempotent; raises
+        on failure."""
         self._started = True
         client = await self._get_client()
         deadline = time.monotonic() + self.start_timeout_s
@@ -300,66 +289,38 @@ class ControllerToolBackend(ArtifactsMixin):
     def _build_request(self, slot: SlotRef, tool: str, args: Mapping[str, Any],
                        timeout_s: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The batch entry for one call, and what shaping its answer needs.
-        Raises _Refused for a call that cannot be sent."""
+        Raises Refused for a call that cannot be sent."""
         handle = _handle(slot)
         ws = slot.workspace_dir if isinstance(slot, Slot) else ""
         ctx: dict[str, Any] = {"tool": tool, "timeout_s": timeout_s, "workspace_dir": ws}
         if not isinstance(args, Mapping):
-            raise _Refused("bad_request", f"arguments of {tool} must be a map")
+            raise Refused("bad_request", f"arguments of {tool} must be a map")
         a = dict(args)
-        allow_network = a.pop("allow_network", True)
-        require_sandbox = a.pop("require_sandbox", False)
-        require_stateful = a.pop("require_stateful_sandbox", None)
-        for k, v in (("allow_network", allow_network), ("require_sandbox", require_sandbox),
-                     ("require_stateful_sandbox", require_stateful)):
-            if v is not None and not isinstance(v, bool):
-                raise _Refused("bad_request", f"'{k}' must be a bool (got {type(v).__name__})")
         if tool in ("bash", "bash_stateful") and a.get("background"):
-            raise _Refused("bad_request", "background execution is not supported",
+            raise Refused("bad_request", "background execution is not supported",
                            "terminal background execution is not supported in sandbox")
         if tool in ("bash", "bash_stateful", "tmux"):
-            a.pop("background", None)
-        if tool in ("bash", "bash_stateful") and isinstance(a.get("timeout"), (int, float)) \
-                and not isinstance(a.get("timeout"), bool) and "timeout_ms" not in a:
-            a["timeout_ms"] = int(float(a.pop("timeout")) * 1000)  # seconds, as models send it
-        ctx["network"] = allow_network
-        if tool == "bash":
-            ctx["network_isolation"] = allow_network is False
-            ctx["sandbox"] = bool(require_sandbox)
-            if allow_network is False:
-                a.setdefault("network", False)
-            if require_sandbox or allow_network is False:
-                a.setdefault("isolation", "required")  # fail closed, never run unisolated
-            if "stdin" in a and isinstance(a["stdin"], str):
+            a.pop("background", None)  # a schema key of the model's; false means nothing
+        # The policy arguments go to the controller as they are (it maps them
+        # and fails closed); here they only choose the texts and metadata.
+        stateful_sandbox = a.get("require_stateful_sandbox")
+        if tool == "bash" or stateful_sandbox is None:
+            stateful_sandbox = a.get("require_sandbox")
+        ctx.update(network=a.get("allow_network", True) is not False,
+                   network_isolation=a.get("allow_network") is False,
+                   sandbox=stateful_sandbox is True)
+        if tool in ("bash", "bash_stateful"):
+            ms, sec = a.get("timeout_ms"), a.get("timeout")
+            if isinstance(ms, int) and not isinstance(ms, bool) and ms > 0:
+                ctx["timeout_s"] = ms / 1000.0
+            elif isinstance(sec, (int, float)) and not isinstance(sec, bool) and sec > 0:
+                ctx["timeout_s"] = float(sec)
+            ctx["timeout_ms"] = int(ctx["timeout_s"] * 1000) if ctx["timeout_s"] else None
+            if isinstance(a.get("stdin"), str):
                 a["stdin"] = a["stdin"].encode("utf-8")
-            ctx["timeout_ms"] = a.get("timeout_ms") or \
-                (int(timeout_s * 1000) if timeout_s else None)
-        elif tool in STATEFUL:
-            stateful_sandbox = require_stateful if require_stateful is not None else require_sandbox
-            ctx["network_isolation"] = allow_network is False
-            ctx["sandbox"] = bool(stateful_sandbox)
-            if allow_network is False:
-                a["allow_network"] = False
-            if stateful_sandbox or allow_network is False:
-                a["require_stateful_sandbox"] = True
-            if tool == "tmux":
-                action = str(a.get("action", "capture") or "capture").lower()
-                if action not in TMUX_ACTIONS:
-                    raise _Refused("bad_request", f"unknown tmux action {action!r} "
-                                   f"(one of {', '.join(TMUX_ACTIONS)})")
-                a["action"] = action
-                ctx["action"] = action
-                ctx["capture_entire"] = bool(a.get("capture_entire"))
-                if "pane_width" in a and isinstance(a["pane_width"], int):
-                    a["pane_width"] = min(500, max(20, a["pane_width"]))
-                if "pane_height" in a and isinstance(a["pane_height"], int):
-                    a["pane_height"] = min(200, max(10, a["pane_height"]))
-                mw = a.get("max_wait_s")
-                ctx["max_wait_s"] = mw if isinstance(mw, (int, float)) else \
-                    a.get("timeout", timeout_s)
-        if tool in ("bash", "bash_stateful") and isinstance(a.get("timeout_ms"), int) \
-                and a["timeout_ms"] > 0:
-            ctx["timeout_s"] = a["timeout_ms"] / 1000.0
+        elif tool == "tmux":
+            ctx["action"] = str(a.get("action") or "capture").strip().lower()
+            ctx["capture_entire"] = a.get("capture_entire") is True
         if tool == "read_file":
             path = a.get("path")
             ctx["path"] = path
@@ -378,7 +339,7 @@ class ControllerToolBackend(ArtifactsMixin):
                 ctx["length"] = len(data)  # the trainer counts characters
             lim = self.conventions.file_limit
             if lim is not None and data is not None and len(data) > lim:
-                raise _Refused("too_large", "content too large",
+                raise Refused("too_large", "content too large",
                                f"Content too large: {len(data)} bytes (max {lim})")
             a["data"] = _as_bytes(data) if data is not None else None
             if a["data"] is None:
@@ -397,7 +358,7 @@ class ControllerToolBackend(ArtifactsMixin):
             return "."
         if root and path.startswith(root + "/"):
             return path[len(root) + 1:] or "."
-        raise _Refused("path_escape", f"{path} is outside the workspace",
+        raise Refused("path_escape", f"{path} is outside the workspace",
                        "Access denied: path outside workspace")
 
     async def execute_batch(self, requests: Sequence[ToolCall], *,
@@ -459,7 +420,7 @@ class ControllerToolBackend(ArtifactsMixin):
         for i, (slot, tool, args) in enumerate(calls):
             try:
                 req, ctx = self._build_request(slot, tool, args, timeout_s)
-            except _Refused as e:
+            except Refused as e:
                 ctx = {"tool": tool}
                 o = cv.failure(e.code, e.message, ctx, conv)
                 if e.text and conv.texts == "trainer":
