@@ -18,6 +18,9 @@ struct conn;
 struct exec;
 struct req;
 struct session;
+struct template;
+struct upload;
+struct build;
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -77,6 +80,12 @@ struct slot {
     unsigned nkept, kept_cap;
     struct session *sessions; /* persistent shells (session.c) */
     unsigned nsessions;
+    /* Templates (template.c): what the workspace stands on and how. */
+    struct template *tpl;
+    int ws_mode;          /* enum ws_mode */
+    struct ovl_ns ws_ns;  /* overlay mode: ws_fd is ws_ns.ws_fd */
+    char *ws_gen;         /* overlay mode: this mount's upper/work under overlay/N */
+    double ws_prepare_ms; /* how long the last workspace change took */
 };
 
 struct agent_opts {
@@ -91,6 +100,10 @@ struct agent_opts {
     bool isolation_required; /* default for requests that do not say */
     unsigned max_sessions;   /* per slot */
     uint64_t session_buffer; /* unread output kept per session */
+    unsigned template_max_depth;
+    bool template_copy; /* never overlay (--template-mode copy) */
+    char *shares[32];   /* --share: pairs of host path, box path (read-only binds) */
+    unsigned nshares;
 };
 
 /* The one per-process context. */
@@ -141,6 +154,13 @@ struct agent {
         int status;
     } early[64]; /* exits reaped while spawns were pending */
     unsigned nearly;
+    /* templates (template.c, op_template.c) */
+    struct template *templates;
+    bool tpl_overlay;  /* slots' workspaces can be overlays */
+    char tpl_why[200]; /* why not */
+    uint64_t tpl_seq;  /* names of staging dirs and mounts */
+    struct upload *uploads;
+    struct build *builds;
 };
 
 /* ---- requests and the op table ---------------------------------------- */
@@ -200,9 +220,12 @@ struct req {
     struct exec *exec; /* exec / exec_attach waiting on a command */
     struct req *exec_next;
     bool replied;
-    uint64_t aux;     /* op-private scratch (reset: processes killed) */
-    bool stream;      /* sends stdout/stderr events */
-    uint64_t out_off; /* next stdout offset this request has seen */
+    uint64_t aux;           /* op-private scratch (reset: processes killed) */
+    struct template *tpl;   /* a template this request holds a reference to */
+    struct slot *fork_from; /* fork: the source slot, while its copy waits */
+    bool flattened;         /* fork: its layers were flattened */
+    bool stream;            /* sends stdout/stderr events */
+    uint64_t out_off;       /* next stdout offset this request has seen */
     uint64_t err_off;
     msgpack_packer pk;
 };
@@ -254,6 +277,17 @@ int op_session_resize(struct req *rq, struct sp_err *err);
 int op_session_screen(struct req *rq, struct sp_err *err);
 int op_session_signal(struct req *rq, struct sp_err *err);
 int op_session_close(struct req *rq, struct sp_err *err);
+int op_template_put(struct req *rq, struct sp_err *err);
+int op_template_from_slot(struct req *rq, struct sp_err *err);
+int op_template_list(struct req *rq, struct sp_err *err);
+int op_template_delete(struct req *rq, struct sp_err *err);
+int op_fork(struct req *rq, struct sp_err *err);
+int op_template_build(struct req *rq, struct sp_err *err);
+/* op_template.c: the script of a template_build request has ended. */
+void template_build_done(struct agent *ag, struct req *rq, struct exec *e);
+/* op_template.c: drop uploads idle for too long (sweep), and all (exit). */
+void uploads_sweep(struct agent *ag, bool all);
+void builds_free(struct agent *ag);
 
 extern const struct op_def op_table[];
 extern const unsigned op_count;
@@ -288,6 +322,9 @@ int path_empty_dir(int dirfd, struct sp_err *err);
 
 /* op_slots.c: a reset waiting for the slot's processes to die completes. */
 void reset_complete(struct agent *ag, struct slot *s);
+/* op_slots.c: rq (reset, lease or fork) replaces s's workspace: kill what
+ * runs, fail what is queued, answer from reset_complete. OP_PENDING. */
+int slot_begin_reset(struct req *rq, struct slot *s, const char *why);
 
 /* Kill every process of the slot (all its commands and their leftovers);
  * returns how many were signalled. */

@@ -8,6 +8,7 @@
 
 #include "agent.h"
 #include "session.h" /* op_session_log */
+#include "template.h"
 
 #define MAX_TIMEOUT_MS 86400000u
 
@@ -18,11 +19,47 @@ static const struct arg_spec args_hello[] = {
     {NULL},
 };
 static const struct arg_spec args_slots[] = {{"slot", ARG_UINT, false, 0}, {NULL}};
-static const struct arg_spec args_slot[] = {{"slot", ARG_UINT, true, 0}, {NULL}};
+static const struct arg_spec args_reset[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"template", ARG_STR, false, 256},
+    {NULL},
+};
+static const struct arg_spec args_template_put[] = {
+    {"name", ARG_STR, true, 256},
+    {"data", ARG_BIN, true, 0},
+    {"offset", ARG_UINT, false, 0},
+    {"done", ARG_BOOL, false, 0},
+    {"format", ARG_STR, false, 16},
+    {"base", ARG_STR, false, 256},
+    {NULL},
+};
+static const struct arg_spec args_template_from_slot[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"name", ARG_STR, true, 256},
+    {NULL},
+};
+static const struct arg_spec args_template_name[] = {{"name", ARG_STR, true, 256}, {NULL}};
+static const struct arg_spec args_template_list[] = {{"name", ARG_STR, false, 256}, {NULL}};
+static const struct arg_spec args_template_build[] = {
+    {"name", ARG_STR, true, 256},    {"slot", ARG_UINT, false, 0},
+    {"base", ARG_STR, false, 256},   {"script", ARG_STR, true, 1u << 20},
+    {"env", ARG_MAP, false, 1024},   {"timeout_ms", ARG_UINT, false, MAX_TIMEOUT_MS},
+    {"network", ARG_BOOL, false, 0}, {"isolation", ARG_STR, false, 32},
+    {"rlimits", ARG_MAP, false, 8},  {NULL},
+};
+static const struct arg_spec args_fork[] = {
+    {"slot", ARG_UINT, true, 0},
+    {"to_slot", ARG_UINT, true, 0},
+    {NULL},
+};
 static const struct arg_spec args_lease[] = {
-    {"slot", ARG_UINT, true, 0},     {"trajectory_id", ARG_STR, true, 256},
-    {"holder", ARG_STR, false, 256}, {"owner", ARG_STR, false, 256},
-    {"bound", ARG_BOOL, false, 0},   {NULL},
+    {"slot", ARG_UINT, true, 0},
+    {"trajectory_id", ARG_STR, true, 256},
+    {"holder", ARG_STR, false, 256},
+    {"owner", ARG_STR, false, 256},
+    {"bound", ARG_BOOL, false, 0},
+    {"template", ARG_STR, false, 256},
+    {NULL},
 };
 static const struct arg_spec args_unlease[] = {
     {"slot", ARG_UINT, true, 0},
@@ -159,7 +196,7 @@ const struct op_def op_table[] = {
     {"stat", op_stat, OPF_SLOT | OPF_FSUSER, args_stat},
     {"list", op_list, OPF_SLOT | OPF_FSUSER, args_list},
     {"archive", op_archive, OPF_SLOT | OPF_FSUSER, args_archive},
-    {"reset", op_reset, OPF_SLOT | OPF_NOW, args_slot},
+    {"reset", op_reset, OPF_SLOT | OPF_NOW, args_reset},
     {"session_open", op_session_open, OPF_SLOT, args_session_open},
     {"session_exec", op_session_exec, 0, args_session_exec},
     {"session_write", op_session_write, 0, args_session_write},
@@ -169,6 +206,12 @@ const struct op_def op_table[] = {
     {"session_log", op_session_log, 0, args_session_log},
     {"session_signal", op_session_signal, 0, args_session_signal},
     {"session_close", op_session_close, 0, args_session},
+    {"template_put", op_template_put, 0, args_template_put},
+    {"template_from_slot", op_template_from_slot, OPF_SLOT, args_template_from_slot},
+    {"template_list", op_template_list, 0, args_template_list},
+    {"template_delete", op_template_delete, 0, args_template_name},
+    {"fork", op_fork, OPF_SLOT, args_fork},
+    {"template_build", op_template_build, 0, args_template_build},
 };
 const unsigned op_count = sizeof op_table / sizeof op_table[0];
 
@@ -458,6 +501,8 @@ static void reply_error(struct agent *ag, struct conn *c, uint64_t id, const str
 
 void req_free(struct req *rq)
 {
+    if (rq->tpl)
+        template_unref(rq->ag, rq->tpl);
     if (rq->frame) {
         msgpack_unpacked_destroy(&rq->msg);
         free(rq->frame);

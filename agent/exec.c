@@ -731,7 +731,10 @@ static void exec_finish(struct exec *e)
     s->running--;
     struct req *owner = e->owner;
     e->owner = NULL;
-    if (owner) {
+    if (owner && owner->op->fn == op_template_build) {
+        owner->exec = NULL;
+        template_build_done(ag, owner, e);
+    } else if (owner) {
         owner->exec = NULL;
         bool delivered = owner->conn && conn_peer_reading(owner->conn);
         exec_pack_result(req_reply_begin(owner), e, !owner->stream);

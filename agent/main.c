@@ -18,6 +18,7 @@
 
 #include "child.h"
 #include "exec.h"
+#include "template.h"
 
 #define SHUTDOWN_SECONDS 5.0
 
@@ -44,6 +45,12 @@ static const char usage[] =
     "  --max-sessions N         sessions (persistent shells) per slot (default 8)\n"
     "  --session-buffer BYTES   unread output kept per session, oldest dropped first\n"
     "                           (default 1M)\n"
+    "  --template-mode MODE     overlay (default where a box can mount one) or copy:\n"
+    "                           how a slot's workspace stands on a template\n"
+    "  --template-max-depth N   layers a fork may pile up before it is flattened\n"
+    "                           (1..64, default 16)\n"
+    "  --share HOST:PATH        show host directory HOST read-only at PATH in every\n"
+    "                           slot's box (PATH must exist in the image); repeatable\n"
     "  --log-level LEVEL        debug|info|warn|error (default info)\n"
     "  --isolation MODE         best_effort (default) or required: default for requests\n"
     "  --without RUNG           never apply a rung (uid, namespaces, landlock, seccomp,\n"
@@ -122,6 +129,45 @@ static int read_token(struct agent *ag, const char *path, struct sp_err *err)
     return 0;
 }
 
+/* --share HOST:PATH: both absolute, HOST a directory, PATH an existing
+ * directory of the root the boxes copy (a mount point needs one). */
+static int add_share(struct agent *ag, const char *spec)
+{
+    const char *colon = strchr(spec, ':');
+    struct stat st;
+    if (!colon || spec[0] != '/' || colon[1] != '/' || strchr(colon + 1, ':')) {
+        fprintf(stderr, "slot-agent: --share takes HOST:PATH, both absolute\n");
+        return -1;
+    }
+    if (2 * ag->opt.nshares + 2 > sizeof ag->opt.shares / sizeof ag->opt.shares[0]) {
+        fprintf(stderr, "slot-agent: at most %zu --share\n",
+                sizeof ag->opt.shares / 2 / sizeof ag->opt.shares[0]);
+        return -1;
+    }
+    char *host = strndup(spec, (size_t)(colon - spec)), *at = strdup(colon + 1);
+    if (!host || !at || stat(host, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "slot-agent: --share %s: %s is not a directory\n", spec, host ? host : "");
+        free(host);
+        free(at);
+        return -1;
+    }
+    if (lstat(at, &st) < 0 || !S_ISDIR(st.st_mode) || !strcmp(at, "/") ||
+        !strcmp(at, BOX_WORKSPACE) || !strncmp(at, "/workspace/", 11) || !strcmp(at, "/tmp") ||
+        !strcmp(at, "/proc")) {
+        fprintf(stderr,
+                "slot-agent: --share %s: %s must be an existing directory of the image (and not "
+                "/, /tmp, /proc or the workspace)\n",
+                spec, at);
+        free(host);
+        free(at);
+        return -1;
+    }
+    ag->opt.shares[2 * ag->opt.nshares] = host;
+    ag->opt.shares[2 * ag->opt.nshares + 1] = at;
+    ag->opt.nshares++;
+    return 0;
+}
+
 enum {
     OPT_ISOLATION = 300,
     OPT_WITHOUT,
@@ -138,6 +184,9 @@ enum {
     OPT_PASS_ENV,
     OPT_MAX_SESSIONS,
     OPT_SESSION_BUFFER,
+    OPT_TEMPLATE_MODE,
+    OPT_TEMPLATE_DEPTH,
+    OPT_SHARE,
 };
 enum {
     OPT_LISTEN = 256,
@@ -179,6 +228,9 @@ static const struct option longopts[] = {
     {"pass-env", required_argument, NULL, OPT_PASS_ENV},
     {"max-sessions", required_argument, NULL, OPT_MAX_SESSIONS},
     {"session-buffer", required_argument, NULL, OPT_SESSION_BUFFER},
+    {"template-mode", required_argument, NULL, OPT_TEMPLATE_MODE},
+    {"template-max-depth", required_argument, NULL, OPT_TEMPLATE_DEPTH},
+    {"share", required_argument, NULL, OPT_SHARE},
     {NULL, 0, NULL, 0},
 };
 
@@ -364,6 +416,7 @@ static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
     struct agent *ag = w->data;
     exec_gc(ag);
     proc_sweep_strays(ag);
+    uploads_sweep(ag, false);
 }
 
 /* A closed 0/1/2 would let pipe() hand out those numbers and confuse the
@@ -585,6 +638,24 @@ static int agent_main(int argc, char **argv)
             }
             ag->opt.session_buffer = v;
             break;
+        case OPT_TEMPLATE_MODE:
+            if (strcmp(optarg, "overlay") && strcmp(optarg, "copy")) {
+                fprintf(stderr, "slot-agent: --template-mode is overlay or copy\n");
+                return 2;
+            }
+            ag->opt.template_copy = !strcmp(optarg, "copy");
+            break;
+        case OPT_TEMPLATE_DEPTH:
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > 64) {
+                fprintf(stderr, "slot-agent: --template-max-depth must be 1..64\n");
+                return 2;
+            }
+            ag->opt.template_max_depth = (unsigned)v;
+            break;
+        case OPT_SHARE:
+            if (add_share(ag, optarg) < 0)
+                return 2;
+            break;
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -680,10 +751,12 @@ static int agent_main(int argc, char **argv)
     }
     ev_set_userdata(ag->loop, ag);
     ag->started = ev_now(ag->loop);
-    if (slots_init(ag, &err) < 0) {
+    if (slots_init(ag, &err) < 0 || templates_init(ag, &err) < 0) {
         log_error("%s", err.msg);
         goto out;
     }
+    if (!ag->tpl_overlay)
+        log_info("templates: copy mode (%s)", ag->tpl_why);
     if (listeners_open(ag, listens, nlisten, &err) < 0) {
         log_error("%s", err.msg);
         goto out;
@@ -717,6 +790,9 @@ out:
     conns_close_all(ag);
     listeners_close(ag);
     exec_free_all(ag);
+    uploads_sweep(ag, true);
+    builds_free(ag);
+    templates_free(ag);
     slots_free(ag);
     cgroup_cleanup(&ag->iso, ag->nslots);
     sp_writer_free(&ag->null_writer);
@@ -726,6 +802,8 @@ out:
     for (unsigned i = 0; i < ag->npass_env; i++)
         free(ag->pass_env[i]);
     free(ag->pass_env);
+    for (unsigned i = 0; i < 2 * ag->opt.nshares; i++)
+        free(ag->opt.shares[i]);
     if (ag->devnull_fd >= 0)
         close(ag->devnull_fd);
     log_info("exit %d", rc);

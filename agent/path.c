@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -331,6 +332,22 @@ static int reopen_level(struct empty_level *lv, DIR *child, struct sp_err *err)
     return 0;
 }
 
+/* A command may have set overlayfs metadata on its own directories (the
+ * data dir may itself be on an overlay, as in a container): an opaque
+ * marker there can hide the directory's entries from readdir while rmdir
+ * still finds them. Such xattrs are the command's; they go first. */
+static void drop_overlay_xattrs(int fd)
+{
+    char names[4096];
+    ssize_t n = flistxattr(fd, names, sizeof names);
+    for (ssize_t i = 0; i < n;) {
+        const char *nm = names + i;
+        if (strstr(nm, "overlay."))
+            fremovexattr(fd, nm);
+        i += (ssize_t)strlen(nm) + 1;
+    }
+}
+
 /* Descend into the directory name of level top: it must be emptied first. */
 static int push_level(struct empty_level **lv, size_t *depth, size_t *cap, const char *name,
                       struct sp_err *err)
@@ -343,6 +360,7 @@ static int push_level(struct empty_level **lv, size_t *depth, size_t *cap, const
     int fd = openat(pfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return errno == ENOENT ? 0 : sp_err_errno(err, errno, name);
+    drop_overlay_xattrs(fd);
     struct stat st;
     DIR *d = NULL;
     char *nm = NULL;
@@ -391,6 +409,7 @@ int path_empty_dir(int dir_fd, struct sp_err *err)
     }
     if ((st.st_mode & 0700) != 0700)
         fchmod(dir_fd, (st.st_mode & 07777) | 0700);
+    drop_overlay_xattrs(dir_fd);
     int top = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *td = top >= 0 ? fdopendir(top) : NULL;
     if (!td) {

@@ -58,6 +58,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->box[0].sock = s->box[1].sock = -1;
         s->cg_fd[0] = s->cg_fd[1] = -1;
         s->uid = ag->iso.uid_base + i;
+        s->ws_ns = (struct ovl_ns){-1, -1, -1};
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];

@@ -71,6 +71,7 @@ void agent_free(struct ctl *c, struct agent *ag)
     if (*pp)
         *pp = ag->hnext;
     TAILQ_REMOVE(&ag->prof->agents, ag, link);
+    tpl_forget(ag);
     ev_io_stop(c->loop, &ag->rio);
     ev_io_stop(c->loop, &ag->wio);
     ev_io_stop(c->loop, &ag->eio);
@@ -416,6 +417,7 @@ static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
     ag->idle_since = ev_now(c->loop);
     log_info("agent %s ready: %u slots, %u leases, at %s", ag->id, ag->nslots, ag->leased,
              ag->address);
+    tpl_refresh(c, ag);
     sched_agent_ready(c, ag);
 }
 

@@ -753,6 +753,9 @@ static int find_profile(struct ctl *c, const msgpack_object *args, struct profil
                    (int)(pl > 64 ? 64 : pl), pn, names);
 }
 
+static int get_handle(struct ctl *c, const struct sp_request *req, struct slot **s,
+                      struct sp_err *e);
+
 static void op_acquire(struct ctl *c, struct tconn *t, const struct sp_request *req)
 {
     struct sp_err e;
@@ -776,7 +779,78 @@ static void op_acquire(struct ctl *c, struct tconn *t, const struct sp_request *
         sp_errf(&e, SP_BAD_REQUEST, "'timeout_ms' above %llu", MAX_TIMEOUT_MS);
         return reply_err(c, t, req->id, &e);
     }
-    sched_acquire(c, t, req->id, p, traj, tl, has_to ? timeout : p->acquire_timeout_ms, bind);
+    /* template: a name, or {name, script, base}: the recipe that builds it
+     * on an agent that does not hold it yet. */
+    const msgpack_object *tpl = sp_map_get(req->args, "template");
+    const char *name = NULL, *script = NULL, *base = NULL;
+    size_t nl = 0, sl = 0, bl = 0;
+    if (tpl && tpl->type == MSGPACK_OBJECT_MAP) {
+        if (sp_get_str(tpl, "name", true, &name, &nl, &e) < 0 ||
+            sp_get_str(tpl, "script", false, &script, &sl, &e) < 0 ||
+            sp_get_str(tpl, "base", false, &base, &bl, &e) < 0)
+            return reply_err(c, t, req->id, &e);
+        for (uint32_t i = 0; i < tpl->via.map.size; i++) {
+            const msgpack_object *k = &tpl->via.map.ptr[i].key;
+            if (k->type != MSGPACK_OBJECT_STR ||
+                !(sp_str_eq(k->via.str.ptr, k->via.str.size, "name") ||
+                  sp_str_eq(k->via.str.ptr, k->via.str.size, "script") ||
+                  sp_str_eq(k->via.str.ptr, k->via.str.size, "base"))) {
+                sp_errf(&e, SP_BAD_REQUEST, "'template': unknown key (name, script, base)");
+                return reply_err(c, t, req->id, &e);
+            }
+        }
+    } else if (tpl && tpl->type != MSGPACK_OBJECT_NIL &&
+               sp_get_str(req->args, "template", false, &name, &nl, &e) < 0) {
+        sp_errf(&e, SP_BAD_REQUEST, "'template': a name or {name, script, base}");
+        return reply_err(c, t, req->id, &e);
+    }
+    if ((name && (nl == 0 || nl > CTL_TPL_MAX || memchr(name, 0, nl))) ||
+        (base && (bl == 0 || bl > CTL_TPL_MAX || memchr(base, 0, bl))) ||
+        (script && memchr(script, 0, sl))) {
+        sp_errf(&e, SP_BAD_REQUEST, "'template': names are 1..%d bytes, nothing with NUL",
+                CTL_TPL_MAX);
+        return reply_err(c, t, req->id, &e);
+    }
+    struct waiter *w = sched_waiter_new(c, t, req->id, p, traj, tl, bind);
+    if (name)
+        memcpy(w->tpl, name, nl);
+    if (base)
+        memcpy(w->tpl_base, base, bl);
+    if (script && !(w->tpl_script = strndup(script, sl)))
+        abort();
+    sched_acquire_w(c, w, has_to ? timeout : p->acquire_timeout_ms);
+}
+
+/* fork {slot, trajectory_id?}: a new lease on the same agent whose
+ * workspace is a copy-on-write copy of slot's as it is now. */
+static void op_fork(struct ctl *c, struct tconn *t, const struct sp_request *req)
+{
+    struct sp_err e;
+    struct slot *s;
+    const char *traj = NULL;
+    size_t tl = 0;
+    if (sp_get_str(req->args, "trajectory_id", false, &traj, &tl, &e) < 0 ||
+        get_handle(c, req, &s, &e) < 0)
+        return reply_err(c, t, req->id, &e);
+    if (traj && (tl == 0 || tl > CTL_TRAJ_MAX || memchr(traj, 0, tl))) {
+        sp_errf(&e, SP_BAD_REQUEST, "'trajectory_id' must be 1..%d bytes without NUL",
+                CTL_TRAJ_MAX);
+        return reply_err(c, t, req->id, &e);
+    }
+    sched_fork(c, t, req->id, s, traj, tl);
+}
+
+static void op_templates(struct ctl *c, struct tconn *t, const struct sp_request *req)
+{
+    struct sp_err e;
+    struct profile *p = NULL;
+    if (sp_map_get(req->args, "profile") && find_profile(c, req->args, &p, false, &e) < 0)
+        return reply_err(c, t, req->id, &e);
+    msgpack_packer pk;
+    tconn_begin(t, &pk);
+    sp_pack_ok_head(&pk, req->id);
+    tpl_pack_all(c, &pk, p);
+    tconn_end(c, t);
 }
 
 static int get_handle(struct ctl *c, const struct sp_request *req, struct slot **s,
@@ -1097,7 +1171,8 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
 
 static const char *slot_state_name(enum slot_state s)
 {
-    static const char *const n[] = {"free", "leasing", "leased", "releasing", "unavailable"};
+    static const char *const n[] = {"free",      "leasing",     "leased",
+                                    "releasing", "unavailable", "building"};
     return n[s];
 }
 
@@ -1258,6 +1333,8 @@ static void op_stop(struct ctl *c, struct tconn *t, const struct sp_request *req
 static const struct op ops[] = {
     {"hello", op_hello, true},
     {"acquire", op_acquire, false},
+    {"fork", op_fork, false},
+    {"templates", op_templates, false},
     {"release", op_release, false},
     {"exec", op_exec, false},
     {"batch", op_batch, false},

@@ -60,6 +60,9 @@ static const struct field fields[] = {
     {"lease_grace", F_DURATION, PF(lease_grace_ms),
      "release (with reset) a trainer's bound leases this long after its last connection went"},
     {"start_timeout", F_DURATION, PF(start_timeout_ms), "an agent not ready by then failed"},
+    {"template_disk_budget", F_SIZE, PF(template_budget),
+     "per agent: unused templates past this much disk are deleted, least recently used first "
+     "(0: no limit)"},
     {"env", F_ENV, PF(env), "environment added to every command"},
     {"env_vars", F_ENV, PF(env), "the same as env", true},
     {"secrets", F_LIST, PF(secrets),

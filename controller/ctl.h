@@ -26,6 +26,7 @@
 #define CTL_MAX_BATCH 100000
 #define CTL_BACKSTOP_S 5.0
 #define CTL_FAILED_KEEP 4
+#define CTL_TPL_MAX 128
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void ctl_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -106,6 +107,12 @@ struct waiter {
     ev_tstamp since;
     double timeout_s;
     bool queued;
+    /* acquire with a template: its name, and the recipe that builds it on
+     * an agent that lacks it (script NULL: it must be there already) */
+    char tpl[CTL_TPL_MAX + 1];
+    char tpl_base[CTL_TPL_MAX + 1];
+    char *tpl_script;
+    struct slot *fork_from; /* fork: the lease this one copies */
 };
 TAILQ_HEAD(waiter_q, waiter);
 TAILQ_HEAD(agent_q, agent);
@@ -123,8 +130,9 @@ struct profile {
     double max_starts_per_second;
     uint64_t idle_timeout_ms, max_lifetime_ms, acquire_timeout_ms, exec_timeout_ms;
     uint64_t lease_timeout_ms, lease_grace_ms, start_timeout_ms;
-    struct strlist env;     /* KEY=VALUE */
-    struct strlist secrets; /* names of controller env vars */
+    uint64_t template_budget; /* bytes of templates per agent; 0: no limit */
+    struct strlist env;       /* KEY=VALUE */
+    struct strlist secrets;   /* names of controller env vars */
     char isolation[16];
     char *workspace_base;
     enum local_mode local_mode;
@@ -174,7 +182,14 @@ TAILQ_HEAD(profile_q, profile);
 enum agent_state { AG_STARTING, AG_READY, AG_DRAINING, AG_STOPPING };
 const char *agent_state_name(enum agent_state s);
 
-enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN };
+enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN, SL_BUILDING };
+
+/* What the controller knows of an agent's templates (template_list). */
+struct ctl_tpl {
+    char name[CTL_TPL_MAX + 1];
+    char base[CTL_TPL_MAX + 1];
+    uint64_t size, files, in_use, last_used_ms, build_ms;
+};
 
 struct preq;
 TAILQ_HEAD(preq_q, preq);
@@ -254,6 +269,11 @@ struct agent {
     ev_tstamp started_at, idle_since;
     char error[512];
     char lost_why[160]; /* stream ended; waiting for the process's status */
+    /* templates (templates.c) */
+    struct ctl_tpl *tpls;
+    uint32_t ntpls;
+    bool tpl_evicting;
+    uint64_t tpl_builds, tpl_evicted;
 };
 
 /* ---- requests to agents -------------------------------------------------- */
@@ -416,6 +436,21 @@ int slot_handle(const struct slot *s, char *out, size_t cap);
 void slot_set(struct slot *s, enum slot_state st);
 void sched_start_agent(struct ctl *c, struct profile *p);
 void sched_agent_failed(struct ctl *c, struct profile *p, const char *why);
+
+/* sched.c: acquire with a template (w carries it), fork of a lease */
+void sched_acquire_w(struct ctl *c, struct waiter *w, uint64_t timeout_ms);
+struct waiter *sched_waiter_new(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p,
+                                const char *traj, size_t trajn, bool bind);
+void sched_fork(struct ctl *c, struct tconn *t, uint64_t id, struct slot *from, const char *traj,
+                size_t trajn);
+
+/* templates.c: each agent's templates as the controller knows them */
+bool tpl_has(const struct agent *ag, const char *name);
+/* Learn them again (template_list); evicts past the profile's budget. */
+void tpl_refresh(struct ctl *c, struct agent *ag);
+void tpl_forget(struct agent *ag);
+/* Pack {agents: [{agent, profile, templates: [...]}]} (agentctl templates). */
+void tpl_pack_all(struct ctl *c, msgpack_packer *pk, const struct profile *only);
 
 /* api.c */
 int api_listen(struct ctl *c, struct sp_err *err);

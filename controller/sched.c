@@ -79,12 +79,32 @@ int sched_resolve(struct ctl *c, const char *h, size_t n, struct slot **out, str
 
 /* ---- waiters and leases -------------------------------------------------- */
 
+/* An agent's error map as an error of the same code and message. */
+static void err_from(const msgpack_object *er, struct sp_err *e)
+{
+    const char *code = "internal", *msg = "the agent's answer has no error";
+    size_t cl = 8, ml = strlen(msg);
+    struct sp_err x;
+    if (er) {
+        sp_get_str(er, "code", false, &code, &cl, &x);
+        sp_get_str(er, "message", false, &msg, &ml, &x);
+    }
+    int k = sp_code_from_name(code, cl);
+    sp_errf(e, k < 0 ? SP_INTERNAL : (enum sp_code)k, "%.*s", (int)(ml > 600 ? 600 : ml), msg);
+}
+
+static void waiter_destroy(struct waiter *w)
+{
+    free(w->tpl_script);
+    free(w);
+}
+
 static void waiter_free(struct ctl *c, struct waiter *w)
 {
     ev_timer_stop(c->loop, &w->timer);
     if (w->conn)
         TAILQ_REMOVE(&w->conn->waiters, w, clink);
-    free(w);
+    waiter_destroy(w);
 }
 
 static void waiter_dequeue(struct ctl *c, struct waiter *w)
@@ -103,21 +123,27 @@ void sched_waiter_drop(struct ctl *c, struct waiter *w)
     w->conn = NULL;
     if (w->queued) {
         waiter_dequeue(c, w);
-        free(w);
+        waiter_destroy(w);
     }
     /* else its lease is in flight; on_lease gives the slot back */
 }
 
-static struct slot *pick_free(struct profile *p)
+static struct slot *pick_free(struct profile *p, const char *tpl)
 {
-    /* Pack leases onto the busiest agents so that idle ones can go. */
+    /* An agent that holds the template first (no build); then pack leases
+     * onto the busiest agents so that idle ones can go. */
     struct agent *best = NULL, *ag;
+    bool best_has = false;
     TAILQ_FOREACH(ag, &p->agents, link)
     {
         if (ag->state != AG_READY || ag->nfree == 0)
             continue;
-        if (!best || ag->nslots - ag->nfree > best->nslots - best->nfree)
+        bool has = tpl && tpl[0] && tpl_has(ag, tpl);
+        if (!best || (has && !best_has) ||
+            (has == best_has && ag->nslots - ag->nfree > best->nslots - best->nfree)) {
             best = ag;
+            best_has = has;
+        }
     }
     if (!best)
         return NULL;
@@ -127,7 +153,8 @@ static struct slot *pick_free(struct profile *p)
     return NULL;
 }
 
-static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
+static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s,
+                           const msgpack_object *res)
 {
     struct tconn *t = w->conn;
     msgpack_packer pk;
@@ -135,7 +162,24 @@ static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
     slot_handle(s, h, sizeof h);
     tconn_begin(t, &pk);
     sp_pack_ok_head(&pk, w->client_id);
-    msgpack_pack_map(&pk, 11);
+    msgpack_pack_map(&pk, 14);
+    /* What the workspace stands on, as the agent laid it out. */
+    const msgpack_object *mode = res ? sp_map_get(res, "workspace_mode") : NULL;
+    const msgpack_object *ms = res ? sp_map_get(res, "prepare_ms") : NULL;
+    if (w->tpl[0])
+        sp_pack_kv_str(&pk, "template", w->tpl);
+    else
+        sp_pack_kv_nil(&pk, "template");
+    sp_pack_cstr(&pk, "workspace_mode");
+    if (mode && mode->type == MSGPACK_OBJECT_STR)
+        msgpack_pack_object(&pk, *mode);
+    else
+        msgpack_pack_nil(&pk);
+    sp_pack_cstr(&pk, "prepare_ms");
+    if (ms && (ms->type == MSGPACK_OBJECT_FLOAT64 || ms->type == MSGPACK_OBJECT_FLOAT32))
+        msgpack_pack_double(&pk, ms->via.f64);
+    else
+        msgpack_pack_nil(&pk);
     sp_pack_kv_str(&pk, "slot", h);
     sp_pack_kv_str(&pk, "agent", s->ag->id);
     sp_pack_kv_uint(&pk, "index", s->index);
@@ -151,6 +195,7 @@ static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s)
 }
 
 static void serve(struct ctl *c, struct waiter *w, struct slot *s);
+static void send_fork(struct ctl *c, struct waiter *w, struct slot *s);
 
 static void on_unlease(struct ctl *c, struct preq *r, const msgpack_object *resp,
                        const struct sp_err *err)
@@ -203,15 +248,40 @@ static void on_lease(struct ctl *c, struct preq *r, const msgpack_object *resp,
          * while the lease was being recorded: the deadline starts now. */
         if (s->bound && !s->grace_until && !sched_owner_connected(c, s->owner))
             s->grace_until = ev_now(c->loop) + (double)s->ag->prof->lease_grace_ms / 1000.0;
-        if (w->conn) {
-            answer_acquire(c, w, s);
+        if (w->tpl[0])
+            tpl_refresh(c, s->ag); /* its in_use count changed */
+        if (w->conn && w->fork_from) {
+            send_fork(c, w, s);
+        } else if (w->conn) {
+            answer_acquire(c, w, s, res);
             waiter_free(c, w);
         } else {
             /* The trainer went away while the lease was being recorded. */
-            free(w);
+            waiter_destroy(w);
             slot_set(s, SL_RELEASING);
             send_unlease(c, s);
         }
+        return;
+    }
+    const msgpack_object *er = resp ? sp_map_get(resp, "error") : NULL;
+    const char *code = "";
+    size_t codel = 0;
+    if (er)
+        sp_get_str(er, "code", false, &code, &codel, &e);
+    if (er && !sp_str_eq(code, codel, "slot_busy")) {
+        /* The lease itself is wrong (an unknown template, a workspace that
+         * could not be laid out): the trainer hears why; the slot is fine. */
+        slot_set(s, SL_FREE);
+        s->traj[0] = 0;
+        struct sp_err le;
+        err_from(er, &le);
+        if (w->conn) {
+            tconn_error(c, w->conn, w->client_id, &le);
+            waiter_free(c, w);
+        } else {
+            waiter_destroy(w);
+        }
+        sched_kick(c, p);
         return;
     }
     if (resp) {
@@ -220,11 +290,18 @@ static void on_lease(struct ctl *c, struct preq *r, const msgpack_object *resp,
         slot_set(s, SL_FOREIGN);
     }
     if (!w->conn) {
-        free(w);
+        waiter_destroy(w);
+        return;
+    }
+    if (w->fork_from) {
+        sp_errf(&e, SP_NO_CAPACITY, "fork: the slot chosen on agent %s was taken meanwhile",
+                s->ag->id);
+        tconn_error(c, w->conn, w->client_id, &e);
+        waiter_free(c, w);
         return;
     }
     /* Back to the head of the queue: it was first. */
-    struct slot *next = pick_free(p);
+    struct slot *next = pick_free(p, w->tpl);
     if (next) {
         serve(c, w, next);
         return;
@@ -238,19 +315,16 @@ static void on_lease(struct ctl *c, struct preq *r, const msgpack_object *resp,
     sched_kick(c, p);
 }
 
-static void serve(struct ctl *c, struct waiter *w, struct slot *s)
+static void send_lease(struct ctl *c, struct waiter *w, struct slot *s)
 {
-    waiter_dequeue(c, w);
-    memcpy(s->traj, w->traj, sizeof s->traj);
-    memcpy(s->owner, w->owner, sizeof s->owner);
-    s->bound = w->bind;
-    s->grace_until = 0;
     slot_set(s, SL_LEASING);
     struct preq *r = agent_req_new(s->ag, s, on_lease);
     r->ctx = w;
     msgpack_packer pk;
     agent_send_begin(s->ag, r, "lease", &pk);
-    msgpack_pack_map(&pk, 5);
+    msgpack_pack_map(&pk, w->tpl[0] ? 6 : 5);
+    if (w->tpl[0])
+        sp_pack_kv_str(&pk, "template", w->tpl);
     sp_pack_kv_uint(&pk, "slot", s->index);
     sp_pack_kv_str(&pk, "trajectory_id", w->traj);
     sp_pack_kv_str(&pk, "holder", c->name);
@@ -258,6 +332,97 @@ static void serve(struct ctl *c, struct waiter *w, struct slot *s)
      * it rebuilds and whether it ends with its owner. */
     sp_pack_kv_str(&pk, "owner", w->owner);
     sp_pack_kv_bool(&pk, "bound", w->bind);
+    agent_send_end(c, s->ag, r);
+}
+
+/* The agent has built the template in s (or failed to): lease s on it. */
+static void on_build(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                     const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    struct waiter *w = r->ctx;
+    struct profile *p = s->ag->prof;
+    r->ctx = NULL;
+    preq_free(c, r);
+    const msgpack_object *res = resp ? sp_map_get(resp, "result") : NULL;
+    bool built = false, cached = false, joined = false;
+    struct sp_err e;
+    if (res) {
+        sp_get_bool(res, "built", false, &built, &e);
+        sp_get_bool(res, "cached", false, &cached, &e);
+        sp_get_bool(res, "joined", false, &joined, &e);
+    }
+    if (built) {
+        s->ag->tpl_builds += !cached && !joined;
+        tpl_refresh(c, s->ag);
+        if (w->conn) {
+            send_lease(c, w, s);
+            return;
+        }
+    }
+    if (resp)
+        slot_set(s, SL_FREE);
+    if (w->conn) {
+        if (!resp)
+            e = *err;
+        else if (!res)
+            err_from(sp_map_get(resp, "error"), &e);
+        else {
+            /* The script failed: its exit code and the end of its output. */
+            const msgpack_object *ex = sp_map_get(res, "exec");
+            int64_t code = -1;
+            const char *out = "";
+            size_t outl = 0;
+            if (ex && ex->type == MSGPACK_OBJECT_MAP) {
+                sp_get_int(ex, "exit_code", false, &code, &e);
+                const msgpack_object *o = sp_map_get(ex, "stderr");
+                if (!o || o->via.bin.size == 0)
+                    o = sp_map_get(ex, "stdout");
+                if (o && (o->type == MSGPACK_OBJECT_BIN || o->type == MSGPACK_OBJECT_STR)) {
+                    out = o->via.bin.ptr;
+                    outl = o->via.bin.size;
+                }
+            }
+            if (outl > 400) {
+                out += outl - 400;
+                outl = 400;
+            }
+            sp_errf(&e, SP_BAD_REQUEST,
+                    "building template '%s' on agent %s failed: exit %lld: %.*s", w->tpl, s->ag->id,
+                    (long long)code, (int)outl, out);
+        }
+        tconn_error(c, w->conn, w->client_id, &e);
+        waiter_free(c, w);
+    } else {
+        waiter_destroy(w);
+    }
+    sched_kick(c, p);
+}
+
+static void serve(struct ctl *c, struct waiter *w, struct slot *s)
+{
+    waiter_dequeue(c, w);
+    memcpy(s->traj, w->traj, sizeof s->traj);
+    memcpy(s->owner, w->owner, sizeof s->owner);
+    s->bound = w->bind;
+    s->grace_until = 0;
+    if (!w->tpl[0] || !w->tpl_script || tpl_has(s->ag, w->tpl)) {
+        send_lease(c, w, s);
+        return;
+    }
+    /* Built in the slot the lease will have (one build per name per
+     * agent: the agent makes later builds of it wait for the first). */
+    slot_set(s, SL_BUILDING);
+    struct preq *r = agent_req_new(s->ag, s, on_build);
+    r->ctx = w;
+    msgpack_packer pk;
+    agent_send_begin(s->ag, r, "template_build", &pk);
+    msgpack_pack_map(&pk, w->tpl_base[0] ? 4 : 3);
+    sp_pack_kv_str(&pk, "name", w->tpl);
+    sp_pack_kv_uint(&pk, "slot", s->index);
+    sp_pack_kv_str(&pk, "script", w->tpl_script);
+    if (w->tpl_base[0])
+        sp_pack_kv_str(&pk, "base", w->tpl_base);
     agent_send_end(c, s->ag, r);
 }
 
@@ -315,11 +480,9 @@ static void waiter_timeout_cb(struct ev_loop *loop, ev_timer *tm, int revents)
     waiter_free(c, w);
 }
 
-void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
-                   size_t trajn, uint64_t timeout_ms, bool bind)
+struct waiter *sched_waiter_new(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p,
+                                const char *traj, size_t trajn, bool bind)
 {
-    c->acquires++;
-    p->acquires++;
     struct waiter *w = calloc(1, sizeof *w);
     if (!w)
         abort();
@@ -327,17 +490,25 @@ void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *
     w->conn = t;
     w->client_id = id;
     w->since = ev_now(c->loop);
-    w->timeout_s = (double)timeout_ms / 1000.0;
     memcpy(w->owner, t->owner, sizeof w->owner);
     w->bind = bind;
     if (traj)
         memcpy(w->traj, traj, trajn);
     else
         snprintf(w->traj, sizeof w->traj, "traj-%" PRIu64, ++c->traj_seq);
-    TAILQ_INSERT_TAIL(&t->waiters, w, clink);
+    return w;
+}
+
+void sched_acquire_w(struct ctl *c, struct waiter *w, uint64_t timeout_ms)
+{
+    struct profile *p = w->prof;
+    c->acquires++;
+    p->acquires++;
+    w->timeout_s = (double)timeout_ms / 1000.0;
+    TAILQ_INSERT_TAIL(&w->conn->waiters, w, clink);
     ev_timer_init(&w->timer, waiter_timeout_cb, (double)timeout_ms / 1000.0, 0);
     w->timer.data = w;
-    struct slot *s = TAILQ_EMPTY(&p->waiters) ? pick_free(p) : NULL;
+    struct slot *s = TAILQ_EMPTY(&p->waiters) ? pick_free(p, w->tpl) : NULL;
     if (s) {
         serve(c, w, s);
         return;
@@ -351,6 +522,92 @@ void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *
     }
     ev_timer_start(c->loop, &w->timer);
     sched_kick(c, p);
+}
+
+void sched_acquire(struct ctl *c, struct tconn *t, uint64_t id, struct profile *p, const char *traj,
+                   size_t trajn, uint64_t timeout_ms, bool bind)
+{
+    sched_acquire_w(c, sched_waiter_new(c, t, id, p, traj, trajn, bind), timeout_ms);
+}
+
+/* ---- fork ------------------------------------------------------------------
+ * A new lease on the same agent (the copy must be where the workspace is),
+ * recorded like any lease, then the agent's fork lays it out. */
+
+static void on_fork(struct ctl *c, struct preq *r, const msgpack_object *resp,
+                    const struct sp_err *err)
+{
+    struct slot *s = r->slot;
+    struct waiter *w = r->ctx;
+    r->ctx = NULL;
+    preq_free(c, r);
+    const msgpack_object *res = resp ? sp_map_get(resp, "result") : NULL;
+    if (res && w->conn) {
+        answer_acquire(c, w, s, res);
+        waiter_free(c, w);
+        return;
+    }
+    struct sp_err e;
+    if (!resp)
+        e = *err;
+    else
+        err_from(sp_map_get(resp, "error"), &e);
+    if (w->conn) {
+        tconn_error(c, w->conn, w->client_id, &e);
+        waiter_free(c, w);
+    } else {
+        waiter_destroy(w);
+    }
+    if (resp && s->state == SL_LEASED) {
+        /* A lease nobody will use: give it back (its workspace emptied). */
+        sched_release(c, s, true);
+    }
+}
+
+static void send_fork(struct ctl *c, struct waiter *w, struct slot *s)
+{
+    struct slot *from = w->fork_from;
+    if (from->ag != s->ag || from->state != SL_LEASED) {
+        struct sp_err e;
+        sp_errf(&e, SP_NOT_LEASED, "fork: the slot forked from was released meanwhile");
+        tconn_error(c, w->conn, w->client_id, &e);
+        waiter_free(c, w);
+        sched_release(c, s, true);
+        return;
+    }
+    struct preq *r = agent_req_new(s->ag, s, on_fork);
+    r->ctx = w;
+    msgpack_packer pk;
+    agent_send_begin(s->ag, r, "fork", &pk);
+    msgpack_pack_map(&pk, 2);
+    sp_pack_kv_uint(&pk, "slot", from->index);
+    sp_pack_kv_uint(&pk, "to_slot", s->index);
+    agent_send_end(c, s->ag, r);
+}
+
+void sched_fork(struct ctl *c, struct tconn *t, uint64_t id, struct slot *from, const char *traj,
+                size_t trajn)
+{
+    struct agent *ag = from->ag;
+    struct slot *to = NULL;
+    for (uint32_t i = 0; i < ag->nslots && !to; i++)
+        if (ag->slots[i].state == SL_FREE)
+            to = &ag->slots[i];
+    if (!to || ag->state != AG_READY) {
+        struct sp_err e;
+        sp_errf(&e, SP_NO_CAPACITY,
+                "fork: agent %s has no free slot (a fork stays on the agent of its lease)", ag->id);
+        tconn_error(c, t, id, &e);
+        return;
+    }
+    struct waiter *w = sched_waiter_new(c, t, id, ag->prof, traj, trajn, from->bound);
+    w->fork_from = from;
+    TAILQ_INSERT_TAIL(&t->waiters, w, clink);
+    ev_timer_init(&w->timer, waiter_timeout_cb, 3600.0, 0);
+    w->timer.data = w;
+    c->acquires++;
+    ag->prof->acquires++;
+    serve(c, w, to);
 }
 
 /* ---- release ------------------------------------------------------------- */
@@ -604,7 +861,7 @@ void sched_kick(struct ctl *c, struct profile *p)
 {
     struct waiter *w;
     while ((w = TAILQ_FIRST(&p->waiters))) {
-        struct slot *s = pick_free(p);
+        struct slot *s = pick_free(p, w->tpl);
         if (!s)
             break;
         serve(c, w, s);

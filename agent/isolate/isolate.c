@@ -39,6 +39,17 @@ int isolate_init(struct isolation *iso, unsigned nslots, struct sp_err *err)
         else
             unavailable(iso, RUNG_NAMESPACES, why);
     }
+    /* A box's user namespace maps the agent's own ids only (box_enter): no
+     * slot user exists in it, and workspaces given to one would be out of
+     * reach. The box wins; --without namespaces keeps a user per slot. */
+    if ((iso->available & (1u << RUNG_NAMESPACES)) && (iso->ns_flags & CLONE_NEWUSER) &&
+        (iso->available & (1u << RUNG_UID))) {
+        snprintf(why, sizeof why,
+                 "the box's user namespace maps only uid %u%s; --without namespaces keeps a "
+                 "user per slot",
+                 (unsigned)geteuid(), iso->root ? " (root without CAP_SYS_ADMIN needs one)" : "");
+        unavailable(iso, RUNG_UID, why);
+    }
     if (iso->disabled & (1u << RUNG_CGROUP))
         unavailable(iso, RUNG_CGROUP, "disabled");
     else if (cgroup_probe(iso, why, sizeof why) == 0)

@@ -119,6 +119,11 @@ struct box_conf {
                          every command it forks starts inside (or NULL) */
     char *secret;     /* the agent's token: wiped from the holder's copy of memory */
     size_t secret_len;
+    int ws_mnt_fd;             /* the workspace's mount namespace (overlay.c) to copy, or -1 */
+    int ws_user_fd;            /* and its user namespace, joined first, or -1 */
+    const char *hide[2];       /* directories shown empty in the box (templates, upper layers) */
+    const char *const *shares; /* --share pairs: host path, box path (read-only binds) */
+    unsigned nshares;
 };
 int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
                  struct sp_err *err);
@@ -136,6 +141,25 @@ int ns_box_send(struct nsbox *box, struct spawn *sp);
 int ns_box_recv(struct nsbox *box, struct box_result *r);
 /* Kill the holder and with it every process in the box. */
 void ns_box_stop(struct nsbox *box);
+
+/* overlay.c: a workspace as an overlay of template layers (see there). Paths
+ * are relative to base_dir, which keeps the mount options short. */
+struct ovl_conf {
+    const char *base_dir;
+    const char *const *lowers; /* top layer first */
+    unsigned nlowers;
+    const char *upper, *work, *target;
+    const char *stage;  /* where idmapped lowers are mounted (idmap_uid != 0) */
+    unsigned idmap_uid; /* show files owned by 0 on disk as this uid and gid, or 0 */
+};
+struct ovl_ns {
+    int ws_fd;   /* the overlay's root directory */
+    int mnt_fd;  /* its mount namespace */
+    int user_fd; /* its user namespace, or -1 */
+};
+int ovl_mount(const struct isolation *iso, const struct ovl_conf *c, struct ovl_ns *out,
+              struct sp_err *err);
+void ovl_ns_close(struct ovl_ns *ns);
 
 /* cgroup.c */
 int cgroup_probe(struct isolation *iso, char *why, size_t cap);

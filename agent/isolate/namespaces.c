@@ -269,7 +269,24 @@ static int box_workspace(const char *ws_path, char *why, size_t cap)
 }
 
 /* Enter fresh namespaces and set them up; in a child of the agent. */
+/* --share: host directories shown read-only at their place in every box
+ * (pairs: host path, box path; the box path exists in the root). */
+static int box_shares(const char *const *shares, unsigned n, char *why, size_t cap)
+{
+    for (unsigned i = 0; i < n; i++) {
+        const char *host = shares[2 * i], *at = shares[2 * i + 1];
+        if (mount(host, at, NULL, MS_BIND | MS_REC, NULL) < 0 ||
+            mount(NULL, at, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+                  NULL) < 0) {
+            snprintf(why, cap, "sharing %.50s on %.50s: %s", host, at, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int box_enter(int flags, const char *tmp_path, const char *slot_dir, const char *ws_path,
+                     const char *const *hide, const char *const *shares, unsigned nshares,
                      char *why, size_t cap)
 {
     uid_t uid = geteuid();
@@ -306,6 +323,19 @@ static int box_enter(int flags, const char *tmp_path, const char *slot_dir, cons
         snprintf(why, cap, "binding the slot's tmp on /tmp: %s", strerror(errno));
         return -1;
     }
+    for (int i = 0; i < 2 && hide && hide[i]; i++) {
+        /* Templates and other slots' upper layers: the slot's overlay was
+         * mounted from them already, and nothing in the box needs them. */
+        struct stat st;
+        if (lstat(hide[i], &st) == 0 && S_ISDIR(st.st_mode) &&
+            mount("hidden", hide[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "mode=0555,size=4k") < 0) {
+            snprintf(why, cap, "hiding %.60s: %s", hide[i], strerror(errno));
+            return -1;
+        }
+    }
+    if (nshares && box_shares(shares, nshares, why, cap) < 0)
+        return -1;
     if (ws_path && box_workspace(ws_path, why, cap) < 0)
         return -1;
     return 0;
@@ -369,7 +399,15 @@ static bool mount_proc(void)
 
 int ns_probe(struct isolation *iso, char *why, size_t whycap)
 {
-    int base = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (iso->root ? 0 : CLONE_NEWUSER);
+    /* Root gets a user namespace only where the others need one: without
+     * CAP_SYS_ADMIN (Docker's default set, under a seccomp profile that lets
+     * unshare through) unshare fails with EPERM, and a user namespace first
+     * gives the box the capabilities for the rest (docs/docker-seccomp.md). */
+    int user = iso->root ? 0 : CLONE_NEWUSER;
+    char eperm[64];
+    snprintf(eperm, sizeof eperm, "Eunshare: %s", strerror(EPERM));
+again:;
+    int base = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | user;
     int tries[2] = {base | CLONE_NEWNET, base};
     for (int t = 0; t < 2; t++) {
         int pp[2];
@@ -380,7 +418,7 @@ int ns_probe(struct isolation *iso, char *why, size_t whycap)
         pid_t pid = fork();
         if (pid == 0) {
             char msg[128] = "";
-            if (box_enter(tries[t], NULL, NULL, NULL, msg + 1, sizeof msg - 1) < 0) {
+            if (box_enter(tries[t], NULL, NULL, NULL, NULL, NULL, 0, msg + 1, sizeof msg - 1) < 0) {
                 msg[0] = 'E';
                 (void)!write(pp[1], msg, strlen(msg));
                 _exit(1);
@@ -419,8 +457,13 @@ int ns_probe(struct isolation *iso, char *why, size_t whycap)
                      iso->ns_workspace ? "" : msg + 2);
             return 0;
         }
+        if (t == 1 && !user && !strcmp(msg, eperm)) {
+            user = CLONE_NEWUSER;
+            goto again;
+        }
         if (t == 1 || n <= 0) {
-            snprintf(why, whycap, "%s", n > 1 ? msg + 1 : "probe child failed");
+            snprintf(why, whycap, "%s%s", n > 1 ? msg + 1 : "probe child failed",
+                     iso->root && user ? " (also with a user namespace)" : "");
             return -1;
         }
     }
@@ -579,6 +622,23 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     struct box_ready rd = {0};
     if (bc->cg_fd && bc->cg_fd[0] >= 0)
         rd.cgroup = cgroup_join(bc->cg_fd) == 0;
+    /* A workspace mounted in namespaces of its own (overlay.c): the box
+     * starts from a copy of that mount table, in that user namespace. */
+    int flags = iso->ns_flags | (!bc->network && iso->ns_net ? CLONE_NEWNET : 0);
+    if (bc->ws_user_fd >= 0) {
+        if (setns(bc->ws_user_fd, CLONE_NEWUSER) < 0) {
+            snprintf(rd.why, sizeof rd.why, "joining the workspace's user namespace: %s",
+                     strerror(errno));
+            (void)!write(sock, &rd, sizeof rd);
+            _exit(1);
+        }
+        flags &= ~CLONE_NEWUSER;
+    }
+    if (bc->ws_mnt_fd >= 0 && setns(bc->ws_mnt_fd, CLONE_NEWNS) < 0) {
+        snprintf(rd.why, sizeof rd.why, "joining the workspace's mounts: %s", strerror(errno));
+        (void)!write(sock, &rd, sizeof rd);
+        _exit(1);
+    }
     if (sock != 3) {
         dup3(sock, 3, O_CLOEXEC);
         sock = 3;
@@ -587,8 +647,8 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     dup2(null, 0);
     dup2(null, 1);
     syscall(SYS_close_range, 4u, ~0u, 0);
-    int flags = iso->ns_flags | (!bc->network && iso->ns_net ? CLONE_NEWNET : 0);
-    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, rd.why, sizeof rd.why) < 0) {
+    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, bc->hide, bc->shares,
+                  bc->nshares, rd.why, sizeof rd.why) < 0) {
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "exec.h"
+#include "template.h"
 
 #define DEFAULT_TIMEOUT_MS 600000u
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -135,8 +136,14 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
     }
     if ((have & (1u << RUNG_LANDLOCK)) && s->ll_fd[!network] < 0) {
         struct sp_err lerr;
+        /* An overlay workspace is not the host path's directory: name it
+         * by the descriptor (its inode is what the rule holds). */
+        char ws[64];
+        if (s->ws_mode == WS_OVERLAY)
+            snprintf(ws, sizeof ws, "/proc/self/fd/%d", s->ws_fd);
         s->ll_fd[!network] =
-            landlock_ruleset(iso->landlock_abi, s->ws_path, s->tmp_path, network, NULL, &lerr);
+            landlock_ruleset(iso->landlock_abi, s->ws_mode == WS_OVERLAY ? ws : s->ws_path,
+                             s->tmp_path, network, NULL, &lerr);
         if (s->ll_fd[!network] < 0) {
             log_warn("slot %u: %s", s->index, lerr.msg);
             if (ic->required)
@@ -149,7 +156,15 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
         struct sp_err berr;
         char slot_dir[4200];
         snprintf(slot_dir, sizeof slot_dir, "%s/slots/%u", ag->data_dir, s->index);
+        char hide[2][4200];
+        templates_hidden(ag, hide);
+        bool ovl = s->ws_mode == WS_OVERLAY;
         struct box_conf bc = {
+            .ws_mnt_fd = ovl ? s->ws_ns.mnt_fd : -1,
+            .ws_user_fd = ovl ? s->ws_ns.user_fd : -1,
+            .hide = {hide[0], hide[1]},
+            .shares = (const char *const *)ag->opt.shares,
+            .nshares = ag->opt.nshares,
             .tmp_path = box_binds_tmp(ag) ? s->tmp_path : NULL,
             .ws_path = iso->ns_workspace ? s->ws_path : NULL,
             .slot_dir = slot_dir,
@@ -170,6 +185,13 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
             slots_box_watch(ag, s, !network);
         }
     }
+    if (s->ws_mode == WS_OVERLAY && !(have & (1u << RUNG_NAMESPACES)))
+        /* The overlay exists only inside the box: outside, the workspace
+         * would be the empty directory beneath it. */
+        return sp_errf(err, SP_ISOLATION_UNAVAILABLE,
+                       "slot %u stands on template '%s' as an overlay, which only its box "
+                       "shows, and the box did not start (see the agent's log)",
+                       s->index, s->tpl->anon ? "(fork)" : s->tpl->name);
     ic->uid = s->uid;
     ic->cg_fd[0] = s->cg_fd[0];
     ic->cg_fd[1] = s->cg_fd[1];

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "session.h"
+#include "../template.h"
 
 #define DEFAULT_TIMEOUT_MS 600000u
 #define MAX_TIMEOUT_MS 86400000u
@@ -46,8 +47,25 @@ int op_hello(struct req *rq, struct sp_err *err)
     char view[4200];
     slots_view_template(ag, view, sizeof view);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 11);
+    msgpack_pack_map(pk, 13);
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
+    /* Shares exist only in boxes: without one a command does not see them
+     * (and never a writable stand-in). */
+    bool boxed = (ag->iso.available & (1u << RUNG_NAMESPACES)) != 0;
+    sp_pack_cstr(pk, "shares");
+    msgpack_pack_array(pk, ag->opt.nshares);
+    for (unsigned i = 0; i < ag->opt.nshares; i++) {
+        msgpack_pack_map(pk, 4);
+        sp_pack_kv_str(pk, "host", ag->opt.shares[2 * i]);
+        sp_pack_kv_str(pk, "path", ag->opt.shares[2 * i + 1]);
+        sp_pack_kv_bool(pk, "available", boxed);
+        if (boxed)
+            sp_pack_kv_nil(pk, "why");
+        else
+            sp_pack_kv_str(pk, "why", ag->iso.why[RUNG_NAMESPACES]);
+    }
+    sp_pack_cstr(pk, "templates");
+    template_pack_info(pk, ag);
     sp_pack_kv_str(pk, "agent", "slot-agent");
     sp_pack_kv_str(pk, "version", AGENT_VERSION);
     sp_pack_kv_uint(pk, "instance", ag->instance);
@@ -192,9 +210,27 @@ int op_stats(struct req *rq, struct sp_err *err)
     return OP_DONE;
 }
 
+static void kv_double(msgpack_packer *pk, const char *key, double v)
+{
+    sp_pack_cstr(pk, key);
+    msgpack_pack_double(pk, v);
+}
+
+static void pack_workspace(msgpack_packer *pk, struct slot *s)
+{
+    if (s->tpl && !s->tpl->anon)
+        sp_pack_kv_str(pk, "template", s->tpl->name);
+    else if (s->tpl)
+        sp_pack_kv_str(pk, "template", "(fork)");
+    else
+        sp_pack_kv_nil(pk, "template");
+    sp_pack_kv_str(pk, "workspace_mode", ws_mode_names[s->ws_mode]);
+}
+
 static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
 {
-    msgpack_pack_map(pk, 15);
+    msgpack_pack_map(pk, 17);
+    pack_workspace(pk, s);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "state",
                    s->resetting                ? "resetting"
@@ -269,9 +305,43 @@ static char *dup_str(const char *s, size_t n)
     return p;
 }
 
+static void pack_lease(msgpack_packer *pk, struct agent *ag, struct slot *s, bool prepared)
+{
+    msgpack_pack_map(pk, prepared ? 8 : 7);
+    sp_pack_kv_uint(pk, "slot", s->index);
+    sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);
+    sp_pack_kv_uint(pk, "generation", s->generation);
+    sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
+    sp_pack_kv_str(pk, "cwd_path", slot_view(ag, s));
+    pack_workspace(pk, s);
+    if (prepared)
+        kv_double(pk, "prepare_ms", s->ws_prepare_ms);
+}
+
+/* The slot's workspace is about to be replaced (reset, a lease or a fork
+ * with a template): kill what runs, fail what is queued, and finish in
+ * reset_complete once nothing of the slot is left. */
+int slot_begin_reset(struct req *rq, struct slot *s, const char *why)
+{
+    struct agent *ag = rq->ag;
+    s->resetting = true;
+    rq->aux = exec_kill_slot(ag, s);
+    rq->slot_next = s->reset_waiters;
+    s->reset_waiters = rq;
+    struct sp_err cancelled;
+    sp_errf(&cancelled, SP_CANCELLED, "slot %u %s", s->index, why);
+    slot_fail_queued(ag, s, &cancelled);
+    if (s->running == 0)
+        reset_complete(ag, s);
+    return OP_PENDING;
+}
+
 int op_lease(struct req *rq, struct sp_err *err)
 {
     struct slot *s = req_slot(rq);
+    struct template *tpl;
+    if (template_arg(rq, "template", &tpl, err) < 0)
+        return -1;
     size_t tn, hn, on;
     const char *tid = arg_str(rq, "trajectory_id", &tn);
     const char *holder = arg_str(rq, "holder", &hn);
@@ -302,14 +372,15 @@ int op_lease(struct req *rq, struct sp_err *err)
         s->leased = true;
         s->leased_at = agent_now(rq->ag);
         s->generation++;
+        if (tpl) {
+            /* A fresh lease on a template starts from exactly it. */
+            rq->tpl = tpl;
+            template_ref(tpl);
+            return slot_begin_reset(rq, s, "was leased with a template");
+        }
     }
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 5);
-    sp_pack_kv_uint(pk, "slot", s->index);
-    sp_pack_kv_str(pk, "trajectory_id", s->trajectory_id);
-    sp_pack_kv_uint(pk, "generation", s->generation);
-    sp_pack_kv_uint(pk, "leased_at", (uint64_t)(s->leased_at * 1000.0));
-    sp_pack_kv_str(pk, "cwd_path", slot_view(rq->ag, s));
+    pack_lease(pk, rq->ag, s, false);
     req_reply_end(rq);
     return OP_DONE;
 }
@@ -340,30 +411,54 @@ int op_unlease(struct req *rq, struct sp_err *err)
 }
 
 /* Wipe and answer once nothing of the slot runs any more, so no dying
- * process can write into the freshly emptied workspace. */
+ * process can write into the freshly emptied workspace. Waiters are served
+ * in arrival order, each laying out its own workspace: the last one wins. */
 void reset_complete(struct agent *ag, struct slot *s)
 {
-    struct req *waiters = s->reset_waiters;
-    s->reset_waiters = NULL;
+    struct req *waiters = NULL;
+    while (s->reset_waiters) {
+        struct req *rq = s->reset_waiters;
+        s->reset_waiters = rq->slot_next;
+        rq->slot_next = waiters;
+        waiters = rq;
+    }
     proc_sweep_strays(ag);
     struct sp_err err;
-    int rc = path_empty_dir(s->ws_fd, &err);
-    if (rc == 0)
-        rc = path_empty_dir(s->tmp_fd, &err);
+    int rc = path_empty_dir(s->tmp_fd, &err);
     s->resetting = false;
     s->resets++;
     while (waiters) {
         struct req *rq = waiters;
         waiters = rq->slot_next;
         rq->slot_next = NULL;
-        if (rc < 0) {
-            req_finish(rq, &err);
+        struct sp_err e = err;
+        int r = rc;
+        if (r == 0 && rq->fork_from)
+            r = ws_copy_from(ag, s, rq->fork_from, &e);
+        else if (r == 0)
+            r = ws_prepare(ag, s, rq->tpl, &e);
+        if (r < 0) {
+            req_finish(rq, &e);
             continue;
         }
         msgpack_packer *pk = req_reply_begin(rq);
-        msgpack_pack_map(pk, 2);
-        sp_pack_kv_uint(pk, "slot", s->index);
-        sp_pack_kv_uint(pk, "killed", rq->aux);
+        if (rq->op->fn == op_lease) {
+            pack_lease(pk, ag, s, true);
+        } else if (rq->op->fn == op_fork) {
+            msgpack_pack_map(pk, 7);
+            sp_pack_kv_uint(pk, "slot", req_slot(rq)->index);
+            sp_pack_kv_uint(pk, "to_slot", s->index);
+            sp_pack_kv_uint(pk, "killed", rq->aux);
+            sp_pack_kv_bool(pk, "flattened", rq->flattened);
+            kv_double(pk, "prepare_ms", s->ws_prepare_ms);
+            pack_workspace(pk, s);
+        } else {
+            msgpack_pack_map(pk, 5);
+            sp_pack_kv_uint(pk, "slot", s->index);
+            sp_pack_kv_uint(pk, "killed", rq->aux);
+            kv_double(pk, "prepare_ms", s->ws_prepare_ms);
+            pack_workspace(pk, s);
+        }
         req_reply_end(rq);
         req_finish(rq, NULL);
     }
@@ -373,18 +468,11 @@ void reset_complete(struct agent *ag, struct slot *s)
 
 int op_reset(struct req *rq, struct sp_err *err)
 {
-    (void)err;
-    struct agent *ag = rq->ag;
     struct slot *s = req_slot(rq);
-    s->resetting = true;
-    unsigned killed = exec_kill_slot(ag, s);
-    rq->aux = killed;
-    rq->slot_next = s->reset_waiters;
-    s->reset_waiters = rq;
-    struct sp_err cancelled;
-    sp_errf(&cancelled, SP_CANCELLED, "slot %u was reset", s->index);
-    slot_fail_queued(ag, s, &cancelled);
-    if (s->running == 0)
-        reset_complete(ag, s);
-    return OP_PENDING;
+    struct template *tpl;
+    if (template_arg(rq, "template", &tpl, err) < 0)
+        return -1;
+    rq->tpl = tpl;
+    template_ref(tpl);
+    return slot_begin_reset(rq, s, "was reset");
 }

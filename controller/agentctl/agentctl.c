@@ -1722,6 +1722,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
         {"agents", CMD_AGENTS, MODE_CTL, 0, -1, "agents [--profile P]"},
         {"slots", CMD_SLOTS, MODE_CTL, 0, -1, "slots [--profile P] [--agent A]"},
         {"leases", CMD_LEASES, MODE_CTL, 0, 0, "leases"},
+        {"templates", CMD_TEMPLATES, MODE_BOTH, 0, 0, "templates"},
         {"profiles", CMD_PROFILES, MODE_CTL, 0, 0, "profiles"},
         {"acquire", CMD_ACQUIRE, MODE_CTL, 0, -1,
          "acquire [--profile P] [--trajectory T] [--timeout-ms N]"},
@@ -1850,6 +1851,7 @@ static int run(struct ctl *c, const struct cmd *cmd, int *status)
     case CMD_STATUS: return cmd_status(c, cmd);
     case CMD_AGENTS: return cmd_agents(c, cmd);
     case CMD_LEASES: return cmd_leases(c);
+    case CMD_TEMPLATES: return cmd_templates(c);
     case CMD_PROFILES: return cmd_profiles(c);
     case CMD_ACQUIRE: return cmd_acquire(c, cmd);
     case CMD_RELEASE: return cmd_release(c, cmd);

@@ -29,6 +29,7 @@ enum cmd_kind {
     CMD_STATUS,
     CMD_AGENTS,
     CMD_LEASES,
+    CMD_TEMPLATES,
     CMD_PROFILES,
     CMD_ACQUIRE,
     CMD_RELEASE,
@@ -142,6 +143,7 @@ int cmd_status(struct ctl *c, const struct cmd *cmd);
 int cmd_agents(struct ctl *c, const struct cmd *cmd);
 int cmd_ctl_slots(struct ctl *c, const struct cmd *cmd);
 int cmd_leases(struct ctl *c);
+int cmd_templates(struct ctl *c);
 int cmd_profiles(struct ctl *c);
 int cmd_acquire(struct ctl *c, const struct cmd *cmd);
 int cmd_release(struct ctl *c, const struct cmd *cmd);

@@ -746,3 +746,62 @@ int cmd_top(struct ctl *c, const struct cmd *cmd)
     c->interrupted = false;
     return rc;
 }
+
+/* One row per template. Against the controller: every ready agent's (the
+ * controller's knowledge, refreshed after each build); against one agent:
+ * its template_list. */
+static void template_rows(struct table *t, const char *agent, const msgpack_object *arr)
+{
+    for (uint32_t i = 0; arr && i < arr->via.array.size; i++) {
+        const msgpack_object *x = &arr->via.array.ptr[i];
+        char name[256], base[256], size[32], built[32];
+        const msgpack_object *b = sp_map_get(x, "base");
+        fmt_bytes(size, sizeof size, get_u(x, "size"));
+        fmt_dur(built, sizeof built, get_u(x, "build_ms"));
+        if (agent)
+            tbl_cell(t, "%s", agent);
+        tbl_cell(t, "%s", str_field(x, "name", name, sizeof name));
+        tbl_cell(t, "%s",
+                 b && b->type == MSGPACK_OBJECT_STR ? str_field(x, "base", base, sizeof base)
+                                                    : "-");
+        tbl_cell(t, "%s", size);
+        tbl_cell(t, "%llu", (unsigned long long)get_u(x, "files"));
+        tbl_cell(t, "%llu", (unsigned long long)get_u(x, "in_use"));
+        tbl_cell(t, "%s", built);
+    }
+}
+
+int cmd_templates(struct ctl *c)
+{
+    const msgpack_object *r = call(c, c->to_controller ? "templates" : "template_list", NULL);
+    const msgpack_object *arr;
+    if (!r || !(arr = get_array(c, r, c->to_controller ? "agents" : "templates")))
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    static const char *const cols_ctl[] = {"AGENT", "TEMPLATE", "BASE",  "SIZE",
+                                           "FILES", "IN-USE",   "BUILD", NULL};
+    static const char *const *cols = cols_ctl;
+    struct table t;
+    tbl_header(&t, c->to_controller ? 0x78 : 0x3c, c->to_controller ? cols : cols + 1);
+    if (!c->to_controller) {
+        template_rows(&t, NULL, arr);
+    } else {
+        for (uint32_t i = 0; i < arr->via.array.size; i++) {
+            const msgpack_object *a = &arr->via.array.ptr[i];
+            char id[256];
+            str_field(a, "agent", id, sizeof id);
+            const msgpack_object *l = sp_map_get(a, "templates");
+            template_rows(&t, id, l && l->type == MSGPACK_OBJECT_ARRAY ? l : NULL);
+            if (get_u(a, "building"))
+                printf("%s: %llu template build%s running\n", id,
+                       (unsigned long long)get_u(a, "building"),
+                       get_u(a, "building") == 1 ? "" : "s");
+        }
+    }
+    tbl_print(&t, stdout);
+    tbl_free(&t);
+    return 0;
+}

@@ -15,7 +15,10 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 static int verdict(long rc, const char *what)
@@ -122,6 +125,12 @@ int main(int argc, char **argv)
         }
         return verdict(0, "file filled");
     }
+    /* Overlay metadata forged from inside: an opaque marker (either
+     * namespace overlayfs reads) or a whiteout device. */
+    if (!strcmp(a, "xattr") && argc == 4)
+        return verdict(setxattr(argv[2], argv[3], "y", 1, 0), "overlay xattr set");
+    if (!strcmp(a, "whiteout") && argc == 3)
+        return verdict(mknod(argv[2], S_IFCHR | 0600, makedev(0, 0)), "whiteout created");
     fprintf(stderr, "slot-escape: unknown action %s\n", a);
     return 2;
 }

@@ -291,10 +291,28 @@ class AsyncClient:
 
     async def acquire(self, trajectory_id: str | None = None, profile: str | None = None,
                       timeout_ms: int | None = None,
-                      timeout: float | None = None) -> dict[str, Any]:
-        """Lease a slot; the result's `slot` is the handle for later calls."""
-        return await self.call("acquire", _opt(trajectory_id=trajectory_id, profile=profile,
-                                               timeout_ms=timeout_ms), timeout)
+                      timeout: float | None = None,
+                      template: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Lease a slot; the result's `slot` is the handle for later calls.
+        `template`: the workspace starts as a copy-on-write view of this
+        template, a name or {"name", "script", "base"} (the recipe that
+        builds it on an agent that lacks it)."""
+        args = _opt(trajectory_id=trajectory_id, profile=profile, timeout_ms=timeout_ms)
+        if template is not None:
+            args["template"] = template if isinstance(template, str) else dict(template)
+        return await self.call("acquire", args, timeout)
+
+    async def fork(self, slot: str, trajectory_id: str | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """A new lease on the same agent whose workspace is a copy-on-write
+        copy of `slot`'s as it is now (answered like acquire)."""
+        return await self.call("fork", _opt(slot=slot, trajectory_id=trajectory_id), timeout)
+
+    async def templates(self, profile: str | None = None,
+                        timeout: float | None = None) -> list[dict[str, Any]]:
+        """Each ready agent's templates: [{agent, profile, building, templates}]."""
+        result = await self.call("templates", _opt(profile=profile), timeout)
+        return list(result.get("agents", []))
 
     async def release(self, slot: str, reset: bool = True,
                       timeout: float | None = None) -> dict[str, Any]:

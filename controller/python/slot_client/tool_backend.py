@@ -66,8 +66,12 @@ class ControllerToolBackend(ArtifactsMixin):
                  conventions: Union[Conventions, str, None] = None,
                  owner: str | None = None,
                  client_name: str = "slot_client.ControllerToolBackend",
-                 max_frame: int = MAX_FRAME) -> None:
+                 max_frame: int = MAX_FRAME,
+                 template: str | Mapping[str, Any] | None = None) -> None:
         self.address: str | None = address
+        # Every acquire's template unless it names one: a trainer that calls
+        # acquire() unchanged still gets its prepared workspace.
+        self.template: str | Mapping[str, Any] | None = template
         self.profile: str | None = profile
         self.token: str | None = token
         self._default_timeout_s = default_timeout_s
@@ -215,11 +219,19 @@ class ControllerToolBackend(ArtifactsMixin):
                 "started": self._started, "held_by_this_backend": len(self._slots)}
 
     # ------------------------------------------------------------ slots
-    async def acquire(self, trajectory_id: Optional[str] = None) -> Slot:
+    async def acquire(self, trajectory_id: Optional[str] = None, *,
+                      template: Optional[str | Mapping[str, Any]] = None) -> Slot:
         """Lease a slot for a trajectory, waiting (FIFO, up to
         `acquire_timeout_s`) while every slot is taken. Raises TimeoutError
-        when none came in time, SlotError for other refusals."""
+        when none came in time, SlotError for other refusals.
+
+        `template` (slot's extension; the trainer's protocol has no such
+        argument): the workspace starts as a copy-on-write view of that
+        template, a name or {"name", "script", "base"}; the controller
+        builds it from the recipe on an agent that does not hold it."""
         tid = trajectory_id or str(uuid.uuid4())
+        if template is None:
+            template = self.template
         deadline = None if self.acquire_timeout_s is None else \
             time.monotonic() + self.acquire_timeout_s
         down_since = 0.0
@@ -229,7 +241,7 @@ class ControllerToolBackend(ArtifactsMixin):
             try:
                 client = await self._get_client()
                 res = await client.acquire(trajectory_id=tid, profile=self.profile,
-                                           timeout_ms=left_ms)
+                                           timeout_ms=left_ms, template=template)
                 break
             except SlotError as e:
                 if e.code == "no_capacity" and (deadline is None or time.monotonic() < deadline):
@@ -247,6 +259,14 @@ class ControllerToolBackend(ArtifactsMixin):
                         deadline is not None and now >= deadline:
                     raise
                 await asyncio.sleep(0.5)
+        return self._track(res, tid)
+
+    def _track(self, res: Mapping[str, Any], tid: str) -> Slot:
+        meta: dict[str, Any] = {"index": res.get("index"), "generation": res.get("generation"),
+                                "profile": res.get("profile"), "workspace": res.get("workspace")}
+        if res.get("template") is not None:
+            meta["template"] = res.get("template")
+            meta["workspace_mode"] = res.get("workspace_mode")
         slot = Slot(
             slot_id=str(res["slot"]),
             alloc_id=str(res.get("agent", "")),
@@ -254,11 +274,20 @@ class ControllerToolBackend(ArtifactsMixin):
             workspace_dir=str(res.get("cwd_path") or res.get("workspace") or ""),
             state=SlotState.ACQUIRED,
             trajectory_id=res.get("trajectory_id", tid),
-            metadata={"index": res.get("index"), "generation": res.get("generation"),
-                      "profile": res.get("profile"), "workspace": res.get("workspace")},
+            metadata=meta,
         )
         self._slots[slot.slot_id] = slot
         return slot
+
+    async def fork(self, slot: SlotRef, trajectory_id: Optional[str] = None) -> Slot:
+        """A new slot on the same agent whose workspace is a copy-on-write
+        copy of `slot`'s as it is now (tree search, branching a trajectory).
+        Released like any acquired slot. Raises SlotError (no_capacity when
+        that agent has no free slot)."""
+        tid = trajectory_id or str(uuid.uuid4())
+        client = await self._get_client()
+        res = await client.fork(_handle(slot), trajectory_id=tid, timeout=600)
+        return self._track(res, tid)
 
     async def release(self, slot: SlotRef, *, reset_workspace: bool = False) -> None:
         """Give the slot back (with `reset_workspace`: its processes killed
