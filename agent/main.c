@@ -678,9 +678,11 @@ static int agent_main(int argc, char **argv)
         workspace_view_check(ag);
         char view[4200];
         slots_view_template(ag, view, sizeof view);
+        if (ag->data_dir)
+            templates_probe(ag);
         free(ag->data_dir);
         ag->data_dir = NULL;
-        isolate_report(&ag->iso, json, view);
+        isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why);
         cgroup_cleanup(&ag->iso, 0);
         isolate_free(&ag->iso);
         return 0;

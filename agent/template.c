@@ -31,6 +31,8 @@
 
 const char *const ws_mode_names[3] = {"plain", "overlay", "copy"};
 
+static void probe_overlay(struct agent *ag);
+
 /* snprintf for paths: a path too long for its buffer comes out cut, and
  * then names nothing that exists (every use opens or creates it). */
 static void __attribute__((format(printf, 3, 4))) pathf(char *out, size_t cap, const char *fmt, ...)
@@ -663,6 +665,90 @@ int template_freeze(struct agent *ag, struct slot *s, const char *name, struct t
     return commit(ag, stage, name, name == anon_name, base, ms, out, err);
 }
 
+/* Fork's fast path: nothing of s runs, so its upper layer itself becomes
+ * the frozen layer (a rename, and with slot users a chown to the agent: no
+ * data is copied) and s is mounted again on top of it with a fresh upper
+ * layer. Anything that runs in s (a command, a session's shell, a kept
+ * background process) would see its overlay replaced: then -1 with no
+ * error set, and the caller copies instead. */
+int template_freeze_in_place(struct agent *ag, struct slot *s, struct template **out,
+                             struct sp_err *err)
+{
+    err->msg[0] = 0;
+    if (s->ws_mode != WS_OVERLAY || s->running || s->nsessions || s->nkept ||
+        s->tpl->depth >= ag->opt.template_max_depth)
+        return -1;
+    double t0 = mono_ms();
+    char stage[4200], layer[4300], upper[4300], name[64], gen[64];
+    int lfd;
+    if (template_stage(ag, stage, sizeof stage, &lfd, err) < 0)
+        return -1;
+    close(lfd);
+    pathf(layer, sizeof layer, "%s/layer", stage);
+    pathf(upper, sizeof upper, "%s/overlay/%u/%s/upper", ag->data_dir, s->index, s->ws_gen);
+    /* Nothing may hold the old mount while its upper layer moves. */
+    slots_box_stop(ag, s);
+    for (int k = 0; k < 2; k++)
+        if (s->ll_fd[k] >= 0) {
+            close(s->ll_fd[k]);
+            s->ll_fd[k] = -1;
+        }
+    ovl_ns_close(&s->ws_ns);
+    s->ws_fd = -1;
+    int rc = rmdir(layer) == 0 && rename(upper, layer) == 0 ? 0 : -1;
+    if (rc < 0)
+        sp_errf(err, SP_INTERNAL, "freezing slot %u's layer: %s", s->index, strerror(errno));
+    if (rc == 0 && tpl_owner() != (uid_t)-1) {
+        int fd = dir_fd(layer, false, err);
+        rc = fd < 0 ? -1 : tree_chown(fd, tpl_owner(), tpl_owner(), err);
+        if (fd >= 0)
+            close(fd);
+    }
+    struct template *t = NULL;
+    pathf(name, sizeof name, ".fork-%llx-%llu", (unsigned long long)ag->instance,
+          (unsigned long long)++ag->tpl_seq);
+    if (rc == 0)
+        rc = commit(ag, stage, name, true, s->tpl, (uint64_t)(mono_ms() - t0), &t, err);
+    else
+        template_abort(ag, stage);
+    /* s again: on the frozen layer when there is one, else on what it
+     * stood on (its changes lost only if even the rename failed). */
+    struct template *on = t ? t : s->tpl;
+    char old[4200];
+    pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
+    remove_path(old);
+    free(s->ws_gen);
+    s->ws_gen = NULL;
+    pathf(gen, sizeof gen, "g%llx-%llu", (unsigned long long)ag->instance,
+          (unsigned long long)++ag->tpl_seq);
+    struct sp_err merr;
+    int fd = dir_fd(s->ws_path, false, &merr);
+    s->ws_fd = fd;
+    if (fd < 0 || ws_overlay(ag, s, on, gen, true, &merr) < 0) {
+        log_error("slot %u: mounting its workspace again after a fork: %s", s->index, merr.msg);
+        if (rc == 0)
+            *err = merr;
+        rc = -1;
+        if (s->ws_fd < 0)
+            s->ws_fd = dir_fd(s->ws_path, false, &merr);
+        template_unref(ag, s->tpl);
+        s->tpl = NULL;
+        s->ws_mode = WS_PLAIN;
+        state_save(ag, s);
+        return -1;
+    }
+    s->ws_gen = strdup(gen);
+    if (t) {
+        template_ref(t);
+        template_unref(ag, s->tpl);
+        s->tpl = t;
+    }
+    state_save(ag, s);
+    if (rc == 0)
+        *out = t;
+    return rc;
+}
+
 /* ---- start-up ----------------------------------------------------------- */
 
 static void clear_stages(struct agent *ag, int tfd)
@@ -794,6 +880,19 @@ static void clear_gens(struct agent *ag, struct slot *s)
             tree_remove(dirfd(d), de->d_name, &e);
         }
     closedir(d);
+}
+
+void templates_probe(struct agent *ag)
+{
+    char p[4200];
+    pathf(p, sizeof p, "%s/overlay", ag->data_dir);
+    if ((mkdir(ag->data_dir, 0755) < 0 && errno != EEXIST) ||
+        (mkdir(p, 0700) < 0 && errno != EEXIST)) {
+        ag->tpl_overlay = false;
+        pathf(ag->tpl_why, sizeof ag->tpl_why, "cannot probe: %.60s: %s", p, strerror(errno));
+        return;
+    }
+    probe_overlay(ag);
 }
 
 static void probe_overlay(struct agent *ag)

@@ -32,6 +32,9 @@ struct template
  * slots that stood on one before a restart. */
 int templates_init(struct agent *ag, struct sp_err *err);
 void templates_free(struct agent *ag);
+/* --probe: could slots stand on templates as overlays here (tpl_overlay,
+ * tpl_why)? Makes DATA/overlay when missing. */
+void templates_probe(struct agent *ag);
 /* Names: 1..128 of [A-Za-z0-9._-], not starting with '.'. */
 int template_name_check(const char *name, size_t n, char *out, struct sp_err *err);
 struct template *template_find(struct agent *ag, const char *name);
@@ -48,6 +51,10 @@ int ws_copy_from(struct agent *ag, struct slot *to, struct slot *from, struct sp
  * chain deeper than the agent's maximum is flattened (*flattened). */
 int template_freeze(struct agent *ag, struct slot *s, const char *name, struct template **out,
                     bool *flattened, struct sp_err *err);
+/* fork's fast path (see there): -1 with err->msg empty when it does not
+ * apply (the caller then uses template_freeze). */
+int template_freeze_in_place(struct agent *ag, struct slot *s, struct template **out,
+                             struct sp_err *err);
 /* A staging directory for a template being made (its layer/ inside);
  * template_commit turns it into name, template_abort removes it. */
 int template_stage(struct agent *ag, char *dir, size_t cap, int *layer_fd, struct sp_err *err);

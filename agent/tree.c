@@ -314,3 +314,45 @@ int tree_usage(int dir, uint64_t *files, uint64_t *disk_bytes)
     usage_walk(dir, 0, files, disk_bytes);
     return 0;
 }
+
+static int chown_walk(int dir, uid_t uid, gid_t gid, unsigned depth, struct sp_err *err)
+{
+    if (fchown(dir, uid, gid) < 0)
+        return sp_err_errno(err, errno, "chown");
+    int fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *dp = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dp) {
+        if (fd >= 0)
+            close(fd);
+        return sp_err_errno(err, errno, "opendir");
+    }
+    int rc = 0;
+    struct dirent *de;
+    while (rc == 0 && (de = readdir(dp))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        bool is_dir = de->d_type == DT_DIR;
+        struct stat sb;
+        if (de->d_type == DT_UNKNOWN && fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0)
+            is_dir = S_ISDIR(sb.st_mode);
+        if (is_dir && depth < TREE_MAX_DEPTH) {
+            int d = openat(dir, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (d < 0) {
+                rc = sp_err_errno(err, errno, de->d_name);
+                break;
+            }
+            rc = chown_walk(d, uid, gid, depth + 1, err);
+            close(d);
+        } else if (fchownat(dir, de->d_name, uid, gid, AT_SYMLINK_NOFOLLOW) < 0 &&
+                   errno != ENOENT) {
+            rc = sp_err_errno(err, errno, de->d_name);
+        }
+    }
+    closedir(dp);
+    return rc;
+}
+
+int tree_chown(int dir, uid_t uid, gid_t gid, struct sp_err *err)
+{
+    return chown_walk(dir, uid, gid, 0, err);
+}

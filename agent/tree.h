@@ -39,6 +39,8 @@ int tree_copy(int src, int dst, unsigned flags, uid_t uid, gid_t gid, struct tre
               struct sp_err *err);
 /* rm -rf of name beneath parent (a missing name is not an error). */
 int tree_remove(int parent, const char *name, struct sp_err *err);
+/* Give dir and everything beneath it to uid:gid (symlinks themselves). */
+int tree_chown(int dir, uid_t uid, gid_t gid, struct sp_err *err);
 /* Entries and bytes on disk (st_blocks) beneath dir. */
 int tree_usage(int dir, uint64_t *files, uint64_t *disk_bytes);
 

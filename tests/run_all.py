@@ -131,6 +131,7 @@ def main() -> int:
     format_check(t)
     cmocka(t, "unit (release)", build / "test-proto")
     cmocka(t, "unit screen (release)", build / "test-screen")
+    cmocka(t, "unit untar (release)", build / "test-untar")
     pytest(t, "integration (release agent)", build, {})
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     pytest(t, "controller (release)", build, {}, "tests/controller")
@@ -140,6 +141,7 @@ def main() -> int:
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         cmocka(t, "unit screen (ASan+UBSan)", asan / "test-screen")
+        cmocka(t, "unit untar (ASan+UBSan)", asan / "test-untar")
         pytest(t, "integration (ASan+UBSan agent)", asan, {
             "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",

@@ -114,7 +114,8 @@ static void json_str(const char *s)
     putchar('"');
 }
 
-void isolate_report(const struct isolation *iso, bool json, const char *view)
+void isolate_report(const struct isolation *iso, bool json, const char *view, const char *tpl_mode,
+                    const char *tpl_why)
 {
     if (json) {
         printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, \"cgroup\": %d, "
@@ -125,7 +126,11 @@ void isolate_report(const struct isolation *iso, bool json, const char *view)
                iso->ns_net ? "true" : "false", iso->ns_proc ? "true" : "false",
                iso->ns_workspace ? "true" : "false");
         json_str(view);
-        printf(", \"rungs\": {");
+        printf(", \"templates\": {\"mode\": ");
+        json_str(tpl_mode);
+        printf(", \"why\": ");
+        json_str(tpl_why);
+        printf("}, \"rungs\": {");
         for (int r = 0; r < RUNG_COUNT; r++)
             printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
                    (iso->available & (1u << r)) ? "true" : "false",
@@ -136,6 +141,9 @@ void isolate_report(const struct isolation *iso, bool json, const char *view)
     printf("running as %s; Landlock ABI %d; commands see their workspace at %s\n",
            iso->root ? "root" : "an unprivileged user",
            iso->landlock_abi > 0 ? iso->landlock_abi : 0, view);
+    printf("templates: a slot stands on one as %s%s%s%s\n",
+           !strcmp(tpl_mode, "overlay") ? "an overlay" : "a copy", tpl_why[0] ? " (" : "", tpl_why,
+           tpl_why[0] ? ")" : "");
     for (int r = 0; r < RUNG_COUNT; r++) {
         if ((iso->available & (1u << r)) && r == RUNG_UID)
             printf("  %-12s yes  (slot N runs as uid/gid %u+N)\n", rung_names[r], iso->uid_base);

@@ -255,7 +255,12 @@ int op_fork(struct req *rq, struct sp_err *err)
     struct slot *d = &ag->slots[to];
     if (s->ws_mode == WS_OVERLAY) {
         struct template *t;
-        if (template_freeze(ag, s, NULL, &t, &rq->flattened, err) < 0)
+        rq->flattened = false;
+        /* This request is s's only one running (fork is queued on s). */
+        int frozen = template_freeze_in_place(ag, s, &t, err);
+        if (frozen < 0 && err->msg[0])
+            return -1;
+        if (frozen < 0 && template_freeze(ag, s, NULL, &t, &rq->flattened, err) < 0)
             return -1;
         rq->tpl = t;
         template_ref(t);

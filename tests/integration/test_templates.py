@@ -185,9 +185,31 @@ def test_fork_is_independent(tagent, mode: str) -> None:
     assert sh(c, 1, "cat repo/a.txt") == "branch\n"
     expect_error(c, "fork", {"slot": 0, "to_slot": 0}, "bad_request")
     expect_error(c, "fork", {"slot": 0, "to_slot": 9}, "unknown_slot")
-    # The fork's frozen layer goes once nothing stands on it.
+    # In overlay mode the source's own changes were frozen in place (no
+    # copy): both now stand on that layer, which goes once neither does.
+    s0 = c.call("slots", {"slot": 0})["slots"][0]
+    assert s0["template"] == ("(fork)" if mode != "copy" else "base"), s0
     c.call("reset", {"slot": 1})
+    c.call("reset", {"slot": 0})
     assert not [p for p in (a.data_dir / "templates").iterdir() if p.name.startswith(".fork")]
+
+
+def test_fork_of_a_slot_with_processes_copies(tagent, mode: str) -> None:
+    """A source with something still running keeps its mount: its changes
+    are copied into the frozen layer instead, and the process lives on."""
+    a, c = tagent
+    put(c, "base", make_tar(REPO))
+    c.call("lease", {"slot": 0, "trajectory_id": "t0", "template": "base"})
+    sh(c, 0, "echo mine > repo/a.txt")
+    d = c.call("exec", {"slot": 0, "cmd": "sleep 30; echo late > late.txt", "detach": True})
+    c.call("lease", {"slot": 1, "trajectory_id": "t1"})
+    r = c.call("fork", {"slot": 0, "to_slot": 1})
+    assert r["flattened"] is False
+    assert sh(c, 1, "cat repo/a.txt") == "mine\n"
+    s0 = c.call("slots", {"slot": 0})["slots"][0]
+    assert s0["template"] == "base" and s0["running"] == [d["exec_id"]], s0
+    assert sh(c, 0, "cat repo/a.txt") == "mine\n"
+    c.call("cancel", {"exec_id": d["exec_id"]})
 
 
 def test_fork_chain_is_flattened_past_max_depth(agent_factory) -> None:
@@ -340,6 +362,14 @@ def test_share_is_read_only_in_every_box(agent_factory, tmpdir_short: Path) -> N
         assert r["exit_code"] != 0 and b"Read-only file system" in r["stderr"], r
     assert sorted(os.listdir(host / "pkgs")) == ["wheel.txt"]
     c.close()
+    # Without a box there is nowhere to show it: said so, and not shown.
+    b = agent_factory(slots=1, extra=["--share", f"{host}:/mnt", "--without", "namespaces"])
+    c = b.client()
+    sh_ = c.call("hello")["shares"][0]
+    assert sh_["available"] is False and sh_["why"], sh_
+    r = c.call("exec", {"slot": 0, "cmd": "cat /mnt/pkgs/wheel.txt"})
+    assert r["exit_code"] != 0
+    c.close()
 
 
 def test_share_arguments_are_checked(tmpdir_short: Path) -> None:
@@ -351,3 +381,21 @@ def test_share_arguments_are_checked(tmpdir_short: Path) -> None:
         r = subprocess.run([str(AGENT_BIN), "--stdio", "--data-dir", str(tmpdir_short / "d"),
                             "--share", spec], capture_output=True, text=True, timeout=10)
         assert r.returncode == 2 and why in r.stderr, (spec, r.stderr)
+
+
+def test_probe_says_how_slots_stand_on_templates(tmpdir_short: Path) -> None:
+    import json
+    import subprocess
+    from conftest import AGENT_BIN
+    for extra, mode in (([], "overlay"), (["--template-mode", "copy"], "copy")):
+        r = subprocess.run([str(AGENT_BIN), "--probe", "--json", "--data-dir",
+                            str(tmpdir_short / "d"), *extra], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["templates"]["mode"] == mode, r.stdout
+        human = subprocess.run([str(AGENT_BIN), "--probe", "--data-dir", str(tmpdir_short / "d"),
+                                *extra], capture_output=True, text=True, timeout=30).stdout
+        assert f"templates: a slot stands on one as {'an overlay' if mode == 'overlay' else 'a copy'}" \
+            in human, human
+    # The probe leaves nothing of its own behind.
+    assert [p.name for p in (tmpdir_short / "d" / "overlay").iterdir()] == []
