@@ -188,7 +188,7 @@ enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN, SL_B
 struct ctl_tpl {
     char name[CTL_TPL_MAX + 1];
     char base[CTL_TPL_MAX + 1];
-    uint64_t size, files, in_use, last_used_ms, build_ms;
+    uint64_t size, files, in_use, last_used_ms, build_ms, layers, created_ms;
 };
 
 struct preq;

@@ -166,10 +166,15 @@ static void answer_acquire(struct ctl *c, struct waiter *w, struct slot *s,
     /* What the workspace stands on, as the agent laid it out. */
     const msgpack_object *mode = res ? sp_map_get(res, "workspace_mode") : NULL;
     const msgpack_object *ms = res ? sp_map_get(res, "prepare_ms") : NULL;
-    if (w->tpl[0])
+    const msgpack_object *tn = res ? sp_map_get(res, "template") : NULL;
+    if (tn && tn->type == MSGPACK_OBJECT_STR) {
+        sp_pack_cstr(&pk, "template"); /* the agent's word: "(fork)" for a fork's layer */
+        msgpack_pack_object(&pk, *tn);
+    } else if (w->tpl[0]) {
         sp_pack_kv_str(&pk, "template", w->tpl);
-    else
+    } else {
         sp_pack_kv_nil(&pk, "template");
+    }
     sp_pack_cstr(&pk, "workspace_mode");
     if (mode && mode->type == MSGPACK_OBJECT_STR)
         msgpack_pack_object(&pk, *mode);

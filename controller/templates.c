@@ -57,6 +57,8 @@ static void learn(struct agent *ag, const msgpack_object *list)
         sp_get_uint(t, "in_use", false, &d->in_use, &e);
         sp_get_uint(t, "last_used_ms", false, &d->last_used_ms, &e);
         sp_get_uint(t, "build_ms", false, &d->build_ms, &e);
+        sp_get_uint(t, "layers", false, &d->layers, &e);
+        sp_get_uint(t, "created_ms", false, &d->created_ms, &e);
         if (d->name[0])
             ag->ntpls++;
     }
@@ -158,8 +160,10 @@ void tpl_pack_all(struct ctl *c, msgpack_packer *pk, const struct profile *only)
         msgpack_pack_array(pk, ag->ntpls);
         for (uint32_t i = 0; i < ag->ntpls; i++) {
             const struct ctl_tpl *t = &ag->tpls[i];
-            msgpack_pack_map(pk, 7);
+            msgpack_pack_map(pk, 9);
             sp_pack_kv_str(pk, "name", t->name);
+            sp_pack_kv_uint(pk, "layers", t->layers);
+            sp_pack_kv_uint(pk, "created_ms", t->created_ms);
             if (t->base[0])
                 sp_pack_kv_str(pk, "base", t->base);
             else

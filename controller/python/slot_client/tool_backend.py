@@ -266,6 +266,7 @@ class ControllerToolBackend(ArtifactsMixin):
                                 "profile": res.get("profile"), "workspace": res.get("workspace")}
         if res.get("template") is not None:
             meta["template"] = res.get("template")
+        if res.get("workspace_mode") is not None:
             meta["workspace_mode"] = res.get("workspace_mode")
         slot = Slot(
             slot_id=str(res["slot"]),
