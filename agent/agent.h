@@ -21,6 +21,7 @@ struct session;
 struct template;
 struct upload;
 struct build;
+struct ws_job;
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -86,6 +87,7 @@ struct slot {
     struct ovl_ns ws_ns;  /* overlay mode: ws_fd is ws_ns.ws_fd */
     char *ws_gen;         /* overlay mode: this mount's upper/work under overlay/N */
     double ws_prepare_ms; /* how long the last workspace change took */
+    struct req *prep_rq;  /* the reset whose workspace a worker is copying */
 };
 
 struct agent_opts {
@@ -161,6 +163,7 @@ struct agent {
     uint64_t tpl_seq;  /* names of staging dirs and mounts */
     struct upload *uploads;
     struct build *builds;
+    struct ws_job *jobs; /* copies running in worker processes */
 };
 
 /* ---- requests and the op table ---------------------------------------- */
@@ -322,6 +325,8 @@ int path_empty_dir(int dirfd, struct sp_err *err);
 
 /* op_slots.c: a reset waiting for the slot's processes to die completes. */
 void reset_complete(struct agent *ag, struct slot *s);
+/* op_slots.c: the worker laying out s's workspace for its reset is done. */
+void reset_prepared(struct agent *ag, struct slot *s, int rc, const struct sp_err *err);
 /* op_slots.c: rq (reset, lease or fork) replaces s's workspace: kill what
  * runs, fail what is queued, answer from reset_complete. OP_PENDING. */
 int slot_begin_reset(struct req *rq, struct slot *s, const char *why);

@@ -794,6 +794,7 @@ out:
     exec_free_all(ag);
     uploads_sweep(ag, true);
     builds_free(ag);
+    ws_jobs_free(ag);
     templates_free(ag);
     slots_free(ag);
     cgroup_cleanup(&ag->iso, ag->nslots);

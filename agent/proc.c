@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "template.h"
 #include "session.h"
 
 struct pidvec {
@@ -148,7 +149,8 @@ unsigned proc_sweep_strays(struct agent *ag)
         unsigned n = 0;
         for (size_t i = 0; i < kids.n; i++) {
             if (exec_is_main_pid(ag, kids.v[i]) || slots_is_box_holder(ag, kids.v[i]) ||
-                slots_is_kept(ag, kids.v[i]) || session_is_shell(ag, kids.v[i]))
+                slots_is_kept(ag, kids.v[i]) || session_is_shell(ag, kids.v[i]) ||
+                ws_job_pid(ag, kids.v[i]))
                 continue;
             /* A stray that already exited is only a zombie: reap it here
              * (nobody waits for its status) instead of "killing" it again. */

@@ -22,7 +22,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -570,26 +573,185 @@ int ws_prepare(struct agent *ag, struct slot *s, struct template *t, struct sp_e
     return rc;
 }
 
-int ws_copy_from(struct agent *ag, struct slot *to, struct slot *from, struct sp_err *err)
+/* ---- copies in a worker process ----------------------------------------
+ * A copy is O(size): in the event loop it would hold up every other slot
+ * (and a controller's health checks) for as long as it takes. A forked
+ * worker does it and reports through a pipe; the slot stays resetting
+ * meanwhile, so nothing else of it runs. */
+
+struct ws_job {
+    struct ws_job *next;
+    struct agent *ag;
+    pid_t pid;
+    int fd;
+    ev_io w;
+    struct slot *s;
+    struct template *t; /* held until the job ends */
+    struct slot *from;  /* copying another slot's workspace (fork in copy mode) */
+    double t0;
+};
+
+struct job_result {
+    int32_t rc;
+    struct sp_err err;
+};
+
+static int fd_to(int fd, int want)
+{
+    return fd == want ? 0 : dup2(fd, want) < 0 ? -1 : 0;
+}
+
+static void __attribute__((noreturn))
+job_child(struct agent *ag, struct slot *s, struct template *t, struct slot *from, int out)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    /* Only what the copy needs: the agent's sockets must not outlive it
+     * here (a client would not see its connection close). */
+    int ws = fcntl(s->ws_fd, F_DUPFD, 10), src = from ? fcntl(from->ws_fd, F_DUPFD, 10) : -1;
+    int pipe_fd = fcntl(out, F_DUPFD, 10);
+    struct job_result r = {0};
+    if (ws < 0 || pipe_fd < 0 || (from && src < 0) || fd_to(ws, 3) < 0 || fd_to(pipe_fd, 4) < 0 ||
+        (from && fd_to(src, 5) < 0))
+        _exit(1);
+    syscall(SYS_close_range, from ? 6u : 5u, ~0u, 0);
+    s->ws_fd = 3;
+    uid_t uid = slot_uid_on(ag) ? s->uid : (uid_t)-1;
+    if (from)
+        r.rc = tree_copy(5, 3, 0, uid, uid, NULL, &r.err);
+    else
+        r.rc = ws_copy_layers(ag, s, t, &r.err);
+    _exit(write(4, &r, sizeof r) == (ssize_t)sizeof r ? 0 : 1);
+}
+
+static void job_free(struct agent *ag, struct ws_job *j)
+{
+    for (struct ws_job **pp = &ag->jobs; *pp; pp = &(*pp)->next)
+        if (*pp == j) {
+            *pp = j->next;
+            break;
+        }
+    ev_io_stop(ag->loop, &j->w);
+    close(j->fd);
+    template_unref(ag, j->t);
+    free(j);
+}
+
+static void job_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct ws_job *j = w->data;
+    struct agent *ag = j->ag;
+    struct slot *s = j->s;
+    struct job_result r;
+    ssize_t n = read(j->fd, &r, sizeof r);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN))
+        return;
+    if (n != (ssize_t)sizeof r) {
+        r.rc = -1;
+        sp_errf(&r.err, SP_INTERNAL, "the copy of slot %u's workspace ended without a word",
+                s->index);
+    }
+    r.err.msg[sizeof r.err.msg - 1] = 0;
+    struct template *t = j->from ? j->from->tpl : j->t;
+    if (r.rc == 0) {
+        s->ws_mode = WS_COPY;
+        s->tpl = t;
+        template_ref(t);
+        if (t)
+            t->last_used = wall_now();
+        state_save(ag, s);
+    } else {
+        struct sp_err e2;
+        path_empty_dir(s->ws_fd, &e2);
+        s->ws_mode = WS_PLAIN;
+        if (!s->tpl) /* a plain copy (fork) has no template to say */
+            state_save(ag, s);
+    }
+    s->ws_prepare_ms = mono_ms() - j->t0;
+    job_free(ag, j);
+    reset_prepared(ag, s, r.rc, &r.err);
+}
+
+static int job_start(struct agent *ag, struct slot *s, struct template *t, struct slot *from,
+                     double t0, struct sp_err *err)
+{
+    int pp[2];
+    if (pipe2(pp, O_CLOEXEC) < 0)
+        return sp_errf(err, SP_INTERNAL, "pipe: %s", strerror(errno));
+    struct ws_job *j = calloc(1, sizeof *j);
+    pid_t pid = j ? fork() : -1;
+    if (pid == 0)
+        job_child(ag, s, t, from, pp[1]);
+    close(pp[1]);
+    if (pid < 0) {
+        close(pp[0]);
+        free(j);
+        return sp_errf(err, SP_INTERNAL, "fork: %s", strerror(errno));
+    }
+    j->ag = ag;
+    j->pid = pid;
+    j->fd = pp[0];
+    j->s = s;
+    j->t = t;
+    template_ref(t);
+    j->from = from;
+    j->t0 = t0;
+    ev_io_init(&j->w, job_cb, j->fd, EV_READ);
+    j->w.data = j;
+    ev_io_start(ag->loop, &j->w);
+    j->next = ag->jobs;
+    ag->jobs = j;
+    return 1;
+}
+
+bool ws_job_pid(const struct agent *ag, pid_t pid)
+{
+    for (const struct ws_job *j = ag->jobs; j; j = j->next)
+        if (j->pid == pid)
+            return true;
+    return false;
+}
+
+int ws_prepare_begin(struct agent *ag, struct slot *s, struct template *t, struct slot *from,
+                     struct sp_err *err)
 {
     double t0 = mono_ms();
-    if (ws_detach(ag, to, err) < 0)
+    if (ws_detach(ag, s, err) < 0)
         return -1;
-    uid_t uid = slot_uid_on(ag) ? to->uid : (uid_t)-1;
-    int rc = tree_copy(from->ws_fd, to->ws_fd, 0, uid, uid, NULL, err);
-    if (rc < 0) {
-        struct sp_err e2;
-        path_empty_dir(to->ws_fd, &e2);
-    } else if (from->tpl) {
-        /* It stands on what from stood on only in the sense of history;
-         * the copy is its own. */
-        to->ws_mode = WS_COPY;
-        to->tpl = from->tpl;
-        template_ref(from->tpl);
-        state_save(ag, to);
+    if (!from && !t) {
+        s->ws_prepare_ms = mono_ms() - t0;
+        return 0;
     }
-    to->ws_prepare_ms = mono_ms() - t0;
-    return rc;
+    if (!from && ag->tpl_overlay) {
+        char gen[64];
+        pathf(gen, sizeof gen, "g%llx-%llu", (unsigned long long)ag->instance,
+              (unsigned long long)++ag->tpl_seq);
+        if (ws_overlay(ag, s, t, gen, true, err) == 0) {
+            s->ws_mode = WS_OVERLAY;
+            s->ws_gen = strdup(gen);
+            s->tpl = t;
+            template_ref(t);
+            t->last_used = wall_now();
+            state_save(ag, s);
+            s->ws_prepare_ms = mono_ms() - t0;
+            return 0;
+        }
+        log_warn("slot %u: %s; copying template '%s' instead", s->index, err->msg, t->name);
+        char path[4200];
+        pathf(path, sizeof path, "%s/overlay/%u/%s", ag->data_dir, s->index, gen);
+        remove_path(path);
+    }
+    return job_start(ag, s, t, from, t0, err);
+}
+
+void ws_jobs_free(struct agent *ag)
+{
+    while (ag->jobs) {
+        struct ws_job *j = ag->jobs;
+        kill(j->pid, SIGKILL);
+        job_free(ag, j);
+    }
 }
 
 /* ---- freezing a slot ---------------------------------------------------- */
@@ -983,6 +1145,10 @@ void templates_free(struct agent *ag)
 {
     for (unsigned i = 0; ag->slots && i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];
+        if (s->prep_rq) {
+            req_free(s->prep_rq);
+            s->prep_rq = NULL;
+        }
         if (s->ws_mode == WS_OVERLAY) {
             ovl_ns_close(&s->ws_ns);
             s->ws_fd = -1;

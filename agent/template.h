@@ -45,8 +45,15 @@ void template_unref(struct agent *ag, struct template *t);
 /* Make s's workspace a fresh view of t (NULL: empty). Nothing of s may run.
  * On failure the workspace is left empty and plain. */
 int ws_prepare(struct agent *ag, struct slot *s, struct template *t, struct sp_err *err);
-/* Copy the current workspace of from into the (idle, emptied) to. */
-int ws_copy_from(struct agent *ag, struct slot *to, struct slot *from, struct sp_err *err);
+/* Replace s's workspace (nothing of it runs) by a view of t, or a copy of
+ * from's workspace, or nothing (both NULL). 0: done; 1: a worker process
+ * copies, and reset_prepared(ag, s, ...) follows; -1 with err. */
+int ws_prepare_begin(struct agent *ag, struct slot *s, struct template *t, struct slot *from,
+                     struct sp_err *err);
+/* Is pid a copy worker (not a stray to sweep)? */
+bool ws_job_pid(const struct agent *ag, pid_t pid);
+/* At exit: kill the workers. */
+void ws_jobs_free(struct agent *ag);
 /* Freeze s's workspace as a template: named, or anonymous (name NULL). A
  * chain deeper than the agent's maximum is flattened (*flattened). */
 int template_freeze(struct agent *ag, struct slot *s, const char *name, struct template **out,

@@ -410,60 +410,81 @@ int op_unlease(struct req *rq, struct sp_err *err)
     return OP_DONE;
 }
 
-/* Wipe and answer once nothing of the slot runs any more, so no dying
- * process can write into the freshly emptied workspace. Waiters are served
- * in arrival order, each laying out its own workspace: the last one wins. */
-void reset_complete(struct agent *ag, struct slot *s)
+static void reset_answer(struct agent *ag, struct slot *s, struct req *rq, int rc,
+                         const struct sp_err *err)
 {
-    struct req *waiters = NULL;
-    while (s->reset_waiters) {
-        struct req *rq = s->reset_waiters;
-        s->reset_waiters = rq->slot_next;
-        rq->slot_next = waiters;
-        waiters = rq;
+    if (rc < 0) {
+        req_finish(rq, err);
+        return;
     }
-    proc_sweep_strays(ag);
-    struct sp_err err;
-    int rc = path_empty_dir(s->tmp_fd, &err);
+    msgpack_packer *pk = req_reply_begin(rq);
+    if (rq->op->fn == op_lease) {
+        pack_lease(pk, ag, s, true);
+    } else if (rq->op->fn == op_fork) {
+        msgpack_pack_map(pk, 7);
+        sp_pack_kv_uint(pk, "slot", req_slot(rq)->index);
+        sp_pack_kv_uint(pk, "to_slot", s->index);
+        sp_pack_kv_uint(pk, "killed", rq->aux);
+        sp_pack_kv_bool(pk, "flattened", rq->flattened);
+        kv_double(pk, "prepare_ms", s->ws_prepare_ms);
+        pack_workspace(pk, s);
+    } else {
+        msgpack_pack_map(pk, 5);
+        sp_pack_kv_uint(pk, "slot", s->index);
+        sp_pack_kv_uint(pk, "killed", rq->aux);
+        kv_double(pk, "prepare_ms", s->ws_prepare_ms);
+        pack_workspace(pk, s);
+    }
+    req_reply_end(rq);
+    req_finish(rq, NULL);
+}
+
+/* Serve the waiters oldest first, each laying out its own workspace (the
+ * last one's stays); stop while a worker copies, go on when it is done. */
+static void reset_next(struct agent *ag, struct slot *s, int rc0, const struct sp_err *err0)
+{
+    while (s->reset_waiters) {
+        struct req **pp = &s->reset_waiters;
+        while ((*pp)->slot_next)
+            pp = &(*pp)->slot_next;
+        struct req *rq = *pp;
+        *pp = NULL;
+        struct sp_err e = *err0;
+        int r = rc0;
+        if (r == 0)
+            r = ws_prepare_begin(ag, s, rq->tpl, rq->fork_from, &e);
+        if (r == 1) {
+            s->prep_rq = rq;
+            return;
+        }
+        reset_answer(ag, s, rq, r, &e);
+    }
     s->resetting = false;
     s->resets++;
-    while (waiters) {
-        struct req *rq = waiters;
-        waiters = rq->slot_next;
-        rq->slot_next = NULL;
-        struct sp_err e = err;
-        int r = rc;
-        if (r == 0 && rq->fork_from)
-            r = ws_copy_from(ag, s, rq->fork_from, &e);
-        else if (r == 0)
-            r = ws_prepare(ag, s, rq->tpl, &e);
-        if (r < 0) {
-            req_finish(rq, &e);
-            continue;
-        }
-        msgpack_packer *pk = req_reply_begin(rq);
-        if (rq->op->fn == op_lease) {
-            pack_lease(pk, ag, s, true);
-        } else if (rq->op->fn == op_fork) {
-            msgpack_pack_map(pk, 7);
-            sp_pack_kv_uint(pk, "slot", req_slot(rq)->index);
-            sp_pack_kv_uint(pk, "to_slot", s->index);
-            sp_pack_kv_uint(pk, "killed", rq->aux);
-            sp_pack_kv_bool(pk, "flattened", rq->flattened);
-            kv_double(pk, "prepare_ms", s->ws_prepare_ms);
-            pack_workspace(pk, s);
-        } else {
-            msgpack_pack_map(pk, 5);
-            sp_pack_kv_uint(pk, "slot", s->index);
-            sp_pack_kv_uint(pk, "killed", rq->aux);
-            kv_double(pk, "prepare_ms", s->ws_prepare_ms);
-            pack_workspace(pk, s);
-        }
-        req_reply_end(rq);
-        req_finish(rq, NULL);
-    }
     if (!s->active)
         slot_advance(ag, s);
+}
+
+/* Wipe and answer once nothing of the slot runs any more, so no dying
+ * process can write into the freshly emptied workspace. */
+void reset_complete(struct agent *ag, struct slot *s)
+{
+    if (s->prep_rq)
+        return; /* a worker lays out the workspace: its end serves the rest */
+    proc_sweep_strays(ag);
+    struct sp_err err = {0};
+    int rc = path_empty_dir(s->tmp_fd, &err);
+    reset_next(ag, s, rc, &err);
+}
+
+void reset_prepared(struct agent *ag, struct slot *s, int rc, const struct sp_err *err)
+{
+    struct req *rq = s->prep_rq;
+    s->prep_rq = NULL;
+    if (rq)
+        reset_answer(ag, s, rq, rc, err);
+    struct sp_err ok = {0};
+    reset_next(ag, s, 0, &ok);
 }
 
 int op_reset(struct req *rq, struct sp_err *err)

@@ -399,3 +399,34 @@ def test_probe_says_how_slots_stand_on_templates(tmpdir_short: Path) -> None:
             in human, human
     # The probe leaves nothing of its own behind.
     assert [p.name for p in (tmpdir_short / "d" / "overlay").iterdir()] == []
+
+
+def test_copy_mode_copies_without_holding_up_other_slots(agent_factory) -> None:
+    """A copy is done by a worker process: while slot 0's workspace is being
+    copied from a large template, slot 1's commands are answered."""
+    a = agent_factory(slots=2, extra=["--template-mode", "copy"])
+    c = a.client(timeout=120)
+    chunk = os.urandom(1 << 20)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(3):
+            ti = tarfile.TarInfo(f"blob{i}")
+            ti.size = 100 << 20
+            tf.addfile(ti, io.BytesIO(chunk * 100))
+    put(c, "big", buf.getvalue(), chunk=8 << 20)
+    del buf
+    lease = c.send("lease", {"slot": 0, "trajectory_id": "t", "template": "big"})
+    quick = c.send("exec", {"slot": 1, "cmd": "echo hi"})
+    order = []
+    while len(order) < 2:
+        f = c.recv_frame(timeout=120)
+        assert f is not None
+        if "event" not in f:
+            order.append(f["id"])
+            if f["id"] == lease:
+                assert f["ok"] is True and f["result"]["workspace_mode"] == "copy", f
+    assert order == [quick, lease], order
+    assert sh(c, 0, "ls; stat -c %s blob2") == "blob0\nblob1\nblob2\n" + str(100 << 20) + "\n"
+    # Nothing of the worker is left (the sweep did not take it for a stray).
+    assert c.call("slots", {"slot": 0})["slots"][0]["template"] == "big"
+    c.close()
