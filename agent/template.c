@@ -827,77 +827,112 @@ int template_freeze(struct agent *ag, struct slot *s, const char *name, struct t
     return commit(ag, stage, name, name == anon_name, base, ms, out, err);
 }
 
-/* Fork's fast path: nothing of s runs, so its upper layer itself becomes
- * the frozen layer (a rename, and with slot users a chown to the agent: no
- * data is copied) and s is mounted again on top of it with a fresh upper
- * layer. Anything that runs in s (a command, a session's shell, a kept
- * background process) would see its overlay replaced: then -1 with no
- * error set, and the caller copies instead. */
-int template_freeze_in_place(struct agent *ag, struct slot *s, struct template **out,
-                             struct sp_err *err)
+/* Freezing without copying: nothing of s runs, so the slot's own layer
+ * (its upper layer in overlay mode, else its whole workspace directory)
+ * becomes the template's by a rename, and with slot users a chown to the
+ * agent (which also clears setuid bits). With remount, s then stands on
+ * the new template with a fresh upper layer (fork, template_from_slot);
+ * without, s is left plain and empty (template_build, whose slot is done).
+ * Anything running in s would see its workspace move: then -1 with
+ * err->msg empty, and the caller copies instead. */
+int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name, bool remount,
+                             struct template **out, struct sp_err *err)
 {
     err->msg[0] = 0;
-    if (s->ws_mode != WS_OVERLAY || s->running || s->nsessions || s->nkept ||
-        s->tpl->depth >= ag->opt.template_max_depth)
+    bool ovl = s->ws_mode == WS_OVERLAY;
+    if (s->running || s->nsessions || s->nkept || (remount && !ovl) ||
+        (ovl && s->tpl->depth >= ag->opt.template_max_depth))
         return -1;
+    for (int k = 0; k < 2; k++) {
+        /* A leftover still dying in a box could write into the layer. */
+        pid_t *kids = NULL;
+        size_t n = s->box[k].pid > 0 ? proc_children(s->box[k].init_pid, &kids) : 0;
+        free(kids);
+        if (n)
+            return -1;
+    }
     double t0 = mono_ms();
-    char stage[4200], layer[4300], upper[4300], name[64], gen[64];
+    char stage[4200], layer[4300], from[4300], anon[64], gen[64];
     int lfd;
     if (template_stage(ag, stage, sizeof stage, &lfd, err) < 0)
         return -1;
     close(lfd);
     pathf(layer, sizeof layer, "%s/layer", stage);
-    pathf(upper, sizeof upper, "%s/overlay/%u/%s/upper", ag->data_dir, s->index, s->ws_gen);
-    /* Nothing may hold the old mount while its upper layer moves. */
+    if (ovl)
+        pathf(from, sizeof from, "%s/overlay/%u/%s/upper", ag->data_dir, s->index, s->ws_gen);
+    else
+        pathf(from, sizeof from, "%s", s->ws_path);
+    /* Nothing may hold the old workspace while it moves. */
     slots_box_stop(ag, s);
     for (int k = 0; k < 2; k++)
         if (s->ll_fd[k] >= 0) {
             close(s->ll_fd[k]);
             s->ll_fd[k] = -1;
         }
-    ovl_ns_close(&s->ws_ns);
+    if (ovl)
+        ovl_ns_close(&s->ws_ns);
+    else
+        close(s->ws_fd);
     s->ws_fd = -1;
-    int rc = rmdir(layer) == 0 && rename(upper, layer) == 0 ? 0 : -1;
+    int rc = rmdir(layer) == 0 && rename(from, layer) == 0 ? 0 : -1;
     if (rc < 0)
         sp_errf(err, SP_INTERNAL, "freezing slot %u's layer: %s", s->index, strerror(errno));
-    if (rc == 0 && tpl_owner() != (uid_t)-1) {
+    if (!ovl && mkdir(s->ws_path, 0700) < 0 && errno != EEXIST && rc == 0)
+        rc =
+            sp_errf(err, SP_INTERNAL, "a new workspace for slot %u: %s", s->index, strerror(errno));
+    if (rc == 0) {
         int fd = dir_fd(layer, false, err);
+        /* The agent's, like every template; no setuid bit survives. */
         rc = fd < 0 ? -1 : tree_chown(fd, tpl_owner(), tpl_owner(), err);
         if (fd >= 0)
             close(fd);
     }
     struct template *t = NULL;
-    pathf(name, sizeof name, ".fork-%llx-%llu", (unsigned long long)ag->instance,
-          (unsigned long long)++ag->tpl_seq);
+    if (!name) {
+        pathf(anon, sizeof anon, ".fork-%llx-%llu", (unsigned long long)ag->instance,
+              (unsigned long long)++ag->tpl_seq);
+    }
     if (rc == 0)
-        rc = commit(ag, stage, name, true, s->tpl, (uint64_t)(mono_ms() - t0), &t, err);
+        rc = commit(ag, stage, name ? name : anon, !name, ovl ? s->tpl : NULL,
+                    (uint64_t)(mono_ms() - t0), &t, err);
     else
         template_abort(ag, stage);
+    if (ovl) {
+        char old[4200];
+        pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
+        remove_path(old);
+        free(s->ws_gen);
+        s->ws_gen = NULL;
+    }
+    if (t)
+        log_debug("slot %u: frozen in place as '%s' (%.1f ms)", s->index, t->name,
+                  mono_ms() - t0);
+    struct sp_err merr;
+    s->ws_fd = dir_fd(s->ws_path, false, &merr);
+    if (s->ws_fd >= 0 && slot_uid_on(ag) && !ovl)
+        uid_own_dir(s->ws_fd, s->uid);
     /* s again: on the frozen layer when there is one, else on what it
      * stood on (its changes lost only if even the rename failed). */
     struct template *on = t ? t : s->tpl;
-    char old[4200];
-    pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
-    remove_path(old);
-    free(s->ws_gen);
-    s->ws_gen = NULL;
     pathf(gen, sizeof gen, "g%llx-%llu", (unsigned long long)ag->instance,
           (unsigned long long)++ag->tpl_seq);
-    struct sp_err merr;
-    int fd = dir_fd(s->ws_path, false, &merr);
-    s->ws_fd = fd;
-    if (fd < 0 || ws_overlay(ag, s, on, gen, true, &merr) < 0) {
-        log_error("slot %u: mounting its workspace again after a fork: %s", s->index, merr.msg);
-        if (rc == 0)
-            *err = merr;
-        rc = -1;
+    if (!remount || !on || s->ws_fd < 0 || ws_overlay(ag, s, on, gen, true, &merr) < 0) {
+        if (remount) {
+            log_error("slot %u: mounting its workspace again after freezing it: %s", s->index,
+                      merr.msg);
+            if (rc == 0)
+                *err = merr;
+            rc = -1;
+        }
         if (s->ws_fd < 0)
             s->ws_fd = dir_fd(s->ws_path, false, &merr);
         template_unref(ag, s->tpl);
         s->tpl = NULL;
         s->ws_mode = WS_PLAIN;
         state_save(ag, s);
-        return -1;
+        if (rc == 0)
+            *out = t;
+        return rc;
     }
     s->ws_gen = strdup(gen);
     if (t) {

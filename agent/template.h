@@ -58,10 +58,11 @@ void ws_jobs_free(struct agent *ag);
  * chain deeper than the agent's maximum is flattened (*flattened). */
 int template_freeze(struct agent *ag, struct slot *s, const char *name, struct template **out,
                     bool *flattened, struct sp_err *err);
-/* fork's fast path (see there): -1 with err->msg empty when it does not
- * apply (the caller then uses template_freeze). */
-int template_freeze_in_place(struct agent *ag, struct slot *s, struct template **out,
-                             struct sp_err *err);
+/* Freeze s without copying (see there): named, or anonymous (name NULL);
+ * with remount s stands on the result, else it is left plain and empty.
+ * -1 with err->msg empty when it does not apply (the caller copies). */
+int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name, bool remount,
+                             struct template **out, struct sp_err *err);
 /* A staging directory for a template being made (its layer/ inside);
  * template_commit turns it into name, template_abort removes it. */
 int template_stage(struct agent *ag, char *dir, size_t cap, int *layer_fd, struct sp_err *err);

@@ -317,7 +317,7 @@ int tree_usage(int dir, uint64_t *files, uint64_t *disk_bytes)
 
 static int chown_walk(int dir, uid_t uid, gid_t gid, unsigned depth, struct sp_err *err)
 {
-    if (fchown(dir, uid, gid) < 0)
+    if (uid != (uid_t)-1 && fchown(dir, uid, gid) < 0)
         return sp_err_errno(err, errno, "chown");
     int fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *dp = fd >= 0 ? fdopendir(fd) : NULL;
@@ -346,6 +346,10 @@ static int chown_walk(int dir, uid_t uid, gid_t gid, unsigned depth, struct sp_e
         } else if (fchownat(dir, de->d_name, uid, gid, AT_SYMLINK_NOFOLLOW) < 0 &&
                    errno != ENOENT) {
             rc = sp_err_errno(err, errno, de->d_name);
+        } else if (fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(sb.st_mode) &&
+                   (sb.st_mode & 07000)) {
+            /* chown clears setuid/setgid as a rule; make sure. */
+            fchmodat(dir, de->d_name, sb.st_mode & 0777, 0);
         }
     }
     closedir(dp);

@@ -188,8 +188,16 @@ int op_template_from_slot(struct req *rq, struct sp_err *err)
     if (template_name_check(nv, nn, name, err) < 0)
         return -1;
     struct template *t;
-    bool flattened;
-    if (template_freeze(ag, s, name, &t, &flattened, err) < 0)
+    bool flattened = false;
+    if (template_find(ag, name))
+        return sp_errf(err, SP_EXISTS, "template '%s' already exists", name);
+    /* A quiet overlay slot gives its upper layer and stands on the result;
+     * otherwise its changes (or its whole workspace) are copied. */
+    int frozen = s->ws_mode == WS_OVERLAY ? template_freeze_in_place(ag, s, name, true, &t, err)
+                                          : (err->msg[0] = 0, -1);
+    if (frozen < 0 && err->msg[0])
+        return -1;
+    if (frozen < 0 && template_freeze(ag, s, name, &t, &flattened, err) < 0)
         return -1;
     msgpack_packer *pk = req_reply_begin(rq);
     msgpack_pack_map(pk, 3);
@@ -257,7 +265,7 @@ int op_fork(struct req *rq, struct sp_err *err)
         struct template *t;
         rq->flattened = false;
         /* This request is s's only one running (fork is queued on s). */
-        int frozen = template_freeze_in_place(ag, s, &t, err);
+        int frozen = template_freeze_in_place(ag, s, NULL, true, &t, err);
         if (frozen < 0 && err->msg[0])
             return -1;
         if (frozen < 0 && template_freeze(ag, s, NULL, &t, &rq->flattened, err) < 0)
@@ -476,7 +484,16 @@ void template_build_done(struct agent *ag, struct req *rq, struct exec *e)
     if (b && ok) {
         bool flat;
         double ms = (e->t_end - e->t_start) * 1000.0;
-        if (template_freeze(ag, b->slot, name, &t, &flat, &err) < 0) {
+        /* The build's slot is done: its layer (or whole workspace) becomes
+         * the template without a copy when nothing of it still runs. */
+        int frozen = template_freeze_in_place(ag, b->slot, name, false, &t, &err);
+        if (frozen < 0 && err.msg[0]) {
+            log_warn("template_build '%s': %s", name, err.msg);
+            build_end(ag, b, NULL, NULL, &err);
+            req_finish(rq, &err);
+            return;
+        }
+        if (frozen < 0 && template_freeze(ag, b->slot, name, &t, &flat, &err) < 0) {
             log_warn("template_build '%s': %s", name, err.msg);
             build_end(ag, b, NULL, NULL, &err);
             req_finish(rq, &err);

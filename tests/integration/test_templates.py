@@ -158,7 +158,12 @@ def test_from_slot_layers_deletions_and_delete(tagent, mode: str) -> None:
     expect_error(c, "template_delete", {"name": "v2"}, "slot_busy", "in use")
     if mode != "copy":
         expect_error(c, "template_delete", {"name": "base"}, "slot_busy", "in use")
+    # A quiet overlay slot gave its own layer (no copy) and stands on it now.
+    s0 = c.call("slots", {"slot": 0})["slots"][0]
+    assert s0["template"] == ("base" if mode == "copy" else "v2"), s0
+    assert sh(c, 0, "cat repo/a.txt; ls") == "v2\nadded.txt\nrepo\n"
     c.call("reset", {"slot": 1})
+    c.call("reset", {"slot": 0, "template": "base"})
     c.call("template_delete", {"name": "v2"})
     assert not (a.data_dir / "templates" / "v2").exists()
     expect_error(c, "template_delete", {"name": "v2"}, "not_found")
@@ -314,6 +319,8 @@ def test_build_runs_once_and_failures_leave_nothing(tagent, mode: str) -> None:
     t = res[0]["template"]
     assert t["name"] == "env1" and t["base"] == (None if mode == "copy" else "base")
     assert t["build_ms"] >= 500
+    # The build's own layer became the template: nothing was copied.
+    assert "frozen in place as 'env1'" in a.log(), a.log()[-2000:]
     again = c.call("template_build", {"name": "env1", "script": "exit 1"})
     assert again["built"] is True and again["cached"] is True and again["exec"] is None
     # The borrowed slot is free and empty again.
