@@ -783,22 +783,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
     for (int j = 0; j < 2 && !box->in_cgroup; j++)
         if (ic->cg_fd[j] >= 0)
             fds[nfds++] = ic->cg_fd[j];
-    char cbuf[CMSG_SPACE(sizeof fds)];
-    memset(cbuf, 0, sizeof cbuf);
-    struct iovec iov = {&rq, sizeof rq};
-    struct msghdr mh = {.msg_iov = &iov,
-                        .msg_iovlen = 1,
-                        .msg_control = cbuf,
-                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-    ssize_t n;
-    do
-        n = sendmsg(box->sock, &mh, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
+    ssize_t n = fd_send_fds(box->sock, &rq, sizeof rq, fds, nfds);
     int ok = n == (ssize_t)sizeof rq && fd_write_all(box->sock, buf, len) == 0;
     free(buf);
     if (!ok) {

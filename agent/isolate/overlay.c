@@ -184,20 +184,7 @@ mounter(const struct isolation *iso, const struct ovl_conf *c, int sock)
     if (fds[0] < 0 || fds[1] < 0 || (userns && fds[2] < 0))
         goto fail;
     rep.ok = 1;
-    char cbuf[CMSG_SPACE(sizeof fds)];
-    memset(cbuf, 0, sizeof cbuf);
-    struct iovec iov = {&rep, sizeof rep};
-    int nfds = userns ? 3 : 2;
-    struct msghdr mh = {.msg_iov = &iov,
-                        .msg_iovlen = 1,
-                        .msg_control = cbuf,
-                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
-    _exit(sendmsg(sock, &mh, MSG_NOSIGNAL) == (ssize_t)sizeof rep ? 0 : 1);
+    _exit(fd_send_fds(sock, &rep, sizeof rep, fds, userns ? 3 : 2) == (ssize_t)sizeof rep ? 0 : 1);
 fail:
     snprintf(rep.why, sizeof rep.why, "%s: %s", step, strerror(errno));
     (void)!write(sock, &rep, sizeof rep);
