@@ -61,6 +61,18 @@ variable "token" {
   description = "Agent token. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key token (nomad var put nomad/jobs/<job_id> token=...)."
 }
 
+variable "seccomp_profile" {
+  type        = string
+  default     = ""
+  description = "Path ON THE CLIENT NODE of images/seccomp-slot.json (e.g. /etc/slot-agent/seccomp-slot.json): Docker's default seccomp profile plus what a slot's box needs, so slots get namespaces without privileges (docs/docker-seccomp.md). Empty: Docker's default profile (no boxes, a uid per slot)."
+}
+
+variable "pids_limit" {
+  type        = number
+  default     = 4096
+  description = "Processes of the whole container (0: no limit). With seccomp_profile slots run as uid 0 in their boxes, which RLIMIT_NPROC does not limit."
+}
+
 variable "extra_args" {
   type        = list(string)
   default     = []
@@ -127,6 +139,11 @@ job "slot-agents-docker" {
         image      = var.image
         force_pull = false
         ports      = ["agent"]
+        # The driver reads the profile file on the client and sends it to
+        # Docker. Where AppArmor confines containers, boxes also need
+        # "apparmor=unconfined" here.
+        security_opt = var.seccomp_profile != "" ? ["seccomp=${var.seccomp_profile}"] : []
+        pids_limit   = var.pids_limit
         # The image's entrypoint prepends slot-agent to arguments that start
         # with "--". NOMAD_ALLOC_DIR is /alloc, NOMAD_SECRETS_DIR /secrets.
         args = concat([
