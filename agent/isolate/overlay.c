@@ -56,15 +56,17 @@ struct ovl_reply {
     char why[200];
 };
 
-static int self_map(void)
+/* The agent's own ids, as they were before unshare (after it they read
+ * as the overflow ids until mapped), map to themselves. */
+static int self_map(uid_t uid, gid_t gid)
 {
     char m[64];
     if (file_write_str("/proc/self/setgroups", "deny") < 0 && errno != ENOENT)
         return -1;
-    snprintf(m, sizeof m, "%u %u 1\n", (unsigned)geteuid(), (unsigned)geteuid());
+    snprintf(m, sizeof m, "%u %u 1\n", (unsigned)uid, (unsigned)uid);
     if (file_write_str("/proc/self/uid_map", m) < 0)
         return -1;
-    snprintf(m, sizeof m, "%u %u 1\n", (unsigned)getegid(), (unsigned)getegid());
+    snprintf(m, sizeof m, "%u %u 1\n", (unsigned)gid, (unsigned)gid);
     return file_write_str("/proc/self/gid_map", m);
 }
 
@@ -143,11 +145,13 @@ mounter(const struct isolation *iso, const struct ovl_conf *c, int sock)
     const char *step = "chdir to the data dir";
     if (chdir(c->base_dir) < 0)
         goto fail;
+    uid_t uid = geteuid();
+    gid_t gid = getegid();
     step = "unshare";
     if (unshare(CLONE_NEWNS | (userns ? CLONE_NEWUSER : 0)) < 0)
         goto fail;
     step = "id maps";
-    if (userns && self_map() < 0)
+    if (userns && self_map(uid, gid) < 0)
         goto fail;
     step = "making mounts private";
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)

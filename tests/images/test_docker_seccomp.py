@@ -172,3 +172,57 @@ def test_default_profile_still_works(images, own_token) -> None:
         assert running(name), logs(name)[-3000:]
     finally:
         CONTAINERS.rm(name)
+
+
+def _template_roundtrip(client) -> dict:
+    """A template built in the container, leased by two slots: each sees it,
+    changes stay their own."""
+    r = client.call("template_build", {"name": "t", "script": "mkdir src; echo base > src/f"},
+                    timeout=120)
+    assert r["built"] is True, r
+    out = {}
+    for slot in (0, 1):
+        lr = client.call("lease", {"slot": slot, "trajectory_id": f"t{slot}", "template": "t"},
+                         timeout=120)
+        out[slot] = lr
+    _exec(client, 0, "echo changed > src/f")
+    assert _exec(client, 1, "cat src/f")["stdout"] == b"base\n"
+    assert _exec(client, 0, "cat src/f")["stdout"] == b"changed\n"
+    return out
+
+
+def test_templates_overlay_with_the_profile_and_a_volume(images, own_token) -> None:
+    """With the profile and the data dir on a volume (overlayfs cannot put
+    its upper layer on the container's own overlayfs), slots stand on
+    templates as overlays made in the box's user namespace."""
+    token_file, token = own_token
+    vol = f"slot-img-tpl-{os.urandom(4).hex()}"
+    name = CONTAINERS.run("slot-img-tpl", "--security-opt", f"seccomp={PROFILE}",
+                          "--pids-limit", "512", "-v", f"{vol}:/data", "-p", "127.0.0.1::7070",
+                          "-v", f"{token_file}:{TOKEN_PATH}:ro", IMAGE,
+                          "--listen", "tcp:0.0.0.0:7070", "--token-file", TOKEN_PATH,
+                          "--data-dir", "/data", *AGENT_ARGS)
+    try:
+        client, res = hello(published_port(name), token, timeout=30, alive=lambda: running(name))
+        assert res["templates"]["mode"] == "overlay", res["templates"]
+        leases = _template_roundtrip(client)
+        assert {x["workspace_mode"] for x in leases.values()} == {"overlay"}, leases
+        client.close()
+    finally:
+        CONTAINERS.rm(name)
+        import subprocess
+        subprocess.run(["docker", "volume", "rm", "-f", vol], capture_output=True, timeout=60)
+
+
+def test_templates_copy_without_the_profile(images, own_token) -> None:
+    """Docker's default profile: no box, so templates are copies; they work."""
+    token_file, token = own_token
+    name = _start("slot-img-tplcopy", token_file)
+    try:
+        client, res = hello(published_port(name), token, timeout=30, alive=lambda: running(name))
+        assert res["templates"]["mode"] == "copy" and res["templates"]["why"], res["templates"]
+        leases = _template_roundtrip(client)
+        assert {x["workspace_mode"] for x in leases.values()} == {"copy"}, leases
+        client.close()
+    finally:
+        CONTAINERS.rm(name)
