@@ -437,3 +437,28 @@ def test_copy_mode_copies_without_holding_up_other_slots(agent_factory) -> None:
     # Nothing of the worker is left (the sweep did not take it for a stray).
     assert c.call("slots", {"slot": 0})["slots"][0]["template"] == "big"
     c.close()
+
+
+def test_agentctl_templates_against_one_agent(agent_factory) -> None:
+    import json
+    import subprocess
+    from conftest import AGENTCTL_BIN
+    a = agent_factory(slots=2)
+    c = a.client()
+    put(c, "base", make_tar(REPO))
+    put(c, "over", make_tar({"x": b"y"}), base="base")
+    c.call("lease", {"slot": 0, "trajectory_id": "t", "template": "over"})
+    r = subprocess.run([str(AGENTCTL_BIN), "--agent", f"unix:{a.sock}", "templates"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["TEMPLATE", "BASE", "SIZE", "FILES", "IN-USE", "BUILD"], lines
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:]}  # SIZE is "24 KiB": count from the end
+    assert rows["over"][1] == "base" and rows["over"][-2] == "1", rows
+    assert rows["base"][1] == "-" and rows["base"][-2] == "1", rows  # "over" builds on it
+    assert rows["base"][-3] == "6", rows
+    j = subprocess.run([str(AGENTCTL_BIN), "--agent", f"unix:{a.sock}", "--json", "templates"],
+                       capture_output=True, text=True, timeout=30)
+    assert j.returncode == 0, j.stderr
+    assert sorted(t["name"] for t in json.loads(j.stdout)["templates"]) == ["base", "over"]
+    c.close()
