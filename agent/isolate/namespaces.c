@@ -276,8 +276,8 @@ static int box_shares(const char *const *shares, unsigned n, char *why, size_t c
     for (unsigned i = 0; i < n; i++) {
         const char *host = shares[2 * i], *at = shares[2 * i + 1];
         if (mount(host, at, NULL, MS_BIND | MS_REC, NULL) < 0 ||
-            mount(NULL, at, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
-                  NULL) < 0) {
+            mount(NULL, at, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) <
+                0) {
             snprintf(why, cap, "sharing %.50s on %.50s: %s", host, at, strerror(errno));
             return -1;
         }
@@ -647,8 +647,8 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     dup2(null, 0);
     dup2(null, 1);
     syscall(SYS_close_range, 4u, ~0u, 0);
-    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, bc->hide, bc->shares,
-                  bc->nshares, rd.why, sizeof rd.why) < 0) {
+    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, bc->hide, bc->shares, bc->nshares,
+                  rd.why, sizeof rd.why) < 0) {
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
