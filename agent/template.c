@@ -905,8 +905,7 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
         s->ws_gen = NULL;
     }
     if (t)
-        log_debug("slot %u: frozen in place as '%s' (%.1f ms)", s->index, t->name,
-                  mono_ms() - t0);
+        log_debug("slot %u: frozen in place as '%s' (%.1f ms)", s->index, t->name, mono_ms() - t0);
     struct sp_err merr;
     s->ws_fd = dir_fd(s->ws_path, false, &merr);
     if (s->ws_fd >= 0 && slot_uid_on(ag) && !ovl)
