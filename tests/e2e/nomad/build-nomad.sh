@@ -67,7 +67,10 @@ LOG=$CACHE_ROOT/nomad-$NOMAD_VERSION.build.log
 cached_ok() {
     if ! [ -f "$MARKER" ] || ! [ -x "$BIN" ]; then return 1; fi
     local v
-    v=$("$BIN" version 2>/dev/null | head -n 1) || return 1
+    # Not `| head -n 1`: with pipefail, nomad's SIGPIPE when head exits
+    # first would fail a binary that runs.
+    v=$("$BIN" version 2>/dev/null) || return 1
+    v=${v%%$'\n'*}
     [ "$v" = "Nomad v$NOMAD_VERSION" ]
 }
 
@@ -197,7 +200,8 @@ log "compiling (about 3 minutes on 2 cores)"
 ldflags="-X $NOMAD_MODULE/version.GitCommit=$NOMAD_COMMIT -X $NOMAD_MODULE/version.BuildDate=$NOMAD_COMMIT_TIME"
 run "go build" env -C "$src" CGO_ENABLED=1 "$GO" build -trimpath -ldflags "$ldflags" -o "$work/nomad" .
 
-v=$("$work/nomad" version 2>&1 | head -n 1) || die "the built nomad does not run: $v"
+v=$("$work/nomad" version 2>&1) || die "the built nomad does not run: $v"
+v=${v%%$'\n'*}
 [ "$v" = "Nomad v$NOMAD_VERSION" ] || die "the built nomad reports '$v', expected 'Nomad v$NOMAD_VERSION'"
 
 # Stale partial install (no completion marker): replace it. The binary is
