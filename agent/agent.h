@@ -88,6 +88,7 @@ struct slot {
     char *ws_gen;         /* overlay mode: this mount's upper/work under overlay/N */
     double ws_prepare_ms; /* how long the last workspace change took */
     struct req *prep_rq;  /* the reset whose workspace a worker is copying */
+    bool in_reset;        /* reset_next is serving this slot's waiters */
 };
 
 struct agent_opts {
@@ -288,6 +289,8 @@ int op_fork(struct req *rq, struct sp_err *err);
 int op_template_build(struct req *rq, struct sp_err *err);
 /* op_template.c: the script of a template_build request has ended. */
 void template_build_done(struct agent *ag, struct req *rq, struct exec *e);
+/* op_template.c: the script of a template_build request never started. */
+void template_build_failed(struct agent *ag, struct req *rq, const struct sp_err *err);
 /* op_template.c: drop uploads idle for too long (sweep), and all (exit). */
 void uploads_sweep(struct agent *ag, bool all);
 void builds_free(struct agent *ag);

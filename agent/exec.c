@@ -587,7 +587,10 @@ static void exec_abort(struct exec *e, const struct sp_err *err)
     }
     struct req *rq = e->announce ? e->announce : e->owner;
     e->announce = e->owner = NULL;
-    if (rq) {
+    if (rq && rq->op->fn == op_template_build) {
+        rq->exec = NULL;
+        template_build_failed(ag, rq, err); /* the slot it borrowed goes back */
+    } else if (rq) {
         rq->exec = NULL;
         req_finish(rq, err);
     }

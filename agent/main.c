@@ -795,8 +795,9 @@ out:
     uploads_sweep(ag, true);
     builds_free(ag);
     ws_jobs_free(ag);
-    templates_free(ag);
+    templates_free_slots(ag);
     slots_free(ag);
+    templates_free(ag);
     cgroup_cleanup(&ag->iso, ag->nslots);
     sp_writer_free(&ag->null_writer);
     isolate_free(&ag->iso);

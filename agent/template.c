@@ -298,12 +298,15 @@ static struct template *tpl_register(struct agent *ag, const char *name, struct 
     return t;
 }
 
-static int commit(struct agent *ag, const char *stage_dir, const char *name, bool anon,
-                  struct template *base, uint64_t build_ms, struct template **out,
-                  struct sp_err *err)
+/* On failure the staging dir is removed, unless keep (its layer is a
+ * slot's workspace that goes back). */
+static int commit_(struct agent *ag, const char *stage_dir, const char *name, bool anon,
+                   struct template *base, uint64_t build_ms, bool keep, struct template **out,
+                   struct sp_err *err)
 {
     if (template_find(ag, name)) {
-        template_abort(ag, stage_dir);
+        if (!keep)
+            template_abort(ag, stage_dir);
         return sp_errf(err, SP_EXISTS, "template '%s' already exists", name);
     }
     char layer[4300], final[4200];
@@ -311,7 +314,8 @@ static int commit(struct agent *ag, const char *stage_dir, const char *name, boo
     pathf(final, sizeof final, "%s/templates/%s", ag->data_dir, name);
     struct template *t = tpl_register(ag, name, base, anon);
     if (!t) {
-        template_abort(ag, stage_dir);
+        if (!keep)
+            template_abort(ag, stage_dir);
         return sp_errf(err, SP_INTERNAL, "out of memory");
     }
     t->build_ms = build_ms;
@@ -329,11 +333,19 @@ static int commit(struct agent *ag, const char *stage_dir, const char *name, boo
         if (base)
             base->children--;
         tpl_free(t);
-        template_abort(ag, stage_dir);
+        if (!keep)
+            template_abort(ag, stage_dir);
         return -1;
     }
     *out = t;
     return 0;
+}
+
+static int commit(struct agent *ag, const char *stage_dir, const char *name, bool anon,
+                  struct template *base, uint64_t build_ms, struct template **out,
+                  struct sp_err *err)
+{
+    return commit_(ag, stage_dir, name, anon, base, build_ms, false, out, err);
 }
 
 int template_commit(struct agent *ag, const char *stage_dir, const char *name,
@@ -586,8 +598,10 @@ struct ws_job {
     int fd;
     ev_io w;
     struct slot *s;
-    struct template *t; /* held until the job ends */
-    struct slot *from;  /* copying another slot's workspace (fork in copy mode) */
+    struct template *t;        /* held until the job ends */
+    struct slot *from;         /* copying another slot's workspace (fork in copy mode) */
+    uint64_t from_resets;      /* from's resets when the copy began */
+    struct template *from_tpl; /* and what it stood on (held) */
     double t0;
 };
 
@@ -633,6 +647,7 @@ static void job_free(struct agent *ag, struct ws_job *j)
     ev_io_stop(ag->loop, &j->w);
     close(j->fd);
     template_unref(ag, j->t);
+    template_unref(ag, j->from_tpl);
     free(j);
 }
 
@@ -653,7 +668,13 @@ static void job_cb(struct ev_loop *loop, ev_io *w, int revents)
                 s->index);
     }
     r.err.msg[sizeof r.err.msg - 1] = 0;
-    struct template *t = j->from ? j->from->tpl : j->t;
+    if (r.rc == 0 && j->from && (j->from->resets != j->from_resets || j->from->resetting)) {
+        /* The source was emptied or replaced under the copy. */
+        r.rc = -1;
+        sp_errf(&r.err, SP_CANCELLED, "slot %u was reset while it was being copied",
+                j->from->index);
+    }
+    struct template *t = j->from ? j->from_tpl : j->t;
     if (r.rc == 0) {
         s->ws_mode = WS_COPY;
         s->tpl = t;
@@ -696,6 +717,11 @@ static int job_start(struct agent *ag, struct slot *s, struct template *t, struc
     j->t = t;
     template_ref(t);
     j->from = from;
+    if (from) {
+        j->from_resets = from->resets;
+        j->from_tpl = from->tpl;
+        template_ref(from->tpl);
+    }
     j->t0 = t0;
     ev_io_init(&j->w, job_cb, j->fd, EV_READ);
     j->w.data = j;
@@ -840,7 +866,10 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
 {
     err->msg[0] = 0;
     bool ovl = s->ws_mode == WS_OVERLAY;
+    /* Without a box, a leftover of the slot is the agent's child and could
+     * still be at work in the directory that moves: copy instead. */
     if (s->running || s->nsessions || s->nkept || (remount && !ovl) ||
+        !(ag->iso.available & (1u << RUNG_NAMESPACES)) ||
         (ovl && s->tpl->depth >= ag->opt.template_max_depth))
         return -1;
     for (int k = 0; k < 2; k++) {
@@ -862,6 +891,9 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
         pathf(from, sizeof from, "%s/overlay/%u/%s/upper", ag->data_dir, s->index, s->ws_gen);
     else
         pathf(from, sizeof from, "%s", s->ws_path);
+    if (!name)
+        pathf(anon, sizeof anon, ".fork-%llx-%llu", (unsigned long long)ag->instance,
+              (unsigned long long)++ag->tpl_seq);
     /* Nothing may hold the old workspace while it moves. */
     slots_box_stop(ag, s);
     for (int k = 0; k < 2; k++)
@@ -874,10 +906,12 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
     else
         close(s->ws_fd);
     s->ws_fd = -1;
-    int rc = rmdir(layer) == 0 && rename(from, layer) == 0 ? 0 : -1;
-    if (rc < 0)
+    struct template *t = NULL;
+    bool moved = rmdir(layer) == 0 && rename(from, layer) == 0;
+    int rc = moved ? 0 : -1;
+    if (!moved)
         sp_errf(err, SP_INTERNAL, "freezing slot %u's layer: %s", s->index, strerror(errno));
-    if (!ovl && mkdir(s->ws_path, 0700) < 0 && errno != EEXIST && rc == 0)
+    if (rc == 0 && !ovl && mkdir(s->ws_path, 0700) < 0)
         rc =
             sp_errf(err, SP_INTERNAL, "a new workspace for slot %u: %s", s->index, strerror(errno));
     if (rc == 0) {
@@ -887,62 +921,80 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
         if (fd >= 0)
             close(fd);
     }
-    struct template *t = NULL;
-    if (!name) {
-        pathf(anon, sizeof anon, ".fork-%llx-%llu", (unsigned long long)ag->instance,
-              (unsigned long long)++ag->tpl_seq);
-    }
     if (rc == 0)
-        rc = commit(ag, stage, name ? name : anon, !name, ovl ? s->tpl : NULL,
-                    (uint64_t)(mono_ms() - t0), &t, err);
-    else
-        template_abort(ag, stage);
-    if (ovl) {
-        char old[4200];
-        pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
-        remove_path(old);
-        free(s->ws_gen);
-        s->ws_gen = NULL;
-    }
-    if (t)
-        log_debug("slot %u: frozen in place as '%s' (%.1f ms)", s->index, t->name, mono_ms() - t0);
+        rc = commit_(ag, stage, name ? name : anon, !name, ovl ? s->tpl : NULL,
+                     (uint64_t)(mono_ms() - t0), true, &t, err);
     struct sp_err merr;
-    s->ws_fd = dir_fd(s->ws_path, false, &merr);
-    if (s->ws_fd >= 0 && slot_uid_on(ag) && !ovl)
-        uid_own_dir(s->ws_fd, s->uid);
-    /* s again: on the frozen layer when there is one, else on what it
-     * stood on (its changes lost only if even the rename failed). */
-    struct template *on = t ? t : s->tpl;
+    if (rc < 0 && moved) {
+        /* Put the slot's own layer back where it was: a failed freeze must
+         * not cost the slot its changes. */
+        if (!ovl)
+            rmdir(s->ws_path);
+        if (rename(layer, from) < 0)
+            log_error("slot %u: its layer could not go back from %s: %s", s->index, layer,
+                      strerror(errno));
+    }
+    if (rc < 0)
+        template_abort(ag, stage);
+    else
+        log_debug("slot %u: frozen in place as '%s' (%.1f ms)", s->index, t->name, mono_ms() - t0);
+    if (rc < 0 || !remount) {
+        if (ovl && rc < 0) {
+            /* Back as it was, on its template and its own upper layer. */
+            s->ws_fd = dir_fd(s->ws_path, false, &merr);
+            if (s->ws_fd >= 0 && ws_overlay(ag, s, s->tpl, s->ws_gen, false, &merr) == 0)
+                return -1;
+            log_error("slot %u: mounting its workspace again: %s", s->index, merr.msg);
+        }
+        if (ovl) {
+            char old[4200];
+            pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
+            remove_path(old);
+            free(s->ws_gen);
+            s->ws_gen = NULL;
+        }
+        if (s->ws_fd < 0)
+            s->ws_fd = dir_fd(s->ws_path, false, &merr);
+        if (s->ws_fd >= 0 && slot_uid_on(ag) && rc == 0)
+            uid_own_dir(s->ws_fd, s->uid);
+        if (ovl || rc == 0) {
+            template_unref(ag, s->tpl);
+            s->tpl = NULL;
+            s->ws_mode = WS_PLAIN;
+            state_save(ag, s);
+        }
+        if (rc == 0)
+            *out = t;
+        return rc;
+    }
+    /* s again, on the frozen layer, with a fresh upper layer. */
+    char old[4200];
+    pathf(old, sizeof old, "%s/overlay/%u/%s", ag->data_dir, s->index, s->ws_gen);
+    remove_path(old);
+    free(s->ws_gen);
+    s->ws_gen = NULL;
     pathf(gen, sizeof gen, "g%llx-%llu", (unsigned long long)ag->instance,
           (unsigned long long)++ag->tpl_seq);
-    if (!remount || !on || s->ws_fd < 0 || ws_overlay(ag, s, on, gen, true, &merr) < 0) {
-        if (remount) {
-            log_error("slot %u: mounting its workspace again after freezing it: %s", s->index,
-                      merr.msg);
-            if (rc == 0)
-                *err = merr;
-            rc = -1;
-        }
+    s->ws_fd = dir_fd(s->ws_path, false, &merr);
+    if (s->ws_fd < 0 || ws_overlay(ag, s, t, gen, true, &merr) < 0) {
+        log_error("slot %u: mounting its workspace again after freezing it: %s", s->index,
+                  merr.msg);
         if (s->ws_fd < 0)
             s->ws_fd = dir_fd(s->ws_path, false, &merr);
         template_unref(ag, s->tpl);
         s->tpl = NULL;
         s->ws_mode = WS_PLAIN;
         state_save(ag, s);
-        if (rc == 0)
-            *out = t;
-        return rc;
+        *out = t; /* the template is made; the slot is empty (said in the log) */
+        return 0;
     }
     s->ws_gen = strdup(gen);
-    if (t) {
-        template_ref(t);
-        template_unref(ag, s->tpl);
-        s->tpl = t;
-    }
+    template_ref(t);
+    template_unref(ag, s->tpl);
+    s->tpl = t;
     state_save(ag, s);
-    if (rc == 0)
-        *out = t;
-    return rc;
+    *out = t;
+    return 0;
 }
 
 /* ---- start-up ----------------------------------------------------------- */
@@ -969,16 +1021,24 @@ static void load_all(struct agent *ag, int tfd)
     if (!d)
         return;
     rewinddir(d); /* a dup shares its offset with every other reader of tfd */
-    struct {
+    struct found {
         struct template *t;
         char base[TEMPLATE_NAME_MAX + 40];
-    } found[1024];
-    unsigned n = 0;
+    } *found = NULL;
+    unsigned n = 0, cap = 0;
     struct dirent *de;
-    while ((de = readdir(d)) && n < sizeof found / sizeof found[0]) {
+    while ((de = readdir(d))) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") ||
             !strncmp(de->d_name, ".stage-", 7))
             continue;
+        if (n == cap) {
+            struct found *f = realloc(found, (cap = cap ? cap * 2 : 256) * sizeof *f);
+            if (!f) {
+                log_error("templates: out of memory loading them; only %u loaded", n);
+                break;
+            }
+            found = f;
+        }
         char dir[4200];
         pathf(dir, sizeof dir, "%s/templates/%s", ag->data_dir, de->d_name);
         struct template *t = meta_read(dir, de->d_name, found[n].base, sizeof found[n].base);
@@ -1024,6 +1084,7 @@ static void load_all(struct agent *ag, int tfd)
         if (t->base)
             t->base->children++;
     }
+    free(found);
 }
 
 static void restore_slot(struct agent *ag, struct slot *s)
@@ -1175,7 +1236,7 @@ int templates_init(struct agent *ag, struct sp_err *err)
     return 0;
 }
 
-void templates_free(struct agent *ag)
+void templates_free_slots(struct agent *ag)
 {
     for (unsigned i = 0; ag->slots && i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];
@@ -1190,6 +1251,10 @@ void templates_free(struct agent *ag)
         free(s->ws_gen);
         s->ws_gen = NULL;
     }
+}
+
+void templates_free(struct agent *ag)
+{
     while (ag->templates) {
         struct template *t = ag->templates;
         ag->templates = t->next;

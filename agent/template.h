@@ -31,6 +31,10 @@ struct template
 /* At start: the store's directories, overlay probe, templates on disk,
  * slots that stood on one before a restart. */
 int templates_init(struct agent *ag, struct sp_err *err);
+/* At exit, in this order: templates_free_slots (the slots' mounts and the
+ * requests waiting for a copy), slots_free (its requests still hold
+ * templates), templates_free. */
+void templates_free_slots(struct agent *ag);
 void templates_free(struct agent *ag);
 /* --probe: could slots stand on templates as overlays here (tpl_overlay,
  * tpl_why)? Makes DATA/overlay when missing. */

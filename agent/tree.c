@@ -62,20 +62,14 @@ static void own(struct walk *w, int parent, const char *name, int fd)
         (void)!fchownat(parent, name, w->uid, w->gid, AT_SYMLINK_NOFOLLOW);
 }
 
-static int copy_bytes(struct walk *w, int in, int out, off_t size, const char *name)
+/* Bytes [from, to) of in to the same offsets of out. */
+static int copy_range(struct walk *w, int in, int out, off_t from, off_t to, const char *name)
 {
-    if (ioctl(out, FICLONE, in) == 0) {
-        w->st->reflinked = true;
-        return 0;
-    }
-    w->st->copied = true;
-    off_t left = size;
-    while (left > 0) {
-        ssize_t n = copy_file_range(in, NULL, out, NULL, (size_t)left, 0);
-        if (n > 0) {
-            left -= n;
+    off_t off_in = from, off_out = from;
+    while (off_in < to) {
+        ssize_t n = copy_file_range(in, &off_in, out, &off_out, (size_t)(to - off_in), 0);
+        if (n > 0)
             continue;
-        }
         if (n == 0)
             break; /* EOF, or a filesystem that copies nothing this way (the read below tells) */
         if (errno == EINTR)
@@ -84,26 +78,55 @@ static int copy_bytes(struct walk *w, int in, int out, off_t size, const char *n
             return fail(w, errno, "copying", name);
         break; /* fall back to read/write from where we are */
     }
-    if (left > 0 && !w->buf && !(w->buf = malloc(COPY_CHUNK)))
+    if (off_in < to && !w->buf && !(w->buf = malloc(COPY_CHUNK)))
         return fail(w, ENOMEM, "copying", name);
-    while (left > 0) {
-        ssize_t n = read(in, w->buf, COPY_CHUNK);
+    while (off_in < to) {
+        size_t want = (size_t)(to - off_in) < COPY_CHUNK ? (size_t)(to - off_in) : COPY_CHUNK;
+        ssize_t n = pread(in, w->buf, want, off_in);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return fail(w, errno, "reading", name);
         if (n == 0)
-            break;
+            break; /* the file shrank meanwhile */
         for (ssize_t off = 0; off < n;) {
-            ssize_t k = write(out, w->buf + off, (size_t)(n - off));
+            ssize_t k = pwrite(out, w->buf + off, (size_t)(n - off), off_in + off);
             if (k < 0 && errno == EINTR)
                 continue;
             if (k < 0)
                 return fail(w, errno, "writing", name);
             off += k;
         }
-        left -= n;
+        off_in += n;
     }
+    return 0;
+}
+
+/* The data of a file, its holes kept as holes (a sparse file a command
+ * made must not become gigabytes of zeros on disk). */
+static int copy_bytes(struct walk *w, int in, int out, off_t size, const char *name)
+{
+    if (ioctl(out, FICLONE, in) == 0) {
+        w->st->reflinked = true;
+        return 0;
+    }
+    w->st->copied = true;
+    off_t pos = 0;
+    while (pos < size) {
+        off_t data = lseek(in, pos, SEEK_DATA);
+        if (data < 0 && errno == ENXIO)
+            break; /* a hole to the end */
+        off_t end = data < 0 ? size : lseek(in, data, SEEK_HOLE);
+        if (data < 0)
+            data = pos; /* no SEEK_DATA here: all of it */
+        if (end < 0 || end > size)
+            end = size;
+        if (copy_range(w, in, out, data, end, name) < 0)
+            return -1;
+        pos = end > data ? end : size;
+    }
+    if (ftruncate(out, size) < 0)
+        return fail(w, errno, "sizing", name);
     return 0;
 }
 
@@ -337,19 +360,31 @@ static int chown_walk(int dir, uid_t uid, gid_t gid, unsigned depth, struct sp_e
             is_dir = S_ISDIR(sb.st_mode);
         if (is_dir && depth < TREE_MAX_DEPTH) {
             int d = openat(dir, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            mode_t restore = (mode_t)-1;
+            if (d < 0 && errno == EACCES &&
+                fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0 &&
+                fchmodat(dir, de->d_name, 0700, AT_SYMLINK_NOFOLLOW) == 0) {
+                /* A directory its owner closed (chmod 000, the agent not
+                 * root): open it, then give it its mode back. */
+                restore = sb.st_mode & 0777;
+                d = openat(dir, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            }
             if (d < 0) {
                 rc = sp_err_errno(err, errno, de->d_name);
                 break;
             }
             rc = chown_walk(d, uid, gid, depth + 1, err);
+            if (restore != (mode_t)-1)
+                fchmod(d, restore);
             close(d);
         } else if (fchownat(dir, de->d_name, uid, gid, AT_SYMLINK_NOFOLLOW) < 0 &&
                    errno != ENOENT) {
             rc = sp_err_errno(err, errno, de->d_name);
         } else if (fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(sb.st_mode) &&
                    (sb.st_mode & 07000)) {
-            /* chown clears setuid/setgid as a rule; make sure. */
-            fchmodat(dir, de->d_name, sb.st_mode & 0777, 0);
+            /* chown clears setuid/setgid as a rule; make sure (never
+             * through a symlink swapped in meanwhile). */
+            fchmodat(dir, de->d_name, sb.st_mode & 0777, AT_SYMLINK_NOFOLLOW);
         }
     }
     closedir(dp);

@@ -273,6 +273,7 @@ struct agent {
     struct ctl_tpl *tpls;
     uint32_t ntpls;
     bool tpl_evicting;
+    ev_tstamp tpl_retry_at; /* an eviction was refused (in use): look again then */
     uint64_t tpl_builds, tpl_evicted;
 };
 
@@ -449,6 +450,8 @@ bool tpl_has(const struct agent *ag, const char *name);
 /* Learn them again (template_list); evicts past the profile's budget. */
 void tpl_refresh(struct ctl *c, struct agent *ag);
 void tpl_forget(struct agent *ag);
+/* sched_tick: retry an eviction the agent refused. */
+void tpl_tick(struct ctl *c, struct agent *ag, ev_tstamp now);
 /* Pack {agents: [{agent, profile, templates: [...]}]} (agentctl templates). */
 void tpl_pack_all(struct ctl *c, msgpack_packer *pk, const struct profile *only);
 

@@ -885,6 +885,7 @@ void sched_tick(struct ctl *c)
         {
             if (ag->state == AG_STOPPING || ag->state == AG_STARTING)
                 continue;
+            tpl_tick(c, ag, now);
             for (uint32_t i = 0; i < ag->nslots; i++) {
                 struct slot *s = &ag->slots[i];
                 if (s->state != SL_LEASED)

@@ -73,9 +73,24 @@ static void on_deleted(struct ctl *c, struct preq *r, const msgpack_object *resp
     (void)err;
     preq_free(c, r);
     ag->tpl_evicting = false;
-    if (resp && sp_map_get(resp, "result")) {
+    if (!resp)
+        return; /* the agent is gone */
+    if (sp_map_get(resp, "result")) {
         ag->tpl_evicted++;
         tpl_refresh(c, ag); /* and on, until under the budget */
+        return;
+    }
+    /* Refused (a slot took it meanwhile, or one being reset still stands
+     * on it): learn the truth now, try again in a second. */
+    ag->tpl_retry_at = ev_now(c->loop) + 1.0;
+    tpl_refresh(c, ag);
+}
+
+void tpl_tick(struct ctl *c, struct agent *ag, ev_tstamp now)
+{
+    if (ag->tpl_retry_at && now >= ag->tpl_retry_at && ag->state == AG_READY) {
+        ag->tpl_retry_at = 0;
+        tpl_refresh(c, ag);
     }
 }
 
@@ -84,7 +99,7 @@ static void on_deleted(struct ctl *c, struct preq *r, const msgpack_object *resp
 static void evict(struct ctl *c, struct agent *ag)
 {
     uint64_t budget = ag->prof->template_budget, total = 0;
-    if (!budget || ag->tpl_evicting || ag->state != AG_READY)
+    if (!budget || ag->tpl_evicting || ag->tpl_retry_at || ag->state != AG_READY)
         return;
     struct ctl_tpl *lru = NULL;
     for (uint32_t i = 0; i < ag->ntpls; i++) {
@@ -108,6 +123,9 @@ static void evict(struct ctl *c, struct agent *ag)
     msgpack_pack_map(&pk, 1);
     sp_pack_kv_str(&pk, "name", lru->name);
     agent_send_end(c, ag, r);
+    /* Gone for placement from now on: a lease sent meanwhile must not count
+     * on it (an acquire with its recipe builds it again). */
+    *lru = ag->tpls[--ag->ntpls];
 }
 
 static void on_list(struct ctl *c, struct preq *r, const msgpack_object *resp,

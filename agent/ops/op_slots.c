@@ -413,6 +413,15 @@ int op_unlease(struct req *rq, struct sp_err *err)
 static void reset_answer(struct agent *ag, struct slot *s, struct req *rq, int rc,
                          const struct sp_err *err)
 {
+    if (rc < 0 && rq->op->fn == op_lease && s->leased) {
+        /* A lease whose workspace could not be laid out is no lease. */
+        free(s->trajectory_id);
+        free(s->holder);
+        free(s->owner);
+        s->trajectory_id = s->holder = s->owner = NULL;
+        s->owner_bound = false;
+        s->leased = false;
+    }
     if (rc < 0) {
         req_finish(rq, err);
         return;
@@ -443,6 +452,12 @@ static void reset_answer(struct agent *ag, struct slot *s, struct req *rq, int r
  * last one's stays); stop while a worker copies, go on when it is done. */
 static void reset_next(struct agent *ag, struct slot *s, int rc0, const struct sp_err *err0)
 {
+    /* Answering a waiter can run the next request of another slot, which
+     * can reset this one again: the loop below serves it, not a second
+     * loop inside this one. */
+    if (s->in_reset || s->prep_rq)
+        return;
+    s->in_reset = true;
     while (s->reset_waiters) {
         struct req **pp = &s->reset_waiters;
         while ((*pp)->slot_next)
@@ -455,10 +470,12 @@ static void reset_next(struct agent *ag, struct slot *s, int rc0, const struct s
             r = ws_prepare_begin(ag, s, rq->tpl, rq->fork_from, &e);
         if (r == 1) {
             s->prep_rq = rq;
+            s->in_reset = false;
             return;
         }
         reset_answer(ag, s, rq, r, &e);
     }
+    s->in_reset = false;
     s->resetting = false;
     s->resets++;
     if (!s->active)
@@ -469,8 +486,9 @@ static void reset_next(struct agent *ag, struct slot *s, int rc0, const struct s
  * process can write into the freshly emptied workspace. */
 void reset_complete(struct agent *ag, struct slot *s)
 {
-    if (s->prep_rq)
-        return; /* a worker lays out the workspace: its end serves the rest */
+    if (s->prep_rq || s->in_reset)
+        return; /* a worker lays out the workspace, or the loop of reset_next
+                   runs: either serves the rest */
     proc_sweep_strays(ag);
     struct sp_err err = {0};
     int rc = path_empty_dir(s->tmp_fd, &err);
@@ -481,8 +499,10 @@ void reset_prepared(struct agent *ag, struct slot *s, int rc, const struct sp_er
 {
     struct req *rq = s->prep_rq;
     s->prep_rq = NULL;
+    s->in_reset = true; /* answering may reset s again: reset_next serves that */
     if (rq)
         reset_answer(ag, s, rq, rc, err);
+    s->in_reset = false;
     struct sp_err ok = {0};
     reset_next(ag, s, 0, &ok);
 }

@@ -65,6 +65,8 @@ void uploads_sweep(struct agent *ag, bool all)
     }
 }
 
+static struct build *build_find(struct agent *ag, const char *name);
+
 static struct upload *upload_find(struct agent *ag, const char *name)
 {
     for (struct upload *up = ag->uploads; up; up = up->next)
@@ -81,6 +83,8 @@ static int upload_start(struct req *rq, const char *name, struct upload **out, s
         upload_drop(ag, old, false); /* offset 0 starts over */
     if (template_find(ag, name))
         return sp_errf(err, SP_EXISTS, "template '%s' already exists", name);
+    if (build_find(ag, name))
+        return sp_errf(err, SP_SLOT_BUSY, "template '%s' is being built", name);
     struct template *base;
     if (template_arg(rq, "base", &base, err) < 0)
         return -1;
@@ -520,4 +524,16 @@ void builds_free(struct agent *ag)
         }
         free(b);
     }
+}
+
+void template_build_failed(struct agent *ag, struct req *rq, const struct sp_err *err)
+{
+    size_t nn;
+    const char *nv = arg_str(rq, "name", &nn);
+    char name[TEMPLATE_NAME_MAX + 1];
+    struct sp_err e2;
+    struct build *b = template_name_check(nv, nn, name, &e2) == 0 ? build_find(ag, name) : NULL;
+    if (b)
+        build_end(ag, b, NULL, NULL, err);
+    req_finish(rq, err);
 }

@@ -6,6 +6,7 @@ user per slot (idmapped layers), and copy."""
 from __future__ import annotations
 
 import io
+import time
 import os
 import tarfile
 from pathlib import Path
@@ -461,4 +462,70 @@ def test_agentctl_templates_against_one_agent(agent_factory) -> None:
                        capture_output=True, text=True, timeout=30)
     assert j.returncode == 0, j.stderr
     assert sorted(t["name"] for t in json.loads(j.stdout)["templates"]) == ["base", "over"]
+    c.close()
+
+
+def test_review_cases_leave_no_slot_stuck(agent_factory) -> None:
+    """Races and failures found in review: a build whose command never
+    starts gives its slot back; a put of a name being built is refused; a
+    lease whose workspace cannot be laid out is no lease; a second fork into
+    a slot whose copy still runs keeps the slot resetting until it is done;
+    a reset waiting at shutdown does not touch freed templates."""
+    a = agent_factory(slots=3, extra=["--template-mode", "copy"])
+    c = a.client(timeout=120)
+    # A build cancelled before its script starts.
+    b = c.send("template_build", {"name": "bx", "slot": 0, "script": "sleep 1; echo hi > f"})
+    c.send("reset", {"slot": 0})
+    r = c.wait(b)[0]
+    if r["ok"]:
+        assert r["result"]["built"] is False, r
+    s0 = c.call("slots", {"slot": 0})["slots"][0]
+    assert s0["leased"] is False and s0["state"] == "idle", s0
+    assert c.call("template_build", {"name": "bx", "script": "echo ok > f"})["built"] is True
+    # A put of a name being built.
+    b = c.send("template_build", {"name": "slow", "script": "sleep 1; echo x > f"})
+    time.sleep(0.2)
+    expect_error(c, "template_put", {"name": "slow", "data": make_tar(REPO), "done": True},
+                 "slot_busy", "being built")
+    assert c.wait(b)[0]["result"]["built"] is True
+    # A template too deep to copy: the lease fails and leaves no lease.
+    deep = "/".join(["d"] * 205) + "/f"
+    put(c, "deep", make_tar({deep: b"x"}))
+    r = c.call_raw("lease", {"slot": 1, "trajectory_id": "A", "template": "deep"})
+    assert r["ok"] is False, r
+    assert c.call("slots", {"slot": 1})["slots"][0]["leased"] is False
+    c.call("lease", {"slot": 1, "trajectory_id": "B"})
+    # Two forks of a big slot into the same target: an exec on the target
+    # sent after the first answer runs after the second fork, on a full copy.
+    sh(c, 2, "mkdir t && cd t && seq 1 20000 | xargs touch")
+    f1 = c.send("fork", {"slot": 2, "to_slot": 1})
+    f2 = c.send("fork", {"slot": 2, "to_slot": 1})
+    assert c.wait(f1)[0]["ok"] is True
+    ex = c.send("exec", {"slot": 1, "cmd": "ls t | wc -l"})
+    assert c.wait(f2)[0]["ok"] is True
+    r = c.wait(ex)[0]
+    assert r["ok"] is True and r["result"]["stdout"] == b"20000\n", r
+    # Shut down with a reset waiting behind a copy (ASan: no use after free).
+    c.send("fork", {"slot": 2, "to_slot": 0})
+    c.send("reset", {"slot": 0, "template": "bx"})
+    time.sleep(0.05)
+    c.close()
+    assert a.stop() == 0
+
+
+def test_copies_keep_holes(agent_factory) -> None:
+    """A sparse file stays sparse through a copy-mode fork and a template
+    made from it (no gigabytes of zeros from one `truncate`)."""
+    a = agent_factory(slots=2, extra=["--template-mode", "copy"])
+    c = a.client(timeout=120)
+    sh(c, 0, "truncate -s 1G sparse; printf data > mixed; truncate -s 64M mixed;"
+             " echo tail >> mixed")
+    c.call("fork", {"slot": 0, "to_slot": 1})
+    out = sh(c, 1, "du -k sparse mixed | cut -f1; stat -c %s sparse mixed; tail -c 5 mixed")
+    du_sparse, du_mixed, size_sparse, size_mixed, tail = out.split("\n")[:5]
+    assert int(du_sparse) < 1024 and int(du_mixed) < 1024, out
+    assert int(size_sparse) == 1 << 30 and int(size_mixed) == (64 << 20) + 5, out
+    assert tail == "tail", out
+    t = c.call("template_from_slot", {"slot": 1, "name": "sp"})["template"]
+    assert t["size"] < 1 << 20, t
     c.close()
