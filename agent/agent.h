@@ -390,6 +390,9 @@ void slot_advance(struct agent *ag, struct slot *s);
 /* Fail every queued (not active) request of s with err. */
 void slot_fail_queued(struct agent *ag, struct slot *s, const struct sp_err *err);
 void slot_drop_conn(struct agent *ag, struct conn *c);
+/* The lease's bookkeeping goes (trajectory, holder, owner); its sessions
+ * and workspace are the caller's business. */
+void slot_unlease(struct slot *s);
 
 /* dispatch.c */
 void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t len);

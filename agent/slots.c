@@ -377,3 +377,13 @@ void slot_drop_conn(struct agent *ag, struct conn *c)
         s->q_tail = last;
     }
 }
+
+void slot_unlease(struct slot *s)
+{
+    free(s->trajectory_id);
+    free(s->holder);
+    free(s->owner);
+    s->trajectory_id = s->holder = s->owner = NULL;
+    s->owner_bound = false;
+    s->leased = false;
+}

@@ -397,12 +397,7 @@ int op_unlease(struct req *rq, struct sp_err *err)
     /* Sessions belong to the lease: the next holder must not find this
      * trajectory's shell (with its cwd, variables and history). */
     sessions_close_slot(rq->ag, s);
-    free(s->trajectory_id);
-    free(s->holder);
-    free(s->owner);
-    s->trajectory_id = s->holder = s->owner = NULL;
-    s->owner_bound = false;
-    s->leased = false;
+    slot_unlease(s);
     msgpack_packer *pk = req_reply_begin(rq);
     msgpack_pack_map(pk, 1);
     sp_pack_kv_uint(pk, "slot", s->index);
@@ -415,12 +410,7 @@ static void reset_answer(struct agent *ag, struct slot *s, struct req *rq, int r
 {
     if (rc < 0 && rq->op->fn == op_lease && s->leased) {
         /* A lease whose workspace could not be laid out is no lease. */
-        free(s->trajectory_id);
-        free(s->holder);
-        free(s->owner);
-        s->trajectory_id = s->holder = s->owner = NULL;
-        s->owner_bound = false;
-        s->leased = false;
+        slot_unlease(s);
     }
     if (rc < 0) {
         req_finish(rq, err);

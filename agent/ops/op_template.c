@@ -354,11 +354,7 @@ static void build_end(struct agent *ag, struct build *b, struct template *t, str
     struct sp_err e2;
     if (ws_prepare(ag, s, NULL, &e2) < 0)
         log_warn("slot %u: emptying after the build of '%s': %s", s->index, b->name, e2.msg);
-    free(s->trajectory_id);
-    free(s->holder);
-    free(s->owner);
-    s->trajectory_id = s->holder = s->owner = NULL;
-    s->leased = false;
+    slot_unlease(s);
     while (b->waiters) {
         struct req *w = b->waiters;
         b->waiters = w->slot_next;
