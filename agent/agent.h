@@ -48,6 +48,20 @@ struct op_stats {
     struct hist lat;
 };
 
+/* A slot's disk use as the last scan saw it (quota.c). */
+struct slot_disk {
+    uint64_t used, inodes;
+    uint64_t prev_used, prev_inodes;  /* the scan before */
+    uint64_t stops;                   /* times its processes were stopped */
+    double scanned_at;                /* ev_now; 0: never */
+    uint64_t epoch;                   /* bumped when the workspace is replaced */
+    uint64_t cmds, cmds_counted;      /* commands started; as of the last count */
+    bool dirty;                       /* changed since: scan it */
+    bool fs;                          /* a filesystem of its own (slotfs.c) */
+    uint64_t base_bytes, base_inodes; /* what its empty filesystem uses */
+    bool over, deep, capped;
+};
+
 struct slot {
     unsigned index;
     int ws_fd;  /* workspace directory, O_RDONLY|O_DIRECTORY */
@@ -89,6 +103,7 @@ struct slot {
     double ws_prepare_ms; /* how long the last workspace change took */
     struct req *prep_rq;  /* the reset whose workspace a worker is copying */
     bool in_reset;        /* reset_next is serving this slot's waiters */
+    struct slot_disk disk;
 };
 
 struct agent_opts {
@@ -107,6 +122,28 @@ struct agent_opts {
     bool template_copy; /* never overlay (--template-mode copy) */
     char *shares[32];   /* --share: pairs of host path, box path (read-only binds) */
     unsigned nshares;
+    uint64_t slot_disk, slot_inodes, disk_reserve; /* quota.c; see *_set */
+    bool slot_disk_set, slot_inodes_set, disk_reserve_set;
+    unsigned disk_interval_ms;
+    int disk_mode; /* 0 auto, 1 fs, 2 watch (--disk-mode) */
+};
+
+/* The disk watcher (quota.c). */
+struct quota_state {
+    uint64_t budget, ibudget, reserve; /* 0: none */
+    const char *mechanism;             /* "fs", "watch" or "none" */
+    bool fs;                           /* slots have filesystems of their own */
+    pid_t guardian;                    /* unmounts them if the agent is killed */
+    char why[400];                     /* what was not available */
+    ev_timer tick;
+    ev_io io;
+    pid_t pid; /* the scanning worker, or 0 */
+    int fd;
+    unsigned char *buf;
+    size_t len, cap;
+    double started, next_at;
+    bool guard, guard_hard; /* the data filesystem is under its reserve (its half) */
+    uint64_t scans, stops, last_ms;
 };
 
 /* The one per-process context. */
@@ -165,6 +202,7 @@ struct agent {
     struct upload *uploads;
     struct build *builds;
     struct ws_job *jobs; /* copies running in worker processes */
+    struct quota_state quota;
 };
 
 /* ---- requests and the op table ---------------------------------------- */

@@ -14,6 +14,8 @@
 
 #include "child.h"
 #include "exec.h"
+#include "quota.h"
+#include "slotfs.h"
 #include "session.h"
 
 #define RETAIN_MAX 1024
@@ -227,8 +229,11 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
         code = 128 + sig;
     }
     double end = e->finished ? e->t_end : agent_now_precise(e->ag);
-    msgpack_pack_map(pk, 16);
+    msgpack_pack_map(pk, e->disk_quota ? 18 : 17);
     sp_pack_kv_uint(pk, "exec_id", e->id);
+    sp_pack_kv_bool(pk, "disk_quota", e->disk_quota);
+    if (e->disk_quota)
+        sp_pack_kv_str(pk, "reason", e->quota_why);
     sp_pack_kv_int(pk, "pid", e->pid);
     sp_pack_kv_int(pk, "exit_code", code);
     sp_pack_kv_int(pk, "signal", sig);
@@ -432,6 +437,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     e->ag = ag;
     e->slot = s;
     e->fds[0] = e->fds[1] = e->in_fd = -1;
+    s->disk.cmds++; /* its first count is its baseline (quota.c) */
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
         (p->stdin_data && pipe2(in, O_CLOEXEC) < 0)) {
         sp_errf(err, SP_INTERNAL, "pipe: %s", strerror(errno));
@@ -617,8 +623,12 @@ void exec_box_gone(struct agent *ag, struct nsbox *box)
             "the slot's namespace holder went away before the command "
             "started (slot reset or agent stopping)");
     struct exec *e;
-    while ((e = oldest_spawning(ag, box)))
-        exec_abort(e, &err);
+    while ((e = oldest_spawning(ag, box))) {
+        struct sp_err qerr;
+        if (e->disk_quota) /* stopped with its slot for the disk budget */
+            sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
+        exec_abort(e, e->disk_quota ? &qerr : &err);
+    }
     if (!ag->spawning)
         ag->nearly = 0;
 }
@@ -700,6 +710,8 @@ static void exec_finish(struct exec *e)
     struct agent *ag = e->ag;
     struct slot *s = e->slot;
     e->finished = true;
+    /* A detached command ends with no request of its slot: count it. */
+    quota_kick(ag, s);
     ev_timer_stop(ag->loop, &e->timer);
     ev_timer_stop(ag->loop, &e->idle);
     ev_timer_stop(ag->loop, &e->drain);
@@ -777,6 +789,12 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
             ag->nearly++;
         ag->early[ag->nearly - 1].pid = pid;
         ag->early[ag->nearly - 1].status = status;
+    }
+    if (!e && slotfs_guardian_pid(ag, pid)) {
+        log_warn("the guardian of the slots' filesystems exited: a killed agent would leave "
+                 "its mounts");
+        ag->quota.guardian = 0; /* never signal a pid that is no longer it */
+        return;
     }
     if (!e) {
         /* a box holder, a leftover, or an orphan adopted as PID 1 */

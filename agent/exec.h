@@ -52,6 +52,8 @@ struct exec {
     double finished_at;
     struct req *owner;  /* the exec request, until answered */
     struct req *attach; /* exec_attach requests, via exec_next */
+    bool disk_quota;    /* stopped for its slot's disk budget (quota_why) */
+    char quota_why[160];
 };
 
 struct exec_params {

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,6 +19,8 @@
 
 #include "child.h"
 #include "exec.h"
+#include "quota.h"
+#include "slotfs.h"
 #include "template.h"
 
 #define SHUTDOWN_SECONDS 5.0
@@ -62,6 +65,18 @@ static const char usage[] =
     "  --slot-memory BYTES      memory of each slot as a whole, with the cgroup rung\n"
     "                           (default unlimited)\n"
     "  --slot-pids N            processes of each slot as a whole (default 4096)\n"
+    "  --slot-disk SIZE         disk budget of each slot: its writable workspace and tmp\n"
+    "                           (K/M/G/T; 0 or off: none; default 90% of the free space\n"
+    "                           over the slots, 256M..16G)\n"
+    "  --slot-inodes N          files of each slot (K=1000, M=10^6; 0 or off: none;\n"
+    "                           default 90% of the free inodes over the slots, 10K..500K)\n"
+    "  --disk-reserve SIZE      free space kept on the data filesystem: under it the\n"
+    "                           slot writing most is stopped (default 1%, 64M..1G,\n"
+    "                           at most a tenth of the space free at start)\n"
+    "  --disk-interval MS       how often busy slots' disk use is counted (default 250)\n"
+    "  --disk-mode MODE         auto (default): a filesystem per slot where the agent can\n"
+    "                           make one (root, loop devices, mkfs.ext4), else watch;\n"
+    "                           fs: that or refuse to start; watch: count\n"
     "  --seccomp-deny CALLS     also deny these system calls (comma-separated); repeatable\n"
     "  --pass-env NAME          commands also get this variable of the agent's environment\n"
     "                           (NAME* a prefix, * all; never HOME, PWD, TMPDIR, SLOT_*;\n"
@@ -187,6 +202,11 @@ enum {
     OPT_TEMPLATE_MODE,
     OPT_TEMPLATE_DEPTH,
     OPT_SHARE,
+    OPT_SLOT_DISK,
+    OPT_SLOT_INODES,
+    OPT_DISK_RESERVE,
+    OPT_DISK_INTERVAL,
+    OPT_DISK_MODE,
 };
 enum {
     OPT_LISTEN = 256,
@@ -231,6 +251,11 @@ static const struct option longopts[] = {
     {"template-mode", required_argument, NULL, OPT_TEMPLATE_MODE},
     {"template-max-depth", required_argument, NULL, OPT_TEMPLATE_DEPTH},
     {"share", required_argument, NULL, OPT_SHARE},
+    {"slot-disk", required_argument, NULL, OPT_SLOT_DISK},
+    {"slot-inodes", required_argument, NULL, OPT_SLOT_INODES},
+    {"disk-reserve", required_argument, NULL, OPT_DISK_RESERVE},
+    {"disk-interval", required_argument, NULL, OPT_DISK_INTERVAL},
+    {"disk-mode", required_argument, NULL, OPT_DISK_MODE},
     {NULL, 0, NULL, 0},
 };
 
@@ -656,6 +681,50 @@ static int agent_main(int argc, char **argv)
             if (add_share(ag, optarg) < 0)
                 return 2;
             break;
+        case OPT_SLOT_DISK:
+        case OPT_SLOT_INODES:
+        case OPT_DISK_RESERVE: {
+            bool count = c == OPT_SLOT_INODES;
+            uint64_t *dst = c == OPT_SLOT_DISK     ? &ag->opt.slot_disk
+                            : c == OPT_SLOT_INODES ? &ag->opt.slot_inodes
+                                                   : &ag->opt.disk_reserve;
+            if (quota_parse(optarg, count, dst) < 0) {
+                fprintf(stderr, "slot-agent: bad --%s '%s': want %s, or off\n",
+                        c == OPT_SLOT_DISK     ? "slot-disk"
+                        : c == OPT_SLOT_INODES ? "slot-inodes"
+                                               : "disk-reserve",
+                        optarg, count ? "a count (K, M)" : "a size (K, M, G, T)");
+                return 2;
+            }
+            *(c == OPT_SLOT_DISK     ? &ag->opt.slot_disk_set
+              : c == OPT_SLOT_INODES ? &ag->opt.slot_inodes_set
+                                     : &ag->opt.disk_reserve_set) = true;
+            break;
+        }
+        case OPT_DISK_INTERVAL: {
+            char *end;
+            errno = 0;
+            unsigned long ms = strtoul(optarg, &end, 10);
+            if (errno || end == optarg || *end || optarg[0] == '-' || ms < 10 || ms > 60000) {
+                fprintf(stderr, "slot-agent: bad --disk-interval '%s': want 10..60000 ms\n",
+                        optarg);
+                return 2;
+            }
+            ag->opt.disk_interval_ms = (unsigned)ms;
+            break;
+        }
+        case OPT_DISK_MODE:
+            if (!strcmp(optarg, "auto"))
+                ag->opt.disk_mode = 0;
+            else if (!strcmp(optarg, "fs"))
+                ag->opt.disk_mode = 1;
+            else if (!strcmp(optarg, "watch"))
+                ag->opt.disk_mode = 2;
+            else {
+                fprintf(stderr, "slot-agent: bad --disk-mode '%s': auto, fs or watch\n", optarg);
+                return 2;
+            }
+            break;
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -680,9 +749,13 @@ static int agent_main(int argc, char **argv)
         slots_view_template(ag, view, sizeof view);
         if (ag->data_dir)
             templates_probe(ag);
+        quota_configure(ag);
+        char disk[600];
+        quota_report(ag, json, disk, sizeof disk);
         free(ag->data_dir);
         ag->data_dir = NULL;
-        isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why);
+        isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why,
+                       disk);
         cgroup_cleanup(&ag->iso, 0);
         isolate_free(&ag->iso);
         return 0;
@@ -753,10 +826,22 @@ static int agent_main(int argc, char **argv)
     }
     ev_set_userdata(ag->loop, ag);
     ag->started = ev_now(ag->loop);
+    quota_configure(ag);
+    if (ag->opt.disk_mode == 1 && !ag->quota.fs) {
+        log_error("--disk-mode fs: %s", ag->quota.why);
+        goto out;
+    }
     if (slots_init(ag, &err) < 0 || templates_init(ag, &err) < 0) {
         log_error("%s", err.msg);
         goto out;
     }
+    quota_start(ag);
+    if (!strcmp(ag->quota.mechanism, "none"))
+        log_info("no disk quota: --slot-disk and --slot-inodes are off");
+    else
+        log_info("disk quota: %s (slot disk %" PRIu64 ", files %" PRIu64 "%s%s)",
+                 ag->quota.mechanism, ag->quota.budget, ag->quota.ibudget,
+                 ag->quota.why[0] ? "; " : "", ag->quota.why);
     if (!ag->tpl_overlay)
         log_info("templates: copy mode (%s)", ag->tpl_why);
     if (listeners_open(ag, listens, nlisten, &err) < 0) {
@@ -789,6 +874,7 @@ static int agent_main(int argc, char **argv)
     rc = 0;
 out:
     exec_kill_all(ag);
+    quota_stop_watch(ag);
     conns_close_all(ag);
     listeners_close(ag);
     exec_free_all(ag);
@@ -798,6 +884,7 @@ out:
     templates_free_slots(ag);
     slots_free(ag);
     templates_free(ag);
+    slotfs_unmount_all(ag);
     cgroup_cleanup(&ag->iso, ag->nslots);
     sp_writer_free(&ag->null_writer);
     isolate_free(&ag->iso);
@@ -816,6 +903,8 @@ out:
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "--fs-guardian"))
+        return slotfs_guardian_main(argc, argv);
     const char *cfg = NULL;
     for (int i = 1; i < argc; i++) {
         const char *c = NULL;

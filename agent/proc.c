@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "quota.h"
+#include "slotfs.h"
 #include "template.h"
 #include "session.h"
 
@@ -150,7 +152,8 @@ unsigned proc_sweep_strays(struct agent *ag)
         for (size_t i = 0; i < kids.n; i++) {
             if (exec_is_main_pid(ag, kids.v[i]) || slots_is_box_holder(ag, kids.v[i]) ||
                 slots_is_kept(ag, kids.v[i]) || session_is_shell(ag, kids.v[i]) ||
-                ws_job_pid(ag, kids.v[i]))
+                ws_job_pid(ag, kids.v[i]) || quota_worker_pid(ag, kids.v[i]) ||
+                slotfs_guardian_pid(ag, kids.v[i]))
                 continue;
             /* A stray that already exited is only a zombie: reap it here
              * (nobody waits for its status) instead of "killing" it again. */

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "quota.h"
 
 #define MAX_QUEUE 1024
 
@@ -60,6 +61,8 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->uid = ag->iso.uid_base + i;
         s->ws_ns = (struct ovl_ns){-1, -1, -1};
     }
+    if (quota_mount_slots(ag, err) < 0)
+        return -1;
     for (unsigned i = 0; i < ag->nslots; i++) {
         struct slot *s = &ag->slots[i];
         char path[4096];
@@ -248,6 +251,7 @@ void slots_forget_kept(struct agent *ag, pid_t pid)
         for (unsigned j = 0; j < s->nkept; j++)
             if (s->kept[j] == pid) {
                 s->kept[j] = s->kept[--s->nkept];
+                quota_kick(ag, s); /* what it wrote is counted */
                 return;
             }
     }
@@ -326,6 +330,7 @@ void slot_submit(struct agent *ag, struct req *rq)
 void slot_advance(struct agent *ag, struct slot *s)
 {
     s->active = NULL;
+    quota_kick(ag, s); /* what the request wrote is counted */
     if (s->advancing)
         return;
     s->advancing = true;

@@ -29,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "quota.h"
 #include "template.h"
 #include "tree.h"
 
@@ -418,7 +419,12 @@ static void state_save(struct agent *ag, struct slot *s)
 static int ws_replace_dir(struct agent *ag, struct slot *s, struct sp_err *err)
 {
     char trash[4200], dir[4200];
-    pathf(dir, sizeof dir, "%s/overlay/%u", ag->data_dir, s->index);
+    /* With a filesystem of its own, the slot's directory is the only place
+     * a rename reaches (and it is gone at once). */
+    if (s->disk.fs)
+        pathf(dir, sizeof dir, "%s/slots/%u", ag->data_dir, s->index);
+    else
+        pathf(dir, sizeof dir, "%s/overlay/%u", ag->data_dir, s->index);
     mkdir(dir, 0700);
     pathf(trash, sizeof trash, "%s/.trash-%llx-%llu", dir, (unsigned long long)ag->instance,
           (unsigned long long)++ag->tpl_seq);
@@ -582,6 +588,7 @@ int ws_prepare(struct agent *ag, struct slot *s, struct template *t, struct sp_e
         }
     }
     s->ws_prepare_ms = mono_ms() - t0;
+    quota_slot_reset(ag, s);
     return rc;
 }
 
@@ -690,6 +697,7 @@ static void job_cb(struct ev_loop *loop, ev_io *w, int revents)
             state_save(ag, s);
     }
     s->ws_prepare_ms = mono_ms() - j->t0;
+    quota_slot_reset(ag, s);
     job_free(ag, j);
     reset_prepared(ag, s, r.rc, &r.err);
 }
@@ -868,7 +876,8 @@ int template_freeze_in_place(struct agent *ag, struct slot *s, const char *name,
     bool ovl = s->ws_mode == WS_OVERLAY;
     /* Without a box, a leftover of the slot is the agent's child and could
      * still be at work in the directory that moves: copy instead. */
-    if (s->running || s->nsessions || s->nkept || (remount && !ovl) ||
+    /* A slot with a filesystem of its own cannot rename out of it. */
+    if (s->disk.fs || s->running || s->nsessions || s->nkept || (remount && !ovl) ||
         !(ag->iso.available & (1u << RUNG_NAMESPACES)) ||
         (ovl && s->tpl->depth >= ag->opt.template_max_depth))
         return -1;

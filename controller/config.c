@@ -21,6 +21,7 @@ enum ftype {
     F_U32,
     F_DURATION,
     F_SIZE,
+    F_COUNT,
     F_LIST,
     F_ENV,
     F_BACKEND,
@@ -63,6 +64,10 @@ static const struct field fields[] = {
     {"template_disk_budget", F_SIZE, PF(template_budget),
      "per agent: unused templates past this much disk are deleted, least recently used first "
      "(0: no limit)"},
+    {"slot_disk", F_SIZE, PF(slot_disk),
+     "per slot disk budget passed to agents as --slot-disk (0: agent's default)"},
+    {"slot_inodes", F_COUNT, PF(slot_inodes),
+     "per slot files+dirs budget passed to agents as --slot-inodes (0: agent's default)"},
     {"env", F_ENV, PF(env), "environment added to every command"},
     {"env_vars", F_ENV, PF(env), "the same as env", true},
     {"secrets", F_LIST, PF(secrets),
@@ -289,6 +294,26 @@ static int parse_size(const char *s, uint64_t *out)
     return 0;
 }
 
+/* "5000", "500K", "2M" -> a count: K and M are 10^3 and 10^6, as the
+ * agent's --slot-inodes reads them. */
+static int parse_count(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (*s < '0' || *s > '9')
+        return -1;
+    unsigned long long v = strtoull(s, &end, 10);
+    uint64_t mult = 1;
+    if (*end == 'k' || *end == 'K')
+        mult = 1000, end++;
+    else if (*end == 'm' || *end == 'M')
+        mult = 1000000, end++;
+    if (errno || *end || v > UINT64_MAX / 1000000)
+        return -1;
+    *out = (uint64_t)v * mult;
+    return 0;
+}
+
 static int set_str(char **dst, const char *v)
 {
     free(*dst);
@@ -334,6 +359,12 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
     case F_SIZE:
         if (parse_size(v, (uint64_t *)base) < 0) {
             snprintf(why, whylen, "expected a size (bytes, or 512M, 2G), got '%s'", v);
+            return -1;
+        }
+        return 0;
+    case F_COUNT:
+        if (parse_count(v, (uint64_t *)base) < 0) {
+            snprintf(why, whylen, "expected a count (5000, or 500K, 2M), got '%s'", v);
             return -1;
         }
         return 0;
@@ -853,7 +884,8 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
         case F_DOUBLE: msgpack_pack_double(pk, *(const double *)base); break;
         case F_U32: msgpack_pack_uint32(pk, *(const uint32_t *)base); break;
         case F_DURATION:
-        case F_SIZE: msgpack_pack_uint64(pk, *(const uint64_t *)base); break;
+        case F_SIZE:
+        case F_COUNT: msgpack_pack_uint64(pk, *(const uint64_t *)base); break;
         case F_ENV: pack_list(pk, (const struct strlist *)base, false); break;
         case F_LIST: pack_list(pk, (const struct strlist *)base, false); break;
         case F_BACKEND:
@@ -903,7 +935,7 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
 
 const char *config_field_help(void)
 {
-    static char buf[4096];
+    static char buf[8192]; /* every field's line: 4 KiB was too short */
     if (*buf)
         return buf;
     size_t off = 0;

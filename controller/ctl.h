@@ -131,6 +131,8 @@ struct profile {
     uint64_t idle_timeout_ms, max_lifetime_ms, acquire_timeout_ms, exec_timeout_ms;
     uint64_t lease_timeout_ms, lease_grace_ms, start_timeout_ms;
     uint64_t template_budget; /* bytes of templates per agent; 0: no limit */
+    uint64_t slot_disk;       /* --slot-disk of the agents; 0: the agent's default */
+    uint64_t slot_inodes;     /* --slot-inodes of the agents; 0: the agent's default */
     struct strlist env;       /* KEY=VALUE */
     struct strlist secrets;   /* names of controller env vars */
     char isolation[16];

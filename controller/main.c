@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -116,6 +117,39 @@ static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *
 
 #define GONE_PREFIX ".gone-"
 
+/* Detach every mount beneath dir, deepest first: an agent killed with its
+ * guardian leaves its slots' filesystems mounted in its data dir. */
+static void unmount_under(const char *dir)
+{
+    size_t dl = strlen(dir);
+    for (int n = 0; n < 4096; n++) { /* one mount at a time, rereading */
+        FILE *f = fopen("/proc/self/mountinfo", "re");
+        if (!f)
+            return;
+        char line[8192], best[4200] = "";
+        while (fgets(line, sizeof line, f)) {
+            /* ID PARENT MAJ:MIN ROOT MOUNTPOINT ...; octal escapes in paths */
+            char mp[4200];
+            if (sscanf(line, "%*s %*s %*s %*s %4199s", mp) != 1)
+                continue;
+            char *w = mp;
+            for (char *r = mp; *r; r++) {
+                if (r[0] == '\\' && r[1] >= '0' && r[1] <= '3' && r[2] && r[3]) {
+                    *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
+                    r += 3;
+                } else
+                    *w++ = *r;
+            }
+            *w = 0;
+            if (!strncmp(mp, dir, dl) && mp[dl] == '/' && strlen(mp) > strlen(best))
+                snprintf(best, sizeof best, "%s", mp);
+        }
+        fclose(f);
+        if (!best[0] || umount2(best, MNT_DETACH) < 0)
+            return;
+    }
+}
+
 void remove_tree_async(struct ctl *c, const char *path)
 {
     (void)c;
@@ -140,6 +174,7 @@ void remove_tree_async(struct ctl *c, const char *path)
     if (pid == 0) {
         /* No inherited descriptor (a data dir's lock) outlives the removal. */
         syscall(SYS_close_range, 3u, ~0u, 0);
+        unmount_under(path);
         nftw(path, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
         _exit(0);
     }

@@ -73,6 +73,18 @@ variable "pids_limit" {
   description = "Processes of the whole container (0: no limit). With seccomp_profile slots run as uid 0 in their boxes, which RLIMIT_NPROC does not limit."
 }
 
+variable "slot_disk" {
+  type        = string
+  default     = ""
+  description = "Disk budget of each slot (the agent's --slot-disk: bytes, or 64M, 2G; 0 or off: none). Empty: the agent's default. The controller sets it from the profile's slot_disk."
+}
+
+variable "slot_inodes" {
+  type        = string
+  default     = ""
+  description = "Files and directories each slot may have (the agent's --slot-inodes: a count, or 500K; 0 or off: none). Empty: the agent's default. The controller sets it from the profile's slot_inodes."
+}
+
 variable "extra_args" {
   type        = list(string)
   default     = []
@@ -146,12 +158,18 @@ job "slot-agents-docker" {
         pids_limit   = var.pids_limit
         # The image's entrypoint prepends slot-agent to arguments that start
         # with "--". NOMAD_ALLOC_DIR is /alloc, NOMAD_SECRETS_DIR /secrets.
-        args = concat([
-          "--listen", "tcp:0.0.0.0:${var.agent_port}",
-          "--token-file", "/secrets/token",
-          "--slots", format("%d", var.slots),
-          "--data-dir", "/alloc/data",
-        ], var.extra_args)
+        args = concat(
+          [
+            "--listen", "tcp:0.0.0.0:${var.agent_port}",
+            "--token-file", "/secrets/token",
+            "--slots", format("%d", var.slots),
+            "--data-dir", "/alloc/data",
+          ],
+          # Empty: nothing passed, the agent's default applies.
+          var.slot_disk != "" ? ["--slot-disk", var.slot_disk] : [],
+          var.slot_inodes != "" ? ["--slot-inodes", var.slot_inodes] : [],
+          var.extra_args,
+        )
       }
 
       template {

@@ -57,6 +57,18 @@ variable "token" {
   description = "Agent token. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key token (nomad var put nomad/jobs/<job_id> token=...)."
 }
 
+variable "slot_disk" {
+  type        = string
+  default     = ""
+  description = "Disk budget of each slot (the agent's --slot-disk: bytes, or 64M, 2G; 0 or off: none). Empty: the agent's default. The controller sets it from the profile's slot_disk."
+}
+
+variable "slot_inodes" {
+  type        = string
+  default     = ""
+  description = "Files and directories each slot may have (the agent's --slot-inodes: a count, or 500K; 0 or off: none). Empty: the agent's default. The controller sets it from the profile's slot_inodes."
+}
+
 variable "extra_args" {
   type        = list(string)
   default     = []
@@ -122,12 +134,18 @@ job "slot-agents-raw" {
         command = var.agent_bin
         # ${NOMAD_*} are interpolated by Nomad when the task starts; under
         # raw_exec they are absolute host paths.
-        args = concat([
-          "--listen", "tcp:${NOMAD_IP_agent}:${NOMAD_PORT_agent}",
-          "--token-file", "${NOMAD_SECRETS_DIR}/token",
-          "--slots", format("%d", var.slots),
-          "--data-dir", "${NOMAD_ALLOC_DIR}/data",
-        ], var.extra_args)
+        args = concat(
+          [
+            "--listen", "tcp:${NOMAD_IP_agent}:${NOMAD_PORT_agent}",
+            "--token-file", "${NOMAD_SECRETS_DIR}/token",
+            "--slots", format("%d", var.slots),
+            "--data-dir", "${NOMAD_ALLOC_DIR}/data",
+          ],
+          # Empty: nothing passed, the agent's default applies.
+          var.slot_disk != "" ? ["--slot-disk", var.slot_disk] : [],
+          var.slot_inodes != "" ? ["--slot-inodes", var.slot_inodes] : [],
+          var.extra_args,
+        )
       }
 
       template {

@@ -115,7 +115,7 @@ static void json_str(const char *s)
 }
 
 void isolate_report(const struct isolation *iso, bool json, const char *view, const char *tpl_mode,
-                    const char *tpl_why)
+                    const char *tpl_why, const char *disk)
 {
     if (json) {
         printf("{\"root\": %s, \"landlock_abi\": %d, \"slot_uid_base\": %u, \"cgroup\": %d, "
@@ -130,7 +130,7 @@ void isolate_report(const struct isolation *iso, bool json, const char *view, co
         json_str(tpl_mode);
         printf(", \"why\": ");
         json_str(tpl_why);
-        printf("}, \"rungs\": {");
+        printf("}, %s, \"rungs\": {", disk);
         for (int r = 0; r < RUNG_COUNT; r++)
             printf("%s\"%s\": {\"available\": %s, \"why\": \"%s\"}", r ? ", " : "", rung_names[r],
                    (iso->available & (1u << r)) ? "true" : "false",
@@ -144,6 +144,7 @@ void isolate_report(const struct isolation *iso, bool json, const char *view, co
     printf("templates: a slot stands on one as %s%s%s%s\n",
            !strcmp(tpl_mode, "overlay") ? "an overlay" : "a copy", tpl_why[0] ? " (" : "", tpl_why,
            tpl_why[0] ? ")" : "");
+    printf("%s\n", disk);
     for (int r = 0; r < RUNG_COUNT; r++) {
         if ((iso->available & (1u << r)) && r == RUNG_UID)
             printf("  %-12s yes  (slot N runs as uid/gid %u+N)\n", rung_names[r], iso->uid_base);

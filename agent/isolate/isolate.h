@@ -82,7 +82,7 @@ void isolate_free(struct isolation *iso);
 /* Human (or JSON) report of the probe, for --probe; view: where commands
  * see their workspace (workspace_view of hello). */
 void isolate_report(const struct isolation *iso, bool json, const char *view, const char *tpl_mode,
-                    const char *tpl_why);
+                    const char *tpl_why, const char *disk);
 /* In the child, before execve: the documented order. 0, or -1 with
  * ic->failed_rung/failed_errno when a wanted rung failed and ic->required. */
 int isolate_child(struct iso_child *ic);

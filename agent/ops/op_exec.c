@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "exec.h"
+#include "quota.h"
 #include "template.h"
 
 #define DEFAULT_TIMEOUT_MS 600000u
@@ -226,6 +227,10 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
         }
         ic->lim[i].rlim_cur = ic->lim[i].rlim_max = v;
     }
+    /* One file cannot outgrow what is left of the slot's disk budget. */
+    rlim_t left = quota_fsize(ag, s);
+    if (ic->lim[LIM_FSIZE].rlim_cur == RLIM_INFINITY || ic->lim[LIM_FSIZE].rlim_cur > left)
+        ic->lim[LIM_FSIZE].rlim_cur = ic->lim[LIM_FSIZE].rlim_max = left;
     if (lim)
         for (uint32_t i = 0; i < lim->via.map.size; i++) {
             const msgpack_object *k = &lim->via.map.ptr[i].key;

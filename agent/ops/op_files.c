@@ -13,6 +13,7 @@
 
 #include "agent.h"
 #include "fdio.h"
+#include "quota.h"
 #include "tar.h"
 
 #define PATH_BUF 4096
@@ -259,6 +260,8 @@ int op_write_file(struct req *rq, struct sp_err *err)
     const char *data = arg_bin(rq, "data", &n);
     mode_t mode = (mode_t)arg_uint(rq, "mode", 0644);
     bool append = arg_bool(rq, "append", false);
+    if (quota_check_write(rq->ag, s, n, err) < 0)
+        return -1;
     int dfd =
         path_open_parent(s->ws_fd, path, arg_bool(rq, "mkdirs", false), base, sizeof base, err);
     if (dfd < 0)
@@ -272,6 +275,7 @@ int op_write_file(struct req *rq, struct sp_err *err)
     if (append ? write_append(s->ws_fd, path, data, n, mode, &st, err)
                : write_replace(dfd, base, path, data, n, mode, &st, err))
         goto out;
+    quota_note_write(rq->ag, s, n);
     char hex[65];
     sp_sha256_hex(data, n, hex);
     msgpack_packer *pk = req_reply_begin(rq);

@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "quota.h"
 #include "session.h"
 #include "../template.h"
 
@@ -47,8 +48,10 @@ int op_hello(struct req *rq, struct sp_err *err)
     char view[4200];
     slots_view_template(ag, view, sizeof view);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 13);
+    msgpack_pack_map(pk, 14);
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
+    sp_pack_cstr(pk, "disk_quota");
+    quota_pack_info(pk, ag);
     /* Shares exist only in boxes: without one a command does not see them
      * (and never a writable stand-in). */
     bool boxed = (ag->iso.available & (1u << RUNG_NAMESPACES)) != 0;
@@ -174,8 +177,9 @@ int op_stats(struct req *rq, struct sp_err *err)
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 11);
+    msgpack_pack_map(pk, 14);
     sp_pack_kv_uint(pk, "uptime_ms", ms_since(ag, ag->started));
+    quota_pack_stats(pk, ag);
     sp_pack_kv_uint(pk, "requests", ag->requests);
     sp_pack_kv_uint(pk, "errors", ag->errors);
     sp_pack_kv_uint(pk, "connections", ag->nconns);
@@ -229,8 +233,10 @@ static void pack_workspace(msgpack_packer *pk, struct slot *s)
 
 static void pack_slot(msgpack_packer *pk, struct agent *ag, struct slot *s)
 {
-    msgpack_pack_map(pk, 17);
+    msgpack_pack_map(pk, 18);
     pack_workspace(pk, s);
+    sp_pack_cstr(pk, "disk");
+    quota_pack_slot(pk, ag, s);
     sp_pack_kv_uint(pk, "slot", s->index);
     sp_pack_kv_str(pk, "state",
                    s->resetting                ? "resetting"
@@ -468,6 +474,7 @@ static void reset_next(struct agent *ag, struct slot *s, int rc0, const struct s
     s->in_reset = false;
     s->resetting = false;
     s->resets++;
+    quota_slot_reset(ag, s);
     if (!s->active)
         slot_advance(ag, s);
 }

@@ -76,6 +76,8 @@ static const char usage_text[] =
     "\n"
     "agent commands (with --agent or --agent-cmd):\n"
     "  hello | health | stats | slots\n"
+    "                           slots: with DISK (bytes used/budget) and FILES\n"
+    "                           (files+dirs used/budget), ! past a budget or full\n"
     "  lease SLOT TRAJECTORY | unlease SLOT | cancel EXEC_ID\n"
     "\n"
     "options:\n"
@@ -1051,6 +1053,52 @@ static int cmd_simple(struct ctl *c, const char *op)
     return 0;
 }
 
+/* 12.3M: a size in a table cell (no space, so columns split on blanks). */
+static void fmt_size_short(char *out, size_t cap, uint64_t n)
+{
+    static const char units[] = "KMGTP";
+    if (n < 1024) {
+        snprintf(out, cap, "%lluB", (unsigned long long)n);
+        return;
+    }
+    double v = (double)n / 1024.0;
+    int u = 0;
+    while (v >= 1024.0 && u < 4) {
+        v /= 1024.0;
+        u++;
+    }
+    snprintf(out, cap, "%.1f%c", v, units[u]);
+}
+
+/* A slot's DISK and FILES cells from its `disk` map {used, budget, inodes,
+ * inodes_budget, over}: "12.3M/1.0G", "340/500000"; "-" for no budget; a
+ * "!" past a budget (on DISK when the agent says over without a figure
+ * past one); "-" for both from an agent without disk maps. */
+static void disk_cells(const msgpack_object *s, char *disk, size_t dcap, char *files, size_t fcap)
+{
+    const msgpack_object *d = sp_map_get(s, "disk");
+    if (!d || d->type != MSGPACK_OBJECT_MAP) {
+        snprintf(disk, dcap, "-");
+        snprintf(files, fcap, "-");
+        return;
+    }
+    uint64_t used = get_u(d, "used"), budget = get_u(d, "budget");
+    uint64_t inodes = get_u(d, "inodes"), ibudget = get_u(d, "inodes_budget");
+    bool over_b = budget && used > budget, over_i = ibudget && inodes > ibudget;
+    if (get_b(d, "over") && !over_b && !over_i)
+        over_b = true;
+    char u[32], b[32] = "-";
+    fmt_size_short(u, sizeof u, used);
+    if (budget)
+        fmt_size_short(b, sizeof b, budget);
+    snprintf(disk, dcap, "%s/%s%s", u, b, over_b ? "!" : "");
+    if (ibudget)
+        snprintf(files, fcap, "%llu/%llu%s", (unsigned long long)inodes,
+                 (unsigned long long)ibudget, over_i ? "!" : "");
+    else
+        snprintf(files, fcap, "%llu/-", (unsigned long long)inodes);
+}
+
 static int cmd_slots(struct ctl *c)
 {
     const msgpack_object *r = call(c, "slots", NULL);
@@ -1065,10 +1113,15 @@ static int cmd_slots(struct ctl *c)
         return fail(c, sp_code_name(SP_INTERNAL), "slots answer without a slots array");
     uint32_t n = arr->via.array.size;
     char(*running)[64] = calloc(n ? n : 1, sizeof *running);
-    if (!running)
+    /* DISK and FILES when the agent counts its slots' disk use. */
+    bool with_disk = n && sp_map_get(&arr->via.array.ptr[0], "disk");
+    char(*disk)[2][64] = with_disk ? calloc(n, sizeof *disk) : NULL;
+    if (!running || (with_disk && !disk)) {
+        free(running);
         return fail(c, "", "out of memory");
+    }
     /* Two passes: widths first, so columns line up whatever the data. */
-    int w_state = 5, w_lease = 5, w_run = 7;
+    int w_state = 5, w_lease = 5, w_run = 7, w_disk = 4;
     for (uint32_t i = 0; i < n; i++) {
         const msgpack_object *s = &arr->via.array.ptr[i];
         int sn, tn;
@@ -1091,20 +1144,31 @@ static int cmd_slots(struct ctl *c)
         w_state = sn > w_state ? sn : w_state;
         w_lease = tn > w_lease ? (tn > 40 ? 40 : tn) : w_lease;
         w_run = (int)strlen(running[i]) > w_run ? (int)strlen(running[i]) : w_run;
+        if (disk) {
+            disk_cells(s, disk[i][0], sizeof disk[i][0], disk[i][1], sizeof disk[i][1]);
+            w_disk = (int)strlen(disk[i][0]) > w_disk ? (int)strlen(disk[i][0]) : w_disk;
+        }
     }
-    printf("%-4s  %-*s  %-*s  %6s  %-*s  %5s\n", "SLOT", w_state, "STATE", w_lease, "LEASE",
-           "QUEUED", w_run, "RUNNING", "EXECS");
+    printf("%-4s  %-*s  %-*s  %6s  %-*s  %5s", "SLOT", w_state, "STATE", w_lease, "LEASE", "QUEUED",
+           w_run, "RUNNING", "EXECS");
+    if (disk)
+        printf("  %*s  %s", w_disk, "DISK", "FILES");
+    putchar('\n');
     for (uint32_t i = 0; i < n; i++) {
         const msgpack_object *s = &arr->via.array.ptr[i];
         int sn, tn;
         const char *st = get_s(s, "state", &sn);
         const char *tid = get_s(s, "trajectory_id", &tn);
-        printf("%-4llu  %-*.*s  %-*.*s  %6llu  %-*s  %5llu\n", (unsigned long long)get_u(s, "slot"),
+        printf("%-4llu  %-*.*s  %-*.*s  %6llu  %-*s  %5llu", (unsigned long long)get_u(s, "slot"),
                w_state, sn, st, w_lease, tn > 40 ? 40 : tn, tid,
                (unsigned long long)get_u(s, "queued"), w_run, running[i],
                (unsigned long long)get_u(s, "execs"));
+        if (disk)
+            printf("  %*s  %s", w_disk, disk[i][0], disk[i][1]);
+        putchar('\n');
     }
     free(running);
+    free(disk);
     return 0;
 }
 
@@ -1340,6 +1404,11 @@ static int cmd_exec(struct ctl *c, const struct cmd *cmd, int *status)
                 (unsigned long long)get_u(r, "exec_id"), get_b(r, "idle_timed_out") ? "idle " : "",
                 (unsigned long long)get_u(r, "duration_ms"));
         code = EXIT_TIMED_OUT;
+    } else if (get_b(r, "disk_quota")) {
+        int rn;
+        const char *why = get_s(r, "reason", &rn);
+        fprintf(stderr, "agentctl: exec %llu was stopped: disk quota exceeded: %.*s\n",
+                (unsigned long long)get_u(r, "exec_id"), rn, why);
     } else if (get_b(r, "cancelled")) {
         fprintf(stderr, "agentctl: exec %llu was cancelled\n",
                 (unsigned long long)get_u(r, "exec_id"));
@@ -1706,7 +1775,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
         {"hello", CMD_HELLO, MODE_BOTH, 0, 0, "hello"},
         {"health", CMD_HEALTH, MODE_AGENT, 0, 0, "health"},
         {"stats", CMD_STATS, MODE_AGENT, 0, 0, "stats"},
-        {"slots", CMD_SLOTS, MODE_AGENT, 0, 0, "slots"},
+        {"slots", CMD_SLOTS, MODE_AGENT, 0, 1, "slots"},
         {"exec", CMD_EXEC, MODE_BOTH, 1, -1,
          "exec SLOT [--timeout-ms N] [--cwd DIR] [-e K=V]... -- CMD..."},
         {"cat", CMD_CAT, MODE_BOTH, 2, 2, "cat SLOT PATH"},
@@ -1820,9 +1889,16 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
             usage_error("usage: agentctl %s", table[t].usage);
         cmd->purge = argc == 2;
         break;
+    case CMD_SLOTS:
+        if (!to_controller) {
+            if (argc > 1)
+                usage_error("usage: agentctl %s", table[t].usage);
+            break;
+        }
+        parse_ctl_options(cmd, argc, argv, 1, table[t].usage);
+        break;
     case CMD_STATUS:
     case CMD_AGENTS:
-    case CMD_SLOTS:
     case CMD_ACQUIRE:
     case CMD_TOP: parse_ctl_options(cmd, argc, argv, 1, table[t].usage); break;
     default: break;

@@ -29,9 +29,9 @@
 enum helper_kind { HELPER_NONE, HELPER_START, HELPER_STOP };
 
 static const char *const placeholders[] = {
-    "agent_id",  "profile",   "controller", "slots",       "image", "token",
-    "cpu",       "memory",    "memory_mb",  "slot_memory", "gpu",   "data_dir",
-    "isolation", "state_dir", "agent_bin",  NULL,
+    "agent_id", "profile",  "controller", "slots",       "image",     "token",
+    "cpu",      "memory",   "memory_mb",  "slot_memory", "slot_disk", "slot_inodes",
+    "gpu",      "data_dir", "isolation",  "state_dir",   "agent_bin", NULL,
 };
 
 /* ---- templates ----------------------------------------------------------- */
@@ -68,6 +68,10 @@ static void ph_value(const struct ctl *c, const struct profile *p, const struct 
         snprintf(out, cap, "%" PRIu64, p->memory >> 20);
     else if (!strcmp(name, "slot_memory"))
         snprintf(out, cap, "%" PRIu64, p->memory / p->slots_per_agent);
+    else if (!strcmp(name, "slot_disk"))
+        snprintf(out, cap, "%" PRIu64, p->slot_disk);
+    else if (!strcmp(name, "slot_inodes"))
+        snprintf(out, cap, "%" PRIu64, p->slot_inodes);
     else if (!strcmp(name, "gpu"))
         snprintf(out, cap, "%s", p->gpu ? p->gpu : "");
     else if (!strcmp(name, "data_dir"))
@@ -660,12 +664,21 @@ static int check_template(const struct profile *p, const char *what, const struc
                 return sp_errf(err, SP_BAD_REQUEST,
                                "profile '%s': exec.%s: unknown placeholder %.*s (known: agent_id, "
                                "profile, controller, slots, image, token, cpu, memory, memory_mb, "
-                               "slot_memory, gpu, data_dir, isolation, state_dir, agent_bin)",
+                               "slot_memory, slot_disk, slot_inodes, gpu, data_dir, isolation, "
+                               "state_dir, agent_bin)",
                                p->name, what, (int)n, s);
             if (!strncmp(s, "{image}", 7) && !p->image)
                 return sp_errf(err, SP_BAD_REQUEST,
                                "profile '%s': exec.%s uses {image} but the profile has no image",
                                p->name, what);
+            /* Unset is the agent's default, but the agent reads 0 as no
+             * budget at all: a template that passes the value needs it. */
+            if ((!strncmp(s, "{slot_disk}", 11) && !p->slot_disk) ||
+                (!strncmp(s, "{slot_inodes}", 13) && !p->slot_inodes))
+                return sp_errf(err, SP_BAD_REQUEST,
+                               "profile '%s': exec.%s uses %.*s but the profile does not set %.*s "
+                               "(0 would turn the agents' budget off, not give their default)",
+                               p->name, what, (int)n, s, (int)n - 2, s + 1);
             s += n - 1;
         }
     return 0;

@@ -184,7 +184,7 @@ static void data_release(struct ctl *c, struct agent *ag)
 static char **build_argv(struct ctl *c, struct agent *ag, const char *listen)
 {
     struct profile *p = ag->prof;
-    size_t n = 16 + p->local_args.n;
+    size_t n = 20 + p->local_args.n;
     char **v = calloc(n, sizeof *v);
     size_t i = 0;
     v[i++] = strdup(agent_bin(c, ag));
@@ -205,6 +205,18 @@ static char **build_argv(struct ctl *c, struct agent *ag, const char *listen)
     if (p->memory) {
         v[i++] = strdup("--slot-memory");
         if (asprintf(&v[i++], "%" PRIu64, p->memory / p->slots_per_agent) < 0)
+            abort();
+    }
+    /* 0 is the agent's own default: nothing to pass (its --slot-disk 0
+     * would mean no budget at all). */
+    if (p->slot_disk) {
+        v[i++] = strdup("--slot-disk");
+        if (asprintf(&v[i++], "%" PRIu64, p->slot_disk) < 0)
+            abort();
+    }
+    if (p->slot_inodes) {
+        v[i++] = strdup("--slot-inodes");
+        if (asprintf(&v[i++], "%" PRIu64, p->slot_inodes) < 0)
             abort();
     }
     for (size_t k = 0; k < p->local_args.n; k++)

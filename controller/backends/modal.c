@@ -115,6 +115,15 @@ static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
         strlist_add(l, "--isolation");
         strlist_add(l, "{isolation}");
     }
+    /* Only when set: unset is the agent's default (its 0 is no budget). */
+    if (p->slot_disk) {
+        strlist_add(l, "--slot-disk");
+        strlist_add(l, "{slot_disk}");
+    }
+    if (p->slot_inodes) {
+        strlist_add(l, "--slot-inodes");
+        strlist_add(l, "{slot_inodes}");
+    }
     for (size_t i = 0; i < p->secrets.n; i++) {
         strlist_add(l, "--secret");
         strlist_add(l, p->secrets.v[i]);

@@ -805,6 +805,16 @@ static int nomad_start(struct ctl *c, struct agent *ag, struct sp_err *err)
         snprintf(num, sizeof num, "%" PRIu64, p->memory >> 20);
         hcl_var(&vars, &len, "memory", num);
     }
+    /* Only when set: the templates pass nothing for an empty value, which
+     * leaves the agent's default (its 0 is no budget). */
+    if (p->slot_disk) {
+        snprintf(num, sizeof num, "%" PRIu64, p->slot_disk);
+        hcl_var(&vars, &len, "slot_disk", num);
+    }
+    if (p->slot_inodes) {
+        snprintf(num, sizeof num, "%" PRIu64, p->slot_inodes);
+        hcl_var(&vars, &len, "slot_inodes", num);
+    }
     for (size_t i = 0; i < p->nomad.vars.n; i++) {
         char *kv = strdup(p->nomad.vars.v[i]), *eq = strchr(kv, '=');
         *eq = 0;

@@ -69,6 +69,11 @@ static int slurm_check(struct ctl *c, struct profile *p, struct sp_err *err)
     add2(l, "--slots", "{slots}");
     if (*p->isolation)
         add2(l, "--isolation", "{isolation}");
+    /* Only when set: unset is the agent's default (its 0 is no budget). */
+    if (p->slot_disk)
+        add2(l, "--slot-disk", "{slot_disk}");
+    if (p->slot_inodes)
+        add2(l, "--slot-inodes", "{slot_inodes}");
     if (p->cpu > 0) {
         snprintf(buf, sizeof buf, "%.0f", ceil(p->cpu));
         sbatch_opt(l, "cpus-per-task", buf);

@@ -24,6 +24,7 @@ Usage
       [--env K=V]...         environment of the sandbox
       [--block-network] [--cidr-allowlist CIDR]...
       [--isolation best_effort|required]   the agent's default isolation
+      [--slot-disk SIZE] [--slot-inodes N] the agent's per-slot budgets (default: its own)
       [--on-signal detach|terminate]       on SIGTERM/SIGINT (default detach)
       [--no-create]          only attach to a running sandbox
   slot-modal-bridge list --app APP [--prefix P] [--strip S]
@@ -38,7 +39,8 @@ named NAME (`Sandbox.from_name`), else create it (unless --no-create) from
 `Image.from_registry(REF).add_local_file(AGENT_BIN, "/usr/local/bin/slot-agent")`
 with tags {slot_bridge: "1", slot_name: NAME}, the profile's resources, and as
 its process `/usr/local/bin/slot-agent --listen unix:/run/slot-agent.sock
---slots N --data-dir WORKDIR --pass-env '*' [--isolation I]` (commands see the
+--slots N --data-dir WORKDIR --pass-env '*' [--isolation I] [--slot-disk SIZE]
+[--slot-inodes N]` (commands see the
 sandbox's environment: the image's ENV, the Secrets, --env). A lost creation race
 (AlreadyExistsError) attaches to the winner. An existing sandbox is reused as
 it is: its image, resources and slots are not compared with the flags. Then
@@ -200,6 +202,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.add_argument("--block-network", action="store_true")
     a.add_argument("--cidr-allowlist", action="append", default=[])
     a.add_argument("--isolation", choices=["best_effort", "required"])
+    a.add_argument("--slot-disk")
+    a.add_argument("--slot-inodes")
     a.add_argument("--on-signal", choices=["detach", "terminate"], default="detach")
     a.add_argument("--no-create", action="store_true")
 
@@ -414,6 +418,10 @@ class Bridge:
                  "--data-dir", a.workdir, "--pass-env", "*"]
         if a.isolation:
             entry += ["--isolation", a.isolation]
+        if a.slot_disk:
+            entry += ["--slot-disk", a.slot_disk]
+        if a.slot_inodes:
+            entry += ["--slot-inodes", a.slot_inodes]
         kw: dict[str, Any] = {
             "app": app, "name": a.name, "tags": {TAG_BRIDGE: "1", TAG_NAME: a.name},
             "image": image, "timeout": a.timeout, "workdir": a.workdir,

@@ -77,16 +77,29 @@ def test_health_and_stats(agent: Agent) -> None:
     assert d["ops"]["exec"]["calls"] == 1
 
 
+def size_short(n: int) -> str:
+    """agentctl's table cells: 12.3M."""
+    v, u = n / 1024, 0
+    while v >= 1024 and u < 4:
+        v, u = v / 1024, u + 1
+    return f"{v:.1f}{'KMGTP'[u]}"
+
+
 def test_slots_table_and_json(agent: Agent) -> None:
     assert ctl(agent, "lease", "2", "traj-table").returncode == 0
     r = ctl(agent, "slots")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[0].split() == ["SLOT", "STATE", "LEASE", "QUEUED", "RUNNING", "EXECS"]
+    assert lines[0].split() == ["SLOT", "STATE", "LEASE", "QUEUED", "RUNNING", "EXECS", "DISK",
+                                "FILES"]
     assert len(lines) == 5
     rows = [ln.split() for ln in lines[1:]]
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
-    assert rows[2][1:] == ["idle", "traj-table", "0", "-", "0"]
+    assert rows[2][1:6] == ["idle", "traj-table", "0", "-", "0"]
+    # Each slot's disk use against its budgets (the agent's defaults).
+    budget = agent.client().call("hello")["disk_quota"]
+    assert rows[2][6].endswith("/" + size_short(budget["slot_disk"])), rows[2]
+    assert rows[2][7].endswith(f"/{budget['slot_inodes']}"), rows[2]
     assert rows[0][2] == "-"
     # Aligned: every column starts at the same offset on every line.
     starts = [lines[0].index(h) for h in ("STATE", "LEASE", "EXECS")]

@@ -15,7 +15,20 @@ import pytest
 
 from helpers import expect_error
 
-MODES = ["overlay", "overlay-uid", "copy"]
+# overlay-fs: each slot on a filesystem of its own (--disk-mode fs, root):
+# its layer cannot be renamed out of it, so freezing copies. The others
+# count disk use instead (--disk-mode watch) and freeze by renaming.
+MODES = ["overlay", "overlay-uid", "copy", "overlay-fs"]
+
+
+def mode_args(mode: str) -> list[str]:
+    return (["--template-mode", "copy"] if mode == "copy" else []) + \
+        ["--disk-mode", "fs" if mode == "overlay-fs" else "watch"]
+
+
+def freezes_by_copy(mode: str) -> bool:
+    """A quiet slot's layer becomes a template by a copy, not a rename."""
+    return mode in ("copy", "overlay-fs")
 
 
 def make_tar(files: dict[str, bytes | None], gz: bool = False,
@@ -75,10 +88,10 @@ def tagent(mode: str, agent_factory, tmpdir_short: Path):
         # The slot user rung needs every directory above the data dir
         # searchable by others.
         os.chmod(tmpdir_short, 0o755)
-    extra = ["--template-mode", "copy"] if mode == "copy" else []
-    a = agent_factory(slots=4, extra=extra)
+    a = agent_factory(slots=4, extra=mode_args(mode))
     c = a.client()
     h = c.call("hello")
+    assert h["disk_quota"]["mechanism"] == ("fs" if mode == "overlay-fs" else "watch")
     want = "copy" if mode == "copy" else "overlay"
     assert h["templates"]["mode"] == want, h["templates"]
     assert h["isolation"]["uid"] is (mode == "overlay-uid")
@@ -161,7 +174,7 @@ def test_from_slot_layers_deletions_and_delete(tagent, mode: str) -> None:
         expect_error(c, "template_delete", {"name": "base"}, "slot_busy", "in use")
     # A quiet overlay slot gave its own layer (no copy) and stands on it now.
     s0 = c.call("slots", {"slot": 0})["slots"][0]
-    assert s0["template"] == ("base" if mode == "copy" else "v2"), s0
+    assert s0["template"] == ("base" if freezes_by_copy(mode) else "v2"), s0
     assert sh(c, 0, "cat repo/a.txt; ls") == "v2\nadded.txt\nrepo\n"
     c.call("reset", {"slot": 1})
     c.call("reset", {"slot": 0, "template": "base"})
@@ -194,7 +207,7 @@ def test_fork_is_independent(tagent, mode: str) -> None:
     # In overlay mode the source's own changes were frozen in place (no
     # copy): both now stand on that layer, which goes once neither does.
     s0 = c.call("slots", {"slot": 0})["slots"][0]
-    assert s0["template"] == ("(fork)" if mode != "copy" else "base"), s0
+    assert s0["template"] == ("base" if freezes_by_copy(mode) else "(fork)"), s0
     c.call("reset", {"slot": 1})
     c.call("reset", {"slot": 0})
     assert not [p for p in (a.data_dir / "templates").iterdir() if p.name.startswith(".fork")]
@@ -280,7 +293,7 @@ def test_templates_and_workspaces_survive_a_restart(mode: str, agent_factory,
                                                     tmpdir_short: Path) -> None:
     if mode == "overlay-uid":
         os.chmod(tmpdir_short, 0o755)
-    extra = ["--template-mode", "copy"] if mode == "copy" else []
+    extra = mode_args(mode)
     a = agent_factory(slots=2, extra=extra)
     c = a.client()
     put(c, "base", make_tar(REPO))
@@ -320,8 +333,9 @@ def test_build_runs_once_and_failures_leave_nothing(tagent, mode: str) -> None:
     t = res[0]["template"]
     assert t["name"] == "env1" and t["base"] == (None if mode == "copy" else "base")
     assert t["build_ms"] >= 500
-    # The build's own layer became the template: nothing was copied.
-    assert "frozen in place as 'env1'" in a.log(), a.log()[-2000:]
+    # The build's own layer became the template: nothing was copied (on a
+    # filesystem of its own, it was).
+    assert ("frozen in place as 'env1'" in a.log()) is (mode != "overlay-fs"), a.log()[-2000:]
     again = c.call("template_build", {"name": "env1", "script": "exit 1"})
     assert again["built"] is True and again["cached"] is True and again["exec"] is None
     # The borrowed slot is free and empty again.

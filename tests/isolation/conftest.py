@@ -55,7 +55,7 @@ def _wait_socket(path: Path, proc_alive, timeout: float = 15.0) -> None:
     raise RuntimeError(f"agent did not listen on {path}")
 
 
-def _host_agent(name: str, base: Path, user: int | None) -> Cond:
+def _host_agent(name: str, base: Path, user: int | None, extra: tuple = ()) -> Cond:
     bindir = base / "bin"
     bindir.mkdir()
     shutil.copy(BUILD / "slot-escape", bindir / "slot-escape")
@@ -63,7 +63,7 @@ def _host_agent(name: str, base: Path, user: int | None) -> Cond:
     sock = base / "agent.sock"
     log = base / "agent.log"
     cmd = [str(BUILD / "slot-agent"), "--listen", f"unix:{sock}", "--data-dir", str(data),
-           *AGENT_ARGS]
+           *AGENT_ARGS, *extra]
     if user is not None:
         data.mkdir()
         os.chown(base, user, user)
@@ -105,7 +105,7 @@ def _docker_image(ctx: Path) -> None:
     tar.wait()
 
 
-def _docker_agent(base: Path) -> Cond:
+def _docker_agent(base: Path, extra: tuple = ()) -> Cond:
     if not shutil.which("docker"):
         raise RuntimeError("docker is not installed: the Docker condition cannot run")
     _docker_image(base)
@@ -114,7 +114,7 @@ def _docker_agent(base: Path) -> Cond:
     name = f"slot-iso-{uuid.uuid4().hex[:8]}"
     subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-v", f"{run}:/run/slot",
                     IMAGE, "/usr/local/bin/slot-agent", "--listen", "unix:/run/slot/agent.sock",
-                    "--data-dir", "/data", *AGENT_ARGS],
+                    "--data-dir", "/data", *AGENT_ARGS, *extra],
                    check=True, stdout=subprocess.DEVNULL, timeout=60)
 
     def alive() -> bool:
@@ -140,11 +140,15 @@ def _docker_agent(base: Path) -> Cond:
 def cond(request) -> Iterator[Cond]:
     base = Path(tempfile.mkdtemp(prefix="slot-iso-", dir="/var/tmp"))
     os.chmod(base, 0o755)
+    # A test module may add agent options of its own: AGENT_EXTRA_ARGS = [...]
+    # at its top level (none by default).
+    extra = tuple(getattr(request.module, "AGENT_EXTRA_ARGS", ()))
     try:
         if request.param == "docker":
-            cd = _docker_agent(base)
+            cd = _docker_agent(base, extra)
         else:
-            cd = _host_agent(request.param, base, NOBODY if request.param == "user" else None)
+            cd = _host_agent(request.param, base, NOBODY if request.param == "user" else None,
+                             extra)
         cd.rungs = cd.client.call("hello")["isolation"]
         yield cd
         cd.client.close()

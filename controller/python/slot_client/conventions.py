@@ -158,7 +158,11 @@ def command(res: Mapping[str, Any], ctx: Mapping[str, Any], conv: Conventions) -
         joined = joined.strip()
     exit_code = res.get("exit_code")
     timed_out = bool(res.get("timed_out")) or bool(res.get("idle_timed_out"))
-    success = exit_code == 0 and not timed_out
+    # Stopped because its slot went over its disk (or inode) budget: the
+    # agent says why in `reason`.
+    disk_quota = bool(res.get("disk_quota"))
+    reason = text(res.get("reason"))
+    success = exit_code == 0 and not timed_out and not disk_quota
     meta: dict[str, Any]
     if conv.texts == "trainer":
         if timed_out:
@@ -169,6 +173,9 @@ def command(res: Mapping[str, Any], ctx: Mapping[str, Any], conv: Conventions) -
         meta = {"exit_code": exit_code, **isolation_flags(res, ctx)}
         if stateful:
             meta["stateful"] = True
+        if disk_quota:
+            return False, joined, \
+                f"Disk quota exceeded: {reason}" if reason else "Disk quota exceeded", meta
         return success, joined, "" if success else f"Exit code: {exit_code}", meta
     error = ""
     if not success:
@@ -176,6 +183,8 @@ def command(res: Mapping[str, Any], ctx: Mapping[str, Any], conv: Conventions) -
             error = f"idle timeout after {res.get('duration_ms')} ms"
         elif timed_out:
             error = f"timed out after {ctx.get('timeout_ms') or res.get('duration_ms')} ms"
+        elif disk_quota:
+            error = f"disk quota exceeded: {reason}" if reason else "disk quota exceeded"
         elif res.get("cancelled"):
             error = "cancelled"
         elif res.get("signal"):
@@ -187,6 +196,8 @@ def command(res: Mapping[str, Any], ctx: Mapping[str, Any], conv: Conventions) -
             "stdout_truncated": bool(res.get("stdout_truncated")),
             "stderr_truncated": bool(res.get("stderr_truncated")),
             "cancelled": bool(res.get("cancelled")), **isolation_flags(res, ctx)}
+    if disk_quota:
+        meta["disk_quota"] = True
     if stateful:
         meta["stateful"] = True
         meta["session_alive"] = res.get("session_alive")
