@@ -56,6 +56,7 @@ struct slot_disk {
     double scanned_at;                /* ev_now; 0: never */
     uint64_t epoch;                   /* bumped when the workspace is replaced */
     uint64_t cmds, cmds_counted;      /* commands started; as of the last count */
+    uint64_t noted, noted_inodes;     /* written by write_file, ever (see apply) */
     bool dirty;                       /* changed since: scan it */
     bool fs;                          /* a filesystem of its own (slotfs.c) */
     uint64_t base_bytes, base_inodes; /* what its empty filesystem uses */

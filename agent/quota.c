@@ -44,8 +44,9 @@ enum { REC_DEEP = 1, REC_CAPPED = 2 };
 struct rec {
     uint32_t index;
     uint32_t flags;
-    uint64_t epoch; /* the slot's when the pass began */
-    uint64_t cmds;  /* and its commands started by then */
+    uint64_t epoch;               /* the slot's when the pass began */
+    uint64_t cmds;                /* and its commands started by then */
+    uint64_t noted, noted_inodes; /* and what write_file had put in by then */
     uint64_t bytes;
     uint64_t inodes;
 };
@@ -106,6 +107,7 @@ static uint64_t clamp(uint64_t v, uint64_t lo, uint64_t hi)
 void quota_configure(struct agent *ag)
 {
     struct quota_state *q = &ag->quota;
+    q->fd = -1;
     unsigned n = ag->opt.nslots ? ag->opt.nslots : 1;
     struct statvfs vf;
     struct statfs sf;
@@ -145,6 +147,17 @@ void quota_configure(struct agent *ag)
         if (q->fs)
             q->mechanism = "fs";
     }
+    /* Filesystems made before keep the budgets they were made with unless
+     * a flag says otherwise: a default that moved with the free space
+     * would otherwise make them anew, empty. */
+    uint64_t kept[2];
+    if (q->fs && (!ag->opt.slot_disk_set || !ag->opt.slot_inodes_set) &&
+        slotfs_budgets(ag, &kept[0], &kept[1]) == 0) {
+        if (!ag->opt.slot_disk_set)
+            q->budget = kept[0];
+        if (!ag->opt.slot_inodes_set)
+            q->ibudget = kept[1];
+    }
 
     /* What the kernel would have offered: say it, so an operator knows
      * what to turn on. */
@@ -156,7 +169,9 @@ void quota_configure(struct agent *ag)
     int e = EBADF;
 #ifdef SYS_quotactl_fd
     if (fd >= 0) {
-        rc = syscall(SYS_quotactl_fd, fd, QCMD(Q_GETINFO, PRJQUOTA), 0, &info);
+        /* QCMD() shifts a signed int past its range (UBSan): the same bits. */
+        unsigned cmd = ((unsigned)Q_GETINFO << SUBCMDSHIFT) | (PRJQUOTA & SUBCMDMASK);
+        rc = syscall(SYS_quotactl_fd, fd, (int)cmd, 0, &info);
         e = errno;
     }
 #else
@@ -222,39 +237,66 @@ static bool acc_full(const struct acc *a)
            (a->cap_bytes && a->bytes > a->cap_bytes);
 }
 
-/* *restore: the mode to give the directory back after walking it, or -1. */
+/* Open directory name beneath dir (dir may be AT_FDCWD with a path) for
+ * reading, never following a symlink. A directory its owner closed
+ * (chmod 000, 0400...: the agent is not root) is opened anyway, through
+ * the inode itself: hiding files that way hides nothing. *restore is then
+ * its mode, to give back with fchmod on the returned descriptor. */
 static int open_dir_at(int dir, const char *name, mode_t *restore)
 {
     *restore = (mode_t)-1;
     int d = openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    struct stat sb;
-    if (d < 0 && errno == EACCES && fstatat(dir, name, &sb, AT_SYMLINK_NOFOLLOW) == 0 &&
-        S_ISDIR(sb.st_mode) && fchmodat(dir, name, (sb.st_mode & 07777) | 0500, 0) == 0) {
-        /* A directory its owner closed (the agent is not root): open it,
-         * count it, then give it its mode back. Hiding files this way
-         * hides nothing. */
-        *restore = sb.st_mode & 07777;
-        d = openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    struct stat st;
+    if (d >= 0 && geteuid() != 0 && fstat(d, &st) == 0 && (st.st_mode & 0500) != 0500 &&
+        st.st_uid == geteuid()) {
+        /* Readable but not searchable (chmod 0400): its entries could not
+         * be looked at. */
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", d);
+        if (fchmodat(AT_FDCWD, proc, (st.st_mode & 07777) | 0700, 0) == 0)
+            *restore = st.st_mode & 07777;
+        return d;
     }
+    if (d >= 0 || errno != EACCES)
+        return d;
+    int pfd = openat(dir, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    struct stat sb;
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+    /* Through the descriptor's magic link: the very directory opened, not
+     * whatever a slot renamed into its place meanwhile. */
+    if (pfd >= 0 && fstat(pfd, &sb) == 0 &&
+        fchmodat(AT_FDCWD, proc, (sb.st_mode & 07777) | 0700, 0) == 0) {
+        *restore = sb.st_mode & 07777;
+        d = openat(pfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (d < 0)
+            fchmodat(AT_FDCWD, proc, *restore, 0), *restore = (mode_t)-1;
+    }
+    if (pfd >= 0)
+        close(pfd);
     return d;
 }
 
-static void walk(int dir, unsigned depth, struct acc *a)
+/* d: an open directory (consumed). */
+static void walk(int d, unsigned depth, struct acc *a)
 {
-    int fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    DIR *dp = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *dp = fdopendir(d);
     if (!dp) {
-        if (fd >= 0)
-            close(fd);
+        close(d);
+        a->flags |= REC_DEEP; /* out of descriptors: cannot be counted */
         return;
     }
+    int dir = dirfd(dp);
     struct dirent *de;
     while (!acc_full(a) && (de = readdir(dp))) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
             continue;
         struct stat sb;
-        if (fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) < 0)
+        if (fstatat(dir, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) < 0) {
+            if (errno != ENOENT) /* removed meanwhile is fine; unseen is not */
+                a->flags |= REC_DEEP;
             continue;
+        }
         uint64_t blocks = (uint64_t)sb.st_blocks * 512u;
         if (!S_ISDIR(sb.st_mode) && sb.st_nlink > 1) {
             /* Each of n names carries 1/n: links inside the tree add up to
@@ -272,33 +314,51 @@ static void walk(int dir, unsigned depth, struct acc *a)
             continue;
         }
         mode_t restore;
-        int d = open_dir_at(dir, de->d_name, &restore);
-        if (d >= 0) {
-            walk(d, depth + 1, a);
-            close(d);
+        int sub = open_dir_at(dir, de->d_name, &restore);
+        if (sub < 0) {
+            if (errno != ENOENT)
+                a->flags |= REC_DEEP;
+            continue;
         }
-        if (restore != (mode_t)-1)
-            fchmodat(dir, de->d_name, restore, 0);
+        int keep = restore != (mode_t)-1 ? dup(sub) : -1;
+        walk(sub, depth + 1, a);
+        if (keep >= 0) {
+            fchmod(keep, restore);
+            close(keep);
+        }
     }
     closedir(dp);
 }
 
 static void count_path(const char *path, struct acc *a)
 {
-    int d = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (d < 0)
+    mode_t restore;
+    int d = open_dir_at(AT_FDCWD, path, &restore);
+    if (d < 0) {
+        if (errno != ENOENT)
+            a->flags |= REC_DEEP;
         return;
+    }
+    int keep = restore != (mode_t)-1 ? dup(d) : -1;
     walk(d, 0, a);
-    close(d);
+    if (keep >= 0) {
+        fchmod(keep, restore);
+        close(keep);
+    }
 }
 
-static void count_slot(const struct agent *ag, const struct slot *s, struct rec *r)
+/* max_entries: stop there (0: no limit but the budgets'); a count that
+ * stops early is capped, and capped counts only ever refuse. */
+static void count_slot(const struct agent *ag, const struct slot *s, struct rec *r,
+                       uint64_t max_entries)
 {
     const struct quota_state *q = &ag->quota;
     /* Counting stops well past the budget: enough to tell over, and
      * shrinking from growing, without walking a million files. */
     struct acc a = {.cap_bytes = q->budget ? 4 * q->budget : 0,
                     .cap_inodes = q->ibudget ? 4 * q->ibudget : 0};
+    if (max_entries && (!a.cap_inodes || a.cap_inodes > max_entries))
+        a.cap_inodes = max_entries;
     count_path(s->tmp_path, &a);
     if (s->ws_mode == WS_OVERLAY && s->ws_gen) {
         char p[4200];
@@ -310,6 +370,8 @@ static void count_slot(const struct agent *ag, const struct slot *s, struct rec 
     *r = (struct rec){.index = s->index,
                       .epoch = s->disk.epoch,
                       .cmds = s->disk.cmds,
+                      .noted = s->disk.noted,
+                      .noted_inodes = s->disk.noted_inodes,
                       .flags = a.flags | (acc_full(&a) ? REC_CAPPED : 0),
                       .bytes = a.bytes + (uint64_t)a.frac_bytes,
                       .inodes = a.inodes + (uint64_t)(a.frac_inodes + 0.5)};
@@ -334,7 +396,7 @@ static void __attribute__((noreturn)) worker(struct agent *ag, int out)
         if (!s->disk.dirty || s->disk.fs)
             continue;
         struct rec r;
-        count_slot(ag, s, &r);
+        count_slot(ag, s, &r, 0);
         if (write(3, &r, sizeof r) != (ssize_t)sizeof r)
             _exit(1);
     }
@@ -377,10 +439,11 @@ static void over_why(const struct agent *ag, const struct slot *s, char *out, si
     const struct quota_state *q = &ag->quota;
     char u[32], b[32];
     if (s->disk.deep)
-        snprintf(out, cap,
-                 "slot %u nests directories deeper than %u levels, which cannot be "
-                 "counted against its disk budget",
-                 s->index, SCAN_MAX_DEPTH);
+        snprintf(
+            out, cap,
+            "slot %u nests directories deeper than %u levels, or keeps files where they cannot be "
+            "counted against its disk budget",
+            s->index, SCAN_MAX_DEPTH);
     else if (q->ibudget && s->disk.inodes > q->ibudget)
         snprintf(out, cap, "slot %u is over its budget of %" PRIu64 " files: %" PRIu64 "%s used",
                  s->index, q->ibudget, s->disk.inodes, s->disk.capped ? " or more" : "");
@@ -403,24 +466,30 @@ static void apply(struct agent *ag, const struct rec *r)
         return;
     }
     bool was_over = s->disk.over;
-    /* A command started since the last count: what this count finds may be
-     * the doing of the one before (counts lag), so it is only a baseline. */
-    bool baseline = r->cmds != s->disk.cmds_counted;
+    /* A command started since the last count, or since this one began:
+     * what it finds may be the doing of the one before (counts lag), so it
+     * is only a baseline. */
+    bool baseline = r->cmds != s->disk.cmds_counted || r->cmds != s->disk.cmds;
     s->disk.cmds_counted = r->cmds;
     s->disk.prev_used = s->disk.used;
     s->disk.prev_inodes = s->disk.inodes;
-    s->disk.used = r->bytes;
-    s->disk.inodes = r->inodes;
+    /* What write_file put in after the pass began is not in its count. */
+    uint64_t nb = s->disk.noted - r->noted, ni = s->disk.noted_inodes - r->noted_inodes;
+    s->disk.used = r->bytes + nb;
+    s->disk.inodes = r->inodes + ni;
     s->disk.capped = r->flags & REC_CAPPED;
     s->disk.deep = r->flags & REC_DEEP;
     s->disk.scanned_at = ev_now(ag->loop);
-    s->disk.over = s->disk.deep || (q->budget && r->bytes > q->budget) ||
-                   (q->ibudget && r->inodes > q->ibudget);
+    s->disk.over = s->disk.deep || (q->budget && s->disk.used > q->budget) ||
+                   (q->ibudget && s->disk.inodes > q->ibudget);
+    /* (A slot already over cannot use the baseline to write: its commands
+     * get RLIMIT_FSIZE 0. Empty files, a few per short command, go on
+     * until one is counted twice, or the reserve is reached.) */
     if (!s->disk.over || !slot_busy(s) || baseline)
         return;
     /* A slot that goes over stops; one already over is let be while it
      * does not grow (rm -rf of what it made, or reading), else it stops. */
-    bool grew = r->bytes > s->disk.prev_used || r->inodes > s->disk.prev_inodes;
+    bool grew = s->disk.used > s->disk.prev_used || s->disk.inodes > s->disk.prev_inodes;
     if (was_over && !grew)
         return;
     char why[160];
@@ -538,6 +607,12 @@ static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     struct agent *ag = w->data;
     struct quota_state *q = &ag->quota;
+    if (q->pid && mono() - q->started > 120) {
+        /* A pass that hangs (a filesystem that does not answer) must not
+         * end all counting: the next one tries again. */
+        log_warn("disk watcher: a count took over 120 s; killed");
+        kill(q->pid, SIGKILL);
+    }
     if (q->pid || ag->stopping)
         return;
     struct statvfs vf;
@@ -631,13 +706,41 @@ bool quota_worker_pid(const struct agent *ag, pid_t pid)
     return ag->quota.pid && ag->quota.pid == pid;
 }
 
-rlim_t quota_fsize(const struct agent *ag, const struct slot *s)
+/* About to refuse, or to deny writes, on a count that may be old (a
+ * command just removed files): count s now, here, if it is small enough to
+ * count in the event loop; a bigger one keeps its last count. */
+static void refresh(struct agent *ag, struct slot *s)
+{
+    struct quota_state *q = &ag->quota;
+    if (!(s->disk.dirty || q->pid))
+        return;
+    struct rec r;
+    count_slot(ag, s, &r, 20000);
+    if (r.flags & REC_CAPPED)
+        return;
+    s->disk.epoch++; /* what a pass in flight counted is older */
+    s->disk.used = r.bytes;
+    s->disk.inodes = r.inodes;
+    s->disk.capped = false;
+    s->disk.deep = r.flags & REC_DEEP;
+    s->disk.scanned_at = ev_now(ag->loop);
+    s->disk.over =
+        s->disk.deep || (q->budget && r.bytes > q->budget) || (q->ibudget && r.inodes > q->ibudget);
+}
+
+rlim_t quota_fsize(struct agent *ag, struct slot *s)
 {
     uint64_t b = ag->quota.budget;
-    if (!b || s->disk.fs)
+    if (s->disk.fs)
         return RLIM_INFINITY;
-    uint64_t left = b > s->disk.used ? b - s->disk.used : 0;
-    return (rlim_t)(left > MIB ? left : MIB);
+    /* Over: commands run (to look, to remove) but write no file. Else one
+     * file is bounded by the whole budget (the limit is on offsets, not on
+     * bytes added: what is left would stop an append to a big file). */
+    if (s->disk.over)
+        refresh(ag, s);
+    if (s->disk.over)
+        return 0;
+    return b ? (rlim_t)b : RLIM_INFINITY;
 }
 
 /* Would len more bytes take s over (or is it over)? */
@@ -650,20 +753,8 @@ static bool would_exceed(const struct agent *ag, const struct slot *s, uint64_t 
 int quota_check_write(struct agent *ag, struct slot *s, uint64_t len, struct sp_err *err)
 {
     struct quota_state *q = &ag->quota;
-    if (!s->disk.fs && would_exceed(ag, s, len) && (s->disk.dirty || q->pid)) {
-        /* About to refuse on a count that may be old (a command just
-         * removed files): count this slot now, here. Only refusals pay. */
-        struct rec r;
-        count_slot(ag, s, &r);
-        s->disk.epoch++; /* what a pass in flight counted is older */
-        s->disk.used = r.bytes;
-        s->disk.inodes = r.inodes;
-        s->disk.capped = r.flags & REC_CAPPED;
-        s->disk.deep = r.flags & REC_DEEP;
-        s->disk.scanned_at = ev_now(ag->loop);
-        s->disk.over = s->disk.deep || (q->budget && r.bytes > q->budget) ||
-                       (q->ibudget && r.inodes > q->ibudget);
-    }
+    if (!s->disk.fs && would_exceed(ag, s, len))
+        refresh(ag, s);
     char why[160];
     uint64_t avail, files;
     if (s->disk.fs && slotfs_free(ag, s, &avail, &files) == 0) {
@@ -701,9 +792,11 @@ void quota_note_write(struct agent *ag, struct slot *s, uint64_t n)
 {
     (void)ag;
     if (!s->disk.fs) {
-        s->disk.used += (n + 4095) & ~(uint64_t)4095;
+        uint64_t b = (n + 4095) & ~(uint64_t)4095;
+        s->disk.used += b;
         s->disk.inodes++;
-        s->disk.epoch++; /* a pass in flight counted before it */
+        s->disk.noted += b;
+        s->disk.noted_inodes++;
     }
 }
 
@@ -713,8 +806,7 @@ void quota_slot_reset(struct agent *ag, struct slot *s)
     s->disk.epoch++;
     s->disk.dirty = true;
     s->disk.over = s->disk.deep = s->disk.capped = false;
-    if (s->ws_mode == WS_PLAIN)
-        s->disk.used = s->disk.inodes = 0; /* emptied; the next scan confirms */
+    s->disk.used = s->disk.inodes = 0; /* the next count says (a copy: soon) */
 }
 
 void quota_pack_info(msgpack_packer *pk, const struct agent *ag)

@@ -20,7 +20,7 @@ void quota_start(struct agent *ag);
 void quota_stop_watch(struct agent *ag);
 bool quota_worker_pid(const struct agent *ag, pid_t pid);
 /* The RLIMIT_FSIZE a new command of s gets: what is left of its budget. */
-rlim_t quota_fsize(const struct agent *ag, const struct slot *s);
+rlim_t quota_fsize(struct agent *ag, struct slot *s);
 /* write_file of len bytes into s: 0, or -1 with err (too_large). */
 int quota_check_write(struct agent *ag, struct slot *s, uint64_t len, struct sp_err *err);
 /* A request of s is done: count it soon (now, if pacing allows). */

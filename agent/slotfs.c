@@ -12,6 +12,7 @@
  * killed, and a restart finds the images again (a slot's files and upper
  * layers survive it). Renames between a slot's filesystem and the rest of
  * the data dir fail with EXDEV: freezing such a slot copies instead. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -158,9 +159,47 @@ static int make_fs(const char *img, uint64_t bytes, uint64_t inodes, unsigned i,
     return 0;
 }
 
+/* Is img still the backing file of a loop device (an agent that died
+ * with a writer in its filesystem, or another agent on this data dir)?
+ * Mounting it a second time would corrupt it. */
+static bool loop_busy(const char *img)
+{
+    char want[4200];
+    if (!realpath(img, want))
+        return false;
+    DIR *d = opendir("/sys/block");
+    struct dirent *de;
+    bool busy = false;
+    while (d && !busy && (de = readdir(d))) {
+        if (strncmp(de->d_name, "loop", 4) != 0)
+            continue;
+        char p[300], line[4200];
+        snprintf(p, sizeof p, "/sys/block/%s/loop/backing_file", de->d_name);
+        FILE *f = fopen(p, "re");
+        if (f && fgets(line, sizeof line, f)) {
+            line[strcspn(line, "\n")] = 0;
+            busy = !strcmp(line, want);
+        }
+        if (f)
+            fclose(f);
+    }
+    if (d)
+        closedir(d);
+    return busy;
+}
+
 /* A loop device for img (released when its last mount goes). */
 static int loop_attach(const char *img, char *dev, size_t cap, struct sp_err *err)
 {
+    /* A detached mount's device goes when its last user does: give a
+     * killed agent's dying processes a moment. */
+    for (int i = 0; i < 50 && loop_busy(img); i++)
+        usleep(20000);
+    if (loop_busy(img))
+        return sp_errf(err, SP_INTERNAL,
+                       "%s is still in use on a loop device (a process of an earlier agent, "
+                       "or another agent on this data dir)",
+                       img);
     int img_fd = open(img, O_RDWR | O_CLOEXEC);
     if (img_fd < 0)
         return sp_errf(err, SP_INTERNAL, "%s: %s", img, strerror(errno));
@@ -277,6 +316,18 @@ static int usage_at(const char *path, uint64_t *bytes, uint64_t *inodes)
     return 0;
 }
 
+int slotfs_budgets(const struct agent *ag, uint64_t *bytes, uint64_t *inodes)
+{
+    char conf[4200];
+    uint64_t c[5];
+    snprintf(conf, sizeof conf, "%s/overlay/.disks/0.conf", ag->data_dir);
+    if (read_conf(conf, c) < 0 || !c[0])
+        return -1;
+    *bytes = c[0];
+    *inodes = c[1];
+    return 0;
+}
+
 int slotfs_mount(struct agent *ag, struct slot *s, struct sp_err *err)
 {
     const struct quota_state *q = &ag->quota;
@@ -312,7 +363,7 @@ int slotfs_mount(struct agent *ag, struct slot *s, struct sp_err *err)
             ;
     }
     uint64_t inodes = q->ibudget;
-    uint64_t c[5];
+    uint64_t c[5] = {0};
     bool fresh = read_conf(conf, c) < 0 || c[0] != q->budget || c[1] != inodes;
     struct stat sb;
     if (!fresh)
@@ -335,9 +386,13 @@ int slotfs_mount(struct agent *ag, struct slot *s, struct sp_err *err)
                 (avail <= q->budget && q->budget - avail < (1ull << 20)))
                 break;
             /* Aim a little under: a budget is a most, not a least. */
-            size = (uint64_t)((int64_t)size + ((int64_t)q->budget - (int64_t)avail) - (128 << 10));
+            int64_t next = (int64_t)size + ((int64_t)q->budget - (int64_t)avail) - (128 << 10);
+            if (next < (16 << 20)) /* what mkfs needs for its metadata, at least */
+                break;
+            size = (uint64_t)next;
         }
-        c[2] = size;
+        struct stat isb;
+        c[2] = stat(img, &isb) == 0 ? (uint64_t)isb.st_size : size;
         if (mount_stage(img, stage, err) < 0) {
             unlink(img);
             return -1;
@@ -463,7 +518,8 @@ int slotfs_guardian_main(int argc, char **argv)
     sigaddset(&set, SIGUSR2);
     sigprocmask(SIG_BLOCK, &set, NULL);
     prctl(PR_SET_PDEATHSIG, SIGUSR2, 0, 0, 0);
-    if (getppid() == (pid_t)parent) {
+    /* Only the agent's death: a stray SIGUSR2 (pkill by name) is not. */
+    while (getppid() == (pid_t)parent) {
         int got;
         sigwait(&set, &got);
     }

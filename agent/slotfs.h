@@ -8,6 +8,8 @@
 bool slotfs_usable(const struct agent *ag, char *why, size_t cap);
 /* Make (first time) and mount s's filesystem over DATA/slots/N and
  * DATA/overlay/N; sets s->disk.fs. Before the slot's directories open. */
+/* The budgets the existing filesystems were made with (slot 0's). */
+int slotfs_budgets(const struct agent *ag, uint64_t *bytes, uint64_t *inodes);
 int slotfs_mount(struct agent *ag, struct slot *s, struct sp_err *err);
 void slotfs_guardian_start(struct agent *ag);
 bool slotfs_guardian_pid(const struct agent *ag, pid_t pid);

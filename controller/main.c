@@ -119,8 +119,11 @@ static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *
 
 /* Detach every mount beneath dir, deepest first: an agent killed with its
  * guardian leaves its slots' filesystems mounted in its data dir. */
-static void unmount_under(const char *dir)
+static void unmount_under(const char *path)
 {
+    char dir[4200];
+    if (!realpath(path, dir))
+        return;
     size_t dl = strlen(dir);
     for (int n = 0; n < 4096; n++) { /* one mount at a time, rereading */
         FILE *f = fopen("/proc/self/mountinfo", "re");

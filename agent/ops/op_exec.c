@@ -227,7 +227,7 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
         }
         ic->lim[i].rlim_cur = ic->lim[i].rlim_max = v;
     }
-    /* One file cannot outgrow what is left of the slot's disk budget. */
+    /* One file cannot outgrow the slot's disk budget (nor be written while it is over). */
     rlim_t left = quota_fsize(ag, s);
     if (ic->lim[LIM_FSIZE].rlim_cur == RLIM_INFINITY || ic->lim[LIM_FSIZE].rlim_cur > left)
         ic->lim[LIM_FSIZE].rlim_cur = ic->lim[LIM_FSIZE].rlim_max = left;

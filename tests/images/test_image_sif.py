@@ -70,7 +70,12 @@ def test_exec_stdio(apptainer: str, sif: Path, data: Path) -> None:
     assert seen == ("/workspace" if h["isolation"]["namespaces"] else "/data/slots/1/work")
     assert r["exit_code"] == 0 and r["stdout"] == f"hi from 1\n{seen}\n42\n".encode(), r
     _finish(p, c)
-    assert (data / "slots" / "1" / "work").is_dir()
+    # The slots' data stayed on the host's bind: the workspace itself, or,
+    # where the agent (root here) gave each slot a filesystem of its own
+    # (mounted in the container's namespace, gone with it), its image.
+    fs = h["disk_quota"]["mechanism"] == "fs"
+    assert (data / "overlay" / ".disks" / "1.img").is_file() if fs else \
+        (data / "slots" / "1" / "work").is_dir()
 
 
 def test_run_defaults_to_stdio(apptainer: str, sif: Path, data: Path) -> None:
