@@ -487,10 +487,10 @@ static void apply(struct agent *ag, const struct rec *r)
      * until one is counted twice, or the reserve is reached.) */
     if (!s->disk.over || !slot_busy(s) || baseline)
         return;
-    /* A slot that goes over stops; one already over is let be while it
-     * does not grow (rm -rf of what it made, or reading), else it stops. */
-    bool grew = s->disk.used > s->disk.prev_used || s->disk.inodes > s->disk.prev_inodes;
-    if (was_over && !grew)
+    /* Over, counted twice in one command: it stops, unless it is giving
+     * space back (rm -rf of what it made). */
+    bool shrinking = s->disk.used < s->disk.prev_used || s->disk.inodes < s->disk.prev_inodes;
+    if (was_over && shrinking)
         return;
     char why[160];
     over_why(ag, s, why, sizeof why);
