@@ -134,8 +134,10 @@ def test_python_texts_for_a_disk_quota_stop() -> None:
     res = {"exit_code": 137, "signal": 9, "cancelled": True, "disk_quota": True,
            "reason": "slot 1 is over its disk budget", "stdout": b"partial\n", "stderr": b""}
     ok, out, err, meta = cv.command(res, {"tool": "bash"}, cv.Conventions.trainer())
-    assert (ok, out, err) == (False, "partial", "Disk quota exceeded: slot 1 is over its disk budget")
-    assert meta["exit_code"] == 137 and "disk_quota" not in meta
+    # The trainer's texts: its own "Exit code: N"; why is in the metadata.
+    assert (ok, out, err) == (False, "partial", "Exit code: 137")
+    assert meta["exit_code"] == 137 and meta["disk_quota"] is True
+    assert meta["reason"] == "slot 1 is over its disk budget"
     ok, out, err, meta = cv.command(res, {"tool": "bash"}, cv.Conventions.slot())
     assert not ok and err == "disk quota exceeded: slot 1 is over its disk budget"
     assert meta["disk_quota"] is True and meta["cancelled"] is True
@@ -221,7 +223,8 @@ def test_watcher_stop_answers_disk_quota_through_the_client(controller_factory) 
         s2 = await slot_be.acquire()
         r = (await be.execute_batch([(s, "bash", {"command": forever})], timeout_s=60))[0]
         assert not r.success, r
-        assert r.error.startswith("Disk quota exceeded: "), r
+        assert r.error.startswith("Exit code: "), r
+        assert r.metadata["disk_quota"] is True and r.metadata["reason"], r.metadata
         r2 = (await slot_be.execute_batch([(s2, "bash", {"command": forever})],
                                           timeout_s=60))[0]
         assert not r2.success and r2.error.startswith("disk quota exceeded: "), r2

@@ -174,8 +174,10 @@ def command(res: Mapping[str, Any], ctx: Mapping[str, Any], conv: Conventions) -
         if stateful:
             meta["stateful"] = True
         if disk_quota:
-            return False, joined, \
-                f"Disk quota exceeded: {reason}" if reason else "Disk quota exceeded", meta
+            # The trainer's texts stay its own ("Exit code: N"); why is in
+            # the metadata, where its reward code does not look.
+            meta.update(disk_quota=True, reason=reason)
+            return False, joined, f"Exit code: {exit_code}", meta
         return success, joined, "" if success else f"Exit code: {exit_code}", meta
     error = ""
     if not success:
