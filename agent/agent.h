@@ -22,6 +22,8 @@ struct template;
 struct upload;
 struct build;
 struct ws_job;
+struct idem;
+struct idem_entry;
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -127,6 +129,10 @@ struct agent_opts {
     bool slot_disk_set, slot_inodes_set, disk_reserve_set;
     unsigned disk_interval_ms;
     int disk_mode; /* 0 auto, 1 fs, 2 watch (--disk-mode) */
+    /* idempotency keys (idem.c); 0: the defaults. Hidden, for tests. */
+    unsigned idem_max_keys;
+    uint64_t idem_max_bytes;
+    double idem_window;
 };
 
 /* The disk watcher (quota.c). */
@@ -204,6 +210,7 @@ struct agent {
     struct build *builds;
     struct ws_job *jobs; /* copies running in worker processes */
     struct quota_state quota;
+    struct idem *idem; /* idempotency keys (idem.c) */
 };
 
 /* ---- requests and the op table ---------------------------------------- */
@@ -238,6 +245,7 @@ enum op_flags {
     OPF_NOAUTH = 1 << 1, /* allowed before a successful hello */
     OPF_NOW = 1 << 2,    /* with OPF_SLOT: validated but not queued (reset) */
     OPF_FSUSER = 1 << 3, /* file operation: runs with the slot user's fsuid */
+    OPF_IDEM = 1 << 4,   /* changes state: a repeat of its `key` must not run it again */
 };
 
 struct op_def {
@@ -270,6 +278,10 @@ struct req {
     bool stream;            /* sends stdout/stderr events */
     uint64_t out_off;       /* next stdout offset this request has seen */
     uint64_t err_off;
+    struct idem_entry *idem; /* the key it runs under (it is that key's first request) */
+    struct req *idem_next;   /* a repeat waiting for the first request of its key */
+    uint64_t resume_out;     /* envelope `resume`: output the client already has */
+    uint64_t resume_err;
     msgpack_packer pk;
 };
 
@@ -288,6 +300,9 @@ struct slot *req_slot(const struct req *rq);
  * req_reply_end. Safe when the connection is gone (output is discarded). */
 msgpack_packer *req_reply_begin(struct req *rq);
 void req_reply_end(struct req *rq);
+/* Like req_reply_begin, but the caller packs the whole answer map itself
+ * (idem.c replays a kept answer); end it with req_reply_end. */
+msgpack_packer *req_frame_begin(struct req *rq);
 /* Stream event {"id","event":name, ...nfields pairs the caller packs}. */
 msgpack_packer *req_event_begin(struct req *rq, const char *event, uint32_t nfields);
 void req_event_end(struct req *rq);
@@ -436,6 +451,9 @@ void slot_unlease(struct slot *s);
 /* dispatch.c */
 void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t len);
 void req_run(struct req *rq);
+/* Queue rq on its slot, or run it now when its op takes none (or is
+ * OPF_NOW): what dispatch does with a request it has accepted. */
+void req_start(struct req *rq);
 void req_free(struct req *rq);
 int op_index(const char *name);
 double agent_now(struct agent *ag);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "idem.h"
 
 #define MAX_INFLIGHT 4096
 #define MAX_CONNS 4096
@@ -198,7 +199,10 @@ static void conn_close(struct conn *c, const char *why)
     ev_io_stop(ag->loop, &c->ww);
     ev_timer_stop(ag->loop, &c->linger_w);
     /* Requests still queued on slots are dropped (nobody to answer); running
-     * commands keep running and can be attached again. */
+     * commands keep running and can be attached again. Repeats waiting on a
+     * key go first, so that none of them is picked to run a dropped first
+     * request's key. */
+    idem_conn_gone(ag, c);
     slot_drop_conn(ag, c);
     exec_conn_gone(ag, c);
     while (c->reqs) {

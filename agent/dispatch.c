@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "agent.h"
+#include "idem.h"
 #include "session.h" /* op_session_log */
 #include "template.h"
 
@@ -181,37 +182,41 @@ static const struct arg_spec args_session_signal[] = {
 static const struct arg_spec args_session[] = {
     {"session", ARG_UINT, true, 0}, {"slot", ARG_UINT, false, 0}, {NULL}};
 
+/* OPF_IDEM: ops whose effects must not happen twice remember a request's
+ * `key` (idem.c); the others are safe to run again and ignore it.
+ * session_read consumes what it returns, so it counts as one that changes
+ * state. */
 const struct op_def op_table[] = {
     {"hello", op_hello, OPF_NOAUTH, args_hello},
     {"health", op_health, 0, args_none},
     {"stats", op_stats, 0, args_none},
     {"slots", op_slots, 0, args_slots},
-    {"lease", op_lease, OPF_SLOT, args_lease},
-    {"unlease", op_unlease, OPF_SLOT, args_unlease},
-    {"exec", op_exec, OPF_SLOT, args_exec},
+    {"lease", op_lease, OPF_SLOT | OPF_IDEM, args_lease},
+    {"unlease", op_unlease, OPF_SLOT | OPF_IDEM, args_unlease},
+    {"exec", op_exec, OPF_SLOT | OPF_IDEM, args_exec},
     {"exec_attach", op_exec_attach, 0, args_exec_attach},
-    {"cancel", op_cancel, 0, args_cancel},
+    {"cancel", op_cancel, OPF_IDEM, args_cancel},
     {"read_file", op_read_file, OPF_SLOT | OPF_FSUSER, args_read_file},
-    {"write_file", op_write_file, OPF_SLOT | OPF_FSUSER, args_write_file},
+    {"write_file", op_write_file, OPF_SLOT | OPF_FSUSER | OPF_IDEM, args_write_file},
     {"stat", op_stat, OPF_SLOT | OPF_FSUSER, args_stat},
     {"list", op_list, OPF_SLOT | OPF_FSUSER, args_list},
     {"archive", op_archive, OPF_SLOT | OPF_FSUSER, args_archive},
-    {"reset", op_reset, OPF_SLOT | OPF_NOW, args_reset},
-    {"session_open", op_session_open, OPF_SLOT, args_session_open},
-    {"session_exec", op_session_exec, 0, args_session_exec},
-    {"session_write", op_session_write, 0, args_session_write},
-    {"session_read", op_session_read, 0, args_session_read},
-    {"session_resize", op_session_resize, 0, args_session_resize},
+    {"reset", op_reset, OPF_SLOT | OPF_NOW | OPF_IDEM, args_reset},
+    {"session_open", op_session_open, OPF_SLOT | OPF_IDEM, args_session_open},
+    {"session_exec", op_session_exec, OPF_IDEM, args_session_exec},
+    {"session_write", op_session_write, OPF_IDEM, args_session_write},
+    {"session_read", op_session_read, OPF_IDEM, args_session_read},
+    {"session_resize", op_session_resize, OPF_IDEM, args_session_resize},
     {"session_screen", op_session_screen, 0, args_session_screen},
     {"session_log", op_session_log, 0, args_session_log},
-    {"session_signal", op_session_signal, 0, args_session_signal},
-    {"session_close", op_session_close, 0, args_session},
-    {"template_put", op_template_put, 0, args_template_put},
-    {"template_from_slot", op_template_from_slot, OPF_SLOT, args_template_from_slot},
+    {"session_signal", op_session_signal, OPF_IDEM, args_session_signal},
+    {"session_close", op_session_close, OPF_IDEM, args_session},
+    {"template_put", op_template_put, OPF_IDEM, args_template_put},
+    {"template_from_slot", op_template_from_slot, OPF_SLOT | OPF_IDEM, args_template_from_slot},
     {"template_list", op_template_list, 0, args_template_list},
-    {"template_delete", op_template_delete, 0, args_template_name},
-    {"fork", op_fork, OPF_SLOT, args_fork},
-    {"template_build", op_template_build, 0, args_template_build},
+    {"template_delete", op_template_delete, OPF_IDEM, args_template_name},
+    {"fork", op_fork, OPF_SLOT | OPF_IDEM, args_fork},
+    {"template_build", op_template_build, OPF_IDEM, args_template_build},
 };
 const unsigned op_count = sizeof op_table / sizeof op_table[0];
 
@@ -434,20 +439,34 @@ static struct sp_writer *req_writer(struct req *rq)
     return rq->conn ? conn_writer(rq->conn) : &rq->ag->null_writer;
 }
 
-msgpack_packer *req_reply_begin(struct req *rq)
+msgpack_packer *req_frame_begin(struct req *rq)
 {
     struct sp_writer *w = req_writer(rq);
     sp_writer_begin_frame(w);
     sp_writer_packer(w, &rq->pk);
-    sp_pack_ok_head(&rq->pk, rq->id);
     return &rq->pk;
 }
 
-static void req_frame_end(struct req *rq)
+msgpack_packer *req_reply_begin(struct req *rq)
+{
+    msgpack_packer *pk = req_frame_begin(rq);
+    sp_pack_ok_head(pk, rq->id);
+    return pk;
+}
+
+/* final: the request's answer (not an event), which its key keeps. */
+static void req_frame_end(struct req *rq, bool final)
 {
     struct sp_writer *w = req_writer(rq);
     struct sp_err e;
     int rc = sp_writer_end_frame(w, &e);
+    if (final && rq->idem) {
+        /* Before the null writer is emptied or a flush reuses the buffer.
+         * A frame lost to an overflow has left no bytes. */
+        bool whole = w->len > w->frame_start + 4;
+        idem_capture(rq, whole ? w->buf + w->frame_start + 4 : NULL,
+                     whole ? w->len - w->frame_start - 4 : 0);
+    }
     if (!rq->conn) {
         w->off = w->len = 0;
         w->overflow = false;
@@ -460,7 +479,7 @@ static void req_frame_end(struct req *rq)
 
 void req_reply_end(struct req *rq)
 {
-    req_frame_end(rq);
+    req_frame_end(rq, true);
     rq->replied = true;
 }
 
@@ -475,7 +494,7 @@ msgpack_packer *req_event_begin(struct req *rq, const char *event, uint32_t nfie
 
 void req_event_end(struct req *rq)
 {
-    req_frame_end(rq);
+    req_frame_end(rq, false);
 }
 
 static void reply_error(struct agent *ag, struct conn *c, uint64_t id, const struct sp_err *err)
@@ -501,6 +520,7 @@ static void reply_error(struct agent *ag, struct conn *c, uint64_t id, const str
 
 void req_free(struct req *rq)
 {
+    idem_dropped(rq);
     if (rq->tpl)
         template_unref(rq->ag, rq->tpl);
     if (rq->frame) {
@@ -529,6 +549,7 @@ void req_finish(struct req *rq, const struct sp_err *err)
     }
     double dt = agent_now_precise(ag) - rq->t0;
     hist_add(&st->lat, dt > 0 ? (uint64_t)(dt * 1e6) : 0);
+    idem_finished(rq, err);
     if (rq->conn)
         conn_req_del(rq->conn, rq);
     struct slot *s = req_slot(rq);
@@ -553,6 +574,56 @@ void req_run(struct req *rq)
     if (rc == OP_PENDING)
         return;
     req_finish(rq, rc < 0 ? &err : NULL);
+}
+
+void req_start(struct req *rq)
+{
+    if ((rq->op->flags & OPF_SLOT) && !(rq->op->flags & OPF_NOW))
+        slot_submit(rq->ag, rq);
+    else
+        req_run(rq);
+}
+
+/* The envelope's `key` (str of 1..IDEM_KEY_MAX bytes) and `resume` ({stdout,
+ * stderr} uint offsets); nil is the same as absent. Checked for every op,
+ * used only by those with OPF_IDEM. */
+static int parse_envelope_extras(struct req *rq, const char **key, size_t *key_len,
+                                 struct sp_err *err)
+{
+    const msgpack_object *root = &rq->msg.data;
+    const msgpack_object *k = sp_map_get(root, "key");
+    *key = NULL;
+    *key_len = 0;
+    if (k && k->type != MSGPACK_OBJECT_NIL) {
+        if (k->type != MSGPACK_OBJECT_STR)
+            return sp_errf(err, SP_BAD_REQUEST, "key: expected str, got %s", sp_type_name(k));
+        if (k->via.str.size == 0 || k->via.str.size > IDEM_KEY_MAX)
+            return sp_errf(err, SP_BAD_REQUEST, "key: %u bytes, must be 1..%u",
+                           (unsigned)k->via.str.size, IDEM_KEY_MAX);
+        *key = k->via.str.ptr;
+        *key_len = k->via.str.size;
+    }
+    const msgpack_object *r = sp_map_get(root, "resume");
+    if (!r || r->type == MSGPACK_OBJECT_NIL)
+        return 0;
+    if (r->type != MSGPACK_OBJECT_MAP)
+        return sp_errf(err, SP_BAD_REQUEST, "resume: expected map, got %s", sp_type_name(r));
+    for (uint32_t i = 0; i < r->via.map.size; i++) {
+        const msgpack_object *rk = &r->via.map.ptr[i].key, *rv = &r->via.map.ptr[i].val;
+        bool out = rk->type == MSGPACK_OBJECT_STR &&
+                   sp_str_eq(rk->via.str.ptr, rk->via.str.size, "stdout");
+        bool er = rk->type == MSGPACK_OBJECT_STR &&
+                  sp_str_eq(rk->via.str.ptr, rk->via.str.size, "stderr");
+        if (!out && !er)
+            return sp_errf(err, SP_BAD_REQUEST, "resume: unknown field (stdout, stderr)");
+        if (rv->type == MSGPACK_OBJECT_NIL)
+            continue;
+        if (rv->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+            return sp_errf(err, SP_BAD_REQUEST, "resume.%s: expected unsigned integer, got %s",
+                           out ? "stdout" : "stderr", sp_type_name(rv));
+        *(out ? &rq->resume_out : &rq->resume_err) = rv->via.u64;
+    }
+    return 0;
 }
 
 void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t len)
@@ -605,6 +676,10 @@ void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t
         sp_errf(&err, SP_UNAUTHORIZED, "%s: send hello with the agent's token first", op->name);
         goto fail_counted;
     }
+    const char *key;
+    size_t key_len;
+    if (parse_envelope_extras(rq, &key, &key_len, &err) < 0)
+        goto fail_counted;
     if (validate_args(op, rq->args, &err) < 0)
         goto fail_counted;
     if (op->flags & OPF_SLOT) {
@@ -618,10 +693,10 @@ void dispatch_frame(struct agent *ag, struct conn *c, const char *data, uint32_t
     }
     rq->conn = c;
     conn_req_add(c, rq);
-    if ((op->flags & OPF_SLOT) && !(op->flags & OPF_NOW))
-        slot_submit(ag, rq);
-    else
-        req_run(rq);
+    /* After validation and authorisation: a refused request leaves no key. */
+    if (key && idem_arrive(rq, key, key_len))
+        return;
+    req_start(rq);
     return;
 
 fail_counted:

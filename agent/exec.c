@@ -14,6 +14,7 @@
 
 #include "child.h"
 #include "exec.h"
+#include "idem.h"
 #include "quota.h"
 #include "slotfs.h"
 #include "session.h"
@@ -549,6 +550,9 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     ag->execs_started++;
     log_debug("exec %llu: slot %u pid %d %s", (unsigned long long)e->id, s->index, (int)pid,
               p->path);
+    /* Through a box the pid comes later: see exec_box_readable. */
+    if (!e->spawning && owner)
+        idem_exec_started(owner, e);
     return e;
 fail:
     for (int i = 0; i < 2; i++) {
@@ -656,6 +660,11 @@ void exec_box_readable(struct agent *ag, struct slot *s, int k)
         e->iso_applied = r.applied & (e->iso_want | (1u << RUNG_NAMESPACES));
         log_debug("exec %llu: slot %u pid %d (box)", (unsigned long long)e->id, s->index,
                   (int)r.pid);
+        /* Repeats of its request attach now, before an exit reaped early
+         * (below) can finish it. */
+        struct req *first = e->announce ? e->announce : e->owner;
+        if (first)
+            idem_exec_started(first, e);
         struct req *rq = e->announce;
         e->announce = NULL;
         if (rq && exec_announce(rq, e) == OP_DONE)
@@ -739,7 +748,10 @@ static void exec_finish(struct exec *e)
         struct req *rq = e->attach;
         e->attach = rq->exec_next;
         rq->exec = NULL;
-        exec_pack_result(req_reply_begin(rq), e, false);
+        /* exec_attach streams (it had the output as events); a repeat of a
+         * keyed exec without `stream` gets it in the result, as the first
+         * run's requester did. */
+        exec_pack_result(req_reply_begin(rq), e, !rq->stream);
         req_reply_end(rq);
         req_finish(rq, NULL);
     }
@@ -758,8 +770,9 @@ static void exec_finish(struct exec *e)
         /* Its requester has the output; keeping it for a possible attach
          * would hold up to 2 x max_output per retained result. Results
          * nobody received (detached, connection lost or half-closed, so
-         * possibly gone) keep theirs. */
-        if (delivered) {
+         * possibly gone) keep theirs, and so do keyed ones: a repeat of the
+         * request (its answer lost on the way) gets the same output. */
+        if (delivered && !e->keyed) {
             ag->retained_bytes -= outbuf_mem(&e->ob[0]) + outbuf_mem(&e->ob[1]);
             for (int k = 0; k < 2; k++) {
                 outbuf_free(&e->ob[k]);

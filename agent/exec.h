@@ -47,6 +47,7 @@ struct exec {
     unsigned iso_want;    /* rungs asked for (the box's answer says which applied) */
     struct req *announce; /* detach or stream request told once the pid is known */
     bool output_released; /* delivered to its requester: only the result is kept */
+    bool keyed;           /* its request had an idempotency key: output kept for repeats */
     unsigned iso_applied; /* rungs the child applied */
     int status;
     double finished_at;

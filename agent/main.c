@@ -19,6 +19,7 @@
 
 #include "child.h"
 #include "exec.h"
+#include "idem.h"
 #include "quota.h"
 #include "slotfs.h"
 #include "template.h"
@@ -207,6 +208,9 @@ enum {
     OPT_DISK_RESERVE,
     OPT_DISK_INTERVAL,
     OPT_DISK_MODE,
+    OPT_IDEM_MAX_KEYS, /* hidden (tests): idempotency bounds */
+    OPT_IDEM_MAX_BYTES,
+    OPT_IDEM_WINDOW,
 };
 enum {
     OPT_LISTEN = 256,
@@ -256,6 +260,9 @@ static const struct option longopts[] = {
     {"disk-reserve", required_argument, NULL, OPT_DISK_RESERVE},
     {"disk-interval", required_argument, NULL, OPT_DISK_INTERVAL},
     {"disk-mode", required_argument, NULL, OPT_DISK_MODE},
+    {"idem-max-keys", required_argument, NULL, OPT_IDEM_MAX_KEYS},
+    {"idem-max-bytes", required_argument, NULL, OPT_IDEM_MAX_BYTES},
+    {"idem-window", required_argument, NULL, OPT_IDEM_WINDOW},
     {NULL, 0, NULL, 0},
 };
 
@@ -442,6 +449,7 @@ static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
     exec_gc(ag);
     proc_sweep_strays(ag);
     uploads_sweep(ag, false);
+    idem_sweep(ag);
 }
 
 /* A closed 0/1/2 would let pipe() hand out those numbers and confuse the
@@ -725,6 +733,27 @@ static int agent_main(int argc, char **argv)
                 return 2;
             }
             break;
+        case OPT_IDEM_MAX_KEYS:
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > (1u << 20)) {
+                fprintf(stderr, "slot-agent: --idem-max-keys must be 1..1M\n");
+                return 2;
+            }
+            ag->opt.idem_max_keys = (unsigned)v;
+            break;
+        case OPT_IDEM_MAX_BYTES:
+            if (parse_size(optarg, &v) < 0 || v < 1) {
+                fprintf(stderr, "slot-agent: bad --idem-max-bytes\n");
+                return 2;
+            }
+            ag->opt.idem_max_bytes = v;
+            break;
+        case OPT_IDEM_WINDOW:
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > 86400) {
+                fprintf(stderr, "slot-agent: --idem-window must be 1..86400 seconds\n");
+                return 2;
+            }
+            ag->opt.idem_window = (double)v;
+            break;
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -826,6 +855,10 @@ static int agent_main(int argc, char **argv)
     }
     ev_set_userdata(ag->loop, ag);
     ag->started = ev_now(ag->loop);
+    if (idem_init(ag, ag->opt.idem_max_keys, ag->opt.idem_max_bytes, ag->opt.idem_window) < 0) {
+        log_error("start-up: out of memory");
+        return 1;
+    }
     quota_configure(ag);
     if (ag->opt.disk_mode == 1 && !ag->quota.fs) {
         log_error("--disk-mode fs: %s", ag->quota.why);
@@ -877,6 +910,8 @@ out:
     quota_stop_watch(ag);
     conns_close_all(ag);
     listeners_close(ag);
+    /* Before the requests still held go: none of them finds its key. */
+    idem_free(ag);
     exec_free_all(ag);
     uploads_sweep(ag, true);
     builds_free(ag);

@@ -1,22 +1,43 @@
 /* Agents as the controller sees them: one framed stream per agent, the
  * requests in flight on it (matched by id), the hello/slots handshake that
- * makes an agent ready, and what happens when the stream or the process goes
- * away (every request in flight fails with agent_lost, its leases vanish). */
+ * makes an agent ready, and what happens when the stream goes away. An
+ * agent that outlives its stream (a persistent backend) is reconnected: the
+ * backend says whether it still runs, a new stream is opened with backoff
+ * until the profile's reconnect_timeout, and every request without an
+ * answer is sent again with its idempotency key, so the agent attaches it
+ * to its first run instead of running it twice. Only when the agent itself
+ * is gone (or the timeout passes) does every request in flight fail with
+ * agent_lost and its leases vanish. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "ctl.h"
 
 #define AGENT_WRITE_LIMIT (256u << 20)
 
+#define RELINK_FIRST_DELAY 0.1
+#define RELINK_MAX_DELAY 5.0
+#define RELINK_HANDSHAKE_S 10.0
+#define RELINK_TICK_S 1.0
+
 const char *agent_state_name(enum agent_state s)
 {
-    static const char *const n[] = {"starting", "ready", "draining", "stopping"};
+    static const char *const n[] = {"starting", "ready", "draining", "stopping", "reconnecting"};
     return n[s];
+}
+
+/* Can a lost stream of this agent be opened again? Only an agent that
+ * outlives its stream, of a backend that can attach to it. */
+static bool can_relink(const struct agent *ag)
+{
+    const struct profile *p = ag->prof;
+    return p->reconnect_timeout_ms && p->be && p->be->attach && p->be->persistent &&
+           p->be->persistent(p);
 }
 
 static uint32_t hash_str(const char *s, size_t n)
@@ -56,6 +77,7 @@ struct agent *agent_new(struct ctl *c, struct profile *p, const char *id)
     ev_init(&ag->eio, NULL);
     ev_init(&ag->rio, NULL);
     ev_init(&ag->wio, NULL);
+    ev_init(&ag->relink_timer, NULL);
     uint32_t h = hash_str(ag->id, strlen(ag->id));
     ag->hnext = c->agent_hash[h];
     c->agent_hash[h] = ag;
@@ -76,6 +98,7 @@ void agent_free(struct ctl *c, struct agent *ag)
     ev_io_stop(c->loop, &ag->wio);
     ev_io_stop(c->loop, &ag->eio);
     ev_timer_stop(c->loop, &ag->timer);
+    ev_timer_stop(c->loop, &ag->relink_timer);
     ev_child_stop(c->loop, &ag->cw);
     if (ag->fd >= 0)
         close(ag->fd);
@@ -153,11 +176,38 @@ struct preq *agent_req_new(struct agent *ag, struct slot *s, preq_cb cb)
     return r;
 }
 
+/* The envelope up to "args". An agent that can be reconnected gets a key
+ * with every request (unique per controller run and agent), so that a
+ * resend after a lost stream attaches to the first run; a resend of a
+ * streamed exec also says how much output was passed on already. */
+static void pack_head(struct agent *ag, struct preq *r, msgpack_packer *pk, bool resume)
+{
+    bool keyed = can_relink(ag), res = resume && (r->out_off || r->err_off);
+    msgpack_pack_map(pk, 3 + keyed + res);
+    sp_pack_kv_uint(pk, "id", r->aid);
+    sp_pack_kv_str(pk, "op", r->op);
+    if (keyed) {
+        char key[48];
+        snprintf(key, sizeof key, "%016llx.%llu", (unsigned long long)ag->ctl->instance,
+                 (unsigned long long)r->aid);
+        sp_pack_kv_str(pk, "key", key);
+    }
+    if (res) {
+        sp_pack_cstr(pk, "resume");
+        msgpack_pack_map(pk, 2);
+        sp_pack_kv_uint(pk, "stdout", r->out_off);
+        sp_pack_kv_uint(pk, "stderr", r->err_off);
+    }
+    sp_pack_cstr(pk, "args");
+}
+
 void agent_send_begin(struct agent *ag, struct preq *r, const char *op, msgpack_packer *pk)
 {
     sp_writer_packer(&ag->wr, pk);
     sp_writer_begin_frame(&ag->wr);
-    sp_pack_request_head(pk, r->aid, op, true);
+    r->op = op;
+    pack_head(ag, r, pk, false);
+    r->args_at = ag->wr.len;
 }
 
 static void stream_gone(struct ctl *c, struct agent *ag, const char *why);
@@ -179,18 +229,8 @@ static void agent_flush(struct ctl *c, struct agent *ag)
         ev_io_stop(c->loop, &ag->wio);
 }
 
-void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
+static void pending_add(struct ctl *c, struct agent *ag, struct preq *r)
 {
-    struct sp_err e;
-    if (sp_writer_end_frame(&ag->wr, &e) < 0) {
-        /* The agent is not reading: treat it as lost rather than buffer more. */
-        struct preq_bucket *b = &ag->pending[r->aid & 63];
-        r->hnext = b->head;
-        b->head = r;
-        ag->npending++;
-        agent_lost(c, ag, "agent stopped reading (output queue full)");
-        return;
-    }
     struct preq_bucket *b = &ag->pending[r->aid & 63];
     r->hnext = b->head;
     b->head = r;
@@ -202,6 +242,36 @@ void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
             ag->executing++;
         r->slot->last_used = r->sent_at;
     }
+}
+
+void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
+{
+    struct sp_err e;
+    /* Keep the packed args for a resend on another stream (one copy of
+     * the request, freed with its answer). */
+    if (can_relink(ag) && !r->link_req && !ag->wr.overflow && ag->wr.len >= r->args_at) {
+        r->argsn = ag->wr.len - r->args_at;
+        r->args = malloc(r->argsn ? r->argsn : 1);
+        if (r->args)
+            memcpy(r->args, ag->wr.buf + r->args_at, r->argsn);
+    }
+    if (ag->state == AG_RECONNECTING && !r->link_req) {
+        /* No stream yet: the request waits with the others and goes out
+         * with them, in order, once the agent answers on a new one. */
+        sp_writer_abort_frame(&ag->wr);
+        pending_add(c, ag, r);
+        return;
+    }
+    if (sp_writer_end_frame(&ag->wr, &e) < 0) {
+        /* The agent is not reading: treat it as lost rather than buffer more. */
+        struct preq_bucket *b = &ag->pending[r->aid & 63];
+        r->hnext = b->head;
+        b->head = r;
+        ag->npending++;
+        agent_lost(c, ag, "agent stopped reading (output queue full)");
+        return;
+    }
+    pending_add(c, ag, r);
     /* Flush from the loop's next turn would batch better, but a direct write
      * keeps the added latency at one syscall. */
     if (!ev_is_active(&ag->wio))
@@ -229,7 +299,42 @@ void preq_free(struct ctl *c, struct preq *r)
     if (r->conn)
         TAILQ_REMOVE(&r->conn->reqs, r, clink);
     free(r->ctx);
+    free(r->args);
     free(r);
+}
+
+/* Note how much output of a streamed request was passed on (a resend asks
+ * for the rest), and drop what a resumed stream repeats: a second
+ * `started`, output below what was passed on already. */
+static bool event_is_new(struct preq *r, const msgpack_object *ev)
+{
+    struct sp_err e;
+    const char *name = NULL;
+    size_t nl = 0, dl = 0;
+    uint64_t off = 0;
+    if (sp_get_str(ev, "event", true, &name, &nl, &e) < 0)
+        return true;
+    if (sp_str_eq(name, nl, "started")) {
+        bool seen = r->started_seen;
+        r->started_seen = true;
+        return !seen;
+    }
+    bool out = sp_str_eq(name, nl, "stdout");
+    if (!out && !sp_str_eq(name, nl, "stderr"))
+        return true;
+    if (sp_get_uint(ev, "offset", false, &off, &e) < 0)
+        return true;
+    const msgpack_object *d = sp_map_get(ev, "data");
+    if (d && d->type == MSGPACK_OBJECT_BIN)
+        dl = d->via.bin.size;
+    else if (d && d->type == MSGPACK_OBJECT_STR)
+        dl = d->via.str.size;
+    uint64_t *have = out ? &r->out_off : &r->err_off;
+    if (off + dl <= *have && dl)
+        return false;
+    if (off + dl > *have)
+        *have = off + dl;
+    return true;
 }
 
 static void handle_frame(struct ctl *c, struct agent *ag, const char *data, uint32_t len)
@@ -263,7 +368,7 @@ static void handle_frame(struct ctl *c, struct agent *ag, const char *data, uint
             log_warn("agent %s: error without request: %.*s", ag->id, (int)ml, m ? m : "");
         }
     } else if (is_event) {
-        if (r->on_event)
+        if (event_is_new(r, root) && r->on_event)
             r->on_event(c, r, root, NULL);
     } else {
         if (ag->npending == 0)
@@ -421,6 +526,9 @@ static void on_slots(struct ctl *c, struct preq *r, const msgpack_object *resp,
     sched_agent_ready(c, ag);
 }
 
+static void relink_hello(struct ctl *c, struct agent *ag, uint64_t instance, uint32_t nslots);
+static void relink_give_up(struct ctl *c, struct agent *ag, const char *why);
+
 static void on_hello(struct ctl *c, struct preq *r, const msgpack_object *resp,
                      const struct sp_err *err)
 {
@@ -441,11 +549,21 @@ static void on_hello(struct ctl *c, struct preq *r, const msgpack_object *resp,
             sp_get_str(er, "message", false, &m, &ml, &e);
         char why[300];
         snprintf(why, sizeof why, "agent refused hello: %.*s", (int)ml, m);
+        if (ag->state == AG_RECONNECTING) {
+            relink_give_up(c, ag, why);
+            return;
+        }
         sched_agent_failed(c, ag->prof, why);
         agent_stop(c, ag, why);
         return;
     }
-    sp_get_uint(res, "instance", false, &ag->instance, &e);
+    uint64_t instance = 0;
+    sp_get_uint(res, "instance", false, &instance, &e);
+    if (ag->state == AG_RECONNECTING) {
+        relink_hello(c, ag, instance, (uint32_t)nslots);
+        return;
+    }
+    ag->instance = instance;
     ag->nslots = (uint32_t)nslots;
     ag->slots = calloc(ag->nslots, sizeof *ag->slots);
     if (!ag->slots)
@@ -476,8 +594,26 @@ static void start_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     agent_stop(ag->ctl, ag, why);
 }
 
+static void relink_handshake_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
 void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
 {
+    if (ag->state == AG_RECONNECTING) {
+        /* What the last stream left half read or unsent is void: every
+         * request without an answer goes again on this one. */
+        sp_reader_free(&ag->rd);
+        sp_reader_init(&ag->rd, SP_DEFAULT_MAX_FRAME);
+        sp_writer_free(&ag->wr);
+        sp_writer_init(&ag->wr, AGENT_WRITE_LIMIT);
+        /* Ticks while the new stream says nothing: its deadline, and the
+         * backend asked again, for a relay can wait long for an agent
+         * that died meanwhile. */
+        ag->relink_attempt_at = ev_now(c->loop);
+        ev_timer_stop(c->loop, &ag->relink_timer);
+        ev_timer_init(&ag->relink_timer, relink_handshake_cb, RELINK_TICK_S, RELINK_TICK_S);
+        ag->relink_timer.data = ag;
+        ev_timer_start(c->loop, &ag->relink_timer);
+    }
     ag->fd = fd;
     ag->connected = true;
     ev_io_init(&ag->rio, agent_read_cb, fd, EV_READ);
@@ -491,6 +627,7 @@ void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
         ev_timer_start(c->loop, &ag->timer);
     }
     struct preq *r = agent_req_new(ag, NULL, on_hello);
+    r->link_req = true;
     msgpack_packer pk;
     agent_send_begin(ag, r, "hello", &pk);
     const char *tok = *ag->token                                              ? ag->token
@@ -539,10 +676,13 @@ static void disconnect(struct ctl *c, struct agent *ag, const char *why)
         sched_slot_lost(c, &ag->slots[i]);
 }
 
-void agent_lost(struct ctl *c, struct agent *ag, const char *why)
+/* The agent is gone: its requests fail, its leases end, the backend stops
+ * what is left of it. */
+static void lose(struct ctl *c, struct agent *ag, const char *why)
 {
     bool expected = ag->state == AG_STOPPING;
     ev_timer_stop(c->loop, &ag->timer);
+    ev_timer_stop(c->loop, &ag->relink_timer);
     /* A process that dies says why on stderr just before: take it now. */
     char buf[4096];
     ssize_t n;
@@ -582,6 +722,274 @@ void agent_stop(struct ctl *c, struct agent *ag, const char *why)
     log_info("stopping agent %s: %s", ag->id, why);
     ag->state = AG_STOPPING;
     ev_timer_stop(c->loop, &ag->timer);
+    ev_timer_stop(c->loop, &ag->relink_timer);
     disconnect(c, ag, why);
     ag->prof->be->stop_agent(c, ag);
+}
+
+/* ---- reconnect ----------------------------------------------------------- */
+
+/* Close the stream (not the agent): no request fails. */
+static void close_stream(struct ctl *c, struct agent *ag)
+{
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    if (ag->fd >= 0) {
+        close(ag->fd);
+        ag->fd = -1;
+    }
+    ag->connected = false;
+    /* The hello of a stream that failed is nobody's business. */
+    for (int b = 0; b < 64; b++)
+        for (struct preq **pp = &ag->pending[b].head; *pp;) {
+            struct preq *r = *pp;
+            if (!r->link_req) {
+                pp = &r->hnext;
+                continue;
+            }
+            *pp = r->hnext;
+            ag->npending--;
+            preq_free(c, r);
+        }
+}
+
+static void relink_give_up(struct ctl *c, struct agent *ag, const char *why)
+{
+    char msg[900];
+    snprintf(msg, sizeof msg, "%.680s (its stream ended: %.190s)", why, ag->link_cause);
+    ev_timer_stop(c->loop, &ag->relink_timer);
+    ag->state = ag->relink_prev;
+    lose(c, ag, msg);
+}
+
+static void relink_probe(struct ctl *c, struct agent *ag);
+
+static void relink_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    relink_probe(ag->ctl, ag);
+}
+
+/* An attempt failed: the next one after a backoff, within the deadline. */
+static void relink_retry(struct ctl *c, struct agent *ag, const char *why)
+{
+    snprintf(ag->error, sizeof ag->error, "reconnect attempt %u: %.460s", ag->relink_attempts, why);
+    close_stream(c, ag);
+    /* A probe whose answer brings the next attempt, or an attempt already
+     * scheduled: nothing more to do. Else the timer held a handshake's
+     * deadline, which this failure ends. */
+    if (ag->relink_probing ||
+        (ev_is_active(&ag->relink_timer) && ev_cb(&ag->relink_timer) == relink_timer_cb))
+        return;
+    ev_timer_stop(c->loop, &ag->relink_timer);
+    ev_tstamp now = ev_now(c->loop);
+    if (now >= ag->relink_deadline) {
+        char m[700];
+        snprintf(m, sizeof m, "no new stream within reconnect_timeout %.0f s; last attempt: %.500s",
+                 (double)ag->prof->reconnect_timeout_ms / 1000, why);
+        relink_give_up(c, ag, m);
+        return;
+    }
+    double d = ag->relink_delay;
+    ag->relink_delay = d * 2 > RELINK_MAX_DELAY ? RELINK_MAX_DELAY : d * 2;
+    if (now + d > ag->relink_deadline)
+        d = ag->relink_deadline - now;
+    log_debug("agent %s: reconnect attempt %u failed (%s); next in %.1f s", ag->id,
+              ag->relink_attempts, why, d);
+    ev_timer_init(&ag->relink_timer, relink_timer_cb, d, 0);
+    ag->relink_timer.data = ag;
+    ev_timer_start(c->loop, &ag->relink_timer);
+}
+
+void agent_relink_failed(struct ctl *c, struct agent *ag, const char *why)
+{
+    if (ag->state == AG_RECONNECTING)
+        relink_retry(c, ag, why);
+}
+
+static void on_probe(struct ctl *c, struct agent *ag, int alive, const char *why);
+
+static void relink_handshake_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    struct ctl *c = ag->ctl;
+    ev_tstamp now = ev_now(c->loop);
+    if (now - ag->relink_attempt_at >= RELINK_HANDSHAKE_S || now >= ag->relink_deadline) {
+        ev_timer_stop(c->loop, &ag->relink_timer);
+        relink_retry(c, ag, "no answer to hello on the new stream");
+        return;
+    }
+    if (!ag->relink_probing && ag->prof->be->probe) {
+        ag->relink_probing = true;
+        ag->prof->be->probe(c, ag, on_probe);
+    }
+}
+
+static void relink_attempt(struct ctl *c, struct agent *ag)
+{
+    if (ev_now(c->loop) >= ag->relink_deadline) {
+        relink_retry(c, ag, "out of time");
+        return;
+    }
+    if (ag->pid > 0 && ev_is_active(&ag->cw)) {
+        /* The last relay still runs on a stream we gave up: it goes
+         * first (one stream per agent); its exit brings the next try. */
+        kill(-ag->pid, SIGKILL);
+        kill(ag->pid, SIGKILL);
+        return;
+    }
+    ag->relink_attempts++;
+    struct sp_err e;
+    if (ag->prof->be->attach(c, ag, &e) < 0)
+        relink_retry(c, ag, e.msg);
+}
+
+static void on_probe(struct ctl *c, struct agent *ag, int alive, const char *why)
+{
+    ag->relink_probing = false;
+    if (ag->state != AG_RECONNECTING)
+        return;
+    if (alive == 0) {
+        char m[400];
+        snprintf(m, sizeof m, "the agent is gone: %.360s", why && *why ? why : "not running");
+        relink_give_up(c, ag, m);
+        return;
+    }
+    if (ev_is_active(&ag->relink_timer) && ev_cb(&ag->relink_timer) == relink_handshake_cb)
+        return; /* a stream is being opened: it still may answer */
+    if (alive < 0 && why && *why)
+        log_debug("agent %s: cannot tell whether it runs (%s); reconnecting anyway", ag->id, why);
+    relink_attempt(c, ag);
+}
+
+static void relink_probe(struct ctl *c, struct agent *ag)
+{
+    if (ag->state != AG_RECONNECTING || ag->relink_probing)
+        return;
+    if (!ag->prof->be->probe) {
+        on_probe(c, ag, -1, NULL);
+        return;
+    }
+    ag->relink_probing = true;
+    ag->prof->be->probe(c, ag, on_probe);
+}
+
+static void relink_start(struct ctl *c, struct agent *ag, const char *why)
+{
+    ev_tstamp now = ev_now(c->loop);
+    log_warn("agent %s: stream ended (%s); reconnecting (up to %.0f s)", ag->id, why,
+             (double)ag->prof->reconnect_timeout_ms / 1000);
+    ev_timer_stop(c->loop, &ag->timer);
+    ag->relink_prev = ag->state;
+    ag->state = AG_RECONNECTING;
+    snprintf(ag->link_cause, sizeof ag->link_cause, "%s", why);
+    ag->relink_since = now;
+    ag->relink_deadline = now + (double)ag->prof->reconnect_timeout_ms / 1000;
+    ag->relink_delay = RELINK_FIRST_DELAY;
+    ag->relink_attempts = 0;
+    close_stream(c, ag);
+    relink_probe(c, ag);
+}
+
+static int cmp_aid(const void *a, const void *b)
+{
+    uint64_t x = (*(struct preq *const *)a)->aid, y = (*(struct preq *const *)b)->aid;
+    return x < y ? -1 : x > y;
+}
+
+/* Everything without an answer, in the order it was first sent. */
+static void resend_pending(struct ctl *c, struct agent *ag)
+{
+    struct preq **v = calloc(ag->npending ? ag->npending : 1, sizeof *v);
+    if (!v)
+        abort();
+    uint32_t n = 0;
+    for (int b = 0; b < 64; b++)
+        for (struct preq *r = ag->pending[b].head; r; r = r->hnext)
+            if (!r->link_req && n < ag->npending)
+                v[n++] = r;
+    qsort(v, n, sizeof *v, cmp_aid);
+    for (uint32_t i = 0; i < n; i++) {
+        struct preq *r = v[i];
+        if (!r->args) {
+            struct preq *t = pending_take(ag, r->aid, true);
+            struct sp_err e;
+            sp_errf(&e, SP_AGENT_LOST,
+                    "agent %s: its stream ended (%s) and this request could "
+                    "not be kept for a resend",
+                    ag->id, ag->link_cause);
+            if (t)
+                t->cb(c, t, NULL, &e);
+            continue;
+        }
+        msgpack_packer pk;
+        sp_writer_packer(&ag->wr, &pk);
+        sp_writer_begin_frame(&ag->wr);
+        pack_head(ag, r, &pk, true);
+        /* The args as first packed: appended raw, they are one map. */
+        msgpack_pack_str_body(&pk, r->args, r->argsn);
+        struct sp_err e;
+        if (sp_writer_end_frame(&ag->wr, &e) < 0) {
+            free(v);
+            agent_lost(c, ag, "agent stopped reading (output queue full)");
+            return;
+        }
+    }
+    free(v);
+    agent_flush(c, ag);
+}
+
+static void relink_hello(struct ctl *c, struct agent *ag, uint64_t instance, uint32_t nslots)
+{
+    if ((ag->instance && instance != ag->instance) || nslots != ag->nslots) {
+        relink_give_up(c, ag,
+                       "the agent restarted meanwhile (a new instance): what ran in it is "
+                       "gone");
+        return;
+    }
+    ev_timer_stop(c->loop, &ag->relink_timer);
+    ev_tstamp now = ev_now(c->loop);
+    ag->state = ag->relink_prev;
+    ag->reconnects++;
+    ag->relink_last_ms = (now - ag->relink_since) * 1000;
+    *ag->error = 0;
+    log_info("agent %s: reconnected after %.0f ms (attempt %u); resuming %u requests", ag->id,
+             ag->relink_last_ms, ag->relink_attempts, ag->npending);
+    resend_pending(c, ag);
+    if (ag->fd >= 0)
+        sched_kick(c, ag->prof);
+}
+
+int agent_drop_stream(struct ctl *c, struct agent *ag, struct sp_err *err)
+{
+    (void)c;
+    if (!can_relink(ag))
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "agent %s: profile '%s' has agents that end with their stream (or "
+                       "reconnect_timeout 0): nothing to reconnect to",
+                       ag->id, ag->prof->name);
+    if ((ag->state != AG_READY && ag->state != AG_DRAINING) || ag->fd < 0)
+        return sp_errf(err, SP_BAD_REQUEST, "agent %s is %s, not ready", ag->id,
+                       agent_state_name(ag->state));
+    /* As a network would: both directions end, and the usual path
+     * (EOF, the relay's exit) takes it from there. */
+    shutdown(ag->fd, SHUT_RDWR);
+    return 0;
+}
+
+void agent_lost(struct ctl *c, struct agent *ag, const char *why)
+{
+    if (ag->state == AG_RECONNECTING) {
+        relink_retry(c, ag, why); /* the stream of an attempt ended */
+        return;
+    }
+    if ((ag->state == AG_READY || ag->state == AG_DRAINING) && !c->stopping && can_relink(ag)) {
+        relink_start(c, ag, why);
+        return;
+    }
+    lose(c, ag, why);
 }

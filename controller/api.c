@@ -957,7 +957,7 @@ static void op_batch(struct ctl *c, struct tconn *t, const struct sp_request *re
 /* ---- introspection ------------------------------------------------------- */
 
 struct counts {
-    uint32_t starting, ready, draining, agents;
+    uint32_t starting, ready, draining, reconnecting, agents;
     uint32_t slots, nfree, leased, executing;
 };
 
@@ -975,6 +975,8 @@ static void count_profile(const struct profile *p, struct counts *k)
         }
         if (ag->state == AG_READY)
             k->ready++;
+        else if (ag->state == AG_RECONNECTING)
+            k->reconnecting++;
         else
             k->draining++;
         k->slots += ag->nslots;
@@ -987,10 +989,11 @@ static void count_profile(const struct profile *p, struct counts *k)
 static void pack_counts(msgpack_packer *pk, const struct counts *k, uint32_t waiters)
 {
     sp_pack_cstr(pk, "agents");
-    msgpack_pack_map(pk, 4);
+    msgpack_pack_map(pk, 5);
     sp_pack_kv_uint(pk, "starting", k->starting);
     sp_pack_kv_uint(pk, "ready", k->ready);
     sp_pack_kv_uint(pk, "draining", k->draining);
+    sp_pack_kv_uint(pk, "reconnecting", k->reconnecting);
     sp_pack_kv_uint(pk, "total", k->agents);
     sp_pack_cstr(pk, "slots");
     msgpack_pack_map(pk, 4);
@@ -1145,7 +1148,7 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
         {
             char tail[CTL_STDERR_TAIL];
             agent_stderr_tail(ag, tail, sizeof tail, 5);
-            msgpack_pack_map(&pk, 15);
+            msgpack_pack_map(&pk, 19);
             sp_pack_kv_str(&pk, "id", ag->id);
             sp_pack_kv_str(&pk, "profile", p->name);
             sp_pack_kv_str(&pk, "state", agent_state_name(ag->state));
@@ -1164,6 +1167,18 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
                 sp_pack_kv_nil(&pk, "error");
             sp_pack_kv_str(&pk, "stderr", tail);
             sp_pack_kv_bool(&pk, "reattached", ag->reattached);
+            /* Its links: how often one was re-opened, why the last ended,
+             * how long the last reconnect took or this one has taken. */
+            sp_pack_kv_uint(&pk, "reconnects", ag->reconnects);
+            if (*ag->link_cause)
+                sp_pack_kv_str(&pk, "link_cause", ag->link_cause);
+            else
+                sp_pack_kv_nil(&pk, "link_cause");
+            sp_pack_kv_uint(&pk, "reconnect_ms",
+                            (uint64_t)(ag->state == AG_RECONNECTING
+                                           ? (now - ag->relink_since) * 1000
+                                           : ag->relink_last_ms));
+            sp_pack_kv_uint(&pk, "reconnect_attempts", ag->relink_attempts);
         }
     }
     tconn_end(c, t);
@@ -1278,6 +1293,10 @@ static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *re
         sp_errf(&e, SP_NOT_FOUND, "no agent '%.*s'", (int)(al > 80 ? 80 : al), aid);
         return reply_err(c, t, req->id, &e);
     }
+    if (ag->state == AG_RECONNECTING && ag->relink_prev == AG_READY) {
+        log_info("agent %s: draining on request (once it is reconnected)", ag->id);
+        ag->relink_prev = AG_DRAINING;
+    }
     if (ag->state == AG_READY || ag->state == AG_STARTING) {
         log_info("agent %s: draining on request", ag->id);
         ag->state = ag->state == AG_STARTING ? AG_STARTING : AG_DRAINING;
@@ -1293,6 +1312,32 @@ static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *re
     sp_pack_kv_uint(&pk, "leased", ag->leased);
     tconn_end(c, t);
     sched_kick(c, ag->prof);
+}
+
+/* `reconnect`: end an agent's stream as a network would; it is opened
+ * again and what was in flight resumes (operators: a link that looks stuck;
+ * tests: a drop at a chosen moment). */
+static void op_reconnect(struct ctl *c, struct tconn *t, const struct sp_request *req)
+{
+    struct sp_err e;
+    const char *aid;
+    size_t al;
+    if (sp_get_str(req->args, "agent", true, &aid, &al, &e) < 0)
+        return reply_err(c, t, req->id, &e);
+    struct agent *ag = agent_find(c, aid, al);
+    if (!ag || ag->state == AG_STOPPING) {
+        sp_errf(&e, SP_NOT_FOUND, "no agent '%.*s'", (int)(al > 80 ? 80 : al), aid);
+        return reply_err(c, t, req->id, &e);
+    }
+    if (agent_drop_stream(c, ag, &e) < 0)
+        return reply_err(c, t, req->id, &e);
+    msgpack_packer pk;
+    tconn_begin(t, &pk);
+    sp_pack_ok_head(&pk, req->id);
+    msgpack_pack_map(&pk, 2);
+    sp_pack_kv_str(&pk, "agent", ag->id);
+    sp_pack_kv_uint(&pk, "reconnects", ag->reconnects);
+    tconn_end(c, t);
 }
 
 /* `stop`: every agent goes, also those of backends that outlive the
@@ -1347,6 +1392,7 @@ static const struct op ops[] = {
     {"slots", op_slots_, false},
     {"leases", op_leases, false},
     {"drain", op_drain, false},
+    {"reconnect", op_reconnect, false},
     {"stop", op_stop, false},
 };
 

@@ -61,6 +61,8 @@ static const struct field fields[] = {
     {"lease_grace", F_DURATION, PF(lease_grace_ms),
      "release (with reset) a trainer's bound leases this long after its last connection went"},
     {"start_timeout", F_DURATION, PF(start_timeout_ms), "an agent not ready by then failed"},
+    {"reconnect_timeout", F_DURATION, PF(reconnect_timeout_ms),
+     "an agent whose stream ended is reconnected for this long (0: lost at once)"},
     {"template_disk_budget", F_SIZE, PF(template_budget),
      "per agent: unused templates past this much disk are deleted, least recently used first "
      "(0: no limit)"},
@@ -221,6 +223,7 @@ static struct profile *profile_new(struct ctl *c, const char *name)
     p->lease_timeout_ms = 1800000;
     p->lease_grace_ms = 60000;
     p->start_timeout_ms = 30000;
+    p->reconnect_timeout_ms = 60000;
     p->exec_command_timeout_ms = 120000;
     TAILQ_INIT(&p->agents);
     TAILQ_INIT(&p->waiters);

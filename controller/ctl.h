@@ -59,6 +59,8 @@ double lat_rate(const struct latency *l, ev_tstamp now);
 
 /* ---- backends ------------------------------------------------------------ */
 
+typedef void (*probe_done_fn)(struct ctl *c, struct agent *ag, int alive, const char *why);
+
 struct backend {
     const char *name;
     /* Start the agent's process; on success the agent's stream is connected
@@ -74,6 +76,12 @@ struct backend {
     int (*check)(struct ctl *c, struct profile *p, struct sp_err *err);
     /* Do this profile's agents outlive the controller? */
     bool (*persistent)(const struct profile *p);
+    /* Optional: the agent's stream ended; is the agent itself still there?
+     * Calls done exactly once (perhaps before returning) with alive 1 (it
+     * runs: reconnect with attach), 0 (gone: why says so, in a few words
+     * the user can act on) or -1 (cannot tell: try attach anyway). The
+     * agent may be freed only after done. */
+    void (*probe)(struct ctl *c, struct agent *ag, probe_done_fn done);
 };
 extern const struct backend backend_local;
 extern const struct backend backend_exec;
@@ -130,11 +138,12 @@ struct profile {
     double max_starts_per_second;
     uint64_t idle_timeout_ms, max_lifetime_ms, acquire_timeout_ms, exec_timeout_ms;
     uint64_t lease_timeout_ms, lease_grace_ms, start_timeout_ms;
-    uint64_t template_budget; /* bytes of templates per agent; 0: no limit */
-    uint64_t slot_disk;       /* --slot-disk of the agents; 0: the agent's default */
-    uint64_t slot_inodes;     /* --slot-inodes of the agents; 0: the agent's default */
-    struct strlist env;       /* KEY=VALUE */
-    struct strlist secrets;   /* names of controller env vars */
+    uint64_t reconnect_timeout_ms; /* a lost stream is re-opened for this long; 0: never */
+    uint64_t template_budget;      /* bytes of templates per agent; 0: no limit */
+    uint64_t slot_disk;            /* --slot-disk of the agents; 0: the agent's default */
+    uint64_t slot_inodes;          /* --slot-inodes of the agents; 0: the agent's default */
+    struct strlist env;            /* KEY=VALUE */
+    struct strlist secrets;        /* names of controller env vars */
     char isolation[16];
     char *workspace_base;
     enum local_mode local_mode;
@@ -181,7 +190,9 @@ TAILQ_HEAD(profile_q, profile);
 
 /* ---- agents -------------------------------------------------------------- */
 
-enum agent_state { AG_STARTING, AG_READY, AG_DRAINING, AG_STOPPING };
+/* RECONNECTING: its stream ended but the agent is believed alive; its
+ * leases and requests wait for a new stream (agent.c). */
+enum agent_state { AG_STARTING, AG_READY, AG_DRAINING, AG_STOPPING, AG_RECONNECTING };
 const char *agent_state_name(enum agent_state s);
 
 enum slot_state { SL_FREE, SL_LEASING, SL_LEASED, SL_RELEASING, SL_FOREIGN, SL_BUILDING };
@@ -271,6 +282,15 @@ struct agent {
     ev_tstamp started_at, idle_since;
     char error[512];
     char lost_why[160]; /* stream ended; waiting for the process's status */
+    /* reconnects (agent.c): the state to go back to, why the last stream
+     * ended, when this reconnect began and gives up, the next attempt */
+    enum agent_state relink_prev;
+    uint32_t reconnects, relink_attempts;
+    char link_cause[200];
+    ev_tstamp relink_since, relink_deadline, relink_delay, relink_attempt_at;
+    double relink_last_ms; /* how long the last completed reconnect took */
+    bool relink_probing;   /* the backend's probe has not answered yet */
+    ev_timer relink_timer;
     /* templates (templates.c) */
     struct ctl_tpl *tpls;
     uint32_t ntpls;
@@ -314,6 +334,15 @@ struct preq {
     enum preq_shape shape;
     bool is_command; /* cancel it in the agent when its trainer goes */
     bool answered;   /* the trainer already got an answer (backstop fired) */
+    /* For a resend on a new stream (agent.c): the op, its packed args, and
+     * for a streamed exec the output bytes already passed on. */
+    const char *op;
+    char *args;
+    size_t argsn;
+    uint64_t out_off, err_off;
+    size_t args_at;    /* where the args begin in the agent's writer */
+    bool started_seen; /* a resumed stream repeats `started` */
+    bool link_req;     /* hello of a new stream: goes out while the agent reconnects */
     ev_timer timer;
     ev_tstamp sent_at;
     void *ctx;
@@ -399,8 +428,14 @@ void agent_free(struct ctl *c, struct agent *ag);
 struct agent *agent_find(struct ctl *c, const char *id, size_t n);
 /* The stream fd is connected: start reading, say hello, learn slots. */
 void agent_stream_ready(struct ctl *c, struct agent *ag, int fd);
-/* The agent is gone: fail its requests with agent_lost, drop its leases. */
+/* The stream ended: reconnect when the backend can and the agent lives,
+ * else it is gone: fail its requests with agent_lost, drop its leases. */
 void agent_lost(struct ctl *c, struct agent *ag, const char *why);
+/* A backend's attach during a reconnect failed after it returned 0 (e.g. a
+ * TCP connect that timed out): try again later, within the timeout. */
+void agent_relink_failed(struct ctl *c, struct agent *ag, const char *why);
+/* End the agent's stream as a network failure would (op `reconnect`). */
+int agent_drop_stream(struct ctl *c, struct agent *ag, struct sp_err *err);
 void agent_stop(struct ctl *c, struct agent *ag, const char *why);
 /* Begin a request to the agent: returns the packer for the args map (the
  * caller packs exactly one map), then agent_send_end. */

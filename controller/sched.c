@@ -809,6 +809,13 @@ static void scale(struct ctl *c, struct profile *p)
             nfree += ag->nfree;
             break;
         case AG_DRAINING: draining++; break;
+        /* Its leases wait for it; a replacement would only double it. */
+        case AG_RECONNECTING:
+            if (ag->relink_prev == AG_DRAINING)
+                draining++;
+            else
+                ready++;
+            break;
         case AG_STOPPING: break;
         }
     }

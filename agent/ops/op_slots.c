@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "idem.h"
 #include "quota.h"
 #include "session.h"
 #include "../template.h"
@@ -48,8 +49,10 @@ int op_hello(struct req *rq, struct sp_err *err)
     char view[4200];
     slots_view_template(ag, view, sizeof view);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 14);
+    msgpack_pack_map(pk, 15);
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
+    sp_pack_cstr(pk, "idempotency");
+    idem_pack_info(pk, ag);
     sp_pack_cstr(pk, "disk_quota");
     quota_pack_info(pk, ag);
     /* Shares exist only in boxes: without one a command does not see them
@@ -177,9 +180,10 @@ int op_stats(struct req *rq, struct sp_err *err)
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 14);
+    msgpack_pack_map(pk, 17);
     sp_pack_kv_uint(pk, "uptime_ms", ms_since(ag, ag->started));
     quota_pack_stats(pk, ag);
+    idem_pack_stats(pk, ag);
     sp_pack_kv_uint(pk, "requests", ag->requests);
     sp_pack_kv_uint(pk, "errors", ag->errors);
     sp_pack_kv_uint(pk, "connections", ag->nconns);

@@ -58,6 +58,8 @@ static const char usage_text[] =
     "                           the profile's lease_timeout)\n"
     "  release SLOT [--no-reset]\n"
     "  drain AGENT              no new leases; stopped once its last lease is released\n"
+    "  reconnect AGENT          end the agent's stream as a network failure would; the\n"
+    "                           controller opens a new one and resumes what was running\n"
     "  top [--interval SEC] [--once]   live view; q or Ctrl-C quits\n"
     "  stop [--purge]           stop every agent (Nomad jobs deregistered; --purge purges\n"
     "                           them) and then the controller; returns when it is done\n"
@@ -1797,6 +1799,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
          "acquire [--profile P] [--trajectory T] [--timeout-ms N]"},
         {"release", CMD_RELEASE, MODE_CTL, 1, 2, "release SLOT [--no-reset]"},
         {"drain", CMD_DRAIN, MODE_CTL, 1, 1, "drain AGENT"},
+        {"reconnect", CMD_RECONNECT, MODE_CTL, 1, 1, "reconnect AGENT"},
         {"top", CMD_TOP, MODE_CTL, 0, -1, "top [--interval SEC] [--once] [--profile P]"},
         {"stop", CMD_STOP, MODE_CTL, 0, 1, "stop [--purge]"},
         {"attach", CMD_ATTACH, MODE_BOTH, 1, 1, "attach SLOT"},
@@ -1879,6 +1882,7 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
         parse_ctl_options(cmd, argc, argv, 2, table[t].usage);
         break;
     case CMD_DRAIN:
+    case CMD_RECONNECT:
         if (argv[1][0] == '-' || !argv[1][0])
             usage_error("usage: agentctl %s", table[t].usage);
         cmd->agent_id = argv[1];
@@ -1932,6 +1936,7 @@ static int run(struct ctl *c, const struct cmd *cmd, int *status)
     case CMD_ACQUIRE: return cmd_acquire(c, cmd);
     case CMD_RELEASE: return cmd_release(c, cmd);
     case CMD_DRAIN: return cmd_drain(c, cmd);
+    case CMD_RECONNECT: return cmd_reconnect(c, cmd);
     case CMD_TOP: return cmd_top(c, cmd);
     case CMD_STOP: return cmd_stop(c, cmd);
     case CMD_ATTACH: return cmd_attach(c, cmd, status);

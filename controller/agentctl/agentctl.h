@@ -34,6 +34,7 @@ enum cmd_kind {
     CMD_ACQUIRE,
     CMD_RELEASE,
     CMD_DRAIN,
+    CMD_RECONNECT,
     CMD_TOP,
     CMD_STOP,
     CMD_ATTACH,
@@ -148,6 +149,7 @@ int cmd_profiles(struct ctl *c);
 int cmd_acquire(struct ctl *c, const struct cmd *cmd);
 int cmd_release(struct ctl *c, const struct cmd *cmd);
 int cmd_drain(struct ctl *c, const struct cmd *cmd);
+int cmd_reconnect(struct ctl *c, const struct cmd *cmd);
 int cmd_top(struct ctl *c, const struct cmd *cmd);
 int cmd_stop(struct ctl *c, const struct cmd *cmd);
 

@@ -251,12 +251,13 @@ static const msgpack_object *ctl_call_filtered(struct ctl *c, const char *op, co
 /* The agents table, shared by `agents` and `top`. */
 static void print_agents(const msgpack_object *arr, FILE *f, bool full)
 {
-    static const char *const cols[] = {"AGENT", "PROFILE",  "STATE", "SLOTS",   "LEASED", "EXEC",
-                                       "AGE",   "REQUESTS", "PID",   "ADDRESS", NULL};
-    static const char *const short_cols[] = {"AGENT", "PROFILE", "STATE",    "SLOTS", "LEASED",
-                                             "EXEC",  "AGE",     "REQUESTS", NULL};
+    static const char *const cols[] = {"AGENT",      "PROFILE", "STATE",   "SLOTS",
+                                       "LEASED",     "EXEC",    "AGE",     "REQUESTS",
+                                       "RECONNECTS", "PID",     "ADDRESS", NULL};
+    static const char *const short_cols[] = {"AGENT", "PROFILE", "STATE",    "SLOTS",      "LEASED",
+                                             "EXEC",  "AGE",     "REQUESTS", "RECONNECTS", NULL};
     struct table t;
-    tbl_header(&t, 0xf8 | (full ? 0x100 : 0), full ? cols : short_cols);
+    tbl_header(&t, 0x1f8 | (full ? 0x200 : 0), full ? cols : short_cols);
     for (uint32_t i = 0; i < arr->via.array.size; i++) {
         const msgpack_object *a = &arr->via.array.ptr[i];
         char id[256], prof[256], st[64], age[32], addr[256];
@@ -269,6 +270,7 @@ static void print_agents(const msgpack_object *arr, FILE *f, bool full)
         tbl_cell(&t, "%llu", (unsigned long long)get_u(a, "executing"));
         tbl_cell(&t, "%s", age);
         tbl_cell(&t, "%llu", (unsigned long long)get_u(a, "requests"));
+        tbl_cell(&t, "%llu", (unsigned long long)get_u(a, "reconnects"));
         if (full) {
             const msgpack_object *pid = sp_map_get(a, "pid");
             if (pid && pid->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
@@ -280,14 +282,25 @@ static void print_agents(const msgpack_object *arr, FILE *f, bool full)
     }
     tbl_print(&t, f);
     tbl_free(&t);
-    /* Errors below the table: they are long and rare. */
+    /* Links and errors below the table: they are long and rare. */
     for (uint32_t i = 0; full && i < arr->via.array.size; i++) {
         const msgpack_object *a = &arr->via.array.ptr[i];
+        char id[256], st[64], cause[512], took[32];
+        str_field(a, "id", id, sizeof id);
+        str_field(a, "state", st, sizeof st);
+        fmt_dur(took, sizeof took, get_u(a, "reconnect_ms"));
+        const msgpack_object *lc = sp_map_get(a, "link_cause");
+        if (lc && lc->type == MSGPACK_OBJECT_STR) {
+            str_field(a, "link_cause", cause, sizeof cause);
+            if (!strcmp(st, "reconnecting"))
+                fprintf(f, "%s: reconnecting for %s (attempt %llu); its stream ended: %s\n", id,
+                        took, (unsigned long long)get_u(a, "reconnect_attempts"), cause);
+            else
+                fprintf(f, "%s: last stream ended: %s (reconnected in %s)\n", id, cause, took);
+        }
         const msgpack_object *e = sp_map_get(a, "error");
-        char id[256];
         if (e && e->type == MSGPACK_OBJECT_STR)
-            fprintf(f, "%s: error: %.*s\n", str_field(a, "id", id, sizeof id), (int)e->via.str.size,
-                    e->via.str.ptr);
+            fprintf(f, "%s: error: %.*s\n", id, (int)e->via.str.size, e->via.str.ptr);
     }
 }
 
@@ -327,11 +340,13 @@ static void print_status_head(const msgpack_object *r, FILE *f)
     fprintf(f, "controller  %s  up %s  %llu connections  rss %s\n",
             str_field(r, "name", name, sizeof name), up,
             (unsigned long long)get_u(r, "connections"), rss);
-    fprintf(f, "agents      %llu ready, %llu starting, %llu draining (%llu total)\n",
-            (unsigned long long)get_u2(r, "agents", "ready"),
-            (unsigned long long)get_u2(r, "agents", "starting"),
-            (unsigned long long)get_u2(r, "agents", "draining"),
-            (unsigned long long)get_u2(r, "agents", "total"));
+    fprintf(
+        f, "agents      %llu ready, %llu starting, %llu draining, %llu reconnecting (%llu total)\n",
+        (unsigned long long)get_u2(r, "agents", "ready"),
+        (unsigned long long)get_u2(r, "agents", "starting"),
+        (unsigned long long)get_u2(r, "agents", "draining"),
+        (unsigned long long)get_u2(r, "agents", "reconnecting"),
+        (unsigned long long)get_u2(r, "agents", "total"));
     fprintf(f, "slots       %llu free, %llu leased, %llu executing (%llu total); %llu waiters\n",
             (unsigned long long)get_u2(r, "slots", "free"),
             (unsigned long long)get_u2(r, "slots", "leased"),
@@ -573,6 +588,23 @@ int cmd_drain(struct ctl *c, const struct cmd *cmd)
     printf("agent %s: %s, %llu lease%s left%s\n", cmd->agent_id,
            str_field(r, "state", st, sizeof st), (unsigned long long)leased, leased == 1 ? "" : "s",
            leased ? " (stopped once released)" : "");
+    return 0;
+}
+
+int cmd_reconnect(struct ctl *c, const struct cmd *cmd)
+{
+    struct args a;
+    args_begin(&a, 1);
+    sp_pack_kv_str(&a.pk, "agent", cmd->agent_id);
+    const msgpack_object *r = call(c, "reconnect", &a);
+    if (!r)
+        return -1;
+    if (c->json) {
+        print_json(r);
+        return 0;
+    }
+    printf("agent %s: stream ended; reconnecting (%llu reconnects so far)\n", cmd->agent_id,
+           (unsigned long long)get_u(r, "reconnects"));
     return 0;
 }
 

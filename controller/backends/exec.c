@@ -26,7 +26,17 @@
 #define STOP_GRACE_S 5.0
 #define LIST_MAX_OUT (1 << 20)
 
-enum helper_kind { HELPER_NONE, HELPER_START, HELPER_STOP };
+enum helper_kind { HELPER_NONE, HELPER_START, HELPER_STOP, HELPER_PROBE };
+
+#define PROBE_MAX_OUT (64 * 1024)
+
+/* A `list` run to learn whether an agent whose stream ended still runs
+ * (ag->be_data while it runs). */
+struct probe {
+    probe_done_fn done;
+    char *out;
+    size_t len;
+};
 
 static const char *const placeholders[] = {
     "agent_id", "profile",  "controller", "slots",       "image",     "token",
@@ -278,6 +288,7 @@ static int launch(struct ctl *c, struct agent *ag, struct sp_err *err)
 /* ---- helpers: start and stop commands ------------------------------------ */
 
 static void run_stop_helper(struct ctl *c, struct agent *ag);
+static void probe_finish(struct ctl *c, struct agent *ag, bool ok, const char *status);
 
 static void helper_out_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
@@ -285,6 +296,13 @@ static void helper_out_cb(struct ev_loop *loop, ev_io *w, int revents)
     struct agent *ag = w->data;
     char buf[4096];
     ssize_t n = read(ag->helper_fd, buf, sizeof buf);
+    if (n > 0 && ag->helper_kind == HELPER_PROBE) {
+        struct probe *pr = ag->be_data;
+        size_t k = (size_t)n < PROBE_MAX_OUT - pr->len ? (size_t)n : PROBE_MAX_OUT - pr->len;
+        memcpy(pr->out + pr->len, buf, k);
+        pr->len += k;
+        return;
+    }
     if (n > 0) {
         agent_stderr_append(ag, buf, (size_t)n);
         return;
@@ -303,7 +321,9 @@ static void helper_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
     struct agent *ag = w->data;
     if (ag->helper_pid > 0) {
         log_warn("agent %s: %s command still running after %.0f s; killing it", ag->id,
-                 ag->helper_kind == HELPER_START ? "start" : "stop",
+                 ag->helper_kind == HELPER_START   ? "start"
+                 : ag->helper_kind == HELPER_PROBE ? "list"
+                                                   : "stop",
                  (double)ag->prof->exec_command_timeout_ms / 1000);
         kill(-ag->helper_pid, SIGKILL);
         kill(ag->helper_pid, SIGKILL);
@@ -330,6 +350,14 @@ static void helper_exit_cb(struct ev_loop *loop, ev_child *w, int revents)
     bool ok = WIFEXITED(w->rstatus) && WEXITSTATUS(w->rstatus) == 0;
     char st[64];
     child_status_text(w->rstatus, st, sizeof st);
+    if (kind == HELPER_PROBE) {
+        probe_finish(c, ag, ok, st);
+        if (ag->state == AG_STOPPING) {
+            run_stop_helper(c, ag); /* it was stopped while we asked */
+            maybe_gone(c, ag);
+        }
+        return;
+    }
     if (kind == HELPER_START) {
         if (ag->state == AG_STOPPING) {
             /* Stopped while starting: undo what the start made. */
@@ -370,7 +398,9 @@ static int run_helper(struct ctl *c, struct agent *ag, int kind, const struct st
     if (pid == 0) {
         int dn = open("/dev/null", O_RDWR);
         dup2(dn, 0);
-        dup2(dn, 1); /* docker run -d prints the container id: noise */
+        /* docker run -d prints the container id: noise; list's output is
+         * the answer */
+        dup2(kind == HELPER_PROBE ? op[1] : dn, 1);
         dup2(op[1], 2);
         child_exec(c, ag, argv);
     }
@@ -468,8 +498,11 @@ static void exec_stop_agent(struct ctl *c, struct agent *ag)
         ev_timer_start(c->loop, &ag->timer);
     }
     /* A start still running is left to finish (killing `docker run -d`
-     * midway could leave a container behind); its end runs the stop. */
-    if (ag->helper_kind != HELPER_START)
+     * midway could leave a container behind); its end runs the stop, as
+     * does the end of a list asking whether the agent runs. */
+    if (ag->helper_kind == HELPER_PROBE && ag->helper_pid > 0)
+        kill(-ag->helper_pid, SIGKILL);
+    else if (ag->helper_kind != HELPER_START)
         run_stop_helper(c, ag);
     maybe_gone(c, ag);
 }
@@ -477,6 +510,72 @@ static void exec_stop_agent(struct ctl *c, struct agent *ag)
 static int exec_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
     return launch(c, ag, err);
+}
+
+/* Is the agent's id a line of what `list` printed? */
+static bool listed(const char *out, size_t n, const char *id)
+{
+    size_t il = strlen(id);
+    for (size_t i = 0; i < n;) {
+        size_t e = i;
+        while (e < n && out[e] != '\n')
+            e++;
+        size_t a = i, b = e;
+        while (a < b && isspace((unsigned char)out[a]))
+            a++;
+        while (b > a && isspace((unsigned char)out[b - 1]))
+            b--;
+        if (b - a == il && !memcmp(out + a, id, il))
+            return true;
+        i = e + 1;
+    }
+    return false;
+}
+
+static void probe_finish(struct ctl *c, struct agent *ag, bool ok, const char *status)
+{
+    struct probe *pr = ag->be_data;
+    ag->be_data = NULL;
+    if (!pr)
+        return;
+    char why[300];
+    int alive;
+    if (!ok) {
+        alive = -1;
+        snprintf(why, sizeof why, "list command %s", status);
+    } else if (listed(pr->out, pr->len, ag->id)) {
+        alive = 1;
+        *why = 0;
+    } else {
+        alive = 0;
+        snprintf(why, sizeof why, "the list command no longer lists %s", ag->id);
+    }
+    probe_done_fn done = pr->done;
+    free(pr->out);
+    free(pr);
+    done(c, ag, alive, why);
+}
+
+/* The stream ended: ask `list` whether the daemon still runs. Without a
+ * list template nobody can tell, and attach answers instead. */
+static void exec_probe(struct ctl *c, struct agent *ag, probe_done_fn done)
+{
+    struct sp_err e;
+    if (!ag->prof->exec_list.n || ag->helper_pid > 0) {
+        done(c, ag, -1, ag->prof->exec_list.n ? "a start or stop command runs" : NULL);
+        return;
+    }
+    struct probe *pr = calloc(1, sizeof *pr);
+    if (!pr || !(pr->out = malloc(PROBE_MAX_OUT)))
+        abort();
+    pr->done = done;
+    ag->be_data = pr;
+    if (run_helper(c, ag, HELPER_PROBE, &ag->prof->exec_list, &e) < 0) {
+        ag->be_data = NULL;
+        free(pr->out);
+        free(pr);
+        done(c, ag, -1, e.msg);
+    }
 }
 
 /* Is s "PROFILE-xxxxxx", an id this controller gives? */
@@ -718,4 +817,5 @@ const struct backend backend_exec = {
     .attach = exec_attach,
     .check = exec_check,
     .persistent = exec_persistent,
+    .probe = exec_probe,
 };

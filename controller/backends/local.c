@@ -536,6 +536,18 @@ static int local_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
     return 0;
 }
 
+/* A socket-mode daemon whose stream ended: does its process still serve
+ * its socket? */
+static void local_probe(struct ctl *c, struct agent *ag, probe_done_fn done)
+{
+    char *sock = path_in_state(c, ag->id, ".sock");
+    bool alive = pid_is_agent(ag->pid, sock);
+    free(sock);
+    char why[80];
+    snprintf(why, sizeof why, "process %d exited", (int)ag->pid);
+    done(c, ag, alive ? 1 : ag->pid > 0 ? 0 : -1, alive ? NULL : why);
+}
+
 /* Agents of profile p left by an earlier controller: STATE/agents/P-*.sock. */
 static int local_list(struct ctl *c, struct profile *p)
 {
@@ -620,6 +632,7 @@ const struct backend backend_local = {
     .list_agents = local_list,
     .attach = local_attach,
     .persistent = local_persistent,
+    .probe = local_probe,
 };
 
 const struct backend *backend_find(const char *name)

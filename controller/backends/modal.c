@@ -15,6 +15,12 @@
 #include "ctl.h"
 
 #define MODAL_NAME_MAX 64
+/* Modal's cap on a sandbox's lifetime (its `timeout`): 24 h. */
+#define MODAL_MAX_LIFETIME_MS (24ull * 3600 * 1000)
+/* Below this, Modal's idle timeout may end a sandbox during a reconnect or a
+ * controller restart (no bridge attached: no exec runs, so Modal sees no
+ * activity); the profile's reconnect_timeout raises the bar. */
+#define MODAL_IDLE_FLOOR_MS (60ull * 1000)
 
 static bool modal_name_ok(const char *s)
 {
@@ -50,6 +56,32 @@ static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
         return sp_errf(err, SP_BAD_REQUEST,
                        "profile '%s': modal.on_signal is detach or terminate, not '%s'", p->name,
                        on_signal);
+    if (p->modal.timeout_ms > MODAL_MAX_LIFETIME_MS)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "profile '%s': modal.timeout is %llu s; Modal sandboxes live at most "
+                       "%llu s (24 h)",
+                       p->name, (unsigned long long)((p->modal.timeout_ms + 999) / 1000),
+                       (unsigned long long)(MODAL_MAX_LIFETIME_MS / 1000));
+    if (p->max_lifetime_ms > MODAL_MAX_LIFETIME_MS)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "profile '%s': max_lifetime is %llu s; Modal sandboxes live at most "
+                       "%llu s (24 h)",
+                       p->name, (unsigned long long)((p->max_lifetime_ms + 999) / 1000),
+                       (unsigned long long)(MODAL_MAX_LIFETIME_MS / 1000));
+    if (p->modal.timeout_ms && p->max_lifetime_ms > p->modal.timeout_ms)
+        log_warn("profile '%s': max_lifetime (%llu s) is longer than modal.timeout (%llu s): "
+                 "Modal ends the sandboxes before the controller drains them",
+                 p->name, (unsigned long long)(p->max_lifetime_ms / 1000),
+                 (unsigned long long)(p->modal.timeout_ms / 1000));
+    uint64_t idle_floor = p->reconnect_timeout_ms > MODAL_IDLE_FLOOR_MS ? p->reconnect_timeout_ms
+                                                                        : MODAL_IDLE_FLOOR_MS;
+    if (p->modal.idle_timeout_ms && p->modal.idle_timeout_ms < idle_floor)
+        log_warn("profile '%s': modal.idle_timeout is %llu s, less than %llu s (60 s, or "
+                 "reconnect_timeout if longer): Modal counts only execs as activity, so it may "
+                 "end a sandbox while no bridge is attached (a reconnect, a controller restart) "
+                 "and its agent is lost",
+                 p->name, (unsigned long long)((p->modal.idle_timeout_ms + 999) / 1000),
+                 (unsigned long long)(idle_floor / 1000));
     if (!p->modal.bridge.n) {
         char *b = ctl_find_program("slot-modal-bridge");
         if (!b)
@@ -80,13 +112,17 @@ static int modal_check(struct ctl *c, struct profile *p, struct sp_err *err)
     strlist_add(l, "--workdir");
     strlist_add(l, p->workdir ? p->workdir : "/workspace");
     /* Modal's own lifetime cap: past max_lifetime the controller drains the
-     * agent; the extra hour lets its last leases finish. */
+     * agent; the extra hour (within Modal's 24 h) lets its last leases finish. */
     uint64_t tmo = p->modal.timeout_ms  ? p->modal.timeout_ms
                    : p->max_lifetime_ms ? p->max_lifetime_ms + 3600 * 1000
-                                        : 24 * 3600 * 1000;
+                                        : MODAL_MAX_LIFETIME_MS;
+    if (tmo > MODAL_MAX_LIFETIME_MS)
+        tmo = MODAL_MAX_LIFETIME_MS;
     snprintf(num, sizeof num, "%llu", (unsigned long long)((tmo + 999) / 1000));
     strlist_add(l, "--timeout");
     strlist_add(l, num);
+    /* Only when set: without it Modal never ends an idle sandbox, so one the
+     * controller holds survives any time without a bridge (until `timeout`). */
     if (p->modal.idle_timeout_ms) {
         snprintf(num, sizeof num, "%llu",
                  (unsigned long long)((p->modal.idle_timeout_ms + 999) / 1000));
@@ -184,6 +220,13 @@ static int modal_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
     return backend_exec.attach(c, ag, err);
 }
 
+/* A bridge ended: `slot-modal-bridge list` prints only sandboxes that answer
+ * "running" to a poll, so a listed agent is one to attach to again. */
+static void modal_probe(struct ctl *c, struct agent *ag, probe_done_fn done)
+{
+    backend_exec.probe(c, ag, done);
+}
+
 const struct backend backend_modal = {
     .name = "modal",
     .start_agent = modal_start,
@@ -192,4 +235,5 @@ const struct backend backend_modal = {
     .attach = modal_attach,
     .check = modal_check,
     .persistent = modal_persistent,
+    .probe = modal_probe,
 };

@@ -7,7 +7,10 @@
  * agent's port label, and the agent reached over TCP with a per-job token
  * (derived from the controller's secret, so a restarted controller can
  * compute it again; it only travels in the job's variables). Nomad's own
- * words (task events, placement failures, HTTP errors) become the errors. */
+ * words (task events, placement failures, HTTP errors) become the errors.
+ * The agent outlives its stream: when the stream ends, probe asks Nomad
+ * whether the same allocation still runs (and where), and attach connects
+ * to it again. */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +35,11 @@
 #define API_TIMEOUT_S 30.0
 #define CONNECT_RETRY_S 0.2
 #define LIST_TIMEOUT_S 30.0
+/* A probe, and a reconnect's connect, wait at most this long (or
+ * exec.command_timeout if shorter): the controller holds the agent's
+ * reconnect meanwhile, and retries (probing again) within its own
+ * reconnect_timeout. */
+#define PROBE_MAX_S 10.0
 
 struct nprof {
     struct http_client *http;
@@ -58,6 +66,12 @@ struct nagent {
     int port;
     int empty;
     char last_event[600];
+    int cerr;     /* why the last connect attempt failed (errno; 0: no answer yet) */
+    int restarts; /* the tasks' restarts when the stream was first handed over */
+    /* the probe in flight: done is answered exactly once (probe_finish) */
+    struct http_req *probe;
+    probe_done_fn probe_done;
+    ev_timer ptimer;
 };
 
 /* ---- helpers --------------------------------------------------------------- */
@@ -70,6 +84,12 @@ static struct nprof *np(struct profile *p)
 static struct nagent *na(struct agent *ag)
 {
     return ag->be_data;
+}
+
+static double probe_bound_s(const struct profile *p)
+{
+    double s = (double)p->exec_command_timeout_ms / 1000;
+    return s > 0 && s < PROBE_MAX_S ? s : PROBE_MAX_S;
 }
 
 static const char *envdef(char **field, const char *var)
@@ -392,14 +412,45 @@ int nomad_alloc_port(json_t *alloc, const char *label, char *host, size_t hcap, 
 
 static void watch(struct ctl *c, struct agent *ag);
 
-static void connect_try(struct ctl *c, struct agent *ag);
+static int connect_try(struct ctl *c, struct agent *ag, char *why, size_t cap);
+
+/* A reconnect of an agent that was ready: its failures are for the
+ * controller to weigh (agent_relink_failed), not a failed start that counts
+ * against the profile and stops the job. */
+static bool relinking(struct agent *ag)
+{
+    return na(ag)->phase == NP_READY && ag->state != AG_STARTING;
+}
+
+static void connect_stop(struct ctl *c, struct nagent *a)
+{
+    ev_timer_stop(c->loop, &a->ctimer);
+    ev_io_stop(c->loop, &a->cio);
+    if (a->fd >= 0) {
+        close(a->fd);
+        a->fd = -1;
+    }
+}
+
+static void connect_failed(struct ctl *c, struct agent *ag, const char *why)
+{
+    struct nagent *a = na(ag);
+    connect_stop(c, a);
+    ev_timer_stop(c->loop, &a->deadline);
+    if (relinking(ag))
+        agent_relink_failed(c, ag, why);
+    else
+        fail_start(c, ag, why);
+}
 
 static void ctimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
     (void)revents;
     struct nagent *a = w->data;
-    connect_try(a->ag->ctl, a->ag);
+    char why[200];
+    if (connect_try(a->ag->ctl, a->ag, why, sizeof why) < 0)
+        connect_failed(a->ag->ctl, a->ag, why);
 }
 
 static void cio_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -412,6 +463,7 @@ static void cio_cb(struct ev_loop *loop, ev_io *w, int revents)
     socklen_t l = sizeof e;
     getsockopt(a->fd, SOL_SOCKET, SO_ERROR, &e, &l);
     if (e) {
+        a->cerr = e;
         close(a->fd);
         a->fd = -1;
         ev_timer_set(&a->ctimer, CONNECT_RETRY_S, 0);
@@ -420,37 +472,70 @@ static void cio_cb(struct ev_loop *loop, ev_io *w, int revents)
     }
     int fd = a->fd;
     a->fd = -1;
+    if (a->phase == NP_READY) /* agent.c says more once hello is answered */
+        log_debug("agent %s: reconnected to %s:%d (Nomad allocation %.8s)", ag->id, a->host,
+                  a->port, a->alloc_id);
     a->phase = NP_READY;
     *ag->error = 0; /* "waiting for Nomad: ..." is over */
     ev_timer_stop(loop, &a->deadline);
     agent_stream_ready(ag->ctl, ag, fd);
 }
 
-static void connect_try(struct ctl *c, struct agent *ag)
+/* Begin a non-blocking connect to the allocation's address; refusals retry
+ * every CONNECT_RETRY_S (the agent may not listen yet) until a deadline
+ * the caller armed. -1 with why when no attempt can even be made. */
+static int connect_try(struct ctl *c, struct agent *ag, char *why, size_t cap)
 {
     struct nagent *a = na(ag);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)a->port)};
     if (inet_pton(AF_INET, a->host, &sa.sin_addr) != 1) {
-        char why[160];
-        snprintf(why, sizeof why, "allocation address '%s' is not an IPv4 address", a->host);
-        fail_start(c, ag, why);
-        return;
+        snprintf(why, cap, "allocation address '%s' is not an IPv4 address", a->host);
+        return -1;
     }
     a->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (a->fd < 0) {
-        fail_start(c, ag, strerror(errno));
-        return;
+        snprintf(why, cap, "%s", strerror(errno));
+        return -1;
     }
     if (connect(a->fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) {
+        a->cerr = errno;
         close(a->fd);
         a->fd = -1;
         ev_timer_set(&a->ctimer, CONNECT_RETRY_S, 0);
         ev_timer_start(c->loop, &a->ctimer);
-        return;
+        return 0;
     }
     ev_io_init(&a->cio, cio_cb, a->fd, EV_WRITE);
     a->cio.data = a;
     ev_io_start(c->loop, &a->cio);
+    return 0;
+}
+
+static void relink_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct nagent *a = w->data;
+    struct agent *ag = a->ag;
+    char why[400];
+    snprintf(why, sizeof why, "cannot reconnect to %s:%d (Nomad allocation %.8s) within %.0f s: %s",
+             a->host, a->port, a->alloc_id, probe_bound_s(ag->prof),
+             a->cerr ? strerror(a->cerr) : "no answer");
+    connect_failed(ag->ctl, ag, why);
+}
+
+/* Restarts Nomad made of the allocation's tasks, in place: each one is a
+ * new agent process behind the same address. */
+static int task_restarts(json_t *alloc)
+{
+    const char *task;
+    json_t *st;
+    int n = 0;
+    json_object_foreach(json_object_get(alloc, "TaskStates"), task, st)
+    {
+        n += (int)json_integer_value(json_object_get(st, "Restarts"));
+    }
+    return n;
 }
 
 /* ---- watching the allocation ------------------------------------------------ */
@@ -475,11 +560,15 @@ static void on_alloc(void *ctx, const struct http_resp *r)
         fail_start(c, ag, why);
         return;
     }
+    a->restarts = task_restarts(j);
     json_decref(j);
     snprintf(ag->address, sizeof ag->address, "tcp:%s:%d (nomad alloc %.8s)", a->host, a->port,
              a->alloc_id);
     a->phase = NP_CONNECT;
-    connect_try(c, ag);
+    if (connect_try(c, ag, why, sizeof why) < 0) {
+        fail_start(c, ag, why);
+        return;
+    }
     watch(c, ag);
 }
 
@@ -558,6 +647,32 @@ static void read_eval(struct agent *ag)
     free(path);
 }
 
+static void probe_finish(struct ctl *c, struct agent *ag, int alive, const char *why);
+
+/* The watch saw the allocation go. With a probe waiting (the stream ended
+ * already), that is the probe's answer, so the controller hears it once
+ * and decides; otherwise the agent is lost. */
+static void alloc_lost(struct ctl *c, struct agent *ag, const char *why)
+{
+    if (!na(ag)->probe_done) {
+        agent_lost(c, ag, why);
+        return;
+    }
+    probe_finish(c, ag, 0, why);
+    /* The controller stops the agent on that answer, as a rule; should it
+     * not, the watch goes on (and says it again). */
+    if (na(ag)->phase != NP_STOP)
+        watch(c, ag);
+}
+
+/* Client statuses of an allocation that no longer runs (unknown: its node
+ * lost contact with the servers). */
+static bool alloc_ended(const char *cs)
+{
+    return !strcmp(cs, "failed") || !strcmp(cs, "lost") || !strcmp(cs, "unknown") ||
+           !strcmp(cs, "complete");
+}
+
 static void on_allocs(void *ctx, const struct http_resp *r)
 {
     struct agent *ag = ctx;
@@ -596,7 +711,7 @@ static void on_allocs(void *ctx, const struct http_resp *r)
                 snprintf(why, sizeof why, "Nomad is stopping allocation %.8s (desired %s)",
                          a->alloc_id, jstr(al, "DesiredStatus"));
                 json_decref(arr);
-                agent_lost(c, ag, why);
+                alloc_lost(c, ag, why);
                 return;
             }
             continue;
@@ -609,7 +724,7 @@ static void on_allocs(void *ctx, const struct http_resp *r)
     if (!live) {
         json_decref(arr);
         if (a->phase == NP_READY || a->phase == NP_CONNECT) {
-            agent_lost(c, ag, "Nomad: the job has no running allocation any more");
+            alloc_lost(c, ag, "Nomad: the job has no running allocation any more");
             return;
         }
         if (++a->empty == 1)
@@ -622,22 +737,23 @@ static void on_allocs(void *ctx, const struct http_resp *r)
     last_event(live, ev, sizeof ev);
     if (*ev)
         snprintf(a->last_event, sizeof a->last_event, "%s", ev);
-    bool bad = !strcmp(cs, "failed") || !strcmp(cs, "lost") || !strcmp(cs, "unknown") ||
-               !strcmp(cs, "complete");
+    bool bad = alloc_ended(cs);
     const char *id = jstr(live, "ID");
     if (bad) {
         char why[600];
         snprintf(why, sizeof why, "Nomad allocation %.8s %s%s%.500s", id, cs, *ev ? ": " : "", ev);
         json_decref(arr);
         if (a->phase == NP_READY || a->phase == NP_CONNECT)
-            agent_lost(c, ag, why);
+            alloc_lost(c, ag, why);
         else
             fail_start(c, ag, why);
         return;
     }
     if ((a->phase == NP_READY || a->phase == NP_CONNECT) && strcmp(id, a->alloc_id)) {
+        char why[200];
+        snprintf(why, sizeof why, "Nomad allocation %.8s replaced by %.8s", a->alloc_id, id);
         json_decref(arr);
-        agent_lost(c, ag, "Nomad replaced the agent's allocation");
+        alloc_lost(c, ag, why);
         return;
     }
     if (a->phase == NP_WATCH && !strcmp(cs, "running") && tasks_running(live) && !a->req) {
@@ -666,6 +782,203 @@ static void watch(struct ctl *c, struct agent *ag)
     a->watch =
         http_request(np(ag->prof)->http, "GET", path, NULL, WATCH_WAIT_S * 1.1 + 10, on_allocs, ag);
     free(path);
+}
+
+/* ---- probing: is the agent's allocation still there? ------------------------ */
+
+/* Answer the probe, once. Its request and timer go first, so that done
+ * may stop the agent (nomad_stop finds no probe left to answer). */
+static void probe_finish(struct ctl *c, struct agent *ag, int alive, const char *why)
+{
+    struct nagent *a = na(ag);
+    probe_done_fn done = a->probe_done;
+    if (!done)
+        return;
+    a->probe_done = NULL;
+    http_cancel(a->probe);
+    a->probe = NULL;
+    ev_timer_stop(c->loop, &a->ptimer);
+    log_debug("agent %s: probe: %s (%s)", ag->id,
+              alive > 0    ? "alive"
+              : alive == 0 ? "gone"
+                           : "cannot tell",
+              why);
+    done(c, ag, alive, why);
+}
+
+static void ptimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct nagent *a = w->data;
+    struct agent *ag = a->ag;
+    char why[300];
+    snprintf(why, sizeof why, "Nomad did not say within %.0f s whether allocation %.8s runs",
+             probe_bound_s(ag->prof), a->alloc_id);
+    probe_finish(ag->ctl, ag, -1, why);
+}
+
+/* Nomad could not be asked: its words, without http_failure's "rejected
+ * the job" (meant for registering) on a 400 or 500. */
+static void probe_http_failed(struct agent *ag, const char *what, const struct http_resp *r)
+{
+    char why[600];
+    if (r->status == 400 || r->status == 500) {
+        char line[400];
+        body_line(r, line, sizeof line);
+        snprintf(why, sizeof why, "Nomad %s: HTTP %ld: %s", what, r->status, line);
+    } else
+        http_failure(ag, what, r, why, sizeof why);
+    probe_finish(ag->ctl, ag, -1, why);
+}
+
+/* The allocation is no longer known (garbage-collected once it ended):
+ * the job says whether the operator removed it. */
+static void on_probe_job(void *ctx, const struct http_resp *r)
+{
+    struct agent *ag = ctx;
+    struct nagent *a = na(ag);
+    a->probe = NULL;
+    char why[400];
+    if (r->status == 404) {
+        snprintf(why, sizeof why, "Nomad job %s is gone (purged), and allocation %.8s with it",
+                 a->job_id, a->alloc_id);
+        probe_finish(ag->ctl, ag, 0, why);
+        return;
+    }
+    if (r->status != 200) {
+        probe_http_failed(ag, "reading the job", r);
+        return;
+    }
+    json_t *j = json_loads(r->body, 0, NULL);
+    if (json_is_true(json_object_get(j, "Stop")))
+        snprintf(why, sizeof why, "Nomad job %s was stopped", a->job_id);
+    else
+        snprintf(why, sizeof why, "Nomad no longer knows allocation %.8s (garbage-collected)",
+                 a->alloc_id);
+    json_decref(j);
+    probe_finish(ag->ctl, ag, 0, why);
+}
+
+/* The allocation still runs: take its address as Nomad gives it now (the
+ * agent is reached there on attach). */
+static void probe_running(struct agent *ag, json_t *alloc, char *why, size_t cap)
+{
+    struct nagent *a = na(ag);
+    const char *label = ag->prof->nomad.port_label ? ag->prof->nomad.port_label : "agent";
+    char host[sizeof a->host];
+    int port = 0;
+    /* No port any more would be odd (it had one): keep the address known. */
+    if (nomad_alloc_port(alloc, label, host, sizeof host, &port) == 0 &&
+        (strcmp(host, a->host) || port != a->port)) {
+        log_info("agent %s: Nomad allocation %.8s moved from %s:%d to %s:%d", ag->id, a->alloc_id,
+                 a->host, a->port, host, port);
+        snprintf(a->host, sizeof a->host, "%s", host);
+        a->port = port;
+        snprintf(ag->address, sizeof ag->address, "tcp:%s:%d (nomad alloc %.8s)", a->host, a->port,
+                 a->alloc_id);
+    }
+    int n = task_restarts(alloc);
+    if (n > a->restarts)
+        snprintf(why, cap,
+                 "Nomad allocation %.8s runs at %s:%d; its task was restarted in place (%d "
+                 "restart%s so far)",
+                 a->alloc_id, a->host, a->port, n, n == 1 ? "" : "s");
+    else
+        snprintf(why, cap, "Nomad allocation %.8s runs at %s:%d", a->alloc_id, a->host, a->port);
+    a->restarts = n;
+}
+
+static void on_probe_alloc(void *ctx, const struct http_resp *r)
+{
+    struct agent *ag = ctx;
+    struct nagent *a = na(ag);
+    struct ctl *c = ag->ctl;
+    a->probe = NULL;
+    if (r->status == 404) {
+        char *path = api_path(np(ag->prof), "/v1/job/%s", a->job_id);
+        a->probe = http_request(np(ag->prof)->http, "GET", path, NULL, probe_bound_s(ag->prof),
+                                on_probe_job, ag);
+        free(path);
+        if (!a->probe)
+            probe_finish(c, ag, -1, "cannot make an HTTP request");
+        return;
+    }
+    if (r->status != 200) {
+        probe_http_failed(ag, "reading the allocation", r);
+        return;
+    }
+    json_t *j = json_loads(r->body, 0, NULL);
+    if (!j) {
+        probe_finish(c, ag, -1, "Nomad's answer about the allocation is not JSON");
+        return;
+    }
+    const char *cs = jstr(j, "ClientStatus"), *ds = jstr(j, "DesiredStatus");
+    const char *next = jstr(j, "NextAllocation");
+    char ev[600], why[800];
+    last_event(j, ev, sizeof ev);
+    if (*ev)
+        snprintf(a->last_event, sizeof a->last_event, "%s", ev);
+    int alive = 0;
+    if (alloc_ended(cs)) {
+        snprintf(why, sizeof why, "Nomad allocation %.8s is %s%s%.500s", a->alloc_id, cs,
+                 *ev ? ": " : "", ev);
+        if (*next)
+            snprintf(why + strlen(why), sizeof why - strlen(why), "; replaced by %.8s", next);
+    } else if (*next) {
+        /* A replacement runs a new agent process (new slots, new token
+         * check): the one the stream was to is gone. */
+        snprintf(why, sizeof why, "Nomad allocation %.8s replaced by %.8s", a->alloc_id, next);
+    } else if (strcmp(ds, "run")) {
+        const char *dd = jstr(j, "DesiredDescription");
+        snprintf(why, sizeof why, "Nomad is stopping allocation %.8s (desired %s%s%.300s)",
+                 a->alloc_id, ds, *dd ? ": " : "", dd);
+    } else if (!strcmp(cs, "running") && tasks_running(j)) {
+        alive = 1;
+        probe_running(ag, j, why, sizeof why);
+    } else {
+        /* Pending, or a task between restarts: Nomad brings it back in the
+         * same allocation, so a reconnect that waits may well succeed. */
+        alive = -1;
+        snprintf(why, sizeof why, "Nomad allocation %.8s is %s, its task not running%s%.500s",
+                 a->alloc_id, cs, *ev ? ": " : "", ev);
+    }
+    json_decref(j);
+    probe_finish(c, ag, alive, why);
+}
+
+/* The stream ended: ask Nomad about the allocation the stream was to. One
+ * GET of it says all (status, tasks, replacement, address); a second, of
+ * the job, only when Nomad forgot the allocation. */
+static void nomad_probe(struct ctl *c, struct agent *ag, probe_done_fn done)
+{
+    struct nagent *a = na(ag);
+    if (!a || a->phase == NP_STOP) {
+        done(c, ag, 0, "the agent is being stopped");
+        return;
+    }
+    if (a->probe_done) {
+        /* The first probe's answer follows; this one cannot add to it. */
+        done(c, ag, -1, "a probe of this agent is already under way");
+        return;
+    }
+    if (!*a->alloc_id) {
+        done(c, ag, -1, "no Nomad allocation is known for this agent yet");
+        return;
+    }
+    double bound = probe_bound_s(ag->prof);
+    char *path = api_path(np(ag->prof), "/v1/allocation/%s", a->alloc_id);
+    a->probe = http_request(np(ag->prof)->http, "GET", path, NULL, bound, on_probe_alloc, ag);
+    free(path);
+    if (!a->probe) {
+        done(c, ag, -1, "cannot make an HTTP request");
+        return;
+    }
+    a->probe_done = done;
+    /* Each attempt is bounded by bound, but the HTTP layer retries: the
+     * timer bounds them all. */
+    ev_timer_set(&a->ptimer, bound, 0);
+    ev_timer_start(c->loop, &a->ptimer);
 }
 
 static void arm_deadline(struct ctl *c, struct nagent *a);
@@ -776,6 +1089,8 @@ static struct nagent *nagent_new(struct agent *ag)
     a->rewatch.data = a;
     ev_timer_init(&a->evtimer, evtimer_cb, 0.5, 0);
     a->evtimer.data = a;
+    ev_timer_init(&a->ptimer, ptimer_cb, PROBE_MAX_S, 0);
+    a->ptimer.data = a;
     return a;
 }
 
@@ -906,6 +1221,13 @@ static void nomad_stop(struct ctl *c, struct agent *ag)
         return;
     }
     a->phase = NP_STOP;
+    /* A probe still waiting is answered (exactly once, as promised) after
+     * the rest is torn down: the agent is going, whatever Nomad says. */
+    probe_done_fn done = a->probe_done;
+    a->probe_done = NULL;
+    http_cancel(a->probe);
+    a->probe = NULL;
+    ev_timer_stop(c->loop, &a->ptimer);
     http_cancel(a->watch);
     a->watch = NULL;
     http_cancel(a->req);
@@ -928,7 +1250,9 @@ static void nomad_stop(struct ctl *c, struct agent *ag)
         http_request(np(ag->prof)->http, "DELETE", path, NULL, API_TIMEOUT_S, on_deregister, ag);
     free(path);
     if (!a->req)
-        free_later(c, ag);
+        free_later(c, ag); /* from the loop's next turn: ag lives through done */
+    if (done)
+        done(c, ag, 0, "the agent is being stopped");
 }
 
 /* ---- finding the agents of an earlier run ----------------------------------- */
@@ -1017,12 +1341,36 @@ static int nomad_list(struct ctl *c, struct profile *p)
     return found;
 }
 
+/* Connect the agent's stream again. An agent that was ready is reached at
+ * its allocation's address (probe refreshed it) within probe_bound_s; a
+ * failure is agent_relink_failed's (which tries again, probing first), a
+ * start's failure stays fail_start.
+ * One found by list_agents, or a start under way, connects by itself once
+ * the watch sees its allocation run. */
 static int nomad_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
-    (void)err;
     struct nagent *a = na(ag);
-    a->phase = NP_WATCH;
-    watch(c, ag);
+    if (!a || a->phase == NP_STOP)
+        return sp_errf(err, SP_AGENT_LOST, "agent %s is being stopped", ag->id);
+    if (a->phase != NP_READY) {
+        if (a->phase == NP_WATCH)
+            watch(c, ag);
+        return 0;
+    }
+    if (ag->connected)
+        return sp_errf(err, SP_INTERNAL, "agent %s is connected already", ag->id);
+    if (a->fd >= 0 || ev_is_active(&a->ctimer))
+        return 0; /* a reconnect is under way: its end calls back */
+    a->cerr = 0;
+    ev_timer_stop(c->loop, &a->deadline);
+    ev_timer_init(&a->deadline, relink_deadline_cb, probe_bound_s(ag->prof), 0);
+    a->deadline.data = a;
+    ev_timer_start(c->loop, &a->deadline);
+    char why[200];
+    if (connect_try(c, ag, why, sizeof why) < 0) {
+        ev_timer_stop(c->loop, &a->deadline);
+        return sp_errf(err, SP_AGENT_LOST, "agent %s: %s", ag->id, why);
+    }
     return 0;
 }
 
@@ -1064,4 +1412,5 @@ const struct backend backend_nomad = {
     .attach = nomad_attach,
     .check = nomad_check,
     .persistent = nomad_persistent,
+    .probe = nomad_probe,
 };

@@ -143,6 +143,11 @@ static int slurm_attach(struct ctl *c, struct agent *ag, struct sp_err *err)
     return backend_exec.attach(c, ag, err);
 }
 
+static void slurm_probe(struct ctl *c, struct agent *ag, probe_done_fn done)
+{
+    backend_exec.probe(c, ag, done);
+}
+
 const struct backend backend_slurm = {
     .name = "slurm",
     .start_agent = slurm_start,
@@ -151,4 +156,5 @@ const struct backend backend_slurm = {
     .attach = slurm_attach,
     .check = slurm_check,
     .persistent = slurm_persistent,
+    .probe = slurm_probe,
 };

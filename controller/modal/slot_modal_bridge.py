@@ -18,8 +18,8 @@ Usage
       [--slots N]            slots of a new agent (default 4)
       [--workdir DIR]        sandbox workdir and the agent's --data-dir (default /workspace)
       [--cpu F] [--memory MIB] [--gpu G]
-      [--timeout SECONDS]    sandbox lifetime (default 86400, the maximum)
-      [--idle-timeout SECONDS]
+      [--timeout SECONDS]    sandbox lifetime (default 86400, Modal's maximum; more is refused)
+      [--idle-timeout SECONDS]  Modal's idle timeout (default: none; see below)
       [--secret NAME]...     Modal secrets (modal.Secret.from_name) as environment
       [--env K=V]...         environment of the sandbox
       [--block-network] [--cidr-allowlist CIDR]...
@@ -30,7 +30,10 @@ Usage
   slot-modal-bridge list --app APP [--prefix P] [--strip S]
       prints the names of the app's running sandboxes made by this bridge
       (tag slot_bridge=1) that start with P, one per line, without their
-      leading S (the controller strips "APP-" to get its agent ids); exit 0
+      leading S (the controller strips "APP-" to get its agent ids); exit 0.
+      Each listed sandbox is polled first (`sb.poll()`), so one that has ended
+      but is still in Modal's listing is left out: a name printed is a
+      sandbox that runs, one to attach to again.
   slot-modal-bridge terminate --app APP --name NAME
       terminates that sandbox (waits for it to end); exit 0 also when it does not exist
 
@@ -51,21 +54,89 @@ ways: stdin in chunks of at most 1 MiB, each `write` followed by `drain`;
 local EOF becomes `write_eof` + `drain`; exec stdout is written to fd 1 as it
 arrives. The exec's stderr is copied to ours, each line prefixed `sandbox: `.
 
+Modal SDK versions
+------------------
+Every subcommand first checks `modal.__version__` against the releases this
+bridge is written for: 1.4 to 1.5.x (SDK_MIN, SDK_MAX). 1.4.0 fixed an exec
+that hung when its sandbox died right after creation, and the exec transport
+the bridge relies on (offset-resumed stdio straight to the worker, 1.2.3) and
+64-character sandbox names (1.2.2) are older; the SDK surface used here was
+checked against 1.5.4's source. Later releases (1.6 is out) are refused until
+someone checks the signatures again. Outside the range: exit 2 with
+`slot-modal-bridge: Modal SDK V is not supported (supported: 1.4 to 1.5.x) ...`.
+SLOT_MODAL_ANY_SDK=1 lets any version through, with one line
+`slot-modal-bridge: warning: ...` first on stderr.
+
 Exit codes (attach; list and terminate use 0, 2, 3 and 1)
 --------------------------------------------------------
   0  the stream ended normally: local EOF and the exec finished; or a
      SIGTERM/SIGINT was handled (--on-signal detach: the sandbox and its agent
      keep running; terminate: the sandbox was terminated)
   1  anything else (Modal unreachable, a step timed out, the agent closed the
-     stream on its own, local stdout closed, internal error)
-  2  usage (bad flags, bad name, agent binary not found)
+     stream on its own, local stdout closed, the link failed and the
+     sandbox's state could not be learnt, internal error)
+  2  usage (bad flags, bad name, agent binary not found, --timeout above
+     Modal's 24 h) or an unsupported Modal SDK version
   3  no usable Modal credentials (modal.exception.AuthError)
   4  sandbox creation refused (quota, rate limit, invalid request, missing secret)
-  5  sandbox terminated or gone (also: --no-create and no such running sandbox)
+  5  sandbox gone: it ended (exit code, 124 when its timeout passed, 137 when
+     terminated or its agent was killed) or no longer exists (an exec or a
+     poll gave ConflictError or NotFoundError); also --no-create and no such
+     running sandbox. `list` does not print it. Reason `sandbox gone: ...`
   6  the exec failed (could not start, or the relay exited non-zero, e.g. the
      agent binary is missing in the sandbox or its socket never appeared)
+  7  the link to the sandbox ended and the sandbox still runs: attach again.
+     The exec's stdout stream or a stdin drain failed for good (the SDK
+     resumes a broken stream itself, but with a budget of 10 reconnects for
+     the stream's whole life, and retries a drain 10 times; then it raises
+     ConnectionError, ServiceError, ...), and polling the sandbox (bounded:
+     about GONE_GRACE s, each poll at most POLL_TIMEOUT s) found it running.
+     Reason `the link to sandbox 'N' ended (...); the sandbox still runs:
+     attach again`. A new bridge with the same flags reaches the same agent.
 Every failure prints exactly one line `slot-modal-bridge: <reason>` on stderr,
-last; nothing else is printed by the bridge except the exec's `sandbox: ` lines.
+last; nothing else is printed by the bridge except the exec's `sandbox: ` lines
+(and the SLOT_MODAL_ANY_SDK warning).
+
+The bytes, and what a link that ends may cost
+---------------------------------------------
+Each direction is an exact prefix of its source, in order, no byte twice and
+none skipped, up to where the link ended:
+- up: the relay's stdin gets the bytes read from fd 0. Each read (at most
+  1 MiB, whatever has arrived, so its ends fall anywhere in a frame) is one
+  `write` + `drain`. The SDK sends a drain as one offset-stamped
+  TaskExecStdinWrite, retries it itself and keeps its buffer until it
+  succeeded, so the worker applies it once or not at all. The bridge never
+  calls write or drain while a drain is in flight (the SDK would lose those
+  bytes), never writes the same bytes twice, and a drain that fails for good
+  ends the bridge.
+- down: fd 1 gets the relay's stdout. Each chunk the SDK yields is written
+  to fd 1 completely before the next is read; the SDK resumes a broken
+  stream at its byte offset, so nothing is lost or doubled while its budget
+  lasts.
+When the bridge ends any other way than a clean EOF, it sends the relay an
+EOF (bounded; the drain resends at the same offset whatever a failed drain
+left, which the worker keeps only if it lacked it), so the agent closes that
+connection. The last request may then have reached the agent only in part
+(the agent drops a partial frame with its connection) and the last response
+may have reached fd 1 only in part (the reader must drop a partial frame when
+the link ends). Bytes read from fd 0 but not sent die with this bridge: the
+next bridge opens a new connection to the agent and starts at whatever the
+controller sends it, which resends whole requests with their idempotency
+keys. No bridge ever writes a byte, so half a frame, twice.
+
+Modal's idle timeout (--idle-timeout)
+-------------------------------------
+Modal's guide counts a sandbox as active while an exec runs, while its stdin
+is written or while a tunnel has a connection; its own process (here the
+agent) is not on that list. So a sandbox with a bridge attached (a relay exec
+running) is never idle, and one without is idle even while its agent runs
+commands: with --idle-timeout T, Modal terminates it T s after its last relay
+exec ended, agent, leases, running commands and files with it. Between two
+bridges (a reconnect, a controller restart) the clock runs: a T shorter than
+that gap loses the agent. Without --idle-timeout the bridge gives Modal none,
+and only --timeout (or terminate) ends the sandbox. A relay left behind by a
+bridge killed with SIGKILL keeps running (Modal cannot end one exec) and so
+keeps the sandbox active.
 """
 from __future__ import annotations
 
@@ -94,13 +165,21 @@ EXIT_AUTH = 3
 EXIT_CREATE = 4
 EXIT_GONE = 5
 EXIT_EXEC = 6
+EXIT_LINK = 7
+
+# Modal SDK releases this bridge is written for (major, minor), inclusive.
+SDK_MIN = (1, 4)
+SDK_MAX = (1, 5)
+ANY_SDK_ENV = "SLOT_MODAL_ANY_SDK"
 
 AGENT_REMOTE = "/usr/local/bin/slot-agent"
 AGENT_ADDR = "unix:/run/slot-agent.sock"
 TAG_BRIDGE = "slot_bridge"
 TAG_NAME = "slot_name"
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MAX_TIMEOUT_S = 86400
+MAX_TIMEOUT_S = 86400  # Modal's cap on a sandbox's lifetime (24 h)
+RC_TIMEOUT = 124  # a sandbox's exit code when its timeout passed
+RC_TERMINATED = 137  # ... when it was terminated (or its process got SIGKILL)
 
 UP_CHUNK = 1 << 20  # per write+drain; the SDK refuses more than 16 MiB buffered
 ATTACH_WAIT_S = 30  # the relay's own wait for the agent's socket
@@ -111,13 +190,15 @@ CREATE_TIMEOUT = 600.0  # the first create may build the image
 EXEC_TIMEOUT = 180.0  # the first exec waits for the sandbox to be scheduled
 WAIT_TIMEOUT = 10.0  # exec exit code after its stdout ended
 POLL_TIMEOUT = 15.0
-GONE_GRACE = 3.0  # how long a stream that ended on its own is checked for a dead sandbox
+GONE_GRACE = 3.0  # how long a stream that ended or failed is checked for a dead sandbox
+UP_FAIL_GRACE = 3.0  # after a drain failed: time for the exec's stdout to end on its own
 WATCH_INTERVAL = 15.0  # safety-net poll of the sandbox while streaming
 SIGNAL_EOF_TIMEOUT = 1.5  # on a signal: EOF to the relay, and its exit
 SIGNAL_SETUP_GRACE = 3.0  # on a signal during setup with --on-signal terminate
 DETACH_TIMEOUT = 5.0
 TERMINATE_TIMEOUT = 4.0  # on a signal; the controller kills us after ~5 s
 TERMINATE_CMD_TIMEOUT = 60.0
+LIST_POLLS = 16  # list: polls in flight at once
 
 T = TypeVar("T")
 
@@ -134,6 +215,43 @@ class Failure(Exception):
 def describe(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def ended(rc: int) -> str:
+    if rc == RC_TIMEOUT:
+        return f"exit code {rc}: its timeout passed"
+    if rc == RC_TERMINATED:
+        return f"exit code {rc}: terminated, or its agent was killed"
+    return f"exit code {rc}"
+
+
+# ---- the Modal SDK's version ---------------------------------------------------------
+
+def sdk_range() -> str:
+    return f"{SDK_MIN[0]}.{SDK_MIN[1]} to {SDK_MAX[0]}.{SDK_MAX[1]}.x"
+
+
+def sdk_problem(version: object) -> Optional[str]:
+    """Why `version` (modal.__version__) is not one this bridge supports, or None."""
+    m = re.match(r"^(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if m is None:
+        return f"Modal SDK version {version!r} is not understood (supported: {sdk_range()})"
+    if not SDK_MIN <= (int(m[1]), int(m[2])) <= SDK_MAX:
+        return f"Modal SDK {version} is not supported (supported: {sdk_range()})"
+    return None
+
+
+def check_sdk(version: object) -> None:
+    """Refuses (exit 2) an SDK outside SDK_MIN..SDK_MAX unless SLOT_MODAL_ANY_SDK is set."""
+    problem = sdk_problem(version)
+    if problem is None:
+        return
+    if os.environ.get(ANY_SDK_ENV, "").lower() in ("1", "true", "yes"):
+        print(f"{PROG}: warning: {problem}; going on as {ANY_SDK_ENV} is set", file=sys.stderr)
+        return
+    raise Failure(EXIT_USAGE, f"{problem}; pip install 'modal>={SDK_MIN[0]}.{SDK_MIN[1]},"
+                              f"<{SDK_MAX[0]}.{SDK_MAX[1] + 1}', or set {ANY_SDK_ENV}=1 to "
+                              "try this one")
 
 
 # ---- command line ----------------------------------------------------------------
@@ -180,8 +298,9 @@ def env_pair(s: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog=PROG, description="A slot-agent in a Modal sandbox, over stdin/stdout.",
-               epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 no credentials, "
-                      "4 creation refused, 5 sandbox terminated/gone, 6 exec failed.")
+               epilog="Exit codes: 0 ok, 1 other error, 2 usage or unsupported Modal SDK, "
+                      "3 no credentials, 4 creation refused, 5 sandbox gone, 6 exec failed, "
+                      "7 link ended but the sandbox runs (attach again).")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{attach,list,terminate}",
                            parser_class=Parser)
 
@@ -221,7 +340,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not args.workdir.startswith("/"):
             p.error(f"--workdir must be absolute, got {args.workdir!r}")
         if args.timeout > MAX_TIMEOUT_S:
-            p.error(f"--timeout is at most {MAX_TIMEOUT_S} s")
+            p.error(f"--timeout is {args.timeout} s; Modal sandboxes live at most "
+                    f"{MAX_TIMEOUT_S} s (24 h)")
         if args.block_network and args.cidr_allowlist:
             p.error("--block-network and --cidr-allowlist exclude each other")
         if not args.image:
@@ -284,8 +404,12 @@ class LocalIn:
             threading.Thread(target=pump, name="stdin", daemon=True).start()
 
     async def read(self) -> bytes:
+        """Up to UP_CHUNK bytes; b"" at EOF, and when fd 0 fails (its writer is gone)."""
         if self._reader is not None:
-            return await self._reader.read(UP_CHUNK)
+            try:
+                return await self._reader.read(UP_CHUNK)
+            except OSError:
+                return b""
         assert self._queue is not None
         return await self._queue.get()
 
@@ -312,6 +436,9 @@ class LocalOut:
         try:
             transport, protocol = await loop.connect_write_pipe(
                 asyncio.streams.FlowControlMixin, os.fdopen(1, "wb", buffering=0, closefd=False))
+            # drain() returns only once the pipe took every byte: nothing waits
+            # in our buffer when the bridge exits (fd 1 is an exact prefix).
+            transport.set_write_buffer_limits(high=0)
             self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
         except (OSError, ValueError):
             self._writer = None  # a regular file: plain blocking writes are fine
@@ -343,8 +470,8 @@ class LocalOut:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(1, view):]
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise LocalClosed() from e
+        except OSError as e:  # EPIPE, ECONNRESET, ...: our reader is gone
+            raise LocalClosed(describe(e)) from e
 
 
 # ---- the bridge ---------------------------------------------------------------------
@@ -356,7 +483,8 @@ class Session:
     args: argparse.Namespace
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sb: Optional["modal.Sandbox"] = None
-    local_eof: bool = False
+    local_eof: bool = False  # fd 0 ended and the EOF was handed to the SDK
+    eof_failed: bool = False  # ... but its drain did not succeed (yet)
     last_exec_stderr: str = ""
 
 
@@ -459,8 +587,8 @@ class Bridge:
             if sb is not None:
                 return sb
             if a.no_create:
-                raise Failure(EXIT_GONE, f"no running sandbox {a.name!r} in app {a.app!r} "
-                                         "(--no-create)")
+                raise Failure(EXIT_GONE, f"sandbox gone: no running sandbox {a.name!r} in app "
+                                         f"{a.app!r} (--no-create)")
             try:
                 return await self.create_sandbox(app)
             except self.mx.AlreadyExistsError:
@@ -474,8 +602,9 @@ class Bridge:
                 sb.exec.aio(AGENT_REMOTE, "--attach", AGENT_ADDR,
                             "--attach-timeout", str(ATTACH_WAIT_S), text=False),
                 EXEC_TIMEOUT)
-        except self.mx.ConflictError as e:
-            raise Failure(EXIT_GONE, f"sandbox terminated: {describe(e)}") from None
+        except (self.mx.ConflictError, self.mx.NotFoundError) as e:
+            # The sandbox ended (or went) between the lookup and the exec.
+            raise Failure(EXIT_GONE, f"sandbox gone: {self.s.args.name!r}: {describe(e)}") from None
         except self.mx.AuthError as e:
             raise auth_failure(e) from None
         except (self.mx.Error, OSError) as e:
@@ -489,6 +618,9 @@ class Bridge:
     # -- pumps
 
     async def pump_up(self, p: Any, local: LocalIn) -> None:
+        """fd 0 to the relay's stdin: one write + drain per read, one at a time
+        (never a write or a drain while a drain is in flight; a drain that
+        fails ends this task, and its bytes are never written again)."""
         while True:
             data = await local.read()
             if not data:
@@ -496,8 +628,10 @@ class Bridge:
             p.stdin.write(data)
             await p.stdin.drain.aio()
         self.s.local_eof = True
+        self.s.eof_failed = True
         p.stdin.write_eof()
         await p.stdin.drain.aio()
+        self.s.eof_failed = False
 
     async def pump_down(self, p: Any, out: LocalOut) -> None:
         async for chunk in p.stdout:
@@ -532,23 +666,63 @@ class Bridge:
             if rc is not None:
                 return int(rc)
 
-    async def gone(self, sb: "modal.Sandbox", grace: float) -> Optional[int]:
-        """The sandbox's exit code if it ends within `grace` seconds."""
+    async def sandbox_state(self, grace: float) -> tuple[str, str]:
+        """Whether the sandbox still runs, polled for `grace` s (each poll at most
+        POLL_TIMEOUT s) so that one dying with the stream is seen to end:
+        ("gone", why) once it has ended or is not found; ("running", "") if it
+        answered "running" and did not end meanwhile; ("unknown", why) if it
+        never answered."""
+        sb = self.s.sb
+        assert sb is not None
         deadline = time.monotonic() + grace
+        seen_running = False
+        why = "no answer"
         while True:
             try:
                 rc = await asyncio.wait_for(sb.poll.aio(), POLL_TIMEOUT)
             except asyncio.TimeoutError:
-                rc = None
-            except self.mx.NotFoundError:
-                return -1
-            except self.mx.Error:
-                rc = None
-            if rc is not None:
-                return int(rc)
+                why = f"polling it timed out after {POLL_TIMEOUT:.0f} s"
+            except self.mx.NotFoundError as e:
+                return "gone", f"not found ({describe(e)})"
+            except (self.mx.Error, OSError) as e:
+                why = f"polling it failed: {describe(e)}"
+            else:
+                if rc is not None:
+                    return "gone", f"ended ({ended(int(rc))})"
+                seen_running = True
             if time.monotonic() >= deadline:
-                return None
+                return ("running", "") if seen_running else ("unknown", why)
             await asyncio.sleep(0.1)
+
+    def is_link_error(self, e: BaseException) -> bool:
+        """An error of the exec's streams that ends the link but tells nothing of
+        the sandbox: what the SDK raises once its retries are spent (the builtin
+        ConnectionError for an OSError or a timeout; ServiceError, InternalError,
+        ... for a gRPC status; grpclib's StreamTerminatedError), or any other
+        Modal error. Not: LocalClosed, or a bug of ours."""
+        if isinstance(e, (OSError, asyncio.TimeoutError, self.mx.Error)):
+            return True
+        return any(c.__name__ == "StreamTerminatedError" for c in type(e).__mro__)
+
+    async def link_failed(self, p: Any, error: BaseException, where: str,
+                          end_relay: bool = True) -> NoReturn:
+        """The exec's stream failed with `error` in `where`: a gone sandbox (5),
+        a link that ended while the sandbox runs (7), or neither known (1)."""
+        name = self.s.args.name
+        state, why = await self.sandbox_state(GONE_GRACE)
+        if state == "gone":
+            raise Failure(EXIT_GONE, f"sandbox gone: {name!r} {why}")
+        if end_relay:
+            await self.end_relay(p)
+        await self.detach()
+        cause = f"{where}: {describe(error)}"
+        if not self.is_link_error(error):
+            raise Failure(EXIT_ERROR, f"internal error in the exec stream ({cause})")
+        if state == "running":
+            raise Failure(EXIT_LINK, f"the link to sandbox {name!r} ended ({cause}); "
+                                     "the sandbox still runs: attach again")
+        raise Failure(EXIT_ERROR, f"the link to sandbox {name!r} ended ({cause}) and the "
+                                  f"sandbox's state is unknown: {why}")
 
     # -- the session
 
@@ -601,13 +775,9 @@ class Bridge:
             return EXIT_OK
         if p is not None and not self.s.local_eof:
             # End the relay in the sandbox: the agent then closes this connection
-            # (its leases and commands stay).
-            try:
-                p.stdin.write_eof()
-                await asyncio.wait_for(p.stdin.drain.aio(), SIGNAL_EOF_TIMEOUT)
-                await asyncio.wait_for(p.wait.aio(), SIGNAL_EOF_TIMEOUT)
-            except (asyncio.TimeoutError, ValueError, self.mx.Error, OSError):
-                pass
+            # (its leases and commands stay). The pumps are stopped: no drain is
+            # in flight.
+            await self.end_relay(p)
         await self.detach()
         return EXIT_OK
 
@@ -627,7 +797,7 @@ class Bridge:
         watch = asyncio.create_task(self.watch(sb))
         stopper = asyncio.create_task(self.s.stop.wait())
         pending: set[asyncio.Task[Any]] = {up, down, watch, stopper}
-        limit: Optional[float] = None  # set once sending failed: the exec must end soon
+        limit: Optional[float] = None  # set once sending failed: the exec may be ending
         try:
             while True:
                 done, pending = await asyncio.wait(pending, timeout=limit,
@@ -638,15 +808,18 @@ class Bridge:
                     await asyncio.gather(up, down, return_exceptions=True)
                     return await self.finish_on_signal(p)
                 if watch in done:
-                    raise Failure(EXIT_GONE, f"sandbox terminated (exit code {watch.result()})")
+                    raise Failure(EXIT_GONE, f"sandbox gone: {self.s.args.name!r} ended "
+                                             f"({ended(watch.result())})")
                 if down in done:
                     return await self.stream_ended(p, down, up, err)
-                if not done:
+                if not done:  # sending failed and the exec's stdout did not end
+                    down.cancel()
+                    await asyncio.gather(down, return_exceptions=True)
                     e = up.exception()
-                    raise Failure(EXIT_ERROR, "sending to the exec failed" +
-                                  (f": {describe(e)}" if e else ""))
+                    assert e is not None
+                    await self.link_failed(p, e, "sending")
                 if up in done and up.exception() is not None:
-                    limit = WAIT_TIMEOUT  # the exec is going away; its stdout will end
+                    limit = UP_FAIL_GRACE
         finally:
             for t in (up, down, err, watch, stopper):
                 t.cancel()
@@ -655,33 +828,43 @@ class Bridge:
 
     async def stream_ended(self, p: Any, down: asyncio.Task[None], up: asyncio.Task[None],
                            err: asyncio.Task[None]) -> int:
-        sb = self.s.sb
-        assert sb is not None
         if not up.done():
             up.cancel()
+        # Never touch stdin while a drain may be in flight (the SDK would lose bytes).
+        await asyncio.gather(up, return_exceptions=True)
+        up_error = None if up.cancelled() else up.exception()
         down_error = down.exception()
         if isinstance(down_error, LocalClosed):
-            await self.finish_on_signal_like_eof(p)
+            await self.end_relay(p)
+            await self.detach()
             raise Failure(EXIT_ERROR, "local stdout closed")
+        if down_error is not None:
+            await self.link_failed(p, down_error, "receiving")
+        # The exec's stdout ended: the relay exited, or the sandbox is ending.
         rc: Optional[int] = None
+        wait_error: Optional[BaseException] = None
         try:
             rc = int(await asyncio.wait_for(p.wait.aio(), WAIT_TIMEOUT))
-        except (asyncio.TimeoutError, self.mx.Error):
+        except asyncio.TimeoutError:
             rc = None
+        except (self.mx.Error, OSError) as e:
+            wait_error = e
         try:  # the relay's last words, for the reason
             await asyncio.wait_for(asyncio.shield(err), 1.0)
         except BaseException:  # noqa: B036
             pass
-        if down_error is None and rc == 0 and self.s.local_eof:
+        if rc == 0 and self.s.local_eof:
             await self.detach()
             return EXIT_OK
-        code = await self.gone(sb, GONE_GRACE)
-        if code is not None:
-            raise Failure(EXIT_GONE, "sandbox terminated" +
-                          (f" (exit code {code})" if code >= 0 else ""))
+        if rc is None and (wait_error or up_error) is not None:
+            cause = wait_error or up_error
+            assert cause is not None
+            await self.link_failed(p, cause, "waiting for the relay" if wait_error else "sending",
+                                   end_relay=False)
+        state, why = await self.sandbox_state(GONE_GRACE)
+        if state == "gone":
+            raise Failure(EXIT_GONE, f"sandbox gone: {self.s.args.name!r} {why}")
         await self.detach()
-        if down_error is not None:
-            raise Failure(EXIT_ERROR, f"exec stream failed: {describe(down_error)}")
         if rc is None:
             raise Failure(EXIT_ERROR, "the relay exec did not report an exit code")
         if rc != 0:
@@ -689,14 +872,23 @@ class Bridge:
             raise Failure(EXIT_EXEC, f"exec failed: slot-agent --attach exited with status {rc}{why}")
         raise Failure(EXIT_ERROR, "the agent closed the stream")
 
-    async def finish_on_signal_like_eof(self, p: Any) -> None:
-        """Our reader is gone: end the relay so the agent drops the connection."""
-        try:
-            p.stdin.write_eof()
-            await asyncio.wait_for(p.stdin.drain.aio(), SIGNAL_EOF_TIMEOUT)
-        except (asyncio.TimeoutError, ValueError, self.mx.Error, OSError):
-            pass
-        await self.detach()
+    async def end_relay(self, p: Any, wait: bool = True) -> None:
+        """End the relay in the sandbox (EOF, then its exit; each bounded), so
+        that the agent drops this connection. Called only when no drain is in
+        flight; a drain that failed left its bytes in the SDK's buffer, and this
+        drain resends them at the same offset (the worker keeps only what it
+        lacked)."""
+        if not self.s.local_eof or self.s.eof_failed:
+            try:
+                p.stdin.write_eof()
+                await asyncio.wait_for(p.stdin.drain.aio(), SIGNAL_EOF_TIMEOUT)
+            except (asyncio.TimeoutError, ValueError, self.mx.Error, OSError):
+                pass
+        if wait:
+            try:
+                await asyncio.wait_for(p.wait.aio(), SIGNAL_EOF_TIMEOUT)
+            except (asyncio.TimeoutError, self.mx.Error, OSError):
+                pass
 
 
 # ---- list and terminate ------------------------------------------------------------
@@ -705,15 +897,28 @@ async def cmd_list(args: argparse.Namespace) -> int:
     import modal
     import modal.exception as mx
 
+    limit = asyncio.Semaphore(LIST_POLLS)
+
+    async def runs(sb: "modal.Sandbox") -> bool:
+        async with limit:
+            try:
+                return await bounded("polling a sandbox", sb.poll.aio(), POLL_TIMEOUT) is None
+            except mx.NotFoundError:
+                return False
+
     try:
         app = await bounded("looking up the Modal app", modal.App.lookup.aio(args.app),
                             LOOKUP_TIMEOUT)
-        names = []
+        found: list[tuple[str, "modal.Sandbox"]] = []
         async for sb in modal.Sandbox.list.aio(app_id=app.app_id, tags={TAG_BRIDGE: "1"}):
             tags = await bounded("reading tags", sb.get_tags.aio(), LOOKUP_TIMEOUT)
             name = tags.get(TAG_NAME, "")
             if name and name.startswith(args.prefix):
-                names.append(name)
+                found.append((name, sb))
+        # Modal's listing may still hold a sandbox that has just ended: only
+        # those that answer "running" are printed.
+        running = await asyncio.gather(*(runs(sb) for _, sb in found))
+        names = [name for (name, _), r in zip(found, running) if r]
     except mx.NotFoundError:
         return EXIT_OK  # no such app: no sandboxes
     except mx.AuthError as e:
@@ -757,11 +962,12 @@ async def amain(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        import modal  # noqa: F401 - fail here, once, with one line
+        import modal  # fail here, once, with one line
     except ImportError as e:
         print(f"{PROG}: the Modal SDK is not installed ({e}); pip install modal", file=sys.stderr)
         return EXIT_ERROR
     try:
+        check_sdk(getattr(modal, "__version__", None))
         return asyncio.run(amain(args))
     except Failure as f:
         print(f"{PROG}: {f.reason}", file=sys.stderr)

@@ -82,7 +82,7 @@ def test_status_human_and_json(controller: Controller) -> None:
     out = r.stdout.decode()
     lines = out.splitlines()
     assert lines[0].startswith("controller ") and " up " in lines[0]
-    assert re.search(r"^agents +\d+ ready, \d+ starting, \d+ draining \(\d+ total\)$", out, re.M)
+    assert re.search(r"^agents +\d+ ready, \d+ starting, \d+ draining, \d+ reconnecting \(\d+ total\)$", out, re.M)
     assert re.search(r"^slots +\d+ free, \d+ leased, \d+ executing \(\d+ total\); \d+ waiters$",
                      out, re.M)
     assert re.search(r"^exec +[\d.]+/s +p50 \S+ +p90 \S+ +p99 \S+", out, re.M)
@@ -120,7 +120,7 @@ def test_agents_table_and_json(controller: Controller) -> None:
     assert r.returncode == 0, r.stderr
     head, rows = table(r.stdout)
     assert head == ["AGENT", "PROFILE", "STATE", "SLOTS", "LEASED", "EXEC", "AGE", "REQUESTS",
-                    "PID", "ADDRESS"]
+                    "RECONNECTS", "PID", "ADDRESS"]
     row = next(rw for rw in rows if rw[0] == a["id"])
     assert row[1:4] == ["default", "ready", "4"]
     assert re.match(r"^\d+(\.\d)?(ms|s)$|^\d+m\d\ds$|^\d+h\d\dm$", row[6]), row[6]
@@ -465,7 +465,7 @@ def test_top_once_is_plain_text(controller: Controller) -> None:
     assert re.search(r"^agents +\d+ ready", out, re.M)
     assert re.search(r"^slots +\d+ free, \d+ leased, \d+ executing", out, re.M)
     assert re.search(r"^exec +[\d.]+/s +p50 \S+ +p90 \S+ +p99 \S+", out, re.M)
-    assert re.search(r"^AGENT +PROFILE +STATE +SLOTS +LEASED +EXEC +AGE +REQUESTS$", out, re.M)
+    assert re.search(r"^AGENT +PROFILE +STATE +SLOTS +LEASED +EXEC +AGE +REQUESTS +RECONNECTS$", out, re.M)
     assert re.search(rf"^{re.escape(agent_id)} +default +ready +4 ", out, re.M)
     assert re.search(r"^PROFILE +AGENTS", out, re.M)
     r = ctl(controller, "--json", "top")

@@ -41,7 +41,7 @@ STDIO = {"launch": [AB, "--stdio", "--slots", "{slots}", "--data-dir", "{data_di
 # stream is a relay (slot-agent --attach) to it.
 DAEMON = {
     "start": ["sh", "-c",
-              'mkdir -p "$1" && setsid "$0" --listen "unix:$1/$2.sock" --slots "$3" '
+              'mkdir -p "$1" || exit 1; setsid "$0" --listen "unix:$1/$2.sock" --slots "$3" '
               '--data-dir "$4" </dev/null >>"$1/$2.log" 2>&1 & echo $! > "$1/$2.pid"',
               AB, "{state_dir}/exec", "{agent_id}", "{slots}", "{data_dir}"],
     "launch": [AB, "--attach", "unix:{state_dir}/exec/{agent_id}.sock"],
@@ -249,7 +249,30 @@ def test_idle_daemon_is_stopped_through_the_stop_template(controller_factory, da
     assert daemon_pids(ctl) == {}
 
 
-def test_killed_relay_loses_the_agent_and_stops_its_daemon(controller_factory, daemons):
+def test_killed_relay_reconnects_and_the_command_completes_once(controller_factory, daemons):
+    ctl = controller_factory(cfg(DAEMON, min_agents=1, max_agents=1))
+    daemons.append(ctl)
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 1)
+    a = agents(ctl)["agents"][0]
+    c = ctl.client()
+    s = acquire(c)
+    rid = c.send("exec", {"slot": s, "args": {
+        "command": "echo run >> runs; sleep 1.5; seq 1 20000"}})
+    time.sleep(0.3)
+    os.kill(a["pid"], signal.SIGKILL)  # the relay, not the daemon
+    resp, _ = c.wait(rid, timeout=20)
+    assert resp.get("ok"), resp
+    assert resp["result"]["stdout"] == "".join(f"{i}\n" for i in range(1, 20001)).encode()
+    assert bash(c, s, "cat runs")["stdout"] == b"run\n"
+    b = agents(ctl)["agents"][0]
+    assert b["id"] == a["id"] and b["state"] == "ready" and b["reconnects"] == 1, b
+    assert b["pid"] != a["pid"] and "killed by signal 9" in b["link_cause"], b
+    out = subprocess.run([str(AGENTCTL_BIN), "--controller", ctl.addr, "agents"],
+                         capture_output=True, text=True, timeout=10).stdout
+    assert "RECONNECTS" in out and "last stream ended" in out, out
+
+
+def test_killed_daemon_is_lost_and_replaced(controller_factory, daemons):
     ctl = controller_factory(cfg(DAEMON, min_agents=1, max_agents=1))
     daemons.append(ctl)
     ctl.wait_agents(lambda st: st["agents"]["ready"] == 1)
@@ -259,13 +282,12 @@ def test_killed_relay_loses_the_agent_and_stops_its_daemon(controller_factory, d
     s = acquire(c)
     rid = c.send("exec", {"slot": s, "args": {"command": "sleep 5"}})
     time.sleep(0.3)
-    os.kill(a["pid"], signal.SIGKILL)  # the relay, not the daemon
+    t0 = time.monotonic()
+    os.kill(dpid, signal.SIGKILL)  # the agent itself
     resp, _ = c.wait(rid, timeout=20)
-    assert resp["error"]["code"] == "agent_lost"
-    deadline = time.monotonic() + 10
-    while alive(dpid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(dpid)
+    assert resp["error"]["code"] == "agent_lost", resp
+    assert "the agent is gone" in resp["error"]["message"], resp
+    assert time.monotonic() - t0 < 10
     ctl.wait_agents(lambda st: st["agents"]["ready"] == 1
                     and a["id"] not in {x["id"] for x in agents(ctl)["agents"]})
 

@@ -8,7 +8,9 @@ trainer on a modal profile next to a local one in the same controller;
 profile aliases and `agentctl profiles`; a sandbox dying mid-batch
 (agent_lost for its requests only, then a replacement); a controller kill -9
 and restart finding the same sandboxes by name with leases and workspaces
-intact; idle scale-down and `agentctl stop` terminating sandboxes."""
+intact; a bridge whose link ends (the SDK's reconnect budget spent) replaced
+by a new one on the same agent; idle scale-down and `agentctl stop`
+terminating sandboxes; the 24 h lifetime cap and the idle timeout checks."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from conftest import (AGENTCTL_BIN, BUILD, ROOT, Controller, assert_leases_and_files,
                       assert_only_victim_lost)
@@ -84,6 +88,9 @@ def test_trainer_on_modal_next_to_a_local_profile(fm: FakeModal, controller_fact
         assert sb is not None, a
         assert sb.create_args()["image"]["ref"] == "debian:bookworm-slim"
         assert sb.create_args()["env"] == {"MODE": "rl"}
+        # no modal.idle_timeout: Modal gets none and never ends an idle sandbox
+        assert sb.create_args()["idle_timeout"] is None
+        assert sb.create_args()["timeout"] == 86400
     # the other profile is served by the same controller
     cl = c.client()
     h = cl.call("acquire", {"profile": "loc", "trajectory_id": "l"})["slot"]
@@ -151,6 +158,33 @@ def test_controller_kill9_and_restart_finds_the_same_sandboxes(fm: FakeModal,
     cl.close()
 
 
+def test_bridge_whose_link_ends_is_reattached_and_nothing_is_lost(fm: FakeModal,
+                                                                  controller_factory) -> None:
+    """Every bridge's exec stdout breaks after each 100 000 bytes; the SDK's 10
+    reconnects carry a bridge through 1.1 MB, then it exits 7 (the sandbox
+    runs). The controller's `list` still shows the sandbox, a new bridge
+    reaches the same agent, and the request in flight is resent."""
+    env = dict(fm.env, SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY="100000")
+    c = controller_factory(config("rlapp", min_pool=1, max_pool=1), env=env, wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] >= 2, timeout=60)
+    (a,) = agents(c)
+    sb = sandbox_of(fm, a["id"])
+    assert sb is not None
+    pid = sb.process_pid()
+    cl = c.client()
+    h = cl.call("acquire", {"profile": "cpu", "trajectory_id": "t"})["slot"]
+    for i in range(8):  # 1.6 MB of output in all
+        r = cl.call("exec", {"slot": h, "tool": "bash", "args": {
+            "command": f"head -c 200000 /dev/zero | tr '\\0' '{i}'"}}, timeout=120)
+        assert r["stdout"] == str(i).encode() * 200000, (len(r["stdout"]), r.get("exit_code"))
+    (b,) = agents(c)
+    assert b["id"] == a["id"] and b["instance"] == a["instance"] and b["reconnects"] >= 1, b
+    assert "status 7" in b["link_cause"] and "the sandbox still runs" in b["stderr"], b
+    assert len(fm.sandboxes()) == 1 and sandbox_of(fm, a["id"]).process_pid() == pid
+    assert cl.call("leases")["leases"][0]["slot"] == h
+    cl.close()
+
+
 def test_idle_scale_down_and_stop_terminate_sandboxes(fm: FakeModal,
                                                       controller_factory) -> None:
     c = start(controller_factory, fm, min_pool=1, max_pool=3, scale_down_idle="1s")
@@ -194,3 +228,75 @@ def test_modal_profile_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"exec.launch: {BRIDGE} attach --app slot --name slot-{{agent_id}}" in r.stdout
     assert "--gpu {gpu}" in r.stdout and "--secret hf" in r.stdout and "--workdir /w" in r.stdout
+    assert "--timeout 86400 " in r.stdout and "--idle-timeout" not in r.stdout
+    assert r.stderr == ""
+
+
+def test_modal_lifetimes_past_24h_are_refused(tmp_path: Path) -> None:
+    from conftest import CONTROLLER_BIN
+
+    def check(prof: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        f = tmp_path / "c.yaml"
+        f.write_text(json.dumps({"profiles": {"m": {"backend": "modal",
+                                                    "modal": {"bridge": [str(BRIDGE)]}, **prof}}}))
+        return subprocess.run([str(CONTROLLER_BIN), "--config", str(f), "--check"],
+                              capture_output=True, text=True, timeout=10)
+
+    r = check({"modal": {"bridge": [str(BRIDGE)], "timeout": "25h"}})
+    assert r.returncode == 2, r.stderr
+    assert ("profile 'm': modal.timeout is 90000 s; Modal sandboxes live at most 86400 s (24 h)"
+            in r.stderr)
+    r = check({"max_lifetime": "90000s"})
+    assert r.returncode == 2, r.stderr
+    assert ("profile 'm': max_lifetime is 90000 s; Modal sandboxes live at most 86400 s (24 h)"
+            in r.stderr)
+    # Exactly 24 h is fine; max_lifetime + 1 h of grace is cut at Modal's 24 h.
+    r = check({"modal": {"bridge": [str(BRIDGE)], "timeout": "24h"}})
+    assert r.returncode == 0 and "--timeout 86400 " in r.stdout, r.stderr
+    r = check({"max_lifetime": "23.5h"})
+    assert r.returncode == 0 and "--timeout 86400 " in r.stdout, r.stderr
+    r = check({"max_lifetime": "2h"})
+    assert r.returncode == 0 and "--timeout 10800 " in r.stdout, r.stderr
+    r = check({"max_lifetime": "3h", "modal": {"bridge": [str(BRIDGE)], "timeout": "2h"}})
+    assert r.returncode == 0 and "--timeout 7200 " in r.stdout, r.stderr
+    assert "max_lifetime (10800 s) is longer than modal.timeout (7200 s)" in r.stderr
+
+
+def test_modal_idle_timeout_checks(tmp_path: Path) -> None:
+    from conftest import CONTROLLER_BIN
+
+    def check(prof: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        f = tmp_path / "c.yaml"
+        f.write_text(json.dumps({"profiles": {"m": {"backend": "modal", **prof}}}))
+        return subprocess.run([str(CONTROLLER_BIN), "--config", str(f), "--check"],
+                              capture_output=True, text=True, timeout=10)
+
+    r = check({"modal": {"bridge": [str(BRIDGE)], "idle_timeout": "30s"}})
+    assert r.returncode == 0 and "--idle-timeout 30 " in r.stdout, r.stderr
+    assert "profile 'm': modal.idle_timeout is 30 s, less than 60 s" in r.stderr
+    assert "its agent is lost" in r.stderr
+    r = check({"modal": {"bridge": [str(BRIDGE)], "idle_timeout": "2m"}})
+    assert r.returncode == 0 and "--idle-timeout 120 " in r.stdout, r.stderr
+    assert "idle_timeout" not in r.stderr
+
+
+def test_modal_timeout_past_24h_stops_the_controller_at_start(fm: FakeModal,
+                                                               controller_factory) -> None:
+    cfg = json.loads(config("rlapp"))
+    cfg["profiles"]["cpu"]["modal"]["timeout"] = "25h"
+    with pytest.raises(RuntimeError) as e:
+        controller_factory(json.dumps(cfg), env=fm.env, wait_ready=False)
+    assert "controller exited 2" in str(e.value)
+    assert ("profile 'cpu': modal.timeout is 90000 s; Modal sandboxes live at most 86400 s "
+            "(24 h)") in str(e.value)
+    assert fm.sandboxes() == []
+
+
+def test_modal_idle_timeout_reaches_the_sandbox(fm: FakeModal, controller_factory) -> None:
+    cfg = json.loads(config("rlapp"))
+    cfg["profiles"]["cpu"]["modal"]["idle_timeout"] = "5m"
+    c = controller_factory(json.dumps(cfg), env=fm.env, wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] >= 2, timeout=60)
+    (a,) = agents(c)
+    sb = sandbox_of(fm, a["id"])
+    assert sb is not None and sb.create_args()["idle_timeout"] == 300

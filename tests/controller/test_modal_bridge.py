@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -189,13 +190,65 @@ def fm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeModal]:
 
 
 def failure_line(err: str, code_reason: str) -> str:
-    """The bridge's single `slot-modal-bridge:` line, which must come last."""
-    lines = err.strip().splitlines()
+    """The bridge's single `slot-modal-bridge:` line, which must come last
+    (a `slot-modal-bridge: warning:` line, SLOT_MODAL_ANY_SDK, may come first)."""
+    lines = [ln for ln in err.strip().splitlines()
+             if not ln.startswith("slot-modal-bridge: warning:")]
     ours = [ln for ln in lines if ln.startswith("slot-modal-bridge:")]
     assert len(ours) == 1, err
     assert lines[-1] == ours[0], err
     assert code_reason in ours[0], err
     return ours[0]
+
+
+def listed(fm: "FakeModal", *extra: str, env: Optional[dict[str, Optional[str]]] = None
+           ) -> list[str]:
+    r = fm.run("list", "--app", APP, *extra, env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout.splitlines()
+
+
+def frames_end(buf: bytes | bytearray) -> tuple[int, int]:
+    """(whole frames at the start of buf, where they end)."""
+    pos = n = 0
+    while pos + 4 <= len(buf):
+        (size,) = struct.unpack(">I", buf[pos:pos + 4])
+        if pos + 4 + size > len(buf):
+            break
+        pos += 4 + size
+        n += 1
+    return n, pos
+
+
+def raw_out(b: BridgeProc, frames: Optional[int], timeout: float = 60) -> bytes:
+    """The bridge's stdout, raw: the first `frames` whole frames, or (None)
+    everything until it closes."""
+    assert b.proc.stdout is not None
+    fd = b.proc.stdout.fileno()
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        if frames is not None:
+            n, end = frames_end(buf)
+            if n >= frames:
+                assert end == len(buf), "more output than asked for"
+                return bytes(buf)
+        left = deadline - time.monotonic()
+        assert left > 0, f"bridge output stalled at {len(buf)} bytes"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            assert frames is None, f"bridge closed its stdout after {len(buf)} bytes"
+            return bytes(buf)
+        buf += chunk
+
+
+def raw_in(b: BridgeProc, data: bytes) -> None:
+    assert b.proc.stdin is not None
+    b.proc.stdin.write(data)
+    b.proc.stdin.flush()
 
 
 def started_pid(c: Client, id: int) -> int:
@@ -361,8 +414,9 @@ def test_sandbox_killed_mid_command_exit_5(fm: FakeModal) -> None:
     os.kill(agent_pid, signal.SIGKILL)
     assert b.wait(10) == 5
     took = time.monotonic() - t0
-    failure_line(b.stderr(), "sandbox terminated (exit code 137)")
+    failure_line(b.stderr(), "sandbox gone: 'doomed' ended (exit code 137")
     assert took < 5, f"took {took:.1f} s to notice"
+    assert listed(fm) == []
     # Like a container: nothing of the sandbox survives, execs included.
     wait_for(lambda: not alive(cmd_pid), 5, "the command to die with its sandbox")
     assert fm.running("doomed") is None
@@ -375,7 +429,8 @@ def test_sandbox_terminated_elsewhere_exit_5(fm: FakeModal) -> None:
     r = fm.run("terminate", "--app", APP, "--name", "ended")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert b.wait(10) == 5
-    failure_line(b.stderr(), "sandbox terminated")
+    failure_line(b.stderr(), "sandbox gone: 'ended' ")
+    assert listed(fm) == []
 
 
 def test_exec_failed_when_the_agent_is_missing_exit_6(fm: FakeModal) -> None:
@@ -396,7 +451,8 @@ def test_exec_failed_when_the_agent_is_missing_exit_6(fm: FakeModal) -> None:
 def test_no_create_and_no_sandbox_exit_5(fm: FakeModal) -> None:
     b = fm.attach("absent", "--no-create", agent_bin=False)
     assert b.wait() == 5
-    failure_line(b.stderr(), "no running sandbox 'absent' in app 'slot-test' (--no-create)")
+    failure_line(b.stderr(), "sandbox gone: no running sandbox 'absent' in app 'slot-test' "
+                             "(--no-create)")
     assert fm.sandboxes() == []
 
 
@@ -506,6 +562,8 @@ def test_profile_fields_reach_create(fm: FakeModal) -> None:
      "exclude each other"),
     (["attach", "--app", APP, "--name", "n", "--workdir", "rel"], "must be absolute"),
     (["attach", "--app", APP, "--name", "n", "--slots", "0"], "must be > 0"),
+    (["attach", "--app", APP, "--name", "n", "--timeout", "90000"],
+     "--timeout is 90000 s; Modal sandboxes live at most 86400 s (24 h)"),
     (["attach", "--app", APP, "--name", "n", "--env", "NOEQUALS"], "KEY=VALUE"),
     (["attach", "--app", APP, "--name", "n", "--on-signal", "explode"], "invalid choice"),
     (["attach", "--app", APP, "--name", "n", "--agent-bin", "/nonexistent/slot-agent"],
@@ -550,6 +608,139 @@ def test_list_and_terminate(fm: FakeModal) -> None:
         assert r.returncode == 0 and r.stderr == "", r.stderr
     assert names(app="no-such-app") == []
     assert fm.running("w-2") is not None and fm.running("w-3") is not None
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("1.4.0", True), ("1.5.4+fake", True), ("1.5.12", True),
+    ("1.3.9", False), ("1.6.0", False), ("2.0.1", False), ("0.64.0", False), ("v1.5", False),
+])
+def test_modal_sdk_version_is_checked_by_every_subcommand(fm: FakeModal, version: str,
+                                                          ok: bool) -> None:
+    env: dict[str, Optional[str]] = {"SLOT_FAKE_MODAL_VERSION": version}
+    runs = {
+        "list": fm.run("list", "--app", APP, env=env),
+        "terminate": fm.run("terminate", "--app", APP, "--name", "v", env=env),
+        "attach": fm.run("attach", "--app", APP, "--name", "v", "--agent-bin", str(AGENT_BIN),
+                         "--no-create", env=env),
+    }
+    if ok:
+        assert runs["list"].returncode == 0 and runs["list"].stderr == ""
+        assert runs["terminate"].returncode == 0 and runs["terminate"].stderr == ""
+        assert runs["attach"].returncode == 5  # got past the check: no such sandbox
+        return
+    for cmd, r in runs.items():
+        assert r.returncode == 2, (cmd, r.stderr)
+        line = failure_line(r.stderr, "(supported: 1.4 to 1.5.x)")
+        assert (f"Modal SDK {version} is not supported" in line
+                or f"Modal SDK version {version!r} is not understood" in line), line
+        assert "SLOT_MODAL_ANY_SDK=1" in line and "modal>=1.4,<1.6" in line
+    assert fm.sandboxes() == [] and not (fm.dir / "apps" / f"{APP}.json").exists()
+
+
+def test_any_sdk_override_warns_and_goes_on(fm: FakeModal) -> None:
+    env: dict[str, Optional[str]] = {"SLOT_FAKE_MODAL_VERSION": "1.6.4",
+                                     "SLOT_MODAL_ANY_SDK": "1"}
+    warning = ("slot-modal-bridge: warning: Modal SDK 1.6.4 is not supported (supported: "
+               "1.4 to 1.5.x); going on as SLOT_MODAL_ANY_SDK is set\n")
+    r = fm.run("list", "--app", APP, env=env)
+    assert r.returncode == 0 and r.stderr == warning
+    b = fm.attach("anysdk", env=env)
+    assert b.client.call("hello")["slots"] == 4
+    rc, err = b.finish()
+    assert rc == 0 and err == warning, err
+    # ... and a failure still ends with its one line, after the warning
+    b = fm.attach("absent", "--no-create", env=env)
+    assert b.wait() == 5
+    assert b.stderr().startswith(warning)
+    failure_line(b.stderr(), "sandbox gone: no running sandbox 'absent'")
+
+
+@pytest.mark.parametrize("kind, error", [("oserror", "ConnectionError"),
+                                         ("unavailable", "ServiceError")])
+def test_stdout_past_the_sdk_reconnect_budget_exits_7_and_the_sandbox_lives(
+        fm: FakeModal, kind: str, error: str) -> None:
+    """The fake breaks the exec's stdout connection after every 300 000 bytes;
+    the SDK resumes at its offset 10 times in the stream's life, then raises."""
+    every = 300_000
+    b = fm.attach("brk")
+    inst = b.client.call("hello")["instance"]
+    blob = os.urandom(1 << 20)
+    b.client.call("write_file", {"slot": 1, "path": "blob", "data": blob})
+    assert b.finish()[0] == 0
+    req = pack_frame({"id": 77, "op": "read_file", "args": {"slot": 1, "path": "blob"}})
+    b = fm.attach("brk", "--no-create")
+    raw_in(b, req)
+    ref = raw_out(b, 1)  # the agent's answer, byte for byte, from an unbroken link
+    assert b.finish()[0] == 0 and len(ref) > len(blob)
+
+    b = fm.attach("brk", "--no-create", env={"SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY": str(every),
+                                             "SLOT_FAKE_MODAL_LINK_ERROR": kind})
+    raw_in(b, req * 4)
+    out = raw_out(b, None)
+    assert b.wait(20) == 7
+    # 11 connections of `every` bytes each reached fd 1, exactly and in order:
+    # three whole answers across 10 resumed breaks, then a part of the fourth.
+    assert len(out) == 11 * every and 3 * len(ref) < len(out) < 4 * len(ref)
+    assert out == (ref * 4)[:len(out)]
+    failure_line(b.stderr(), f"the link to sandbox 'brk' ended (receiving: {error}")
+    failure_line(b.stderr(), "the sandbox still runs: attach again")
+    # A reconnect finds what it needs: the sandbox is listed, and the same agent answers.
+    assert listed(fm) == ["brk"]
+    b2 = fm.attach("brk", "--no-create")
+    assert b2.client.call("hello")["instance"] == inst
+    assert b2.client.call("read_file", {"slot": 1, "path": "blob"})["data"] == blob
+    wait_for(lambda: b2.client.call("health")["connections"] == 1, 10, "the broken relay to end")
+    rc, err = b2.finish()
+    assert rc == 0 and err == "", err
+
+
+@pytest.mark.parametrize("mode", ["", ":applied"])
+def test_a_failed_drain_exits_7_and_the_partial_request_is_dropped(fm: FakeModal,
+                                                                   mode: str) -> None:
+    """The drain that crosses byte 1 200 000 of the relay's stdin fails for good
+    (with :applied, its bytes did arrive but the reply was lost). The request
+    was cut: the agent must drop it with the connection, never run a part."""
+    b = fm.attach("upl")
+    inst = b.client.call("hello")["instance"]
+    assert b.finish()[0] == 0
+    b = fm.attach("upl", "--no-create", env={"SLOT_FAKE_MODAL_STDIN_BREAK_AT": f"1200000{mode}"})
+    blob = os.urandom(2 << 20)
+    frame = pack_frame({"id": 5, "op": "write_file",
+                        "args": {"slot": 1, "path": "big", "data": blob}})
+    raw_in(b, frame[:1_500_000])  # the rest never comes: the link ends first
+    assert b.wait(30) == 7
+    failure_line(b.stderr(), "the link to sandbox 'upl' ended (sending: ConnectionError")
+    assert listed(fm) == ["upl"]
+    b2 = fm.attach("upl", "--no-create")
+    c2 = b2.client
+    assert c2.call("hello")["instance"] == inst
+    wait_for(lambda: c2.call("health")["connections"] == 1, 10, "the cut relay to end")
+    assert c2.error_code("stat", {"slot": 1, "path": "big"}) == "not_found"
+    c2.call("write_file", {"slot": 1, "path": "big", "data": blob})
+    assert c2.call("read_file", {"slot": 1, "path": "big"})["data"] == blob
+    rc, err = b2.finish()
+    assert rc == 0 and err == "", err
+
+
+def test_exec_on_a_sandbox_gone_meanwhile_exits_5_and_it_is_not_listed(
+        fm: FakeModal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call takes 1.5 s and the sandbox lives 1 s: it has timed out by the
+    time the relay's exec reaches it (ConflictError)."""
+    b = fm.attach("short", "--timeout", "1", env={"SLOT_FAKE_MODAL_LATENCY_MS": "1500"})
+    assert b.wait(30) == 5
+    failure_line(b.stderr(), "sandbox gone: 'short': ConflictError")
+    (sb,) = fm.sandboxes("short")
+    assert sb.poll() == 124
+    assert listed(fm) == []
+    # A listing that lags (it still holds the ended sandbox): `list` polls each.
+    monkeypatch.setenv("SLOT_FAKE_MODAL_LIST_LAG_S", "600")
+    app = modal.App.lookup(APP)
+    assert [s.object_id for s in modal.Sandbox.list(app_id=app.app_id)] == [sb.object_id]
+    assert listed(fm, env={"SLOT_FAKE_MODAL_LIST_LAG_S": "600"}) == []
+    # ... and the bridge cannot attach to it either.
+    b = fm.attach("short", "--no-create", env={"SLOT_FAKE_MODAL_LIST_LAG_S": "600"})
+    assert b.wait(30) == 5
+    failure_line(b.stderr(), "sandbox gone: no running sandbox 'short'")
 
 
 # ---- the fake itself ----------------------------------------------------------------
@@ -609,15 +800,17 @@ def test_fake_sandbox_lifecycle(fm: FakeModal) -> None:
     assert [s.object_id for s in modal.Sandbox.list(app_id=app.app_id)] == [sb.object_id]
     assert sb.poll() is None
 
-    async def exec_then_kill() -> int:
+    async def exec_then_kill() -> None:
         p = await sb.exec.aio("sleep", "60", text=False)
         d = SandboxDir(fm.dir / "sandboxes" / sb.object_id)
         pid = d.process_pid()
         assert pid
         os.kill(pid, signal.SIGKILL)  # the sandbox's process dies: its execs die too
-        return await asyncio.wait_for(p.wait.aio(), 5)
+        assert await asyncio.wait_for(p.stdout.read.aio(), 5) == b""
+        with pytest.raises(ex.NotFoundError):  # its worker is gone: TaskExecWait says so
+            await asyncio.wait_for(p.wait.aio(), 5)
 
-    assert asyncio.run(exec_then_kill()) == 137
+    asyncio.run(exec_then_kill())
     assert sb.poll() == 137
     with pytest.raises(ex.NotFoundError):
         modal.Sandbox.from_name("fake-life", "life")
@@ -642,3 +835,106 @@ def test_fake_requires_its_state_dir(fm: FakeModal) -> None:
     r = subprocess.run([PY, "-c", "import modal; modal.App.lookup('x', create_if_missing=True)"],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0 and "SLOT_FAKE_MODAL_DIR is not set" in r.stderr
+
+
+def test_fake_version_knob(fm: FakeModal) -> None:
+    code = "import modal; print(modal.__version__)"
+    for env, want in (({}, "1.5.4+fake"), ({"SLOT_FAKE_MODAL_VERSION": "1.6.4"}, "1.6.4")):
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True,
+                           env=fm._env(env), timeout=30)  # type: ignore[arg-type]
+        assert r.returncode == 0 and r.stdout.strip() == want, r.stderr
+
+
+@pytest.mark.parametrize("kind, error", [("oserror", ConnectionError),
+                                         ("unavailable", modal.exception.ServiceError)])
+def test_fake_stdout_resumes_at_its_offset_within_the_budget(
+        fm: FakeModal, monkeypatch: pytest.MonkeyPatch, kind: str, error: type) -> None:
+    every = 100_000
+    monkeypatch.setenv("SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY", str(every))
+    monkeypatch.setenv("SLOT_FAKE_MODAL_LINK_ERROR", kind)
+
+    async def go() -> None:
+        app = await modal.App.lookup.aio("fake-brk", create_if_missing=True)
+        sb = await modal.Sandbox.create.aio("sleep", "300", app=app)
+
+        async def through_cat(data: bytes) -> tuple[bytes, Optional[BaseException], Any]:
+            p = await sb.exec.aio("cat", text=False)
+            p.stdin.write(data)
+            p.stdin.write_eof()
+            drained = asyncio.ensure_future(p.stdin.drain.aio())
+            got = bytearray()
+            failed: Optional[BaseException] = None
+            try:
+                async for chunk in p.stdout:
+                    got += chunk
+            except Exception as e:  # noqa: BLE001 - what the SDK raises is the point
+                failed = e
+            await drained
+            return bytes(got), failed, p
+
+        # 10 breaks (at 100 000, 200 000, ... 1 000 000): all resumed, nothing lost
+        data = os.urandom(1_050_000)
+        got, failed, p = await through_cat(data)
+        assert failed is None and got == data
+        assert p.stdout.retries_left == 0  # spent for good: never refunded
+        assert await p.wait.aio() == 0
+        # the 11th break raises; what came before is an exact prefix
+        data = os.urandom(1_200_000)
+        got, failed, p = await through_cat(data)
+        assert isinstance(failed, error), failed
+        assert got == data[:11 * every]
+        with pytest.raises(StopAsyncIteration):  # the stream is over
+            await p.stdout.__aiter__().__anext__()
+        # stderr has its own budget and is not broken by this knob
+        q = await sb.exec.aio("sh", "-c", "head -c 300000 /dev/zero >&2", text=False)
+        q.stdin.write_eof()
+        await q.stdin.drain.aio()
+        assert len(await q.stderr.read.aio()) == 300_000
+        assert await q.wait.aio() == 0
+        await sb.terminate.aio(wait=True)  # also ends the cat whose stream broke
+        with pytest.raises(modal.exception.NotFoundError):
+            await p.wait.aio()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["", ":applied"])
+def test_fake_drain_keeps_its_buffer_until_it_succeeds(fm: FakeModal,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        mode: str) -> None:
+    """A drain that fails (its bytes lost, or with :applied delivered but the reply
+    lost) keeps the buffer; drained again, the worker takes each byte once."""
+    monkeypatch.setenv("SLOT_FAKE_MODAL_STDIN_BREAK_AT", f"1500{mode}")
+
+    async def go() -> None:
+        app = await modal.App.lookup.aio("fake-drain", create_if_missing=True)
+        sb = await modal.Sandbox.create.aio("sleep", "300", app=app)
+        p = await sb.exec.aio("cat", text=False)
+        got = asyncio.ensure_future(p.stdout.read.aio())
+        a, b = os.urandom(1000), os.urandom(1000)
+        p.stdin.write(a)
+        await p.stdin.drain.aio()
+        p.stdin.write(b)
+        with pytest.raises(ConnectionError):
+            await p.stdin.drain.aio()  # crosses byte 1500
+        p.stdin.write_eof()
+        await p.stdin.drain.aio()  # b again (the worker keeps what it lacks), then EOF
+        assert await asyncio.wait_for(got, 10) == a + b
+        assert await p.wait.aio() == 0
+        # What the SDK does wrong silently, the fake refuses loudly.
+        monkeypatch.setenv("SLOT_FAKE_MODAL_LATENCY_MS", "200")
+        q = await sb.exec.aio("cat", text=False)
+        q.stdin.write(b"x")
+        d = asyncio.ensure_future(q.stdin.drain.aio())
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="while a drain"):
+            q.stdin.write(b"y")
+        with pytest.raises(RuntimeError, match="two drain"):
+            await q.stdin.drain.aio()
+        await d
+        q.stdin.write_eof()
+        await q.stdin.drain.aio()
+        assert await q.stdout.read.aio() == b"x"
+        await sb.terminate.aio(wait=True)
+
+    asyncio.run(go())

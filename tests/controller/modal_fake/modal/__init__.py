@@ -11,6 +11,7 @@ layout), so separate processes see the same sandboxes.
 Surface (each async API is a callable with an `.aio` twin, as synchronicity
 makes Modal's; the blocking form may not be called inside a running loop):
 
+- `modal.__version__`: "1.5.4+fake", or $SLOT_FAKE_MODAL_VERSION (read at import).
 - `App.lookup(name, *, create_if_missing=False)` -> App (`.app_id`, `.name`).
   Checks credentials first, like the first RPC of a real client does.
 - `Image.from_registry(ref)`, `image.add_local_file(local, remote)`: recorded;
@@ -40,13 +41,21 @@ makes Modal's; the blocking form may not be called inside a running loop):
   `sb.detach()` (later calls on that handle raise ClientClosed; the sandbox
   runs on), `sb.exec(*args, text=False)` (text=True is not implemented).
   A sandbox whose process exited (code, or 128+signal), timed out (124) or was
-  terminated (137) is finished: from_name no longer finds it, exec raises
-  ConflictError, and its running execs are killed.
+  terminated (137) is finished: from_name raises NotFoundError, exec raises
+  ConflictError, its running execs are killed and their wait() raises
+  NotFoundError (the worker is gone, as TaskExecWait answers then).
 - `ContainerProcess`: `stdin` (StreamWriter: `write()` only buffers and raises
   BufferError past 16 MiB, ValueError after write_eof, TypeError for non-bytes;
   `write_eof()` only sets a flag; `drain()` sends the buffer and, after
-  write_eof, the EOF), `stdout`/`stderr` (async-iterable readers yielding raw
-  bytes chunks cut at arbitrary 1 B - 4 KiB boundaries; iterate each once;
+  write_eof, the EOF, as one offset-stamped write that the worker applies
+  once: the buffer is cleared only when the drain succeeded, so a failed or
+  cancelled drain called again resends the same bytes and nothing is doubled;
+  a write() or a second drain() while a drain is in flight raises
+  RuntimeError, where the SDK would silently lose or misplace bytes),
+  `stdout`/`stderr` (async-iterable readers yielding raw bytes chunks cut at
+  arbitrary 1 B - 4 KiB boundaries, resumed at their byte offset after a
+  broken connection with a budget of 10 reconnects for the stream's whole
+  life, as the SDK's `_stream_stdio_with_retries`; iterate each once;
   `read()`), `wait()` (exit code, 128+signal when killed). The classes are
   also reachable as modal.container_process / modal.io_streams, like the SDK's.
 
@@ -66,10 +75,27 @@ Fault injection (environment of the process using the fake):
   ResourceExhaustedError(MESSAGE), as Modal does for quotas and rate limits.
 - SLOT_FAKE_MODAL_LATENCY_MS=N: every RPC-like call (lookup, from_name,
   create, exec, drain, poll, terminate, list, get_tags) first sleeps N ms.
+- SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY=N: the connection of every exec's stdout
+  stream breaks after each N bytes it delivered (the next chunk is lost in
+  flight and sent again after the reconnect). Each break spends one of the
+  stream's 10 reconnects; the 11th break raises, as the SDK does once the
+  budget is spent, and the stream is over (its exec runs on).
+- SLOT_FAKE_MODAL_STDIN_BREAK_AT=N[:applied]: the first drain that would take
+  an exec's stdin past byte N fails, its retries spent (later drains work: the
+  outage was transient); with `:applied` its bytes did reach the exec (the
+  reply was lost). The buffer is kept, as the SDK keeps it, so a drain called
+  again resends it at the same offset.
+- SLOT_FAKE_MODAL_LINK_ERROR=oserror|unavailable: what a spent retry budget
+  raises: the builtin ConnectionError (default; the SDK re-raises an OSError or
+  a timeout so) or modal.exception.ServiceError (a gRPC UNAVAILABLE, converted).
+- SLOT_FAKE_MODAL_LIST_LAG_S=S: Sandbox.list also returns sandboxes that
+  ended less than S seconds ago, as a listing lagging behind the sandboxes'
+  state would (?).
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import fcntl
 import functools
@@ -81,6 +107,7 @@ import secrets as _secrets
 import sys
 import time
 import tomllib
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Generic, Iterator,
@@ -95,7 +122,9 @@ from .exception import (AlreadyExistsError, AuthError, ClientClosed, ConflictErr
 __all__ = ["App", "ContainerProcess", "Error", "Image", "Sandbox", "Secret", "StreamReader",
            "StreamWriter", "exception"]
 
-__version__ = "1.5.4+fake"
+# The SDK release the fake stands for; SLOT_FAKE_MODAL_VERSION overrides it (read
+# at import) so that tests can play other releases.
+__version__ = os.environ.get("SLOT_FAKE_MODAL_VERSION") or "1.5.4+fake"
 
 R = TypeVar("R")
 
@@ -103,6 +132,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_ARGS_BYTES = 2**16
 _MAX_TIMEOUT_S = 24 * 3600
 _STDIN_MAX_BUFFER = 16 * 1024 * 1024
+# The SDK's reconnect budget of one exec stdio stream, for the stream's whole
+# life (TaskCommandRouterClient.stream_stdio_max_retries; never refunded), and
+# the first backoff delay (doubled per retry, reset by a chunk that arrives).
+_STDIO_MAX_RETRIES = 10
+_STDIO_RETRY_DELAY_S = 0.01
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _RUNTIME = Path(__file__).with_name("_fake_runtime.py")
 
@@ -186,6 +220,21 @@ async def _rpc() -> None:
     """Stands in for a round trip to Modal (SLOT_FAKE_MODAL_LATENCY_MS)."""
     ms = os.environ.get("SLOT_FAKE_MODAL_LATENCY_MS")
     await asyncio.sleep(float(ms) / 1000 if ms else 0)
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def _link_error(what: str) -> Exception:
+    """What the SDK raises once the retries of a router call are spent
+    (task_command_router_client.py): an OSError or timeout is re-raised as the
+    builtin ConnectionError; a retryable gRPC status (UNAVAILABLE) leaves
+    grpc_error_converter as ServiceError (SLOT_FAKE_MODAL_LINK_ERROR=unavailable)."""
+    if os.environ.get("SLOT_FAKE_MODAL_LINK_ERROR") == "unavailable":
+        return exception.ServiceError(f"fake modal: {what}: the worker is unreachable")
+    return ConnectionError(f"[Errno 104] Connection reset by peer ({what}, fake modal)")
 
 
 def _check_credentials() -> None:
@@ -316,18 +365,79 @@ class Secret:
 
 # ---- streams and processes -----------------------------------------------------
 
-class StreamWriter:
-    """An exec's stdin: write() buffers, drain() sends (and the EOF after write_eof)."""
+class _ExecStdin:
+    """The worker's end of an exec's stdin (TaskExecStdinWrite(offset, data, eof)):
+    bytes are applied at their offset exactly once, a resend of bytes it already
+    has is ignored, and the EOF closes the process's stdin."""
 
-    def __init__(self, pipe: Optional[asyncio.StreamWriter]) -> None:
+    def __init__(self, pipe: asyncio.StreamWriter) -> None:
         self._pipe = pipe
+        self.received = 0
+        self._closed = False
+        self._broke = False
+        fault = os.environ.get("SLOT_FAKE_MODAL_STDIN_BREAK_AT", "")
+        at, _, mode = fault.partition(":")
+        self._break_at = int(at) if at else None
+        self._break_applied = mode == "applied"
+
+    def _apply(self, offset: int, data: bytes, eof: bool) -> None:
+        if offset > self.received:
+            raise InvalidError(f"fake modal: stdin write at offset {offset}, but only "
+                               f"{self.received} bytes were received (a gap)")
+        new = data[self.received - offset:]
+        self.received += len(new)
+        if self._closed:
+            return  # the exec has ended, or its EOF was sent: the data goes nowhere (?)
+        try:
+            if new:
+                self._pipe.write(new)
+            if eof:
+                self._pipe.close()
+                self._closed = True
+        except (BrokenPipeError, ConnectionResetError):
+            self._closed = True
+
+    async def write(self, offset: int, data: bytes, eof: bool) -> None:
+        if (not self._broke and self._break_at is not None
+                and offset + len(data) > self._break_at):
+            self._broke = True  # once: the outage was transient
+            if self._break_applied:
+                self._apply(offset, data, eof)  # it arrived; the reply was lost
+            await asyncio.sleep(_STDIO_RETRY_DELAY_S * 10)  # the SDK's retries, abridged
+            raise _link_error("writing the exec's stdin")
+        self._apply(offset, data, eof)
+        try:
+            await self._pipe.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            self._closed = True
+
+
+class StreamWriter:
+    """An exec's stdin, as the SDK's router-backed writer (io_streams.py
+    `_StreamWriterThroughCommandRouterBuffer`): write() only buffers (BufferError
+    past 16 MiB, ValueError after write_eof); write_eof() only sets a flag;
+    drain() sends the whole buffer, and the EOF once write_eof was called, as one
+    TaskExecStdinWrite at the writer's offset, and clears the buffer and
+    advances the offset only once that call succeeded. So a drain that failed
+    or was cancelled, called again, resends the same bytes at the same offset
+    and the worker keeps only what it lacked: nothing is lost or doubled.
+    The SDK loses bytes written while a drain is in flight (the buffer is
+    cleared after the call) and misplaces them when two drains overlap; the
+    fake raises RuntimeError for both, so that tests notice."""
+
+    def __init__(self, server: Optional[_ExecStdin]) -> None:
+        self._server = server
         self._buffer = bytearray()
         self._is_closed = False
-        self._eof_sent = False
+        self._offset = 0
+        self._draining = False
 
     def write(self, data: bytes | bytearray | memoryview | str) -> None:
         if self._is_closed:
             raise ValueError("Stdin is closed. Cannot write to it.")
+        if self._draining:
+            raise RuntimeError("fake modal: stdin.write() while a drain() is in flight; "
+                               "the SDK would lose these bytes")
         if isinstance(data, (bytes, bytearray, memoryview, str)):
             if isinstance(data, str):
                 data = data.encode("utf-8")
@@ -341,31 +451,34 @@ class StreamWriter:
         self._is_closed = True
 
     async def _drain(self) -> None:
+        if self._draining:
+            raise RuntimeError("fake modal: two drain() calls in flight on one stdin; "
+                               "the SDK would misplace their bytes")
         eof = self._is_closed
         if not self._buffer and not eof:
             return
-        await _rpc()
-        # Once handed over, the bytes count as sent: a drain cancelled after this
-        # point and retried does not send them twice (the SDK's offsets ensure that).
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        if self._pipe is None or self._eof_sent:
-            return
+        self._draining = True
         try:
-            if data:
-                self._pipe.write(data)
-            if eof:
-                self._pipe.close()
-                self._eof_sent = True
-            await self._pipe.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            self._eof_sent = True  # the exec has ended: the data goes nowhere (?)
+            await _rpc()
+            data = bytes(self._buffer)
+            if self._server is not None:
+                await self._server.write(self._offset, data, eof)
+            self._buffer.clear()
+            self._offset += len(data)
+        finally:
+            self._draining = False
 
     drain = _method(_drain)
 
 
 class StreamReader:
-    """An exec's stdout or stderr: raw bytes chunks at arbitrary boundaries."""
+    """An exec's stdout or stderr: raw bytes chunks at arbitrary boundaries,
+    read as the SDK's router stream does: the client asks for its byte offset,
+    and after a broken connection (SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY) it
+    reconnects at that offset, so the chunk in flight is sent again, never
+    lost or doubled. Each reconnect spends one of the stream's
+    _STDIO_MAX_RETRIES for its whole life; a break with none left raises
+    _link_error and ends the iteration for good."""
 
     def __init__(self, fd: int, source: Optional[asyncio.StreamReader], canned: bytes = b"") -> None:
         self._fd = fd
@@ -373,23 +486,56 @@ class StreamReader:
         self._canned = canned
         self._gen: Optional[AsyncIterator[bytes]] = None
         self._rng = random.Random()
+        self.offset = 0  # bytes delivered (the offset the client would ask for)
+        self.retries_left = _STDIO_MAX_RETRIES
+        self._discard: Optional[asyncio.Future[None]] = None
 
     @property
     def file_descriptor(self) -> int:
         return self._fd
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        pending = self._canned
+        server = bytearray(self._canned)  # output the worker holds past our offset
+        source_eof = self._source is None
+        every = _env_int("SLOT_FAKE_MODAL_STDOUT_BREAK_EVERY") if self._fd == 1 else None
+        attempt_bytes = 0  # delivered since the last (re)connect
+        delay = _STDIO_RETRY_DELAY_S
         while True:
-            if not pending:
-                if self._source is None:
+            if not server:
+                if source_eof:
                     return
-                pending = await self._source.read(65536)
-                if not pending:
-                    return
+                assert self._source is not None
+                data = await self._source.read(65536)
+                if not data:
+                    source_eof = True
+                    continue
+                server += data
+            if every and attempt_bytes >= every:
+                # The connection breaks with the next chunk in flight; it never arrives.
+                if self.retries_left <= 0:
+                    # Nobody reads this stream again; the worker keeps taking the
+                    # exec's output, so the exec is not blocked by a full pipe.
+                    self._discard = asyncio.ensure_future(self._drop_rest())
+                    raise _link_error(f"reading the exec's fd {self._fd}")
+                self.retries_left -= 1
+                await asyncio.sleep(delay)
+                delay *= 2
+                attempt_bytes = 0
+                continue
             n = self._rng.randint(1, 4096)
-            chunk, pending = pending[:n], pending[n:]
+            if every:
+                n = min(n, every - attempt_bytes)
+            chunk = bytes(server[:n])
+            del server[:n]
+            attempt_bytes += len(chunk)
+            self.offset += len(chunk)
+            delay = _STDIO_RETRY_DELAY_S
             yield chunk
+
+    async def _drop_rest(self) -> None:
+        if self._source is not None:
+            while await self._source.read(65536):
+                pass
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._gen is None:
@@ -412,7 +558,8 @@ class ContainerProcess:
         self._failed = failed
         self._returncode: Optional[int] = None
         if proc is not None:
-            self.stdin = StreamWriter(proc.stdin)
+            assert proc.stdin is not None
+            self.stdin = StreamWriter(_ExecStdin(proc.stdin))
             self.stdout = StreamReader(1, proc.stdout)
             self.stderr = StreamReader(2, proc.stderr)
         else:
@@ -435,10 +582,29 @@ class ContainerProcess:
             return self._returncode
         rc = await self._proc.wait()
         self._sb.unregister_exec(self._proc.pid)
+        if self._sb.poll() is not None:
+            # The sandbox is gone, and its worker with it: the router answers
+            # TaskExecWait with NOT_FOUND (task_command_router_client.exec_wait).
+            raise NotFoundError(f"Task for sandbox {self._sb.object_id} not found")
         self._returncode = 128 - rc if rc < 0 else rc
         return self._returncode
 
     wait = _method(_wait)
+
+
+# A fake exec is a child process of its caller, so a caller that exits while
+# one runs would have asyncio complain (on stderr, past its closed loop) about
+# the transport: not what Modal's SDK does. Closing our end of the pipes at exit
+# ends such an exec's stdin, as documented above.
+_live_execs: "weakref.WeakSet[asyncio.subprocess.Process]" = weakref.WeakSet()
+
+
+@atexit.register
+def _quiet_live_execs() -> None:
+    for proc in list(_live_execs):
+        transport = getattr(proc, "_transport", None)
+        if transport is not None and not transport.is_closing():
+            transport._closed = True  # asyncio's own flag: its __del__ then stays quiet
 
 
 # ---- Sandbox -------------------------------------------------------------------
@@ -583,13 +749,15 @@ class Sandbox:
                    tags: Optional[dict[str, str]] = None) -> AsyncIterator["Sandbox"]:
         _check_credentials()
         await _rpc()
+        lag_s = os.environ.get("SLOT_FAKE_MODAL_LIST_LAG_S")
+        lag = float(lag_s) if lag_s else None
         for sb in sandboxes(base_dir()):
             if app_id is not None and sb.meta()["app_id"] != app_id:
                 continue
             have = sb.tags()
             if tags and any(have.get(k) != v for k, v in tags.items()):
                 continue
-            if sb.running():
+            if sb.running() or (lag is not None and sb.ended_within(lag)):
                 yield Sandbox(sb)
 
     async def _get_tags(self) -> dict[str, str]:
@@ -649,6 +817,7 @@ class Sandbox:
             return ContainerProcess(None, self._sb,
                                     (code, f'exec: "{args[0]}": {e.strerror.lower()}\n'.encode()))
         self._sb.register_exec(proc.pid)
+        _live_execs.add(proc)
         if self._sb.poll() is not None:  # it ended meanwhile: the runtime may have missed this exec
             self._sb.kill_execs()
         return ContainerProcess(proc, self._sb)

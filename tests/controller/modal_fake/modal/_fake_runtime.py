@@ -11,6 +11,10 @@ runtime then:
   into the sandbox root) in its own session, stdout/stderr to SANDBOX_DIR/log;
 - is a child subreaper, so whatever that process leaves behind comes back to
   it and dies with the sandbox, like a container's processes do;
+- as root, gives that process a mount namespace of its own (private
+  propagation), so what it mounts (an agent's per-slot filesystems) goes
+  with the sandbox as it does with a container's, instead of staying on the
+  host after the sandbox's processes are killed;
 - ends the sandbox when the process exits (its exit code, 128+signal when
   killed), when `timeout` passes (124), or on SIGTERM from terminate() (137):
   it records `returncode` first, then kills the sandbox's execs, the process
@@ -34,6 +38,8 @@ from _fake_state import (RC_TERMINATED, RC_TIMEOUT, SandboxDir,  # type: ignore[
                          write_atomic, write_pidfile)
 
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -97,6 +103,14 @@ def run(sb: SandboxDir, report_fd: int) -> int:
     spec = json.loads((sb.path / "spec.json").read_text())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def enter() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if os.geteuid() == 0:
+            if libc.unshare(CLONE_NEWNS) != 0 or \
+                    libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                os.write(2, b"fake modal: cannot make the sandbox's mount namespace\n")
+                os._exit(125)
     write_pidfile(sb.path / "runtime.pid", os.getpid())
     mask = STOP_SIGNALS | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, mask)
@@ -104,8 +118,7 @@ def run(sb: SandboxDir, report_fd: int) -> int:
     try:
         child = subprocess.Popen(
             spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=log, start_new_session=True,
-            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()))
+            stdout=log, stderr=log, start_new_session=True, preexec_fn=enter)
     except OSError as e:
         # Like a container whose entrypoint cannot be executed: it ends at once.
         log.write(f"fake modal: cannot run {spec['argv'][0]!r}: {e.strerror}\n".encode())

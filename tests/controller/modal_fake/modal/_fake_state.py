@@ -155,6 +155,14 @@ class SandboxDir:
         return (self.returncode() is not None
                 and pidfile_alive(self.path / "runtime.pid") is None)
 
+    def ended_within(self, seconds: float) -> bool:
+        """Finished less than `seconds` ago (by its recorded exit code)."""
+        try:
+            st = (self.path / "returncode").stat()
+        except OSError:
+            return False
+        return time.time() - st.st_mtime < seconds
+
     def process_pid(self) -> Optional[int]:
         """Pid of the sandbox's own process while it runs."""
         return pidfile_alive(self.path / "pid")
