@@ -57,6 +57,7 @@ bench: build
 	$(PY) tests/bench/trainer_compat.py --build $(BUILD)
 	$(PY) tests/bench/templates.py --build $(BUILD)
 	$(PY) tests/bench/disk_quota.py --build $(BUILD)
+	$(PY) tests/bench/reconnect.py --build $(BUILD)
 
 # The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
 images: deps

@@ -574,10 +574,13 @@ static void promote_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     struct idem *id = w->data;
     for (;;) {
-        /* From the head each time: running a request may finish entries. */
-        struct idem_entry *en = id->running;
-        while (en && !en->orphan)
-            en = en->next;
+        /* The oldest first (the list is newest first), so that repeats
+         * keep their firsts' order; from the head each time: running a
+         * request may finish entries. */
+        struct idem_entry *en = NULL;
+        for (struct idem_entry *x = id->running; x; x = x->next)
+            if (x->orphan)
+                en = x;
         if (!en)
             break;
         en->orphan = false;

@@ -205,12 +205,19 @@ void agent_send_begin(struct agent *ag, struct preq *r, const char *op, msgpack_
 {
     sp_writer_packer(&ag->wr, pk);
     sp_writer_begin_frame(&ag->wr);
+    /* A preq sent again (stateful.c retries one) starts afresh. */
+    free(r->args);
+    r->args = NULL;
+    r->out_off = r->err_off = 0;
+    r->started_seen = false;
     r->op = op;
     pack_head(ag, r, pk, false);
-    r->args_at = ag->wr.len;
+    /* From the frame's start: a writer that compacts moves both. */
+    r->args_at = ag->wr.len - ag->wr.frame_start;
 }
 
 static void stream_gone(struct ctl *c, struct agent *ag, const char *why);
+static void lose(struct ctl *c, struct agent *ag, const char *why);
 
 static void agent_flush(struct ctl *c, struct agent *ag)
 {
@@ -249,11 +256,12 @@ void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
     struct sp_err e;
     /* Keep the packed args for a resend on another stream (one copy of
      * the request, freed with its answer). */
-    if (can_relink(ag) && !r->link_req && !ag->wr.overflow && ag->wr.len >= r->args_at) {
-        r->argsn = ag->wr.len - r->args_at;
+    size_t at = ag->wr.frame_start + r->args_at;
+    if (can_relink(ag) && !r->link_req && !ag->wr.overflow && ag->wr.len >= at) {
+        r->argsn = ag->wr.len - at;
         r->args = malloc(r->argsn ? r->argsn : 1);
         if (r->args)
-            memcpy(r->args, ag->wr.buf + r->args_at, r->argsn);
+            memcpy(r->args, ag->wr.buf + at, r->argsn);
     }
     if (ag->state == AG_RECONNECTING && !r->link_req) {
         /* No stream yet: the request waits with the others and goes out
@@ -263,12 +271,10 @@ void agent_send_end(struct ctl *c, struct agent *ag, struct preq *r)
         return;
     }
     if (sp_writer_end_frame(&ag->wr, &e) < 0) {
-        /* The agent is not reading: treat it as lost rather than buffer more. */
-        struct preq_bucket *b = &ag->pending[r->aid & 63];
-        r->hnext = b->head;
-        b->head = r;
-        ag->npending++;
-        agent_lost(c, ag, "agent stopped reading (output queue full)");
+        /* The agent is not reading: lost rather than buffer more (a new
+         * stream would only have to carry it all again). */
+        pending_add(c, ag, r);
+        lose(c, ag, "agent stopped reading (output queue full)");
         return;
     }
     pending_add(c, ag, r);
@@ -433,9 +439,10 @@ static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         int got;
         /* A callback may lose the agent (its struct lives on until the
          * backend frees it from a later loop turn; fd < 0 says so). */
+        uint64_t gen = ag->stream_gen;
         while ((got = sp_reader_next(&ag->rd, &data, &len, &e)) == 1) {
             handle_frame(c, ag, data, len);
-            if (ag->fd < 0)
+            if (ag->fd < 0 || ag->stream_gen != gen)
                 return;
         }
         if (got < 0) {
@@ -564,6 +571,8 @@ static void on_hello(struct ctl *c, struct preq *r, const msgpack_object *resp,
         return;
     }
     ag->instance = instance;
+    /* An agent that keeps idempotency keys can be sent a request again. */
+    ag->idem_ok = sp_map_get(res, "idempotency") != NULL;
     ag->nslots = (uint32_t)nslots;
     ag->slots = calloc(ag->nslots, sizeof *ag->slots);
     if (!ag->slots)
@@ -598,7 +607,9 @@ static void relink_handshake_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
 void agent_stream_ready(struct ctl *c, struct agent *ag, int fd)
 {
+    ag->stream_gen++;
     if (ag->state == AG_RECONNECTING) {
+        ev_timer_stop(c->loop, &ag->timer);
         /* What the last stream left half read or unsent is void: every
          * request without an answer goes again on this one. */
         sp_reader_free(&ag->rd);
@@ -732,6 +743,8 @@ void agent_stop(struct ctl *c, struct agent *ag, const char *why)
 /* Close the stream (not the agent): no request fails. */
 static void close_stream(struct ctl *c, struct agent *ag)
 {
+    if (ev_cb(&ag->timer) == stream_gone_cb)
+        ev_timer_stop(c->loop, &ag->timer);
     ev_io_stop(c->loop, &ag->rio);
     ev_io_stop(c->loop, &ag->wio);
     if (ag->fd >= 0) {
@@ -776,6 +789,7 @@ static void relink_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void relink_retry(struct ctl *c, struct agent *ag, const char *why)
 {
     snprintf(ag->error, sizeof ag->error, "reconnect attempt %u: %.460s", ag->relink_attempts, why);
+    ev_timer_stop(c->loop, &ag->timer);
     close_stream(c, ag);
     /* A probe whose answer brings the next attempt, or an attempt already
      * scheduled: nothing more to do. Else the timer held a handshake's
@@ -810,6 +824,7 @@ void agent_relink_failed(struct ctl *c, struct agent *ag, const char *why)
 }
 
 static void on_probe(struct ctl *c, struct agent *ag, int alive, const char *why);
+static void relink_probe_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
 static void relink_handshake_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -831,6 +846,8 @@ static void relink_handshake_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void relink_attempt(struct ctl *c, struct agent *ag)
 {
+    if (c->stopping)
+        return; /* the controller leaves; the agent stays for the next one */
     if (ev_now(c->loop) >= ag->relink_deadline) {
         relink_retry(c, ag, "out of time");
         return;
@@ -843,6 +860,9 @@ static void relink_attempt(struct ctl *c, struct agent *ag)
         return;
     }
     ag->relink_attempts++;
+    /* A wait for the last relay's exit status (stream_gone) must not end
+     * the stream this attempt opens. */
+    ev_timer_stop(c->loop, &ag->timer);
     struct sp_err e;
     if (ag->prof->be->attach(c, ag, &e) < 0)
         relink_retry(c, ag, e.msg);
@@ -853,6 +873,8 @@ static void on_probe(struct ctl *c, struct agent *ag, int alive, const char *why
     ag->relink_probing = false;
     if (ag->state != AG_RECONNECTING)
         return;
+    if (ev_cb(&ag->relink_timer) == relink_probe_deadline_cb)
+        ev_timer_stop(c->loop, &ag->relink_timer);
     if (alive == 0) {
         char m[400];
         snprintf(m, sizeof m, "the agent is gone: %.360s", why && *why ? why : "not running");
@@ -866,6 +888,19 @@ static void on_probe(struct ctl *c, struct agent *ag, int alive, const char *why
     relink_attempt(c, ag);
 }
 
+static void relink_probe_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    char m[160];
+    snprintf(m, sizeof m,
+             "the backend did not say whether the agent runs within "
+             "reconnect_timeout %.0f s",
+             (double)ag->prof->reconnect_timeout_ms / 1000);
+    relink_give_up(ag->ctl, ag, m);
+}
+
 static void relink_probe(struct ctl *c, struct agent *ag)
 {
     if (ag->state != AG_RECONNECTING || ag->relink_probing)
@@ -875,6 +910,12 @@ static void relink_probe(struct ctl *c, struct agent *ag)
         return;
     }
     ag->relink_probing = true;
+    /* The backend's answer is awaited no longer than the reconnect is. */
+    ev_timer_stop(c->loop, &ag->relink_timer);
+    ev_tstamp left = ag->relink_deadline - ev_now(c->loop);
+    ev_timer_init(&ag->relink_timer, relink_probe_deadline_cb, left > 0 ? left : 0, 0);
+    ag->relink_timer.data = ag;
+    ev_timer_start(c->loop, &ag->relink_timer);
     ag->prof->be->probe(c, ag, on_probe);
 }
 
@@ -892,7 +933,13 @@ static void relink_start(struct ctl *c, struct agent *ag, const char *why)
     ag->relink_delay = RELINK_FIRST_DELAY;
     ag->relink_attempts = 0;
     close_stream(c, ag);
-    relink_probe(c, ag);
+    /* From the loop, never from here: this may run inside a frame's
+     * callback, and a probe and attach that finish at once would replace
+     * the reader under it. */
+    ev_timer_stop(c->loop, &ag->relink_timer);
+    ev_timer_init(&ag->relink_timer, relink_timer_cb, 0, 0);
+    ag->relink_timer.data = ag;
+    ev_timer_start(c->loop, &ag->relink_timer);
 }
 
 static int cmp_aid(const void *a, const void *b)
@@ -935,7 +982,7 @@ static void resend_pending(struct ctl *c, struct agent *ag)
         struct sp_err e;
         if (sp_writer_end_frame(&ag->wr, &e) < 0) {
             free(v);
-            agent_lost(c, ag, "agent stopped reading (output queue full)");
+            lose(c, ag, "its requests do not fit the output queue of a new stream");
             return;
         }
     }
@@ -975,6 +1022,11 @@ int agent_drop_stream(struct ctl *c, struct agent *ag, struct sp_err *err)
     if ((ag->state != AG_READY && ag->state != AG_DRAINING) || ag->fd < 0)
         return sp_errf(err, SP_BAD_REQUEST, "agent %s is %s, not ready", ag->id,
                        agent_state_name(ag->state));
+    if (!ag->idem_ok)
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "agent %s keeps no idempotency keys (an older agent): a new stream "
+                       "could run its requests twice",
+                       ag->id);
     /* As a network would: both directions end, and the usual path
      * (EOF, the relay's exit) takes it from there. */
     shutdown(ag->fd, SHUT_RDWR);
@@ -987,7 +1039,8 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why)
         relink_retry(c, ag, why); /* the stream of an attempt ended */
         return;
     }
-    if ((ag->state == AG_READY || ag->state == AG_DRAINING) && !c->stopping && can_relink(ag)) {
+    if ((ag->state == AG_READY || ag->state == AG_DRAINING) && !c->stopping && can_relink(ag) &&
+        ag->idem_ok) {
         relink_start(c, ag, why);
         return;
     }

@@ -51,7 +51,7 @@ static void tconn_close(struct ctl *c, struct tconn *t, const char *why)
         r->conn = NULL;
         if (r->batch)
             r->batch->conn = NULL;
-        if (r->is_command && r->slot && r->ag->connected && r->ag->state != AG_STOPPING)
+        if (r->is_command && r->slot && agent_reachable(r->ag))
             sched_cancel_slot(c, r->slot);
     }
     if (!c->stopping)

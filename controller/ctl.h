@@ -290,6 +290,8 @@ struct agent {
     ev_tstamp relink_since, relink_deadline, relink_delay, relink_attempt_at;
     double relink_last_ms; /* how long the last completed reconnect took */
     bool relink_probing;   /* the backend's probe has not answered yet */
+    bool idem_ok;          /* its hello says it keeps idempotency keys */
+    uint64_t stream_gen;   /* streams opened: a read loop notices a new one */
     ev_timer relink_timer;
     /* templates (templates.c) */
     struct ctl_tpl *tpls;
@@ -434,6 +436,11 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why);
 /* A backend's attach during a reconnect failed after it returned 0 (e.g. a
  * TCP connect that timed out): try again later, within the timeout. */
 void agent_relink_failed(struct ctl *c, struct agent *ag, const char *why);
+/* Can requests be sent to it? A reconnecting agent queues them. */
+static inline bool agent_reachable(const struct agent *ag)
+{
+    return ag->state != AG_STOPPING && (ag->connected || ag->state == AG_RECONNECTING);
+}
 /* End the agent's stream as a network failure would (op `reconnect`). */
 int agent_drop_stream(struct ctl *c, struct agent *ag, struct sp_err *err);
 void agent_stop(struct ctl *c, struct agent *ag, const char *why);

@@ -624,11 +624,11 @@ static void on_open(struct ctl *c, struct preq *o, const msgpack_object *resp,
     if (sc->detached) {
         /* Nobody waits for it: keep the session if the lease still has
          * none, else close it. */
-        if (opened && sc->gen == s->generation && s->ag->connected && !*have) {
+        if (opened && sc->gen == s->generation && agent_reachable(s->ag) && !*have) {
             *have = id;
             if (pty)
                 s->tmux_off = 0;
-        } else if (opened && s->ag->connected) {
+        } else if (opened && agent_reachable(s->ag)) {
             send_close(c, s, id);
         }
         preq_free(c, r);
@@ -713,7 +713,7 @@ static int step(struct ctl *c, struct slot *s, struct preq *r, struct sp_err *er
 {
     struct agent *ag = s->ag;
     struct scall *sc = r->ctx;
-    if (!ag->connected || ag->state == AG_STOPPING)
+    if (!agent_reachable(ag))
         return sp_errf(err, SP_AGENT_LOST, "agent %s is gone", ag->id), 0;
     if (s->state != SL_LEASED || s->generation != sc->gen)
         return sp_errf(err, SP_NOT_LEASED, "the slot was released"), 0;

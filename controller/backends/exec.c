@@ -36,6 +36,7 @@ struct probe {
     probe_done_fn done;
     char *out;
     size_t len;
+    bool truncated; /* more than PROBE_MAX_OUT: not finding it proves nothing */
 };
 
 static const char *const placeholders[] = {
@@ -295,17 +296,19 @@ static void helper_out_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)revents;
     struct agent *ag = w->data;
     char buf[4096];
-    ssize_t n = read(ag->helper_fd, buf, sizeof buf);
-    if (n > 0 && ag->helper_kind == HELPER_PROBE) {
-        struct probe *pr = ag->be_data;
-        size_t k = (size_t)n < PROBE_MAX_OUT - pr->len ? (size_t)n : PROBE_MAX_OUT - pr->len;
-        memcpy(pr->out + pr->len, buf, k);
-        pr->len += k;
-        return;
-    }
-    if (n > 0) {
-        agent_stderr_append(ag, buf, (size_t)n);
-        return;
+    ssize_t n;
+    /* All there is: at the helper's exit this is the last call, and what
+     * is left unread would be lost (a list's answer with it). */
+    while ((n = read(ag->helper_fd, buf, sizeof buf)) > 0) {
+        if (ag->helper_kind == HELPER_PROBE) {
+            struct probe *pr = ag->be_data;
+            size_t k = (size_t)n < PROBE_MAX_OUT - pr->len ? (size_t)n : PROBE_MAX_OUT - pr->len;
+            memcpy(pr->out + pr->len, buf, k);
+            pr->len += k;
+            pr->truncated |= k < (size_t)n;
+        } else {
+            agent_stderr_append(ag, buf, (size_t)n);
+        }
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
@@ -546,6 +549,9 @@ static void probe_finish(struct ctl *c, struct agent *ag, bool ok, const char *s
     } else if (listed(pr->out, pr->len, ag->id)) {
         alive = 1;
         *why = 0;
+    } else if (pr->truncated) {
+        alive = -1;
+        snprintf(why, sizeof why, "the list command printed more than %d bytes", PROBE_MAX_OUT);
     } else {
         alive = 0;
         snprintf(why, sizeof why, "the list command no longer lists %s", ag->id);

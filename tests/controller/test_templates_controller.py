@@ -151,9 +151,14 @@ def test_eviction_past_the_disk_budget(controller_factory) -> None:
     def names() -> list[str]:
         return sorted(t["name"] for t in c.call("templates")["agents"][0]["templates"])
 
+    def evicted() -> int:
+        return c.call("templates")["agents"][0]["evicted"]
+
     import time
+    # A template leaves the controller's list when its delete is sent, and
+    # counts as evicted when the agent answers: wait for both.
     deadline = time.monotonic() + 10
-    while names() != ["t3"] and time.monotonic() < deadline:
+    while (names() != ["t3"] or evicted() != 3) and time.monotonic() < deadline:
         time.sleep(0.1)
     # 200 KB each against a 300 KB budget: only the newest fits.
     assert names() == ["t3"], names()
