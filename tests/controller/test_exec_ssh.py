@@ -1,11 +1,15 @@
 """The `exec` backend over ssh: a private sshd on loopback (its own host
 key, config and authorized key, started and stopped by the test), and agents
 launched with `ssh HOST slot-agent --stdio`. The example trainer runs to
-completion through it; a killed ssh client fails only its agent's requests."""
+completion through it; a killed ssh client fails only its agent's requests.
+In the daemon form (`start` leaves `slot-agent --listen unix:...` behind
+through ssh, `launch` is `ssh HOST slot-agent --attach unix:...`) a killed
+ssh client loses nothing: the controller reconnects through a new ssh."""
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -17,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from conftest import AGENT_BIN, ROOT
+from linkdrop import N, run_and_drop_timed
 
 SSHD = "/usr/sbin/sshd"
 PY = "/usr/bin/python3"
@@ -72,16 +77,48 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         log.close()
 
 
-def ssh_launch(port: int, key: Path) -> list[str]:
+def ssh_argv(port: int, key: Path) -> list[str]:
     return ["ssh", "-T", "-p", str(port), "-i", str(key), "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "root@127.0.0.1",
+            "-o", "LogLevel=ERROR", "-o", "SendEnv=SLOT_AGENT_TOKEN", "root@127.0.0.1"]
+
+
+def ssh_launch(port: int, key: Path) -> list[str]:
+    return [*ssh_argv(port, key),
             str(AGENT_BIN), "--stdio", "--slots", "{slots}", "--data-dir", "{data_dir}"]
 
 
-def config(launch: list[str], **fields) -> str:
+def ssh_sh(port: int, key: Path, script: str, *args: str) -> list[str]:
+    """`sh -c SCRIPT ARGS...` on the ssh host: one command line for its shell."""
+    return [*ssh_argv(port, key), " ".join(["sh", "-c", shlex.quote(script), *args])]
+
+
+def ssh_daemon(port: int, key: Path) -> dict:
+    """test_reconnect.py's daemon profile, each command through ssh: the agent
+    daemon (its token passed by SendEnv/AcceptEnv into a 0600 file) on a Unix
+    socket on the ssh host, the stream an `--attach` relay there."""
+    sock = "unix:{state_dir}/exec/{agent_id}.sock"
+    return {
+        "start": ssh_sh(port, key,
+                        'mkdir -p "$1" && (umask 077; printf %s "$SLOT_AGENT_TOKEN" > "$1/$2.tok")'
+                        ' || exit 1; setsid "$0" --listen "$5" --token-file "$1/$2.tok" '
+                        '--slots "$3" --data-dir "$4" </dev/null >>"$1/$2.log" 2>&1 & '
+                        'echo $! > "$1/$2.pid"',
+                        str(AGENT_BIN), "{state_dir}/exec", "{agent_id}", "{slots}",
+                        "{data_dir}", sock),
+        "launch": [*ssh_argv(port, key), str(AGENT_BIN), "--attach", sock],
+        "stop": ssh_sh(port, key, 'kill $(cat "$0/$1.pid") 2>/dev/null; '
+                       'rm -f "$0/$1.pid" "$0/$1.sock"', "{state_dir}/exec", "{agent_id}"),
+        "list": ssh_sh(port, key, 'cd "$0" 2>/dev/null || exit 0; for f in *.pid; do '
+                       '[ -e "$f" ] || continue; kill -0 $(cat "$f") 2>/dev/null && '
+                       'echo "${f%.pid}"; done; exit 0', "{state_dir}/exec"),
+    }
+
+
+def config(launch: list[str] | dict, **fields) -> str:
+    ex = launch if isinstance(launch, dict) else {"launch": launch}
     prof = {"backend": "exec", "slots_per_agent": 4, "min_agents": 2, "max_agents": 2,
-            **fields, "exec": {"launch": launch}}
+            **fields, "exec": ex}
     return json.dumps({"profiles": {"ssh": prof}})
 
 
@@ -133,4 +170,23 @@ def test_refused_login_is_reported_with_ssh_words(controller_factory, sshd, tmp_
     r = c.call_raw("acquire", {"timeout_ms": 5000})
     assert r["error"]["code"] == "no_capacity"
     assert "Permission denied (publickey)" in r["error"]["message"], r
+    c.close()
+
+
+def test_killed_ssh_relay_mid_stream_loses_nothing(controller_factory, sshd) -> None:
+    """The daemon form: N streamed commands running, the local ssh client of
+    the stream killed (the agent's `pid`); every command completes once with
+    byte-exact output, the leases stay, the agent is the same and
+    reconnected. Prints the time to the first resumed output byte."""
+    port, key = sshd
+    ctl = controller_factory(config(ssh_daemon(port, key), slots_per_agent=N, min_agents=1,
+                                    max_agents=1), wait_ready=False)
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 1, timeout=30)
+    c = ctl.client()
+    a = c.call("agents")["agents"][0]
+    assert a["address"].startswith("exec:ssh -T"), a
+    assert Path(f"/proc/{a['pid']}/exe").resolve().name == "ssh", a
+    r = run_and_drop_timed(c, lambda: os.kill(a["pid"], signal.SIGKILL), a["id"], "exec-ssh")
+    b = r["agent"]
+    assert b["pid"] != a["pid"] and "killed by signal 9" in b["link_cause"], b
     c.close()

@@ -4,12 +4,15 @@ the example trainer to completion; a container killed mid-batch fails only
 its own requests; daemon containers (`docker run -d`) reached through
 `docker exec -i CTR slot-agent --attach` survive a controller kill -9 and are
 found again through `docker ps`, with their leases, workspaces and running
-commands. Every container is labelled with this run's id and removed at the
-end, whatever happened."""
+commands, and a killed `docker exec` relay loses nothing (the controller
+reconnects through a new one). Every container is labelled with this run's
+id and removed at the end, whatever happened."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -18,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from images_lib import IMAGE, ROOT, docker
+from images_lib import FIGURES, IMAGE, ROOT, docker
 
 _spec = importlib.util.spec_from_file_location("ctl_conftest",
                                                ROOT / "tests" / "controller" / "conftest.py")
@@ -26,6 +29,11 @@ assert _spec and _spec.loader
 ctl_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ctl_conftest)
 Controller = ctl_conftest.Controller
+_spec = importlib.util.spec_from_file_location("linkdrop",
+                                               ROOT / "tests" / "controller" / "linkdrop.py")
+assert _spec and _spec.loader
+linkdrop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(linkdrop)
 PY = "/usr/bin/python3"
 TRAINER = ROOT / "controller" / "python" / "examples" / "trainer.py"
 
@@ -186,6 +194,31 @@ def test_daemon_containers_survive_a_controller_kill9(images, ctl_dir) -> None:
         time.sleep(0.2)
     assert gone not in containers(label)
     assert docker("ps", "-aq", "--filter", f"id={before[gone]}", check=False).stdout == b""
+
+
+def test_killed_docker_exec_relay_mid_stream_loses_nothing(images, ctl_dir) -> None:
+    """A daemon container behind `docker exec -i CTR slot-agent --attach`:
+    32 streamed commands running, the `docker exec` relay (the agent's
+    `pid`) killed; every command completes once with byte-exact output, the
+    leases stay, the agent (and its container) is the same and reconnected.
+    Prints the time to the first resumed output byte."""
+    d, label, made = ctl_dir
+    ctl = make(d, made, config(label, daemon_block(label), slots_per_agent=linkdrop.N,
+                               min_agents=1, max_agents=1))
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 1, timeout=120)
+    before = containers(label)
+    c = ctl.client()
+    a = c.call("agents")["agents"][0]
+    assert a["address"].startswith("exec:docker exec -i"), a
+    assert Path(f"/proc/{a['pid']}/exe").resolve().name == "docker", a
+    r = linkdrop.run_and_drop_timed(c, lambda: os.kill(a["pid"], signal.SIGKILL), a["id"],
+                                    "exec-docker")
+    b = r["agent"]
+    assert b["pid"] != a["pid"] and "killed by signal 9" in b["link_cause"], b
+    assert containers(label) == before
+    if r["first_byte_ms"] is not None:
+        FIGURES["reconnect exec-docker: first resumed byte"] = f"{r['first_byte_ms']:.0f} ms"
+    c.close()
 
 
 def test_image_that_does_not_exist_is_reported(images, ctl_dir) -> None:

@@ -3,8 +3,9 @@
 nomad-dev.sh for this session, docker and raw_exec drivers): agents as one
 job each from the templates in nomad/, reached over TCP with their token;
 scaling that never stops a leased agent; a controller kill -9 and restart;
-an allocation stopped under a running batch; and the errors people meet,
-in Nomad's own words."""
+an allocation stopped under a running batch; the controller's TCP
+connection to an agent reset mid-stream (reconnected, nothing lost); and the
+errors people meet, in Nomad's own words."""
 from __future__ import annotations
 
 import importlib.util
@@ -30,6 +31,11 @@ assert _spec and _spec.loader
 ctl_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ctl_conftest)
 Controller = ctl_conftest.Controller
+_spec = importlib.util.spec_from_file_location("linkdrop",
+                                               ROOT / "tests" / "controller" / "linkdrop.py")
+assert _spec and _spec.loader
+linkdrop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(linkdrop)
 AGENT_BIN = ctl_conftest.AGENT_BIN
 AGENTCTL = ctl_conftest.AGENTCTL_BIN
 
@@ -295,6 +301,44 @@ def test_agent_killed_under_nomad_fails_only_its_requests(controllers, nomad) ->
     ctl_conftest.assert_only_victim_lost(s, res, victim)
     c.wait_agents(lambda st: st["agents"]["ready"] == 2
                   and victim not in {a["id"] for a in agents(c)}, timeout=90)
+    cl.close()
+
+
+def reset_tcp(c, agent: dict) -> str:
+    """Resets the controller's TCP connection to the agent, as a network
+    failure would: `ss -K` destroys the controller's socket (it gets
+    ECONNABORTED, the agent an RST). A kernel without socket destroy
+    (CONFIG_INET_DIAG_DESTROY) kills nothing: then `agentctl reconnect`
+    (the controller shuts the stream down both ways). Returns which."""
+    hostport = agent["address"].split()[0].removeprefix("tcp:")
+    host, port = hostport.rsplit(":", 1)
+    r = subprocess.run(["ss", "-K", "-t", "dst", host, "dport", "=", port],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode == 0 and f":{port}" in r.stdout:
+        return "ss -K"
+    out = subprocess.run([str(AGENTCTL), "--controller", c.addr, "reconnect", agent["id"]],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "reconnecting" in out.stdout, (r, out)
+    return f"agentctl reconnect (ss -K killed nothing: {r.returncode} {r.stdout!r} {r.stderr!r})"
+
+
+def test_tcp_connection_reset_mid_stream_loses_nothing(controllers, nomad) -> None:
+    """32 streamed commands running on a raw_exec agent, the controller's TCP
+    connection to it reset (reset_tcp: `ss -K`, else `agentctl reconnect`);
+    the allocation still runs, so the controller opens a new connection and
+    resends: every command completes once with byte-exact output, the leases
+    stay, the agent is the same and reconnected. Prints the time to the
+    first resumed output byte."""
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", slots_per_agent=linkdrop.N,
+             min_agents=1, max_agents=1)
+    cl = c.client()
+    a = cl.call("agents")["agents"][0]
+    assert a["address"].startswith("tcp:127.0.0.1:"), a
+    how: list[str] = []
+    r = linkdrop.run_and_drop_timed(cl, lambda: how.append(reset_tcp(c, a)), a["id"], "nomad")
+    print(f"nomad: the connection was reset by {how[0]}")
+    assert r["agent"]["link_cause"], r["agent"]
+    assert {j["ID"] for j in nomad.jobs()} and len(nomad.jobs()) == 1
     cl.close()
 
 

@@ -3,7 +3,8 @@
 agents as batch jobs reached through `srun --jobid --overlap` steps; the
 example trainer on the static agent and on the SIF under Apptainer; scancel
 mid-batch, a job hitting its time limit, a profile asking for more than the
-node has, a controller kill -9 and restart, slurmctld restarted mid-run, and
+node has, a controller kill -9 and restart, slurmctld restarted mid-run, the
+`srun` step of a stream killed mid-stream (reconnected, nothing lost), and
 `agentctl stop`."""
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ assert _spec and _spec.loader
 ctl_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ctl_conftest)
 Controller = ctl_conftest.Controller
+_spec = importlib.util.spec_from_file_location("linkdrop",
+                                               ROOT / "tests" / "controller" / "linkdrop.py")
+assert _spec and _spec.loader
+linkdrop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(linkdrop)
 AGENT_BIN = ctl_conftest.AGENT_BIN
 AGENTCTL = ctl_conftest.AGENTCTL_BIN
 TRAINER = ROOT / "controller" / "python" / "examples" / "trainer.py"
@@ -349,6 +355,36 @@ def test_slurmctld_restarted_mid_run(controllers, cluster) -> None:
     more = [cl.call("acquire", {"trajectory_id": f"n{i}", "timeout_ms": 60000})["slot"]
             for i in range(2)]
     assert {h.split("/")[0] for h in more} - ids
+    cl.close()
+
+
+def srun_of(launcher: int) -> int:
+    """The `srun --overlap` step that carries the stream: the launcher's
+    (`slot-slurm attach`) srun child."""
+    kids = subprocess.run(["pgrep", "-P", str(launcher), "-x", "srun"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+    assert len(kids) == 1, (launcher, kids)
+    return int(kids[0])
+
+
+def test_killed_srun_step_mid_stream_loses_nothing(controllers, cluster) -> None:
+    """32 streamed commands running, the `srun --overlap` step of the stream
+    killed (SIGKILL to the launcher's srun child; the job and its agent
+    daemon stay): `slot-slurm list` still names the job, so the controller
+    attaches a new step and resends: every command completes once with
+    byte-exact output, the leases stay, the agent is the same and
+    reconnected. Prints the time to the first resumed output byte."""
+    c = make(controllers, cluster, "rl", min_agents=1, max_agents=1,
+             slots_per_agent=linkdrop.N)
+    cl = c.client()
+    a = cl.call("agents")["agents"][0]
+    job = job_of(cluster, a["id"])
+    srun = srun_of(a["pid"])
+    r = linkdrop.run_and_drop_timed(cl, lambda: os.kill(srun, 9), a["id"], "slurm")
+    b = r["agent"]
+    assert b["link_cause"], b
+    assert job_of(cluster, a["id"]) == job  # the same job
+    assert srun_of(b["pid"]) != srun
     cl.close()
 
 
