@@ -300,3 +300,24 @@ def test_modal_idle_timeout_reaches_the_sandbox(fm: FakeModal, controller_factor
     (a,) = agents(c)
     sb = sandbox_of(fm, a["id"])
     assert sb is not None and sb.create_args()["idle_timeout"] == 300
+
+
+def test_killed_bridge_mid_stream_loses_nothing(fm: FakeModal, controller_factory) -> None:
+    """32 streamed commands on one sandbox's agent, its bridge killed with
+    SIGKILL: `list` still shows the sandbox, a new bridge reaches the same
+    agent, and every command completes once, byte-exact (linkdrop)."""
+    from linkdrop import N, run_and_drop_timed
+    c = controller_factory(config("rlapp", slots_per_agent=N, min_pool=1, max_pool=1),
+                           env=fm.env, wait_ready=False)
+    c.wait_agents(lambda st: st["agents"]["ready"] >= 2, timeout=60)
+    (a,) = agents(c)
+    cl = c.client()
+    slots = [cl.call("acquire", {"profile": "cpu", "trajectory_id": f"t{i}"})["slot"]
+             for i in range(N)]
+    res = run_and_drop_timed(cl, lambda: os.kill(a["pid"], signal.SIGKILL), a["id"], "modal",
+                             slots=slots)
+    (b,) = agents(c)
+    assert b["id"] == a["id"] and b["instance"] == a["instance"] and b["reconnects"] >= 1, b
+    assert b["pid"] != a["pid"] and "killed by signal 9" in b["link_cause"], b
+    assert len(fm.sandboxes()) == 1, res
+    cl.close()
