@@ -385,7 +385,7 @@ def test_agent_that_died_during_the_drop_is_lost_and_replaced(controller_factory
 
 # ---- soak --------------------------------------------------------------------
 
-SOAK_S = float(os.environ.get("SLOT_SOAK_SECONDS", "45"))
+SOAK_S = float(os.environ.get("SLOT_SOAK_SECONDS", "25"))
 
 
 def test_soak_batches_with_links_dropped_at_random(controller_factory, daemons, proxy):
