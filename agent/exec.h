@@ -95,6 +95,8 @@ int exec_cwd(struct agent *ag, struct slot *s, const struct iso_child *ic, const
              char *out, size_t cap, struct sp_err *err);
 char **exec_env(struct agent *ag, struct slot *s, const msgpack_object *env_o, const char *term,
                 const struct iso_child *ic, const char *cwd, struct sp_err *err);
+/* op_exec.c: the answer of a detached exec: {exec_id, pid, detached}. */
+void exec_reply_detached(struct req *rq, uint64_t exec_id, pid_t pid);
 /* op_exec.c: tell the request the command started (detach reply, stream
  * "started" event). OP_DONE when the request is answered. */
 int exec_announce(struct req *rq, struct exec *e);

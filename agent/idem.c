@@ -375,12 +375,7 @@ static void reply_cached(struct req *rq, const struct idem_entry *en)
 
 static void reply_detached(struct req *rq, const struct idem_entry *en)
 {
-    msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 3);
-    sp_pack_kv_uint(pk, "exec_id", en->exec_id);
-    sp_pack_kv_int(pk, "pid", en->pid);
-    sp_pack_kv_bool(pk, "detached", true);
-    req_reply_end(rq);
+    exec_reply_detached(rq, en->exec_id, en->pid);
     req_finish(rq, NULL);
 }
 

@@ -1281,18 +1281,30 @@ static void op_leases(struct ctl *c, struct tconn *t, const struct sp_request *r
     op_slots(c, t, req, true);
 }
 
-static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *req)
+/* The live agent the `agent` argument names; NULL when answered here. */
+static struct agent *arg_agent(struct ctl *c, struct tconn *t, const struct sp_request *req)
 {
     struct sp_err e;
     const char *aid;
     size_t al;
-    if (sp_get_str(req->args, "agent", true, &aid, &al, &e) < 0)
-        return reply_err(c, t, req->id, &e);
+    if (sp_get_str(req->args, "agent", true, &aid, &al, &e) < 0) {
+        reply_err(c, t, req->id, &e);
+        return NULL;
+    }
     struct agent *ag = agent_find(c, aid, al);
     if (!ag || ag->state == AG_STOPPING) {
         sp_errf(&e, SP_NOT_FOUND, "no agent '%.*s'", (int)(al > 80 ? 80 : al), aid);
-        return reply_err(c, t, req->id, &e);
+        reply_err(c, t, req->id, &e);
+        return NULL;
     }
+    return ag;
+}
+
+static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *req)
+{
+    struct agent *ag = arg_agent(c, t, req);
+    if (!ag)
+        return;
     if (ag->state == AG_RECONNECTING && ag->relink_prev == AG_READY) {
         log_info("agent %s: draining on request (once it is reconnected)", ag->id);
         ag->relink_prev = AG_DRAINING;
@@ -1320,15 +1332,9 @@ static void op_drain(struct ctl *c, struct tconn *t, const struct sp_request *re
 static void op_reconnect(struct ctl *c, struct tconn *t, const struct sp_request *req)
 {
     struct sp_err e;
-    const char *aid;
-    size_t al;
-    if (sp_get_str(req->args, "agent", true, &aid, &al, &e) < 0)
-        return reply_err(c, t, req->id, &e);
-    struct agent *ag = agent_find(c, aid, al);
-    if (!ag || ag->state == AG_STOPPING) {
-        sp_errf(&e, SP_NOT_FOUND, "no agent '%.*s'", (int)(al > 80 ? 80 : al), aid);
-        return reply_err(c, t, req->id, &e);
-    }
+    struct agent *ag = arg_agent(c, t, req);
+    if (!ag)
+        return;
     if (agent_drop_stream(c, ag, &e) < 0)
         return reply_err(c, t, req->id, &e);
     msgpack_packer pk;

@@ -484,15 +484,20 @@ out:
     return rc;
 }
 
+void exec_reply_detached(struct req *rq, uint64_t exec_id, pid_t pid)
+{
+    msgpack_packer *pk = req_reply_begin(rq);
+    msgpack_pack_map(pk, 3);
+    sp_pack_kv_uint(pk, "exec_id", exec_id);
+    sp_pack_kv_int(pk, "pid", pid);
+    sp_pack_kv_bool(pk, "detached", true);
+    req_reply_end(rq);
+}
+
 int exec_announce(struct req *rq, struct exec *e)
 {
     if (e->detached) {
-        msgpack_packer *pk = req_reply_begin(rq);
-        msgpack_pack_map(pk, 3);
-        sp_pack_kv_uint(pk, "exec_id", e->id);
-        sp_pack_kv_int(pk, "pid", e->pid);
-        sp_pack_kv_bool(pk, "detached", true);
-        req_reply_end(rq);
+        exec_reply_detached(rq, e->id, e->pid);
         return OP_DONE;
     }
     if (rq->stream) {

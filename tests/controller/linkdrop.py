@@ -26,7 +26,7 @@ def expected(i: int, lines: int) -> bytes:
 
 
 def command(i: int, lines: int) -> str:
-    # as test_reconnect.py: slow enough to be running when the link drops,
+    # slow enough to be running when the link drops,
     # and a marker that counts how often it ran
     return (f"echo {i} >> runs; for j in $(seq 0 {lines - 1}); do "
             f"printf 'cmd%02d line %04d %s\\n' {i} $j {'x' * 60}; "

@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 
 from conftest import AGENT_BIN, AGENTCTL_BIN, Controller
+from linkdrop import N, command, expected
 from slotwire import Client
+from test_exec_backend import daemon_pids, daemons  # noqa: F401 (fixture)
 
 AB = str(AGENT_BIN)
-N = 32
 
 
 def agents(ctl: Controller) -> list[dict]:
@@ -37,18 +38,6 @@ def agents(ctl: Controller) -> list[dict]:
         return c.call("agents")["agents"]
     finally:
         c.close()
-
-
-def expected(i: int, lines: int) -> bytes:
-    return b"".join(f"cmd{i:02d} line {j:04d} {'x' * 60}\n".encode() for j in range(lines))
-
-
-def command(i: int, lines: int) -> str:
-    # slow enough to be running when the link drops, and a marker that
-    # counts how often it ran
-    return (f"echo {i} >> runs; for j in $(seq 0 {lines - 1}); do "
-            f"printf 'cmd%02d line %04d %s\\n' {i} $j {'x' * 60}; "
-            f"[ $((j % 20)) = 0 ] && sleep 0.05; done; true")
 
 
 def run_and_drop(ctl: Controller, drop, lines: int = 400, slots: list[str] | None = None,
@@ -201,28 +190,6 @@ def daemon_cfg(listen: str, attach: str, **fields) -> str:
     prof = {"backend": "exec", "slots_per_agent": N, "min_agents": 1, "max_agents": 1,
             **fields, "exec": ex}
     return json.dumps({"profiles": {"default": prof}})
-
-
-def daemon_pids(ctl: Controller) -> dict[str, int]:
-    out = {}
-    for f in (ctl.state_dir / "exec").glob("*.pid"):
-        try:
-            out[f.stem] = int(f.read_text().strip())
-        except ValueError:
-            pass
-    return out
-
-
-@pytest.fixture
-def daemons():
-    ctls: list[Controller] = []
-    yield ctls
-    for ctl in ctls:
-        for pid in daemon_pids(ctl).values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_killed_relay_mid_stream_loses_nothing(controller_factory, daemons):
