@@ -8,7 +8,7 @@ DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libm
             zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
             python3-pytest file tar procps clang-format util-linux busybox-static \
             libyaml-dev tmux debootstrap openssh-server openssh-client \
-            libcurl4-openssl-dev libvterm-dev openssl python3-pydantic
+            libcurl4-openssl-dev libvterm-dev openssl python3-pydantic libwolfssl-dev tcpdump
 
 .PHONY: all deps build asan run test test-fast bench fuzz format clean images
 
@@ -58,6 +58,7 @@ bench: build
 	$(PY) tests/bench/templates.py --build $(BUILD)
 	$(PY) tests/bench/disk_quota.py --build $(BUILD)
 	$(PY) tests/bench/reconnect.py --build $(BUILD)
+	$(PY) tests/bench/tls.py --build $(BUILD)
 
 # The Docker images (slot-agent, slot-agent-bin) and the SIF; see images/README.md.
 images: deps

@@ -24,6 +24,8 @@ struct build;
 struct ws_job;
 struct idem;
 struct idem_entry;
+struct sp_tls_ctx;
+struct sp_tls;
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void agent_log(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -133,6 +135,11 @@ struct agent_opts {
     unsigned idem_max_keys;
     uint64_t idem_max_bytes;
     double idem_window;
+    /* TLS (conn.c): our certificate, key and the CA clients must chain to;
+     * --tls-name is what --attach tls: expects the agent's certificate to
+     * name. */
+    const char *tls_cert, *tls_key, *tls_ca, *tls_name;
+    double tls_handshake_timeout; /* seconds; hidden option for tests */
 };
 
 /* The disk watcher (quota.c). */
@@ -211,6 +218,16 @@ struct agent {
     struct ws_job *jobs; /* copies running in worker processes */
     struct quota_state quota;
     struct idem *idem; /* idempotency keys (idem.c) */
+    /* TLS listeners (conn.c): one context for all of them, reloaded when
+     * its files change; counters for `stats`. */
+    struct sp_tls_ctx *tls;
+    bool tls_listen;
+    uint64_t tls_handshakes, tls_failures;
+    unsigned nhandshaking; /* connections still in their handshake */
+    double tls_log_window; /* rate limit of handshake-failure lines */
+    unsigned tls_log_lines;
+    uint64_t tls_log_suppressed;
+    ev_signal sig_hup;
 };
 
 /* ---- requests and the op table ---------------------------------------- */
@@ -341,6 +358,7 @@ int op_template_list(struct req *rq, struct sp_err *err);
 int op_template_delete(struct req *rq, struct sp_err *err);
 int op_fork(struct req *rq, struct sp_err *err);
 int op_template_build(struct req *rq, struct sp_err *err);
+int op_tls_renew(struct req *rq, struct sp_err *err);
 /* op_template.c: the script of a template_build request has ended. */
 void template_build_done(struct agent *ag, struct req *rq, struct exec *e);
 /* op_template.c: the script of a template_build request never started. */
@@ -473,12 +491,18 @@ void listeners_close(struct agent *ag);
 int conn_open_stdio(struct agent *ag, struct sp_err *err);
 void conns_close_all(struct agent *ag);
 bool conns_idle(struct agent *ag);
+/* The connection's TLS link, NULL when plaintext. */
+const struct sp_tls *conn_tls(const struct conn *c);
+/* Re-read the TLS files if they changed (SIGHUP, every accept). */
+void conn_tls_reload(struct agent *ag, bool force);
+/* Log the summary of handshake failures held back by the rate limit. */
+void conn_tls_log_flush(struct agent *ag);
 
 /* main.c: begin an orderly shutdown (stop accepting, kill commands, answer
  * what is pending, exit 0). */
 void agent_shutdown(struct agent *ag, const char *why);
 
 /* attach.c: relay stdin/stdout to the agent at ADDR; the exit status. */
-int attach_main(const char *addr, double timeout_s);
+int attach_main(const char *addr, double timeout_s, const struct agent_opts *opt);
 
 #endif

@@ -1,4 +1,4 @@
-/* --attach: relay stdin/stdout to an agent listening on a Unix or TCP
+/* --attach: relay stdin/stdout to an agent listening on a Unix, TCP or TLS
  * socket, byte for byte, without looking at the frames. Runtimes whose
  * stream dies with the client (docker exec -i, apptainer exec, ssh, srun,
  * Modal's Sandbox.exec) carry this relay; the agent daemon behind the socket
@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "tls.h"
 
 #define RELAY_BUF (256 * 1024)
 
@@ -58,7 +59,7 @@ static int connect_once(const char *addr)
         }
         return fd;
     }
-    /* tcp:HOST:PORT; HOST may be [v6]. */
+    /* tcp:HOST:PORT or tls:HOST:PORT; HOST may be [v6]. */
     char host[256];
     const char *hp = addr + 4, *colon = strrchr(hp, ':');
     if (!colon || (size_t)(colon - hp) >= sizeof host) {
@@ -127,22 +128,27 @@ static int connect_wait(const char *addr, double timeout_s)
     }
 }
 
-/* Move bytes from fd into b; false when the source failed hard. */
-static bool fill(int fd, struct pipe_buf *b)
+/* Move bytes from fd (or its TLS link) into b; false when the source
+ * failed hard. */
+static bool fill(int fd, struct sp_tls *t, struct pipe_buf *b)
 {
-    ssize_t n = read(fd, b->data + b->end, RELAY_BUF - b->end);
+    ssize_t n = t ? sp_tls_read(t, b->data + b->end, RELAY_BUF - b->end)
+                  : read(fd, b->data + b->end, RELAY_BUF - b->end);
     if (n > 0)
         b->end += (size_t)n;
-    else if (n == 0 || (errno != EAGAIN && errno != EINTR))
+    else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
         b->eof = true;
+        return !(t && n < 0);
+    }
     return true;
 }
 
-/* Move bytes from b to fd; false when the sink is gone. */
-static bool drain(int fd, struct pipe_buf *b)
+/* Move bytes from b to fd (or its TLS link); false when the sink is gone. */
+static bool drain(int fd, struct sp_tls *t, struct pipe_buf *b)
 {
     while (b->start < b->end) {
-        ssize_t n = write(fd, b->data + b->start, b->end - b->start);
+        ssize_t n = t ? sp_tls_write(t, b->data + b->start, b->end - b->start)
+                      : write(fd, b->data + b->start, b->end - b->start);
         if (n > 0) {
             b->start += (size_t)n;
             if (b->start == b->end)
@@ -156,17 +162,61 @@ static bool drain(int fd, struct pipe_buf *b)
     return true;
 }
 
-int attach_main(const char *addr, double timeout_s)
+/* The TLS handshake of --attach tls:, waiting with poll() up to the
+ * deadline. 0, or -1 with the one-line reason printed. */
+static int attach_handshake(struct sp_tls *t, int sock, const char *addr, double deadline)
 {
-    if (strncmp(addr, "unix:", 5) && strncmp(addr, "tcp:", 4)) {
-        fprintf(stderr, "slot-agent: --attach takes unix:PATH or tcp:HOST:PORT\n");
+    struct sp_err err;
+    for (;;) {
+        int rc = sp_tls_handshake(t, &err);
+        if (rc == 1)
+            return 0;
+        if (rc < 0) {
+            fprintf(stderr, "slot-agent: attach: %s: %s\n", addr, err.msg);
+            return -1;
+        }
+        double left = deadline - mono_now();
+        if (left <= 0) {
+            fprintf(stderr, "slot-agent: attach: %s: no TLS handshake within the timeout\n", addr);
+            return -1;
+        }
+        struct pollfd pf = {.fd = sock,
+                            .events = sp_tls_want(t) == SP_TLS_WANT_WRITE ? POLLOUT : POLLIN};
+        if (poll(&pf, 1, (int)(left * 1000) + 1) < 0 && errno != EINTR) {
+            fprintf(stderr, "slot-agent: attach: poll: %s\n", strerror(errno));
+            return -1;
+        }
+    }
+}
+
+int attach_main(const char *addr, double timeout_s, const struct agent_opts *opt)
+{
+    bool tls = !strncmp(addr, "tls:", 4);
+    if (strncmp(addr, "unix:", 5) && strncmp(addr, "tcp:", 4) && !tls) {
+        fprintf(stderr, "slot-agent: --attach takes unix:PATH, tcp:HOST:PORT or tls:HOST:PORT\n");
         return 2;
     }
+    struct sp_tls_ctx *ctx = NULL;
+    struct sp_tls *t = NULL;
+    struct sp_err err;
+    if (tls) {
+        if (!opt->tls_cert || !opt->tls_key || !opt->tls_ca) {
+            fprintf(stderr, "slot-agent: --attach tls: needs --tls-cert, --tls-key and --tls-ca\n");
+            return 2;
+        }
+        ctx = sp_tls_ctx_new(SP_TLS_CLIENT, opt->tls_cert, opt->tls_key, opt->tls_ca, &err);
+        if (!ctx) {
+            fprintf(stderr, "slot-agent: attach: %s\n", err.msg);
+            return 2;
+        }
+    }
     signal(SIGPIPE, SIG_IGN);
+    double deadline = mono_now() + timeout_s;
     int sock = connect_wait(addr, timeout_s);
     if (sock < 0) {
         fprintf(stderr, "slot-agent: attach: cannot connect to %s: %s (waited %.0f s)\n", addr,
                 strerror(errno), timeout_s);
+        sp_tls_ctx_free(ctx);
         return 1;
     }
     int in_fl = fcntl(0, F_GETFL), out_fl = fcntl(1, F_GETFL);
@@ -180,6 +230,20 @@ int attach_main(const char *addr, double timeout_s)
         fprintf(stderr, "slot-agent: attach: out of memory\n");
         rc = 1;
         goto out;
+    }
+    if (tls) {
+        if (mono_now() > deadline - 1)
+            deadline = mono_now() + 1; /* the connect used it up: leave the handshake a second */
+        t = sp_tls_new(ctx, sock, opt->tls_name, &err);
+        if (!t) {
+            fprintf(stderr, "slot-agent: attach: %s\n", err.msg);
+            rc = 1;
+            goto out;
+        }
+        if (attach_handshake(t, sock, addr, deadline) < 0) {
+            rc = 1;
+            goto out;
+        }
     }
     for (;;) {
         /* stdin -> socket; EOF on stdin becomes a half-close, after which the
@@ -198,33 +262,54 @@ int attach_main(const char *addr, double timeout_s)
             sev |= POLLIN;
         if (up.start < up.end)
             sev |= POLLOUT;
+        /* TLS: a read may wait for the socket to take our bytes and the
+         * reverse; and records already decrypted will not wake poll(). */
+        int wait_ms = -1;
+        if (t) {
+            if (sp_tls_want(t) == SP_TLS_WANT_WRITE)
+                sev |= POLLOUT;
+            else if (sp_tls_want(t) == SP_TLS_WANT_READ)
+                sev |= POLLIN;
+            if (sp_tls_pending(t) && !down.eof && down.end < RELAY_BUF)
+                wait_ms = 0;
+        }
         pf[1] = (struct pollfd){.fd = sock, .events = sev};
         if (down.start < down.end)
             pf[2] = (struct pollfd){.fd = 1, .events = POLLOUT};
-        if (poll(pf, 3, -1) < 0) {
+        if (poll(pf, 3, wait_ms) < 0) {
             if (errno == EINTR)
                 continue;
             rc = 1;
             break;
         }
         if (pf[0].revents)
-            fill(0, &up);
-        if (pf[1].revents & (POLLIN | POLLHUP | POLLERR))
-            if (!down.eof && down.end < RELAY_BUF)
-                fill(sock, &down);
-        if (up.start < up.end && (pf[1].revents & (POLLOUT | POLLERR | POLLHUP)) &&
-            !drain(sock, &up)) {
+            fill(0, NULL, &up);
+        if ((pf[1].revents & (POLLIN | POLLHUP | POLLERR)) || (t && wait_ms == 0) ||
+            (t && (pf[1].revents & POLLOUT)))
+            if (!down.eof && down.end < RELAY_BUF && !fill(sock, t, &down)) {
+                /* A TLS failure after the handshake: with TLS 1.3 the
+                 * agent's verdict on our certificate arrives here. */
+                fprintf(stderr, "slot-agent: attach: %s: %s\n", addr, sp_tls_error(t));
+                rc = 1;
+            }
+        if (up.start < up.end && (pf[1].revents & (POLLOUT | POLLERR | POLLHUP | POLLIN)) &&
+            !drain(sock, t, &up)) {
             /* The agent went away mid-write; what it said is still
              * delivered below. */
             up.eof = true;
             up.start = up.end = 0;
         }
-        if (down.start < down.end && pf[2].revents && !drain(1, &down)) {
+        if (down.start < down.end && pf[2].revents && !drain(1, NULL, &down)) {
             rc = 1; /* nobody reads our stdout: the client is gone */
             break;
         }
     }
 out:
+    if (t) {
+        sp_tls_shutdown(t);
+        sp_tls_free(t);
+    }
+    sp_tls_ctx_free(ctx);
     close(sock);
     fcntl(0, F_SETFL, in_fl);
     fcntl(1, F_SETFL, out_fl);

@@ -19,6 +19,11 @@ static const struct arg_spec args_hello[] = {
     {"client", ARG_STR, false, 256},
     {NULL},
 };
+static const struct arg_spec args_tls_renew[] = {
+    {"cert", ARG_BIN, true, 1u << 20},
+    {"key", ARG_BIN, true, 1u << 16},
+    {NULL},
+};
 static const struct arg_spec args_slots[] = {{"slot", ARG_UINT, false, 0}, {NULL}};
 static const struct arg_spec args_reset[] = {
     {"slot", ARG_UINT, true, 0},
@@ -217,6 +222,7 @@ const struct op_def op_table[] = {
     {"template_delete", op_template_delete, OPF_IDEM, args_template_name},
     {"fork", op_fork, OPF_SLOT | OPF_IDEM, args_fork},
     {"template_build", op_template_build, OPF_IDEM, args_template_build},
+    {"tls_renew", op_tls_renew, OPF_IDEM, args_tls_renew},
 };
 const unsigned op_count = sizeof op_table / sizeof op_table[0];
 

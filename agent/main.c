@@ -23,6 +23,7 @@
 #include "quota.h"
 #include "slotfs.h"
 #include "template.h"
+#include "tls.h"
 
 #define SHUTDOWN_SECONDS 5.0
 
@@ -32,18 +33,29 @@ static const char usage[] =
     "Hosts many slot workspaces and runs commands and file operations in them,\n"
     "answering msgpack requests (see proto/PROTOCOL.md).\n"
     "\n"
-    "  --listen tcp:HOST:PORT   listen on TCP (needs --token-file or --insecure); repeatable\n"
+    "  --listen tls:HOST:PORT   listen on TCP with TLS 1.3 and client certificates (needs\n"
+    "                           --tls-cert, --tls-key, --tls-ca); repeatable\n"
+    "  --listen tcp:HOST:PORT   listen on plaintext TCP (needs --token-file or --insecure;\n"
+    "                           a non-loopback HOST needs --insecure); repeatable\n"
     "  --listen unix:PATH       listen on a Unix socket (mode 0600); repeatable\n"
     "  --stdio                  serve one client on stdin/stdout; exit when stdin closes\n"
-    "  --attach unix:PATH|tcp:HOST:PORT\n"
+    "  --attach unix:PATH|tcp:HOST:PORT|tls:HOST:PORT\n"
     "                           relay stdin/stdout byte for byte to an agent listening\n"
     "                           there (for docker exec, apptainer exec, ssh, srun streams);\n"
-    "                           waits for its socket up to --attach-timeout (default 10 s)\n"
+    "                           waits for its socket up to --attach-timeout (default 10 s);\n"
+    "                           tls: presents --tls-cert/--tls-key, checks the agent against\n"
+    "                           --tls-ca and, with --tls-name ID, that its certificate names ID\n"
     "  --slots N                number of slots (default 10)\n"
     "  --data-dir DIR           workspaces live in DIR/slots/N (default $NOMAD_ALLOC_DIR/data,\n"
     "                           else /data if writable, else ./slot-data)\n"
     "  --token-file FILE        require hello with this token on every connection\n"
-    "  --insecure               allow TCP listeners without a token\n"
+    "  --insecure               allow TCP listeners without a token, and plaintext TCP\n"
+    "                           listeners on non-loopback addresses\n"
+    "  --tls-cert FILE          our certificate chain (PEM) for tls: listeners; re-read when\n"
+    "                           it changes (checked on SIGHUP and on every connection)\n"
+    "  --tls-key FILE           its private key (PEM)\n"
+    "  --tls-ca FILE            CA certificate(s) (PEM) that client certificates must chain to\n"
+    "  --tls-name NAME          --attach tls: only: the name the agent's certificate must carry\n"
     "  --max-frame BYTES        largest frame accepted or sent (default 64M)\n"
     "  --max-output BYTES       output kept per stream of a command (default 1M)\n"
     "  --max-sessions N         sessions (persistent shells) per slot (default 8)\n"
@@ -211,6 +223,11 @@ enum {
     OPT_IDEM_MAX_KEYS, /* hidden (tests): idempotency bounds */
     OPT_IDEM_MAX_BYTES,
     OPT_IDEM_WINDOW,
+    OPT_TLS_CERT,
+    OPT_TLS_KEY,
+    OPT_TLS_CA,
+    OPT_TLS_NAME,
+    OPT_TLS_HS_TIMEOUT, /* hidden (tests) */
 };
 enum {
     OPT_LISTEN = 256,
@@ -263,6 +280,11 @@ static const struct option longopts[] = {
     {"idem-max-keys", required_argument, NULL, OPT_IDEM_MAX_KEYS},
     {"idem-max-bytes", required_argument, NULL, OPT_IDEM_MAX_BYTES},
     {"idem-window", required_argument, NULL, OPT_IDEM_WINDOW},
+    {"tls-cert", required_argument, NULL, OPT_TLS_CERT},
+    {"tls-key", required_argument, NULL, OPT_TLS_KEY},
+    {"tls-ca", required_argument, NULL, OPT_TLS_CA},
+    {"tls-name", required_argument, NULL, OPT_TLS_NAME},
+    {"tls-handshake-timeout", required_argument, NULL, OPT_TLS_HS_TIMEOUT},
     {NULL, 0, NULL, 0},
 };
 
@@ -424,6 +446,20 @@ void agent_shutdown(struct agent *ag, const char *why)
     ev_timer_start(ag->loop, &ag->stop_w);
 }
 
+/* SIGHUP: pick up renewed certificate files (nothing else is re-read). */
+static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    if (!ag->tls) {
+        log_info("SIGHUP: no TLS files to reload");
+        return;
+    }
+    log_info("SIGHUP: checking the TLS files");
+    conn_tls_reload(ag, false);
+}
+
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
     (void)loop;
@@ -443,13 +479,14 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
 
 static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    (void)loop;
     (void)revents;
     struct agent *ag = w->data;
     exec_gc(ag);
     proc_sweep_strays(ag);
     uploads_sweep(ag, false);
     idem_sweep(ag);
+    if (ev_now(loop) - ag->tls_log_window >= 1.0)
+        conn_tls_log_flush(ag);
 }
 
 /* A closed 0/1/2 would let pipe() hand out those numbers and confuse the
@@ -509,6 +546,7 @@ static int agent_main(int argc, char **argv)
     ag->opt.max_sessions = 8;
     ag->opt.session_buffer = 1u << 20;
     ag->opt.log_level = LOG_INFO;
+    ag->opt.tls_handshake_timeout = 10;
     const char *listens[32];
     unsigned nlisten = 0;
     bool probe = false, json = false;
@@ -754,6 +792,20 @@ static int agent_main(int argc, char **argv)
             }
             ag->opt.idem_window = (double)v;
             break;
+        case OPT_TLS_CERT: ag->opt.tls_cert = optarg; break;
+        case OPT_TLS_KEY: ag->opt.tls_key = optarg; break;
+        case OPT_TLS_CA: ag->opt.tls_ca = optarg; break;
+        case OPT_TLS_NAME: ag->opt.tls_name = optarg; break;
+        case OPT_TLS_HS_TIMEOUT: {
+            char *end;
+            double t = strtod(optarg, &end);
+            if (*end || !(t >= 0.05 && t <= 3600)) {
+                fprintf(stderr, "slot-agent: --tls-handshake-timeout takes seconds (0.05..3600)\n");
+                return 2;
+            }
+            ag->opt.tls_handshake_timeout = t;
+            break;
+        }
         case OPT_PROBE: probe = true; break;
         case OPT_JSON: json = true; break;
         default: fputs(usage, stderr); return 2;
@@ -767,7 +819,7 @@ static int agent_main(int argc, char **argv)
      * socket (--slots, --data-dir...) are accepted and ignored, so one
      * template can serve both modes. */
     if (attach)
-        return attach_main(attach, attach_timeout);
+        return attach_main(attach, attach_timeout, &ag->opt);
     if (probe) {
         isolate_init(&ag->iso, ag->opt.nslots, &perr);
         char *pdd = ag->opt.data_dir ? strdup(ag->opt.data_dir) : default_data_dir();
@@ -779,8 +831,14 @@ static int agent_main(int argc, char **argv)
         if (ag->data_dir)
             templates_probe(ag);
         quota_configure(ag);
-        char disk[600];
+        char disk[700];
         quota_report(ag, json, disk, sizeof disk);
+        /* This binary can listen with tls: (controllers check before they
+         * ask for it). The disk fragment is where extra report lines go. */
+        size_t dl = strlen(disk);
+        snprintf(disk + dl, sizeof disk - dl, "%s",
+                 json ? ", \"tls_listen\": true"
+                      : "\nTLS: --listen tls: available (TLS 1.3, wolfSSL)");
         free(ag->data_dir);
         ag->data_dir = NULL;
         isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why,
@@ -877,6 +935,33 @@ static int agent_main(int argc, char **argv)
                  ag->quota.why[0] ? "; " : "", ag->quota.why);
     if (!ag->tpl_overlay)
         log_info("templates: copy mode (%s)", ag->tpl_why);
+    bool want_tls = false;
+    for (unsigned i = 0; i < nlisten; i++)
+        want_tls |= !strncmp(listens[i], "tls:", 4);
+    if (want_tls) {
+        if (!ag->opt.tls_cert || !ag->opt.tls_key || !ag->opt.tls_ca) {
+            log_error("a tls: listener needs --tls-cert, --tls-key and --tls-ca");
+            goto out;
+        }
+        ag->tls =
+            sp_tls_ctx_new(SP_TLS_SERVER, ag->opt.tls_cert, ag->opt.tls_key, ag->opt.tls_ca, &err);
+        if (!ag->tls) {
+            log_error("TLS: %s", err.msg);
+            goto out;
+        }
+        char when[40] = "?";
+        time_t na = sp_tls_ctx_not_after(ag->tls);
+        struct tm tm;
+        if (na && gmtime_r(&na, &tm))
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
+        if (na && na < time(NULL))
+            log_warn("TLS: our certificate (CN=%s) expired at %s: clients will refuse it",
+                     sp_tls_ctx_cn(ag->tls), when);
+        else
+            log_info("TLS: certificate CN=%s, notAfter %s", sp_tls_ctx_cn(ag->tls), when);
+    } else if (ag->opt.tls_cert || ag->opt.tls_key || ag->opt.tls_ca) {
+        log_warn("--tls-cert/--tls-key/--tls-ca are used by tls: listeners only; none given");
+    }
     if (listeners_open(ag, listens, nlisten, &err) < 0) {
         log_error("%s", err.msg);
         goto out;
@@ -893,6 +978,9 @@ static int agent_main(int argc, char **argv)
     ag->sig_term.data = ag->sig_int.data = ag;
     ev_signal_start(ag->loop, &ag->sig_term);
     ev_signal_start(ag->loop, &ag->sig_int);
+    ev_signal_init(&ag->sig_hup, hup_cb, SIGHUP);
+    ag->sig_hup.data = ag;
+    ev_signal_start(ag->loop, &ag->sig_hup);
     ev_timer_init(&ag->sweep_w, sweep_cb, 1.0, 1.0);
     ag->sweep_w.data = ag;
     ev_timer_start(ag->loop, &ag->sweep_w);
@@ -923,6 +1011,7 @@ out:
     cgroup_cleanup(&ag->iso, ag->nslots);
     sp_writer_free(&ag->null_writer);
     isolate_free(&ag->iso);
+    sp_tls_ctx_free(ag->tls);
     free(ag->op_stats);
     free(ag->data_dir);
     for (unsigned i = 0; i < ag->npass_env; i++)

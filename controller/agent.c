@@ -17,6 +17,8 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "tls.h"
+#include "tls_ca.h"
 
 #define AGENT_WRITE_LIMIT (256u << 20)
 
@@ -24,6 +26,8 @@
 #define RELINK_MAX_DELAY 5.0
 #define RELINK_HANDSHAKE_S 10.0
 #define RELINK_TICK_S 1.0
+/* A TLS handshake with an agent that says nothing for this long fails. */
+#define TLS_HANDSHAKE_S 10.0
 
 const char *agent_state_name(enum agent_state s)
 {
@@ -78,11 +82,31 @@ struct agent *agent_new(struct ctl *c, struct profile *p, const char *id)
     ev_init(&ag->rio, NULL);
     ev_init(&ag->wio, NULL);
     ev_init(&ag->relink_timer, NULL);
+    ev_init(&ag->tls_timer, NULL);
     uint32_t h = hash_str(ag->id, strlen(ag->id));
     ag->hnext = c->agent_hash[h];
     c->agent_hash[h] = ag;
     TAILQ_INSERT_TAIL(&p->agents, ag, link);
     return ag;
+}
+
+void agent_close_link(struct ctl *c, struct agent *ag)
+{
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    ev_timer_stop(c->loop, &ag->tls_timer);
+    if (ag->tls) {
+        if (!ag->tls_hs)
+            sp_tls_shutdown(ag->tls);
+        sp_tls_free(ag->tls);
+        ag->tls = NULL;
+    }
+    ag->tls_hs = false;
+    if (ag->fd >= 0) {
+        close(ag->fd);
+        ag->fd = -1;
+    }
+    ag->connected = false;
 }
 
 void agent_free(struct ctl *c, struct agent *ag)
@@ -94,14 +118,12 @@ void agent_free(struct ctl *c, struct agent *ag)
         *pp = ag->hnext;
     TAILQ_REMOVE(&ag->prof->agents, ag, link);
     tpl_forget(ag);
-    ev_io_stop(c->loop, &ag->rio);
-    ev_io_stop(c->loop, &ag->wio);
+    agent_close_link(c, ag);
+    tls_agent_forget(c, ag);
     ev_io_stop(c->loop, &ag->eio);
     ev_timer_stop(c->loop, &ag->timer);
     ev_timer_stop(c->loop, &ag->relink_timer);
     ev_child_stop(c->loop, &ag->cw);
-    if (ag->fd >= 0)
-        close(ag->fd);
     if (ag->err_fd >= 0)
         close(ag->err_fd);
     sp_reader_free(&ag->rd);
@@ -223,10 +245,20 @@ static void agent_flush(struct ctl *c, struct agent *ag)
 {
     if (ag->fd < 0 || !ag->connected)
         return;
-    ssize_t left = sp_writer_flush(&ag->wr, ag->fd);
+    ssize_t left =
+        ag->tls ? sp_tls_writer_flush(&ag->wr, ag->tls) : sp_writer_flush(&ag->wr, ag->fd);
+    if (left < 0 && ag->tls && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        /* TLS wants to read first: the read watcher runs, and flushes. */
+        if (sp_tls_want(ag->tls) & SP_TLS_WANT_WRITE)
+            ev_io_start(c->loop, &ag->wio);
+        return;
+    }
     if (left < 0) {
-        char why[128];
-        snprintf(why, sizeof why, "write to agent failed: %s", strerror(errno));
+        char why[300];
+        if (ag->tls)
+            snprintf(why, sizeof why, "write to agent failed: %s", sp_tls_error(ag->tls));
+        else
+            snprintf(why, sizeof why, "write to agent failed: %s", strerror(errno));
         stream_gone(c, ag, why);
         return;
     }
@@ -401,7 +433,7 @@ static void stream_gone(struct ctl *c, struct agent *ag, const char *why)
         ev_io_stop(c->loop, &ag->rio);
         ev_io_stop(c->loop, &ag->wio);
         ag->connected = false;
-        snprintf(ag->lost_why, sizeof ag->lost_why, "%s", why);
+        snprintf(ag->lost_why, sizeof ag->lost_why, "%.159s", why);
         ev_timer_stop(c->loop, &ag->timer);
         ev_timer_init(&ag->timer, stream_gone_cb, 1.0, 0);
         ag->timer.data = ag;
@@ -417,19 +449,27 @@ static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)revents;
     struct agent *ag = w->data;
     struct ctl *c = ag->ctl;
+    uint64_t gen0 = ag->stream_gen;
     for (int rounds = 0; rounds < 16; rounds++) {
-        ssize_t n = sp_reader_fill(&ag->rd, ag->fd);
+        ssize_t n =
+            ag->tls ? sp_tls_reader_fill(&ag->rd, ag->tls) : sp_reader_fill(&ag->rd, ag->fd);
         if (n == 0) {
             stream_gone(c, ag, "the agent closed its stream");
             return;
         }
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (ag->tls && (sp_tls_want(ag->tls) & SP_TLS_WANT_WRITE))
+                    ev_io_start(c->loop, &ag->wio);
                 break;
+            }
             if (errno == EINTR)
                 continue;
-            char why[128];
-            snprintf(why, sizeof why, "read from agent failed: %s", strerror(errno));
+            char why[300];
+            if (ag->tls)
+                snprintf(why, sizeof why, "read from agent failed: %s", sp_tls_error(ag->tls));
+            else
+                snprintf(why, sizeof why, "read from agent failed: %s", strerror(errno));
             stream_gone(c, ag, why);
             return;
         }
@@ -449,17 +489,30 @@ static void agent_read_cb(struct ev_loop *loop, ev_io *w, int revents)
             agent_lost(c, ag, e.msg);
             return;
         }
-        if ((size_t)n < 65536)
+        /* A TLS read returns one record at most: keep reading while
+         * records come, within the round bound. */
+        if (!ag->tls && (size_t)n < 65536)
             break;
     }
+    if (!ag->tls || ag->fd < 0 || ag->stream_gen != gen0)
+        return;
+    /* A write that waited for TLS to read goes on now. */
+    if (ag->wr.len > ag->wr.off && !ev_is_active(&ag->wio))
+        agent_flush(c, ag);
+    /* Records already decrypted inside TLS: the socket may stay quiet, so
+     * the watcher would not fire for them. */
+    if (ag->fd >= 0 && ag->tls && sp_tls_pending(ag->tls))
+        ev_feed_event(loop, &ag->rio, EV_READ);
 }
 
 static void agent_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-    (void)loop;
     (void)revents;
     struct agent *ag = w->data;
     agent_flush(ag->ctl, ag);
+    /* A TLS read may have waited for the socket to take a write. */
+    if (ag->tls && ag->fd >= 0 && ag->connected)
+        agent_read_cb(loop, &ag->rio, EV_READ);
 }
 
 /* ---- handshake ----------------------------------------------------------- */
@@ -675,13 +728,7 @@ static void fail_pending(struct ctl *c, struct agent *ag, const char *why)
 /* The stream closed; its requests fail with why; its leases end. */
 static void disconnect(struct ctl *c, struct agent *ag, const char *why)
 {
-    ev_io_stop(c->loop, &ag->rio);
-    ev_io_stop(c->loop, &ag->wio);
-    if (ag->fd >= 0) {
-        close(ag->fd);
-        ag->fd = -1;
-    }
-    ag->connected = false;
+    agent_close_link(c, ag);
     fail_pending(c, ag, why);
     for (uint32_t i = 0; i < ag->nslots; i++)
         sched_slot_lost(c, &ag->slots[i]);
@@ -745,13 +792,7 @@ static void close_stream(struct ctl *c, struct agent *ag)
 {
     if (ev_cb(&ag->timer) == stream_gone_cb)
         ev_timer_stop(c->loop, &ag->timer);
-    ev_io_stop(c->loop, &ag->rio);
-    ev_io_stop(c->loop, &ag->wio);
-    if (ag->fd >= 0) {
-        close(ag->fd);
-        ag->fd = -1;
-    }
-    ag->connected = false;
+    agent_close_link(c, ag);
     /* The hello of a stream that failed is nobody's business. */
     for (int b = 0; b < 64; b++)
         for (struct preq **pp = &ag->pending[b].head; *pp;) {
@@ -1045,4 +1086,99 @@ void agent_lost(struct ctl *c, struct agent *ag, const char *why)
         return;
     }
     lose(c, ag, why);
+}
+
+/* ---- TLS ----------------------------------------------------------------- */
+
+static void relink_retry(struct ctl *c, struct agent *ag, const char *why);
+
+/* The handshake failed: one line, as a failed start or a failed reconnect
+ * attempt. */
+static void tls_failed(struct ctl *c, struct agent *ag, const char *why)
+{
+    char msg[512];
+    snprintf(msg, sizeof msg, "tls handshake with %.150s failed: %.330s", ag->tls_where, why);
+    agent_close_link(c, ag);
+    snprintf(ag->error, sizeof ag->error, "%s", msg);
+    if (ag->state == AG_RECONNECTING) {
+        relink_retry(c, ag, msg);
+        return;
+    }
+    lose(c, ag, msg);
+}
+
+static void tls_step(struct ctl *c, struct agent *ag)
+{
+    struct sp_err e;
+    int rc = sp_tls_handshake(ag->tls, &e);
+    if (rc < 0) {
+        tls_failed(c, ag, e.msg);
+        return;
+    }
+    if (rc == 0) {
+        int want = sp_tls_want(ag->tls);
+        if (want & SP_TLS_WANT_WRITE)
+            ev_io_start(c->loop, &ag->wio);
+        else
+            ev_io_stop(c->loop, &ag->wio);
+        if (want & SP_TLS_WANT_READ || !want)
+            ev_io_start(c->loop, &ag->rio);
+        else
+            ev_io_stop(c->loop, &ag->rio);
+        return;
+    }
+    ev_io_stop(c->loop, &ag->rio);
+    ev_io_stop(c->loop, &ag->wio);
+    ev_timer_stop(c->loop, &ag->tls_timer);
+    ag->tls_hs = false;
+    log_debug("agent %s: %s with %s (%s)", ag->id, sp_tls_describe(ag->tls), ag->tls_where,
+              sp_tls_peer_cn(ag->tls));
+    int fd = ag->fd;
+    agent_stream_ready(c, ag, fd);
+    /* Bytes the agent sent right after the handshake may sit decrypted. */
+    if (ag->tls && sp_tls_pending(ag->tls))
+        ev_feed_event(c->loop, &ag->rio, EV_READ);
+}
+
+static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    tls_step(ag->ctl, ag);
+}
+
+static void tls_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct agent *ag = w->data;
+    char why[160];
+    snprintf(why, sizeof why,
+             "no answer within %.0f s (does the agent listen on tls:, with its certificate?)",
+             TLS_HANDSHAKE_S);
+    tls_failed(ag->ctl, ag, why);
+}
+
+void agent_stream_ready_tls(struct ctl *c, struct agent *ag, int fd, const char *where)
+{
+    struct sp_err e;
+    agent_close_link(c, ag);
+    snprintf(ag->tls_where, sizeof ag->tls_where, "%s", where);
+    ag->fd = fd;
+    ag->connected = false;
+    ag->tls_hs = true;
+    struct sp_tls_ctx *x = tls_client_ctx(c, ag->prof, &e);
+    ag->tls = x ? sp_tls_new(x, fd, tls_agent_expect(ag), &e) : NULL;
+    if (!ag->tls) {
+        tls_failed(c, ag, e.msg);
+        return;
+    }
+    ev_io_init(&ag->rio, tls_io_cb, fd, EV_READ);
+    ev_io_init(&ag->wio, tls_io_cb, fd, EV_WRITE);
+    ag->rio.data = ag->wio.data = ag;
+    ev_timer_init(&ag->tls_timer, tls_timeout_cb, TLS_HANDSHAKE_S, 0);
+    ag->tls_timer.data = ag;
+    ev_timer_start(c->loop, &ag->tls_timer);
+    tls_step(c, ag);
 }

@@ -1,124 +1,20 @@
-/* The trainer API: listeners, trainer connections, the op table and the
- * handlers. Tool calls are translated into agent ops here (bash -> exec,
- * write_file content -> data, artifacts -> read_file/list/archive), sent to
- * the agents at once, and answered as the agents answer: single requests in
- * any order matched by id, a batch as one answer in request order. */
-#include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
-#include <netdb.h>
+/* The trainer API's ops: the op table and the handlers, called by the
+ * transport (api_conn.c) once per frame through api_dispatch. Tool calls
+ * are translated into agent ops here (bash -> exec, write_file content ->
+ * data, artifacts -> read_file/list/archive), sent to the agents at once,
+ * and answered as the agents answer: single requests in any order matched
+ * by id, a batch as one answer in request order. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
+#include "api.h"
 #include "ctl.h"
 
-#define CONN_WRITE_LIMIT (2ull * SP_DEFAULT_MAX_FRAME)
 #define ARTIFACT_DEFAULT_MAX (16u << 20)
 #define MAX_TIMEOUT_MS 86400000ull
 #define MAX_KV 40
-
-static void tconn_free_cb(struct ev_loop *loop, ev_timer *w, int revents);
-
-/* ---- connections --------------------------------------------------------- */
-
-struct tconn_x {
-    struct tconn t;
-    ev_timer close_timer;
-};
-
-static void tconn_close(struct ctl *c, struct tconn *t, const char *why)
-{
-    if (t->closing)
-        return;
-    t->closing = true;
-    log_debug("trainer connection %d closed: %s", t->fd, why);
-    ev_io_stop(c->loop, &t->rio);
-    ev_io_stop(c->loop, &t->wio);
-    /* Waiters go; commands of this trainer still running are cancelled;
-     * leases stay, and when this was their owner's last connection, they
-     * end after lease_grace unless the owner comes back. */
-    struct waiter *w;
-    while ((w = TAILQ_FIRST(&t->waiters)))
-        sched_waiter_drop(c, w);
-    struct preq *r;
-    while ((r = TAILQ_FIRST(&t->reqs))) {
-        TAILQ_REMOVE(&t->reqs, r, clink);
-        r->conn = NULL;
-        if (r->batch)
-            r->batch->conn = NULL;
-        if (r->is_command && r->slot && agent_reachable(r->ag))
-            sched_cancel_slot(c, r->slot);
-    }
-    if (!c->stopping)
-        sched_owner_gone(c, t->owner);
-    struct tconn_x *x = (struct tconn_x *)t;
-    ev_timer_init(&x->close_timer, tconn_free_cb, 0, 0);
-    x->close_timer.data = t;
-    ev_timer_start(c->loop, &x->close_timer);
-}
-
-static void tconn_free_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    struct tconn *t = w->data;
-    struct ctl *c = t->ctl;
-    LIST_REMOVE(t, link);
-    c->nconns--;
-    close(t->fd);
-    sp_reader_free(&t->rd);
-    sp_writer_free(&t->wr);
-    free(t);
-}
-
-void tconn_flush(struct ctl *c, struct tconn *t)
-{
-    if (t->closing)
-        return;
-    ssize_t left = sp_writer_flush(&t->wr, t->fd);
-    if (left < 0) {
-        tconn_close(c, t, strerror(errno));
-        return;
-    }
-    if (left > 0)
-        ev_io_start(c->loop, &t->wio);
-    else
-        ev_io_stop(c->loop, &t->wio);
-}
-
-msgpack_packer *tconn_begin(struct tconn *t, msgpack_packer *pk)
-{
-    sp_writer_packer(&t->wr, pk);
-    sp_writer_begin_frame(&t->wr);
-    return pk;
-}
-
-void tconn_end(struct ctl *c, struct tconn *t)
-{
-    struct sp_err e;
-    if (sp_writer_end_frame(&t->wr, &e) < 0) {
-        log_warn("trainer connection %d dropped: %s", t->fd, e.msg);
-        tconn_close(c, t, e.msg);
-        return;
-    }
-    if (!ev_is_active(&t->wio))
-        tconn_flush(c, t);
-}
-
-void tconn_error(struct ctl *c, struct tconn *t, uint64_t id, const struct sp_err *e)
-{
-    if (!t || t->closing)
-        return;
-    msgpack_packer pk;
-    tconn_begin(t, &pk);
-    sp_pack_error(&pk, id, e);
-    tconn_end(c, t);
-}
 
 /* ---- agent answers back to the trainer ----------------------------------- */
 
@@ -1148,7 +1044,7 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
         {
             char tail[CTL_STDERR_TAIL];
             agent_stderr_tail(ag, tail, sizeof tail, 5);
-            msgpack_pack_map(&pk, 19);
+            msgpack_pack_map(&pk, 20);
             sp_pack_kv_str(&pk, "id", ag->id);
             sp_pack_kv_str(&pk, "profile", p->name);
             sp_pack_kv_str(&pk, "state", agent_state_name(ag->state));
@@ -1179,6 +1075,12 @@ static void op_agents(struct ctl *c, struct tconn *t, const struct sp_request *r
                                            ? (now - ag->relink_since) * 1000
                                            : ag->relink_last_ms));
             sp_pack_kv_uint(&pk, "reconnect_attempts", ag->relink_attempts);
+            /* The certificate the controller issued to it (tls_ca.c): its
+             * notAfter, Unix seconds; nil when none. */
+            if (ag->tls_not_after)
+                sp_pack_kv_uint(&pk, "tls_not_after", (uint64_t)ag->tls_not_after);
+            else
+                sp_pack_kv_nil(&pk, "tls_not_after");
         }
     }
     tconn_end(c, t);
@@ -1402,7 +1304,7 @@ static const struct op ops[] = {
     {"stop", op_stop, false},
 };
 
-static void dispatch(struct ctl *c, struct tconn *t, const char *data, uint32_t len)
+void api_dispatch(struct ctl *c, struct tconn *t, const char *data, uint32_t len)
 {
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
@@ -1427,192 +1329,4 @@ static void dispatch(struct ctl *c, struct tconn *t, const char *data, uint32_t 
     reply_err(c, t, req.id, &e);
 out:
     msgpack_unpacked_destroy(&u);
-}
-
-static void tconn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    struct tconn *t = w->data;
-    struct ctl *c = t->ctl;
-    ssize_t n = sp_reader_fill(&t->rd, t->fd);
-    if (n == 0) {
-        tconn_close(c, t, "EOF");
-        return;
-    }
-    if (n < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            tconn_close(c, t, strerror(errno));
-        return;
-    }
-    const char *data;
-    uint32_t len;
-    struct sp_err e;
-    int got;
-    while (!t->closing && (got = sp_reader_next(&t->rd, &data, &len, &e)) == 1)
-        dispatch(c, t, data, len);
-    if (!t->closing && got < 0) {
-        reply_err(c, t, 0, &e);
-        tconn_flush(c, t);
-        tconn_close(c, t, e.msg);
-    }
-}
-
-static void tconn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    struct tconn *t = w->data;
-    tconn_flush(t->ctl, t);
-}
-
-static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    (void)revents;
-    struct listener *l = w->data;
-    struct ctl *c = l->ctl;
-    for (int i = 0; i < 64; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-                log_warn("accept: %s", strerror(errno));
-            return;
-        }
-        struct tconn_x *x = calloc(1, sizeof *x);
-        if (!x)
-            abort();
-        struct tconn *t = &x->t;
-        t->ctl = c;
-        t->fd = fd;
-        t->authed = c->token_len == 0;
-        /* Unique across restarts too: a rebuilt lease of a connection of
-         * the previous controller must not find a new owner by chance. */
-        snprintf(t->owner, sizeof t->owner, "conn-%06" PRIx64 "-%" PRIu64, c->instance & 0xffffff,
-                 ++c->conn_seq);
-        sp_reader_init(&t->rd, SP_DEFAULT_MAX_FRAME);
-        sp_writer_init(&t->wr, CONN_WRITE_LIMIT);
-        TAILQ_INIT(&t->reqs);
-        TAILQ_INIT(&t->waiters);
-        ev_io_init(&t->rio, tconn_read_cb, fd, EV_READ);
-        ev_io_init(&t->wio, tconn_write_cb, fd, EV_WRITE);
-        t->rio.data = t->wio.data = t;
-        ev_io_start(loop, &t->rio);
-        LIST_INSERT_HEAD(&c->conns, t, link);
-        c->nconns++;
-    }
-}
-
-/* ---- listeners ----------------------------------------------------------- */
-
-static int listen_unix(const char *path, struct sp_err *err)
-{
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof sa.sun_path)
-        return sp_errf(err, SP_BAD_REQUEST, "socket path too long: %s", path);
-    strcpy(sa.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return sp_err_errno(err, errno, "socket");
-    /* A socket file nobody answers on is left over from a crash: replace it.
-     * One that answers belongs to a running controller: refuse. */
-    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (probe >= 0 && connect(probe, (struct sockaddr *)&sa, sizeof sa) == 0) {
-        close(probe);
-        close(fd);
-        return sp_errf(err, SP_EXISTS, "%s: another controller is listening there", path);
-    }
-    if (probe >= 0)
-        close(probe);
-    unlink(path);
-    mode_t old = umask(0177);
-    int rc = bind(fd, (struct sockaddr *)&sa, sizeof sa);
-    umask(old);
-    if (rc < 0 || listen(fd, 512) < 0) {
-        int e = errno;
-        close(fd);
-        return sp_err_errno(err, e, path);
-    }
-    return fd;
-}
-
-static int listen_tcp(const char *hostport, struct sp_err *err)
-{
-    const char *colon = strrchr(hostport, ':');
-    if (!colon)
-        return sp_errf(err, SP_BAD_REQUEST, "tcp:%s: expected HOST:PORT", hostport);
-    char host[256];
-    snprintf(host, sizeof host, "%.*s", (int)(colon - hostport), hostport);
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res;
-    int rc = getaddrinfo(*host ? host : NULL, colon + 1, &hints, &res);
-    if (rc)
-        return sp_errf(err, SP_BAD_REQUEST, "tcp:%s: %s", hostport, gai_strerror(rc));
-    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd >= 0)
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 512) < 0) {
-        int e = errno;
-        if (fd >= 0)
-            close(fd);
-        freeaddrinfo(res);
-        return sp_err_errno(err, e, hostport);
-    }
-    freeaddrinfo(res);
-    return fd;
-}
-
-int api_listen(struct ctl *c, struct sp_err *err)
-{
-    c->listeners = calloc(c->listen.n, sizeof *c->listeners);
-    for (size_t i = 0; i < c->listen.n; i++) {
-        const char *a = c->listen.v[i];
-        struct listener *l = &c->listeners[i];
-        l->ctl = c;
-        if (!strncmp(a, "unix:", 5)) {
-            l->fd = listen_unix(a + 5, err);
-            if (l->fd >= 0)
-                l->path = strdup(a + 5);
-        } else if (!strncmp(a, "tcp:", 4)) {
-            if (!c->token_len && !c->insecure)
-                return sp_errf(err, SP_BAD_REQUEST,
-                               "%s: a TCP listener needs --token-file (or --insecure to accept "
-                               "anyone who can reach the port)",
-                               a);
-            l->fd = listen_tcp(a + 4, err);
-            l->tcp = true;
-        } else
-            return sp_errf(err, SP_BAD_REQUEST,
-                           "listen address '%s': use unix:PATH or "
-                           "tcp:HOST:PORT",
-                           a);
-        if (l->fd < 0)
-            return -1;
-        c->nlisteners++;
-        ev_io_init(&l->io, accept_cb, l->fd, EV_READ);
-        l->io.data = l;
-        ev_io_start(c->loop, &l->io);
-        log_info("listening on %s%s", a, l->tcp && !c->token_len ? " (insecure: no token)" : "");
-    }
-    return 0;
-}
-
-void api_close_all(struct ctl *c)
-{
-    for (size_t i = 0; i < c->nlisteners; i++) {
-        ev_io_stop(c->loop, &c->listeners[i].io);
-        close(c->listeners[i].fd);
-        if (c->listeners[i].path) {
-            unlink(c->listeners[i].path);
-            free(c->listeners[i].path);
-        }
-    }
-    c->nlisteners = 0;
-    struct tconn *t;
-    LIST_FOREACH(t, &c->conns, link)
-    {
-        if (t == c->stop_conn)
-            ev_io_stop(c->loop, &t->rio); /* its answer may still be flushing */
-        else
-            tconn_close(c, t, "controller stopping");
-    }
 }

@@ -14,6 +14,7 @@
 #include <yaml.h>
 
 #include "ctl.h"
+#include "tls_ca.h"
 
 enum ftype {
     F_STR,
@@ -27,7 +28,8 @@ enum ftype {
     F_BACKEND,
     F_ISOLATION,
     F_LOCAL_MODE,
-    F_ARGV
+    F_ARGV,
+    F_TLS_MODE
 };
 
 struct field {
@@ -113,6 +115,15 @@ static const struct field fields[] = {
     {"modal.cidr_allowlist", F_LIST, PF(modal.cidr_allowlist), "outbound CIDRs allowed"},
     {"modal.on_signal", F_STR, PF(modal.on_signal),
      "what a bridge told to stop does: detach (default) or terminate"},
+    {"tls", F_TLS_MODE, PF(tls_mode),
+     "TLS to the agents: on (default where the controller opens TCP: nomad; exec when its "
+     "templates use {tls_*}) or off (plaintext tcp:, the agents need --insecure)"},
+    {"tls.cert", F_STR, PF(tls_cert),
+     "a site's own certificate file for the agents (then none is issued; with tls.key, tls.ca)"},
+    {"tls.key", F_STR, PF(tls_key), "the key of tls.cert"},
+    {"tls.ca", F_STR, PF(tls_ca),
+     "the CA the agents' certificates chain to and the controller's client certificate must "
+     "chain to"},
     {"slurm.partition", F_STR, PF(slurm.partition), "sbatch --partition"},
     {"slurm.account", F_STR, PF(slurm.account), "sbatch --account"},
     {"slurm.qos", F_STR, PF(slurm.qos), "sbatch --qos"},
@@ -257,6 +268,8 @@ static int parse_duration(const char *s, uint64_t *ms)
         mult = 60000;
     else if (!strcmp(end, "h"))
         mult = 3600000;
+    else if (!strcmp(end, "d"))
+        mult = 86400000;
     else
         return -1;
     if (v * mult > 1e15)
@@ -412,6 +425,16 @@ static int field_set(struct profile *p, const struct field *f, const char *v, ch
         }
         snprintf(base, sizeof p->isolation, "%s", v);
         return 0;
+    case F_TLS_MODE:
+        if (*v && strcmp(v, "on") && strcmp(v, "off") && strcmp(v, "true") && strcmp(v, "false")) {
+            snprintf(why, whylen, "expected on or off, got '%s'", v);
+            return -1;
+        }
+        snprintf(base, sizeof p->tls_mode, "%s",
+                 !strcmp(v, "true")    ? "on"
+                 : !strcmp(v, "false") ? "off"
+                                       : v);
+        return 0;
     case F_LOCAL_MODE:
         if (!strcmp(v, "stdio"))
             *(enum local_mode *)base = LOCAL_STDIO;
@@ -515,7 +538,8 @@ static int yaml_profile(struct yctx *y, struct profile *p, yaml_node_t *m, const
         char full[96];
         snprintf(full, sizeof full, "%s%s%s", prefix, *prefix ? "." : "", k);
         if (!*prefix && (!strcmp(k, "local") || !strcmp(k, "exec") || !strcmp(k, "nomad") ||
-                         !strcmp(k, "modal") || !strcmp(k, "slurm"))) {
+                         !strcmp(k, "modal") || !strcmp(k, "slurm") ||
+                         (!strcmp(k, "tls") && vn->type == YAML_MAPPING_NODE))) {
             if (yaml_profile(y, p, vn, k) < 0)
                 return -1;
             continue;
@@ -572,11 +596,61 @@ static int yaml_controller(struct yctx *y, struct ctl *c, yaml_node_t *m, struct
             c->insecure = !strcmp(v, "true") || !strcmp(v, "yes");
         else if (!strcmp(k, "token_file")) {
             free(c->token);
-            c->token = strdup(v); /* a path until main reads it */
-        } else
+            c->token = strdup(v);          /* a path until main reads it */
+        } else if (!strcmp(k, "tls_cert")) /* the trainer API's (api.c) */
+            set_str(&c->api_tls_cert, v);
+        else if (!strcmp(k, "tls_key"))
+            set_str(&c->api_tls_key, v);
+        else if (!strcmp(k, "tls_ca"))
+            set_str(&c->api_tls_ca, v);
+        else
             return yerr(y, kn,
                         "unknown key '%s' in controller (known: listen, name, state_dir, "
-                        "agent_bin, default_profile, log_level, insecure, token_file)",
+                        "agent_bin, default_profile, log_level, insecure, token_file, tls_cert, "
+                        "tls_key, tls_ca)",
+                        k);
+    }
+    return 0;
+}
+
+/* Top-level `tls:`: the controller's client identity from a site's PKI
+ * (cert, key, ca: then none is issued for it), the lifetime of the
+ * certificates the controller issues, more names for its API certificate. */
+static int yaml_tls(struct yctx *y, struct ctl *c, yaml_node_t *m)
+{
+    if (m->type != YAML_MAPPING_NODE)
+        return yerr(y, m, "'tls' must be a map (cert, key, ca, cert_lifetime, api_names)");
+    for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
+        yaml_node_t *kn = node(y, pr->key), *vn = node(y, pr->value);
+        const char *k = scalar(kn), *v = scalar(vn);
+        if (k && !strcmp(k, "api_names") && vn->type == YAML_SEQUENCE_NODE) {
+            strlist_clear(&c->tls_api_names);
+            for (yaml_node_item_t *it = vn->data.sequence.items.start;
+                 it < vn->data.sequence.items.top; it++) {
+                const char *s = scalar(node(y, *it));
+                if (!s)
+                    return yerr(y, vn, "tls.api_names: items must be strings");
+                strlist_add(&c->tls_api_names, s);
+            }
+            continue;
+        }
+        if (!k || !v)
+            return yerr(y, vn, "tls.%s: expected a scalar", k ? k : "?");
+        if (!strcmp(k, "cert"))
+            set_str(&c->tls_cert, v);
+        else if (!strcmp(k, "key"))
+            set_str(&c->tls_key, v);
+        else if (!strcmp(k, "ca"))
+            set_str(&c->tls_ca, v);
+        else if (!strcmp(k, "cert_lifetime")) {
+            if (tls_parse_lifetime(v, &c->tls_lifetime_s) < 0)
+                return yerr(y, vn,
+                            "tls.cert_lifetime: expected a duration (seconds, or 30m, 24h, "
+                            "7d), got '%s'",
+                            v);
+        } else
+            return yerr(y, kn,
+                        "unknown key '%s' in tls (known: cert, key, ca, cert_lifetime, api_names)",
                         k);
     }
     return 0;
@@ -618,6 +692,9 @@ static int load_file(struct ctl *c, struct config_opts *o, struct sp_err *err)
         if (k && !strcmp(k, "controller")) {
             if (yaml_controller(&y, c, vn, o) < 0)
                 goto out;
+        } else if (k && !strcmp(k, "tls")) {
+            if (yaml_tls(&y, c, vn) < 0)
+                goto out;
         } else if (k && !strcmp(k, "profiles")) {
             if (vn->type != YAML_MAPPING_NODE) {
                 yerr(&y, vn, "'profiles' must be a map of name -> profile");
@@ -646,7 +723,7 @@ static int load_file(struct ctl *c, struct config_opts *o, struct sp_err *err)
                     goto out;
             }
         } else {
-            yerr(&y, kn, "unknown key '%s' at the top level (known: controller, profiles)",
+            yerr(&y, kn, "unknown key '%s' at the top level (known: controller, profiles, tls)",
                  k ? k : "?");
             goto out;
         }
@@ -730,6 +807,9 @@ static void profile_destroy(struct profile *p)
     free(p->gpu);
     free(p->workspace_base);
     free(p->local_agent);
+    free(p->tls_cert);
+    free(p->tls_key);
+    free(p->tls_ca);
     strlist_clear(&p->env);
     strlist_clear(&p->secrets);
     strlist_clear(&p->local_args);
@@ -824,6 +904,11 @@ int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err)
                            "profile '%s': need 1 <= max_agents and min_agents <= max_agents "
                            "(min_agents %u, max_agents %u)",
                            p->name, p->min_agents, p->max_agents);
+        if ((p->tls_cert || p->tls_key || p->tls_ca) && !(p->tls_cert && p->tls_key && p->tls_ca))
+            return sp_errf(err, SP_BAD_REQUEST,
+                           "profile '%s': tls.cert, tls.key and tls.ca go together (a site's own "
+                           "files for its agents)",
+                           p->name);
         p->be = backend_find(p->backend);
         if (!p->be)
             return sp_errf(err, SP_BAD_REQUEST, "profile '%s': unknown backend '%s'", p->name,
@@ -835,6 +920,9 @@ int config_load(struct ctl *c, struct config_opts *o, struct sp_err *err)
                 log_warn("profile '%s': secret %s is not set in the controller's environment",
                          p->name, p->secrets.v[i]);
     }
+    if ((c->tls_cert || c->tls_key) && !(c->tls_cert && c->tls_key))
+        return sp_errf(err, SP_BAD_REQUEST,
+                       "tls.cert and tls.key go together (the controller's client identity)");
     if (!*c->default_profile)
         snprintf(c->default_profile, sizeof c->default_profile, "%s",
                  TAILQ_FIRST(&c->profiles)->name);
@@ -893,6 +981,7 @@ uint32_t profile_pack_fields(const struct profile *p, msgpack_packer *pk, bool c
         case F_LIST: pack_list(pk, (const struct strlist *)base, false); break;
         case F_BACKEND:
         case F_ISOLATION: sp_pack_cstr(pk, base); break;
+        case F_TLS_MODE: sp_pack_cstr(pk, *base ? base : "auto"); break;
         case F_LOCAL_MODE:
         case F_ARGV: break;
         }

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <sys/queue.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "slotproto.h"
 
@@ -42,6 +43,9 @@ struct agent;
 struct profile;
 struct tconn;
 struct preq;
+struct sp_tls;
+struct sp_tls_ctx;
+struct tls_state;
 
 /* ---- statistics ---------------------------------------------------------- */
 
@@ -167,6 +171,15 @@ struct profile {
         char *partition, *account, *qos, *constraint, *reservation, *workspace, *agent;
         struct strlist sbatch_args, srun_args, container, helper;
     } slurm;
+    /* TLS to its agents (tls_ca.c): tls_mode "" (default: on where the
+     * controller opens TCP, and for exec templates that use {tls_*}),
+     * "on" or "off"; a site's own files for the agents (then nothing is
+     * issued); whether exec templates name a {tls_*} placeholder; the
+     * client context for links to its agents. */
+    char tls_mode[8];
+    char *tls_cert, *tls_key, *tls_ca;
+    bool tls_used;
+    struct sp_tls_ctx *tls_ctx;
     void *be_data; /* the backend's per-profile state */
     /* live state */
     const struct backend *be;
@@ -293,6 +306,17 @@ struct agent {
     bool idem_ok;          /* its hello says it keeps idempotency keys */
     uint64_t stream_gen;   /* streams opened: a read loop notices a new one */
     ev_timer relink_timer;
+    /* TLS (agent.c, tls_ca.c): the link's session while the controller
+     * speaks TLS itself (nomad), its handshake deadline and where it goes;
+     * the certificate issued to the agent and its renewal. */
+    struct sp_tls *tls;
+    bool tls_hs; /* handshake under way: the stream is not ready yet */
+    ev_timer tls_timer;
+    char tls_where[160];
+    bool tls_issued, tls_files, tls_renewing;
+    time_t tls_not_before, tls_not_after, tls_pending_nb;
+    ev_tstamp tls_retry_at, tls_warned_at;
+    double tls_retry_delay;
     /* templates (templates.c) */
     struct ctl_tpl *tpls;
     uint32_t ntpls;
@@ -370,6 +394,7 @@ struct listener {
     int fd;
     ev_io io;
     bool tcp;
+    bool tls;   /* tls:HOST:PORT: TLS 1.3 with client certificates (api.c) */
     char *path; /* unix: to unlink at exit */
     struct ctl *ctl;
 };
@@ -386,6 +411,11 @@ struct ctl {
     bool insecure;
     char default_profile[CTL_NAME_MAX];
     struct strlist listen;
+    /* tls: listeners (api.c): our certificate and key, and the CA that
+     * trainers' certificates must chain to; NULL: STATE/tls/api.pem,
+     * api.key and ca.pem, which the controller's own CA issues */
+    char *api_tls_cert, *api_tls_key, *api_tls_ca;
+    struct sp_tls_ctx *api_tls;
     struct listener *listeners;
     size_t nlisteners;
     struct profile_q profiles;
@@ -408,6 +438,13 @@ struct ctl {
     bool stop_all, purge;
     struct tconn *stop_conn;
     ev_timer stop_poll, stop_deadline;
+    /* TLS (tls_ca.c): the site's client identity and CA when given
+     * (top-level `tls:` of the file), the lifetime of issued certificates,
+     * more names for the API's certificate, and the CA's state. */
+    char *tls_cert, *tls_key, *tls_ca;
+    uint64_t tls_lifetime_s;
+    struct strlist tls_api_names;
+    struct tls_state *tls;
 };
 
 /* config.c */
@@ -430,6 +467,14 @@ void agent_free(struct ctl *c, struct agent *ag);
 struct agent *agent_find(struct ctl *c, const char *id, size_t n);
 /* The stream fd is connected: start reading, say hello, learn slots. */
 void agent_stream_ready(struct ctl *c, struct agent *ag, int fd);
+/* Close the agent's stream (its TLS session too); no request fails. */
+void agent_close_link(struct ctl *c, struct agent *ag);
+/* A TCP connection to the agent is up: a TLS handshake first (in the loop,
+ * bounded), checking the agent's certificate against the profile's CA and
+ * its id; then agent_stream_ready. where ("tcp:HOST:PORT") names it in
+ * errors. A failed handshake is a failed start, or a failed reconnect
+ * attempt. */
+void agent_stream_ready_tls(struct ctl *c, struct agent *ag, int fd, const char *where);
 /* The stream ended: reconnect when the backend can and the agent lives,
  * else it is gone: fail its requests with agent_lost, drop its leases. */
 void agent_lost(struct ctl *c, struct agent *ag, const char *why);

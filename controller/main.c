@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "tls_ca.h"
 
 /* ---- logging ------------------------------------------------------------- */
 
@@ -240,7 +241,10 @@ static const char usage_text[] =
     "\n"
     "  --config FILE          YAML file with controller: and profiles: (see\n"
     "                         controller/examples/controller.yaml)\n"
-    "  --listen ADDR          unix:PATH or tcp:HOST:PORT; repeatable (default\n"
+    "  --listen ADDR          unix:PATH, tls:HOST:PORT (TLS 1.3, client certificates\n"
+    "                         of STATE/tls/ca.pem; serves STATE/tls/api.pem) or\n"
+    "                         tcp:HOST:PORT (plaintext: loopback only unless\n"
+    "                         --insecure); repeatable (default\n"
     "                         unix:$XDG_RUNTIME_DIR/slot-controller.sock, else\n"
     "                         unix:/tmp/slot-controller-$UID.sock)\n"
     "  --profile NAME         run only these profiles (created when not in the file);\n"
@@ -258,6 +262,11 @@ static const char usage_text[] =
     "                         this binary, else PATH)\n"
     "  --token-file FILE      require hello with this token\n"
     "  --insecure             allow TCP listeners without a token\n"
+    "  --tls-cert FILE, --tls-key FILE, --tls-ca FILE\n"
+    "                         the trainer API's certificate, key and the CA of its\n"
+    "                         clients (default STATE/tls/api.pem, api.key, ca.pem)\n"
+    "  --cert-lifetime D      lifetime of the certificates the controller issues\n"
+    "                         (default 24h; 30m, 24h, 7d; renewed at 2/3 of it)\n"
     "  --log-level LEVEL      debug|info|warn|error (default info)\n"
     "  --check                load the configuration, print the profiles, exit\n"
     "  --stop [--purge]       do not serve: find the agents a controller of this name\n"
@@ -392,6 +401,7 @@ void ctl_shutdown(struct ctl *c, bool everything)
         return;
     c->stopping = true;
     ev_timer_stop(loop, &c->tick);
+    tls_ca_stop(c);
     api_close_all(c);
     struct profile *p;
     struct agent *ag, *tmp;
@@ -401,12 +411,8 @@ void ctl_shutdown(struct ctl *c, bool everything)
             tmp = TAILQ_NEXT(ag, link);
             if (c->stop_all || !p->be->persistent(p))
                 agent_stop(c, ag, c->stop_all ? "controller stop" : "controller stopping");
-            else if (ag->fd >= 0) {
-                ev_io_stop(loop, &ag->rio);
-                ev_io_stop(loop, &ag->wio);
-                close(ag->fd);
-                ag->fd = -1;
-            }
+            else if (ag->fd >= 0)
+                agent_close_link(c, ag);
         }
     }
     ev_timer_init(&c->stop_poll, stop_wait_cb, 0.02, 0.02);
@@ -598,6 +604,8 @@ int main(int argc, char **argv)
     struct strlist listen_flags = {0};
     const char *state_dir = NULL, *name = NULL, *agent_bin = NULL, *token_file = NULL;
     bool insecure = false, check = false, stop = false;
+    const char *tls_flags[3] = {NULL, NULL, NULL};
+    uint64_t lifetime = 0;
     TAILQ_INIT(&c->profiles);
     LIST_INIT(&c->conns);
 
@@ -652,6 +660,18 @@ int main(int argc, char **argv)
             token_file = v;
         } else if (!strcmp(a, "--insecure")) {
             insecure = true;
+        } else if (!strcmp(a, "--tls-cert") || !strcmp(a, "--tls-key") || !strcmp(a, "--tls-ca")) {
+            TAKE();
+            tls_flags[a[6] == 'c' && a[7] == 'e' ? 0 : a[6] == 'k' ? 1 : 2] = v;
+        } else if (!strcmp(a, "--cert-lifetime")) {
+            TAKE();
+            if (tls_parse_lifetime(v, &lifetime) < 0) {
+                fprintf(stderr,
+                        "slot-controller: --cert-lifetime: expected a duration (seconds, "
+                        "or 30m, 24h, 7d), got '%s'\n",
+                        v);
+                return 2;
+            }
         } else if (!strcmp(a, "--check")) {
             check = true;
         } else if (!strcmp(a, "--stop")) {
@@ -742,6 +762,14 @@ int main(int argc, char **argv)
         }
     }
     c->insecure |= insecure;
+    char **api_tls[3] = {&c->api_tls_cert, &c->api_tls_key, &c->api_tls_ca};
+    for (int i = 0; i < 3; i++)
+        if (tls_flags[i]) {
+            free(*api_tls[i]);
+            *api_tls[i] = strdup(tls_flags[i]);
+        }
+    if (lifetime)
+        c->tls_lifetime_s = lifetime;
     if (check) {
         print_profiles(c);
         return 0;
@@ -766,6 +794,12 @@ int main(int argc, char **argv)
     ev_signal_start(c->loop, &c->sig_int);
     ev_child_init(&c->reaper, reaper_cb, 0, 0);
     ev_child_start(c->loop, &c->reaper);
+    /* Before any agent is started or found again (their certificates,
+     * relays' client identity) and before the API listens (api.pem). */
+    if (tls_ca_init(c, &err) < 0) {
+        log_error("%s", err.msg);
+        return 1;
+    }
 
     struct profile *p;
     TAILQ_FOREACH(p, &c->profiles, link)
@@ -783,6 +817,7 @@ int main(int argc, char **argv)
         return 0;
     }
     remove_stale_data(c);
+    tls_remove_stale(c);
     if (api_listen(c, &err) < 0) {
         log_error("%s", err.msg);
         return 1;

@@ -70,6 +70,24 @@ variable "token" {
   description = "Agent token. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key token (nomad var put nomad/jobs/<job_id> token=...)."
 }
 
+variable "tls_cert" {
+  type        = string
+  default     = ""
+  description = "The agent's certificate (PEM; CN = the agent id, serverAuth), issued by the controller's CA. Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key tls_cert."
+}
+
+variable "tls_key" {
+  type        = string
+  default     = ""
+  description = "The agent's private key (PEM). Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key tls_key."
+}
+
+variable "tls_ca" {
+  type        = string
+  default     = ""
+  description = "The CA the controller's client certificate chains to (PEM). Empty: read it from the Nomad Variable nomad/jobs/<job_id>, key tls_ca."
+}
+
 variable "slot_disk" {
   type        = string
   default     = ""
@@ -99,6 +117,11 @@ locals {
   # Otherwise the task reads the Nomad Variable of the job at start; the
   # token then never appears in the job spec.
   token_template = var.token != "" ? var.token : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .token }}{{ end }}"
+  # The same for the agent's TLS files (a key in the job spec is as
+  # readable as the token; use the Nomad Variable to keep it out).
+  tls_cert_template = var.tls_cert != "" ? var.tls_cert : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .tls_cert }}{{ end }}"
+  tls_key_template  = var.tls_key != "" ? var.tls_key : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .tls_key }}{{ end }}"
+  tls_ca_template   = var.tls_ca != "" ? var.tls_ca : "{{ with nomadVar \"nomad/jobs/${var.job_id}\" }}{{ .tls_ca }}{{ end }}"
 }
 
 job "slot-agents-apptainer" {
@@ -157,7 +180,10 @@ job "slot-agents-apptainer" {
             "--bind", "${NOMAD_SECRETS_DIR}",
             var.sif,
             "slot-agent",
-            "--listen", "tcp:${NOMAD_IP_agent}:${NOMAD_PORT_agent}",
+            "--listen", "tls:${NOMAD_IP_agent}:${NOMAD_PORT_agent}",
+            "--tls-cert", "${NOMAD_SECRETS_DIR}/tls.pem",
+            "--tls-key", "${NOMAD_SECRETS_DIR}/tls.key",
+            "--tls-ca", "${NOMAD_SECRETS_DIR}/ca.pem",
             "--token-file", "${NOMAD_SECRETS_DIR}/token",
             "--slots", format("%d", var.slots),
             "--data-dir", "${NOMAD_ALLOC_DIR}/data",
@@ -175,6 +201,30 @@ job "slot-agents-apptainer" {
         perms       = "0600"
         # The agent reads its token once at start.
         change_mode = "restart"
+      }
+
+      # The agent's TLS files. A renewal reaches the agent over its link
+      # (op tls_renew, which rewrites these files), so a change here does
+      # not restart it.
+      template {
+        data        = local.tls_cert_template
+        destination = "secrets/tls.pem"
+        perms       = "0600"
+        change_mode = "noop"
+      }
+
+      template {
+        data        = local.tls_key_template
+        destination = "secrets/tls.key"
+        perms       = "0600"
+        change_mode = "noop"
+      }
+
+      template {
+        data        = local.tls_ca_template
+        destination = "secrets/ca.pem"
+        perms       = "0600"
+        change_mode = "noop"
       }
 
       resources {

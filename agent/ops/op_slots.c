@@ -11,6 +11,7 @@
 #include "idem.h"
 #include "quota.h"
 #include "session.h"
+#include "tls.h"
 #include "../template.h"
 
 #define DEFAULT_TIMEOUT_MS 600000u
@@ -48,9 +49,21 @@ int op_hello(struct req *rq, struct sp_err *err)
     bool authed = rq->conn ? conn_authed(rq->conn) : false;
     char view[4200];
     slots_view_template(ag, view, sizeof view);
+    const struct sp_tls *tls = rq->conn ? conn_tls(rq->conn) : NULL;
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 15);
+    msgpack_pack_map(pk, 16 + (tls != NULL));
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
+    sp_pack_kv_bool(pk, "tls_listen", ag->tls_listen);
+    if (tls) {
+        /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
+        const char *d = sp_tls_describe(tls), *sp = strchr(d, ' ');
+        sp_pack_cstr(pk, "tls");
+        msgpack_pack_map(pk, 3);
+        sp_pack_cstr(pk, "version");
+        sp_pack_strn(pk, d, sp ? (size_t)(sp - d) : strlen(d));
+        sp_pack_kv_str(pk, "cipher", sp ? sp + 1 : "");
+        sp_pack_kv_str(pk, "peer_cn", sp_tls_peer_cn(tls));
+    }
     sp_pack_cstr(pk, "idempotency");
     idem_pack_info(pk, ag);
     sp_pack_cstr(pk, "disk_quota");
@@ -180,8 +193,13 @@ int op_stats(struct req *rq, struct sp_err *err)
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 17);
+    msgpack_pack_map(pk, 18);
     sp_pack_kv_uint(pk, "uptime_ms", ms_since(ag, ag->started));
+    sp_pack_cstr(pk, "tls");
+    msgpack_pack_map(pk, 3);
+    sp_pack_kv_uint(pk, "handshakes", ag->tls_handshakes);
+    sp_pack_kv_uint(pk, "failures", ag->tls_failures);
+    sp_pack_kv_uint(pk, "handshaking", ag->nhandshaking);
     quota_pack_stats(pk, ag);
     idem_pack_stats(pk, ag);
     sp_pack_kv_uint(pk, "requests", ag->requests);

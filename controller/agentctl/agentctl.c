@@ -1,17 +1,18 @@
 /* agentctl: drive a slot-controller (the default) or one slot-agent from the
- * command line, over a Unix socket, TCP, or the stdio of a command
- * (--agent-cmd). Owns the CLI (argument parsing, human tables, JSON output, a
- * live `top`) and a small blocking client: non-blocking fds driven by poll()
- * with a deadline on every wait. Slot commands (exec, cat, put, ls, stat,
- * archive, reset) take a slot index with an agent and a slot handle with the
- * controller, which runs them as its `exec` op with the agent op as `tool`.
- * The exit status of `exec` is the command's; errors print "agentctl: CODE:
- * message" and exit 1; usage errors exit 2. The controller's pool commands
- * and `top` live in ctl_controller.c. */
+ * command line, over a Unix socket, TCP, TLS 1.3 (tls:HOST:PORT, with a
+ * client certificate), or the stdio of a command (--agent-cmd). Owns the
+ * CLI (argument parsing, human tables, JSON output) and the agent and slot
+ * commands; the connection and the small blocking client (non-blocking fds
+ * driven by poll() with a deadline on every wait) live in conn.c. Slot
+ * commands (exec, cat, put, ls, stat, archive, reset) take a slot index
+ * with an agent and a slot handle with the controller, which runs them as
+ * its `exec` op with the agent op as `tool`. The exit status of `exec` is
+ * the command's; errors print "agentctl: CODE: message" and exit 1; usage
+ * errors exit 2. The controller's pool commands and the live `top` live in
+ * ctl_controller.c. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <netdb.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -20,9 +21,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -36,10 +34,8 @@
  * data and archives to max_frame - 64 KiB, and we keep put under the same. */
 #define FRAME_SLACK (64u << 10)
 #define DEFAULT_EXEC_TIMEOUT_MS 600000u
-#define CHILD_GRACE_S 3.0
 #define CANCEL_GRACE_S 10.0
 #define TOKEN_MAX 511
-#define PROGRESS_EVERY_S 0.1
 
 #define EXIT_ERROR 1
 #define EXIT_USAGE 2
@@ -48,7 +44,8 @@
 
 static const char usage_text[] =
     "usage: agentctl [--controller ADDR | --agent ADDR | --agent-cmd 'COMMAND']\n"
-    "                [--token-file F] [--json] [--timeout SEC] [--wait SEC] COMMAND [ARGS]\n"
+    "                [--token-file F] [--tls-cert F --tls-key F --tls-ca F] [--tls-name N]\n"
+    "                [--json] [--timeout SEC] [--wait SEC] COMMAND [ARGS]\n"
     "\n"
     "controller commands (the default; SLOT is a handle from acquire, e.g. default-3f9a2c/4/7):\n"
     "  status [--profile P]     pool summary: agents, slots, waiters, exec rate and latency\n"
@@ -83,13 +80,26 @@ static const char usage_text[] =
     "  lease SLOT TRAJECTORY | unlease SLOT | cancel EXEC_ID\n"
     "\n"
     "options:\n"
-    "  --controller ADDR  controller address (default: $SLOT_CONTROLLER, else\n"
+    "  --controller ADDR  controller address: unix:PATH, tls:HOST:PORT or tcp:HOST:PORT\n"
+    "                     (default: $SLOT_CONTROLLER, else\n"
     "                     unix:$XDG_RUNTIME_DIR/slot-controller.sock, else\n"
     "                     unix:/tmp/slot-controller-UID.sock)\n"
     "  --agent ADDR       talk to one agent instead (default: $SLOT_AGENT)\n"
     "  --agent-cmd CMD    run CMD with /bin/sh -c; its stdin/stdout are the protocol stream\n"
     "                     (e.g. 'slot-agent --stdio --data-dir /tmp/x')\n"
     "  --token-file F     send the token in F with hello (default: $SLOT_TOKEN_FILE)\n"
+    "  --tls-cert F, --tls-key F, --tls-ca F\n"
+    "                     for tls: addresses: our client certificate and key, and the CA\n"
+    "                     the peer's certificate must chain to (default: $SLOT_TLS_CERT,\n"
+    "                     $SLOT_TLS_KEY, $SLOT_TLS_CA, else trainer.pem, trainer.key and\n"
+    "                     ca.pem in STATE/tls, which the controller issues)\n"
+    "  --tls-name NAME    the name the peer's certificate must carry (CN or DNS name):\n"
+    "                     an agent's id with --agent; default slot-controller-api with\n"
+    "                     the controller; '' (and the default with an agent): any\n"
+    "                     certificate of the CA\n"
+    "  --state-dir DIR    the controller's state directory (default: $SLOT_STATE_DIR,\n"
+    "                     else $XDG_RUNTIME_DIR/slot-controller, else\n"
+    "                     /var/tmp/slot-controller-UID)\n"
     "  --json             print results as JSON\n"
     "  --timeout SEC      limit for each request other than exec and acquire (default 30)\n"
     "  --wait SEC         keep retrying while the agent or controller is not listening yet\n"
@@ -137,541 +147,7 @@ int ms_until(double deadline)
     return left > 1e9 ? 1000000000 : (int)left + 1;
 }
 
-static void set_nonblock(int fd)
-{
-    int fl = fcntl(fd, F_GETFL);
-    if (fl >= 0)
-        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-}
-
-/* ---- connection ------------------------------------------------------------ */
-
-/* The controller's socket in $XDG_RUNTIME_DIR, else a per-user one in /tmp. */
-static const char *builtin_controller_addr(void)
-{
-    static char addr[4200];
-    const char *xdg = getenv("XDG_RUNTIME_DIR");
-    if (addr[0])
-        return addr;
-    if (xdg && *xdg)
-        snprintf(addr, sizeof addr, "unix:%.4000s/slot-controller.sock", xdg);
-    else
-        snprintf(addr, sizeof addr, "unix:/tmp/slot-controller-%u.sock", (unsigned)getuid());
-    return addr;
-}
-
-static const char *default_controller_addr(void)
-{
-    const char *env = getenv("SLOT_CONTROLLER");
-    return env && *env ? env : builtin_controller_addr();
-}
-
-static int spawn_agent_cmd(struct ctl *c)
-{
-    int in[2], out[2];
-    if (pipe2(in, O_CLOEXEC) < 0)
-        return fail(c, "", "pipe: %s", strerror(errno));
-    if (pipe2(out, O_CLOEXEC) < 0) {
-        close(in[0]);
-        close(in[1]);
-        return fail(c, "", "pipe: %s", strerror(errno));
-    }
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        close(in[0]);
-        close(in[1]);
-        close(out[0]);
-        close(out[1]);
-        return fail(c, "", "fork: %s", strerror(e));
-    }
-    if (pid == 0) {
-        /* Ignored signals stay ignored across execve; the agent wants SIGPIPE back. */
-        signal(SIGPIPE, SIG_DFL);
-        if (dup2(in[0], 0) < 0 || dup2(out[1], 1) < 0)
-            _exit(127);
-        execl("/bin/sh", "sh", "-c", c->agent_cmd, (char *)NULL);
-        _exit(127);
-    }
-    close(in[0]);
-    close(out[1]);
-    c->child = pid;
-    c->wfd = in[1];
-    c->rfd = out[0];
-    set_nonblock(c->wfd);
-    set_nonblock(c->rfd);
-    return 0;
-}
-
-static int no_agent(struct ctl *c, const char *addr, int e)
-{
-    if (c->to_controller && (e == ENOENT || e == ECONNREFUSED)) {
-        bool tcp = strncmp(addr, "tcp:", 4) == 0;
-        bool dflt = !strcmp(addr, builtin_controller_addr());
-        return fail(c, "",
-                    "no controller at %s (%s). Start one with: slot-controller --config FILE%s%s%s "
-                    "(or use --agent ADDR to talk to an agent directly)",
-                    addr, e == ENOENT ? "ENOENT" : "ECONNREFUSED", dflt ? "" : " --listen ",
-                    dflt ? "" : addr, tcp ? " --token-file F" : "");
-    }
-    if (c->to_controller)
-        return fail(c, "", "cannot connect to the controller at %s: %s", addr, strerror(e));
-    if (e == ENOENT || e == ECONNREFUSED)
-        return fail(c, "", "no agent at %s (%s): start one with: slot-agent --listen %s%s", addr,
-                    strerror(e), addr, strncmp(addr, "tcp:", 4) == 0 ? " --token-file F" : "");
-    return fail(c, "", "cannot connect to %s: %s", addr, strerror(e));
-}
-
-/* connect(2) with a deadline: non-blocking connect, then poll for writability. */
-static int connect_deadline(int fd, const struct sockaddr *sa, socklen_t len, double deadline)
-{
-    set_nonblock(fd);
-    if (connect(fd, sa, len) == 0)
-        return 0;
-    if (errno != EINPROGRESS && errno != EAGAIN)
-        return -1;
-    struct pollfd p = {.fd = fd, .events = POLLOUT};
-    for (;;) {
-        int r = poll(&p, 1, ms_until(deadline));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -1;
-        if (r == 0) {
-            errno = ETIMEDOUT;
-            return -1;
-        }
-        break;
-    }
-    int soerr = 0;
-    socklen_t sl = sizeof soerr;
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
-        return -1;
-    if (soerr) {
-        errno = soerr;
-        return -1;
-    }
-    return 0;
-}
-
-static int connect_unix(struct ctl *c, const char *addr, double deadline)
-{
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    const char *path = addr + 5;
-    if (!*path || strlen(path) >= sizeof sa.sun_path)
-        return fail(c, "", "bad unix socket path in %s (empty or over %zu bytes)", addr,
-                    sizeof sa.sun_path - 1);
-    memcpy(sa.sun_path, path, strlen(path) + 1);
-    double retry_until = now_s() + c->wait_s;
-    for (;;) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-            return fail(c, "", "socket: %s", strerror(errno));
-        if (connect_deadline(fd, (struct sockaddr *)&sa, sizeof sa, deadline) == 0)
-            return fd;
-        int e = errno;
-        close(fd);
-        if ((e != ENOENT && e != ECONNREFUSED) || now_s() >= retry_until)
-            return no_agent(c, addr, e);
-        usleep(20000);
-    }
-}
-
-static int connect_tcp(struct ctl *c, const char *addr, double deadline)
-{
-    char host[256];
-    const char *hp = addr + 4;
-    const char *colon = strrchr(hp, ':');
-    if (!colon || colon == hp || !colon[1] || (size_t)(colon - hp) >= sizeof host)
-        return fail(c, "", "bad address '%s': want tcp:HOST:PORT", addr);
-    size_t hn = (size_t)(colon - hp);
-    memcpy(host, hp, hn);
-    host[hn] = 0;
-    char *h = host;
-    if (hn >= 2 && host[0] == '[' && host[hn - 1] == ']') { /* tcp:[::1]:PORT */
-        host[hn - 1] = 0;
-        h = host + 1;
-    }
-    double retry_until = now_s() + c->wait_s;
-    for (;;) {
-        struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
-        int g = getaddrinfo(h, colon + 1, &hints, &res);
-        if (g)
-            return fail(c, "", "%s: %s", addr, gai_strerror(g));
-        int fd = -1, e = ECONNREFUSED;
-        for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
-            fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
-            if (fd < 0) {
-                e = errno;
-                continue;
-            }
-            if (connect_deadline(fd, ai->ai_addr, ai->ai_addrlen, deadline) < 0) {
-                e = errno;
-                close(fd);
-                fd = -1;
-            }
-        }
-        freeaddrinfo(res);
-        if (fd >= 0)
-            return fd;
-        if (e != ECONNREFUSED || now_s() >= retry_until)
-            return no_agent(c, addr, e);
-        usleep(20000);
-    }
-}
-
-static int connect_peer(struct ctl *c)
-{
-    if (c->agent_cmd)
-        return spawn_agent_cmd(c);
-    const char *a = c->to_controller ? c->controller : c->agent;
-    double deadline = now_s() + c->timeout_s + c->wait_s;
-    int fd;
-    if (strncmp(a, "unix:", 5) == 0)
-        fd = connect_unix(c, a, deadline);
-    else if (strncmp(a, "tcp:", 4) == 0)
-        fd = connect_tcp(c, a, deadline);
-    else
-        return fail(c, "", "%s address must be unix:PATH or tcp:HOST:PORT, got '%s'", c->peer, a);
-    if (fd < 0)
-        return -1;
-    c->rfd = c->wfd = fd;
-    return 0;
-}
-
-/* Reap the --agent-cmd child, waiting at most `grace` seconds. Returns its
- * wait status, or -1 if it is still running. */
-static int reap_child(struct ctl *c, double grace)
-{
-    double until = now_s() + grace;
-    for (;;) {
-        int st;
-        pid_t r = waitpid(c->child, &st, WNOHANG);
-        if (r == c->child) {
-            c->child = 0;
-            return st;
-        }
-        if (r < 0 && errno == ECHILD) {
-            c->child = 0;
-            return 0;
-        }
-        if (now_s() >= until)
-            return -1;
-        usleep(10000);
-    }
-}
-
-static void disconnect(struct ctl *c)
-{
-    if (c->have_msg) {
-        msgpack_unpacked_destroy(&c->msg);
-        c->have_msg = false;
-    }
-    if (c->wfd >= 0 && c->wfd != c->rfd)
-        close(c->wfd);
-    if (c->child > 0) {
-        /* The agent exits on EOF once its answers are out; insist if it hangs. */
-        if (reap_child(c, CHILD_GRACE_S) < 0) {
-            kill(c->child, SIGTERM);
-            if (reap_child(c, 1.0) < 0) {
-                kill(c->child, SIGKILL);
-                waitpid(c->child, NULL, 0);
-                c->child = 0;
-            }
-        }
-    }
-    if (c->rfd >= 0)
-        close(c->rfd);
-    c->rfd = c->wfd = -1;
-}
-
-/* Code for a lost connection: agent_lost means something else at the
- * controller (its agent died), so a lost controller connection has none. */
-static const char *lost_code(const struct ctl *c)
-{
-    return c->to_controller ? "" : sp_code_name(SP_AGENT_LOST);
-}
-
-/* Read what is there into the frame reader; notes EOF. */
-static int fill(struct ctl *c)
-{
-    for (;;) {
-        ssize_t n = sp_reader_fill(&c->rd, c->rfd);
-        if (n > 0)
-            return 0;
-        if (n == 0) {
-            c->eof = true;
-            return 0;
-        }
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return 0;
-        if (errno == ECONNRESET) {
-            c->eof = true;
-            return 0;
-        }
-        return fail(c, lost_code(c), "reading from the %s: %s", c->peer, strerror(errno));
-    }
-}
-
-int read_signal(struct ctl *c)
-{
-    struct signalfd_siginfo si;
-    if (read(c->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
-        c->signo = (int)si.ssi_signo;
-        c->interrupted = true;
-        return 1;
-    }
-    return 0;
-}
-
-/* Send the queued frame. Reads meanwhile, so an agent answering early (a
- * refused frame) is heard instead of deadlocking on full buffers. */
-static int send_queued(struct ctl *c, double deadline)
-{
-    while (sp_writer_pending(&c->wr)) {
-        ssize_t left = sp_writer_flush(&c->wr, c->wfd);
-        if (left == 0)
-            break;
-        if (left < 0) {
-            int e = errno;
-            if (e == EPIPE || e == ECONNRESET) {
-                /* The agent is gone or refused us: what it said, if
-                 * anything, is read by the wait for the answer. */
-                sp_writer_free(&c->wr);
-                sp_writer_init(&c->wr, 0);
-                c->eof = c->eof || e == ECONNRESET;
-                return 0;
-            }
-            return fail(c, lost_code(c), "sending to the %s: %s", c->peer, strerror(errno));
-        }
-        /* A signal stays queued in the signalfd until the answer is awaited. */
-        struct pollfd p[2] = {{.fd = c->wfd, .events = POLLOUT},
-                              {.fd = c->eof ? -1 : c->rfd, .events = POLLIN}};
-        int r = poll(p, 2, ms_until(deadline));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return fail(c, "", "poll: %s", strerror(errno));
-        if (r == 0)
-            return fail(c, sp_code_name(SP_TIMEOUT), "timed out sending to the %s", c->peer);
-        if (p[1].revents && fill(c) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-static void release_msg(struct ctl *c)
-{
-    if (c->have_msg) {
-        msgpack_unpacked_destroy(&c->msg);
-        c->have_msg = false;
-    }
-}
-
-/* Frame a request whose args map (if any) was packed into `args`. Returns
- * its id, 0 on failure. The previous frame is released: reading while
- * sending may move the reader's buffer under it. */
-uint64_t send_request(struct ctl *c, const char *op, const struct sp_writer *args)
-{
-    release_msg(c);
-    uint64_t id = ++c->next_id;
-    msgpack_packer pk;
-    struct sp_err err;
-    sp_writer_begin_frame(&c->wr);
-    sp_writer_packer(&c->wr, &pk);
-    sp_pack_request_head(&pk, id, op, args != NULL);
-    if (args && sp_writer_append(&c->wr, args->buf + args->off, args->len - args->off, &err) < 0) {
-        fail(c, sp_code_name(err.code), "%s", err.msg);
-        return 0;
-    }
-    if (sp_writer_end_frame(&c->wr, &err) < 0) {
-        fail(c, sp_code_name(err.code), "%s", err.msg);
-        return 0;
-    }
-    if (send_queued(c, now_s() + c->timeout_s) < 0)
-        return 0;
-    return id;
-}
-
-/* A progress line on stderr while a long answer (an archive) is built and
- * arrives: the frame header tells its size. */
-static void show_progress(struct ctl *c, bool force)
-{
-    double t = now_s();
-    if (!force && t - c->progress_at < PROGRESS_EVERY_S)
-        return;
-    c->progress_at = t;
-    size_t have = c->rd.len - c->rd.off;
-    char got[32], total[32];
-    if (have < 4) {
-        fprintf(stderr, "\ragentctl: %s: waiting for the %s (%.1fs)\033[K", c->progress, c->peer,
-                t - c->progress_start);
-    } else {
-        const unsigned char *h = (const unsigned char *)c->rd.buf + c->rd.off;
-        uint64_t n = (uint64_t)h[0] << 24 | (uint64_t)h[1] << 16 | (uint64_t)h[2] << 8 | h[3];
-        fmt_bytes(got, sizeof got, have - 4 < n ? have - 4 : n);
-        fmt_bytes(total, sizeof total, n);
-        fprintf(stderr, "\ragentctl: %s: received %s of %s (%.1fs)\033[K", c->progress, got, total,
-                t - c->progress_start);
-    }
-    c->progress_shown = true;
-}
-
-static void end_progress(struct ctl *c)
-{
-    if (c->progress_shown)
-        fputs("\r\033[K", stderr);
-    c->progress = NULL;
-    c->progress_shown = false;
-}
-
-/* Next frame into c->msg. 1 = frame, 0 = interrupted by a signal (c->signo),
- * -1 = error. The frame stays valid until the next receive or send. */
-static int recv_frame(struct ctl *c, double deadline)
-{
-    release_msg(c);
-    for (;;) {
-        const char *data;
-        uint32_t len;
-        struct sp_err err;
-        int r = sp_reader_next(&c->rd, &data, &len, &err);
-        if (r < 0)
-            return fail(c, sp_code_name(err.code), "answer from the %s: %s", c->peer, err.msg);
-        if (r > 0) {
-            msgpack_unpacked_init(&c->msg);
-            c->have_msg = true;
-            if (sp_unpack(data, len, &c->msg, &err) < 0)
-                return fail(c, sp_code_name(SP_INTERNAL), "bad frame from the %s: %s", c->peer,
-                            err.msg);
-            if (c->msg.data.type != MSGPACK_OBJECT_MAP)
-                return fail(c, sp_code_name(SP_INTERNAL), "frame from the %s is not a map",
-                            c->peer);
-            return 1;
-        }
-        if (c->eof) {
-            if (c->child > 0) {
-                int st = reap_child(c, 0.5);
-                if (st >= 0 && WIFEXITED(st) && WEXITSTATUS(st))
-                    return fail(c, sp_code_name(SP_AGENT_LOST),
-                                "the agent command exited with status %d: %s", WEXITSTATUS(st),
-                                c->agent_cmd);
-                if (st >= 0 && WIFSIGNALED(st))
-                    return fail(c, sp_code_name(SP_AGENT_LOST),
-                                "the agent command was killed by signal %d", WTERMSIG(st));
-            }
-            return fail(c, lost_code(c), "the %s closed the connection", c->peer);
-        }
-        struct pollfd p[2] = {{.fd = c->rfd, .events = POLLIN}, {.fd = c->sigfd, .events = POLLIN}};
-        int ms = ms_until(deadline);
-        if (ms <= 0)
-            return fail(c, sp_code_name(SP_TIMEOUT), "no answer from the %s in time", c->peer);
-        if (c->progress) {
-            show_progress(c, false);
-            ms = ms > 200 ? 200 : ms;
-        }
-        int pr = poll(p, 2, ms);
-        if (pr < 0 && errno == EINTR)
-            continue;
-        if (pr < 0)
-            return fail(c, "", "poll: %s", strerror(errno));
-        if (p[1].revents && read_signal(c))
-            return 0;
-        if (p[0].revents && fill(c) < 0)
-            return -1;
-    }
-}
-
-enum frame_kind { FRAME_OTHER, FRAME_EVENT, FRAME_RESULT, FRAME_ERROR };
-
-/* Sort the current frame for request id; FRAME_ERROR fills c->err. Id 0 is
- * the agent's answer to a frame it could not read, so it is ours too. */
-static enum frame_kind classify(struct ctl *c, uint64_t id, const msgpack_object **result)
-{
-    const msgpack_object *m = &c->msg.data;
-    const msgpack_object *o = sp_map_get(m, "id");
-    uint64_t rid = o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
-    if (rid != id && rid != 0)
-        return FRAME_OTHER;
-    if (sp_map_get(m, "event"))
-        return rid == id ? FRAME_EVENT : FRAME_OTHER;
-    const msgpack_object *ok = sp_map_get(m, "ok");
-    if (ok && ok->type == MSGPACK_OBJECT_BOOLEAN && ok->via.boolean) {
-        const msgpack_object *r = sp_map_get(m, "result");
-        if (!r || r->type != MSGPACK_OBJECT_MAP) {
-            fail(c, sp_code_name(SP_INTERNAL), "answer from the %s without a result map", c->peer);
-            return FRAME_ERROR;
-        }
-        *result = r;
-        return FRAME_RESULT;
-    }
-    fail_from_answer(c, m);
-    return FRAME_ERROR;
-}
-
-int fail_from_answer(struct ctl *c, const msgpack_object *m)
-{
-    const msgpack_object *e = sp_map_get(m, "error");
-    const char *code = "internal", *msg = "(no message)";
-    size_t cn = 8, mn = 12;
-    struct sp_err err;
-    if (e && e->type == MSGPACK_OBJECT_MAP) {
-        sp_get_str(e, "code", false, &code, &cn, &err);
-        sp_get_str(e, "message", false, &msg, &mn, &err);
-    }
-    fail(c, "", "%.*s", (int)mn, msg);
-    snprintf(c->err.code, sizeof c->err.code, "%.*s", (int)cn, code);
-    return -1;
-}
-
-/* Final result of a request without events; NULL with c->err set. */
-const msgpack_object *wait_result(struct ctl *c, uint64_t id)
-{
-    double deadline = now_s() + c->timeout_s;
-    for (;;) {
-        int r = recv_frame(c, deadline);
-        if (r < 0)
-            return NULL;
-        if (r == 0)
-            continue; /* no signalfd outside exec: cannot happen */
-        const msgpack_object *res = NULL;
-        switch (classify(c, id, &res)) {
-        case FRAME_RESULT: return res;
-        case FRAME_ERROR: return NULL;
-        default: break;
-        }
-    }
-}
-
-/* Until the peer closes the connection (frames are dropped); -1 with c->err
- * set when it stays open past the deadline. */
-int wait_closed(struct ctl *c, double seconds)
-{
-    double deadline = now_s() + seconds;
-    for (;;) {
-        int r = recv_frame(c, deadline);
-        if (r < 0 && c->eof)
-            return 0;
-        if (r < 0)
-            return -1;
-    }
-}
-
-void args_begin(struct args *a, uint32_t n)
-{
-    sp_writer_init(&a->w, 0);
-    sp_writer_packer(&a->w, &a->pk);
-    msgpack_pack_map(&a->pk, n);
-}
-
-const msgpack_object *call(struct ctl *c, const char *op, struct args *a)
-{
-    uint64_t id = send_request(c, op, a ? &a->w : NULL);
-    if (a)
-        sp_writer_free(&a->w);
-    return id ? wait_result(c, id) : NULL;
-}
+/* ---- requests on one slot -------------------------------------------------- */
 
 /* Begin the arguments of an op on one slot; n counts the op's own keys,
  * which the caller packs next. The agent takes {slot: INDEX, ...}; the
@@ -1909,6 +1385,50 @@ static void parse_command(struct cmd *cmd, int argc, char **argv, bool to_contro
     }
 }
 
+/* The controller's default state directory, as slot-controller picks it. */
+static const char *default_state_dir(void)
+{
+    static char dir[4200];
+    const char *env = getenv("SLOT_STATE_DIR"), *xdg = getenv("XDG_RUNTIME_DIR");
+    if (env && *env)
+        snprintf(dir, sizeof dir, "%.4000s", env);
+    else if (xdg && *xdg)
+        snprintf(dir, sizeof dir, "%.4000s/slot-controller", xdg);
+    else
+        snprintf(dir, sizeof dir, "/var/tmp/slot-controller-%u", (unsigned)getuid());
+    return dir;
+}
+
+/* Flag, else $SLOT_TLS_*, else the trainer certificate the controller
+ * issues into STATE/tls (written into buf, which outlives the connection). */
+static const char *tls_file(const char *flag, const char *env, const char *dir, const char *name,
+                            char *buf, size_t cap)
+{
+    const char *v = getenv(env);
+    if (flag)
+        return flag;
+    if (v && *v)
+        return v;
+    if ((size_t)snprintf(buf, cap, "%s/tls/%s", dir, name) >= cap)
+        usage_error("--state-dir is too long: %s", dir);
+    return buf;
+}
+
+static void tls_defaults(struct ctl *c, const char *state_dir)
+{
+    static char cert[4300], key[4300], ca[4300];
+    const char *dir = state_dir ? state_dir : default_state_dir();
+    c->tls_cert = tls_file(c->tls_cert, "SLOT_TLS_CERT", dir, "trainer.pem", cert, sizeof cert);
+    c->tls_key = tls_file(c->tls_key, "SLOT_TLS_KEY", dir, "trainer.key", key, sizeof key);
+    c->tls_ca = tls_file(c->tls_ca, "SLOT_TLS_CA", dir, "ca.pem", ca, sizeof ca);
+    /* The controller's own API certificate is named so: another
+     * certificate of its CA (an agent's) cannot stand in for it. */
+    if (!c->tls_name && c->to_controller)
+        c->tls_name = "slot-controller-api";
+    if (c->tls_name && !*c->tls_name)
+        c->tls_name = NULL; /* --tls-name '': any certificate of the CA */
+}
+
 static int run(struct ctl *c, const struct cmd *cmd, int *status)
 {
     if (connect_peer(c) < 0 || hello(c, cmd) < 0)
@@ -1949,6 +1469,7 @@ int main(int argc, char **argv)
     struct ctl ctl = {.rfd = -1, .wfd = -1, .sigfd = -1, .timeout_s = DEFAULT_TIMEOUT_S};
     struct ctl *c = &ctl;
     const char *env_agent = getenv("SLOT_AGENT");
+    const char *state_dir = NULL;
     c->token_file = getenv("SLOT_TOKEN_FILE");
     if (c->token_file && !*c->token_file)
         c->token_file = NULL;
@@ -1960,6 +1481,11 @@ int main(int argc, char **argv)
         {"json", no_argument, NULL, 'j'},
         {"timeout", required_argument, NULL, 'T'},
         {"wait", required_argument, NULL, 'W'},
+        {"tls-cert", required_argument, NULL, 'X'},
+        {"tls-key", required_argument, NULL, 'K'},
+        {"tls-ca", required_argument, NULL, 'A'},
+        {"tls-name", required_argument, NULL, 'N'},
+        {"state-dir", required_argument, NULL, 'S'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -1979,6 +1505,11 @@ int main(int argc, char **argv)
                 usage_error("--timeout must be positive");
             break;
         case 'W': c->wait_s = parse_seconds(optarg, "--wait"); break;
+        case 'X': c->tls_cert = optarg; break;
+        case 'K': c->tls_key = optarg; break;
+        case 'A': c->tls_ca = optarg; break;
+        case 'N': c->tls_name = optarg; break;
+        case 'S': state_dir = optarg; break;
         case 'h': fputs(usage_text, stdout); return 0;
         case ':': usage_error("%s needs a value", argv[optind - 1]);
         default: usage_error("unknown option '%s'", argv[optind - 1]);
@@ -2000,6 +1531,8 @@ int main(int argc, char **argv)
     if (c->to_controller && !c->controller)
         c->controller = default_controller_addr();
     c->peer = c->to_controller ? "controller" : "agent";
+    if (!c->agent_cmd && !strncmp(c->to_controller ? c->controller : c->agent, "tls:", 4))
+        tls_defaults(c, state_dir);
     struct cmd cmd = {0};
     parse_command(&cmd, argc, argv, c->to_controller);
     if (cmd.kind == CMD_TOP && c->json)

@@ -4,7 +4,8 @@
  * long-polling session_read that is always outstanding, and the window size
  * forwarded on SIGWINCH (session_resize). Ctrl-] detaches; the session's
  * shell ending (exit, Ctrl-D) ends it too. Either way the session is
- * closed, so nothing is left running in the slot. */
+ * closed, so nothing is left running in the slot. Works over every
+ * connection agentctl makes, TLS included (peer_read, peer_pending). */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -108,11 +109,11 @@ static void on_frame(struct attach *at, const msgpack_object *m)
 static int drain_frames(struct attach *at)
 {
     struct ctl *c = at->c;
-    ssize_t n = sp_reader_fill(&c->rd, c->rfd);
+    ssize_t n = peer_read(c);
     if (n == 0)
         return fail(c, "agent_lost", "the %s closed the connection", c->peer);
-    if (n < 0 && errno != EAGAIN && errno != EINTR)
-        return fail(c, "agent_lost", "reading from the %s: %s", c->peer, strerror(errno));
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+        return fail(c, "agent_lost", "reading from the %s: %s", c->peer, peer_error(c, errno));
     const char *data;
     uint32_t len;
     struct sp_err err;
@@ -158,14 +159,18 @@ int cmd_attach(struct ctl *c, const struct cmd *cmd, int *status)
     next_read(&at);
     bool in_eof = false;
     while (!at.done) {
-        struct pollfd p[3] = {{.fd = c->rfd, .events = POLLIN},
+        struct pollfd p[3] = {{.fd = c->rfd, .events = peer_events(c)},
                               {.fd = c->sigfd, .events = POLLIN},
                               {.fd = in_eof ? -1 : STDIN_FILENO, .events = POLLIN}};
-        if (poll(p, 3, 1000) < 0) {
+        /* Records TLS already decrypted: the socket will not wake us. */
+        bool pending = peer_pending(c);
+        if (poll(p, 3, pending ? 0 : 1000) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
+        if (pending)
+            p[0].revents |= POLLIN;
         if (p[1].revents & POLLIN) {
             struct signalfd_siginfo si;
             if (read(c->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {

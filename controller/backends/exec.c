@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "tls_ca.h"
 
 #define STOP_GRACE_S 5.0
 #define LIST_MAX_OUT (1 << 20)
@@ -40,9 +41,10 @@ struct probe {
 };
 
 static const char *const placeholders[] = {
-    "agent_id", "profile",  "controller", "slots",       "image",     "token",
-    "cpu",      "memory",   "memory_mb",  "slot_memory", "slot_disk", "slot_inodes",
-    "gpu",      "data_dir", "isolation",  "state_dir",   "agent_bin", NULL,
+    "agent_id", "profile",  "controller",      "slots",          "image",     "token",
+    "cpu",      "memory",   "memory_mb",       "slot_memory",    "slot_disk", "slot_inodes",
+    "gpu",      "data_dir", "isolation",       "state_dir",      "agent_bin", "tls_cert",
+    "tls_key",  "tls_ca",   "tls_client_cert", "tls_client_key", NULL,
 };
 
 /* ---- templates ----------------------------------------------------------- */
@@ -93,6 +95,20 @@ static void ph_value(const struct ctl *c, const struct profile *p, const struct 
         snprintf(out, cap, "%s", c->state_dir);
     else if (!strcmp(name, "agent_bin"))
         snprintf(out, cap, "%s", c->agent_bin ? c->agent_bin : "");
+    else if (!strncmp(name, "tls_client_", 11)) {
+        /* the controller's own client identity: for relays that reach a
+         * daemon's tls: listener on the controller's behalf */
+        const char *f =
+            tls_file(c, !strcmp(name, "tls_client_cert") ? TLS_CLIENT_CERT : TLS_CLIENT_KEY);
+        snprintf(out, cap, "%s", f ? f : "");
+    } else if (!strncmp(name, "tls_", 4) && ag) {
+        char cert[1024], key[1024], ca[1024];
+        tls_agent_paths(c, ag, cert, key, ca, sizeof cert);
+        snprintf(out, cap, "%s",
+                 !strcmp(name, "tls_cert")  ? cert
+                 : !strcmp(name, "tls_key") ? key
+                                            : ca);
+    }
 }
 
 static bool ph_known(const char *name, size_t n)
@@ -233,6 +249,16 @@ static void child_exec(struct ctl *c, struct agent *ag, char **argv)
     }
     if (*c->agent_token)
         setenv("SLOT_AGENT_TOKEN", c->agent_token, 1);
+    if (ag) {
+        /* the same paths as {tls_cert}, {tls_key}, {tls_ca} */
+        char cert[1024], key[1024], ca[1024];
+        tls_agent_paths(c, ag, cert, key, ca, sizeof cert);
+        if (*cert) {
+            setenv("SLOT_TLS_CERT", cert, 1);
+            setenv("SLOT_TLS_KEY", key, 1);
+            setenv("SLOT_TLS_CA", ca, 1);
+        }
+    }
     if (!argv[0] || !*argv[0]) {
         dprintf(2, "slot-controller: empty command template\n");
         _exit(127);
@@ -468,6 +494,10 @@ static void set_data_dir(struct ctl *c, struct agent *ag, bool create)
 static int exec_start_agent(struct ctl *c, struct agent *ag, struct sp_err *err)
 {
     if (ensure_token(c, err) < 0)
+        return -1;
+    /* Its certificate, in files the templates name; removed with the
+     * agent (agent_free), whatever way it goes. */
+    if (tls_profile_issues(ag->prof) && tls_agent_issue(c, ag, true, NULL, err) < 0)
         return -1;
     set_data_dir(c, ag, true);
     if (ag->prof->exec_start.n) {
@@ -738,6 +768,14 @@ static int exec_list_agents(struct ctl *c, struct profile *p)
         struct agent *ag = agent_new(c, p, line);
         ag->reattached = true;
         set_data_dir(c, ag, false);
+        if (tls_profile_issues(p)) {
+            /* Its files from the earlier run stay its own; a renewal once
+             * it is ready tells the controller their lifetime. */
+            char cert[1024], key[1024], ca[1024];
+            ag->tls_files = true;
+            tls_agent_paths(c, ag, cert, key, ca, sizeof cert);
+            ag->tls_issued = access(cert, R_OK) == 0;
+        }
         if (exec_attach(c, ag, &err) < 0) {
             log_warn("agent %s from an earlier run: cannot attach (%s); stopping it", line,
                      err.msg);
@@ -757,7 +795,7 @@ static bool exec_persistent(const struct profile *p)
     return p->exec_start.n > 0;
 }
 
-static int check_template(const struct profile *p, const char *what, const struct strlist *t,
+static int check_template(struct profile *p, const char *what, const struct strlist *t,
                           struct sp_err *err)
 {
     for (size_t i = 0; i < t->n; i++)
@@ -770,8 +808,17 @@ static int check_template(const struct profile *p, const char *what, const struc
                                "profile '%s': exec.%s: unknown placeholder %.*s (known: agent_id, "
                                "profile, controller, slots, image, token, cpu, memory, memory_mb, "
                                "slot_memory, slot_disk, slot_inodes, gpu, data_dir, isolation, "
-                               "state_dir, agent_bin)",
+                               "state_dir, agent_bin, tls_cert, tls_key, tls_ca, tls_client_cert, "
+                               "tls_client_key)",
                                p->name, what, (int)n, s);
+            if (!strncmp(s, "{tls_", 5)) {
+                if (!tls_profile_on(p))
+                    return sp_errf(err, SP_BAD_REQUEST,
+                                   "profile '%s': exec.%s uses %.*s but the profile has tls: off",
+                                   p->name, what, (int)n, s);
+                if (strncmp(s, "{tls_client_", 12))
+                    p->tls_used = true;
+            }
             if (!strncmp(s, "{image}", 7) && !p->image)
                 return sp_errf(err, SP_BAD_REQUEST,
                                "profile '%s': exec.%s uses {image} but the profile has no image",

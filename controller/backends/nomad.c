@@ -28,6 +28,7 @@
 
 #include "ctl.h"
 #include "http.h"
+#include "tls_ca.h"
 
 /* Nomad's own default for blocking queries: an idle agent costs one
  * request per 5 minutes, woken at once by any change to its allocations. */
@@ -478,7 +479,13 @@ static void cio_cb(struct ev_loop *loop, ev_io *w, int revents)
     a->phase = NP_READY;
     *ag->error = 0; /* "waiting for Nomad: ..." is over */
     ev_timer_stop(loop, &a->deadline);
-    agent_stream_ready(ag->ctl, ag, fd);
+    if (!tls_profile_on(ag->prof)) {
+        agent_stream_ready(ag->ctl, ag, fd);
+        return;
+    }
+    char where[100];
+    snprintf(where, sizeof where, "tcp:%s:%d", a->host, a->port);
+    agent_stream_ready_tls(ag->ctl, ag, fd, where);
 }
 
 /* Begin a non-blocking connect to the allocation's address; refusals retry
@@ -562,8 +569,8 @@ static void on_alloc(void *ctx, const struct http_resp *r)
     }
     a->restarts = task_restarts(j);
     json_decref(j);
-    snprintf(ag->address, sizeof ag->address, "tcp:%s:%d (nomad alloc %.8s)", a->host, a->port,
-             a->alloc_id);
+    snprintf(ag->address, sizeof ag->address, "%s:%s:%d (nomad alloc %.8s)",
+             tls_profile_on(ag->prof) ? "tls" : "tcp", a->host, a->port, a->alloc_id);
     a->phase = NP_CONNECT;
     if (connect_try(c, ag, why, sizeof why) < 0) {
         fail_start(c, ag, why);
@@ -875,8 +882,8 @@ static void probe_running(struct agent *ag, json_t *alloc, char *why, size_t cap
                  a->host, a->port, host, port);
         snprintf(a->host, sizeof a->host, "%s", host);
         a->port = port;
-        snprintf(ag->address, sizeof ag->address, "tcp:%s:%d (nomad alloc %.8s)", a->host, a->port,
-                 a->alloc_id);
+        snprintf(ag->address, sizeof ag->address, "%s:%s:%d (nomad alloc %.8s)",
+                 tls_profile_on(ag->prof) ? "tls" : "tcp", a->host, a->port, a->alloc_id);
     }
     int n = task_restarts(alloc);
     if (n > a->restarts)
@@ -1046,7 +1053,7 @@ static void hcl_var(char **buf, size_t *len, const char *k, const char *v)
 {
     bool raw = *v && (strspn(v, "0123456789.") == strlen(v) || *v == '[' || *v == '{' ||
                       !strcmp(v, "true") || !strcmp(v, "false"));
-    size_t need = strlen(k) + 2 * strlen(v) + 16;
+    size_t need = strlen(k) + 2 * strlen(v) + 16; /* each byte escaped at most once */
     *buf = realloc(*buf, *len + need);
     if (!*buf)
         abort();
@@ -1061,7 +1068,13 @@ static void hcl_var(char **buf, size_t *len, const char *k, const char *v)
                 *o++ = '\\';
             if (*s == '$' && s[1] == '{')
                 *o++ = '$'; /* no interpolation: ${ is written $${ */
-            *o++ = *s == '\n' ? ' ' : *s;
+            if (*s == '\n') {
+                /* kept (PEM files are lines): an escape HCL reads back */
+                *o++ = '\\';
+                *o++ = 'n';
+                continue;
+            }
+            *o++ = *s;
         }
         *o++ = '"';
     }
@@ -1110,6 +1123,46 @@ static int nomad_start(struct ctl *c, struct agent *ag, struct sp_err *err)
     snprintf(num, sizeof num, "%u", p->slots_per_agent);
     hcl_var(&vars, &len, "slots", num);
     hcl_var(&vars, &len, "token", ag->token);
+    /* Its certificate, key and our CA, as the token travels: job variables
+     * the templates write to secrets/ files. */
+    if (tls_profile_issues(p)) {
+        struct tls_pem pem;
+        if (tls_agent_issue(c, ag, false, &pem, err) < 0) {
+            explicit_bzero(vars, len);
+            free(vars);
+            return -1;
+        }
+        size_t n = 0;
+        char *ca = NULL;
+        FILE *f = fopen(tls_file(c, TLS_CA_CERT), "re");
+        if (f) {
+            ca = calloc(1, 16384);
+            n = ca ? fread(ca, 1, 16383, f) : 0;
+            fclose(f);
+        }
+        hcl_var(&vars, &len, "tls_cert", pem.cert);
+        hcl_var(&vars, &len, "tls_key", pem.key);
+        hcl_var(&vars, &len, "tls_ca", ca && n ? ca : "");
+        free(ca);
+        tls_pem_free(&pem);
+    } else if (p->tls_cert) {
+        /* a site's own files, read here and passed the same way */
+        const char *files[3] = {p->tls_cert, p->tls_key, p->tls_ca};
+        const char *names[3] = {"tls_cert", "tls_key", "tls_ca"};
+        for (int i = 0; i < 3; i++) {
+            char *b = files[i] ? read_file(files[i], err) : NULL;
+            if (files[i] && !b) {
+                explicit_bzero(vars, len);
+                free(vars);
+                return -1;
+            }
+            hcl_var(&vars, &len, names[i], b ? b : "");
+            if (b) {
+                explicit_bzero(b, strlen(b));
+                free(b);
+            }
+        }
+    }
     if (p->image)
         hcl_var(&vars, &len, "image", p->image);
     if (p->cpu > 0) {
@@ -1329,6 +1382,8 @@ static int nomad_list(struct ctl *c, struct profile *p)
             continue;
         struct agent *ag = agent_new(c, p, aid);
         ag->reattached = true;
+        /* Its certificate's lifetime is unknown here: renewed once ready. */
+        ag->tls_issued = tls_profile_issues(p);
         struct nagent *a = nagent_new(ag);
         snprintf(ag->address, sizeof ag->address, "nomad job %s", a->job_id);
         a->phase = NP_WATCH;

@@ -9,12 +9,17 @@
  * failures are counted and the first few printed. Figures and target
  * comparisons are printed ("ok"/"MISS"); timings are never asserted: the
  * exit status is 0 unless the setup fails (agent cannot be started or
- * reached, dies, or stops answering). See tests/bench/README.md. */
+ * reached, dies, or stops answering). See tests/bench/README.md.
+ *
+ * --tls DIR instead compares TLS 1.3 links (proto/tls.c) with plaintext TCP
+ * on one agent listening on both, and prints JSON for tests/bench/tls.py. */
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <limits.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -32,6 +37,7 @@
 #include <unistd.h>
 
 #include "slotproto.h"
+#include "tls.h"
 
 extern char **environ;
 
@@ -40,7 +46,8 @@ extern char **environ;
 #define MAX_RESULTS 96
 #define WARMUP_OPS 200
 #define WARMUP_CONC 8
-#define START_TIMEOUT_S 5.0
+/* a busy host: the agent's start-up (a filesystem per slot) alone can take seconds */
+#define START_TIMEOUT_S 30.0
 #define STOP_TIMEOUT_S 5.0
 #define STALL_TIMEOUT_S 30.0
 #define RSS_SAMPLE_S 0.002
@@ -691,18 +698,33 @@ out:
 
 /* ---- the agent process -------------------------------------------------- */
 
+static bool rm_quiet;
+
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)st;
     (void)ftw;
-    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 && errno != ENOENT)
+    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 && errno != ENOENT && !rm_quiet)
         fprintf(stderr, "bench: cannot remove %s: %s\n", path, strerror(errno));
     return 0;
 }
 
 static void remove_tree(const char *dir)
 {
-    if (dir[0])
+    if (!dir[0])
+        return;
+    /* The agent's filesystem guardian may still be unmounting the slots'
+     * filesystems after the agent exited: try again for a few seconds,
+     * and only the last try's failures are reported. */
+    rm_quiet = true;
+    for (int i = 0; i < 50; i++) {
+        nftw(dir, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+        if (access(dir, F_OK) < 0)
+            break;
+        sleep_s(0.1);
+    }
+    rm_quiet = false;
+    if (access(dir, F_OK) == 0)
         nftw(dir, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
 }
 
@@ -1053,18 +1075,765 @@ static void report_text(const struct bench *b, const struct target *t, int nt)
     }
 }
 
+/* ---- TLS against plaintext (--tls DIR) ----------------------------------- */
+
+/* One agent listening on both tcp:127.0.0.1 and tls:127.0.0.1 (the same
+ * token on both), measured side by side in one run, the sides interleaved
+ * round by round so that both share whatever else the host does. DIR holds
+ * ca.pem, agent.pem/.key (serverAuth), client.pem/.key (clientAuth) and
+ * token; tests/bench/tls.py makes them and prints the figures. */
+
+#define TLS_HS_N 200
+#define TLS_ROUNDS 10
+/* Rounds stop early past this (a loaded host): the whole bench must stay
+ * well under two minutes; the report says how many rounds ran. */
+#define TLS_EXEC_BUDGET_S 40.0
+#define TLS_BULK_BYTES (16u << 20)
+#define TLS_BULK_REPS 4
+#define TLS_IO_TIMEOUT_S 30.0
+
+struct tconn {
+    int fd;
+    struct sp_tls *tls; /* NULL: plaintext */
+    struct sp_reader rd;
+    struct sp_writer wr;
+    uint64_t id;
+    double t0;
+    bool busy;
+    int slot;
+};
+
+struct tside {
+    const char *name;
+    bool tls;
+    int port;
+    double hs[TLS_HS_N];
+    int nhs;
+    double *lat1;
+    int nlat1;
+    double *ping; /* `health` round trips at c=1: the link alone, no process */
+    int nping;
+    double secs32;
+    int ops32;
+    unsigned errors;
+    double up_s[TLS_BULK_REPS], down_s[TLS_BULK_REPS];
+    int nup, ndown;
+    struct tconn conns[NSLOTS];
+    int nconns;
+};
+
+struct tlsbench {
+    struct bench *b;
+    struct sp_tls_ctx *ctx;
+    char token[256];
+    char dir[PATH_MAX];
+    struct tside side[2]; /* 0 plaintext, 1 TLS */
+    const char *cipher;
+    char cipher_buf[96];
+    int rounds; /* exec rounds run (TLS_ROUNDS unless over budget) */
+};
+
+static int tcp_connect_port(int port)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    /* Both sides alike: no Nagle wait behind a small write (the handshake
+     * sends several). */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    return fd;
+}
+
+static void tc_close(struct tconn *c)
+{
+    if (c->tls) {
+        sp_tls_shutdown(c->tls);
+        sp_tls_free(c->tls);
+        c->tls = NULL;
+    }
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    sp_reader_free(&c->rd);
+    sp_writer_free(&c->wr);
+}
+
+static ssize_t tc_flush(struct tconn *c)
+{
+    return c->tls ? sp_tls_writer_flush(&c->wr, c->tls) : sp_writer_flush(&c->wr, c->fd);
+}
+
+/* Reads what the socket has; over TLS also what TLS decrypted and holds
+ * (a level-triggered poll would not report it). >0 read, 0 EOF, -1 errno. */
+static ssize_t tc_fill(struct tconn *c)
+{
+    if (!c->tls)
+        return sp_reader_fill(&c->rd, c->fd);
+    ssize_t total = 0, n;
+    do {
+        n = sp_tls_reader_fill(&c->rd, c->tls);
+        if (n > 0)
+            total += n;
+    } while (n > 0 && sp_tls_pending(c->tls));
+    if (total > 0)
+        return total;
+    return n;
+}
+
+static short tc_events(const struct tconn *c)
+{
+    bool out = sp_writer_pending(&c->wr) > 0;
+    if (c->tls && (sp_tls_want(c->tls) & SP_TLS_WANT_WRITE))
+        out = true;
+    return (short)(POLLIN | (out ? POLLOUT : 0));
+}
+
+static const char *tc_why(const struct tconn *c, ssize_t n)
+{
+    if (n == 0)
+        return "EOF";
+    if (c->tls && sp_tls_error(c->tls) && *sp_tls_error(c->tls))
+        return sp_tls_error(c->tls);
+    return strerror(errno);
+}
+
+/* Waits for the final answer to c->id (stream events skipped); calls check
+ * on it. 1 good, 0 bad answer (why), -1 the connection failed (why). */
+static int tc_wait(struct tconn *c, int (*check)(const char *, uint32_t, void *), void *arg,
+                   char *why, size_t whylen)
+{
+    double end = now() + TLS_IO_TIMEOUT_S;
+    for (;;) {
+        if (tc_flush(c) < 0 && errno != EAGAIN) {
+            snprintf(why, whylen, "send: %s", tc_why(c, -1));
+            return -1;
+        }
+        const char *data;
+        uint32_t len;
+        struct sp_err err;
+        int r;
+        while ((r = sp_reader_next(&c->rd, &data, &len, &err)) == 1) {
+            int v = check(data, len, arg);
+            if (v != 2) {
+                c->busy = false;
+                if (v == 0)
+                    snprintf(why, whylen, "unexpected answer");
+                return v;
+            }
+        }
+        if (r < 0) {
+            snprintf(why, whylen, "bad frame: %.300s", err.msg);
+            return -1;
+        }
+        struct pollfd p = {.fd = c->fd, .events = tc_events(c)};
+        double left = end - now();
+        if (left <= 0 || g_stop) {
+            if (g_stop)
+                snprintf(why, whylen, "interrupted");
+            else
+                snprintf(why, whylen, "no answer in %.0f s", TLS_IO_TIMEOUT_S);
+            return -1;
+        }
+        if (poll(&p, 1, (int)(left * 1000) + 1) < 0 && errno != EINTR) {
+            snprintf(why, whylen, "poll: %s", strerror(errno));
+            return -1;
+        }
+        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = tc_fill(c);
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+                snprintf(why, whylen, "read: %s", tc_why(c, n));
+                return -1;
+            }
+        }
+    }
+}
+
+/* The final answer to a request: ok (any result). */
+static int check_ok(const char *data, uint32_t len, void *arg)
+{
+    (void)arg;
+    msgpack_unpacked u;
+    struct sp_err err;
+    int rc = 0;
+    msgpack_unpacked_init(&u);
+    if (sp_unpack(data, len, &u, &err) == 0 && u.data.type == MSGPACK_OBJECT_MAP) {
+        bool ok = false;
+        if (sp_map_get(&u.data, "event"))
+            rc = 2;
+        else if (sp_get_bool(&u.data, "ok", true, &ok, &err) == 1 && ok)
+            rc = 1;
+    }
+    msgpack_unpacked_destroy(&u);
+    return rc;
+}
+
+/* read_file's answer: ok and exactly *want bytes of data. */
+static int check_read(const char *data, uint32_t len, void *arg)
+{
+    size_t want = *(const size_t *)arg;
+    msgpack_unpacked u;
+    struct sp_err err;
+    int rc = 0;
+    msgpack_unpacked_init(&u);
+    if (sp_unpack(data, len, &u, &err) == 0 && u.data.type == MSGPACK_OBJECT_MAP) {
+        const msgpack_object *res = NULL;
+        const char *p;
+        size_t n = 0;
+        if (sp_map_get(&u.data, "event"))
+            rc = 2;
+        else if (sp_get_map(&u.data, "result", true, &res, &err) == 1 &&
+                 sp_get_bin(res, "data", true, &p, &n, &err) == 1 && n == want)
+            rc = 1;
+    }
+    msgpack_unpacked_destroy(&u);
+    return rc;
+}
+
+/* Connects one side's connection: TCP, the TLS handshake when the side
+ * is TLS, then hello with the token. 0, or -1 with why. */
+static int tc_open(struct tlsbench *tb, struct tside *s, struct tconn *c, char *why, size_t wl)
+{
+    *c = (struct tconn){.fd = -1};
+    sp_reader_init(&c->rd, SP_DEFAULT_MAX_FRAME);
+    sp_writer_init(&c->wr, 0);
+    c->fd = tcp_connect_port(s->port);
+    if (c->fd < 0) {
+        snprintf(why, wl, "connect 127.0.0.1:%d: %s", s->port, strerror(errno));
+        return -1;
+    }
+    if (s->tls) {
+        struct sp_err err;
+        /* the agent's certificate names "slot-bench-agent": check it as the
+         * controller checks an agent id */
+        c->tls = sp_tls_new(tb->ctx, c->fd, "slot-bench-agent", &err);
+        if (!c->tls) {
+            snprintf(why, wl, "TLS: %.300s", err.msg);
+            return -1;
+        }
+        double end = now() + TLS_IO_TIMEOUT_S;
+        int r;
+        while ((r = sp_tls_handshake(c->tls, &err)) == 0) {
+            struct pollfd p = {
+                .fd = c->fd,
+                .events = (short)((sp_tls_want(c->tls) & SP_TLS_WANT_WRITE) ? POLLOUT : POLLIN)};
+            double left = end - now();
+            if (left <= 0 || g_stop) {
+                snprintf(why, wl, "TLS handshake: no progress in %.0f s", TLS_IO_TIMEOUT_S);
+                return -1;
+            }
+            if (poll(&p, 1, (int)(left * 1000) + 1) < 0 && errno != EINTR) {
+                snprintf(why, wl, "poll: %s", strerror(errno));
+                return -1;
+            }
+        }
+        if (r < 0) {
+            snprintf(why, wl, "TLS handshake: %.300s", err.msg);
+            return -1;
+        }
+        if (!tb->cipher) {
+            snprintf(tb->cipher_buf, sizeof tb->cipher_buf, "%s", sp_tls_describe(c->tls));
+            tb->cipher = tb->cipher_buf;
+        }
+    }
+    msgpack_packer pk;
+    struct sp_err err;
+    sp_writer_begin_frame(&c->wr);
+    sp_writer_packer(&c->wr, &pk);
+    sp_pack_request_head(&pk, ++c->id, "hello", true);
+    msgpack_pack_map(&pk, 2);
+    sp_pack_kv_str(&pk, "token", tb->token);
+    sp_pack_kv_str(&pk, "client", "bench-agent-exec");
+    if (sp_writer_end_frame(&c->wr, &err) < 0) {
+        snprintf(why, wl, "hello: %.300s", err.msg);
+        return -1;
+    }
+    char w2[300];
+    int v = tc_wait(c, check_ok, NULL, w2, sizeof w2);
+    if (v != 1) {
+        snprintf(why, wl, "hello: %s", v == 0 ? "refused (token?)" : w2);
+        return -1;
+    }
+    return 0;
+}
+
+/* 1. connect + (handshake +) hello, TLS_HS_N times a side, alternating. */
+static int tls_handshakes(struct tlsbench *tb)
+{
+    char why[400];
+    for (int i = 0; i < TLS_HS_N; i++) {
+        for (int k = 0; k < 2; k++) {
+            struct tside *s = &tb->side[(i + k) % 2]; /* who goes first alternates */
+            struct tconn c;
+            double t0 = now();
+            int rc = tc_open(tb, s, &c, why, sizeof why);
+            double dt = now() - t0;
+            tc_close(&c);
+            if (rc < 0) {
+                fprintf(stderr, "bench: %s side: %s\n", s->name, why);
+                explain_agent_loss(tb->b);
+                return -1;
+            }
+            s->hs[s->nhs++] = dt;
+        }
+    }
+    return 0;
+}
+
+/* Exec `true` keeping n of the side's connections busy until ops answers
+ * arrived; latencies appended to lat (when given). Returns the wall time,
+ * or -1 on a failure. */
+static double tls_exec_run(struct tlsbench *tb, struct tside *s, int n, int ops, double *lat,
+                           int *nlat)
+{
+    struct pollfd pfd[NSLOTS];
+    char why[400];
+    int started = 0, done = 0;
+    double t0 = now(), progress = t0;
+    while (done < ops) {
+        if (g_stop)
+            return -1;
+        for (int i = 0; i < n && started < ops; i++) {
+            struct tconn *c = &s->conns[i];
+            if (c->busy)
+                continue;
+            msgpack_packer pk;
+            struct sp_err err;
+            sp_writer_begin_frame(&c->wr);
+            sp_writer_packer(&c->wr, &pk);
+            sp_pack_request_head(&pk, ++c->id, "exec", true);
+            msgpack_pack_map(&pk, 2);
+            sp_pack_kv_uint(&pk, "slot", (uint64_t)c->slot);
+            sp_pack_kv_str(&pk, "cmd", "true");
+            if (sp_writer_end_frame(&c->wr, &err) < 0)
+                return -1;
+            c->t0 = now();
+            c->busy = true;
+            if (tc_flush(c) < 0 && errno != EAGAIN) {
+                fprintf(stderr, "bench: %s: send: %s\n", s->name, tc_why(c, -1));
+                return -1;
+            }
+            started++;
+        }
+        for (int i = 0; i < n; i++)
+            pfd[i] = (struct pollfd){.fd = s->conns[i].fd, .events = tc_events(&s->conns[i])};
+        int pn = poll(pfd, (nfds_t)n, 1000);
+        if (pn < 0 && errno != EINTR)
+            return -1;
+        if (now() - progress > STALL_TIMEOUT_S) {
+            fprintf(stderr, "bench: %s: no answer for %.0f s\n", s->name, STALL_TIMEOUT_S);
+            return -1;
+        }
+        for (int i = 0; i < n && pn > 0; i++) {
+            struct tconn *c = &s->conns[i];
+            if (!pfd[i].revents)
+                continue;
+            if ((pfd[i].revents & POLLOUT) && tc_flush(c) < 0 && errno != EAGAIN) {
+                fprintf(stderr, "bench: %s: send: %s\n", s->name, tc_why(c, -1));
+                return -1;
+            }
+            if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t got = tc_fill(c);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+                fprintf(stderr, "bench: %s: connection %d: %s\n", s->name, i, tc_why(c, got));
+                explain_agent_loss(tb->b);
+                return -1;
+            }
+            const char *data;
+            uint32_t len;
+            struct sp_err err;
+            int r;
+            while ((r = sp_reader_next(&c->rd, &data, &len, &err)) == 1) {
+                int v = check_answer(data, len, c->id, 0, why, sizeof why);
+                if (v == 2 || !c->busy)
+                    continue;
+                if (lat)
+                    lat[(*nlat)++] = now() - c->t0;
+                done++;
+                c->busy = false;
+                progress = now();
+                if (v == 0) {
+                    s->errors++;
+                    note_error(tb->b, s->name, "true", n, why);
+                }
+            }
+            if (r < 0) {
+                fprintf(stderr, "bench: %s: bad frame: %s\n", s->name, err.msg);
+                return -1;
+            }
+        }
+    }
+    return now() - t0;
+}
+
+/* n `health` round trips on the side's first connection, one at a time;
+ * latencies appended to s->ping. 0, or -1. */
+static int tls_ping_run(struct tside *s, int n)
+{
+    struct tconn *c = &s->conns[0];
+    char why[400];
+    for (int i = 0; i < n; i++) {
+        msgpack_packer pk;
+        struct sp_err err;
+        double t0 = now();
+        sp_writer_begin_frame(&c->wr);
+        sp_writer_packer(&c->wr, &pk);
+        sp_pack_request_head(&pk, ++c->id, "health", false);
+        if (sp_writer_end_frame(&c->wr, &err) < 0)
+            return -1;
+        if (tc_wait(c, check_ok, NULL, why, sizeof why) != 1) {
+            fprintf(stderr, "bench: %s: health: %s\n", s->name, why);
+            return -1;
+        }
+        s->ping[s->nping++] = now() - t0;
+    }
+    return 0;
+}
+
+/* One bulk transfer on the side's first connection: write_file of
+ * TLS_BULK_BYTES (up) or read_file of it (down). Seconds, or -1. */
+static double tls_bulk(struct tside *s, bool up, const char *payload)
+{
+    struct tconn *c = &s->conns[0];
+    char why[400];
+    msgpack_packer pk;
+    struct sp_err err;
+    double t0 = now();
+    sp_writer_begin_frame(&c->wr);
+    sp_writer_packer(&c->wr, &pk);
+    sp_pack_request_head(&pk, ++c->id, up ? "write_file" : "read_file", true);
+    msgpack_pack_map(&pk, up ? 3 : 2);
+    sp_pack_kv_uint(&pk, "slot", 0);
+    sp_pack_kv_str(&pk, "path", "bulk.bin");
+    if (up)
+        sp_pack_kv_bin(&pk, "data", payload, TLS_BULK_BYTES);
+    if (sp_writer_end_frame(&c->wr, &err) < 0) {
+        fprintf(stderr, "bench: bulk: %s\n", err.msg);
+        return -1;
+    }
+    size_t want = TLS_BULK_BYTES;
+    int v = up ? tc_wait(c, check_ok, NULL, why, sizeof why)
+               : tc_wait(c, check_read, &want, why, sizeof why);
+    if (v != 1) {
+        fprintf(stderr, "bench: %s: bulk %s: %s\n", s->name, up ? "write_file" : "read_file",
+                v == 0 ? "bad answer" : why);
+        return -1;
+    }
+    return now() - t0;
+}
+
+static void json_lat(const char *key, double *lat, int n)
+{
+    qsort(lat, (size_t)n, sizeof *lat, cmp_double);
+    printf("\"%s\": {\"n\": %d, \"p50_ms\": ", key, n);
+    json_num(percentile(lat, n, 0.5) * 1e3, 4);
+    printf(", \"p99_ms\": ");
+    json_num(percentile(lat, n, 0.99) * 1e3, 4);
+    printf(", \"max_ms\": ");
+    json_num(n ? lat[n - 1] * 1e3 : NAN, 4);
+    printf("}");
+}
+
+static double best_mbs(const double *secs, int n)
+{
+    double best = 0;
+    for (int i = 0; i < n; i++)
+        if (secs[i] > 0 && TLS_BULK_BYTES / secs[i] / 1e6 > best)
+            best = TLS_BULK_BYTES / secs[i] / 1e6;
+    return best;
+}
+
+static double median_mbs(double *secs, int n)
+{
+    if (!n)
+        return NAN;
+    qsort(secs, (size_t)n, sizeof *secs, cmp_double);
+    return TLS_BULK_BYTES / percentile(secs, n, 0.5) / 1e6;
+}
+
+static void tls_report(struct tlsbench *tb)
+{
+    printf("{\"mode\": \"tls\", \"agent\": ");
+    json_str(tb->b->agent_bin);
+    printf(", \"cipher\": ");
+    json_str(tb->cipher ? tb->cipher : "?");
+    printf(", \"rounds\": %d, \"rounds_planned\": %d, \"errors\": %lu,\n \"sides\": {", tb->rounds,
+           TLS_ROUNDS, tb->b->errors_total);
+    for (int k = 0; k < 2; k++) {
+        struct tside *s = &tb->side[k];
+        printf("%s\n  \"%s\": {", k ? "," : "", s->name);
+        json_lat("handshake", s->hs, s->nhs);
+        printf(", ");
+        json_lat("exec_c1", s->lat1, s->nlat1);
+        printf(", ");
+        json_lat("health_c1", s->ping, s->nping);
+        printf(", \"c32\": {\"ops\": %d, \"seconds\": ", s->ops32);
+        json_num(s->secs32, 4);
+        printf(", \"ops_per_s\": ");
+        json_num(s->secs32 > 0 ? s->ops32 / s->secs32 : NAN, 1);
+        printf("}, \"bulk_bytes\": %u, \"write_file_mb_s\": ", TLS_BULK_BYTES);
+        json_num(median_mbs(s->up_s, s->nup), 1);
+        printf(", \"write_file_best_mb_s\": ");
+        json_num(best_mbs(s->up_s, s->nup), 1);
+        printf(", \"read_file_mb_s\": ");
+        json_num(median_mbs(s->down_s, s->ndown), 1);
+        printf(", \"read_file_best_mb_s\": ");
+        json_num(best_mbs(s->down_s, s->ndown), 1);
+        printf(", \"errors\": %u}", s->errors);
+    }
+    printf("}}\n");
+}
+
+static int tls_read_small(const char *dir, const char *name, char *out, size_t cap)
+{
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        fprintf(stderr, "bench: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    size_t n = fread(out, 1, cap - 1, f);
+    fclose(f);
+    while (n && (out[n - 1] == '\n' || out[n - 1] == '\r'))
+        n--;
+    out[n] = 0;
+    return 0;
+}
+
+static int free_tcp_port(void)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+        getsockname(fd, (struct sockaddr *)&sa, &sl) < 0) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    close(fd);
+    return ntohs(sa.sin_port);
+}
+
+/* Starts the agent with both listeners; waits until both accept. */
+static int tls_start_agent(struct tlsbench *tb)
+{
+    struct agent *ag = &tb->b->ag;
+    const char *tmp = getenv("TMPDIR");
+    if (!tmp || !*tmp)
+        tmp = "/var/tmp";
+    if (snprintf(ag->dir, sizeof ag->dir, "%s/slot-bench-tls-XXXXXX", tmp) >= (int)sizeof ag->dir ||
+        !mkdtemp(ag->dir)) {
+        fprintf(stderr, "bench: cannot create a temp dir in %s: %s\n", tmp, strerror(errno));
+        ag->dir[0] = 0;
+        return -1;
+    }
+    chmod(ag->dir, 0755);
+    for (int k = 0; k < 2; k++)
+        tb->side[k].port = free_tcp_port();
+    if (tb->side[0].port <= 0 || tb->side[1].port <= 0 || tb->side[0].port == tb->side[1].port) {
+        fprintf(stderr, "bench: no free TCP ports\n");
+        return -1;
+    }
+    char plain[64], tls[64], data[PATH_MAX + 8], cert[PATH_MAX + 16], key[PATH_MAX + 16],
+        ca[PATH_MAX + 16], token[PATH_MAX + 16];
+    snprintf(plain, sizeof plain, "tcp:127.0.0.1:%d", tb->side[0].port);
+    snprintf(tls, sizeof tls, "tls:127.0.0.1:%d", tb->side[1].port);
+    snprintf(data, sizeof data, "%s/data", ag->dir);
+    snprintf(cert, sizeof cert, "%s/agent.pem", tb->dir);
+    snprintf(key, sizeof key, "%s/agent.key", tb->dir);
+    snprintf(ca, sizeof ca, "%s/ca.pem", tb->dir);
+    snprintf(token, sizeof token, "%s/token", tb->dir);
+    char *argv[] = {(char *)tb->b->agent_bin,
+                    "--listen",
+                    plain,
+                    "--listen",
+                    tls,
+                    "--tls-cert",
+                    cert,
+                    "--tls-key",
+                    key,
+                    "--tls-ca",
+                    ca,
+                    "--token-file",
+                    token,
+                    "--slots",
+                    "32",
+                    "--data-dir",
+                    data,
+                    "--log-level",
+                    "warn",
+                    NULL};
+    posix_spawnattr_t attr;
+    sigset_t def;
+    posix_spawnattr_init(&attr);
+    sigemptyset(&def);
+    sigaddset(&def, SIGPIPE);
+    posix_spawnattr_setsigdefault(&attr, &def);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGDEF);
+    int rc = posix_spawn(&ag->pid, tb->b->agent_bin, NULL, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0) {
+        fprintf(stderr, "bench: cannot run %s: %s\n", tb->b->agent_bin, strerror(rc));
+        ag->pid = 0;
+        return -1;
+    }
+    double end = now() + START_TIMEOUT_S;
+    int up = 0;
+    while (!g_stop && now() < end && up < 2) {
+        int st;
+        if (waitpid(ag->pid, &st, WNOHANG) == ag->pid) {
+            fprintf(stderr, "bench: the agent exited during start-up (status 0x%x)\n", st);
+            ag->pid = 0;
+            return -1;
+        }
+        up = 0;
+        for (int k = 0; k < 2; k++) {
+            int fd = tcp_connect_port(tb->side[k].port);
+            if (fd >= 0) {
+                close(fd);
+                up++;
+            }
+        }
+        if (up < 2)
+            sleep_s(0.01);
+    }
+    if (up < 2) {
+        fprintf(stderr, "bench: the agent did not listen on %s and %s within %.0f s\n", plain, tls,
+                START_TIMEOUT_S);
+        return -1;
+    }
+    return 0;
+}
+
+static int tls_compare(struct bench *b, const char *dir)
+{
+    static struct tlsbench tb;
+    int rc = -1;
+    char *payload = NULL;
+    tb.b = b;
+    snprintf(tb.dir, sizeof tb.dir, "%s", dir);
+    tb.side[0] = (struct tside){.name = "plaintext", .tls = false};
+    tb.side[1] = (struct tside){.name = "tls", .tls = true};
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < NSLOTS; i++)
+            tb.side[k].conns[i].fd = -1;
+    int ops1 = b->ops, ops32 = b->ops * 2;
+    char cert[PATH_MAX + 16], key[PATH_MAX + 16], ca[PATH_MAX + 16];
+    snprintf(cert, sizeof cert, "%s/client.pem", dir);
+    snprintf(key, sizeof key, "%s/client.key", dir);
+    snprintf(ca, sizeof ca, "%s/ca.pem", dir);
+    struct sp_err err;
+    if (tls_read_small(dir, "token", tb.token, sizeof tb.token) < 0)
+        return -1;
+    tb.ctx = sp_tls_ctx_new(SP_TLS_CLIENT, cert, key, ca, &err);
+    if (!tb.ctx) {
+        fprintf(stderr, "bench: TLS client context: %s\n", err.msg);
+        return -1;
+    }
+    payload = malloc(TLS_BULK_BYTES);
+    for (int k = 0; k < 2; k++) {
+        tb.side[k].lat1 = calloc((size_t)ops1 + TLS_ROUNDS, sizeof(double));
+        tb.side[k].ping = calloc((size_t)ops1 + TLS_ROUNDS, sizeof(double));
+    }
+    if (!payload || !tb.side[0].lat1 || !tb.side[1].lat1 || !tb.side[0].ping || !tb.side[1].ping)
+        goto out;
+    for (size_t i = 0; i < TLS_BULK_BYTES; i++)
+        payload[i] = (char)(i * 2654435761u >> 13); /* not compressible, not all zero */
+    if (tls_start_agent(&tb) < 0)
+        goto out;
+    if (tls_handshakes(&tb) < 0)
+        goto out;
+    char why[400];
+    for (int k = 0; k < 2; k++) {
+        struct tside *s = &tb.side[k];
+        for (; s->nconns < NSLOTS; s->nconns++) {
+            if (tc_open(&tb, s, &s->conns[s->nconns], why, sizeof why) < 0) {
+                fprintf(stderr, "bench: %s side: %s\n", s->name, why);
+                goto out;
+            }
+            s->conns[s->nconns].slot = s->nconns;
+        }
+        /* warm-up, not counted */
+        if (tls_exec_run(&tb, s, 1, 50, NULL, NULL) < 0 ||
+            tls_exec_run(&tb, s, NSLOTS, 200, NULL, NULL) < 0)
+            goto out;
+    }
+    /* 2. and 3.: rounds of c=1 then c=32, plaintext and TLS taking turns
+     * at going first */
+    double exec_t0 = now();
+    for (int r = 0; r < TLS_ROUNDS && (r < 2 || now() - exec_t0 < TLS_EXEC_BUDGET_S); r++) {
+        tb.rounds = r + 1;
+        for (int k = 0; k < 2; k++) {
+            struct tside *s = &tb.side[(r + k) % 2];
+            int n1 = ops1 / TLS_ROUNDS + (r < ops1 % TLS_ROUNDS);
+            if (tls_ping_run(s, n1) < 0 || tls_exec_run(&tb, s, 1, n1, s->lat1, &s->nlat1) < 0)
+                goto out;
+        }
+        for (int k = 0; k < 2; k++) {
+            struct tside *s = &tb.side[(r + k) % 2];
+            int n32 = ops32 / TLS_ROUNDS;
+            double secs = tls_exec_run(&tb, s, NSLOTS, n32, NULL, NULL);
+            if (secs < 0)
+                goto out;
+            s->secs32 += secs;
+            s->ops32 += n32;
+        }
+    }
+    /* 4. bulk, up then down, the sides alternating */
+    for (int r = 0; r < TLS_BULK_REPS; r++) {
+        for (int k = 0; k < 2; k++) {
+            struct tside *s = &tb.side[(r + k) % 2];
+            double up = tls_bulk(s, true, payload);
+            double down = up < 0 ? -1 : tls_bulk(s, false, NULL);
+            if (up < 0 || down < 0)
+                goto out;
+            s->up_s[s->nup++] = up;
+            s->down_s[s->ndown++] = down;
+        }
+    }
+    tls_report(&tb);
+    rc = 0;
+out:
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < NSLOTS; i++)
+            if (tb.side[k].conns[i].fd >= 0)
+                tc_close(&tb.side[k].conns[i]);
+        free(tb.side[k].lat1);
+        free(tb.side[k].ping);
+    }
+    free(payload);
+    sp_tls_ctx_free(tb.ctx);
+    stop_agent(b);
+    return rc;
+}
+
 /* ---- main ---------------------------------------------------------------- */
 
 static void usage(void)
 {
     fprintf(stderr,
             "usage: bench-agent-exec --agent PATH [--ops N] [--levels 1,8,32] [--json] [--rungs] "
-            "[--bwrap]\n"
+            "[--bwrap] [--tls DIR]\n"
             "  --ops N       measured requests per level and side (default 2000)\n"
             "  --levels L    comma-separated concurrency levels, 1..%d (default 1,8,32)\n"
             "  --json        print one JSON object instead of the table\n"
             "  --rungs       also measure the agent with isolation off and one rung at a time\n"
-            "  --bwrap       also measure the floor with every command wrapped in bubblewrap\n",
+            "  --bwrap       also measure the floor with every command wrapped in bubblewrap\n"
+            "  --tls DIR     instead: one agent on tcp: and tls: (certificates and token in DIR),\n"
+            "                handshakes, exec at c=1 and c=32, bulk; JSON (tests/bench/tls.py)\n",
             MAX_CONC);
 }
 
@@ -1146,6 +1915,7 @@ static int run_variant(struct bench *b, const struct variant *v, bool with_floor
 int main(int argc, char **argv)
 {
     struct bench b = {.ops = 2000, .levels = {1, 8, 32}, .nlevels = 3, .floor_side = "floor"};
+    const char *tls_dir = NULL;
     b.rss_idle_kb = b.rss_after_kb = b.rss_peak_kb = b.rss_hwm_kb = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -1171,6 +1941,8 @@ int main(int argc, char **argv)
             b.rungs = true;
         } else if (!strcmp(a, "--bwrap")) {
             b.bwrap = true;
+        } else if (!strcmp(a, "--tls") && i + 1 < argc) {
+            tls_dir = argv[++i];
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage();
             return 0;
@@ -1209,6 +1981,14 @@ int main(int argc, char **argv)
     posix_spawnattr_init(&b.attr);
     posix_spawnattr_setsigdefault(&b.attr, &def);
     posix_spawnattr_setflags(&b.attr, flags);
+
+    if (tls_dir) {
+        int trc = tls_compare(&b, tls_dir);
+        posix_spawnattr_destroy(&b.attr);
+        if (trc < 0)
+            fprintf(stderr, "bench: %s; no figures\n", g_stop ? "interrupted" : "setup failed");
+        return trc < 0 ? 1 : 0;
+    }
 
     int rc = 0;
     size_t nv = b.rungs ? NVARIANTS : 1;

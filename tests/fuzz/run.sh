@@ -15,7 +15,7 @@ trap cleanup EXIT
 clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow \
     -Wno-missing-field-initializers -fsanitize=fuzzer,address,undefined \
     -fno-sanitize-recover=undefined -I"$root/proto" \
-    "$root/tests/fuzz/fuzz_frame.c" "$root"/proto/*.c -lmsgpackc -lmd -o "$work/fuzz_frame"
+    "$root/tests/fuzz/fuzz_frame.c" "$root"/proto/*.c -lmsgpackc -lmd -lwolfssl -o "$work/fuzz_frame"
 
 mkdir -p "$work/corpus"
 /usr/bin/python3 - "$root/proto/vectors/vectors.json" "$work/corpus" <<'PY'

@@ -59,7 +59,7 @@ def test_profile_is_docker_default_plus_the_box() -> None:
 def _start(prefix: str, token_file: Path, *flags: str) -> str:
     return CONTAINERS.run(prefix, *flags, "-p", "127.0.0.1::7070",
                           "-v", f"{token_file}:{TOKEN_PATH}:ro", IMAGE,
-                          "--listen", "tcp:0.0.0.0:7070", "--token-file", TOKEN_PATH,
+                          "--listen", "tcp:0.0.0.0:7070", "--insecure", "--token-file", TOKEN_PATH,
                           "--data-dir", "/data", *AGENT_ARGS)
 
 
@@ -200,7 +200,7 @@ def test_templates_overlay_with_the_profile_and_a_volume(images, own_token) -> N
     name = CONTAINERS.run("slot-img-tpl", "--security-opt", f"seccomp={PROFILE}",
                           "--pids-limit", "512", "-v", f"{vol}:/data", "-p", "127.0.0.1::7070",
                           "-v", f"{token_file}:{TOKEN_PATH}:ro", IMAGE,
-                          "--listen", "tcp:0.0.0.0:7070", "--token-file", TOKEN_PATH,
+                          "--listen", "tcp:0.0.0.0:7070", "--insecure", "--token-file", TOKEN_PATH,
                           "--data-dir", "/data", *AGENT_ARGS)
     try:
         client, res = hello(published_port(name), token, timeout=30, alive=lambda: running(name))

@@ -43,8 +43,8 @@ def _elf_is_static(data: bytes) -> bool:
 def test_final_image_config(images) -> None:
     cfg = _inspect(IMAGE)["Config"]
     assert cfg["Entrypoint"][:2] == ["/bin/sh", "-c"]
-    assert cfg["Cmd"] == ["--listen", "tcp:0.0.0.0:7070", "--token-file", "/run/secrets/slot-token",
-                          "--data-dir", "/data"]
+    assert cfg["Cmd"] == ["--listen", "tcp:0.0.0.0:7070", "--insecure", "--token-file",
+                          "/run/secrets/slot-token", "--data-dir", "/data"]
     assert "7070/tcp" in cfg["ExposedPorts"]
     # options alone, or a command (as controller/examples/docker.yaml runs it)
     for args in (["--version"], ["slot-agent", "--version"], [AGENT_PATH, "--version"]):

@@ -73,7 +73,7 @@ def cond(request, images, tokens) -> Iterator[Any]:
     name = CONTAINERS.run(
         "slot-img-esc", *ESCAPE_FLAGS[request.param], "-p", "127.0.0.1::7070",
         "-v", f"{token_file}:{TOKEN_PATH}:ro", "-v", f"{ESCAPE}:{ESCAPE_IN}:ro", IMAGE,
-        "--listen", "tcp:0.0.0.0:7070", "--token-file", TOKEN_PATH, "--data-dir", "/data",
+        "--listen", "tcp:0.0.0.0:7070", "--insecure", "--token-file", TOKEN_PATH, "--data-dir", "/data",
         *AGENT_ARGS)
     try:
         port = published_port(name)

@@ -14,7 +14,11 @@ Settings come from the config when it has them, else from the environment:
 `slot_address` / SLOT_CONTROLLER (default: the local controller socket),
 `slot_profile` / SLOT_PROFILE, `slot_token` / SLOT_TOKEN,
 `slot_acquire_timeout_s` / SLOT_ACQUIRE_TIMEOUT_S (600),
-`slot_conventions` / SLOT_CONVENTIONS ("trainer" or "slot").
+`slot_conventions` / SLOT_CONVENTIONS ("trainer" or "slot"); for a
+`tls:HOST:PORT` controller `slot_tls_cert` / SLOT_TLS_CERT, `slot_tls_key` /
+SLOT_TLS_KEY, `slot_tls_ca` / SLOT_TLS_CA (default: the controller's
+STATE/tls/trainer.pem, trainer.key, ca.pem; `slot_state_dir` /
+SLOT_STATE_DIR names STATE).
 """
 from __future__ import annotations
 
@@ -47,7 +51,12 @@ def backend_from_config(cfg: Any) -> ControllerToolBackend:
         _setting(cfg, "slot_token", "SLOT_TOKEN"),
         default_timeout_s=DEFAULT_TIMEOUT_S,
         acquire_timeout_s=float(acquire) if acquire else DEFAULT_ACQUIRE_TIMEOUT_S,
-        conventions=_setting(cfg, "slot_conventions", "SLOT_CONVENTIONS") or "trainer")
+        conventions=_setting(cfg, "slot_conventions", "SLOT_CONVENTIONS") or "trainer",
+        tls_cert=_setting(cfg, "slot_tls_cert", "SLOT_TLS_CERT"),
+        tls_key=_setting(cfg, "slot_tls_key", "SLOT_TLS_KEY"),
+        tls_ca=_setting(cfg, "slot_tls_ca", "SLOT_TLS_CA"),
+        tls_server_name=_setting(cfg, "slot_tls_server_name", "SLOT_TLS_SERVER_NAME"),
+        state_dir=_setting(cfg, "slot_state_dir", "SLOT_STATE_DIR"))
 
 
 def _mode(cfg: Any) -> Any:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl
 from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
 
 from .errors import CallTimeout, ConnectError, ConnectionLost, SlotError
+from .tls import TLSConfig, TLSStream, describe as describe_tls
 from .wire import MAX_FRAME, Address, FrameError, pack_frame, parse_address, read_frame
 
 log = logging.getLogger("slot_client")
@@ -36,10 +38,18 @@ class _Pending:
 class AsyncClient:
     """A connection to slot-controller. Create with `await AsyncClient.connect()`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def __init__(self, reader: Any, writer: Any,
                  address: Address, *, max_frame: int = MAX_FRAME,
-                 on_event: EventCallback | None = None) -> None:
+                 on_event: EventCallback | None = None,
+                 tls: TLSConfig | None = None) -> None:
+        # reader/writer: asyncio streams, or one TLSStream for both
         self.address: Address = address
+        # The TLS settings this connection used (None: unix: or tcp:), and
+        # "TLSv1.3 CIPHER" once the handshake is done.
+        self.tls: TLSConfig | None = tls
+        self.tls_info: str = reader.describe() if isinstance(reader, TLSStream) else ""
+        self._frames_seen = 0
+        self._tls_failure: str | None = None
         self.max_frame: int = max_frame
         self.on_event: EventCallback | None = on_event
         self.server_info: dict[str, Any] = {}
@@ -62,9 +72,23 @@ class AsyncClient:
                       hello: bool = True,
                       connect_timeout: float | None = 10.0,
                       max_frame: int = MAX_FRAME,
-                      on_event: EventCallback | None = None) -> "AsyncClient":
-        """Connect to `address` ("unix:PATH" or "tcp:HOST:PORT"; None: the
-        controller's default socket). With `hello` (the default, forced when a
+                      on_event: EventCallback | None = None,
+                      tls_cert: str | None = None, tls_key: str | None = None,
+                      tls_ca: str | None = None, tls_server_name: str | None = None,
+                      state_dir: str | None = None) -> "AsyncClient":
+        """Connect to `address` ("unix:PATH", "tcp:HOST:PORT" or
+        "tls:HOST:PORT"; None: the controller's default socket).
+
+        `tls:` is TLS 1.3 with mutual certificates: `tls_cert`/`tls_key` (our
+        client certificate, PEM), `tls_ca` (what the controller's certificate
+        must chain to) and `tls_server_name` (the name it must carry; default
+        HOST). Each falls back to SLOT_TLS_CERT / SLOT_TLS_KEY / SLOT_TLS_CA,
+        then to the controller's own files STATE/tls/trainer.pem, trainer.key,
+        ca.pem (`state_dir`, else SLOT_STATE_DIR, else the controller's
+        default state dir). A TLS failure raises ConnectError with one line
+        saying what to change.
+
+        With `hello` (the default, forced when a
         token is given), sends `hello` first and keeps its result in
         `server_info`; a wrong token raises SlotError("unauthorized").
         `owner` (sent in hello; forces it) names the trainer that owns the
@@ -72,12 +96,34 @@ class AsyncClient:
         reconnect, and the controller keeps them when the connection drops
         for less than the profile's lease_grace."""
         addr = parse_address(address)
-        try:
+        tls: TLSConfig | None = None
+        ctx: ssl.SSLContext | None = None
+        if addr.kind == "tls":
+            tls = TLSConfig.resolve(tls_cert, tls_key, tls_ca, tls_server_name, state_dir)
+            ctx = tls.context(str(addr))
+        stream: TLSStream | None = None
+
+        async def open_() -> tuple[Any, Any]:
+            nonlocal stream
             if addr.kind == "unix":
-                coro = asyncio.open_unix_connection(addr.path, limit=_READ_LIMIT)
-            else:
-                coro = asyncio.open_connection(addr.host, addr.port, limit=_READ_LIMIT)
-            reader, writer = await asyncio.wait_for(coro, connect_timeout)
+                return await asyncio.open_unix_connection(addr.path, limit=_READ_LIMIT)
+            r, w = await asyncio.open_connection(addr.host, addr.port, limit=_READ_LIMIT)
+            if ctx is None or tls is None:
+                return r, w
+            stream = TLSStream(r, w, ctx, tls.server_name or addr.host)
+            try:
+                await stream.handshake()
+            except BaseException:
+                w.close()
+                raise
+            return stream, stream
+
+        try:
+            reader, writer = await asyncio.wait_for(open_(), connect_timeout)
+        except (ssl.SSLError, EOFError) as e:
+            assert tls is not None
+            raw = bytes(stream.raw_seen) if stream is not None else b""
+            raise ConnectError(describe_tls(e, str(addr), tls, raw)) from e
         except asyncio.TimeoutError as e:
             raise ConnectError(f"cannot connect to {addr}: timed out after "
                                f"{connect_timeout} s") from e
@@ -87,11 +133,32 @@ class AsyncClient:
                                + (" (is slot-controller running?)"
                                   if isinstance(e, (FileNotFoundError, ConnectionRefusedError))
                                   else "")) from e
-        client = cls(reader, writer, addr, max_frame=max_frame, on_event=on_event)
+        client = cls(reader, writer, addr, max_frame=max_frame, on_event=on_event, tls=tls)
         if hello or token is not None or owner is not None:
             try:
                 client.server_info = await client.hello(token=token, client=client_name,
                                                         owner=owner, timeout=connect_timeout)
+            except ConnectionLost as e:
+                await client.close()
+                # A TLS server checks our certificate after our side of the
+                # handshake is done, so its refusal (an alert) arrives here.
+                if client._tls_failure is not None and not isinstance(e, ConnectError):
+                    raise ConnectError(client._tls_failure) from e
+                if tls is not None and not client._frames_seen and \
+                        not isinstance(e, ConnectError):
+                    # the reset overtook the alert (e.g. while sending hello)
+                    raise ConnectError(describe_tls(ConnectionResetError(), str(addr), tls,
+                                                    handshake_done=True)) from e
+                orphan = client._orphan_error
+                if orphan is not None and not isinstance(e, ConnectError):
+                    raise ConnectError(f"cannot connect to {addr}: the controller answered "
+                                       f"{orphan.get('code')}: {orphan.get('message')}") from e
+                if addr.kind == "tcp" and not client._frames_seen and \
+                        not isinstance(e, ConnectError):
+                    raise ConnectError(f"cannot connect to {addr}: the controller closed the "
+                                       f"connection without answering hello (does it listen "
+                                       f"with tls:? then connect with tls:HOST:PORT)") from e
+                raise
             except BaseException:
                 await client.close()
                 raise
@@ -150,15 +217,33 @@ class AsyncClient:
             while True:
                 frame = await read_frame(self._reader, self.max_frame)
                 if frame is None:
+                    if self.tls is not None and not self._frames_seen:
+                        self._tls_failure = describe_tls(EOFError(), str(self.address),
+                                                         self.tls, handshake_done=True)
+                        reason = self._tls_failure
                     break
+                self._frames_seen += 1
                 self._dispatch(frame)
         except asyncio.CancelledError:
             reason = "connection closed by the client"
             raise
         except FrameError as e:
             reason = f"protocol error from the controller: {e}"
+        except ssl.SSLError as e:
+            assert self.tls is not None
+            if not self._frames_seen:  # the server's verdict on our certificate
+                self._tls_failure = describe_tls(e, str(self.address), self.tls,
+                                                 handshake_done=True)
+                reason = self._tls_failure
+            else:
+                reason = f"TLS connection to the controller failed: {e.reason or e}"
         except (OSError, asyncio.IncompleteReadError) as e:
             reason = f"connection to the controller failed: {e}"
+            if self.tls is not None and not self._frames_seen:
+                # reset right after the handshake: its refusal of our certificate
+                self._tls_failure = describe_tls(e, str(self.address), self.tls,
+                                                 handshake_done=True)
+                reason = self._tls_failure
         except Exception as e:  # never leave callers hanging
             log.exception("slot_client reader crashed")
             reason = f"client reader failed: {e!r}"

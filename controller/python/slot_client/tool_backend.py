@@ -67,8 +67,16 @@ class ControllerToolBackend(ArtifactsMixin):
                  owner: str | None = None,
                  client_name: str = "slot_client.ControllerToolBackend",
                  max_frame: int = MAX_FRAME,
-                 template: str | Mapping[str, Any] | None = None) -> None:
+                 template: str | Mapping[str, Any] | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None, tls_server_name: str | None = None,
+                 state_dir: str | None = None) -> None:
         self.address: str | None = address
+        # For a "tls:HOST:PORT" address (see AsyncClient.connect); every
+        # reconnect uses them too.
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self.tls_server_name: str | None = tls_server_name
+        self.state_dir: str | None = state_dir
         # Every acquire's template unless it names one: a trainer that calls
         # acquire() unchanged still gets its prepared workspace.
         self.template: str | Mapping[str, Any] | None = template
@@ -168,7 +176,11 @@ class ControllerToolBackend(ArtifactsMixin):
             if client is None or client.closed:
                 client = await AsyncClient.connect(self.address, self.token,
                                                    client_name=self.client_name,
-                                                   max_frame=self.max_frame, owner=self.owner)
+                                                   max_frame=self.max_frame, owner=self.owner,
+                                                   tls_cert=self.tls_cert, tls_key=self.tls_key,
+                                                   tls_ca=self.tls_ca,
+                                                   tls_server_name=self.tls_server_name,
+                                                   state_dir=self.state_dir)
                 self._client = client
             return client
 

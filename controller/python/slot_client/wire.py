@@ -1,5 +1,6 @@
 """Framing of the slot wire protocol: a 4-byte big-endian length, then one
-msgpack map. Addresses are "unix:PATH" or "tcp:HOST:PORT"."""
+msgpack map. Addresses are "unix:PATH", "tcp:HOST:PORT" or "tls:HOST:PORT"
+(TCP with TLS 1.3, see tls.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -49,6 +50,10 @@ async def read_frame(reader: asyncio.StreamReader,
         if not e.partial:
             return None
         raise FrameError("bad_frame", "connection closed inside a frame header") from e
+    if header[0] in (0x15, 0x16) and header[1] == 3:
+        # a TLS record (alert, handshake): never a frame length (> 350 MB)
+        raise FrameError("tls_peer", "the controller answered with TLS: connect with "
+                                     "tls:HOST:PORT (and a client certificate) rather than tcp:")
     (n,) = HEADER.unpack(header)
     if n == 0:
         raise FrameError("bad_frame", "empty frame")
@@ -67,7 +72,7 @@ async def read_frame(reader: asyncio.StreamReader,
 class Address:
     """A parsed listener address."""
 
-    kind: Literal["unix", "tcp"]
+    kind: Literal["unix", "tcp", "tls"]
     path: str = ""
     host: str = ""
     port: int = 0
@@ -76,7 +81,7 @@ class Address:
         if self.kind == "unix":
             return "unix:" + self.path
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
+        return f"{self.kind}:{host}:{self.port}"
 
 
 def default_address() -> str:
@@ -89,8 +94,8 @@ def default_address() -> str:
 
 
 def parse_address(address: str | None) -> Address:
-    """Parse "unix:PATH", "tcp:HOST:PORT" (HOST may be "[v6]"), or a bare
-    absolute path; None means the default address."""
+    """Parse "unix:PATH", "tcp:HOST:PORT", "tls:HOST:PORT" (HOST may be
+    "[v6]"), or a bare absolute path; None means the default address."""
     if address is None or address == "":
         address = default_address()
     if address.startswith("unix:"):
@@ -98,17 +103,18 @@ def parse_address(address: str | None) -> Address:
         if not path:
             raise ValueError(f"address {address!r}: empty socket path")
         return Address("unix", path=path)
-    if address.startswith("tcp:"):
+    if address.startswith(("tcp:", "tls:")):
+        kind = address[:3]
         rest = address[len("tcp:"):]
         host, sep, port_s = rest.rpartition(":")
         if not sep or not host or not port_s.isdigit():
-            raise ValueError(f"address {address!r}: expected tcp:HOST:PORT")
+            raise ValueError(f"address {address!r}: expected {kind}:HOST:PORT")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         port = int(port_s)
         if not 0 < port < 65536:
             raise ValueError(f"address {address!r}: port out of range")
-        return Address("tcp", host=host, port=port)
+        return Address(kind, host=host, port=port)  # type: ignore[arg-type]
     if address.startswith("/"):
         return Address("unix", path=address)
-    raise ValueError(f"address {address!r}: expected unix:PATH or tcp:HOST:PORT")
+    raise ValueError(f"address {address!r}: expected unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")

@@ -1,7 +1,8 @@
 """The controller's nomad backend against a real Nomad 1.6.3 dev agent
 (built from the Go module proxy by build-nomad.sh, started and stopped by
 nomad-dev.sh for this session, docker and raw_exec drivers): agents as one
-job each from the templates in nomad/, reached over TCP with their token;
+job each from the templates in nomad/, reached over TLS (certificates from
+the controller's CA, checked by agent id) with their token;
 scaling that never stops a leased agent; a controller kill -9 and restart;
 an allocation stopped under a running batch; the controller's TCP
 connection to an agent reset mid-stream (reconnected, nothing lost); and the
@@ -198,7 +199,7 @@ def test_raw_exec_agents_are_jobs_with_tokens(controllers, nomad) -> None:
     r = cl.call("exec", {"slot": s[2], "tool": "bash", "args": {"command": "echo hi; id -u"}})
     assert r["stdout"] == b"hi\n20000\n"
     ags = agents(c)
-    assert len(ags) == 2 and all(a["address"].startswith("tcp:127.0.0.1:") for a in ags)
+    assert len(ags) == 2 and all(a["address"].startswith("tls:127.0.0.1:") for a in ags)
     # what was said while waiting for Nomad is gone once the agent is ready
     assert all(not a.get("error") for a in ags), ags
     jobs = nomad.jobs()
@@ -208,14 +209,77 @@ def test_raw_exec_agents_are_jobs_with_tokens(controllers, nomad) -> None:
         assert full["Meta"]["slot_controller"] == "slot-controller@" + os.uname().nodename \
             or full["Meta"]["slot_controller"].startswith("slot-controller")
         assert full["TaskGroups"][0]["Count"] == 1
-    # the agents demand the token: a client without it is refused
-    a = ags[0]["address"].split()[0]
-    out = subprocess.run([str(AGENTCTL), "--agent", a, "exec", "0", "--", "true"],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode != 0 and "unauthorized" in (out.stdout + out.stderr).lower()
+    # the agents demand the token too: a client with a certificate of the
+    # controller's CA but without the token is refused
+    r = agent_call_tls(c, ags[0], "exec", {"slot": 0, "command": "true"})
+    assert r["error"]["code"] == "unauthorized", r
     # the token is in no log and no answer
     secret = (c.state_dir / "nomad-secret").read_text()
     assert secret not in c.log()
+    cl.close()
+
+
+def agent_tls(c, agent: dict, cert: str = "trainer") -> ssl.SSLSocket:
+    """A TLS connection to a Nomad agent's port, as the controller's CA
+    allows (STATE/tls/CERT.pem), checking the agent's name."""
+    host, port = agent["address"].split()[0].split(":", 1)[1].rsplit(":", 1)
+    tls = c.state_dir / "tls"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(str(tls / "ca.pem"))
+    ctx.load_cert_chain(str(tls / f"{cert}.pem"), str(tls / f"{cert}.key"))
+    raw = socket.create_connection((host, int(port)), timeout=30)
+    return ctx.wrap_socket(raw, server_hostname=agent["id"])
+
+
+def agent_call_tls(c, agent: dict, op: str, args: dict) -> dict:
+    import msgpack
+    import struct
+    with agent_tls(c, agent) as s:
+        body = msgpack.packb({"id": 1, "op": op, "args": args})
+        s.sendall(struct.pack(">I", len(body)) + body)
+        buf = b""
+        while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
+            chunk = s.recv(65536)
+            assert chunk, "the agent closed the connection"
+            buf += chunk
+        return msgpack.unpackb(buf[4:4 + struct.unpack(">I", buf[:4])[0]], raw=False)
+
+
+def test_links_to_agents_are_tls(controllers, nomad) -> None:
+    """The shipped template's agent listens on tls: with the certificate the
+    controller issued it (CN = its id): a plaintext client gets no answer, a
+    TLS client checking the agent's name against the controller's CA is
+    served (TLS 1.3), and the controller reports the certificate's end."""
+    c = make(controllers, nomad, "slot-agent-raw.nomad.hcl", max_agents=1)
+    a = agents(c)[0]
+    assert a["address"].startswith("tls:"), a
+    host, port = a["address"].split()[0].split(":", 1)[1].rsplit(":", 1)
+    import msgpack
+    import struct
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        body = msgpack.packb({"id": 1, "op": "hello", "args": {}})
+        raw.sendall(struct.pack(">I", len(body)) + body)
+        raw.settimeout(10)
+        got = b""
+        try:
+            while chunk := raw.recv(4096):
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+        assert b"instance" not in got, got
+    with agent_tls(c, a) as s:
+        assert s.version() == "TLSv1.3"
+        subject = dict(x[0] for x in s.getpeercert()["subject"])
+        assert subject["commonName"] == a["id"]
+    if "tls_not_after" in a:
+        assert a["tls_not_after"] > time.time() + 3600, a
+    # the certificate and key travelled as job variables, not in any log
+    assert "BEGIN" not in c.log() and "PRIVATE KEY" not in c.log()
+    cl = c.client()
+    s = cl.call("acquire", {"trajectory_id": "t", "timeout_ms": 60000})["slot"]
+    r = cl.call("exec", {"slot": s, "tool": "bash", "args": {"command": "echo tls"}})
+    assert r["stdout"] == b"tls\n"
     cl.close()
 
 
@@ -310,7 +374,7 @@ def reset_tcp(c, agent: dict) -> str:
     ECONNABORTED, the agent an RST). A kernel without socket destroy
     (CONFIG_INET_DIAG_DESTROY) kills nothing: then `agentctl reconnect`
     (the controller shuts the stream down both ways). Returns which."""
-    hostport = agent["address"].split()[0].removeprefix("tcp:")
+    hostport = agent["address"].split()[0].split(":", 1)[1]
     host, port = hostport.rsplit(":", 1)
     r = subprocess.run(["ss", "-K", "-t", "dst", host, "dport", "=", port],
                        capture_output=True, text=True, timeout=30)
@@ -333,7 +397,7 @@ def test_tcp_connection_reset_mid_stream_loses_nothing(controllers, nomad) -> No
              min_agents=1, max_agents=1)
     cl = c.client()
     a = cl.call("agents")["agents"][0]
-    assert a["address"].startswith("tcp:127.0.0.1:"), a
+    assert a["address"].startswith("tls:127.0.0.1:"), a
     how: list[str] = []
     r = linkdrop.run_and_drop_timed(cl, lambda: how.append(reset_tcp(c, a)), a["id"], "nomad")
     print(f"nomad: the connection was reset by {how[0]}")
@@ -402,6 +466,35 @@ def test_driver_that_is_not_enabled(controllers, nomad, tmp_path) -> None:
     c = make(controllers, nomad, str(tpl), wait=False)
     msg = no_capacity(c, 15000)
     assert "missing drivers" in msg, msg
+
+
+def test_a_plaintext_agent_fails_the_tls_handshake_and_tls_off_reaches_it(controllers, nomad,
+                                                                          tmp_path) -> None:
+    """A template of one's own that keeps a plaintext `--listen tcp:` (with
+    --insecure): a profile with TLS on (the default) fails the agent's start
+    with the handshake's one-line reason; `tls: off` reaches it."""
+    import re
+    src = (ROOT / "nomad" / "slot-agent-raw.nomad.hcl").read_text()
+    tpl = tmp_path / "plain.nomad.hcl"
+    # plaintext, without the TLS files (their variables stay declared: an
+    # empty one would wait for a Nomad Variable)
+    plain = src.replace('"--listen", "tls:', '"--insecure", "--listen", "tcp:')
+    plain = "".join(line for line in plain.splitlines(keepends=True) if '"--tls-' not in line)
+    plain = re.sub(r"\n      template \{\n        data        = local\.tls_\w+\n.*?\n      \}\n",
+                   "\n", plain, flags=re.S)
+    assert plain != src and "tls.pem" not in plain and "--tls" not in plain
+    tpl.write_text(plain)
+    c = make(controllers, nomad, str(tpl), wait=False, start_timeout="40s", max_agents=1)
+    msg = no_capacity(c, 30000)
+    assert "tls handshake with tcp:127.0.0.1:" in msg and "failed: " in msg, msg
+    d = make(controllers, nomad, str(tpl), name="plain", tls="off", max_agents=1)
+    a = agents(d)[0]
+    assert a["address"].startswith("tcp:127.0.0.1:"), a
+    cl = d.client()
+    s = cl.call("acquire", {"trajectory_id": "t", "timeout_ms": 60000})["slot"]
+    assert cl.call("exec", {"slot": s, "tool": "bash",
+                            "args": {"command": "echo plain"}})["stdout"] == b"plain\n"
+    cl.close()
 
 
 # ---- the example trainer, faults and scaling ---------------------------------
