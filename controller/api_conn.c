@@ -653,13 +653,17 @@ static int listen_tcp(const char *addr, const char *hostport, bool loopback_only
 }
 
 /* The server context of the tls: listeners: the controller's API
- * certificate, and the CA that trainers' certificates must chain to. */
+ * certificate, and the CA that trainers' certificates must chain to. That
+ * is trainer-ca.pem, which signs trainer.pem and nothing else: the
+ * controller's client certificate (ca.pem's, to reach agents) is refused
+ * here. The context's CA only verifies clients; trainers check api.pem
+ * against ca.pem on their side. */
 static int api_tls_open(struct ctl *c, const char *addr, struct sp_err *err)
 {
     char *cert = NULL, *key = NULL, *ca = NULL;
     if (asprintf(&cert, "%s/tls/api.pem", c->state_dir) < 0 ||
         asprintf(&key, "%s/tls/api.key", c->state_dir) < 0 ||
-        asprintf(&ca, "%s/tls/ca.pem", c->state_dir) < 0)
+        asprintf(&ca, "%s/tls/trainer-ca.pem", c->state_dir) < 0)
         abort();
     const char *fc = c->api_tls_cert ? c->api_tls_cert : cert;
     const char *fk = c->api_tls_key ? c->api_tls_key : key;
@@ -669,8 +673,9 @@ static int api_tls_open(struct ctl *c, const char *addr, struct sp_err *err)
     int rc = 0;
     if (!c->api_tls)
         rc = sp_errf(err, e.code,
-                     "%s: %s (the controller's CA issues STATE/tls/api.pem, api.key and ca.pem "
-                     "at start; a site PKI gives --tls-cert, --tls-key and --tls-ca)",
+                     "%s: %s (the controller's CAs make STATE/tls/api.pem, api.key and "
+                     "trainer-ca.pem at start; a site PKI gives --tls-cert, --tls-key and "
+                     "--tls-ca)",
                      addr, e.msg);
     else
         log_info("%s: API certificate '%s' (%s); trainers' certificates must chain to %s", addr,

@@ -1,9 +1,9 @@
 /* slot-controller: shared types. One context (struct ctl) owns the loop,
  * the profiles (each with its agents, slots and waiters), the trainer
  * connections and the statistics. Files, in the order a request travels:
- * main.c (options, loop) -> config.c (YAML, env, flags) -> api.c (trainer
- * connections, op table) -> sched.c (leases, waiters, scaling) -> agent.c
- * (agent connections, requests to agents) -> backends/local.c (processes). */
+ * main.c (options, loop) -> config.c (YAML, env, flags) -> api_conn.c
+ * (trainer listeners and connections, TLS) -> api.c (op table) -> sched.c (leases, waiters,
+ * scaling) -> agent.c (agent connections, requests to agents) -> backends/local.c (processes). */
 #ifndef CTL_H
 #define CTL_H
 
@@ -394,7 +394,7 @@ struct listener {
     int fd;
     ev_io io;
     bool tcp;
-    bool tls;   /* tls:HOST:PORT: TLS 1.3 with client certificates (api.c) */
+    bool tls;   /* tls:HOST:PORT: TLS 1.3 with client certificates (api_conn.c) */
     char *path; /* unix: to unlink at exit */
     struct ctl *ctl;
 };
@@ -411,9 +411,9 @@ struct ctl {
     bool insecure;
     char default_profile[CTL_NAME_MAX];
     struct strlist listen;
-    /* tls: listeners (api.c): our certificate and key, and the CA that
-     * trainers' certificates must chain to; NULL: STATE/tls/api.pem,
-     * api.key and ca.pem, which the controller's own CA issues */
+    /* tls: listeners (api_conn.c): our certificate and key, and the CA
+     * that trainers' certificates must chain to; NULL: STATE/tls/api.pem,
+     * api.key and trainer-ca.pem, which the controller issues */
     char *api_tls_cert, *api_tls_key, *api_tls_ca;
     struct sp_tls_ctx *api_tls;
     struct listener *listeners;
@@ -544,9 +544,10 @@ void tpl_tick(struct ctl *c, struct agent *ag, ev_tstamp now);
 /* Pack {agents: [{agent, profile, templates: [...]}]} (agentctl templates). */
 void tpl_pack_all(struct ctl *c, msgpack_packer *pk, const struct profile *only);
 
-/* api.c */
+/* api_conn.c */
 int api_listen(struct ctl *c, struct sp_err *err);
 void api_close_all(struct ctl *c);
+/* api.c */
 /* The trainer's answer for r (once: later ones are dropped). */
 void api_answer(struct ctl *c, struct preq *r, const msgpack_object *resp,
                 const struct sp_err *err);

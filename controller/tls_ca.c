@@ -5,7 +5,14 @@
  * named by the agent id. A timer renews everything at 2/3 of its life: the
  * controller's files are rewritten (its client contexts reload them), and
  * each ready agent gets its new certificate over its link (op tls_renew),
- * so no connection and no lease is dropped. Keys never reach a log. */
+ * so no connection and no lease is dropped. Keys never reach a log.
+ *
+ * Two CAs: ca.pem signs the agents', the controller's client and the API's
+ * certificates; trainer-ca.pem signs only trainer.pem, and only the trainer
+ * API trusts it. Agents trust ca.pem alone, so a trainer's certificate is
+ * refused at an agent's handshake (the agent token is a second factor, not
+ * the only one), and the controller's client certificate is refused by the
+ * trainer API. */
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
@@ -18,6 +25,7 @@
 #include <unistd.h>
 
 #include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
 #include <wolfssl/wolfcrypt/settings.h>
 #include <wolfssl/wolfcrypt/asn_public.h>
 #include <wolfssl/wolfcrypt/ecc.h>
@@ -38,11 +46,25 @@
  * other hosts may lag the controller's. */
 #define BACKDATE_S 300
 
+/* A CA of ours: its key and certificate (DER for issuing, PEM for the
+ * agents' copies and for checking what it signed). */
+enum { CA_MAIN, CA_TRAINER, CA_N };
+struct ca {
+    const char *name;   /* for logs: "CA", "trainer CA" */
+    const char *issues; /* what a new one voids: for the error telling to remove it */
+    enum tls_file cert, key;
+    ecc_key ek;
+    byte der[DER_MAX];
+    int derlen;
+    char *pem;
+};
+
 /* One of the controller's own identities, renewed in place. */
 struct own {
     const char *name; /* controller, api, trainer */
     enum tls_file cert, key;
     bool server;
+    int signer; /* CA_MAIN or CA_TRAINER */
     time_t not_before, not_after;
     ev_tstamp retry_at;
     double retry_delay;
@@ -52,10 +74,7 @@ struct own {
 struct tls_state {
     char *paths[TLS_NFILES];
     char *dir, *agents_dir;
-    ecc_key ca_key;
-    byte ca_der[DER_MAX];
-    int ca_derlen;
-    char *ca_pem;
+    struct ca ca[CA_N];
     WC_RNG rng;
     struct own own[3];
     ev_timer tick;
@@ -288,8 +307,9 @@ static int sign(struct tls_state *s, Cert *cert, ecc_key *key, ecc_key *signer, 
     return *pem ? 0 : -1;
 }
 
-int tls_ca_issue(struct ctl *c, const char *cn, bool server, const char *const *sans, size_t nsans,
-                 uint64_t lifetime_s, struct tls_pem *out, struct sp_err *err)
+static int issue_by(struct ctl *c, struct ca *a, const char *cn, bool server,
+                    const char *const *sans, size_t nsans, uint64_t lifetime_s, struct tls_pem *out,
+                    struct sp_err *err)
 {
     struct tls_state *s = ts(c);
     memset(out, 0, sizeof *out);
@@ -304,9 +324,9 @@ int tls_ca_issue(struct ctl *c, const char *cn, bool server, const char *const *
     snprintf(cert->subject.commonName, CTC_NAME_SIZE, "%s", cn);
     snprintf(cert->subject.org, CTC_NAME_SIZE, "slot");
     random_serial(s, cert);
-    int r = wc_SetIssuerBuffer(cert, s->ca_der, s->ca_derlen);
+    int r = wc_SetIssuerBuffer(cert, a->der, a->derlen);
     if (r == 0)
-        r = wc_SetAuthKeyIdFromCert(cert, s->ca_der, s->ca_derlen);
+        r = wc_SetAuthKeyIdFromCert(cert, a->der, a->derlen);
     if (r == 0)
         r = wc_SetSubjectKeyIdFromPublicKey(cert, NULL, &key);
     if (r == 0)
@@ -332,13 +352,36 @@ int tls_ca_issue(struct ctl *c, const char *cn, bool server, const char *const *
     out->not_after = now + (time_t)lifetime_s;
     cert->beforeDateSz = asn_time(now - BACKDATE_S, cert->beforeDate);
     cert->afterDateSz = asn_time(out->not_after, cert->afterDate);
-    rc = sign(s, cert, &key, &s->ca_key, &out->cert, &out->certn, err);
+    rc = sign(s, cert, &key, &a->ek, &out->cert, &out->certn, err);
 out:
     wc_ecc_free(&key);
     free(cert);
     if (rc < 0)
         tls_pem_free(out);
     return rc;
+}
+
+int tls_ca_issue(struct ctl *c, const char *cn, bool server, const char *const *sans, size_t nsans,
+                 uint64_t lifetime_s, struct tls_pem *out, struct sp_err *err)
+{
+    return issue_by(c, &ts(c)->ca[CA_MAIN], cn, server, sans, nsans, lifetime_s, out, err);
+}
+
+/* Does this PEM certificate verify against the CA (its signature, and
+ * valid now)? trainer.pem of a state directory from before trainer-ca.pem
+ * was signed by ca.pem: it does not, and is issued again. */
+static bool signed_by(const struct ca *a, const char *pem, size_t n)
+{
+    WOLFSSL_CERT_MANAGER *cm = wolfSSL_CertManagerNew();
+    if (!cm)
+        abort();
+    bool ok =
+        wolfSSL_CertManagerLoadCABuffer(cm, (const unsigned char *)a->pem, (long)strlen(a->pem),
+                                        WOLFSSL_FILETYPE_PEM) == WOLFSSL_SUCCESS &&
+        wolfSSL_CertManagerVerifyBuffer(cm, (const unsigned char *)pem, (long)n,
+                                        WOLFSSL_FILETYPE_PEM) == WOLFSSL_SUCCESS;
+    wolfSSL_CertManagerFree(cm);
+    return ok;
 }
 
 /* notBefore and notAfter of a PEM certificate (0 when unreadable). */
@@ -365,12 +408,13 @@ static void pem_dates(const char *pem, size_t n, time_t *nb, time_t *na)
 
 /* ---- the CA ------------------------------------------------------------------ */
 
-static int ca_load(struct ctl *c, struct sp_err *err)
+static int ca_load(struct ctl *c, struct ca *a, struct sp_err *err)
 {
     struct tls_state *s = ts(c);
+    const char *kpath = s->paths[a->key], *cpath = s->paths[a->cert];
     size_t kn = 0, cn = 0;
-    char *kp = slurp(s->paths[TLS_CA_KEY], &kn);
-    char *cp = slurp(s->paths[TLS_CA_CERT], &cn);
+    char *kp = slurp(kpath, &kn);
+    char *cp = slurp(cpath, &cn);
     int rc = -1;
     if (!kp || !cp) {
         rc = 1; /* not there: make one */
@@ -379,27 +423,27 @@ static int ca_load(struct ctl *c, struct sp_err *err)
     byte der[512];
     int n = wc_KeyPemToDer((const byte *)kp, (int)kn, der, sizeof der, NULL);
     word32 idx = 0;
-    if (n <= 0 || wc_ecc_init(&s->ca_key) != 0 ||
-        wc_EccPrivateKeyDecode(der, &idx, &s->ca_key, (word32)n) != 0) {
+    if (n <= 0 || wc_ecc_init(&a->ek) != 0 ||
+        wc_EccPrivateKeyDecode(der, &idx, &a->ek, (word32)n) != 0) {
         explicit_bzero(der, sizeof der);
         sp_errf(err, SP_BAD_REQUEST,
                 "%s: not an EC private key in PEM; remove %s and %s to make "
-                "a new CA (every agent certificate is then issued again)",
-                s->paths[TLS_CA_KEY], s->paths[TLS_CA_KEY], s->paths[TLS_CA_CERT]);
+                "a new %s (%s then issued again)",
+                kpath, kpath, cpath, a->name, a->issues);
         goto out;
     }
     explicit_bzero(der, sizeof der);
-    s->ca_derlen = wc_CertPemToDer((const byte *)cp, (int)cn, s->ca_der, DER_MAX, CERT_TYPE);
-    if (s->ca_derlen <= 0) {
-        sp_errf(err, SP_BAD_REQUEST, "%s: not a PEM certificate", s->paths[TLS_CA_CERT]);
+    a->derlen = wc_CertPemToDer((const byte *)cp, (int)cn, a->der, DER_MAX, CERT_TYPE);
+    if (a->derlen <= 0) {
+        sp_errf(err, SP_BAD_REQUEST, "%s: not a PEM certificate", cpath);
         goto out;
     }
     time_t nb, na;
     pem_dates(cp, cn, &nb, &na);
     if (na && na < time(NULL))
-        log_warn("tls: the CA in %s expired; remove it and ca.key to make a new one",
-                 s->paths[TLS_CA_CERT]);
-    s->ca_pem = cp;
+        log_warn("tls: the %s in %s expired; remove it and its key %s to make a new one", a->name,
+                 cpath, kpath);
+    a->pem = cp;
     cp = NULL;
     rc = 0;
 out:
@@ -411,7 +455,7 @@ out:
     return rc;
 }
 
-static int ca_make(struct ctl *c, struct sp_err *err)
+static int ca_make(struct ctl *c, struct ca *a, struct sp_err *err)
 {
     struct tls_state *s = ts(c);
     char *kpem = NULL, *cpem = NULL;
@@ -420,37 +464,37 @@ static int ca_make(struct ctl *c, struct sp_err *err)
     if (!cert)
         abort();
     int rc = -1;
-    if (new_key(s, &s->ca_key, &kpem, &kn, err) < 0)
+    if (new_key(s, &a->ek, &kpem, &kn, err) < 0)
         goto out;
     wc_InitCert(cert);
-    snprintf(cert->subject.commonName, CTC_NAME_SIZE, "slot-controller CA %.40s", c->name);
+    snprintf(cert->subject.commonName, CTC_NAME_SIZE, "slot-controller %s %.32s", a->name, c->name);
     snprintf(cert->subject.org, CTC_NAME_SIZE, "slot");
     random_serial(s, cert);
     cert->isCA = 1;
     cert->selfSigned = 1;
     cert->daysValid = CA_DAYS;
-    int r = wc_SetSubjectKeyIdFromPublicKey(cert, NULL, &s->ca_key);
+    int r = wc_SetSubjectKeyIdFromPublicKey(cert, NULL, &a->ek);
     if (r == 0)
         r = wc_SetKeyUsage(cert, "keyCertSign,cRLSign");
     if (r != 0) {
         crypto_err(err, "CA fields", r);
         goto out;
     }
-    if (sign(s, cert, &s->ca_key, &s->ca_key, &cpem, &cn, err) < 0)
+    if (sign(s, cert, &a->ek, &a->ek, &cpem, &cn, err) < 0)
         goto out;
-    s->ca_derlen = wc_CertPemToDer((const byte *)cpem, (int)cn, s->ca_der, DER_MAX, CERT_TYPE);
-    if (s->ca_derlen <= 0) {
-        crypto_err(err, "reading the new CA", s->ca_derlen);
+    a->derlen = wc_CertPemToDer((const byte *)cpem, (int)cn, a->der, DER_MAX, CERT_TYPE);
+    if (a->derlen <= 0) {
+        crypto_err(err, "reading the new CA", a->derlen);
         goto out;
     }
     /* The key first: a CA certificate without its key would be loaded
      * next time and fail. */
-    if (write_atomic(s->paths[TLS_CA_KEY], kpem, kn, err) < 0 ||
-        write_atomic(s->paths[TLS_CA_CERT], cpem, cn, err) < 0)
+    if (write_atomic(s->paths[a->key], kpem, kn, err) < 0 ||
+        write_atomic(s->paths[a->cert], cpem, cn, err) < 0)
         goto out;
-    chmod(s->paths[TLS_CA_CERT], 0644); /* public */
-    log_info("tls: made a new CA in %s (EC P-256, %d days)", s->dir, CA_DAYS);
-    s->ca_pem = cpem;
+    chmod(s->paths[a->cert], 0644); /* public */
+    log_info("tls: made a new %s %s (EC P-256, %d days)", a->name, s->paths[a->cert], CA_DAYS);
+    a->pem = cpem;
     cpem = NULL;
     rc = 0;
 out:
@@ -498,7 +542,7 @@ static int own_issue(struct ctl *c, struct own *o, struct sp_err *err)
             sans[n++] = c->tls_api_names.v[i];
     }
     struct tls_pem pem;
-    if (tls_ca_issue(c, cn, o->server, sans, n, c->tls_lifetime_s, &pem, err) < 0)
+    if (issue_by(c, &s->ca[o->signer], cn, o->server, sans, n, c->tls_lifetime_s, &pem, err) < 0)
         return -1;
     int rc = write_atomic(s->paths[o->key], pem.key, pem.keyn, err);
     if (rc == 0)
@@ -616,7 +660,7 @@ int tls_agent_issue(struct ctl *c, struct agent *ag, bool files, struct tls_pem 
             rc = write_atomic(f, p->cert, p->certn, err);
         snprintf(f, sizeof f, "%s/ca.pem", d);
         if (rc == 0)
-            rc = write_atomic(f, s->ca_pem, strlen(s->ca_pem), err);
+            rc = write_atomic(f, s->ca[CA_MAIN].pem, strlen(s->ca[CA_MAIN].pem), err);
         ag->tls_files = true; /* even half written: removed with the agent */
     }
     if (rc == 0) {
@@ -822,9 +866,9 @@ int tls_ca_init(struct ctl *c, struct sp_err *err)
     if (mkdir_p(s->agents_dir, 0700) < 0)
         return sp_err_errno(err, errno, s->agents_dir);
     chmod(s->dir, 0700);
-    static const char *const names[TLS_NFILES] = {"ca.pem",         "ca.key",     "controller.pem",
-                                                  "controller.key", "api.pem",    "api.key",
-                                                  "trainer.pem",    "trainer.key"};
+    static const char *const names[TLS_NFILES] = {
+        "ca.pem",  "ca.key",      "controller.pem", "controller.key", "api.pem",
+        "api.key", "trainer.pem", "trainer.key",    "trainer-ca.pem", "trainer-ca.key"};
     for (int i = 0; i < TLS_NFILES; i++)
         s->paths[i] = path_in(s->dir, names[i]);
     /* A site's own client identity: nothing issued for it. */
@@ -834,15 +878,29 @@ int tls_ca_init(struct ctl *c, struct sp_err *err)
         s->paths[TLS_CLIENT_CERT] = strdup(c->tls_cert);
         s->paths[TLS_CLIENT_KEY] = c->tls_key ? strdup(c->tls_key) : NULL;
     }
+    /* signed_by's certificate manager (reference counted: proto/tls.c
+     * initialises too). */
+    if (wolfSSL_Init() != WOLFSSL_SUCCESS)
+        return sp_errf(err, SP_INTERNAL, "tls: wolfSSL_Init failed");
     int rc = wc_InitRng(&s->rng);
     if (rc != 0)
         return crypto_err(err, "random number generator", rc);
-    rc = ca_load(c, err);
-    if (rc < 0)
-        return -1;
-    bool fresh = rc > 0;
-    if (fresh && ca_make(c, err) < 0)
-        return -1;
+    const struct ca cas[CA_N] = {
+        [CA_MAIN] = {.name = "CA",
+                     .issues = "every agent certificate is",
+                     .cert = TLS_CA_CERT,
+                     .key = TLS_CA_KEY},
+        [CA_TRAINER] = {.name = "trainer CA",
+                        .issues = "trainer.pem is",
+                        .cert = TLS_TRAINER_CA_CERT,
+                        .key = TLS_TRAINER_CA_KEY},
+    };
+    memcpy(s->ca, cas, sizeof cas);
+    for (int i = 0; i < CA_N; i++) {
+        rc = ca_load(c, &s->ca[i], err);
+        if (rc < 0 || (rc > 0 && ca_make(c, &s->ca[i], err) < 0))
+            return -1;
+    }
     /* With the site's CA, the controller's client context trusts it (the
      * agents' certificates chain there); our own CA still issues the API's
      * and trainers' certificates. */
@@ -851,9 +909,9 @@ int tls_ca_init(struct ctl *c, struct sp_err *err)
         s->paths[TLS_CA_CERT] = strdup(c->tls_ca);
     }
     const struct own own[3] = {
-        {"controller", TLS_CLIENT_CERT, TLS_CLIENT_KEY, false, 0, 0, 0, 0, 0},
-        {"api", TLS_API_CERT, TLS_API_KEY, true, 0, 0, 0, 0, 0},
-        {"trainer", TLS_TRAINER_CERT, TLS_TRAINER_KEY, false, 0, 0, 0, 0, 0},
+        {"controller", TLS_CLIENT_CERT, TLS_CLIENT_KEY, false, CA_MAIN, 0, 0, 0, 0, 0},
+        {"api", TLS_API_CERT, TLS_API_KEY, true, CA_MAIN, 0, 0, 0, 0, 0},
+        {"trainer", TLS_TRAINER_CERT, TLS_TRAINER_KEY, false, CA_TRAINER, 0, 0, 0, 0, 0},
     };
     memcpy(s->own, own, sizeof own);
     for (int i = 0; i < 3; i++) {
@@ -867,10 +925,17 @@ int tls_ca_init(struct ctl *c, struct sp_err *err)
         struct stat st;
         if (pem && stat(s->paths[o->key], &st) == 0)
             pem_dates(pem, n, &o->not_before, &o->not_after);
+        bool current = o->not_after && time(NULL) < renew_at(o->not_before, o->not_after);
+        /* Signed by another CA (a new CA voids what the old one issued;
+         * trainer.pem from before trainer-ca.pem was signed by ca.pem):
+         * issued again by its own. */
+        bool ours = current && signed_by(&s->ca[o->signer], pem, n);
         free(pem);
-        /* A new CA: what the old one issued is void. */
-        if (!fresh && o->not_after && time(NULL) < renew_at(o->not_before, o->not_after))
+        if (ours)
             continue;
+        if (current)
+            log_info("tls: %s is not signed by the controller's %s: issuing it again",
+                     s->paths[o->cert], s->ca[o->signer].name);
         if (own_issue(c, o, err) < 0)
             return -1;
         char t[32];

@@ -16,7 +16,7 @@
 
 /* The files the controller keeps (or was given). */
 enum tls_file {
-    TLS_CA_CERT,      /* STATE/tls/ca.pem (or tls.ca): what agents and clients chain to */
+    TLS_CA_CERT,      /* STATE/tls/ca.pem (or tls.ca): agents, controller.pem, api.pem */
     TLS_CA_KEY,       /* STATE/tls/ca.key */
     TLS_CLIENT_CERT,  /* STATE/tls/controller.pem (or tls.cert): clientAuth, to reach agents */
     TLS_CLIENT_KEY,   /* STATE/tls/controller.key (or tls.key) */
@@ -24,6 +24,11 @@ enum tls_file {
     TLS_API_KEY,      /* STATE/tls/api.key */
     TLS_TRAINER_CERT, /* STATE/tls/trainer.pem: clientAuth, for agentctl and trainers */
     TLS_TRAINER_KEY,  /* STATE/tls/trainer.key */
+    /* STATE/tls/trainer-ca.pem: signs trainer.pem only, and is what the
+     * trainer API checks clients against; agents trust ca.pem alone, so a
+     * trainer's certificate cannot open an agent. */
+    TLS_TRAINER_CA_CERT,
+    TLS_TRAINER_CA_KEY, /* STATE/tls/trainer-ca.key */
     TLS_NFILES
 };
 
@@ -43,7 +48,7 @@ void tls_ca_stop(struct ctl *c);
 /* The path of one of the controller's files. */
 const char *tls_file(const struct ctl *c, enum tls_file f);
 
-/* Issue a certificate for cn signed by the CA: EKU serverAuth (server) or
+/* Issue a certificate for cn signed by the CA (ca.pem): EKU serverAuth (server) or
  * clientAuth, DNS/IP SANs (strings; IP literals become IP SANs), valid
  * from a minute ago for lifetime_s. */
 int tls_ca_issue(struct ctl *c, const char *cn, bool server, const char *const *sans, size_t nsans,

@@ -12,13 +12,17 @@ checks the agent's name (--tls-name {agent_id}).
   link (op tls_renew; tls_not_after advances, its file is rewritten) while a
   lease stays and a streamed command runs across the renewal, untouched;
 - the CA's and the controller's keys are 0600, and no PEM or key text is in
-  the controller's log."""
+  the controller's log;
+- the trainer certificate (STATE/tls/trainer.pem, signed by trainer-ca.pem,
+  which agents do not trust) is refused at an agent's handshake, where the
+  controller's client certificate (ca.pem's) is accepted."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -222,11 +226,67 @@ def test_an_agent_certificate_naming_another_agent_is_refused(tls_ctl, tmp_path)
     assert_no_secrets(ctl)
 
 
+def _agent_handshake(port: int, ca: Path, cert: Path, key: Path, name: str) -> bytes:
+    """A TLS client with cert/key: a hello frame (no token) and the first
+    bytes of the answer; raises ssl.SSLError / ConnectionError if refused."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as s:
+            body = msgpack.packb({"id": 1, "op": "hello", "args": {}})
+            s.sendall(struct.pack(">I", len(body)) + body)
+            got = s.recv(4096)  # TLS 1.3: a refused client certificate shows here
+            if not got:
+                raise ConnectionError("closed")
+            return got
+
+
+def test_trainer_certificate_is_refused_by_agents(tls_ctl):
+    port = free_port()
+    ctl = tls_ctl(cfg(tls_daemon(port)))
+    ctl.wait_agents(lambda st: st["agents"]["ready"] == 1)
+    aid = agents(ctl)["agents"][0]["id"]
+    tls = ctl.state_dir / "tls"
+    for f in ("trainer-ca.pem", "trainer.pem", "controller.pem", "api.pem"):
+        assert (tls / f).exists(), f
+    # trainer.pem chains to trainer-ca.pem only; the rest to ca.pem only
+    for cert, good, bad in (("trainer.pem", "trainer-ca.pem", "ca.pem"),
+                            ("controller.pem", "ca.pem", "trainer-ca.pem"),
+                            ("api.pem", "ca.pem", "trainer-ca.pem")):
+        for ca, ok in ((good, True), (bad, False)):
+            p = subprocess.run(["openssl", "verify", "-CAfile", str(tls / ca), str(tls / cert)],
+                               capture_output=True, text=True, timeout=30)
+            assert (p.returncode == 0) == ok, (cert, ca, p.stdout, p.stderr)
+    # the controller's client certificate opens a TLS link to the agent (the
+    # token check then answers), the trainer's is refused at the handshake
+    got = _agent_handshake(port, tls / "ca.pem", tls / "controller.pem", tls / "controller.key",
+                           aid)
+    assert len(got) >= 4, got
+    with pytest.raises((ssl.SSLError, ConnectionError)) as ei:
+        _agent_handshake(port, tls / "ca.pem", tls / "trainer.pem", tls / "trainer.key", aid)
+    assert "unknown ca" in str(ei.value).lower() or "closed" in str(ei.value), ei.value
+    log = ctl.state_dir / "exec" / f"{aid}.log"
+    deadline = time.monotonic() + 5
+    while "not signed by this server's CA (CN=slot-trainer:" not in log.read_text(
+            errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    # the agent keeps serving its controller
+    c = ctl.client()
+    s = c.call("acquire", {"trajectory_id": "t"})["slot"]
+    r = c.call("exec", {"slot": s, "tool": "bash", "args": {"command": "echo still"}})
+    assert r["stdout"] == b"still\n"
+    c.call("release", {"slot": s})
+    c.close()
+    assert_no_secrets(ctl)
+
+
 def test_short_lived_certificates_are_renewed_over_the_link(tls_ctl):
-    """cert_lifetime 20 s: renewal at 2/3 (about 13 s); the lease stays, and a
+    """cert_lifetime 9 s: renewal at 2/3 (about 6 s); the lease stays, and a
     streamed command started before the renewal runs to its end after it."""
     port = free_port()
-    ctl = tls_ctl(cfg(tls_daemon(port), lifetime="20s"))
+    ctl = tls_ctl(cfg(tls_daemon(port), lifetime="9s"))
     ctl.wait_agents(lambda st: st["agents"]["ready"] == 1)
     aid = agents(ctl)["agents"][0]["id"]
     cert = ctl.state_dir / "tls" / "agents" / aid / "cert.pem"
@@ -235,7 +295,7 @@ def test_short_lived_certificates_are_renewed_over_the_link(tls_ctl):
     t0 = agents(ctl)["agents"][0].get("tls_not_after")
     c = ctl.client()
     s = c.call("acquire", {"trajectory_id": "long"})["slot"]
-    cmd = "for i in $(seq 1 24); do echo line$i; sleep 1; done"
+    cmd = "for i in $(seq 1 12); do echo line$i; sleep 0.75; done"
     rid = c.send("exec", {"slot": s, "tool": "bash",
                           "args": {"command": cmd, "stream": True, "timeout": 60}})
     out = b""
@@ -254,8 +314,8 @@ def test_short_lived_certificates_are_renewed_over_the_link(tls_ctl):
     assert answer.get("ok", "result" in answer), answer
     res = answer["result"]
     out += res.get("stdout", b"") if isinstance(res.get("stdout"), bytes) else b""
-    assert out.count(b"line") >= 24 and b"line24\n" in out, out
-    # renewed meanwhile (24 s > 2/3 of 20 s): a new certificate in the
+    assert out.count(b"line") >= 12 and b"line12\n" in out, out
+    # renewed meanwhile (9 s > 2/3 of 9 s): a new certificate in the
     # agent's file (the agent rewrote it) and in the controller's answer
     assert not_after(cert) != first, ctl.log()[-3000:]
     assert not_after(ctl.state_dir / "tls" / "controller.pem") != first_ctl

@@ -1,8 +1,12 @@
 """The trainer API over TLS 1.3 with client certificates (`--listen tls:`).
 
 Certificates are made with the openssl CLI in the layout the controller's
-own CA uses (STATE/tls/ca.pem, ca.key, api.pem, api.key, trainer.pem,
-trainer.key), before the controller starts: it keeps files that exist.
+own CAs use (STATE/tls/ca.pem, ca.key, api.pem, api.key; trainer-ca.pem,
+trainer-ca.key, and trainer.pem, trainer.key signed by trainer-ca), before
+the controller starts: it keeps files that exist. The API trusts
+trainer-ca.pem only: the controller's client certificate (ca.pem's, for
+agents) is refused there, and a trainer.pem of an older state dir (signed
+by ca.pem) is issued again by trainer-ca.
 Covers agentctl over tls: (status, acquire, exec, attach), each failure a
 user meets with one line on each side (no client certificate, another CA,
 an expired certificate, a TLS 1.2 client, a plaintext client on the tls:
@@ -16,6 +20,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import (AGENT_BIN, AGENTCTL_BIN, CONTROLLER_BIN, Client, Controller,
+from conftest import (AGENT_BIN, AGENTCTL_BIN, CONTROLLER_BIN, ROOT, Client, Controller,
                       kill_stray_agents)
 
 CONFIG = """
@@ -80,9 +85,10 @@ class TlsController:
         self.dir = d
         self.tls = d / "state" / "tls"
         make_ca(self.tls)
+        make_ca(self.tls, "trainer-ca", cn="test trainer CA")
         issue(self.tls, "api", "slot-controller-api", "serverAuth", san=API_SAN)
-        issue(self.tls, "trainer", "slot-trainer:test", "clientAuth")
-        issue(self.tls, "expired", "slot-trainer:old", "clientAuth", days=-1)
+        issue(self.tls, "trainer", "slot-trainer:test", "clientAuth", ca="trainer-ca")
+        issue(self.tls, "expired", "slot-trainer:old", "clientAuth", ca="trainer-ca", days=-1)
         self.other = d / "other"
         make_ca(self.other, cn="another CA")
         issue(self.other, "trainer", "slot-trainer:stranger", "clientAuth")
@@ -235,8 +241,9 @@ def test_each_failure_is_one_line_on_both_sides(tc: TlsController) -> None:
     assert len(got) == 1, tc.ctl.log()[start:]
 
     # a server certificate (EKU serverAuth only, as an agent's) used as a client's
+    issue(tc.tls, "srvonly", "slot-trainer:srv", "serverAuth", ca="trainer-ca")
     start = len(tc.ctl.log())
-    r = tc.agentctl("status", cert=str(tc.tls / "api.pem"))
+    r = tc.agentctl("status", cert=str(tc.tls / "srvonly.pem"))
     assert r.returncode == 1
     assert "TLS" in one_line(r.stderr), r.stderr
     got = wait_log(tc, start, FAIL + "TLS handshake failed: .*(clientAuth|key usage)")
@@ -387,8 +394,10 @@ def test_api_certificate_replaced_on_disk(tc: TlsController) -> None:
 
 
 def test_agentctl_to_one_agent_over_tls(tc: TlsController) -> None:
-    """agentctl --agent tls: with the trainer certificate; --tls-name checks
-    which agent answers."""
+    """agentctl --agent tls: with the controller's client certificate (ca.pem
+    signs it and the agent's); --tls-name checks which agent answers. The
+    trainer certificate (trainer-ca.pem's, agentctl's default) is refused at
+    the agent's handshake."""
     issue(tc.tls, "agent", "agent-x", "serverAuth", san="DNS:agent-x")
     port = free_port()
     data = tc.dir / "agent-data"
@@ -401,8 +410,10 @@ def test_agentctl_to_one_agent_over_tls(tc: TlsController) -> None:
                               "--slots", "2"], stdout=log, stderr=subprocess.STDOUT)
     try:
         addr = f"tls:127.0.0.1:{port}"
-        argv = [str(AGENTCTL_BIN), "--agent", addr, "--state-dir", str(tc.dir / "state"),
+        base = [str(AGENTCTL_BIN), "--agent", addr, "--state-dir", str(tc.dir / "state"),
                 "--wait", "10"]
+        argv = [*base, "--tls-cert", str(tc.tls / "controller.pem"),
+                "--tls-key", str(tc.tls / "controller.key")]
         r = subprocess.run([*argv, "--tls-name", "agent-x", "exec", "0", "--", "echo direct"],
                            capture_output=True, timeout=20)
         assert r.returncode == 0 and r.stdout == b"direct\n", r
@@ -417,6 +428,14 @@ def test_agentctl_to_one_agent_over_tls(tc: TlsController) -> None:
                             "--tls-key", str(tc.other / "trainer.key"), "health"],
                            capture_output=True, timeout=20)
         assert r.returncode == 1 and "TLS" in one_line(r.stderr), r.stderr
+        # the trainer certificate (agentctl's default) is refused by the agent
+        r = subprocess.run([*base, "health"], capture_output=True, timeout=20)
+        assert r.returncode == 1 and "TLS" in one_line(r.stderr), r.stderr
+        deadline = time.monotonic() + 5
+        while "not signed by this server's CA (CN=slot-trainer:test)" not in \
+                (tc.dir / "agent.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, (tc.dir / "agent.log").read_text()
+            time.sleep(0.05)
     finally:
         agent.terminate()
         try:
@@ -427,6 +446,91 @@ def test_agentctl_to_one_agent_over_tls(tc: TlsController) -> None:
         log.close()
     text = (tc.dir / "agent.log").read_text(errors="replace")
     assert "Sanitizer" not in text and "runtime error:" not in text, text[-3000:]
+
+
+def test_controller_certificate_is_refused_by_the_api(tc: TlsController) -> None:
+    """STATE/tls/controller.pem (clientAuth, signed by ca.pem: what reaches
+    agents) does not open the trainer API, which trusts trainer-ca.pem."""
+    ctl_pem, ctl_key = tc.tls / "controller.pem", tc.tls / "controller.key"
+    assert ctl_pem.exists() and ctl_key.exists()
+    start = len(tc.ctl.log())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(tc.tls / "ca.pem"))
+    ctx.load_cert_chain(str(ctl_pem), str(ctl_key))
+    raw = socket.create_connection(("127.0.0.1", tc.port), timeout=10)
+    # TLS 1.3: the client's side of the handshake ends first; the server's
+    # refusal comes as an alert on the first read
+    with pytest.raises((ssl.SSLError, ConnectionError)) as ei:
+        s = ctx.wrap_socket(raw, server_hostname="slot-controller-api")
+        s.sendall(b"\x00\x00\x00\x01\x80")
+        if not s.recv(100):
+            raise ConnectionError("closed")
+    raw.close()
+    assert "unknown ca" in str(ei.value).lower() or "closed" in str(ei.value), ei.value
+    got = wait_log(tc, start, FAIL + "TLS handshake failed: .*not signed by this server's CA "
+                   r"\(CN=slot-controller:")
+    assert len(got) == 1, tc.ctl.log()[start:]
+    r = tc.agentctl("status", cert=str(ctl_pem))
+    assert r.returncode == 1 and "TLS" in one_line(r.stderr), r.stderr
+    # the trainer certificate still works, and the server is checked against ca.pem
+    assert tc.agentctl("status").returncode == 0
+
+
+def test_trainer_certificate_of_an_older_state_dir_is_issued_again(tmpdir_short: Path) -> None:
+    """A state dir from before trainer-ca.pem: trainer.pem signed by ca.pem.
+    At start the controller makes trainer-ca.pem (0644, key 0600) and issues
+    trainer.pem again from it; agentctl and slot_client work with the
+    defaults, and ca.pem and api.pem are kept."""
+    d = tmpdir_short / "old"
+    tls = d / "state" / "tls"
+    make_ca(tls)
+    issue(tls, "api", "slot-controller-api", "serverAuth", san=API_SAN)
+    issue(tls, "trainer", "slot-trainer:test", "clientAuth")
+    kept = {f: (tls / f).read_bytes() for f in ("ca.pem", "ca.key", "api.pem")}
+    old_trainer = (tls / "trainer.pem").read_bytes()
+    port = free_port()
+    ctl = Controller(d, CONFIG, extra=["--listen", f"tls:127.0.0.1:{port}"])
+    try:
+        assert {f: (tls / f).read_bytes() for f in kept} == kept
+        assert (tls / "trainer.pem").read_bytes() != old_trainer
+        assert oct((tls / "trainer-ca.pem").stat().st_mode & 0o777) == "0o644"
+        assert oct((tls / "trainer-ca.key").stat().st_mode & 0o777) == "0o600"
+
+        def verify(ca: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["openssl", "verify", "-CAfile", str(tls / ca),
+                                   str(tls / "trainer.pem")], capture_output=True, timeout=30)
+        assert verify("trainer-ca.pem").returncode == 0
+        assert verify("ca.pem").returncode != 0
+        assert re.search(r"trainer\.pem is not signed by the controller's trainer CA",
+                         ctl.log()), ctl.log()[-3000:]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLOT_")}
+        r = subprocess.run([str(AGENTCTL_BIN), "--controller", f"tls:127.0.0.1:{port}",
+                            "--state-dir", str(d / "state"), "--timeout", "10", "status"],
+                           capture_output=True, timeout=20, env=env)
+        assert r.returncode == 0 and b"1 ready" in r.stdout, r
+        # the Python client with its defaults (STATE/tls/trainer.pem, ca.pem)
+        code = ("import asyncio, sys\n"
+                "from slot_client import AsyncClient\n"
+                "async def main():\n"
+                "    c = await AsyncClient.connect(sys.argv[1], state_dir=sys.argv[2])\n"
+                "    st = await c.status()\n"
+                "    print(c.tls_info, st['agents']['ready'])\n"
+                "    await c.close()\n"
+                "asyncio.run(main())\n")
+        r = subprocess.run([sys.executable, "-c", code, f"tls:127.0.0.1:{port}",
+                            str(d / "state")], capture_output=True, timeout=30,
+                           env={**env, "PYTHONPATH": str(ROOT / "controller" / "python")})
+        assert r.returncode == 0 and r.stdout.startswith(b"TLSv1.3") and \
+            r.stdout.strip().endswith(b" 1"), r
+        # a restart keeps the new trainer.pem (it verifies against trainer-ca)
+        now = (tls / "trainer.pem").read_bytes()
+        assert ctl.stop() == 0
+        ctl.start()
+        assert (tls / "trainer.pem").read_bytes() == now
+    finally:
+        rc = ctl.stop()
+        kill_stray_agents(ctl.state_dir)
+    assert rc == 0, ctl.log()[-3000:]
 
 
 def test_plaintext_tcp_on_the_network_needs_insecure(tmp_path: Path) -> None:
