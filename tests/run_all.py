@@ -10,8 +10,8 @@ controller's exec backend in real containers, the SIF under Apptainer), the
 Nomad suite (the nomad backend against a real Nomad dev agent built from the
 Go module proxy; release and ASan/UBSan controller), the Slurm suite (the
 slurm backend against a one-node Slurm cluster of Debian's packages; release
-and ASan/UBSan controller), and a short
-fixed-length fuzz run.
+and ASan/UBSan controller; the Nomad and Slurm suites run side by side), and a
+short fixed-length fuzz run (beside the images suite).
 """
 from __future__ import annotations
 
@@ -89,31 +89,86 @@ def cmocka(t: Tally, name: str, binary: Path) -> None:
     t.add(name, passed, failed)
 
 
-def pytest(t: Tally, name: str, build: Path, extra_env: dict[str, str],
-           path: str = "tests/integration") -> None:
-    banner(f"pytest: {name}")
-    with tempfile.TemporaryDirectory() as d:
-        xml = Path(d) / "junit.xml"
+class Pytest:
+    """One pytest run of a suite, started now and tallied by finish(). With
+    quiet=True its output goes to a file, printed at finish(), so that two
+    suites can run side by side without mixing their lines."""
+
+    def __init__(self, name: str, build: Path, extra_env: dict[str, str],
+                 path: str = "tests/integration", extra_args: tuple[str, ...] = (),
+                 quiet: bool = False) -> None:
+        self.name = name
+        self.dir = tempfile.TemporaryDirectory()
+        self.xml = Path(self.dir.name) / "junit.xml"
+        self.out = tempfile.TemporaryFile(mode="w+") if quiet else None
+        if not quiet:
+            banner(f"pytest: {name}")
         env = dict(os.environ, SLOT_BUILD_DIR=str(build), **extra_env)
-        r = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml",
-                            str(xml), path], cwd=ROOT, env=env, timeout=3000)
-        if not xml.exists():
-            t.add(name, 0, 1)
+        self.proc = subprocess.Popen([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                      "--junitxml", str(self.xml), *extra_args, path], cwd=ROOT,
+                                     env=env, stdout=self.out, stderr=self.out and subprocess.STDOUT)
+
+    def finish(self, t: Tally) -> None:
+        try:
+            rc = self.proc.wait(timeout=3000)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if self.out:
+            banner(f"pytest: {self.name}")
+            self.out.seek(0)
+            sys.stdout.write(self.out.read())
+            sys.stdout.flush()
+        if not self.xml.exists():
+            t.add(self.name, 0, 1)
+            self.dir.cleanup()
             return
-        root = ET.parse(xml).getroot()
+        root = ET.parse(self.xml).getroot()
+        self.dir.cleanup()
         suites = [root] if root.tag == "testsuite" else list(root)
         tests = sum(int(s.get("tests", 0)) for s in suites)
         fails = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
         skips = sum(int(s.get("skipped", 0)) for s in suites)
-        if r.returncode not in (0, 1) and fails == 0:
+        if rc not in (0, 1) and fails == 0:
             fails = 1
-        t.add(name, tests - fails - skips, fails, skips)
+        t.add(self.name, tests - fails - skips, fails, skips)
 
 
-def fuzz(t: Tally, runs: int) -> None:
-    banner(f"fuzz: frame reader and request decoder, {runs} runs")
-    r = subprocess.run(["bash", "tests/fuzz/run.sh", str(runs)], cwd=ROOT, timeout=1200)
-    t.add("fuzz (libFuzzer, ASan+UBSan)", int(r.returncode == 0), int(r.returncode != 0))
+def pytest(t: Tally, name: str, build: Path, extra_env: dict[str, str],
+           path: str = "tests/integration", extra_args: tuple[str, ...] = ()) -> None:
+    Pytest(name, build, extra_env, path, extra_args).finish(t)
+
+
+def side_by_side(t: Tally, *runs: Pytest) -> None:
+    """The Nomad and Slurm suites mostly wait on their clusters' daemons and
+    share no port (Nomad 4646-4648 and its dynamic 20000-32000, Slurm
+    6817-6818): they run together, which saves about 2.5 minutes a pass."""
+    for r in runs:
+        r.finish(t)
+
+
+class Fuzz:
+    """The fuzz run is CPU-bound and shares nothing with the suites (its own
+    temporary directory, no ports): it runs beside the images suite, which
+    mostly waits for Docker and Apptainer, and is collected at the end."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(["bash", "tests/fuzz/run.sh", str(runs)], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def finish(self, t: Tally) -> None:
+        banner(f"fuzz: frame reader and request decoder, {self.runs} runs")
+        try:
+            rc = self.proc.wait(timeout=1200)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            print("fuzz: timed out after 1200 s")
+        self.log.seek(0)
+        sys.stdout.write(self.log.read()[-6000:])
+        t.add("fuzz (libFuzzer, ASan+UBSan)", int(rc == 0), int(rc != 0))
 
 
 def main() -> int:
@@ -135,35 +190,29 @@ def main() -> int:
     pytest(t, "integration (release agent)", build, {})
     pytest(t, "isolation escapes (root/user/docker)", build, {}, "tests/isolation")
     pytest(t, "controller (release)", build, {}, "tests/controller")
+    fuzz = None if a.no_fuzz else Fuzz(a.fuzz_runs)
     pytest(t, "images (docker, apptainer)", build, {}, "tests/images")
-    pytest(t, "nomad (real Nomad 1.6.3 dev agent)", build, {}, "tests/e2e/nomad")
-    pytest(t, "slurm (real one-node Slurm cluster)", build, {}, "tests/e2e/slurm")
+    side_by_side(t, Pytest("nomad (real Nomad 1.6.3 dev agent)", build, {}, "tests/e2e/nomad",
+                           quiet=True),
+                 Pytest("slurm (real one-node Slurm cluster)", build, {}, "tests/e2e/slurm",
+                        quiet=True))
     if not a.no_asan:
         cmocka(t, "unit (ASan+UBSan)", asan / "test-proto")
         cmocka(t, "unit screen (ASan+UBSan)", asan / "test-screen")
         cmocka(t, "unit untar (ASan+UBSan)", asan / "test-untar")
-        pytest(t, "integration (ASan+UBSan agent)", asan, {
+        san = {
             "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
             "SLOT_SANITIZED": "1",
-        })
-        pytest(t, "controller (ASan+UBSan)", asan, {
-            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
-            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
-            "SLOT_SANITIZED": "1",
-        }, "tests/controller")
-        pytest(t, "nomad (ASan+UBSan controller)", asan, {
-            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
-            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
-            "SLOT_SANITIZED": "1",
-        }, "tests/e2e/nomad")
-        pytest(t, "slurm (ASan+UBSan controller)", asan, {
-            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=66",
-            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
-            "SLOT_SANITIZED": "1",
-        }, "tests/e2e/slurm")
-    if not a.no_fuzz:
-        fuzz(t, a.fuzz_runs)
+        }
+        pytest(t, "integration (ASan+UBSan agent)", asan, san)
+        pytest(t, "controller (ASan+UBSan)", asan, san, "tests/controller")
+        side_by_side(t, Pytest("nomad (ASan+UBSan controller)", asan, san, "tests/e2e/nomad",
+                               quiet=True),
+                     Pytest("slurm (ASan+UBSan controller)", asan, san, "tests/e2e/slurm",
+                            quiet=True))
+    if fuzz:
+        fuzz.finish(t)
     banner("summary")
     print("\n".join(t.lines))
     line = f"{t.passed} passed, {t.failed} failed"

@@ -219,7 +219,7 @@ def test_raw_exec_agents_are_jobs_with_tokens(controllers, nomad) -> None:
     cl.close()
 
 
-def agent_tls(c, agent: dict, cert: str = "trainer") -> ssl.SSLSocket:
+def agent_tls(c, agent: dict, cert: str = "controller") -> ssl.SSLSocket:
     """A TLS connection to a Nomad agent's port, as the controller's CA
     allows (STATE/tls/CERT.pem), checking the agent's name."""
     host, port = agent["address"].split()[0].split(":", 1)[1].rsplit(":", 1)
@@ -485,7 +485,7 @@ def test_a_plaintext_agent_fails_the_tls_handshake_and_tls_off_reaches_it(contro
     assert plain != src and "tls.pem" not in plain and "--tls" not in plain
     tpl.write_text(plain)
     c = make(controllers, nomad, str(tpl), wait=False, start_timeout="40s", max_agents=1)
-    msg = no_capacity(c, 30000)
+    msg = no_capacity(c, 12000)
     assert "tls handshake with tcp:127.0.0.1:" in msg and "failed: " in msg, msg
     d = make(controllers, nomad, str(tpl), name="plain", tls="off", max_agents=1)
     a = agents(d)[0]
