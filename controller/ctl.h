@@ -602,5 +602,7 @@ double now_wall_ms(void);
 uint64_t random_u64(void);
 int mkdir_p(const char *path, mode_t mode);
 void remove_tree_async(struct ctl *c, const char *path);
+/* The same, here and now: small trees only (the loop waits). */
+void remove_tree_now(const char *path);
 
 #endif

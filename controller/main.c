@@ -116,6 +116,11 @@ static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *
     return 0;
 }
 
+void remove_tree_now(const char *path)
+{
+    nftw(path, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+}
+
 #define GONE_PREFIX ".gone-"
 
 /* Detach every mount beneath dir, deepest first: an agent killed with its
@@ -179,7 +184,7 @@ void remove_tree_async(struct ctl *c, const char *path)
         /* No inherited descriptor (a data dir's lock) outlives the removal. */
         syscall(SYS_close_range, 3u, ~0u, 0);
         unmount_under(path);
-        nftw(path, rm_entry, 32, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+        remove_tree_now(path);
         _exit(0);
     }
     if (pid < 0)

@@ -17,7 +17,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -673,17 +672,6 @@ int tls_agent_issue(struct ctl *c, struct agent *ag, bool files, struct tls_pem 
     return rc;
 }
 
-static int rm_entry(const char *p, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)ftw;
-    if (flag == FTW_DP)
-        rmdir(p);
-    else
-        unlink(p);
-    return 0;
-}
-
 void tls_agent_forget(struct ctl *c, struct agent *ag)
 {
     if (!ag->tls_files || !ts(c))
@@ -691,7 +679,7 @@ void tls_agent_forget(struct ctl *c, struct agent *ag)
     ag->tls_files = false;
     char d[4096];
     agent_dir(c, ag, d, sizeof d);
-    nftw(d, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+    remove_tree_now(d);
 }
 
 void tls_remove_stale(struct ctl *c)
@@ -706,7 +694,7 @@ void tls_remove_stale(struct ctl *c)
             continue;
         char p[4200];
         snprintf(p, sizeof p, "%s/%s", s->agents_dir, de->d_name);
-        nftw(p, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+        remove_tree_now(p);
     }
     closedir(d);
 }

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from conftest import AGENT_BIN, Agent, free_port
-from helpers import split_frames
+from helpers import _tcp_listening, split_frames
 from helpers_proc import wait_until
 from slotwire import Client, pack_frame
 
@@ -79,17 +79,6 @@ def pki() -> Iterator[Path]:
 
 # ---- agents ------------------------------------------------------------------
 
-def _tcp_listening(port: int) -> bool:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                for line in f.readlines()[1:]:
-                    parts = line.split()
-                    if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":
-                        return True
-        except OSError:
-            pass
-    return False
 
 
 class TlsAgent:
