@@ -102,8 +102,11 @@ unsigned proc_kill_tree(pid_t root)
         kill(pv.v[i], SIGSTOP);
         read_children(pv.v[i], &pv);
     }
+    /* Leaves first: a parent killed before its stopped children orphans
+     * their process groups, and the kernel's SIGHUP+SIGCONT to those can
+     * end and reap a child before our SIGKILL reaches it (a short count). */
     unsigned n = 0;
-    for (size_t i = 0; i < pv.n; i++) {
+    for (size_t i = pv.n; i-- > 0;) {
         if (kill(pv.v[i], SIGKILL) == 0)
             n++;
         /* Its process group too: members that left the tree by re-parenting
