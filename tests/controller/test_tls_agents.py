@@ -33,6 +33,7 @@ import pytest
 
 from conftest import AGENT_BIN, Controller
 from slotwire import Client
+from test_exec_backend import agents
 
 AB = str(AGENT_BIN)
 
@@ -119,14 +120,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def agents(ctl: Controller) -> dict:
-    c = ctl.client()
-    try:
-        return c.call("agents")
-    finally:
-        c.close()
 
 
 def not_after(pem: Path) -> str:
