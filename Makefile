@@ -8,7 +8,8 @@ DEB_PKGS := meson ninja-build pkg-config gcc clang libev-dev libmsgpack-dev libm
             zlib1g-dev libcmocka-dev libjansson-dev libseccomp-dev python3 python3-msgpack \
             python3-pytest file tar procps clang-format util-linux busybox-static \
             libyaml-dev tmux debootstrap openssh-server openssh-client \
-            libcurl4-openssl-dev libvterm-dev openssl python3-pydantic libwolfssl-dev tcpdump
+            libcurl4-openssl-dev libvterm-dev openssl python3-pydantic libwolfssl-dev tcpdump \
+            bash-builtins
 
 .PHONY: all deps build asan run test test-fast bench fuzz format clean images
 

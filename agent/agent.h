@@ -11,6 +11,7 @@
 
 #include "isolate/isolate.h"
 #include "slotproto.h"
+#include "warm.h"
 
 #define AGENT_VERSION "0.1.0"
 
@@ -90,13 +91,14 @@ struct slot {
     uint64_t generation;
     uint64_t execs;
     uint64_t resets;
-    int ll_fd[2];        /* Landlock rulesets [network allowed, denied], built on first use */
-    unsigned uid;        /* the slot's user, when the uid rung is on */
-    struct nsbox box[2]; /* namespaces [network allowed, denied], started on first use */
-    bool box_failed;     /* the last box start failed: commands run at the host path */
-    ev_io box_w[2];      /* their holders' answers */
-    int cg_fd[2];        /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
-    pid_t *kept;         /* keep_background leftovers */
+    int ll_fd[2];              /* Landlock rulesets [network allowed, denied], built on first use */
+    unsigned uid;              /* the slot's user, when the uid rung is on */
+    struct nsbox box[2];       /* namespaces [network allowed, denied], started on first use */
+    bool box_failed;           /* the last box start failed: commands run at the host path */
+    ev_io box_w[2];            /* their holders' answers */
+    struct warm_shell warm[2]; /* warm shells [network allowed, denied] (warm.c) */
+    int cg_fd[2];              /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
+    pid_t *kept;               /* keep_background leftovers */
     unsigned nkept, kept_cap;
     struct session *sessions; /* persistent shells (session.c) */
     unsigned nsessions;
@@ -228,6 +230,7 @@ struct agent {
     unsigned tls_log_lines;
     uint64_t tls_log_suppressed;
     ev_signal sig_hup;
+    struct warm_state warm; /* the warm exec path (warm.c) */
 };
 
 /* ---- requests and the op table ---------------------------------------- */

@@ -18,6 +18,9 @@
 #include "quota.h"
 #include "slotfs.h"
 #include "session.h"
+#include "warm/warm_wire.h"
+
+_Static_assert(LIM_COUNT == WARM_LIMITS, "the warm shell's limits are isolate.h's");
 
 #define RETAIN_MAX 1024
 #define RETAIN_SECONDS 600.0
@@ -230,7 +233,7 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
         code = 128 + sig;
     }
     double end = e->finished ? e->t_end : agent_now_precise(e->ag);
-    msgpack_pack_map(pk, e->disk_quota ? 18 : 17);
+    msgpack_pack_map(pk, e->disk_quota ? 19 : 18);
     sp_pack_kv_uint(pk, "exec_id", e->id);
     sp_pack_kv_bool(pk, "disk_quota", e->disk_quota);
     if (e->disk_quota)
@@ -263,6 +266,7 @@ void exec_pack_result(msgpack_packer *pk, const struct exec *e, bool with_output
         if (e->iso_applied & (1u << r))
             sp_pack_cstr(pk, rung_names[r]);
     sp_pack_kv_bool(pk, "network", e->network);
+    sp_pack_kv_bool(pk, "warm", e->warm_used);
 }
 
 /* ---- lifecycle --------------------------------------------------------- */
@@ -437,7 +441,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         return sp_errf(err, SP_INTERNAL, "out of memory"), NULL;
     e->ag = ag;
     e->slot = s;
-    e->fds[0] = e->fds[1] = e->in_fd = -1;
+    e->fds[0] = e->fds[1] = e->in_fd = e->gate = -1;
     s->disk.cmds++; /* its first count is its baseline (quota.c) */
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
         (p->stdin_data && pipe2(in, O_CLOEXEC) < 0)) {
@@ -467,7 +471,16 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     };
     e->t_start = agent_now_precise(ag);
     pid_t pid = 0;
-    if (p->box) {
+    int std[3] = {sp.stdin_fd, sp.stdout_fd, sp.stderr_fd};
+    struct sp_err werr;
+    if (p->warm && warm_send(ag, p->warm, p->cmd, p->cwd_path, p->box ? -1 : p->cwd_fd, p->envp,
+                             p->iso->lim, std, &e->gate, &e->warm_seq, &werr) == 0) {
+        e->spawning = true;
+        e->warm = p->warm;
+        e->warm_used = true;
+        e->iso_want = p->iso->want;
+        ag->spawning++;
+    } else if (p->box) {
         if (ns_box_send(p->box, &sp) < 0) {
             sp_errf(err, SP_INTERNAL, "namespaces: the slot's holder is gone: %s",
                     strerror(sp.child_errno));
@@ -570,8 +583,9 @@ fail:
 
 /* ---- commands started by a box holder ------------------------------------ */
 
-/* The command never started: undo exec_start and fail its request. */
-static void exec_abort(struct exec *e, const struct sp_err *err)
+/* The command never started: undo exec_start, failing requests attached to
+ * it, and hand back the request that started it. */
+static struct req *exec_undo(struct exec *e, const struct sp_err *err)
 {
     struct agent *ag = e->ag;
     struct slot *s = e->slot;
@@ -580,6 +594,8 @@ static void exec_abort(struct exec *e, const struct sp_err *err)
         ag->spawning--;
     }
     list_del(&ag->running, e);
+    if (e->gate >= 0)
+        close(e->gate); /* without its byte, the command exits unstarted */
     s->running--;
     s->execs--;
     ag->execs_started--;
@@ -597,16 +613,24 @@ static void exec_abort(struct exec *e, const struct sp_err *err)
     }
     struct req *rq = e->announce ? e->announce : e->owner;
     e->announce = e->owner = NULL;
-    if (rq && rq->op->fn == op_template_build) {
+    if (rq)
         rq->exec = NULL;
-        template_build_failed(ag, rq, err); /* the slot it borrowed goes back */
-    } else if (rq) {
-        rq->exec = NULL;
-        req_finish(rq, err);
-    }
     outbuf_free(&e->ob[0]);
     outbuf_free(&e->ob[1]);
     free(e);
+    return rq;
+}
+
+/* The command never started: undo exec_start and fail its request. */
+static void exec_abort(struct exec *e, const struct sp_err *err)
+{
+    struct agent *ag = e->ag;
+    struct slot *s = e->slot;
+    struct req *rq = exec_undo(e, err);
+    if (rq && rq->op->fn == op_template_build)
+        template_build_failed(ag, rq, err); /* the slot it borrowed goes back */
+    else if (rq)
+        req_finish(rq, err);
     if (s->resetting && s->running == 0)
         reset_complete(ag, s);
 }
@@ -615,7 +639,7 @@ static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box)
 {
     struct exec *best = NULL;
     for (struct exec *e = ag->running; e; e = e->next)
-        if (e->spawning && e->box == box && (!best || e->id < best->id))
+        if (e->spawning && !e->warm && e->box == box && (!best || e->id < best->id))
             best = e;
     return best;
 }
@@ -637,6 +661,40 @@ void exec_box_gone(struct agent *ag, struct nsbox *box)
         ag->nearly = 0;
 }
 
+/* A command started by a box holder or a warm shell has its pid: announce
+ * it, and catch up with what happened while it was starting. */
+static void exec_spawned(struct agent *ag, struct exec *e, pid_t pid, unsigned applied)
+{
+    e->pid = pid;
+    e->iso_applied = applied;
+    log_debug("exec %llu: slot %u pid %d (%s)", (unsigned long long)e->id, e->slot->index, (int)pid,
+              e->warm_used ? "warm" : "box");
+    /* Repeats of its request attach now, before an exit reaped early
+     * (below) can finish it. */
+    struct req *first = e->announce ? e->announce : e->owner;
+    if (first)
+        idem_exec_started(first, e);
+    struct req *rq = e->announce;
+    e->announce = NULL;
+    if (rq && exec_announce(rq, e) == OP_DONE)
+        req_finish(rq, NULL);
+    else if (rq && rq == e->owner && rq->stream)
+        exec_replay(e, rq);
+    int status = 0;
+    bool exited = false;
+    for (unsigned i = 0; i < ag->nearly; i++)
+        if (ag->early[i].pid == pid) {
+            status = ag->early[i].status;
+            ag->early[i] = ag->early[--ag->nearly];
+            exited = true;
+            break;
+        }
+    if (exited)
+        exec_on_child_exit(ag, pid, status);
+    else if (e->timed_out || e->idle_timed_out || e->cancelled)
+        exec_kill(e); /* asked for while it was starting */
+}
+
 void exec_box_readable(struct agent *ag, struct slot *s, int k)
 {
     struct nsbox *box = &s->box[k];
@@ -656,34 +714,101 @@ void exec_box_readable(struct agent *ag, struct slot *s, int k)
         spawn_error(&err, r.child_errno ? r.child_errno : EIO, r.failed_rung, "the command");
         exec_abort(e, &err);
     } else {
-        e->pid = r.pid;
-        e->iso_applied = r.applied & (e->iso_want | (1u << RUNG_NAMESPACES));
-        log_debug("exec %llu: slot %u pid %d (box)", (unsigned long long)e->id, s->index,
-                  (int)r.pid);
-        /* Repeats of its request attach now, before an exit reaped early
-         * (below) can finish it. */
-        struct req *first = e->announce ? e->announce : e->owner;
-        if (first)
-            idem_exec_started(first, e);
-        struct req *rq = e->announce;
-        e->announce = NULL;
-        if (rq && exec_announce(rq, e) == OP_DONE)
+        exec_spawned(ag, e, r.pid, r.applied & (e->iso_want | (1u << RUNG_NAMESPACES)));
+    }
+    if (!ag->spawning)
+        ag->nearly = 0;
+}
+
+static struct exec *oldest_warm(struct agent *ag, struct warm_shell *w)
+{
+    struct exec *best = NULL;
+    for (struct exec *e = ag->running; e; e = e->next)
+        if (e->spawning && e->warm == w && (!best || e->id < best->id))
+            best = e;
+    return best;
+}
+
+/* Answers of a warm shell's commands come as each is set up, in any order. */
+static struct exec *warm_request(struct agent *ag, struct warm_shell *w, uint64_t seq)
+{
+    for (struct exec *e = ag->running; e; e = e->next)
+        if (e->spawning && e->warm == w && e->warm_seq == seq)
+            return e;
+    return NULL;
+}
+
+void exec_warm_readable(struct agent *ag, struct warm_shell *w)
+{
+    for (;;) {
+        pid_t pid = -1;
+        int en = 0;
+        uint64_t seq = 0;
+        int rc = warm_recv(ag, w, &seq, &pid, &en);
+        if (rc == 1)
+            break;
+        if (rc == 2)
+            continue;
+        if (rc < 0) {
+            log_warn("slot %u: the warm shell stopped answering", w->slot->index);
+            warm_lost(ag, w); /* what it had not started runs cold */
+            break;
+        }
+        warm_answered(ag, w);
+        struct exec *e = warm_request(ag, w, seq);
+        if (!e)
+            continue; /* aborted meanwhile: its command leaves at its closed gate */
+        e->spawning = false;
+        e->warm = NULL;
+        ag->spawning--;
+        if (pid < 0) {
+            struct sp_err err;
+            if (en)
+                spawn_error(&err, en, -1, "the command");
+            else
+                sp_errf(&err, SP_INTERNAL, "the command was killed before it started");
+            exec_abort(e, &err);
+            continue;
+        }
+        ag->warm.execs++;
+        /* Its pid is known: let it run. */
+        while (write(e->gate, "g", 1) < 0 && errno == EINTR)
+            ;
+        close(e->gate);
+        e->gate = -1;
+        exec_spawned(ag, e, pid, w->applied & (e->iso_want | (1u << RUNG_NAMESPACES)));
+    }
+    if (!ag->spawning)
+        ag->nearly = 0;
+}
+
+void exec_warm_gone(struct agent *ag, struct warm_shell *w, bool retry)
+{
+    struct sp_err err;
+    sp_errf(&err, SP_CANCELLED,
+            "the slot's warm shell went away before the command started (slot reset or agent "
+            "stopping)");
+    struct exec *e;
+    while ((e = oldest_warm(ag, w))) {
+        struct sp_err qerr;
+        if (e->disk_quota)
+            sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
+        if (!retry || e->disk_quota || e->cancelled || e->slot->resetting || ag->stopping) {
+            exec_abort(e, e->disk_quota ? &qerr : &err);
+            continue;
+        }
+        /* Nothing of it ran: run its request again, the cold way. */
+        struct req *rq = exec_undo(e, &err);
+        if (!rq)
+            continue;
+        struct sp_err rerr;
+        ag->warm.bypass = true;
+        int rc = op_exec(rq, &rerr);
+        ag->warm.bypass = false;
+        if (rc < 0)
+            req_finish(rq, &rerr);
+        else if (rc == OP_DONE)
             req_finish(rq, NULL);
-        else if (rq && rq == e->owner && rq->stream)
-            exec_replay(e, rq);
-        int status = 0;
-        bool exited = false;
-        for (unsigned i = 0; i < ag->nearly; i++)
-            if (ag->early[i].pid == r.pid) {
-                status = ag->early[i].status;
-                ag->early[i] = ag->early[--ag->nearly];
-                exited = true;
-                break;
-            }
-        if (exited)
-            exec_on_child_exit(ag, r.pid, status);
-        else if (e->timed_out || e->idle_timed_out || e->cancelled)
-            exec_kill(e); /* asked for while it was starting */
     }
     if (!ag->spawning)
         ag->nearly = 0;
@@ -811,7 +936,7 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
     }
     if (!e) {
         /* a box holder, a leftover, or an orphan adopted as PID 1 */
-        if (!slots_box_exited(ag, pid))
+        if (!slots_box_exited(ag, pid) && !warm_exited(ag, pid))
             slots_forget_kept(ag, pid);
         return;
     }
@@ -870,6 +995,7 @@ unsigned exec_kill_slot(struct agent *ag, struct slot *s)
     }
     /* Sessions first: their shells are not strays to the sweep below. */
     n += sessions_close_slot(ag, s);
+    warm_stop_slot(ag, s);
     n += proc_sweep_strays(ag);
     n += slots_kill_kept(s);
     n += cgroup_slot_kill(&ag->iso, s->index);
@@ -889,6 +1015,7 @@ void exec_kill_all(struct agent *ag)
     }
     for (unsigned i = 0; i < ag->nslots; i++) {
         sessions_close_slot(ag, &ag->slots[i]);
+        warm_stop_slot(ag, &ag->slots[i]);
         slots_kill_kept(&ag->slots[i]);
         slots_box_stop(ag, &ag->slots[i]);
     }
@@ -923,6 +1050,8 @@ void exec_free_all(struct agent *ag)
         ev_timer_stop(ag->loop, &e->timer);
         ev_timer_stop(ag->loop, &e->idle);
         ev_timer_stop(ag->loop, &e->drain);
+        if (e->gate >= 0)
+            close(e->gate);
         while (e->attach) {
             struct req *rq = e->attach;
             e->attach = rq->exec_next;

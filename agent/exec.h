@@ -51,9 +51,13 @@ struct exec {
     unsigned iso_applied; /* rungs the child applied */
     int status;
     double finished_at;
-    struct req *owner;  /* the exec request, until answered */
-    struct req *attach; /* exec_attach requests, via exec_next */
-    bool disk_quota;    /* stopped for its slot's disk budget (quota_why) */
+    struct req *owner;       /* the exec request, until answered */
+    struct req *attach;      /* exec_attach requests, via exec_next */
+    struct warm_shell *warm; /* started through this warm shell (pid not known yet) */
+    int gate;                /* the command waits for a byte here (warm path), or -1 */
+    uint64_t warm_seq;       /* its request to the warm shell */
+    bool warm_used;          /* it was (reported in the result) */
+    bool disk_quota;         /* stopped for its slot's disk budget (quota_why) */
     char quota_why[160];
 };
 
@@ -68,7 +72,9 @@ struct exec_params {
     uint64_t timeout_ms, idle_timeout_ms, max_output;
     bool detach, network, keep_background;
     struct iso_child *iso;
-    struct nsbox *box; /* spawn through this slot box, or NULL */
+    struct nsbox *box;       /* spawn through this slot box, or NULL */
+    struct warm_shell *warm; /* fork from this warm shell, or NULL (cold) */
+    const char *cmd;         /* the shell command, for the warm shell */
 };
 
 struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,

@@ -71,6 +71,8 @@ static const char usage[] =
     "  --isolation MODE         best_effort (default) or required: default for requests\n"
     "  --without RUNG           never apply a rung (uid, namespaces, landlock, seccomp,\n"
     "                           rlimits, cgroup); repeatable\n"
+    "  --no-warm                start every command as a new shell: no warm shell per\n"
+    "                           slot forking stateless execs (see --probe)\n"
     "  --slot-uid-base N        slot i runs as uid/gid N+i when the agent may change ids\n"
     "                           (default 20000)\n"
     "  --rlimit NAME=VALUE      per-command maximum and default: cpu (s), as, fsize (bytes),\n"
@@ -236,6 +238,7 @@ enum {
     OPT_DATA,
     OPT_TOKEN,
     OPT_INSECURE,
+    OPT_NO_WARM,
     OPT_MAXFRAME,
     OPT_MAXOUT,
     OPT_LOG,
@@ -249,6 +252,7 @@ static const struct option longopts[] = {
     {"data-dir", required_argument, NULL, OPT_DATA},
     {"token-file", required_argument, NULL, OPT_TOKEN},
     {"insecure", no_argument, NULL, OPT_INSECURE},
+    {"no-warm", no_argument, NULL, OPT_NO_WARM},
     {"max-frame", required_argument, NULL, OPT_MAXFRAME},
     {"max-output", required_argument, NULL, OPT_MAXOUT},
     {"log-level", required_argument, NULL, OPT_LOG},
@@ -580,6 +584,7 @@ static int agent_main(int argc, char **argv)
         case OPT_DATA: ag->opt.data_dir = optarg; break;
         case OPT_TOKEN: ag->opt.token_file = optarg; break;
         case OPT_INSECURE: ag->opt.insecure = true; break;
+        case OPT_NO_WARM: ag->warm.off = true; break;
         case OPT_MAXFRAME:
             if (parse_size(optarg, &v) < 0 || v < 4096 || v > (1u << 30)) {
                 fprintf(stderr, "slot-agent: --max-frame must be 4K..1G\n");
@@ -831,7 +836,7 @@ static int agent_main(int argc, char **argv)
         if (ag->data_dir)
             templates_probe(ag);
         quota_configure(ag);
-        char disk[700];
+        char disk[1100];
         quota_report(ag, json, disk, sizeof disk);
         /* This binary can listen with tls: (controllers check before they
          * ask for it). The disk fragment is where extra report lines go. */
@@ -839,6 +844,22 @@ static int agent_main(int argc, char **argv)
         snprintf(disk + dl, sizeof disk - dl, "%s",
                  json ? ", \"tls_listen\": true"
                       : "\nTLS: --listen tls: available (TLS 1.3, wolfSSL)");
+        ag->shell = access("/bin/bash", X_OK) == 0 ? "/bin/bash" : "/bin/sh";
+        ag->child_stack = child_stack_alloc();
+        ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (ag->child_stack && ag->devnull_fd >= 0)
+            warm_init(ag);
+        else
+            snprintf(ag->warm.why, sizeof ag->warm.why, "out of resources");
+        dl = strlen(disk);
+        if (json)
+            snprintf(disk + dl, sizeof disk - dl, ", \"warm\": {\"active\": %s, \"why\": \"%s\"}",
+                     ag->warm.active ? "true" : "false", ag->warm.active ? "" : ag->warm.why);
+        else
+            snprintf(disk + dl, sizeof disk - dl, "\nwarm exec: %s%s%s",
+                     ag->warm.active ? "yes (a warm shell per slot forks stateless execs)" : "no (",
+                     ag->warm.active ? "" : ag->warm.why, ag->warm.active ? "" : ")");
+        warm_free(ag);
         free(ag->data_dir);
         ag->data_dir = NULL;
         isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why,
@@ -857,6 +878,9 @@ static int agent_main(int argc, char **argv)
     agent_log_set_level(ag->opt.log_level);
     if (getenv("SLOT_AGENT_NO_OPENAT2"))
         path_force_fallback(true);
+    /* The test suites' switch for running whole suites on the cold path. */
+    if (getenv("SLOT_AGENT_NO_WARM"))
+        ag->warm.off = true;
     ensure_std_fds();
 
     struct sp_err err;
@@ -896,6 +920,8 @@ static int agent_main(int argc, char **argv)
     ag->child_stack = child_stack_alloc();
     ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
     sp_writer_init(&ag->null_writer, 0);
+    if (ag->child_stack && ag->devnull_fd >= 0)
+        warm_init(ag);
     if (!ag->op_stats || !ag->child_stack || ag->devnull_fd < 0) {
         log_error("start-up: out of resources");
         return 1;
@@ -1005,6 +1031,7 @@ out:
     builds_free(ag);
     ws_jobs_free(ag);
     templates_free_slots(ag);
+    warm_free(ag);
     slots_free(ag);
     templates_free(ag);
     slotfs_unmount_all(ag);

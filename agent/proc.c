@@ -156,7 +156,7 @@ unsigned proc_sweep_strays(struct agent *ag)
             if (exec_is_main_pid(ag, kids.v[i]) || slots_is_box_holder(ag, kids.v[i]) ||
                 slots_is_kept(ag, kids.v[i]) || session_is_shell(ag, kids.v[i]) ||
                 ws_job_pid(ag, kids.v[i]) || quota_worker_pid(ag, kids.v[i]) ||
-                slotfs_guardian_pid(ag, kids.v[i]))
+                slotfs_guardian_pid(ag, kids.v[i]) || warm_is_shell(ag, kids.v[i]))
                 continue;
             /* A stray that already exited is only a zombie: reap it here
              * (nobody waits for its status) instead of "killing" it again. */

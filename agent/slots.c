@@ -57,6 +57,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->ws_fd = s->tmp_fd = -1;
         s->ll_fd[0] = s->ll_fd[1] = -1;
         s->box[0].sock = s->box[1].sock = -1;
+        s->warm[0].sock = s->warm[1].sock = -1;
         s->cg_fd[0] = s->cg_fd[1] = -1;
         s->uid = ag->iso.uid_base + i;
         s->ws_ns = (struct ovl_ns){-1, -1, -1};
@@ -173,6 +174,7 @@ static void box_stop(struct agent *ag, struct slot *s, int k)
     if (s->box[k].pid <= 0)
         return;
     ev_io_stop(ag->loop, &s->box_w[k]);
+    warm_stop(ag, &s->warm[k]); /* it dies with the box */
     ns_box_stop(&s->box[k]);
     exec_box_gone(ag, &s->box[k]);
 }
@@ -238,7 +240,7 @@ void slots_keep_leftovers(struct agent *ag, struct slot *s)
         size_t n = proc_children(parents[k], &kids);
         for (size_t i = 0; i < n; i++)
             if (!exec_is_main_pid(ag, kids[i]) && !slots_is_box_holder(ag, kids[i]) &&
-                !slots_is_kept(ag, kids[i]))
+                !slots_is_kept(ag, kids[i]) && !warm_is_shell(ag, kids[i]))
                 keep(s, kids[i]);
         free(kids);
     }

@@ -3,7 +3,8 @@
 
 Suites: the static-link check, clang-format, the C unit tests (release and
 sanitizer builds), the pytest integration suite against the release agent and
-again against the ASan/UBSan agent, the isolation escapes, the controller
+again against the ASan/UBSan agent (that one with the warm exec path off,
+SLOT_AGENT_NO_WARM, so both paths run every suite), the isolation escapes, the controller
 end-to-end suite (release and ASan/UBSan controller, agentctl and Python
 client), the images suite (Docker images built from scratch, the agent and the
 controller's exec backend in real containers, the SIF under Apptainer), the
@@ -205,8 +206,11 @@ def main() -> int:
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=67",
             "SLOT_SANITIZED": "1",
         }
-        pytest(t, "integration (ASan+UBSan agent)", asan, san)
-        pytest(t, "controller (ASan+UBSan)", asan, san, "tests/controller")
+        # The release suites run the warm exec path (the default), these the
+        # cold one: every command a new shell.
+        cold = dict(san, SLOT_AGENT_NO_WARM="1")
+        pytest(t, "integration (ASan+UBSan agent, cold)", asan, cold)
+        pytest(t, "controller (ASan+UBSan, cold)", asan, cold, "tests/controller")
         side_by_side(t, Pytest("nomad (ASan+UBSan controller)", asan, san, "tests/e2e/nomad",
                                quiet=True),
                      Pytest("slurm (ASan+UBSan controller)", asan, san, "tests/e2e/slurm",

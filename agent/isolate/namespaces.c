@@ -516,6 +516,10 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
     char *stack = child_stack_alloc();
     if (!stack)
         return;
+    /* The box's seccomp filter, once loaded here, is every command's: the
+     * holder loads it with the first command that wants it (they all want
+     * the same one: a box has one network setting), and commands skip it. */
+    int filtered = -1;
     for (;;) {
         struct pollfd pfd = {sock, POLLIN, 0};
         int r = poll(&pfd, 1, 1000);
@@ -561,6 +565,16 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
         };
         for (int k = 0; k < rq.ncg; k++)
             ic.cg_fd[k] = fds[3 + !!rq.has_cwd + !!rq.has_ll + k];
+        unsigned inherited = 0;
+        if (ic.seccomp && (rq.want & (1u << RUNG_SECCOMP))) {
+            if (filtered < 0 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+                seccomp_apply(ic.seccomp) == 0)
+                filtered = rq.seccomp_index;
+            if (filtered == rq.seccomp_index) {
+                ic.seccomp = NULL;
+                inherited = 1u << RUNG_SECCOMP;
+            }
+        }
         /* The agent's read-anywhere rule is on the host's /; when the box
          * has a root of its own, paths here lead up to that one instead.
          * (A failure shows as the command's EACCES.) */
@@ -586,7 +600,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
         rep.child_errno = sp.child_errno;
         rep.failed_rung = ic.failed_rung;
         rep.failed_errno = ic.failed_errno;
-        rep.applied = ic.applied;
+        rep.applied = ic.applied | (rep.pid > 0 && !sp.child_errno ? inherited : 0);
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
         free(buf);

@@ -467,7 +467,15 @@ int op_exec(struct req *rq, struct sp_err *err)
         .keep_background = arg_bool(rq, "keep_background", false),
         .iso = &ic,
         .box = (ic.want & (1u << RUNG_NAMESPACES)) ? &s->box[!network] : NULL,
+        .cmd = cmd ? argv[2] : NULL,
     };
+    bool wait = false;
+    if (cmd && !ag->warm.bypass)
+        p.warm = warm_pick(ag, s, network, &ic, envp, cwd_path, cmd_len, &wait);
+    if (wait && warm_wait(ag, s, network, rq)) {
+        rc = OP_PENDING; /* runs again when the slot's warm shell is ready */
+        goto out;
+    }
     rq->stream = arg_bool(rq, "stream", false) && !p.detach;
     struct exec *e = exec_start(ag, s, rq, &p, err);
     if (!e)

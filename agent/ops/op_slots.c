@@ -51,7 +51,7 @@ int op_hello(struct req *rq, struct sp_err *err)
     slots_view_template(ag, view, sizeof view);
     const struct sp_tls *tls = rq->conn ? conn_tls(rq->conn) : NULL;
     msgpack_packer *pk = req_reply_begin(rq);
-    msgpack_pack_map(pk, 16 + (tls != NULL));
+    msgpack_pack_map(pk, 17 + (tls != NULL));
     sp_pack_kv_uint(pk, "protocol", SP_PROTOCOL_VERSION);
     sp_pack_kv_bool(pk, "tls_listen", ag->tls_listen);
     if (tls) {
@@ -64,6 +64,8 @@ int op_hello(struct req *rq, struct sp_err *err)
         sp_pack_kv_str(pk, "cipher", sp ? sp + 1 : "");
         sp_pack_kv_str(pk, "peer_cn", sp_tls_peer_cn(tls));
     }
+    sp_pack_cstr(pk, "warm");
+    warm_pack(ag, pk);
     sp_pack_cstr(pk, "idempotency");
     idem_pack_info(pk, ag);
     sp_pack_cstr(pk, "disk_quota");
@@ -211,8 +213,9 @@ int op_stats(struct req *rq, struct sp_err *err)
     sp_pack_kv_uint(pk, "cpu_user_ms", tv_ms(ru.ru_utime));
     sp_pack_kv_uint(pk, "cpu_sys_ms", tv_ms(ru.ru_stime));
     sp_pack_cstr(pk, "exec");
-    msgpack_pack_map(pk, 9);
+    msgpack_pack_map(pk, 10);
     sp_pack_kv_uint(pk, "started", ag->execs_started);
+    sp_pack_kv_uint(pk, "warm", ag->warm.execs);
     sp_pack_kv_uint(pk, "finished", ag->execs_finished);
     sp_pack_kv_uint(pk, "running", running_execs(ag));
     sp_pack_kv_uint(pk, "timed_out", ag->execs_timed_out);

@@ -28,7 +28,7 @@ AgentFactory = Callable[..., Agent]
 EXEC_RESULT_KEYS = {
     "exec_id", "pid", "exit_code", "signal", "stdout", "stderr", "stdout_truncated",
     "stderr_truncated", "stdout_bytes", "stderr_bytes", "timed_out", "idle_timed_out",
-    "cancelled", "duration_ms", "isolation", "network", "disk_quota",
+    "cancelled", "duration_ms", "isolation", "network", "disk_quota", "warm",
 }
 
 
