@@ -680,6 +680,10 @@ static void exec_spawned(struct agent *ag, struct exec *e, pid_t pid, unsigned a
         req_finish(rq, NULL);
     else if (rq && rq == e->owner && rq->stream)
         exec_replay(e, rq);
+    /* Attached while it was starting: what it wrote meanwhile (live output
+     * waited for the pid, see send_live). */
+    for (struct req *a = e->attach; a; a = a->exec_next)
+        exec_replay(e, a);
     int status = 0;
     bool exited = false;
     for (unsigned i = 0; i < ag->nearly; i++)

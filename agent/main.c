@@ -879,8 +879,10 @@ static int agent_main(int argc, char **argv)
     if (getenv("SLOT_AGENT_NO_OPENAT2"))
         path_force_fallback(true);
     /* The test suites' switch for running whole suites on the cold path. */
-    if (getenv("SLOT_AGENT_NO_WARM"))
+    if (getenv("SLOT_AGENT_NO_WARM") && !ag->warm.off) {
         ag->warm.off = true;
+        snprintf(ag->warm.why, sizeof ag->warm.why, "turned off (SLOT_AGENT_NO_WARM)");
+    }
     ensure_std_fds();
 
     struct sp_err err;

@@ -151,7 +151,8 @@ void warm_init(struct agent *ag)
 {
     ag->warm.so_fd = -1;
     if (ag->warm.off) {
-        snprintf(ag->warm.why, sizeof ag->warm.why, "turned off (--no-warm)");
+        if (!ag->warm.why[0])
+            snprintf(ag->warm.why, sizeof ag->warm.why, "turned off (--no-warm)");
         return;
     }
     const char *base = strrchr(ag->shell, '/');
@@ -161,6 +162,10 @@ void warm_init(struct agent *ag)
     }
     if (load_so(ag) == 0)
         probe(ag);
+    if (ag->warm.active && !(ag->warm.buf = malloc(sizeof(struct warm_req) + WARM_MAX_PAYLOAD))) {
+        ag->warm.active = false;
+        snprintf(ag->warm.why, sizeof ag->warm.why, "out of memory");
+    }
     if (!ag->warm.active)
         log_info("warm exec path off: %s", ag->warm.why);
 }
@@ -179,6 +184,8 @@ void warm_free(struct agent *ag)
         }
     if (ag->warm.so_fd > 0) /* 0: warm_init never ran */
         close(ag->warm.so_fd);
+    free(ag->warm.buf);
+    ag->warm.buf = NULL;
     ag->warm.so_fd = -1;
 }
 
@@ -249,8 +256,11 @@ static void warm_start(struct agent *ag, struct slot *s, int k, const struct iso
     unsigned applied = 0;
     if (box) {
         struct box_result r;
-        if (ns_box_send(box, &sp) == 0 && ns_box_recv(box, &r) == 0 && r.pid > 0 &&
-            !r.child_errno) {
+        if (ns_box_send(box, &sp) < 0) {
+            /* the holder is gone: its exit is on the way */
+        } else if (ns_box_recv(box, &r) < 0) {
+            slots_box_stop(ag, s); /* it stopped answering, as in session.c */
+        } else if (r.pid > 0 && !r.child_errno) {
             pid = r.pid;
             applied = r.applied & (bic.want | (1u << RUNG_NAMESPACES));
         }
@@ -409,17 +419,18 @@ int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const cha
               char **envp, const struct rlimit *lim, const int fds[3], int *gate, uint64_t *seq,
               struct sp_err *err)
 {
-    static char buf[sizeof(struct warm_req) + WARM_MAX_PAYLOAD];
+    char *buf = ag->warm.buf;
+    const size_t cap = sizeof(struct warm_req) + WARM_MAX_PAYLOAD;
     struct warm_req rq = {.magic = WARM_MAGIC,
                           .flags = WARM_LIMITS_ON | (w->scope ? WARM_SCOPE : 0u),
                           .seq = w->seq + 1};
     size_t cl = strlen(cmd) + 1, dl = strlen(cwd) + 1;
-    if (sizeof rq + cl + dl > sizeof buf)
+    if (sizeof rq + cl + dl > cap)
         return sp_errf(err, SP_BAD_REQUEST, "too big for the warm shell");
     char *p = buf + sizeof rq;
     memcpy(p, cmd, cl);
     memcpy(p + cl, cwd, dl);
-    long envlen = env_diff(w, envp, cwd, p + cl + dl, sizeof buf - sizeof rq - cl - dl, &rq.nenv);
+    long envlen = env_diff(w, envp, cwd, p + cl + dl, cap - sizeof rq - cl - dl, &rq.nenv);
     if (envlen < 0)
         return sp_errf(err, SP_BAD_REQUEST, "an environment the warm shell cannot take");
     rq.len = (uint32_t)(cl + dl + (size_t)envlen);

@@ -46,6 +46,7 @@ struct warm_state {
     uint64_t execs; /* commands started warm */
     uint64_t starts;
     bool bypass; /* re-running requests a lost shell had not started: go cold */
+    char *buf;   /* one request being built */
 };
 
 /* At start-up: load the builtin into a memfd and check that the shell takes

@@ -61,8 +61,11 @@ static int warm_builtin(WORD_LIST *list);
  * each child writes its own `SHELL -c CMD` there, so ps and pgrep see the
  * command as they would a cold one. The agent pads the warm shell's own
  * arguments to leave room. */
-static char *args_at;
-static size_t args_len;
+static struct {
+    char *args_at;
+    size_t args_len;
+    char buf[sizeof(struct warm_req) + WARM_MAX_PAYLOAD]; /* one request */
+} me;
 
 static char *warm_doc[] = {"Serve the slot agent's commands (internal).", NULL};
 
@@ -125,20 +128,20 @@ static void find_args(void)
             end = strtoul(p + 1, NULL, 10);
     }
     if (start && end > start) {
-        args_at = (char *)start;
-        args_len = end - start;
+        me.args_at = (char *)start;
+        me.args_len = end - start;
     }
 }
 
 static void set_args(const char *shell, const char *cmd)
 {
     size_t sl = strlen(shell) + 1, cl = strlen(cmd) + 1;
-    if (!args_at || sl + 3 + cl > args_len)
+    if (!me.args_at || sl + 3 + cl > me.args_len)
         return;
-    memset(args_at, 0, args_len);
-    memcpy(args_at, shell, sl);
-    memcpy(args_at + sl, "-c", 3);
-    memcpy(args_at + sl + 3, cmd, cl);
+    memset(me.args_at, 0, me.args_len);
+    memcpy(me.args_at, shell, sl);
+    memcpy(me.args_at + sl, "-c", 3);
+    memcpy(me.args_at + sl + 3, cmd, cl);
 }
 
 /* In the child: becomes the command. Never returns. */
@@ -294,9 +297,9 @@ static int serve(const char *shell)
      * read or change this process's memory. Each child sets itself back. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     reply(sock, 0, 0, 1);
-    static char buf[sizeof(struct warm_req) + WARM_MAX_PAYLOAD];
+    char *buf = me.buf;
     for (;;) {
-        struct iovec iov = {buf, sizeof buf};
+        struct iovec iov = {buf, sizeof me.buf};
         union {
             char b[CMSG_SPACE(WARM_NFDS * sizeof(int))];
             struct cmsghdr align;

@@ -564,6 +564,32 @@ def test_command_survives_connection_close_and_attaches_from_new_connection(agen
     assert resp["result"]["exit_code"] == 5 and resp["result"]["exec_id"] == eid
 
 
+def test_attach_while_a_box_starts_the_command_gets_its_first_output(
+        agent_factory: AgentFactory) -> None:
+    """Output a command writes before its box holder's answer is read waits
+    for its pid; an exec_attach that came in meanwhile gets it too (it used
+    to get only what came later). The window is narrow: try it many times,
+    on the cold path, the one with the holder's answer."""
+    a = agent_factory(slots=1, extra=["--no-warm"])
+    for i in range(25):
+        c, ctl, n = a.client(), a.client(), a.client()
+        c.send("exec", {"slot": 0, "timeout_ms": 20000,
+                        "cmd": f"echo before{i}; {WAIT_GO}; rm go"})
+        eid = wait_running(ctl, 0)[0]
+        aid = n.send("exec_attach", {"exec_id": eid})
+        got: list[dict] = []
+        while stream_bytes(got) != f"before{i}\n".encode():
+            f = n.recv_frame(timeout=10)
+            assert f is not None and "event" in f, (i, f)
+            got.append(f)
+        (workspace(ctl, 0) / "go").touch()
+        resp, _ = n.wait(aid, timeout=10)
+        assert resp["result"]["exit_code"] == 0
+        c.wait(1, timeout=10)
+        for x in (c, ctl, n):
+            x.close()
+
+
 def test_finished_command_of_lost_connection_is_retained(agent: Agent) -> None:
     c = agent.client()
     ctl = agent.client()

@@ -145,7 +145,8 @@ def test_env_switch_turns_it_off(agent_factory: AgentFactory, monkeypatch: pytes
     monkeypatch.setenv("SLOT_AGENT_NO_WARM", "1")
     a = agent_factory(slots=1)
     c = a.client()
-    assert c.call("hello", {})["warm"]["active"] is False
+    assert c.call("hello", {})["warm"] == {"active": False,
+                                          "why": "turned off (SLOT_AGENT_NO_WARM)"}
     assert ex(c, "true")["warm"] is False
     assert warm_shells(a) == []
 
