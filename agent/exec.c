@@ -441,7 +441,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         return sp_errf(err, SP_INTERNAL, "out of memory"), NULL;
     e->ag = ag;
     e->slot = s;
-    e->fds[0] = e->fds[1] = e->in_fd = e->gate = -1;
+    e->fds[0] = e->fds[1] = e->in_fd = -1;
     s->disk.cmds++; /* its first count is its baseline (quota.c) */
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
         (p->stdin_data && pipe2(in, O_CLOEXEC) < 0)) {
@@ -474,7 +474,7 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     int std[3] = {sp.stdin_fd, sp.stdout_fd, sp.stderr_fd};
     struct sp_err werr;
     if (p->warm && warm_send(ag, p->warm, p->cmd, p->cwd_path, p->box ? -1 : p->cwd_fd, p->envp,
-                             p->iso->lim, std, &e->gate, &e->warm_seq, &werr) == 0) {
+                             p->iso->lim, std, &e->warm_seq, &werr) == 0) {
         e->spawning = true;
         e->warm = p->warm;
         e->warm_used = true;
@@ -594,8 +594,6 @@ static struct req *exec_undo(struct exec *e, const struct sp_err *err)
         ag->spawning--;
     }
     list_del(&ag->running, e);
-    if (e->gate >= 0)
-        close(e->gate); /* without its byte, the command exits unstarted */
     s->running--;
     s->execs--;
     ag->execs_started--;
@@ -754,14 +752,13 @@ void exec_warm_readable(struct agent *ag, struct warm_shell *w)
         if (rc == 2)
             continue;
         if (rc < 0) {
-            log_warn("slot %u: the warm shell stopped answering", w->slot->index);
-            warm_lost(ag, w); /* what it had not started runs cold */
+            warm_closed(ag, w); /* what never started runs cold */
             break;
         }
         warm_answered(ag, w);
         struct exec *e = warm_request(ag, w, seq);
         if (!e)
-            continue; /* aborted meanwhile: its command leaves at its closed gate */
+            continue; /* given up meanwhile (a reset): the reset kills it */
         e->spawning = false;
         e->warm = NULL;
         ag->spawning--;
@@ -775,33 +772,34 @@ void exec_warm_readable(struct agent *ag, struct warm_shell *w)
             continue;
         }
         ag->warm.execs++;
-        /* Its pid is known: let it run. */
-        while (write(e->gate, "g", 1) < 0 && errno == EINTR)
-            ;
-        close(e->gate);
-        e->gate = -1;
         exec_spawned(ag, e, pid, w->applied & (e->iso_want | (1u << RUNG_NAMESPACES)));
     }
     if (!ag->spawning)
         ag->nearly = 0;
 }
 
-void exec_warm_gone(struct agent *ag, struct warm_shell *w, bool retry)
+void exec_warm_gone(struct agent *ag, struct warm_shell *w, enum warm_gone how)
 {
     struct sp_err err;
-    sp_errf(&err, SP_CANCELLED,
-            "the slot's warm shell went away before the command started (slot reset or agent "
-            "stopping)");
+    if (how == WARM_UNKNOWN)
+        sp_errf(&err, SP_INTERNAL,
+                "the slot's warm shell was lost and whether the command started cannot be "
+                "told; look before running it again");
+    else
+        sp_errf(&err, SP_CANCELLED,
+                "the slot's warm shell went away before the command started (slot reset or "
+                "agent stopping)");
     struct exec *e;
     while ((e = oldest_warm(ag, w))) {
         struct sp_err qerr;
         if (e->disk_quota)
             sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
-        if (!retry || e->disk_quota || e->cancelled || e->slot->resetting || ag->stopping) {
+        if (how != WARM_RETRY || e->disk_quota || e->cancelled || e->slot->resetting ||
+            ag->stopping) {
             exec_abort(e, e->disk_quota ? &qerr : &err);
             continue;
         }
-        /* Nothing of it ran: run its request again, the cold way. */
+        /* It never ran: run its request again, the cold way. */
         struct req *rq = exec_undo(e, &err);
         if (!rq)
             continue;
@@ -1054,8 +1052,6 @@ void exec_free_all(struct agent *ag)
         ev_timer_stop(ag->loop, &e->timer);
         ev_timer_stop(ag->loop, &e->idle);
         ev_timer_stop(ag->loop, &e->drain);
-        if (e->gate >= 0)
-            close(e->gate);
         while (e->attach) {
             struct req *rq = e->attach;
             e->attach = rq->exec_next;

@@ -54,7 +54,6 @@ struct exec {
     struct req *owner;       /* the exec request, until answered */
     struct req *attach;      /* exec_attach requests, via exec_next */
     struct warm_shell *warm; /* started through this warm shell (pid not known yet) */
-    int gate;                /* the command waits for a byte here (warm path), or -1 */
     uint64_t warm_seq;       /* its request to the warm shell */
     bool warm_used;          /* it was (reported in the result) */
     bool disk_quota;         /* stopped for its slot's disk budget (quota_why) */

@@ -195,10 +195,20 @@ static void warm_cb(struct ev_loop *loop, ev_io *w, int revents)
     exec_warm_readable(ev_userdata(loop), w->data);
 }
 
+static void finish(struct agent *ag, struct warm_shell *w, enum warm_gone how);
+
 static void wd_cb(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)revents;
     struct warm_shell *w = t->data;
+    if (w->draining) {
+        /* A command that neither answered nor closed the socket: whether it
+         * ran cannot be known, so its request fails instead of running twice. */
+        log_warn("slot %u: commands of a lost warm shell did not answer in %.0f s", w->slot->index,
+                 WARM_ANSWER_S);
+        finish(ev_userdata(loop), w, WARM_UNKNOWN);
+        return;
+    }
     log_warn("slot %u: warm shell %d did not answer for %.0f s; replacing it", w->slot->index,
              (int)w->pid, WARM_ANSWER_S);
     warm_lost(ev_userdata(loop), w);
@@ -392,7 +402,7 @@ struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
         return NULL;
     int k = !network;
     struct warm_shell *w = &s->warm[k];
-    if (w->pid <= 0) {
+    if (w->pid == 0) {
         if (w->fails < WARM_MAX_FAILS && !s->resetting)
             warm_start(ag, s, k, ic);
         *wait = w->pid > 0 && !w->ready;
@@ -416,7 +426,7 @@ struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
 }
 
 int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const char *cwd, int cwd_fd,
-              char **envp, const struct rlimit *lim, const int fds[3], int *gate, uint64_t *seq,
+              char **envp, const struct rlimit *lim, const int fds[3], uint64_t *seq,
               struct sp_err *err)
 {
     char *buf = ag->warm.buf;
@@ -438,19 +448,16 @@ int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const cha
         rq.lim[i].cur = lim[i].rlim_cur == RLIM_INFINITY ? ~0ull : (uint64_t)lim[i].rlim_cur;
         rq.lim[i].max = lim[i].rlim_max == RLIM_INFINITY ? ~0ull : (uint64_t)lim[i].rlim_max;
     }
-    int g[2];
-    if (pipe2(g, O_CLOEXEC) < 0)
-        return sp_errf(err, SP_INTERNAL, "pipe: %s", strerror(errno));
-    int send_fds[5] = {fds[0], fds[1], fds[2], g[0], cwd_fd};
-    int nfds = 4;
+    int send_fds[4] = {fds[0], fds[1], fds[2], cwd_fd};
+    int nfds = 3;
     if (cwd_fd >= 0) {
         rq.flags |= WARM_CWD_FD;
-        nfds = 5;
+        nfds = 4;
     }
     memcpy(buf, &rq, sizeof rq);
     struct iovec iov = {buf, sizeof rq + rq.len};
     union {
-        char b[CMSG_SPACE(5 * sizeof(int))];
+        char b[CMSG_SPACE(4 * sizeof(int))];
         struct cmsghdr align;
     } u;
     memset(&u, 0, sizeof u);
@@ -466,12 +473,8 @@ int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const cha
     ssize_t n;
     while ((n = sendmsg(w->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT)) < 0 && errno == EINTR)
         ;
-    close(g[0]);
-    if (n < 0) {
-        close(g[1]);
+    if (n < 0)
         return sp_errf(err, SP_INTERNAL, "the warm shell: %s", strerror(errno));
-    }
-    *gate = g[1];
     *seq = ++w->seq;
     if (w->pending++ == 0)
         ev_timer_again(ag->loop, &w->wd);
@@ -583,30 +586,53 @@ bool warm_is_shell(struct agent *ag, pid_t pid)
 
 /* Stop talking to w; what it had not started fails, or with retry runs
  * cold. The process is forgotten when it is reaped (warm_exited). */
-static void detach(struct agent *ag, struct warm_shell *w, bool retry)
+/* Done with w: what it had not started fails (cancelled, or with unknown
+ * state, see warm_gone) or runs cold; the struct is free for a new shell.
+ * Its process is dead or killed (reaped later as any stray). */
+static void finish(struct agent *ag, struct warm_shell *w, enum warm_gone how)
 {
+    unsigned fails = w->served || how == WARM_CANCEL ? 0 : w->fails + 1;
+    w->stopping = true; /* nothing waits for it or is sent to it from here */
+    w->ready = false;
     if (w->sock >= 0) {
         ev_io_stop(ag->loop, &w->w);
         close(w->sock);
         w->sock = -1;
     }
     ev_timer_stop(ag->loop, &w->wd);
-    w->pending = 0;
-    w->ready = false;
-    exec_warm_gone(ag, w, retry);
+    exec_warm_gone(ag, w, how);
     release(ag, w, true);
-}
-
-/* Forget w (its process is dead or killed: reaped later as any stray).
- * What it had not started fails, or with retry runs cold; a shell that
- * never became ready counts as a failed start. */
-static void forget(struct agent *ag, struct warm_shell *w, bool retry)
-{
-    unsigned fails = w->served ? 0 : w->fails + 1;
-    w->stopping = true; /* nothing waits for it or is sent to it from here */
-    detach(ag, w, retry);
     free(w->env);
     *w = (struct warm_shell){.sock = -1, .fails = fails};
+}
+
+/* The shell is dead or killed: its commands answer for themselves, so read
+ * on until every holder of the socket has closed it (EOF) before running
+ * the unanswered requests again: a command that never answered never ran.
+ * Bounded by WARM_ANSWER_S. */
+static void drain(struct agent *ag, struct warm_shell *w)
+{
+    w->stopping = true;
+    w->ready = false;
+    release(ag, w, true); /* never sent: cold now */
+    if (!w->pending || w->sock < 0) {
+        finish(ag, w, WARM_RETRY);
+        return;
+    }
+    w->draining = true;
+    ev_timer_stop(ag->loop, &w->wd);
+    ev_timer_set(&w->wd, WARM_ANSWER_S, 0.0);
+    ev_timer_start(ag->loop, &w->wd);
+}
+
+void warm_closed(struct agent *ag, struct warm_shell *w)
+{
+    if (w->draining) {
+        finish(ag, w, WARM_RETRY);
+        return;
+    }
+    log_warn("slot %u: the warm shell stopped answering", w->slot->index);
+    warm_lost(ag, w);
 }
 
 bool warm_exited(struct agent *ag, pid_t pid)
@@ -616,9 +642,12 @@ bool warm_exited(struct agent *ag, pid_t pid)
             struct warm_shell *w = &ag->slots[i].warm[k];
             if (w->pid != pid)
                 continue;
-            log_info("slot %u: warm shell %d exited%s", i, (int)pid,
-                     w->served ? "" : " before it was ready");
-            forget(ag, w, true);
+            if (!w->stopping)
+                log_info("slot %u: warm shell %d exited%s", i, (int)pid,
+                         w->served ? "" : " before it was ready");
+            w->pid = -1; /* reaped: never to be signalled again */
+            if (!w->draining)
+                drain(ag, w);
             return true;
         }
     return false;
@@ -626,19 +655,20 @@ bool warm_exited(struct agent *ag, pid_t pid)
 
 void warm_stop(struct agent *ag, struct warm_shell *w)
 {
-    if (w->pid > 0) {
+    if (w->pid > 0)
         kill(w->pid, SIGKILL);
-        forget(ag, w, false);
-    }
+    if (w->pid != 0)
+        finish(ag, w, WARM_CANCEL);
     w->fails = 0; /* a new workspace or box: worth another try */
 }
 
 void warm_lost(struct agent *ag, struct warm_shell *w)
 {
-    if (w->pid <= 0)
+    if (w->pid == 0 || w->draining)
         return;
-    kill(w->pid, SIGKILL);
-    forget(ag, w, true);
+    if (w->pid > 0)
+        kill(w->pid, SIGKILL);
+    drain(ag, w);
 }
 
 void warm_stop_slot(struct agent *ag, struct slot *s)

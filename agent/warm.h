@@ -19,19 +19,20 @@ struct req;
 #define WARM_WAITERS 8
 
 struct warm_shell {
-    pid_t pid;                         /* the shell, the agent's own child; 0: none */
-    int sock;                          /* our end of its socket, -1 */
-    ev_io w;                           /* its answers */
-    bool ready;                        /* it said it serves */
-    bool stopping;                     /* being forgotten: nothing more is sent to it */
-    bool served;                       /* it was ready once: its end is no failed start */
-    char **env;                        /* its environment (one block from exec_env) */
-    unsigned applied;                  /* the rungs it (and so every command it forks) runs under */
-    unsigned fails;                    /* starts in a row that ended before it was ready */
-    bool scope;                        /* each command gets a Landlock domain of its own (ABI 6) */
-    unsigned pending;                  /* requests sent, not answered */
-    uint64_t seq;                      /* of the last request sent */
-    ev_timer wd;                       /* a shell that stops answering (or starting) is replaced */
+    pid_t pid;        /* the shell, the agent's own child; 0: none; -1: reaped, draining */
+    int sock;         /* our end of its socket, -1 */
+    ev_io w;          /* its answers */
+    bool ready;       /* it said it serves */
+    bool stopping;    /* being forgotten: nothing more is sent to it */
+    bool draining;    /* lost: reading its commands' last answers */
+    bool served;      /* it was ready once: its end is no failed start */
+    char **env;       /* its environment (one block from exec_env) */
+    unsigned applied; /* the rungs it (and so every command it forks) runs under */
+    unsigned fails;   /* starts in a row that ended before it was ready */
+    bool scope;       /* each command gets a Landlock domain of its own (ABI 6) */
+    unsigned pending; /* requests sent, not answered */
+    uint64_t seq;     /* of the last request sent */
+    ev_timer wd;      /* a shell that stops answering (or starting) is replaced */
     struct req *waiting[WARM_WAITERS]; /* execs waiting for it to be ready */
     unsigned nwaiting;
     struct slot *slot;
@@ -64,11 +65,10 @@ struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
  * warm) or is lost (then it runs cold). false: no room, run it now. */
 bool warm_wait(struct agent *ag, struct slot *s, bool network, struct req *rq);
 /* Send one command: its descriptors (stdin, stdout, stderr), directory (by
- * fd outside a box, else by name), limits and environment. *gate gets the
- * end the command waits on (write a byte once its pid is known; closing it
- * unwritten makes it leave), *seq what its answer will carry. */
+ * fd outside a box, else by name), limits and environment; *seq is what its
+ * answer will carry. */
 int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const char *cwd, int cwd_fd,
-              char **envp, const struct rlimit *lim, const int fds[3], int *gate, uint64_t *seq,
+              char **envp, const struct rlimit *lim, const int fds[3], uint64_t *seq,
               struct sp_err *err);
 /* Read one message: 0 with the request's *seq and *pid (the agent's view)
  * or *err_no; 1 when there is none; 2 when the shell said it is ready; -1
@@ -82,16 +82,19 @@ void warm_stop(struct agent *ag, struct warm_shell *w);
 /* It misbehaved (stopped answering, broke the protocol): kill it and run
  * what it had not started the cold way. */
 void warm_lost(struct agent *ag, struct warm_shell *w);
+/* Its socket reached EOF or broke. */
+void warm_closed(struct agent *ag, struct warm_shell *w);
 /* An answer arrived: one request fewer outstanding. */
 void warm_answered(struct agent *ag, struct warm_shell *w);
 void warm_stop_slot(struct agent *ag, struct slot *s);
 /* hello / --probe. */
 void warm_pack(struct agent *ag, msgpack_packer *pk);
 
-/* exec.c */
+/* exec.c. What becomes of the commands a warm shell was sent and never
+ * answered for: reset or stop (cancelled), never ran (their requests run
+ * again, cold), or unknown (they fail). */
+enum warm_gone { WARM_CANCEL, WARM_RETRY, WARM_UNKNOWN };
 void exec_warm_readable(struct agent *ag, struct warm_shell *w);
-/* The shell will not start what it was sent: fail those commands, or with
- * retry run their requests again the cold way. */
-void exec_warm_gone(struct agent *ag, struct warm_shell *w, bool retry);
+void exec_warm_gone(struct agent *ag, struct warm_shell *w, enum warm_gone how);
 
 #endif

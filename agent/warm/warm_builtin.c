@@ -7,13 +7,12 @@
  *
  * The child takes the request's session, descriptors, directory, limits and
  * Landlock scope, and its own command line; answers the agent itself (the
- * socket's credentials carry its pid); waits at its gate until the agent has
- * that pid; then makes the shell's state what `bash -c CMD` would have
- * started with: $$, PPID, the environment's differences, PWD, RANDOM,
- * SECONDS, $_ and BASH_EXECUTION_STRING, and this builtin gone from the
- * builtin table. It runs the command the way `-c` does and exits through
- * exit_shell, so EXIT traps and `exit` behave as in a fresh shell. Nothing
- * the child does reaches the warm shell: each command starts from its
+ * socket's credentials carry its pid, so the agent knows it even when the
+ * command has ended by the time it reads the answer); then makes the shell's
+ * state what `bash -c CMD` would have started with: $$, PPID, the environment's differences, PWD,
+ * RANDOM, SECONDS, $_ and BASH_EXECUTION_STRING, and this builtin gone from the builtin table. It
+ * runs the command the way `-c` does and exits through exit_shell, so EXIT traps and `exit` behave
+ * as in a fresh shell. Nothing the child does reaches the warm shell: each command starts from its
  * pristine state.
  *
  * Built against the headers of the bash it runs in (Debian's bash-builtins);
@@ -53,7 +52,7 @@ extern struct timeval shellstart;
 extern time_t shell_start_time;
 
 #define WARM_SERIES "5.2"
-#define WARM_NFDS 5
+#define WARM_NFDS 4
 
 static int warm_builtin(WORD_LIST *list);
 
@@ -179,7 +178,7 @@ static void run_child(const struct warm_req *rq, char *payload, int fds[WARM_NFD
     char *cmd = payload;
     char *cwd = cmd + strlen(cmd) + 1;
     char *env = cwd + strlen(cwd) + 1;
-    if ((rq->flags & WARM_CWD_FD) ? fchdir(fds[4]) < 0 : chdir(cwd) < 0)
+    if ((rq->flags & WARM_CWD_FD) ? fchdir(fds[3]) < 0 : chdir(cwd) < 0)
         setup_done(sock, rq->seq, errno);
     if (rq->flags & WARM_LIMITS_ON) {
         static const int res[WARM_LIMITS] = {RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
@@ -212,14 +211,6 @@ static void run_child(const struct warm_req *rq, char *payload, int fds[WARM_NFD
     }
     set_args(shell, cmd);
     setup_done(sock, rq->seq, 0);
-    /* The agent's byte says it knows our pid; without it (the request was
-     * given up), leave unstarted. */
-    char c;
-    ssize_t got;
-    while ((got = read(fds[3], &c, 1)) < 0 && errno == EINTR)
-        ;
-    if (got != 1)
-        _exit(127);
 #ifdef SYS_close_range
     if (syscall(SYS_close_range, 3u, ~0u, 0) < 0)
 #endif
@@ -280,7 +271,7 @@ static int valid(const struct warm_req *rq, size_t got, const char *payload, int
     uint32_t strings = 0;
     for (uint32_t i = 0; i < rq->len; i++)
         strings += payload[i] == 0;
-    return strings == 2 + rq->nenv && nfds == ((rq->flags & WARM_CWD_FD) ? 5 : 4);
+    return strings == 2 + rq->nenv && nfds == ((rq->flags & WARM_CWD_FD) ? 4 : 3);
 }
 
 static int serve(const char *shell)
@@ -311,7 +302,7 @@ static int serve(const char *shell)
             continue;
         if (got <= 0)
             _exit(0); /* the agent is gone */
-        int fds[WARM_NFDS] = {-1, -1, -1, -1, -1}, nfds = 0;
+        int fds[WARM_NFDS] = {-1, -1, -1, -1}, nfds = 0;
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
             if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
                 continue;

@@ -280,6 +280,11 @@ def test_what_the_warm_shell_cannot_serve_runs_cold(agent_factory: AgentFactory,
             assert r["stdout"] == want, (env, r)
     big = ex(c, "#" + "x" * 60000 + "\necho big")
     assert big["warm"] is False and big["stdout"] == b"big\n"
+    # A command line must fit the warm shell's argument area (3,800 bytes).
+    fits = ex(c, "#" + "x" * 3700 + "\necho fits")
+    assert fits["warm"] is True and fits["stdout"] == b"fits\n"
+    over = ex(c, "#" + "x" * 3800 + "\necho over")
+    assert over["warm"] is False and over["stdout"] == b"over\n"
     assert ex(c, "echo back")["warm"] is True
 
 
