@@ -473,8 +473,9 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
     pid_t pid = 0;
     int std[3] = {sp.stdin_fd, sp.stdout_fd, sp.stderr_fd};
     struct sp_err werr;
+    const struct rlimit *lim = (p->iso->want & (1u << RUNG_RLIMITS)) ? p->iso->lim : NULL;
     if (p->warm && warm_send(ag, p->warm, p->cmd, p->cwd_path, p->box ? -1 : p->cwd_fd, p->envp,
-                             p->iso->lim, std, &e->warm_seq, &werr) == 0) {
+                             lim, std, &e->warm_seq, &werr) == 0) {
         e->spawning = true;
         e->warm = p->warm;
         e->warm_used = true;
@@ -681,7 +682,8 @@ static void exec_spawned(struct agent *ag, struct exec *e, pid_t pid, unsigned a
     /* Attached while it was starting: what it wrote meanwhile (live output
      * waited for the pid, see send_live). */
     for (struct req *a = e->attach; a; a = a->exec_next)
-        exec_replay(e, a);
+        if (a->stream)
+            exec_replay(e, a);
     int status = 0;
     bool exited = false;
     for (unsigned i = 0; i < ag->nearly; i++)
@@ -742,7 +744,9 @@ static struct exec *warm_request(struct agent *ag, struct warm_shell *w, uint64_
 
 void exec_warm_readable(struct agent *ag, struct warm_shell *w)
 {
-    for (;;) {
+    /* What one answer sets off (a finished request, the slot's next one) can
+     * stop this very shell: then w is reset and its socket closed. */
+    while (w->sock >= 0) {
         pid_t pid = -1;
         int en = 0;
         uint64_t seq = 0;

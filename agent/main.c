@@ -845,21 +845,12 @@ static int agent_main(int argc, char **argv)
                  json ? ", \"tls_listen\": true"
                       : "\nTLS: --listen tls: available (TLS 1.3, wolfSSL)");
         ag->shell = access("/bin/bash", X_OK) == 0 ? "/bin/bash" : "/bin/sh";
-        ag->child_stack = child_stack_alloc();
-        ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
-        if (ag->child_stack && ag->devnull_fd >= 0)
-            warm_init(ag);
-        else
-            snprintf(ag->warm.why, sizeof ag->warm.why, "out of resources");
+        if (getenv("SLOT_AGENT_NO_WARM") && !ag->warm.off) {
+            ag->warm.off = true;
+            snprintf(ag->warm.why, sizeof ag->warm.why, "turned off (SLOT_AGENT_NO_WARM)");
+        }
         dl = strlen(disk);
-        if (json)
-            snprintf(disk + dl, sizeof disk - dl, ", \"warm\": {\"active\": %s, \"why\": \"%s\"}",
-                     ag->warm.active ? "true" : "false", ag->warm.active ? "" : ag->warm.why);
-        else
-            snprintf(disk + dl, sizeof disk - dl, "\nwarm exec: %s%s%s",
-                     ag->warm.active ? "yes (a warm shell per slot forks stateless execs)" : "no (",
-                     ag->warm.active ? "" : ag->warm.why, ag->warm.active ? "" : ")");
-        warm_free(ag);
+        warm_probe_report(ag, json, disk + dl, sizeof disk - dl);
         free(ag->data_dir);
         ag->data_dir = NULL;
         isolate_report(&ag->iso, json, view, ag->tpl_overlay ? "overlay" : "copy", ag->tpl_why,

@@ -38,16 +38,18 @@
 
 #define WARM_MAX_FAILS 3
 #define WARM_PROBE_MS 5000
-#define WARM_ANSWER_S 2.0 /* a fork takes well under a millisecond */
+/* A fork and its set-up take well under a millisecond; this bounds a shell
+ * that stopped answering (or starting), and a lost shell's last answers. */
+#define WARM_ANSWER_S 5.0
 
 extern const unsigned char warm_so[];
 extern const size_t warm_so_len;
 
 static int load_so(struct agent *ag)
 {
-    int fd = memfd_create("slot-warm", MFD_CLOEXEC | MFD_EXEC);
+    int fd = memfd_create("slot-warm", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC);
     if (fd < 0 && errno == EINVAL) /* a kernel before MFD_EXEC */
-        fd = memfd_create("slot-warm", MFD_CLOEXEC);
+        fd = memfd_create("slot-warm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0) {
         snprintf(ag->warm.why, sizeof ag->warm.why, "memfd_create: %s", strerror(errno));
         return -1;
@@ -63,6 +65,13 @@ static int load_so(struct agent *ag)
             return -1;
         }
         off += (size_t)n;
+    }
+    /* Every warm shell opens it (as the slot's user, until it knows better:
+     * its fd 1): nobody may change the code the next one loads. */
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) < 0) {
+        snprintf(ag->warm.why, sizeof ag->warm.why, "sealing the builtin: %s", strerror(errno));
+        close(fd);
+        return -1;
     }
     ag->warm.so_fd = fd;
     return 0;
@@ -168,6 +177,40 @@ void warm_init(struct agent *ag)
     }
     if (!ag->warm.active)
         log_info("warm exec path off: %s", ag->warm.why);
+}
+
+void warm_probe_report(struct agent *ag, bool json, char *out, size_t cap)
+{
+    ag->child_stack = child_stack_alloc();
+    ag->devnull_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (ag->child_stack && ag->devnull_fd >= 0)
+        warm_init(ag);
+    else
+        snprintf(ag->warm.why, sizeof ag->warm.why, "out of resources");
+    if (json) {
+        /* why is ours, but may quote an error text: keep the JSON valid. */
+        char why[2 * sizeof ag->warm.why];
+        size_t n = 0;
+        for (const char *c = ag->warm.active ? "" : ag->warm.why; *c && n + 2 < sizeof why; c++) {
+            if (*c == '"' || *c == '\\')
+                why[n++] = '\\';
+            why[n++] = (unsigned char)*c < 0x20 ? ' ' : *c;
+        }
+        why[n] = 0;
+        snprintf(out, cap, ", \"warm\": {\"active\": %s, \"why\": \"%s\"}",
+                 ag->warm.active ? "true" : "false", why);
+    } else if (ag->warm.active) {
+        snprintf(out, cap, "\nwarm exec: yes (a warm shell per slot forks stateless execs)");
+    } else {
+        snprintf(out, cap, "\nwarm exec: no (%s)", ag->warm.why);
+    }
+    warm_free(ag);
+    if (ag->child_stack)
+        munmap(ag->child_stack, CHILD_STACK_SIZE);
+    if (ag->devnull_fd >= 0)
+        close(ag->devnull_fd);
+    ag->child_stack = NULL;
+    ag->devnull_fd = -1;
 }
 
 void warm_free(struct agent *ag)
@@ -432,7 +475,7 @@ int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const cha
     char *buf = ag->warm.buf;
     const size_t cap = sizeof(struct warm_req) + WARM_MAX_PAYLOAD;
     struct warm_req rq = {.magic = WARM_MAGIC,
-                          .flags = WARM_LIMITS_ON | (w->scope ? WARM_SCOPE : 0u),
+                          .flags = (lim ? WARM_LIMITS_ON : 0u) | (w->scope ? WARM_SCOPE : 0u),
                           .seq = w->seq + 1};
     size_t cl = strlen(cmd) + 1, dl = strlen(cwd) + 1;
     if (sizeof rq + cl + dl > cap)
@@ -444,7 +487,7 @@ int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const cha
     if (envlen < 0)
         return sp_errf(err, SP_BAD_REQUEST, "an environment the warm shell cannot take");
     rq.len = (uint32_t)(cl + dl + (size_t)envlen);
-    for (int i = 0; i < WARM_LIMITS; i++) {
+    for (int i = 0; lim && i < WARM_LIMITS; i++) {
         rq.lim[i].cur = lim[i].rlim_cur == RLIM_INFINITY ? ~0ull : (uint64_t)lim[i].rlim_cur;
         rq.lim[i].max = lim[i].rlim_max == RLIM_INFINITY ? ~0ull : (uint64_t)lim[i].rlim_max;
     }
@@ -498,8 +541,9 @@ static void release(struct agent *ag, struct warm_shell *w, bool cold)
         memmove(w->waiting, w->waiting + 1, --w->nwaiting * sizeof w->waiting[0]);
         struct sp_err err;
         int rc;
-        if (ag->stopping) {
-            sp_errf(&err, SP_CANCELLED, "the agent is stopping");
+        if (ag->stopping || (w->slot && w->slot->resetting)) {
+            sp_errf(&err, SP_CANCELLED, "%s before the command started",
+                    ag->stopping ? "the agent is stopping" : "the slot was reset");
             rc = -1;
         } else {
             ag->warm.bypass = cold;

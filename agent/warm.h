@@ -54,6 +54,9 @@ struct warm_state {
  * it (one spawn). Sets ag->warm.active or .why. */
 void warm_init(struct agent *ag);
 void warm_free(struct agent *ag);
+/* --probe: the same check, as a line of text or a JSON member (",
+ * \"warm\": {...}") into out. */
+void warm_probe_report(struct agent *ag, bool json, char *out, size_t cap);
 /* The warm shell to start this command through, or NULL (cold path): the
  * shell is ready, the request's environment is one it can take, and the
  * command is small enough. When the slot has no shell, it starts one and

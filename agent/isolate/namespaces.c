@@ -518,8 +518,10 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
         return;
     /* The box's seccomp filter, once loaded here, is every command's: the
      * holder loads it with the first command that wants it (they all want
-     * the same one: a box has one network setting), and commands skip it. */
-    int filtered = -1;
+     * the same one: a box has one network setting), and commands skip it.
+     * Not with denials added by the configuration: those could refuse a
+     * command's own set-up (ids, limits, Landlock), which runs after. */
+    int filtered = iso->nseccomp_deny ? -2 : -1;
     for (;;) {
         struct pollfd pfd = {sock, POLLIN, 0};
         int r = poll(&pfd, 1, 1000);
@@ -567,7 +569,7 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
             ic.cg_fd[k] = fds[3 + !!rq.has_cwd + !!rq.has_ll + k];
         unsigned inherited = 0;
         if (ic.seccomp && (rq.want & (1u << RUNG_SECCOMP))) {
-            if (filtered < 0 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+            if (filtered == -1 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
                 seccomp_apply(ic.seccomp) == 0)
                 filtered = rq.seccomp_index;
             if (filtered == rq.seccomp_index) {

@@ -470,7 +470,9 @@ int op_exec(struct req *rq, struct sp_err *err)
         .cmd = cmd ? argv[2] : NULL,
     };
     bool wait = false;
-    if (cmd && !ag->warm.bypass)
+    /* Template builds (which come here too) keep the cold path: their
+     * request's end is the build's, not an exec's. */
+    if (cmd && !ag->warm.bypass && rq->op->fn == op_exec)
         p.warm = warm_pick(ag, s, network, &ic, envp, cwd_path, cmd_len, &wait);
     if (wait && warm_wait(ag, s, network, rq)) {
         rc = OP_PENDING; /* runs again when the slot's warm shell is ready */

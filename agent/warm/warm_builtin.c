@@ -144,19 +144,21 @@ static void set_args(const char *shell, const char *cmd)
 }
 
 /* In the child: becomes the command. Never returns. */
-static void reply(int sock, uint64_t seq, int err, int ready)
+static int reply(int sock, uint64_t seq, int err, int ready)
 {
     struct warm_rep rep = {WARM_MAGIC, err, seq, ready, 0};
-    while (send(sock, &rep, sizeof rep, MSG_NOSIGNAL) < 0 && errno == EINTR)
+    ssize_t n;
+    while ((n = send(sock, &rep, sizeof rep, MSG_NOSIGNAL)) < 0 && errno == EINTR)
         ;
+    return n == (ssize_t)sizeof rep ? 0 : -1;
 }
 
 /* Tell the agent how the set-up went (0 or an errno) with our own
- * credentials; on failure leave. */
+ * credentials; on failure leave. A command whose answer does not reach the
+ * agent (it gave the request up) never runs. */
 static void setup_done(int sock, uint64_t seq, int err)
 {
-    reply(sock, seq, err, 0);
-    if (err)
+    if (reply(sock, seq, err, 0) < 0 || err)
         _exit(126);
 }
 
@@ -332,6 +334,8 @@ static int serve(const char *shell)
         }
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
+        /* The child has its copy: no later command's memory holds this one. */
+        memset(buf, 0, (size_t)got);
         if (err)
             reply(sock, rq.seq, err, 0);
     }
