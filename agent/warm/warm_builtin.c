@@ -63,6 +63,7 @@ static int warm_builtin(WORD_LIST *list);
 static struct {
     char *args_at;
     size_t args_len;
+    int scope_fd; /* the Landlock ruleset each command enforces on itself, or -1 */
     char buf[sizeof(struct warm_req) + WARM_MAX_PAYLOAD]; /* one request */
 } me;
 
@@ -190,27 +191,11 @@ static void run_child(const struct warm_req *rq, char *payload, int fds[WARM_NFD
             setrlimit(res[i], &rl);
         }
     }
-    if (rq->flags & WARM_SCOPE) {
-        /* Its own domain, like a cold command's: it cannot signal or trace
-         * this shell or its siblings. A domain denies linking and renaming
-         * across directories (the "refer" right) unless a rule grants it,
-         * even when it handles no file access: this one grants it beneath
-         * /, and the shell's own domain keeps deciding where. Fail closed. */
-        struct {
-            uint64_t fs, net, scoped;
-        } attr = {1ull << 13 /* REFER */, 0, 3 /* abstract sockets, signals */};
-        struct __attribute__((packed)) {
-            uint64_t allowed;
-            int32_t parent_fd;
-        } rule = {1ull << 13, open("/", O_PATH | O_CLOEXEC)};
-        long fd = syscall(444 /* landlock_create_ruleset */, &attr, sizeof attr, 0);
-        if (fd < 0 || rule.parent_fd < 0 ||
-            syscall(445 /* landlock_add_rule */, fd, 1 /* path beneath */, &rule, 0) < 0 ||
-            syscall(446 /* landlock_restrict_self */, fd, 0) < 0)
-            setup_done(sock, rq->seq, errno);
-        close((int)fd);
-        close(rule.parent_fd);
-    }
+    /* Its own Landlock domain, like a cold command's: it cannot signal or
+     * trace this shell or its siblings. Fail closed. */
+    if ((rq->flags & WARM_SCOPE) &&
+        (me.scope_fd < 0 || syscall(446 /* landlock_restrict_self */, me.scope_fd, 0) < 0))
+        setup_done(sock, rq->seq, me.scope_fd < 0 ? ENOSYS : errno);
     set_args(shell, cmd);
     setup_done(sock, rq->seq, 0);
 #ifdef SYS_close_range
@@ -263,6 +248,34 @@ static void run_child(const struct warm_req *rq, char *payload, int fds[WARM_NFD
     exit_shell(last_command_exit_value);
 }
 
+/* The ruleset of a command's own domain, built once: scoped signals and
+ * abstract sockets (ABI 6). A domain denies linking and renaming across
+ * directories (the "refer" right) unless a rule grants it, even when it
+ * handles no file access: this one grants it beneath /, and the shell's own
+ * domain keeps deciding where. -1 where Landlock lacks scoping (the agent
+ * then does not ask for it). */
+static int scope_ruleset(void)
+{
+    struct {
+        uint64_t fs, net, scoped;
+    } attr = {1ull << 13 /* REFER */, 0, 3 /* abstract sockets, signals */};
+    struct __attribute__((packed)) {
+        uint64_t allowed;
+        int32_t parent_fd;
+    } rule = {1ull << 13, open("/", O_PATH | O_CLOEXEC)};
+    long fd = syscall(444 /* landlock_create_ruleset */, &attr, sizeof attr, 0);
+    if (fd >= 0 && (rule.parent_fd < 0 ||
+                    syscall(445 /* landlock_add_rule */, fd, 1 /* path beneath */, &rule, 0) < 0)) {
+        close((int)fd);
+        fd = -1;
+    }
+    if (rule.parent_fd >= 0)
+        close(rule.parent_fd);
+    if (fd >= 0)
+        fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    return (int)fd;
+}
+
 /* A request is well formed when its payload holds the command, the
  * directory and nenv strings, and its descriptors are all there. */
 static int valid(const struct warm_req *rq, size_t got, const char *payload, int nfds)
@@ -286,6 +299,7 @@ static int serve(const char *shell)
     if (sock < 0 || null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0)
         return 1;
     close(null);
+    me.scope_fd = scope_ruleset();
     /* Commands of the slot run as the same user: they must not be able to
      * read or change this process's memory. Each child sets itself back. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
