@@ -634,13 +634,20 @@ static void exec_abort(struct exec *e, const struct sp_err *err)
         reset_complete(ag, s);
 }
 
-static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box)
+/* The oldest command still starting through this box's holder (w NULL) or
+ * through warm shell w (box NULL). */
+static struct exec *oldest_starting(struct agent *ag, struct nsbox *box, struct warm_shell *w)
 {
     struct exec *best = NULL;
     for (struct exec *e = ag->running; e; e = e->next)
-        if (e->spawning && !e->warm && e->box == box && (!best || e->id < best->id))
+        if (e->spawning && e->warm == w && (w || e->box == box) && (!best || e->id < best->id))
             best = e;
     return best;
+}
+
+static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box)
+{
+    return oldest_starting(ag, box, NULL);
 }
 
 void exec_box_gone(struct agent *ag, struct nsbox *box)
@@ -724,15 +731,6 @@ void exec_box_readable(struct agent *ag, struct slot *s, int k)
         ag->nearly = 0;
 }
 
-static struct exec *oldest_warm(struct agent *ag, struct warm_shell *w)
-{
-    struct exec *best = NULL;
-    for (struct exec *e = ag->running; e; e = e->next)
-        if (e->spawning && e->warm == w && (!best || e->id < best->id))
-            best = e;
-    return best;
-}
-
 /* Answers of a warm shell's commands come as each is set up, in any order. */
 static struct exec *warm_request(struct agent *ag, struct warm_shell *w, uint64_t seq)
 {
@@ -794,7 +792,7 @@ void exec_warm_gone(struct agent *ag, struct warm_shell *w, enum warm_gone how)
                 "the slot's warm shell went away before the command started (slot reset or "
                 "agent stopping)");
     struct exec *e;
-    while ((e = oldest_warm(ag, w))) {
+    while ((e = oldest_starting(ag, NULL, w))) {
         struct sp_err qerr;
         if (e->disk_quota)
             sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
@@ -807,14 +805,7 @@ void exec_warm_gone(struct agent *ag, struct warm_shell *w, enum warm_gone how)
         struct req *rq = exec_undo(e, &err);
         if (!rq)
             continue;
-        struct sp_err rerr;
-        ag->warm.bypass = true;
-        int rc = op_exec(rq, &rerr);
-        ag->warm.bypass = false;
-        if (rc < 0)
-            req_finish(rq, &rerr);
-        else if (rc == OP_DONE)
-            req_finish(rq, NULL);
+        warm_rerun(ag, rq, true);
     }
     if (!ag->spawning)
         ag->nearly = 0;

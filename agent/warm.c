@@ -437,8 +437,7 @@ static long env_diff(const struct warm_shell *w, char **envp, const char *cwd, c
 }
 
 struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
-                             const struct iso_child *ic, char **envp, const char *cwd,
-                             size_t cmd_len, bool *wait)
+                             const struct iso_child *ic, size_t cmd_len, bool *wait)
 {
     *wait = false;
     if (!ag->warm.active)
@@ -460,12 +459,9 @@ struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
     unsigned need = ic->want & ~(1u << RUNG_RLIMITS);
     if ((need & ~w->applied) != 0)
         return NULL;
-    uint32_t count;
-    long envlen = env_diff(w, envp, cwd, NULL, 0, &count);
-    if (envlen < 0 || cmd_len + strlen(cwd) + 2 + (size_t)envlen > WARM_MAX_PAYLOAD ||
-        cmd_len >= WARM_ARGS_ROOM)
-        return NULL;
-    return w;
+    /* The environment and the message's size are checked once, by
+     * warm_send as it builds the message: a refusal there runs it cold. */
+    return cmd_len < WARM_ARGS_ROOM ? w : NULL;
 }
 
 int warm_send(struct agent *ag, struct warm_shell *w, const char *cmd, const char *cwd, int cwd_fd,
@@ -539,22 +535,27 @@ static void release(struct agent *ag, struct warm_shell *w, bool cold)
     while (w->nwaiting) {
         struct req *rq = w->waiting[0];
         memmove(w->waiting, w->waiting + 1, --w->nwaiting * sizeof w->waiting[0]);
-        struct sp_err err;
-        int rc;
         if (ag->stopping || (w->slot && w->slot->resetting)) {
+            struct sp_err err;
             sp_errf(&err, SP_CANCELLED, "%s before the command started",
                     ag->stopping ? "the agent is stopping" : "the slot was reset");
-            rc = -1;
-        } else {
-            ag->warm.bypass = cold;
-            rc = op_exec(rq, &err);
-            ag->warm.bypass = false;
-        }
-        if (rc < 0)
             req_finish(rq, &err);
-        else if (rc == OP_DONE)
-            req_finish(rq, NULL);
+        } else {
+            warm_rerun(ag, rq, cold);
+        }
     }
+}
+
+void warm_rerun(struct agent *ag, struct req *rq, bool cold)
+{
+    struct sp_err err;
+    ag->warm.bypass = cold;
+    int rc = op_exec(rq, &err);
+    ag->warm.bypass = false;
+    if (rc < 0)
+        req_finish(rq, &err);
+    else if (rc == OP_DONE)
+        req_finish(rq, NULL);
 }
 
 bool warm_wait(struct agent *ag, struct slot *s, bool network, struct req *rq)

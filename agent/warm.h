@@ -58,15 +58,17 @@ void warm_free(struct agent *ag);
  * \"warm\": {...}") into out. */
 void warm_probe_report(struct agent *ag, bool json, char *out, size_t cap);
 /* The warm shell to start this command through, or NULL (cold path): the
- * shell is ready, the request's environment is one it can take, and the
- * command is small enough. When the slot has no shell, it starts one and
+ * shell is ready and the command line fits (warm_send checks the
+ * environment). When the slot has no shell, it starts one and
  * *wait says the request may wait for it (warm_wait). */
 struct warm_shell *warm_pick(struct agent *ag, struct slot *s, bool network,
-                             const struct iso_child *ic, char **envp, const char *cwd,
-                             size_t cmd_len, bool *wait);
+                             const struct iso_child *ic, size_t cmd_len, bool *wait);
 /* Park rq until the slot's starting shell is ready (then it runs again,
  * warm) or is lost (then it runs cold). false: no room, run it now. */
 bool warm_wait(struct agent *ag, struct slot *s, bool network, struct req *rq);
+/* Run an exec request (again) and finish it if that ends it; with cold,
+ * past the warm shells. */
+void warm_rerun(struct agent *ag, struct req *rq, bool cold);
 /* Send one command: its descriptors (stdin, stdout, stderr), directory (by
  * fd outside a box, else by name), limits and environment; *seq is what its
  * answer will carry. */

@@ -473,7 +473,7 @@ int op_exec(struct req *rq, struct sp_err *err)
     /* Template builds (which come here too) keep the cold path: their
      * request's end is the build's, not an exec's. */
     if (cmd && !ag->warm.bypass && rq->op->fn == op_exec)
-        p.warm = warm_pick(ag, s, network, &ic, envp, cwd_path, cmd_len, &wait);
+        p.warm = warm_pick(ag, s, network, &ic, cmd_len, &wait);
     if (wait && warm_wait(ag, s, network, rq)) {
         rc = OP_PENDING; /* runs again when the slot's warm shell is ready */
         goto out;
