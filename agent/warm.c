@@ -29,6 +29,7 @@
 
 #include "child.h"
 #include "exec.h"
+#include "fdio.h"
 #include "warm.h"
 #include "warm/warm_wire.h"
 
@@ -54,17 +55,10 @@ static int load_so(struct agent *ag)
         snprintf(ag->warm.why, sizeof ag->warm.why, "memfd_create: %s", strerror(errno));
         return -1;
     }
-    size_t off = 0;
-    while (off < warm_so_len) {
-        ssize_t n = write(fd, warm_so + off, warm_so_len - off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            snprintf(ag->warm.why, sizeof ag->warm.why, "writing the builtin: %s", strerror(errno));
-            close(fd);
-            return -1;
-        }
-        off += (size_t)n;
+    if (fd_write_all(fd, warm_so, warm_so_len) < 0) {
+        snprintf(ag->warm.why, sizeof ag->warm.why, "writing the builtin: %s", strerror(errno));
+        close(fd);
+        return -1;
     }
     /* Every warm shell opens it (as the slot's user, until it knows better:
      * its fd 1): nobody may change the code the next one loads. */
