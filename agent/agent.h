@@ -96,6 +96,7 @@ struct slot {
     struct nsbox box[2];       /* namespaces [network allowed, denied], started on first use */
     bool box_failed;           /* the last box start failed: commands run at the host path */
     ev_io box_w[2];            /* their holders' answers */
+    ev_io cbox_w[2];           /* their command threads' (see namespaces.c) */
     struct warm_shell warm[2]; /* warm shells [network allowed, denied] (warm.c) */
     int cg_fd[2];              /* cgroup.procs of the slot's cgroup(s) (cgroup rung) */
     pid_t *kept;               /* keep_background leftovers */
@@ -421,10 +422,12 @@ bool slots_box_exited(struct agent *ag, pid_t pid);
 bool slots_is_box_holder(struct agent *ag, pid_t pid);
 /* Kill every process of the slot's boxes; the next command starts new ones. */
 void slots_box_stop(struct agent *ag, struct slot *s);
+/* One box whose holder stopped taking requests (ns_box_send gave it up). */
+void slots_box_lost(struct agent *ag, struct slot *s, const struct nsbox *box);
 /* Watch a freshly started box's holder for its answers. */
 void slots_box_watch(struct agent *ag, struct slot *s, int k);
 /* exec.c: the holder of box k of s has answered (or is gone). */
-void exec_box_readable(struct agent *ag, struct slot *s, int k);
+void exec_box_readable(struct agent *ag, struct slot *s, int k, int ch);
 /* exec.c: fail every command still waiting for that holder. */
 void exec_box_gone(struct agent *ag, struct nsbox *box);
 /* Kill the leftovers adopted by the slot's boxes (their PID 1's children). */
@@ -433,7 +436,8 @@ unsigned slots_box_sweep(struct agent *ag, struct slot *s);
 unsigned proc_sweep_strays(struct agent *ag);
 /* SIGKILL pid and all its descendants (walks /proc children lists). */
 unsigned proc_kill_tree(pid_t pid);
-/* SIGKILL the descendants of pid, not pid itself, sparing kept ones. */
+/* SIGKILL the descendants of pid (a box's PID 1: one thread), not pid
+ * itself, sparing kept ones. */
 unsigned proc_kill_children(struct agent *ag, pid_t pid);
 /* pid's children (malloc'd array in *out). */
 size_t proc_children(pid_t pid, pid_t **out);

@@ -482,13 +482,16 @@ struct exec *exec_start(struct agent *ag, struct slot *s, struct req *owner,
         e->iso_want = p->iso->want;
         ag->spawning++;
     } else if (p->box) {
-        if (ns_box_send(p->box, &sp) < 0) {
+        int ch = ns_box_send(p->box, &sp, true);
+        if (ch < 0) {
             sp_errf(err, SP_INTERNAL, "namespaces: the slot's holder is gone: %s",
                     strerror(sp.child_errno));
+            slots_box_lost(ag, s, p->box);
             goto fail;
         }
         e->spawning = true;
         e->box = p->box;
+        e->box_ch = ch;
         e->iso_want = p->iso->want;
         ag->spawning++;
     } else if ((pid = child_spawn(&sp)) < 0) {
@@ -636,18 +639,21 @@ static void exec_abort(struct exec *e, const struct sp_err *err)
 
 /* The oldest command still starting through this box's holder (w NULL) or
  * through warm shell w (box NULL). */
-static struct exec *oldest_starting(struct agent *ag, struct nsbox *box, struct warm_shell *w)
+/* ch: the box's channel, or -1 for either. */
+static struct exec *oldest_starting(struct agent *ag, struct nsbox *box, int ch,
+                                    struct warm_shell *w)
 {
     struct exec *best = NULL;
     for (struct exec *e = ag->running; e; e = e->next)
-        if (e->spawning && e->warm == w && (w || e->box == box) && (!best || e->id < best->id))
+        if (e->spawning && e->warm == w && (w || (e->box == box && (ch < 0 || e->box_ch == ch))) &&
+            (!best || e->id < best->id))
             best = e;
     return best;
 }
 
-static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box)
+static struct exec *oldest_spawning(struct agent *ag, struct nsbox *box, int ch)
 {
-    return oldest_starting(ag, box, NULL);
+    return oldest_starting(ag, box, ch, NULL);
 }
 
 void exec_box_gone(struct agent *ag, struct nsbox *box)
@@ -657,7 +663,7 @@ void exec_box_gone(struct agent *ag, struct nsbox *box)
             "the slot's namespace holder went away before the command "
             "started (slot reset or agent stopping)");
     struct exec *e;
-    while ((e = oldest_spawning(ag, box))) {
+    while ((e = oldest_spawning(ag, box, -1))) {
         struct sp_err qerr;
         if (e->disk_quota) /* stopped with its slot for the disk budget */
             sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
@@ -706,16 +712,16 @@ static void exec_spawned(struct agent *ag, struct exec *e, pid_t pid, unsigned a
         exec_kill(e); /* asked for while it was starting */
 }
 
-void exec_box_readable(struct agent *ag, struct slot *s, int k)
+void exec_box_readable(struct agent *ag, struct slot *s, int k, int ch)
 {
     struct nsbox *box = &s->box[k];
     struct box_result r;
-    if (ns_box_recv(box, &r) < 0) {
+    if (ns_box_recv(box, ch, &r) < 0) {
         log_warn("slot %u: namespace holder stopped answering", s->index);
         slots_box_stop(ag, s);
         return;
     }
-    struct exec *e = oldest_spawning(ag, box);
+    struct exec *e = oldest_spawning(ag, box, ch);
     if (!e)
         return; /* its command was aborted meanwhile */
     e->spawning = false;
@@ -792,7 +798,7 @@ void exec_warm_gone(struct agent *ag, struct warm_shell *w, enum warm_gone how)
                 "the slot's warm shell went away before the command started (slot reset or "
                 "agent stopping)");
     struct exec *e;
-    while ((e = oldest_starting(ag, NULL, w))) {
+    while ((e = oldest_starting(ag, NULL, -1, w))) {
         struct sp_err qerr;
         if (e->disk_quota)
             sp_errf(&qerr, SP_CANCELLED, "stopped before it started: %s", e->quota_why);
@@ -959,7 +965,7 @@ void exec_on_child_exit(struct agent *ag, pid_t pid, int status)
 
 bool exec_box_pending(struct agent *ag, struct nsbox *box)
 {
-    return oldest_spawning(ag, box) != NULL;
+    return oldest_spawning(ag, box, 0) != NULL;
 }
 
 bool exec_is_main_pid(struct agent *ag, pid_t pid)

@@ -44,6 +44,7 @@ struct exec {
     bool keep_background; /* leftovers live on until the slot's reset */
     bool spawning;        /* sent to a box holder; pid not known yet */
     struct nsbox *box;    /* that holder */
+    int box_ch;           /* and its channel (ns_box_send) */
     unsigned iso_want;    /* rungs asked for (the box's answer says which applied) */
     struct req *announce; /* detach or stream request told once the pid is known */
     bool output_released; /* delivered to its requester: only the result is kept */
@@ -88,6 +89,7 @@ void exec_replay(struct exec *e, struct req *rq);
 void exec_add_attach(struct exec *e, struct req *rq);
 /* Is a command still waiting for box's holder to say it started? (A
  * session's shell is spawned through the box synchronously only when not.) */
+/* A command's answer is awaited on the box's holder channel (0). */
 bool exec_box_pending(struct agent *ag, struct nsbox *box);
 /* op_exec.c, shared with sessions: the isolation a command of s gets (reads
  * args.rlimits); the directory it starts in as it sees it (the workspace,

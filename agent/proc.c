@@ -119,8 +119,12 @@ unsigned proc_kill_tree(pid_t root)
 
 unsigned proc_kill_children(struct agent *ag, pid_t pid)
 {
+    /* A box's PID 1 has one thread (box_init): its one children file,
+     * without listing its tasks (this runs after every command). */
     struct pidvec kids = {0};
-    read_children(pid, &kids);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pid, (int)pid);
+    read_children_file(path, &kids);
     unsigned n = 0;
     for (size_t i = 0; i < kids.n; i++)
         if (!slots_is_kept(ag, kids.v[i]))

@@ -1053,6 +1053,7 @@ static int pty_landlock(struct agent *ag, struct slot *s, const struct session_p
     if (fd < 0)
         return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "%s", lerr.msg);
     p->iso->landlock_fd = fd;
+    p->iso->ll_shared = false;
     return 0;
 }
 
@@ -1110,11 +1111,13 @@ static int spawn_shell(struct agent *ag, struct slot *s, struct session *ss,
      * is outstanding — which a slot-queued session_open guarantees. */
     if (exec_box_pending(ag, p->box))
         return sp_errf(err, SP_SLOT_BUSY, "a command of slot %u is still starting", s->index);
-    if (ns_box_send(p->box, sp) < 0)
+    if (ns_box_send(p->box, sp, false) < 0) {
+        slots_box_lost(ag, s, p->box);
         return sp_errf(err, SP_INTERNAL, "namespaces: the slot's holder is gone: %s",
                        strerror(sp->child_errno));
+    }
     struct box_result r;
-    if (ns_box_recv(p->box, &r) < 0) {
+    if (ns_box_recv(p->box, 0, &r) < 0) {
         slots_box_stop(ag, s);
         return sp_errf(err, SP_INTERNAL, "namespaces: the slot's holder did not answer");
     }
@@ -1248,6 +1251,7 @@ fail:
     if (p->pty && p->iso && p->iso->landlock_fd >= 0 && p->iso->landlock_fd != shared_ll) {
         close(p->iso->landlock_fd);
         p->iso->landlock_fd = shared_ll;
+        p->iso->ll_shared = true;
     }
     if (rc < 0) {
         screen_free(ss->screen);

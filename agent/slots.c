@@ -57,6 +57,7 @@ int slots_init(struct agent *ag, struct sp_err *err)
         s->ws_fd = s->tmp_fd = -1;
         s->ll_fd[0] = s->ll_fd[1] = -1;
         s->box[0].sock = s->box[1].sock = -1;
+        s->box[0].csock = s->box[1].csock = -1;
         s->warm[0].sock = s->warm[1].sock = -1;
         s->cg_fd[0] = s->cg_fd[1] = -1;
         s->uid = ag->iso.uid_base + i;
@@ -159,7 +160,8 @@ static void box_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)revents;
     struct agent *ag = ev_userdata(loop);
     struct slot *s = w->data;
-    exec_box_readable(ag, s, w == &s->box_w[0] ? 0 : 1);
+    int k = w == &s->box_w[0] || w == &s->cbox_w[0] ? 0 : 1;
+    exec_box_readable(ag, s, k, w == &s->cbox_w[k]);
 }
 
 void slots_box_watch(struct agent *ag, struct slot *s, int k)
@@ -167,16 +169,32 @@ void slots_box_watch(struct agent *ag, struct slot *s, int k)
     ev_io_init(&s->box_w[k], box_cb, s->box[k].sock, EV_READ);
     s->box_w[k].data = s;
     ev_io_start(ag->loop, &s->box_w[k]);
+    if (s->box[k].csock >= 0) {
+        ev_io_init(&s->cbox_w[k], box_cb, s->box[k].csock, EV_READ);
+        s->cbox_w[k].data = s;
+        ev_io_start(ag->loop, &s->cbox_w[k]);
+    }
 }
 
+static void box_unwatch(struct agent *ag, struct slot *s, int k)
+{
+    ev_io_stop(ag->loop, &s->box_w[k]);
+    ev_io_stop(ag->loop, &s->cbox_w[k]); /* a no-op when never started */
+}
+
+/* Also for a box whose holder ns_box_send gave up already (pid 0): its
+ * watchers, warm shell and the commands waiting for its answers go too. */
 static void box_stop(struct agent *ag, struct slot *s, int k)
 {
-    if (s->box[k].pid <= 0)
-        return;
-    ev_io_stop(ag->loop, &s->box_w[k]);
+    box_unwatch(ag, s, k);
     warm_stop(ag, &s->warm[k]); /* it dies with the box */
     ns_box_stop(&s->box[k]);
     exec_box_gone(ag, &s->box[k]);
+}
+
+void slots_box_lost(struct agent *ag, struct slot *s, const struct nsbox *box)
+{
+    box_stop(ag, s, box == &s->box[0] ? 0 : 1);
 }
 
 bool slots_box_exited(struct agent *ag, pid_t pid)
@@ -286,7 +304,7 @@ void slots_free(struct agent *ag)
             if (s->ll_fd[k] >= 0)
                 close(s->ll_fd[k]);
             if (s->box[k].pid > 0 && ag->loop)
-                ev_io_stop(ag->loop, &s->box_w[k]);
+                box_unwatch(ag, s, k);
             ns_box_stop(&s->box[k]);
             if (s->cg_fd[k] >= 0)
                 close(s->cg_fd[k]);

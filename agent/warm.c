@@ -303,9 +303,9 @@ static void warm_start(struct agent *ag, struct slot *s, int k, const struct iso
     unsigned applied = 0;
     if (box) {
         struct box_result r;
-        if (ns_box_send(box, &sp) < 0) {
+        if (ns_box_send(box, &sp, false) < 0) {
             /* the holder is gone: its exit is on the way */
-        } else if (ns_box_recv(box, &r) < 0) {
+        } else if (ns_box_recv(box, 0, &r) < 0) {
             slots_box_stop(ag, s); /* it stopped answering, as in session.c */
         } else if (r.pid > 0 && !r.child_errno) {
             pid = r.pid;

@@ -63,6 +63,7 @@ struct iso_child {
     unsigned want;   /* rungs to apply */
     bool required;   /* a failing rung aborts the spawn */
     int landlock_fd; /* ruleset for this slot and network setting, or -1 */
+    bool ll_shared;  /* it is the slot's, kept as long as the box (not a session's own) */
     const struct sock_fprog *seccomp;
     int seccomp_index; /* which of isolation.seccomp, or -1 (sent to a box) */
     unsigned uid;      /* slot user, with want & RUNG_UID */
@@ -106,6 +107,8 @@ struct nsbox {
     pid_t init_pid; /* PID 1 of the box (agent's view), adopts leftovers */
     bool in_cgroup; /* the holder joined the slot's cgroup */
     int sock;
+    int csock;     /* the command thread's (see namespaces.c), or -1 */
+    int ll_rooted; /* the slot's ruleset, once the holder gave it the box's root */
 };
 int ns_probe(struct isolation *iso, char *why, size_t whycap);
 struct box_conf {
@@ -125,21 +128,25 @@ struct box_conf {
     const char *hide[2];       /* directories shown empty in the box (templates, upper layers) */
     const char *const *shares; /* --share pairs: host path, box path (read-only binds) */
     unsigned nshares;
+    bool cold; /* commands through a thread confined once (see namespaces.c) */
 };
 int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
                  struct sp_err *err);
 /* Starting a command through the box's holder is asynchronous: send the
  * request (the spawn's fds travel with it and may be closed after), then
- * read the outcome when the socket is readable. Requests are answered in
- * order. -1: the holder is gone (the box is stopped). */
+ * read the outcome when the socket is readable. Each of the box's two
+ * channels (0: the holder's thread, 1: the command thread) answers its
+ * requests in order. cold: the command thread may take it (only a request on
+ * the slot's shared Landlock ruleset goes there). Returns the channel, or
+ * -1: the holder is gone (the box is stopped). */
 struct box_result {
     pid_t pid; /* the agent's child, or -1 */
     int child_errno, failed_rung, failed_errno;
     unsigned applied;
 };
 struct spawn;
-int ns_box_send(struct nsbox *box, struct spawn *sp);
-int ns_box_recv(struct nsbox *box, struct box_result *r);
+int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold);
+int ns_box_recv(struct nsbox *box, int ch, struct box_result *r);
 /* Kill the holder and with it every process in the box. */
 void ns_box_stop(struct nsbox *box);
 
@@ -184,6 +191,10 @@ int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, con
  * paths in the box lead up to instead of the host's / (Landlock does not look
  * at the mount points it climbs over). Adding it again changes nothing. */
 int landlock_allow_read(int ruleset_fd, int dir_fd);
+/* A command's own domain beneath its box's (see namespaces.c): scoped
+ * signals and abstract sockets, and the "refer" right beneath root_fd so
+ * the outer domain keeps deciding links and renames. -1 below ABI 6. */
+int landlock_scope_ruleset(int abi, int root_fd);
 int landlock_apply(int ruleset_fd);
 
 /* seccomp.c */

@@ -140,6 +140,23 @@ int landlock_allow_read(int ruleset_fd, int dir_fd)
     return (int)syscall(SYS_landlock_add_rule, ruleset_fd, LL_RULE_PATH_BENEATH, &pb, 0);
 }
 
+int landlock_scope_ruleset(int abi, int root_fd)
+{
+    if (abi < 6 || root_fd < 0)
+        return -1;
+    /* A domain that handles no refer right still refuses every link or
+     * rename across directories: this one handles it and grants it. */
+    struct ll_ruleset_attr attr = {.handled_access_fs = FS_REFER,
+                                   .scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL};
+    int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+    struct ll_path_beneath pb = {.allowed_access = FS_REFER, .parent_fd = root_fd};
+    if (rfd >= 0 && syscall(SYS_landlock_add_rule, rfd, LL_RULE_PATH_BENEATH, &pb, 0) < 0) {
+        close(rfd);
+        rfd = -1;
+    }
+    return rfd;
+}
+
 int landlock_apply(int ruleset_fd)
 {
     return (int)syscall(SYS_landlock_restrict_self, ruleset_fd, 0);

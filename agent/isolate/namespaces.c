@@ -15,11 +15,23 @@
  * Killing the holder kills PID 1 and with it everything in the box.
  *
  * The agent does not wait for the answer: it reads it from its event loop,
- * and an exit reaped before the answer named the pid is kept until then. */
+ * and an exit reaped before the answer named the pid is kept until then.
+ *
+ * Commands of `exec` come through a second socket, served by a thread of the
+ * holder that enforces the slot's Landlock ruleset (and loads the seccomp
+ * filter) on itself once, with the first of them: Landlock and seccomp
+ * belong to a thread, and what it clones inherits them, so each command only
+ * adds what its request asks for. The holder's own thread stays unconfined
+ * for what needs a ruleset of its own (sessions, with their terminal). Each
+ * command still enters one more Landlock domain that only scopes signals
+ * and abstract sockets, so that commands cannot signal one another, as
+ * before. The thread is outside the box's PID namespace: nothing in the box
+ * can name it. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -53,6 +65,7 @@
 
 struct box_ready {
     int32_t ok;
+    int32_t cold; /* the command thread runs */
     int32_t cgroup;
     int32_t init_pid;
     int32_t proc;
@@ -67,7 +80,8 @@ struct box_req {
     int32_t seccomp_index;
     uint32_t uid;
     int32_t has_cwd, has_ll, ncg;
-    int32_t ctty; /* stdin is a pty slave to take as controlling terminal */
+    int32_t ll_rooted; /* the ruleset has the rule for the box's root already */
+    int32_t ctty;      /* stdin is a pty slave to take as controlling terminal */
     struct rlimit lim[LIM_COUNT];
 };
 
@@ -511,7 +525,10 @@ static void __attribute__((noreturn)) box_init(bool want_proc, int report_fd)
     }
 }
 
-static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd)
+/* cold: the command thread (see the top): it enforces the slot's ruleset on
+ * itself with the first request that carries it, and each command then
+ * enforces only the scope ruleset. */
+static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd, bool cold)
 {
     char *stack = child_stack_alloc();
     if (!stack)
@@ -522,10 +539,11 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
      * Not with denials added by the configuration: those could refuse a
      * command's own set-up (ids, limits, Landlock), which runs after. */
     int filtered = iso->nseccomp_deny ? -2 : -1;
+    int confined = 0, scope_fd = -1; /* cold: 1 once the ruleset holds, -1 if it failed */
     for (;;) {
         struct pollfd pfd = {sock, POLLIN, 0};
         int r = poll(&pfd, 1, 1000);
-        if (waitpid(init, NULL, WNOHANG) == init)
+        if (init > 0 && waitpid(init, NULL, WNOHANG) == init)
             return; /* the box is gone */
         if (r <= 0)
             continue;
@@ -568,6 +586,25 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
         for (int k = 0; k < rq.ncg; k++)
             ic.cg_fd[k] = fds[3 + !!rq.has_cwd + !!rq.has_ll + k];
         unsigned inherited = 0;
+        /* The agent's read-anywhere rule is on the host's /; when the box
+         * has a root of its own, paths here lead up to that one instead.
+         * (A failure shows as the command's EACCES.) */
+        if (ic.landlock_fd >= 0 && root_fd >= 0 && !rq.ll_rooted)
+            landlock_allow_read(ic.landlock_fd, root_fd);
+        if (cold && ic.landlock_fd >= 0 && (rq.want & (1u << RUNG_LANDLOCK))) {
+            if (confined == 0) {
+                confined = prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+                                   landlock_apply(ic.landlock_fd) == 0
+                               ? 1
+                               : -1;
+                if (confined == 1)
+                    scope_fd = landlock_scope_ruleset(iso->landlock_abi, root_fd);
+            }
+            if (confined == 1) { /* else the command tries it, and reports */
+                ic.landlock_fd = scope_fd;
+                inherited |= 1u << RUNG_LANDLOCK;
+            }
+        }
         if (ic.seccomp && (rq.want & (1u << RUNG_SECCOMP))) {
             if (filtered == -1 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
                 seccomp_apply(ic.seccomp) == 0)
@@ -577,11 +614,6 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
                 inherited = 1u << RUNG_SECCOMP;
             }
         }
-        /* The agent's read-anywhere rule is on the host's /; when the box
-         * has a root of its own, paths here lead up to that one instead.
-         * (A failure shows as the command's EACCES.) */
-        if (ic.landlock_fd >= 0 && root_fd >= 0)
-            landlock_allow_read(ic.landlock_fd, root_fd);
         memcpy(ic.lim, rq.lim, sizeof ic.lim);
         struct spawn sp = {
             .stack = stack,
@@ -612,8 +644,41 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
     }
 }
 
+struct cold_thread {
+    const struct isolation *iso;
+    int sock, root_fd;
+    int go, ready; /* pipes: the box's PID 1 in, the outcome out */
+};
+
+/* The command thread. A thread cannot be created once its process has
+ * unshared a PID namespace, so it is created before, and joins the box's
+ * PID namespace (for its children) on its own, by the box's PID 1, whose
+ * pid the holder sends it (-2: the box has no PID namespace). */
+static void *cold_main(void *arg)
+{
+    struct cold_thread *t = arg;
+    pid_t init = -1;
+    char ok = 0;
+    if (read(t->go, &init, sizeof init) == (ssize_t)sizeof init) {
+        int pfd = init > 0 ? (int)syscall(SYS_pidfd_open, init, 0) : -1;
+        ok = init == -2 || (pfd >= 0 && setns(pfd, CLONE_NEWPID) == 0);
+        if (pfd >= 0)
+            close(pfd);
+    }
+    (void)!write(t->ready, &ok, 1);
+    if (!ok) {
+        close(t->sock);
+        return NULL; /* commands go through the holder's own socket */
+    }
+    serve(t->iso, t->sock, -1, t->root_fd, true);
+    /* The agent stopped talking, or spoke nonsense: the box goes (its PID 1
+     * dies with the holder). */
+    _exit(0);
+}
+
 static void __attribute__((noreturn))
-holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pid_t agent)
+holder_main(const struct isolation *iso, int sock, int cold_sock, const struct box_conf *bc,
+            pid_t agent)
 {
     /* A copy of the agent: drop its signal handlers and every descriptor
      * but the socket (listeners, connections, the stdio stream). */
@@ -655,16 +720,25 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
-    if (sock != 3) {
-        dup3(sock, 3, O_CLOEXEC);
-        sock = 3;
+    /* The sockets to 3 and 4 (by way of high numbers: either may be 3 or 4
+     * now), and nothing else of the agent's. */
+    int hs = fcntl(sock, F_DUPFD_CLOEXEC, 64);
+    int hc = cold_sock >= 0 ? fcntl(cold_sock, F_DUPFD_CLOEXEC, 64) : -1;
+    if (hs < 0 || (cold_sock >= 0 && hc < 0))
+        _exit(1);
+    dup3(hs, 3, O_CLOEXEC);
+    sock = 3;
+    if (hc >= 0) {
+        dup3(hc, 4, O_CLOEXEC);
+        cold_sock = 4;
     }
     int null = open("/dev/null", O_RDWR);
     dup2(null, 0);
     dup2(null, 1);
-    syscall(SYS_close_range, 4u, ~0u, 0);
-    if (box_enter(flags, bc->tmp_path, bc->slot_dir, bc->ws_path, bc->hide, bc->shares, bc->nshares,
-                  rd.why, sizeof rd.why) < 0) {
+    syscall(SYS_close_range, hc >= 0 ? 5u : 4u, ~0u, 0);
+    /* PID namespace last: see cold_main. */
+    if (box_enter(flags & ~CLONE_NEWPID, bc->tmp_path, bc->slot_dir, bc->ws_path, bc->hide,
+                  bc->shares, bc->nshares, rd.why, sizeof rd.why) < 0) {
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
@@ -673,6 +747,23 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     /* Not before: /proc/self of a non-dumpable process is root's, and the
      * id maps above are written there. */
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    int root_fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int go[2] = {-1, -1}, ready[2] = {-1, -1};
+    struct cold_thread ct = {iso, cold_sock, root_fd, -1, -1};
+    pthread_t tid;
+    bool cold = cold_sock >= 0 && pipe2(go, O_CLOEXEC) == 0 && pipe2(ready, O_CLOEXEC) == 0;
+    if (cold) {
+        ct.go = go[0];
+        ct.ready = ready[1];
+        cold = pthread_create(&tid, NULL, cold_main, &ct) == 0;
+    }
+    if (!cold && cold_sock >= 0)
+        close(cold_sock);
+    if ((flags & CLONE_NEWPID) && unshare(CLONE_NEWPID) < 0) {
+        snprintf(rd.why, sizeof rd.why, "unshare of the PID namespace: %s", strerror(errno));
+        (void)!write(sock, &rd, sizeof rd);
+        _exit(1);
+    }
     int pp[2];
     if (pipe2(pp, O_CLOEXEC) < 0)
         _exit(1);
@@ -680,6 +771,17 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     if (init == 0)
         box_init(iso->ns_proc, pp[1]);
     close(pp[1]);
+    if (cold) {
+        pid_t in = init < 0 ? -1 : (flags & CLONE_NEWPID) ? init : -2;
+        char ok = 0;
+        rd.cold = fd_write_all(go[1], &in, sizeof in) == 0 && read(ready[0], &ok, 1) == 1 && ok;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (go[i] >= 0)
+            close(go[i]);
+        if (ready[i] >= 0)
+            close(ready[i]);
+    }
     char proc = 0;
     if (init < 0 || read(pp[0], &proc, 1) != 1) {
         snprintf(rd.why, sizeof rd.why, "starting the box's PID 1 failed");
@@ -691,7 +793,7 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
     rd.init_pid = init;
     rd.proc = proc;
     if (fd_write_all(sock, &rd, sizeof rd) == 0)
-        serve(iso, sock, init, open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+        serve(iso, sock, init, root_fd, false);
     kill(init, SIGKILL);
     _exit(0);
 }
@@ -701,21 +803,31 @@ holder_main(const struct isolation *iso, int sock, const struct box_conf *bc, pi
 int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct nsbox *box,
                  struct sp_err *err)
 {
-    int sv[2];
+    int sv[2], cv[2] = {-1, -1};
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
         return sp_errf(err, SP_INTERNAL, "socketpair: %s", strerror(errno));
+    /* Without one the commands go through the holder's own socket. */
+    if (bc->cold && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, cv) < 0)
+        cv[0] = cv[1] = -1;
     pid_t agent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
-        close(sv[0]);
-        close(sv[1]);
+        for (int i = 0; i < 2; i++) {
+            close(sv[i]);
+            if (cv[i] >= 0)
+                close(cv[i]);
+        }
         return sp_errf(err, SP_INTERNAL, "fork: %s", strerror(errno));
     }
     if (pid == 0) {
         close(sv[0]);
-        holder_main(iso, sv[1], bc, agent);
+        if (cv[0] >= 0)
+            close(cv[0]);
+        holder_main(iso, sv[1], cv[1], bc, agent);
     }
     close(sv[1]);
+    if (cv[1] >= 0)
+        close(cv[1]);
     struct timeval tv = {BOX_TIMEOUT_MS / 1000, 0};
     setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(sv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
@@ -725,6 +837,8 @@ int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct 
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
         close(sv[0]);
+        if (cv[0] >= 0)
+            close(cv[0]);
         rd.why[sizeof rd.why - 1] = 0;
         return sp_errf(err, SP_INTERNAL, "namespaces: %s",
                        rd.why[0] ? rd.why : "the holder did not start");
@@ -733,6 +847,15 @@ int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct 
     box->init_pid = rd.init_pid;
     box->in_cgroup = rd.cgroup;
     box->sock = sv[0];
+    box->csock = -1;
+    if (cv[0] >= 0 && rd.cold) {
+        setsockopt(cv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(cv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        box->csock = cv[0];
+    } else if (cv[0] >= 0) {
+        close(cv[0]);
+    }
+    box->ll_rooted = -1;
     return 0;
 }
 
@@ -743,11 +866,13 @@ void ns_box_stop(struct nsbox *box)
     kill(box->init_pid, SIGKILL);
     kill(box->pid, SIGKILL);
     close(box->sock);
+    if (box->csock >= 0)
+        close(box->csock);
     box->pid = box->init_pid = 0;
-    box->sock = -1;
+    box->sock = box->csock = box->ll_rooted = -1;
 }
 
-int ns_box_send(struct nsbox *box, struct spawn *sp)
+int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
 {
     struct iso_child *ic = sp->iso;
     const char *cwd_path = sp->cwd_path ? sp->cwd_path : "";
@@ -761,7 +886,10 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         sp->child_errno = E2BIG;
         return -1;
     }
-    char *buf = malloc(len), *p = buf;
+    /* The header and the strings in one buffer, sent by one sendmsg
+     * (its remainder, if the socket takes less, by plain writes). */
+    struct box_req rq;
+    char *buf = malloc(sizeof rq + len), *p = buf + sizeof rq;
     if (!buf) {
         sp->child_errno = ENOMEM;
         return -1;
@@ -776,7 +904,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         memcpy(p, sp->argv[i], k = strlen(sp->argv[i]) + 1);
     for (uint32_t i = 0; i < envc; i++, p += k)
         memcpy(p, sp->envp[i], k = strlen(sp->envp[i]) + 1);
-    struct box_req rq = {
+    rq = (struct box_req){
         .len = (uint32_t)len,
         .argc = argc,
         .envc = envc,
@@ -786,10 +914,13 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         .uid = ic->uid,
         .has_cwd = sp->cwd_fd >= 0 && !sp->cwd_path, /* the path is what counts in a box */
         .has_ll = ic->landlock_fd >= 0,
+        /* The slot's ruleset has the box's root already once sent. */
+        .ll_rooted = ic->landlock_fd >= 0 && ic->landlock_fd == box->ll_rooted,
         .ncg = box->in_cgroup ? 0 : (ic->cg_fd[0] >= 0) + (ic->cg_fd[1] >= 0),
         .ctty = sp->ctty,
     };
     memcpy(rq.lim, ic->lim, sizeof rq.lim);
+    memcpy(buf, &rq, sizeof rq);
     int fds[BOX_MAX_FDS] = {sp->stdin_fd, sp->stdout_fd, sp->stderr_fd};
     int nfds = 3;
     if (rq.has_cwd)
@@ -799,8 +930,17 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
     for (int j = 0; j < 2 && !box->in_cgroup; j++)
         if (ic->cg_fd[j] >= 0)
             fds[nfds++] = ic->cg_fd[j];
-    ssize_t n = fd_send_fds(box->sock, &rq, sizeof rq, fds, nfds);
-    int ok = n == (ssize_t)sizeof rq && fd_write_all(box->sock, buf, len) == 0;
+    /* Only what stands on the slot's own ruleset may go to the thread that
+     * enforces it. */
+    int ch = cold && box->csock >= 0 && ic->landlock_fd >= 0 && ic->ll_shared &&
+                     (ic->want & (1u << RUNG_LANDLOCK))
+                 ? 1
+                 : 0;
+    int sock = ch ? box->csock : box->sock;
+    size_t total = sizeof rq + len;
+    ssize_t n = fd_send_fds(sock, buf, total, fds, nfds);
+    int ok = n >= (ssize_t)sizeof rq &&
+             ((size_t)n == total || fd_write_all(sock, buf + n, total - (size_t)n) == 0);
     free(buf);
     if (!ok) {
         /* A holder that does not take requests is not trusted again. */
@@ -808,13 +948,16 @@ int ns_box_send(struct nsbox *box, struct spawn *sp)
         sp->child_errno = EIO;
         return -1;
     }
-    return 0;
+    if (ic->landlock_fd >= 0 && ic->ll_shared)
+        box->ll_rooted = ic->landlock_fd;
+    return ch;
 }
 
-int ns_box_recv(struct nsbox *box, struct box_result *r)
+int ns_box_recv(struct nsbox *box, int ch, struct box_result *r)
 {
     struct box_rep rep;
-    if (box->pid <= 0 || fd_read_all(box->sock, &rep, sizeof rep) < 0)
+    int sock = ch ? box->csock : box->sock;
+    if (box->pid <= 0 || sock < 0 || fd_read_all(sock, &rep, sizeof rep) < 0)
         return -1;
     r->pid = rep.pid;
     r->child_errno = rep.child_errno;

@@ -176,6 +176,7 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
             .cg_fd = (have & (1u << RUNG_CGROUP)) ? s->cg_fd : NULL,
             .secret = ag->token,
             .secret_len = sizeof ag->token,
+            .cold = true,
         };
         if (ns_box_start(iso, &bc, &s->box[!network], &berr) < 0) {
             log_warn("slot %u: %s", s->index, berr.msg);
@@ -209,6 +210,7 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
     }
     ic->want = have;
     ic->landlock_fd = s->ll_fd[!network];
+    ic->ll_shared = true;
     ic->seccomp = (have & (1u << RUNG_SECCOMP)) ? &iso->seccomp[!network] : NULL;
     ic->seccomp_index = !network;
     const msgpack_object *lim = req_arg(rq, "rlimits");
