@@ -164,8 +164,15 @@ static void box_cb(struct ev_loop *loop, ev_io *w, int revents)
     exec_box_readable(ag, s, k, w == &s->cbox_w[k]);
 }
 
+static void box_unwatch(struct agent *ag, struct slot *s, int k)
+{
+    ev_io_stop(ag->loop, &s->box_w[k]);
+    ev_io_stop(ag->loop, &s->cbox_w[k]); /* a no-op when never started */
+}
+
 void slots_box_watch(struct agent *ag, struct slot *s, int k)
 {
+    box_unwatch(ag, s, k); /* never init an active watcher */
     ev_io_init(&s->box_w[k], box_cb, s->box[k].sock, EV_READ);
     s->box_w[k].data = s;
     ev_io_start(ag->loop, &s->box_w[k]);
@@ -176,20 +183,15 @@ void slots_box_watch(struct agent *ag, struct slot *s, int k)
     }
 }
 
-static void box_unwatch(struct agent *ag, struct slot *s, int k)
-{
-    ev_io_stop(ag->loop, &s->box_w[k]);
-    ev_io_stop(ag->loop, &s->cbox_w[k]); /* a no-op when never started */
-}
-
 /* Also for a box whose holder ns_box_send gave up already (pid 0): its
  * watchers, warm shell and the commands waiting for its answers go too. */
 static void box_stop(struct agent *ag, struct slot *s, int k)
 {
     box_unwatch(ag, s, k);
-    warm_stop(ag, &s->warm[k]); /* it dies with the box */
     ns_box_stop(&s->box[k]);
     exec_box_gone(ag, &s->box[k]);
+    /* Last: what waited for the warm shell may start this box anew. */
+    warm_stop(ag, &s->warm[k]); /* it dies with the box */
 }
 
 void slots_box_lost(struct agent *ag, struct slot *s, const struct nsbox *box)

@@ -107,8 +107,8 @@ struct nsbox {
     pid_t init_pid; /* PID 1 of the box (agent's view), adopts leftovers */
     bool in_cgroup; /* the holder joined the slot's cgroup */
     int sock;
-    int csock;     /* the command thread's (see namespaces.c), or -1 */
-    int ll_rooted; /* the slot's ruleset, once the holder gave it the box's root */
+    int csock;   /* the command thread's (see namespaces.c), or -1 */
+    int cold_ll; /* the ruleset the command thread enforces (its first), or -1 */
 };
 int ns_probe(struct isolation *iso, char *why, size_t whycap);
 struct box_conf {
@@ -192,8 +192,9 @@ int landlock_ruleset(int abi, const char *ws, const char *tmp, bool network, con
  * at the mount points it climbs over). Adding it again changes nothing. */
 int landlock_allow_read(int ruleset_fd, int dir_fd);
 /* A command's own domain beneath its box's (see namespaces.c): scoped
- * signals and abstract sockets, and the "refer" right beneath root_fd so
- * the outer domain keeps deciding links and renames. -1 below ABI 6. */
+ * signals and abstract sockets (ABI 6), no tracing of other commands, and
+ * the "refer" right beneath root_fd so the outer domain keeps deciding
+ * links and renames. -1 on failure. */
 int landlock_scope_ruleset(int abi, int root_fd);
 int landlock_apply(int ruleset_fd);
 

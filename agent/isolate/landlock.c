@@ -142,14 +142,22 @@ int landlock_allow_read(int ruleset_fd, int dir_fd)
 
 int landlock_scope_ruleset(int abi, int root_fd)
 {
-    if (abi < 6 || root_fd < 0)
+    if (abi < 1 || root_fd < 0)
         return -1;
-    /* A domain that handles no refer right still refuses every link or
-     * rename across directories: this one handles it and grants it. */
-    struct ll_ruleset_attr attr = {.handled_access_fs = FS_REFER,
+    /* A domain of its own also keeps commands from tracing one another
+     * (Landlock refuses ptrace between sibling domains), whatever the ABI.
+     * One that handles no refer right still refuses every link or rename
+     * across directories: this one handles it and grants it (ABI 1 has no
+     * refer right and refuses those anyway: it handles and grants a right
+     * the outer domain denies regardless). */
+    uint64_t right = abi >= 2 ? FS_REFER : FS_MAKE_BLOCK;
+    struct ll_ruleset_attr attr = {.handled_access_fs = right,
                                    .scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL};
-    int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
-    struct ll_path_beneath pb = {.allowed_access = FS_REFER, .parent_fd = root_fd};
+    size_t size = abi >= 6   ? sizeof attr
+                  : abi >= 4 ? offsetof(struct ll_ruleset_attr, scoped)
+                             : sizeof attr.handled_access_fs;
+    int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, size, 0);
+    struct ll_path_beneath pb = {.allowed_access = right, .parent_fd = root_fd};
     if (rfd >= 0 && syscall(SYS_landlock_add_rule, rfd, LL_RULE_PATH_BENEATH, &pb, 0) < 0) {
         close(rfd);
         rfd = -1;

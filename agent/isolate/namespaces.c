@@ -593,12 +593,15 @@ static void serve(const struct isolation *iso, int sock, pid_t init, int root_fd
             landlock_allow_read(ic.landlock_fd, root_fd);
         if (cold && ic.landlock_fd >= 0 && (rq.want & (1u << RUNG_LANDLOCK))) {
             if (confined == 0) {
-                confined = prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+                /* Without a domain of their own, commands would share one:
+                 * then each enforces the whole ruleset itself, as before. */
+                scope_fd = landlock_scope_ruleset(iso->landlock_abi, root_fd);
+                confined = scope_fd >= 0 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
                                    landlock_apply(ic.landlock_fd) == 0
                                ? 1
                                : -1;
-                if (confined == 1)
-                    scope_fd = landlock_scope_ruleset(iso->landlock_abi, root_fd);
+                if (confined < 0 && scope_fd >= 0)
+                    close(scope_fd);
             }
             if (confined == 1) { /* else the command tries it, and reports */
                 ic.landlock_fd = scope_fd;
@@ -720,10 +723,10 @@ holder_main(const struct isolation *iso, int sock, int cold_sock, const struct b
         (void)!write(sock, &rd, sizeof rd);
         _exit(1);
     }
-    /* The sockets to 3 and 4 (by way of high numbers: either may be 3 or 4
-     * now), and nothing else of the agent's. */
-    int hs = fcntl(sock, F_DUPFD_CLOEXEC, 64);
-    int hc = cold_sock >= 0 ? fcntl(cold_sock, F_DUPFD_CLOEXEC, 64) : -1;
+    /* The sockets to 3 and 4 (by way of numbers above: either may be 3 or
+     * 4 now), and nothing else of the agent's. */
+    int hs = fcntl(sock, F_DUPFD_CLOEXEC, 5);
+    int hc = cold_sock >= 0 ? fcntl(cold_sock, F_DUPFD_CLOEXEC, 5) : -1;
     if (hs < 0 || (cold_sock >= 0 && hc < 0))
         _exit(1);
     dup3(hs, 3, O_CLOEXEC);
@@ -855,7 +858,7 @@ int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct 
     } else if (cv[0] >= 0) {
         close(cv[0]);
     }
-    box->ll_rooted = -1;
+    box->cold_ll = -1;
     return 0;
 }
 
@@ -869,7 +872,7 @@ void ns_box_stop(struct nsbox *box)
     if (box->csock >= 0)
         close(box->csock);
     box->pid = box->init_pid = 0;
-    box->sock = box->csock = box->ll_rooted = -1;
+    box->sock = box->csock = box->cold_ll = -1;
 }
 
 int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
@@ -886,6 +889,13 @@ int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
         sp->child_errno = E2BIG;
         return -1;
     }
+    /* Only what stands on the slot's own ruleset (the one the thread
+     * enforces: the first it was sent) may go to the thread. */
+    int ch = cold && box->csock >= 0 && ic->landlock_fd >= 0 && ic->ll_shared &&
+                     (ic->want & (1u << RUNG_LANDLOCK)) &&
+                     (box->cold_ll < 0 || box->cold_ll == ic->landlock_fd)
+                 ? 1
+                 : 0;
     /* The header and the strings in one buffer, sent by one sendmsg
      * (its remainder, if the socket takes less, by plain writes). */
     struct box_req rq;
@@ -914,8 +924,9 @@ int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
         .uid = ic->uid,
         .has_cwd = sp->cwd_fd >= 0 && !sp->cwd_path, /* the path is what counts in a box */
         .has_ll = ic->landlock_fd >= 0,
-        /* The slot's ruleset has the box's root already once sent. */
-        .ll_rooted = ic->landlock_fd >= 0 && ic->landlock_fd == box->ll_rooted,
+        /* The thread added the box's root to the slot's ruleset with its
+         * first request (the holder's own thread always does: it is rare). */
+        .ll_rooted = ch == 1 && box->cold_ll == ic->landlock_fd,
         .ncg = box->in_cgroup ? 0 : (ic->cg_fd[0] >= 0) + (ic->cg_fd[1] >= 0),
         .ctty = sp->ctty,
     };
@@ -930,12 +941,6 @@ int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
     for (int j = 0; j < 2 && !box->in_cgroup; j++)
         if (ic->cg_fd[j] >= 0)
             fds[nfds++] = ic->cg_fd[j];
-    /* Only what stands on the slot's own ruleset may go to the thread that
-     * enforces it. */
-    int ch = cold && box->csock >= 0 && ic->landlock_fd >= 0 && ic->ll_shared &&
-                     (ic->want & (1u << RUNG_LANDLOCK))
-                 ? 1
-                 : 0;
     int sock = ch ? box->csock : box->sock;
     size_t total = sizeof rq + len;
     ssize_t n = fd_send_fds(sock, buf, total, fds, nfds);
@@ -948,8 +953,8 @@ int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
         sp->child_errno = EIO;
         return -1;
     }
-    if (ic->landlock_fd >= 0 && ic->ll_shared)
-        box->ll_rooted = ic->landlock_fd;
+    if (ch == 1)
+        box->cold_ll = ic->landlock_fd;
     return ch;
 }
 

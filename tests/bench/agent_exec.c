@@ -112,6 +112,7 @@ struct acc {
     double *lat;
     int n;
     double secs, cpu_s;
+    int cpu_n; /* operations of the blocks whose CPU could be read */
     unsigned errors;
 };
 
@@ -469,6 +470,7 @@ static int run_floor(struct bench *b, const struct workload *w, int conc, int op
         acc->n += done;
         acc->secs += now() - t0;
         acc->cpu_s += self_cpu_s() - cpu0;
+        acc->cpu_n += done;
         acc->errors += errors;
     }
 drain:
@@ -749,7 +751,10 @@ static int run_agent(struct bench *b, const struct workload *w, int conc, int op
         memcpy(acc->lat + acc->n, lat, (size_t)done * sizeof *lat);
         acc->n += done;
         acc->secs += secs;
-        acc->cpu_s += cpu;
+        if (!isnan(cpu)) {
+            acc->cpu_s += cpu;
+            acc->cpu_n += done;
+        }
         acc->errors += errors;
     }
 out:
@@ -1983,15 +1988,24 @@ static char **make_child_env(const char *home)
  * a VM's own neighbours): the floor and the agent are measured in
  * MEASURE_BLOCKS alternating blocks, ABBA, and each side's figures are over
  * all its blocks, so drift falls on both sides alike. ops/s is operations
- * over the summed time of the side's own blocks. */
+ * over the summed time of the side's own blocks. Each block fills and
+ * drains conc commands in flight: blocks of at least 20 x conc operations
+ * keep that a small part of each. */
 #define MEASURE_BLOCKS 10
+
+/* CPU over the operations whose blocks could be read, as if over all. */
+static double acc_cpu(const struct acc *a)
+{
+    return a->cpu_n > 0 ? a->cpu_s * a->n / a->cpu_n : NAN;
+}
 
 static int measure_level(struct bench *b, const struct workload *w, int conc, bool with_floor)
 {
     struct acc fa = {.lat = calloc((size_t)b->ops, sizeof(double))};
     struct acc aa = {.lat = calloc((size_t)b->ops, sizeof(double))};
     int rc = fa.lat && aa.lat ? 0 : -1;
-    int blocks = b->ops >= MEASURE_BLOCKS * conc ? MEASURE_BLOCKS : 1;
+    int blocks = b->ops / (20 * conc);
+    blocks = blocks < 1 ? 1 : blocks > MEASURE_BLOCKS ? MEASURE_BLOCKS : blocks;
     for (int k = 0; k < blocks && rc == 0; k++) {
         int n = b->ops / blocks + (k == blocks - 1 ? b->ops % blocks : 0);
         bool floor_first = k % 4 == 0 || k % 4 == 3;
@@ -2003,9 +2017,9 @@ static int measure_level(struct bench *b, const struct workload *w, int conc, bo
             rc = run_floor(b, w, conc, n, &fa);
     }
     if (rc == 0 && with_floor)
-        add_result(b, w->name, b->floor_side, conc, fa.lat, fa.n, fa.secs, fa.cpu_s, fa.errors);
+        add_result(b, w->name, b->floor_side, conc, fa.lat, fa.n, fa.secs, acc_cpu(&fa), fa.errors);
     if (rc == 0)
-        add_result(b, w->name, "agent", conc, aa.lat, aa.n, aa.secs, aa.cpu_s, aa.errors);
+        add_result(b, w->name, "agent", conc, aa.lat, aa.n, aa.secs, acc_cpu(&aa), aa.errors);
     free(fa.lat);
     free(aa.lat);
     return rc;
