@@ -1053,7 +1053,6 @@ static int pty_landlock(struct agent *ag, struct slot *s, const struct session_p
     if (fd < 0)
         return sp_errf(err, SP_ISOLATION_UNAVAILABLE, "%s", lerr.msg);
     p->iso->landlock_fd = fd;
-    p->iso->ll_shared = false;
     return 0;
 }
 
@@ -1251,7 +1250,6 @@ fail:
     if (p->pty && p->iso && p->iso->landlock_fd >= 0 && p->iso->landlock_fd != shared_ll) {
         close(p->iso->landlock_fd);
         p->iso->landlock_fd = shared_ll;
-        p->iso->ll_shared = true;
     }
     if (rc < 0) {
         screen_free(ss->screen);

@@ -63,7 +63,6 @@ struct iso_child {
     unsigned want;   /* rungs to apply */
     bool required;   /* a failing rung aborts the spawn */
     int landlock_fd; /* ruleset for this slot and network setting, or -1 */
-    bool ll_shared;  /* it is the slot's, kept as long as the box (not a session's own) */
     const struct sock_fprog *seccomp;
     int seccomp_index; /* which of isolation.seccomp, or -1 (sent to a box) */
     unsigned uid;      /* slot user, with want & RUNG_UID */
@@ -136,8 +135,8 @@ int ns_box_start(const struct isolation *iso, const struct box_conf *bc, struct 
  * request (the spawn's fds travel with it and may be closed after), then
  * read the outcome when the socket is readable. Each of the box's two
  * channels (0: the holder's thread, 1: the command thread) answers its
- * requests in order. cold: the command thread may take it (only a request on
- * the slot's shared Landlock ruleset goes there). Returns the channel, or
+ * requests in order. cold: the command thread may take it (the caller's
+ * ruleset is the slot's own; only the one the thread enforces goes there). Returns the channel, or
  * -1: the holder is gone (the box is stopped). */
 struct box_result {
     pid_t pid; /* the agent's child, or -1 */

@@ -891,7 +891,7 @@ int ns_box_send(struct nsbox *box, struct spawn *sp, bool cold)
     }
     /* Only what stands on the slot's own ruleset (the one the thread
      * enforces: the first it was sent) may go to the thread. */
-    int ch = cold && box->csock >= 0 && ic->landlock_fd >= 0 && ic->ll_shared &&
+    int ch = cold && box->csock >= 0 && ic->landlock_fd >= 0 &&
                      (ic->want & (1u << RUNG_LANDLOCK)) &&
                      (box->cold_ll < 0 || box->cold_ll == ic->landlock_fd)
                  ? 1

@@ -210,7 +210,6 @@ int exec_isolation(struct req *rq, struct slot *s, bool network, struct iso_chil
     }
     ic->want = have;
     ic->landlock_fd = s->ll_fd[!network];
-    ic->ll_shared = true;
     ic->seccomp = (have & (1u << RUNG_SECCOMP)) ? &iso->seccomp[!network] : NULL;
     ic->seccomp_index = !network;
     const msgpack_object *lim = req_arg(rq, "rlimits");
